@@ -1,0 +1,171 @@
+"""The one preprocessing function shared by training and serving.
+
+The study's contract: grayscale, resized to 350x350. Every image the models ever see, in
+training, evaluation or a request, goes through :func:`preprocess_image_uint8`, so a model
+is always fed exactly what it was trained on.
+
+Stated choices (changing any of them changes :data:`PREPROCESSING_VERSION`):
+
+* decoding with Pillow, restricted to :data:`ALLOWED_FORMATS` (multi-picture JPEGs from phones
+  open as JPEG); first frame of an animation;
+* EXIF orientation applied;
+* a large JPEG is decoded with DCT scaling (``Image.draft``) to the smallest size still at
+  least 350x350, which is what makes a 12-megapixel photo cheap to serve;
+* grayscale by ITU-R 601-2 luma (Pillow's ``L`` conversion); 16-bit and 32-bit integer
+  images are read as 0..65535, float images as 0..1; transparency is flattened onto a
+  white background (:data:`ALPHA_BACKGROUND`);
+* the whole image is resized (not cropped) to 350x350 with Pillow's antialiased bilinear
+  filter (:data:`RESAMPLE`);
+* the model input is ``uint8 / 255`` as float32, shape (350, 350), values in [0, 1].
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+PREPROCESSING_VERSION = "1"
+INPUT_SIZE = 350
+RESAMPLE = Image.Resampling.BILINEAR
+ALPHA_BACKGROUND = 255
+ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
+
+DEFAULT_MAX_BYTES = 10 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 50_000_000
+
+_ALPHA_MODES = {"LA", "La", "PA", "RGBA", "RGBa"}
+_WIDE_INTEGER_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
+
+
+class PreprocessingError(ValueError):
+    """Base of every error an upload can cause; ``code`` is stable, the message is for people."""
+
+    code = "invalid_image"
+
+
+class NotAnImageError(PreprocessingError):
+    code = "not_an_image"
+
+
+class CorruptImageError(PreprocessingError):
+    code = "corrupt_image"
+
+
+class TooManyBytesError(PreprocessingError):
+    code = "too_many_bytes"
+
+
+class TooManyPixelsError(PreprocessingError):
+    code = "too_many_pixels"
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int = DEFAULT_MAX_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+def preprocess_image(data: bytes, limits: ImageLimits = ImageLimits()) -> np.ndarray:
+    """Turn uploaded bytes into the model input: float32 (350, 350) in [0, 1]."""
+    return pixels_to_input(preprocess_image_uint8(data, limits))
+
+
+def pixels_to_input(pixels: np.ndarray) -> np.ndarray:
+    """uint8 grayscale pixels (any leading shape) to the float32 [0, 1] model input."""
+    return pixels.astype(np.float32) / np.float32(255.0)
+
+
+def preprocess_image_uint8(data: bytes, limits: ImageLimits = ImageLimits()) -> np.ndarray:
+    """Decode, orient, grayscale, resize: uint8 (350, 350). Raises :class:`PreprocessingError`."""
+    image = _open_checked(data, limits)
+    try:
+        # Silence Pillow's own bomb warning: our pixel limit has already been applied.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if image.format in ("JPEG", "MPO"):
+                image.draft(None, (INPUT_SIZE, INPUT_SIZE))
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            gray = _to_grayscale(image)
+            resized = gray.resize((INPUT_SIZE, INPUT_SIZE), RESAMPLE)
+            return np.asarray(resized, dtype=np.uint8).copy()
+    except PreprocessingError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError) as exc:
+        # Pillow reports truncated and malformed streams with a zoo of exception types.
+        raise CorruptImageError(
+            f"the {image.format} image is truncated or corrupt and could not be decoded ({exc})"
+        ) from None
+
+
+def _open_checked(data: bytes, limits: ImageLimits) -> Image.Image:
+    if len(data) == 0:
+        raise NotAnImageError("the upload is empty; send the bytes of a JPEG, PNG or other image")
+    if len(data) > limits.max_bytes:
+        raise TooManyBytesError(
+            f"the upload has {len(data)} bytes; the limit is {limits.max_bytes} bytes"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except Image.DecompressionBombError:
+        # Pillow's own guard (far above ours) fired while reading the header.
+        raise TooManyPixelsError(
+            f"the image declares too many pixels; the limit is {limits.max_pixels} pixels"
+        ) from None
+    except UnidentifiedImageError:
+        raise NotAnImageError(
+            "the upload is not an image in a supported format "
+            f"({', '.join(ALLOWED_FORMATS)})"
+        ) from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError) as exc:
+        raise CorruptImageError(f"the image header is corrupt ({exc})") from None
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise CorruptImageError(f"the image declares an empty size {width}x{height}")
+    # Refuse a decompression bomb from its header, before a single pixel is decoded.
+    if width * height > limits.max_pixels:
+        raise TooManyPixelsError(
+            f"the image is {width}x{height} = {width * height} pixels; "
+            f"the limit is {limits.max_pixels} pixels"
+        )
+    return image
+
+
+def _to_grayscale(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode == "L":
+        return image
+    if mode in _WIDE_INTEGER_MODES:
+        wide = np.asarray(image).astype(np.float64)
+        return _from_unit_range(wide / 65535.0)
+    if mode == "F":
+        return _from_unit_range(np.asarray(image, dtype=np.float64))
+    if mode == "P":
+        has_alpha = "transparency" in image.info or image.palette.mode == "RGBA"
+        image = image.convert("RGBA" if has_alpha else "RGB")
+        mode = image.mode
+    if mode in _ALPHA_MODES or mode == "PA":
+        return _flatten_alpha(image.convert("RGBA").convert("LA"))
+    if mode in ("1", "RGB"):
+        return image.convert("L")
+    # CMYK, YCbCr, LAB, HSV, RGBX, I;16 variants Pillow adds later: through RGB.
+    return image.convert("RGB").convert("L")
+
+
+def _from_unit_range(values: np.ndarray) -> Image.Image:
+    values = np.nan_to_num(values, nan=0.0, posinf=1.0, neginf=0.0)
+    scaled = np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return Image.fromarray(scaled)
+
+
+def _flatten_alpha(image_la: Image.Image) -> Image.Image:
+    la = np.asarray(image_la, dtype=np.float32)
+    luma, alpha = la[..., 0], la[..., 1] / 255.0
+    flat = luma * alpha + ALPHA_BACKGROUND * (1.0 - alpha)
+    return Image.fromarray(np.rint(flat).astype(np.uint8))

@@ -1,0 +1,39 @@
+"""Images the tests generate, encoded in memory, so no binary fixtures are committed."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+
+def gradient(width: int = 64, height: int = 48, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = (x * 255 // max(width - 1, 1) + y * 3) % 256
+    return np.clip(base + rng.integers(-10, 10, size=base.shape), 0, 255).astype(np.uint8)
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **params) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def gray_image(width: int = 64, height: int = 48, seed: int = 0) -> Image.Image:
+    return Image.fromarray(gradient(width, height, seed))
+
+
+def rgb_image(width: int = 64, height: int = 48, seed: int = 0) -> Image.Image:
+    g = gradient(width, height, seed)
+    return Image.fromarray(np.stack([g, 255 - g, g // 2], axis=-1))
+
+
+def png_bytes(width: int = 64, height: int = 48, seed: int = 0) -> bytes:
+    return encode(gray_image(width, height, seed))
+
+
+def jpeg_bytes(width: int = 64, height: int = 48, seed: int = 0, mode: str = "RGB") -> bytes:
+    image = rgb_image(width, height, seed)
+    return encode(image.convert(mode), "JPEG", quality=90)

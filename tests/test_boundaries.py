@@ -1,0 +1,45 @@
+"""The service stays light: it never imports torch, torchvision or the training package."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import service
+
+SERVICE_DIR = Path(service.__file__).parent
+FORBIDDEN = ("torch", "torchvision", "training", "onnx", "matplotlib", "pandas")
+
+
+def test_importing_every_service_module_loads_nothing_heavy():
+    modules = sorted(f"service.{p.stem}" for p in SERVICE_DIR.glob("*.py") if p.stem != "__init__")
+    modules += sorted(f"service.{p.parent.name}.{p.stem}" for p in SERVICE_DIR.glob("*/*.py")
+                      if p.stem != "__init__")
+    code = ("import importlib, json, sys\n"
+            f"for m in {modules!r}: importlib.import_module(m)\n"
+            "print(json.dumps(sorted(sys.modules)))")
+    loaded = json.loads(subprocess.check_output([sys.executable, "-c", code]))
+    heavy = [m for m in loaded if m.split(".")[0] in FORBIDDEN]
+    assert heavy == [], f"service pulled in {heavy}"
+    assert "service.preprocessing" in loaded
+
+
+def test_service_source_names_no_training_import():
+    for path in SERVICE_DIR.rglob("*.py"):
+        for line in path.read_text().splitlines():
+            stripped = line.strip()
+            if stripped.startswith(("import ", "from ")):
+                root = stripped.split()[1].split(".")[0]
+                assert root not in FORBIDDEN, f"{path}: {stripped}"
+
+
+def test_the_class_list_is_spelled_out_only_in_service_classes():
+    root = SERVICE_DIR.parent
+    offenders = []
+    for folder in ("service", "training", "benchmarks"):
+        for path in (root / folder).rglob("*.py"):
+            text = path.read_text()
+            if path.name != "classes.py" and "SURPRISE" in text and "CONTEMPT" in text \
+                    and "DISGUST" in text and "SADNESS" in text:
+                offenders.append(str(path.relative_to(root)))
+    assert offenders == [], offenders

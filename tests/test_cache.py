@@ -1,0 +1,77 @@
+"""The decode cache: built once, keyed by data and preprocessing, identical to serving."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from service.preprocessing import pixels_to_input, preprocess_image
+from tests.images import encode, gray_image, rgb_image
+from training.cache import cache_key, load_decoded_images
+from training.dataset import read_clean_table
+from training.settings import CLEAN_TABLE
+
+
+def synthetic_table(folder, count=6):
+    import hashlib
+
+    rows = []
+    for i in range(count):
+        image = gray_image(60 + i, 50, seed=i) if i % 2 else rgb_image(80, 80 + i, seed=i)
+        data = encode(image, "JPEG" if i % 3 else "PNG")
+        name = f"Person_{i}_0001.jpg"
+        (folder / name).write_bytes(data)
+        rows.append({"image": name, "label": "NEUTRAL", "identity": f"person{i}",
+                     "contributor": "t", "sha256": hashlib.sha256(data).hexdigest()})
+    return pd.DataFrame(rows)
+
+
+def test_cache_holds_exactly_what_serving_computes(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    table = synthetic_table(images)
+    decoded = load_decoded_images(table, images, tmp_path / "cache", workers=1)
+    assert decoded.pixels.shape == (len(table), 350, 350)
+    for row, name in enumerate(table["image"]):
+        served = preprocess_image((images / name).read_bytes())
+        np.testing.assert_array_equal(pixels_to_input(np.asarray(decoded.pixels[row])), served)
+    # A second load reuses the cache instead of decoding again.
+    (images / table["image"][0]).unlink()
+    again = load_decoded_images(table, images, tmp_path / "cache")
+    np.testing.assert_array_equal(again.pixels, decoded.pixels)
+
+
+def test_cache_key_changes_with_the_data(tmp_path, monkeypatch):
+    images = tmp_path / "images"
+    images.mkdir()
+    table = synthetic_table(images)
+    changed = table.copy()
+    changed.loc[0, "sha256"] = "0" * 64
+    assert cache_key(table) != cache_key(changed)
+    import training.cache as cache
+
+    before = cache_key(table)
+    monkeypatch.setattr(cache, "PREPROCESSING_VERSION", "test-version")
+    assert cache_key(table) != before
+
+
+def test_cache_refuses_a_file_that_changed(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    table = synthetic_table(images)
+    (images / table["image"][2]).write_bytes(encode(gray_image(10, 10), "PNG"))
+    with pytest.raises(ValueError, match="sha256"):
+        load_decoded_images(table, images, tmp_path / "cache", workers=1)
+    assert not (tmp_path / "cache" / cache_key(table)).exists()
+
+
+@pytest.mark.dataset
+def test_real_cache_matches_serving_on_sampled_images(data_settings):
+    table = read_clean_table(CLEAN_TABLE)
+    decoded = load_decoded_images(table, data_settings.images_dir, data_settings.cache_dir)
+    assert decoded.pixels.shape == (len(table), 350, 350)
+    rng = np.random.default_rng(0)
+    colour = table.index[table["contributor"] == "jhamski"][:5]
+    for row in [*rng.choice(len(table), 20, replace=False), *colour]:
+        name = decoded.names[row]
+        served = preprocess_image((data_settings.images_dir / name).read_bytes())
+        np.testing.assert_array_equal(pixels_to_input(np.asarray(decoded.pixels[row])), served)

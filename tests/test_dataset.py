@@ -1,0 +1,94 @@
+"""The audit, the clean table and the splits, on the real dataset."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from service.classes import CLASS_NAMES
+from training.audit import STUDY_CLASS_COUNTS, run_audit
+from training.dataset import identity_from_filename, read_clean_table
+from training.fetch import read_checksums, verify_dataset
+from training.settings import CHECKSUMS_FILE, CLEAN_TABLE, DATA_DIR, SPLITS_DIR
+from training.splits import SUBSETS, read_split
+
+pytestmark = pytest.mark.dataset
+
+
+@pytest.mark.parametrize(("name", "identity"), [
+    ("George_W_Bush_0001.jpg", "georgewbush"),
+    ("HrithikRoshan_12.jpg", "hrithikroshan"),
+    ("Hrithik_Roshan_0001.jpg", "hrithikroshan"),
+    ("Carrie-Anne_Moss_0002.jpg", "carrieannemoss"),
+    ("Madonna_0003.jpg", "madonna"),
+    ("FaridaJalal_1.jpg", "faridajalal"),
+    ("facial-expressions_2868588k.jpg", "facial-expressions"),
+])
+def test_identity_from_filename(name, identity):
+    assert identity_from_filename(name) == identity
+
+
+@pytest.fixture(scope="module")
+def rerun(data_settings, tmp_path_factory):
+    """The audit rerun from scratch into a temporary folder."""
+    out = tmp_path_factory.mktemp("audit")
+    report = run_audit(data_settings, out_dir=out, splits_dir=out / "splits")
+    return report, out
+
+
+def test_dataset_matches_the_pinned_checksums(data_settings):
+    assert verify_dataset(data_settings.dataset_dir) == len(read_checksums(CHECKSUMS_FILE))
+
+
+def test_class_counts_equal_the_studys_table(rerun):
+    report, _ = rerun
+    assert report["legend_rows"] == 13690
+    assert report["class_counts"] == STUDY_CLASS_COUNTS
+    assert report["class_counts_match_study"] is True
+
+
+def test_audit_rerun_is_byte_identical_to_the_committed_files(rerun):
+    _, out = rerun
+    for name in ("audit.json", "audit.md", "clean.csv"):
+        assert (out / name).read_bytes() == (DATA_DIR / name).read_bytes(), name
+    for name in ("identity.csv", "random.csv"):
+        assert (out / "splits" / name).read_bytes() == (SPLITS_DIR / name).read_bytes(), name
+
+
+def test_audit_reports_the_known_defects(rerun):
+    report, _ = rerun
+    assert report["duplicate_rows_conflicting"]["count"] == 1
+    assert report["format_mismatches"]["images"][0]["format"] == "WEBP"
+    assert report["modes"] == {"L": 12758, "RGB": 923}
+    assert report["kept_images"] == 13690 - 7 - 2  # agreeing duplicates once, conflict dropped
+    audit = json.loads((DATA_DIR / "audit.json").read_text())
+    assert audit["identities"] == report["identities"]
+
+
+@pytest.mark.parametrize("split_name", ["identity", "random"])
+def test_every_kept_image_is_in_exactly_one_subset(split_name):
+    table = read_clean_table(CLEAN_TABLE)
+    split = read_split(SPLITS_DIR / f"{split_name}.csv")
+    assert sorted(split["image"]) == sorted(table["image"])
+    assert split["image"].is_unique
+    assert set(split["split"]) == set(SUBSETS)
+    merged = split.merge(table, on="image", suffixes=("", "_clean"))
+    assert (merged["label"] == merged["label_clean"]).all()
+    shares = split["split"].value_counts(normalize=True)
+    assert 0.65 < shares["train"] < 0.75 and 0.12 < shares["test"] < 0.18
+
+
+def test_no_identity_crosses_subsets_in_the_identity_split():
+    split = read_split(SPLITS_DIR / "identity.csv")
+    assert (split.groupby("identity")["split"].nunique() == 1).all()
+    # The random split is the study's protocol and does leak people: that is its point.
+    random_split = read_split(SPLITS_DIR / "random.csv")
+    assert (random_split.groupby("identity")["split"].nunique() > 1).sum() > 100
+
+
+def test_every_class_is_in_every_subset():
+    for name in ("identity", "random"):
+        split = read_split(SPLITS_DIR / f"{name}.csv")
+        counts = pd.crosstab(split["label"], split["split"])
+        assert set(counts.index) == set(CLASS_NAMES)
+        assert (counts[list(SUBSETS)] > 0).all().all(), name

@@ -1,0 +1,181 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.preprocessing import (
+    ALPHA_BACKGROUND,
+    INPUT_SIZE,
+    CorruptImageError,
+    ImageLimits,
+    NotAnImageError,
+    PreprocessingError,
+    TooManyBytesError,
+    TooManyPixelsError,
+    pixels_to_input,
+    preprocess_image,
+    preprocess_image_uint8,
+)
+from tests.images import encode, gradient, gray_image, jpeg_bytes, png_bytes, rgb_image
+
+
+def assert_contract(array: np.ndarray) -> None:
+    assert array.dtype == np.float32
+    assert array.shape == (INPUT_SIZE, INPUT_SIZE)
+    assert array.min() >= 0.0 and array.max() <= 1.0
+
+
+def mode_images() -> dict[str, Image.Image]:
+    rgb = rgb_image(80, 60)
+    gray = gray_image(80, 60)
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(Image.fromarray(gradient(80, 60, seed=3)))
+    wide = (gradient(80, 60).astype(np.int32) * 257).astype(np.uint16)
+    return {
+        "1": gray.convert("1"),
+        "L": gray,
+        "LA": rgba.convert("LA"),
+        "P": rgb.convert("P", palette=Image.Palette.ADAPTIVE),
+        "RGB": rgb,
+        "RGBA": rgba,
+        "CMYK": rgb.convert("CMYK"),
+        "I;16": Image.fromarray(wide),
+        "I": Image.fromarray(wide.astype(np.int32)),
+        "F": Image.fromarray(gradient(80, 60).astype(np.float32) / 255.0),
+    }
+
+
+@pytest.mark.parametrize("mode", list(mode_images()))
+def test_every_mode_gives_the_contract(mode):
+    image = mode_images()[mode]
+    assert image.mode == mode
+    fmt = {"CMYK": "JPEG", "F": "TIFF", "I": "TIFF"}.get(mode, "PNG")
+    data = encode(image, fmt)
+    array = preprocess_image(data)
+    assert_contract(array)
+    # The content survives: not a constant image.
+    assert array.std() > 0.05
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_wide_modes_scale_to_the_same_gray_as_8_bit(mode):
+    reference = preprocess_image_uint8(encode(gray_image(80, 60), "PNG"))
+    fmt = "PNG" if mode == "I;16" else "TIFF"
+    wide = preprocess_image_uint8(encode(mode_images()[mode], fmt))
+    assert np.abs(wide.astype(int) - reference.astype(int)).max() <= 1
+
+
+def test_transparent_pixels_become_the_background():
+    image = Image.new("RGBA", (20, 20), (0, 0, 0, 0))
+    image.paste((0, 0, 0, 255), (0, 0, 10, 20))  # left half opaque black
+    pixels = preprocess_image_uint8(encode(image))
+    assert pixels[:, :150].max() == 0
+    assert pixels[:, 200:].min() == ALPHA_BACKGROUND
+
+
+def test_palette_with_transparency_is_flattened():
+    image = Image.new("P", (10, 10), 0)
+    image.putpalette([0, 0, 0, 255, 255, 255])
+    image.info["transparency"] = 0
+    pixels = preprocess_image_uint8(encode(image, "GIF", transparency=0))
+    assert pixels.min() == ALPHA_BACKGROUND
+
+
+def test_rgb_uses_luma_weights():
+    image = Image.new("RGB", (350, 350), (255, 0, 0))
+    pixels = preprocess_image_uint8(encode(image))
+    assert pixels[0, 0] == round(255 * 299 / 1000)
+
+
+def test_exif_orientation_is_applied():
+    # A tall image stored sideways: the top row is bright, orientation 6 rotates it 90 degrees.
+    stored = np.zeros((40, 80), dtype=np.uint8)
+    stored[:, :10] = 255  # left columns bright
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW when displayed
+    data = encode(Image.fromarray(stored), "JPEG", exif=exif, quality=95)
+    pixels = preprocess_image_uint8(data)
+    # After a 90-degree clockwise turn the bright left edge is on top.
+    assert pixels[:20].mean() > 200
+    assert pixels[-100:].mean() < 30
+
+
+def test_animation_uses_the_first_frame():
+    frames = [Image.new("L", (30, 30), 0), Image.new("L", (30, 30), 255)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=50)
+    pixels = preprocess_image_uint8(buffer.getvalue())
+    assert pixels.max() == 0
+
+
+def test_resize_is_deterministic_and_already_sized_images_pass_through():
+    source = gradient(INPUT_SIZE, INPUT_SIZE)
+    pixels = preprocess_image_uint8(encode(Image.fromarray(source)))
+    np.testing.assert_array_equal(pixels, source)
+    assert np.array_equal(preprocess_image_uint8(png_bytes(90, 70)),
+                          preprocess_image_uint8(png_bytes(90, 70)))
+
+
+def test_model_input_is_pixels_over_255():
+    pixels = preprocess_image_uint8(jpeg_bytes())
+    np.testing.assert_array_equal(preprocess_image(jpeg_bytes()), pixels_to_input(pixels))
+    assert pixels_to_input(np.array([0, 255], dtype=np.uint8)).tolist() == [0.0, 1.0]
+
+
+def test_large_jpeg_is_decoded_scaled_but_keeps_the_contract():
+    assert_contract(preprocess_image(jpeg_bytes(3000, 2000)))
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (b"", NotAnImageError),
+        (b"hello, this is plain text, not an image\n" * 3, NotAnImageError),
+        (b"<html><body>not an image</body></html>", NotAnImageError),
+        (b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>', NotAnImageError),
+        (png_bytes(200, 200)[:300], CorruptImageError),
+        (jpeg_bytes(200, 200)[:400], CorruptImageError),
+    ],
+    ids=["empty", "text", "html", "svg", "truncated-png", "truncated-jpeg"],
+)
+def test_bad_uploads_raise_typed_errors(data, error):
+    with pytest.raises(error) as caught:
+        preprocess_image(data)
+    assert isinstance(caught.value, PreprocessingError)
+    assert caught.value.code and str(caught.value)
+
+
+def test_byte_limit():
+    data = png_bytes(100, 100)
+    with pytest.raises(TooManyBytesError, match="limit"):
+        preprocess_image(data, ImageLimits(max_bytes=len(data) - 1))
+    assert_contract(preprocess_image(data, ImageLimits(max_bytes=len(data))))
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid PNG header that declares a huge size, followed by almost no data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(
+            ">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_is_refused_from_its_header():
+    data = bomb_png(30000, 30000)
+    assert len(data) < 200
+    with pytest.raises(TooManyPixelsError, match="too many pixels"):
+        preprocess_image(data)
+
+
+def test_pixel_limit_is_a_setting():
+    data = png_bytes(100, 100)
+    with pytest.raises(TooManyPixelsError):
+        preprocess_image(data, ImageLimits(max_pixels=100 * 100 - 1))
+    assert_contract(preprocess_image(data, ImageLimits(max_pixels=100 * 100)))

@@ -1,0 +1,86 @@
+"""``python -m training <command>``: the offline side of the project."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from training.settings import FETCHED_DATASET, get_data_settings
+
+
+def cmd_fetch(args: argparse.Namespace) -> None:
+    from training.fetch import fetch_dataset
+
+    dest = fetch_dataset(args.dest)
+    print(f"fetched and verified the dataset in {dest}; set EMOTION_DATASET_DIR={dest}")
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    from training.fetch import verify_dataset
+
+    settings = get_data_settings()
+    count = verify_dataset(settings.dataset_dir)
+    print(f"{settings.dataset_dir}: {count} files match data/SHA256SUMS")
+
+
+def cmd_audit(args: argparse.Namespace) -> None:
+    from training.audit import run_audit
+
+    started = time.perf_counter()
+    report = run_audit(get_data_settings())
+    print(f"audit: {report['legend_rows']} rows, {report['kept_images']} kept images, "
+          f"{report['identities']} identity groups, class counts match the study: "
+          f"{report['class_counts_match_study']} ({time.perf_counter() - started:.1f} s); "
+          "wrote data/audit.md, data/audit.json, data/clean.csv, data/splits/")
+
+
+def cmd_cache(args: argparse.Namespace) -> None:
+    from training.cache import build_cache, cache_key, load_decoded_images
+    from training.dataset import read_clean_table
+    from training.settings import CLEAN_TABLE
+
+    settings = get_data_settings()
+    table = read_clean_table(CLEAN_TABLE)
+    folder = settings.cache_dir / cache_key(table)
+    if args.rebuild or not folder.exists():
+        started = time.perf_counter()
+        build_cache(table, settings.images_dir, settings.cache_dir)
+        print(f"built {folder} in {time.perf_counter() - started:.1f} s")
+    started = time.perf_counter()
+    decoded = load_decoded_images(table, settings.images_dir, settings.cache_dir)
+    checksum = int(decoded.pixels.sum(dtype="uint64"))  # touches every byte
+    print(f"loaded {decoded.pixels.shape} from {folder} and read every pixel in "
+          f"{time.perf_counter() - started:.1f} s (pixel sum {checksum})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    fetch = commands.add_parser("fetch", help="clone the upstream dataset at the pinned commit "
+                                              "and verify it against data/SHA256SUMS")
+    fetch.add_argument("--dest", type=Path, default=FETCHED_DATASET,
+                       help="where to put it (default: %(default)s)")
+    fetch.set_defaults(func=cmd_fetch)
+
+    commands.add_parser("verify", help="check EMOTION_DATASET_DIR against data/SHA256SUMS"
+                        ).set_defaults(func=cmd_verify)
+    commands.add_parser("audit", help="audit the dataset; write data/audit.*, data/clean.csv "
+                                      "and data/splits/").set_defaults(func=cmd_audit)
+    cache = commands.add_parser("cache", help="build (if needed) and load the decode cache, "
+                                              "printing how long each takes")
+    cache.add_argument("--rebuild", action="store_true", help="build even if it exists")
+    cache.set_defaults(func=cmd_cache)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Decode every image once into a memory-mapped uint8 array.
+
+Training reads pixels from here instead of decoding JPEGs each epoch. The cache lives
+outside the repository (``EMOTION_CACHE_DIR``) under a key made of the preprocessing
+version and the clean table's file checksums, so a change to either builds a new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from service.preprocessing import INPUT_SIZE, PREPROCESSING_VERSION, preprocess_image_uint8
+
+PIXELS_FILE = "pixels.u8"
+INDEX_FILE = "index.json"
+
+
+@dataclass(frozen=True)
+class DecodedImages:
+    names: tuple[str, ...]
+    pixels: np.ndarray  # uint8 (N, 350, 350), read-only memory map
+    key: str
+
+    def rows_of(self, images) -> np.ndarray:
+        position = {name: row for row, name in enumerate(self.names)}
+        return np.fromiter((position[name] for name in images), dtype=np.int64)
+
+
+def cache_key(table: pd.DataFrame) -> str:
+    digest = hashlib.sha256(f"preprocessing={PREPROCESSING_VERSION}\n".encode())
+    for name, sha in sorted(zip(table["image"], table["sha256"], strict=True)):
+        digest.update(f"{sha}  {name}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def load_decoded_images(table: pd.DataFrame, images_dir: Path, cache_dir: Path,
+                        workers: int | None = None) -> DecodedImages:
+    """The cache for ``table``, built first if it does not exist yet."""
+    key = cache_key(table)
+    folder = cache_dir / key
+    if not (folder / INDEX_FILE).is_file():
+        build_cache(table, images_dir, cache_dir, workers)
+    index = json.loads((folder / INDEX_FILE).read_text())
+    pixels = np.memmap(folder / PIXELS_FILE, dtype=np.uint8, mode="r",
+                       shape=(len(index["names"]), INPUT_SIZE, INPUT_SIZE))
+    return DecodedImages(tuple(index["names"]), pixels, key)
+
+
+def build_cache(table: pd.DataFrame, images_dir: Path, cache_dir: Path,
+                workers: int | None = None) -> Path:
+    key = cache_key(table)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # Build beside the final folder and rename it into place, so a crash or a concurrent
+    # builder never leaves a half-written cache that looks complete.
+    staging = cache_dir / f".{key}.{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    names = list(table["image"])
+    jobs = [(str(images_dir / name), sha) for name, sha in zip(names, table["sha256"], strict=True)]
+    array = np.memmap(staging / PIXELS_FILE, dtype=np.uint8, mode="w+",
+                      shape=(len(names), INPUT_SIZE, INPUT_SIZE))
+    with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
+        decoded = pool.map(_decode_verified, jobs, chunksize=64)
+        for row, image in enumerate(tqdm(decoded, total=len(jobs), desc="decode cache",
+                                         unit="img", mininterval=2.0)):
+            array[row] = image
+    array.flush()
+    del array
+    index = {"key": key, "preprocessing_version": PREPROCESSING_VERSION,
+             "shape": [len(names), INPUT_SIZE, INPUT_SIZE], "names": names}
+    (staging / INDEX_FILE).write_text(json.dumps(index))
+    final = cache_dir / key
+    try:
+        staging.rename(final)
+    except OSError:  # another process finished the same cache first
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def _decode_verified(job: tuple[str, str]) -> np.ndarray:
+    path, expected = job
+    data = Path(path).read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise ValueError(f"{path}: sha256 {actual} differs from the clean table's {expected}")
+    return preprocess_image_uint8(data)
