@@ -24,7 +24,7 @@ serve: $(SERVE_VENV)/.installed
 	$(SERVE_VENV)/bin/uvicorn service.main:app --host $(HOST) --port $(PORT)
 
 lint: $(DEV_VENV)/.installed
-	$(DEV_VENV)/bin/ruff check service training tests benchmarks
+	$(DEV_VENV)/bin/ruff check .
 
 test: lint
 	$(DEV_VENV)/bin/python -m pytest

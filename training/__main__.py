@@ -55,6 +55,12 @@ def cmd_cache(args: argparse.Namespace) -> None:
           f"{time.perf_counter() - started:.1f} s (pixel sum {checksum})")
 
 
+def cmd_reproduce(args: argparse.Namespace) -> None:
+    from training.reproduce import reproduce
+
+    reproduce(get_data_settings(), args.only, args.profile, args.device, args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
                                               "printing how long each takes")
     cache.add_argument("--rebuild", action="store_true", help="build even if it exists")
     cache.set_defaults(func=cmd_cache)
+
+    rep = commands.add_parser("reproduce", help="run the study's experiments on both splits "
+                                                "and write reports/")
+    rep.add_argument("--only", action="append", metavar="NAME",
+                     help="run only this experiment (repeatable; default: all)")
+    rep.add_argument("--profile", choices=("full", "smoke"), default="full",
+                     help="full, or smoke: a small stratified subset, one epoch "
+                          "(default: %(default)s)")
+    rep.add_argument("--device", default="auto",
+                     help="auto (a GPU where present, else the CPU), cpu or cuda "
+                          "(default: %(default)s)")
+    rep.add_argument("--out", type=Path, default=None,
+                     help="reports folder (default: reports/ in the repository)")
+    rep.set_defaults(func=cmd_reproduce)
     return parser
 
 

@@ -1,0 +1,136 @@
+"""The networks, each built from a :class:`ModelConfig` (stored in every checkpoint).
+
+Every network takes the service's contract, float32 ``[N, 1, 350, 350]`` in [0, 1], and
+reduces resolution first with a fixed average pool (the *stem*), so convolutions run at
+:attr:`ModelConfig.resolution` pixels (88 by default): a step at 350x350 costs 40 times
+one at 64x64 on a 2-core CPU.
+Because the stem has no parameters, training feeds the pooled images straight to the
+*body*; the exported model is stem + body + softmax, which computes the same thing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from service.classes import NUM_CLASSES
+from service.preprocessing import INPUT_SIZE
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "final"          # baseline | final | resnet
+    pool: int = 4                # stem: average pool with this kernel and stride ...
+    pad: int = 1                 # ... after this much zero padding (not averaged in)
+    channels: tuple[int, ...] = (32, 64, 128)
+    hidden: int = 128            # final: width of the dense layer
+    dropout: float = 0.5
+    num_classes: int = NUM_CLASSES
+
+    def __post_init__(self):
+        # Windows must tile the padded input exactly, so a horizontal flip of the input is a
+        # flip of the pooled image (test-time flip then works on pooled and full images alike).
+        if (INPUT_SIZE + 2 * self.pad) % self.pool:
+            raise ValueError(f"pool {self.pool} with pad {self.pad} does not tile {INPUT_SIZE}")
+
+    @property
+    def resolution(self) -> int:
+        return (INPUT_SIZE + 2 * self.pad) // self.pool
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "resolution": self.resolution}
+
+
+def build_body(config: ModelConfig) -> nn.Module:
+    size = config.resolution
+    if config.arch == "baseline":
+        # The study's first model: one conv, ReLU, one pool, one linear layer.
+        width = config.channels[0]
+        return nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Linear(width * (size // 2) ** 2, config.num_classes))
+    if config.arch == "final":
+        # The study's final model: three conv + pool stages, then dense layers with dropout.
+        layers, in_ch = [], 1
+        for width in config.channels:
+            layers += [nn.Conv2d(in_ch, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+            in_ch, size = width, size // 2
+        return nn.Sequential(
+            *layers, nn.Flatten(), nn.Dropout(config.dropout),
+            nn.Linear(in_ch * size * size, config.hidden), nn.ReLU(),
+            nn.Dropout(config.dropout), nn.Linear(config.hidden, config.num_classes))
+    if config.arch == "resnet":
+        return ResNet(config)
+    raise ValueError(f"unknown arch {config.arch!r}")
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.shortcut = nn.Identity() if stride == 1 and in_ch == out_ch else nn.Sequential(
+            nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """A small residual network with batch norm: one block per stage, stride 2 between."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        widths = config.channels
+        self.stem = nn.Sequential(nn.Conv2d(1, widths[0], 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(widths[0]), nn.ReLU())
+        blocks, in_ch = [], widths[0]
+        for i, width in enumerate(widths):
+            blocks.append(BasicBlock(in_ch, width, 1 if i == 0 else 2))
+            in_ch = width
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Dropout(config.dropout), nn.Linear(in_ch, config.num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
+def make_stem(config: ModelConfig) -> nn.AvgPool2d:
+    return nn.AvgPool2d(config.pool, config.pool, config.pad, count_include_pad=False)
+
+
+class EmotionNet(nn.Module):
+    """The whole model: fixed stem, trainable body; ``forward`` gives logits."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.stem = make_stem(config)
+        self.body = build_body(config)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.body(self.stem(image))
+
+
+class WithSoftmax(nn.Module):
+    """What gets exported: the contract in, class probabilities out (optionally TTA flip)."""
+
+    def __init__(self, model: EmotionNet, flip: bool = False, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.model = model
+        self.flip = flip
+        if bias is None:
+            bias = torch.zeros(model.config.num_classes)
+        self.register_buffer("bias", bias.float())
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        logits = self.model(image)
+        if self.flip:
+            logits = (logits + self.model(torch.flip(image, dims=[3]))) / 2
+        return torch.softmax(logits + self.bias, dim=1)

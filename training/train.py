@@ -1,0 +1,211 @@
+"""The one training loop: every experiment and the shipped model go through :func:`fit`."""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.utils.class_weight import compute_class_weight
+from torch import nn
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from service.classes import CLASS_NAMES, NUM_CLASSES
+from training.evaluate import macro_f1
+
+MAJORITY = {CLASS_NAMES.index("NEUTRAL"), CLASS_NAMES.index("HAPPINESS")}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    schedule: str = "constant"   # constant | cosine
+    loss: str = "ce"             # ce | soft_f1 | ce+soft_f1 | balanced_softmax
+    soft_f1_weight: float = 1.0  # weight of soft-F1 in ce+soft_f1
+    class_weights: str = "none"  # none | balanced (scikit-learn, on the sampled training set)
+    sampling: str = "none"       # none | resample300 | augment3000 | class_balanced
+    augment: str = "copies"      # copies (only synthetic copies) | all | none
+    label_smoothing: float = 0.0
+    select: str = "last"         # last | best_val (epoch with the best validation macro-F1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def seed_everything(seed: int) -> None:
+    """The one place seeds are set."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def augmentation() -> v2.Compose:
+    return v2.Compose([
+        v2.RandomHorizontalFlip(),
+        v2.RandomAffine(degrees=10, translate=(0.06, 0.06), scale=(0.9, 1.1)),
+        v2.ColorJitter(brightness=0.25, contrast=0.25),
+    ])
+
+
+def fixed_plan(labels: np.ndarray, sampling: str, rng: np.random.Generator
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """The training set an experiment draws once: (indices, whether each is an extra copy)."""
+    originals = np.arange(len(labels))
+    if sampling in ("none", "class_balanced"):
+        return originals, np.zeros(len(labels), bool)
+    if sampling == "resample300":
+        # The study's random under- and over-sampling to 300 images per class.
+        picks = [rng.choice(np.flatnonzero(labels == c), 300, replace=(labels == c).sum() < 300)
+                 for c in range(NUM_CLASSES)]
+        chosen = np.concatenate(picks)
+        first = np.zeros(len(chosen), bool)
+        _, first_index = np.unique(chosen, return_index=True)
+        first[first_index] = True
+        return chosen, ~first  # repeats of an image are its synthetic copies
+    if sampling == "augment3000":
+        # Every class but NEUTRAL and HAPPINESS is topped up to 3,000 with augmented copies.
+        extra = [rng.choice(np.flatnonzero(labels == c), 3000 - (labels == c).sum())
+                 for c in range(NUM_CLASSES) if c not in MAJORITY and (labels == c).sum() < 3000]
+        extra = np.concatenate(extra)
+        return (np.concatenate([originals, extra]),
+                np.concatenate([np.zeros(len(originals), bool), np.ones(len(extra), bool)]))
+    raise ValueError(f"unknown sampling {sampling!r}")
+
+
+def epoch_order(labels: np.ndarray, plan: np.ndarray, sampling: str,
+                rng: np.random.Generator) -> np.ndarray:
+    """Positions into ``plan`` for one epoch."""
+    if sampling == "class_balanced":
+        counts = np.bincount(labels[plan], minlength=NUM_CLASSES)
+        weights = 1.0 / counts[labels[plan]]
+        return rng.choice(len(plan), len(plan), p=weights / weights.sum())
+    return rng.permutation(len(plan))
+
+
+def soft_f1_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """1 - macro soft-F1: the F1 of each class with probabilities in place of hard counts."""
+    probs = torch.softmax(logits, dim=1)
+    onehot = F.one_hot(targets, probs.shape[1]).float()
+    tp = (probs * onehot).sum(0)
+    fp = (probs * (1 - onehot)).sum(0)
+    fn = ((1 - probs) * onehot).sum(0)
+    soft_f1 = 2 * tp / (2 * tp + fp + fn + 1e-8)
+    return 1 - soft_f1.mean()
+
+
+class Objective(nn.Module):
+    def __init__(self, config: TrainConfig, train_labels: np.ndarray):
+        super().__init__()
+        self.config = config
+        weight = None
+        if config.class_weights == "balanced":
+            weight = torch.tensor(compute_class_weight(
+                "balanced", classes=np.arange(NUM_CLASSES), y=train_labels), dtype=torch.float32)
+        self.register_buffer("weight", weight)
+        prior = np.bincount(train_labels, minlength=NUM_CLASSES) + 1.0
+        self.register_buffer("log_prior", torch.log(torch.tensor(prior / prior.sum()).float()))
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        if c.loss == "soft_f1":
+            return soft_f1_loss(logits, targets)
+        if c.loss == "balanced_softmax":
+            # Train on logits shifted by the class prior; predict with the raw logits.
+            logits = logits + self.log_prior
+        ce = F.cross_entropy(logits, targets, weight=self.weight,
+                             label_smoothing=c.label_smoothing)
+        if c.loss == "ce+soft_f1":
+            return ce + c.soft_f1_weight * soft_f1_loss(logits, targets)
+        if c.loss in ("ce", "balanced_softmax"):
+            return ce
+        raise ValueError(f"unknown loss {c.loss!r}")
+
+
+@torch.no_grad()
+def predict_logits(body: nn.Module, images: torch.Tensor, device: torch.device,
+                   flip: bool = False, batch_size: int = 512) -> np.ndarray:
+    body.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size].to(device)
+        logits = body(batch)
+        if flip:
+            logits = (logits + body(torch.flip(batch, dims=[3]))) / 2
+        out.append(logits.float().cpu())
+    return torch.cat(out).numpy()
+
+
+def fit(body: nn.Module, config: TrainConfig, train_images: torch.Tensor,
+        train_labels: np.ndarray, val_images: torch.Tensor, val_labels: np.ndarray,
+        seed: int, device: torch.device, progress: bool = True) -> tuple[nn.Module, list[dict]]:
+    """Train ``body`` on pooled images; returns the selected weights and the per-epoch history."""
+    seed_everything(seed)
+    torch.set_num_threads(os.cpu_count() or 1)
+    rng = np.random.default_rng(seed)
+    plan, is_copy = fixed_plan(train_labels, config.sampling, rng)
+    body.to(device)
+    objective = Objective(config, train_labels[plan]).to(device)
+    optimizer = torch.optim.AdamW(body.parameters(), lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    steps_per_epoch = -(-len(plan) // config.batch_size)
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=config.epochs * steps_per_epoch)
+        if config.schedule == "cosine" else None)
+    augment = augmentation()
+    val_targets = torch.as_tensor(np.array(val_labels, dtype=np.int64))
+    history, best_state, best_score = [], None, -1.0
+
+    for epoch in range(1, config.epochs + 1):
+        body.train()
+        order = epoch_order(train_labels, plan, config.sampling, rng)
+        losses, predictions, targets = [], [], []
+        batches = range(0, len(order), config.batch_size)
+        for start in tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", leave=False,
+                          disable=None if progress else True, mininterval=5.0):
+            positions = order[start:start + config.batch_size]
+            indices = plan[positions]
+            batch = train_images[indices].clone()
+            wants = (is_copy[positions] if config.augment == "copies"
+                     else np.full(len(positions), config.augment == "all"))
+            for i in np.flatnonzero(wants):
+                batch[i] = augment(batch[i])
+            labels = torch.from_numpy(train_labels[indices]).to(device)
+            logits = body(batch.to(device))
+            loss = objective(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            losses.append(loss.item())
+            predictions.append(logits.argmax(1).cpu().numpy())
+            targets.append(train_labels[indices])
+
+        val_logits = torch.from_numpy(predict_logits(body, val_images, device))
+        val_loss = F.cross_entropy(val_logits, val_targets).item()
+        val_f1 = macro_f1(val_labels, val_logits.argmax(1).numpy())
+        history.append({
+            "epoch": epoch, "train_loss": float(np.mean(losses)),
+            "train_macro_f1": macro_f1(np.concatenate(targets), np.concatenate(predictions)),
+            "val_loss": val_loss, "val_macro_f1": val_f1})
+        if config.select == "best_val" and val_f1 > best_score:
+            best_score, best_state = val_f1, copy.deepcopy(body.state_dict())
+
+    if best_state is not None:
+        body.load_state_dict(best_state)
+    return body, history
