@@ -61,6 +61,31 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     reproduce(get_data_settings(), args.only, args.profile, args.device, args.out)
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from training.ship import CHECKPOINTS_DIR, train_shipped
+
+    started = time.perf_counter()
+    train_shipped(get_data_settings(), args.profile, tuple(args.seeds), args.device,
+                  args.out or CHECKPOINTS_DIR)
+    print(f"train: {time.perf_counter() - started:.0f} s in total")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from training.export import export_all
+    from training.model_card import write_model_card
+    from training.settings import MODELS_DIR
+    from training.ship import CHECKPOINTS_DIR
+
+    out = args.out or MODELS_DIR
+    manifest = export_all(get_data_settings(), args.checkpoints or CHECKPOINTS_DIR, out,
+                          args.profile)
+    write_model_card(get_data_settings(), manifest, out, args.profile)
+    for name, entry in manifest.models.items():
+        test = entry.metrics["identity"]["test"]
+        print(f"{name}: {entry.file} {entry.bytes / 1e6:.1f} MB, identity test macro-F1 "
+              f"{test.macro_f1:.3f}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +118,27 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", type=Path, default=None,
                      help="reports folder (default: reports/ in the repository)")
     rep.set_defaults(func=cmd_reproduce)
+
+    train = commands.add_parser("train", help="train the shipped CNN recipe on the identity "
+                                              "split (several seeds) and the random split")
+    train.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                       help="seeds for the identity split; the first also trains the random "
+                            "split (default: %(default)s)")
+    train.add_argument("--profile", choices=("full", "smoke"), default="full",
+                       help="smoke: small subset, one epoch (default: %(default)s)")
+    train.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    train.add_argument("--out", type=Path, default=None,
+                       help="checkpoint folder (default: checkpoints/)")
+    train.set_defaults(func=cmd_train)
+
+    export = commands.add_parser("export", help="write models/: the ONNX CNN, the kNN "
+                                                "pipeline, manifest.json and README.md")
+    export.add_argument("--checkpoints", type=Path, default=None,
+                        help="checkpoint folder (default: checkpoints/)")
+    export.add_argument("--out", type=Path, default=None, help="default: models/")
+    export.add_argument("--profile", choices=("full", "smoke"), default="full",
+                        help="must match the checkpoints' profile (default: %(default)s)")
+    export.set_defaults(func=cmd_export)
     return parser
 
 

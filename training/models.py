@@ -26,6 +26,7 @@ class ModelConfig:
     pad: int = 1                 # ... after this much zero padding (not averaged in)
     channels: tuple[int, ...] = (32, 64, 128)
     hidden: int = 128            # final: width of the dense layer
+    stem_stride: int = 1         # resnet: stride of its first convolution
     dropout: float = 0.5
     num_classes: int = NUM_CLASSES
 
@@ -87,7 +88,7 @@ class ResNet(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         widths = config.channels
-        self.stem = nn.Sequential(nn.Conv2d(1, widths[0], 3, 1, 1, bias=False),
+        self.stem = nn.Sequential(nn.Conv2d(1, widths[0], 3, config.stem_stride, 1, bias=False),
                                   nn.BatchNorm2d(widths[0]), nn.ReLU())
         blocks, in_ch = [], widths[0]
         for i, width in enumerate(widths):

@@ -1,0 +1,63 @@
+"""``create_app(settings)`` builds the whole service; nothing happens at import time."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from service.errors import install_error_handlers
+from service.manifest import load_manifest
+from service.middleware import RequestMiddleware
+from service.models import load_models
+from service.observability import ServiceMetrics
+from service.preprocessing import INPUT_SIZE
+from service.routers import health, info, metrics, predict
+from service.settings import Settings, get_settings
+
+DESCRIPTION = f"""
+Facial-emotion detection. POST a face crop to `/predict` and get one of eight emotions with
+the probability of each. Images of any common format are converted to grayscale and resized
+to {INPUT_SIZE}x{INPUT_SIZE}; the models were trained on tight face crops of celebrities and
+actors, so they are meant for such crops.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    service_metrics = ServiceMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        logging.getLogger("service").setLevel(settings.log_level.upper())
+        manifest = load_manifest(settings.models_dir)  # ManifestError: a clear start-up error
+        registry = load_models(manifest, settings.models_dir, settings.resolved_onnx_threads)
+        for name, model in registry.models.items():
+            service_metrics.model_info.labels(name, model.sha256).set(1)
+            for split, subsets in model.entry.metrics.items():
+                for subset, values in subsets.items():
+                    service_metrics.eval_macro_f1.labels(name, split, subset).set(values.macro_f1)
+        app.state.registry = registry
+        yield
+
+    app = FastAPI(title="Emotion detection", version="0.1.0", description=DESCRIPTION,
+                  lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = service_metrics
+    if settings is not get_settings():
+        app.dependency_overrides[get_settings] = lambda: settings
+    routers = (predict.router, info.router, health.router, metrics.router)
+    for router in routers:
+        app.include_router(router)
+    install_error_handlers(app)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["GET", "POST"], allow_headers=["*"])
+    # Metric labels use these paths; anything else is "unmatched", so label sets stay bounded.
+    routes = {route.path for router in routers for route in router.routes}
+    routes |= {app.openapi_url, app.docs_url, app.redoc_url}
+    app.add_middleware(RequestMiddleware, metrics=service_metrics,
+                       max_in_flight=settings.max_in_flight, routes=routes)
+    return app

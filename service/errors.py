@@ -1,0 +1,72 @@
+"""Every error a client can cause: a status, a stable ``code`` and a message to act on."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.preprocessing import (
+    CorruptImageError,
+    NotAnImageError,
+    PreprocessingError,
+    TooManyBytesError,
+    TooManyPixelsError,
+)
+
+PREPROCESSING_STATUS = {
+    NotAnImageError: 400,
+    CorruptImageError: 400,
+    TooManyBytesError: 413,
+    TooManyPixelsError: 413,
+}
+
+
+class ErrorBody(BaseModel):
+    detail: str
+    code: str
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, detail: str, headers: dict | None = None):
+        self.status, self.code, self.detail, self.headers = status, code, detail, headers
+
+
+def status_of(error: PreprocessingError) -> int:
+    return PREPROCESSING_STATUS.get(type(error), 400)
+
+
+def error_response(status: int, code: str, detail: str, headers: dict | None = None):
+    return JSONResponse({"detail": detail, "code": code}, status_code=status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def handle_api_error(request: Request, exc: ApiError):
+        return error_response(exc.status, exc.code, exc.detail, exc.headers)
+
+    @app.exception_handler(PreprocessingError)
+    async def handle_preprocessing_error(request: Request, exc: PreprocessingError):
+        return error_response(status_of(exc), exc.code, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def handle_validation_error(request: Request, exc: RequestValidationError):
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
+        return error_response(422, "invalid_request", problems)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def handle_http_error(request: Request, exc: StarletteHTTPException):
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        return error_response(exc.status_code, codes.get(exc.status_code, "http_error"),
+                              str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def handle_unexpected(request: Request, exc: Exception):
+        # The log has the traceback; the client gets no internals.
+        import logging
+
+        logging.getLogger("service").exception("unhandled error on %s", request.url.path)
+        return error_response(500, "internal_error", "internal error; it has been logged")

@@ -1,0 +1,93 @@
+"""The format of ``models/manifest.json``: what each shipped artifact is and how it did."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError
+
+from service.classes import CLASS_NAMES
+
+MANIFEST_FILE = "manifest.json"
+
+
+class ManifestError(RuntimeError):
+    """The manifest is missing or malformed: the service cannot start."""
+
+
+class TensorSpec(BaseModel):
+    name: str
+    dtype: str = "float32"
+    shape: list[int | str]
+    range: tuple[float, float] | None = None
+
+
+class ClassMetrics(BaseModel):
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+class EvalMetrics(BaseModel):
+    n: int
+    accuracy: float
+    macro_f1: float
+    macro_f1_six_large_classes: float | None = None
+    per_class: dict[str, ClassMetrics]
+    confusion_matrix: list[list[int]]
+
+
+class DataProvenance(BaseModel):
+    repository: str
+    commit: str
+    legend_sha256: str
+    split_sha256: dict[str, str]
+
+
+class ModelEntry(BaseModel):
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int
+    kind: Literal["onnx", "sklearn"]
+    description: str = ""
+    input: TensorSpec
+    output: TensorSpec
+    classes: list[str] = Field(default_factory=lambda: list(CLASS_NAMES))
+    preprocessing_version: str
+    recipe: dict
+    data: DataProvenance
+    code_commit: str
+    created_at: str
+    # split name -> subset (val, test) -> metrics
+    metrics: dict[str, dict[str, EvalMetrics]]
+    summary: dict = Field(default_factory=dict)
+
+
+class Manifest(BaseModel):
+    schema_version: int = 1
+    models: dict[str, ModelEntry]
+
+
+def load_manifest(models_dir: Path) -> Manifest:
+    path = models_dir / MANIFEST_FILE
+    try:
+        raw = path.read_text()
+    except OSError as exc:
+        raise ManifestError(f"cannot read the model manifest {path}: {exc.strerror}") from None
+    try:
+        manifest = Manifest.model_validate(json.loads(raw))
+    except (json.JSONDecodeError, ValidationError) as exc:
+        raise ManifestError(f"the model manifest {path} is malformed: {exc}") from None
+    for name, entry in manifest.models.items():
+        if entry.classes != list(CLASS_NAMES):
+            raise ManifestError(f"model {name!r} has classes {entry.classes}, "
+                                f"the service expects {list(CLASS_NAMES)}")
+    return manifest
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

@@ -1,0 +1,74 @@
+"""One pure ASGI middleware: request id, admission control, metrics and the access log."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+
+from service.observability import ServiceMetrics
+
+logger = logging.getLogger("service.access")
+LIMITED_PATHS = ("/predict",)
+
+
+class RequestMiddleware:
+    def __init__(self, app, metrics: ServiceMetrics, max_in_flight: int, routes: set[str]):
+        self.app = app
+        self.metrics = metrics
+        self.max_in_flight = max_in_flight
+        self.routes = routes
+        self.in_flight = 0  # this worker's predictions in progress, for admission only
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        headers = dict(scope.get("headers") or [])
+        incoming = headers.get(b"x-request-id", b"").decode("latin-1")[:64]
+        request_id = incoming if incoming.isprintable() and incoming else uuid.uuid4().hex
+        path = scope.get("path", "")
+        route = path if path in self.routes else "unmatched"
+        method = scope.get("method", "")
+        status = {"code": 500}
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"],
+                                      (b"x-request-id", request_id.encode("latin-1"))]
+            await send(message)
+
+        limited = path in LIMITED_PATHS
+        try:
+            if limited and self.in_flight >= self.max_in_flight:
+                # Answer at once instead of queueing without bound; the client retries.
+                self.metrics.overloaded.inc()
+                await self._reject_overload(send_with_id)
+                return
+            if limited:
+                self.in_flight += 1
+            try:
+                await self.app(scope, receive, send_with_id)
+            finally:
+                if limited:
+                    self.in_flight -= 1
+        finally:
+            elapsed = time.perf_counter() - started
+            self.metrics.requests.labels(route, method, str(status["code"])).inc()
+            self.metrics.request_latency.labels(route).observe(elapsed)
+            logger.info(json.dumps({"request_id": request_id, "method": method, "route": route,
+                                    "status": status["code"],
+                                    "latency_ms": round(elapsed * 1000, 2)}))
+
+    @staticmethod
+    async def _reject_overload(send):
+        body = json.dumps({"detail": "too many requests in flight; retry shortly",
+                           "code": "overloaded"}).encode()
+        await send({"type": "http.response.start", "status": 503, "headers": [
+            (b"content-type", b"application/json"), (b"retry-after", b"1"),
+            (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,88 @@
+"""Prometheus metrics, correct under several uvicorn workers.
+
+Each app owns its metrics in its own registry (no module-level state, so tests can build
+many apps). With ``PROMETHEUS_MULTIPROC_DIR`` set, prometheus-client writes every worker's
+values to files there and the exposition aggregates all workers.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.multiprocess import MultiProcessCollector
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+PROBABILITY_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+IMAGES_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+
+
+class ServiceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("emotion_http_requests", "HTTP requests by route, method and "
+                                "status.", ["route", "method", "status"], registry=r)
+        self.request_latency = Histogram("emotion_http_request_duration_seconds",
+                                         "HTTP request latency.", ["route"],
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.inference_latency = Histogram("emotion_inference_duration_seconds",
+                                           "Model call latency for one batch.", ["model"],
+                                           buckets=LATENCY_BUCKETS, registry=r)
+        self.images_per_request = Histogram("emotion_images_per_request",
+                                            "Images in one /predict request.",
+                                            buckets=IMAGES_BUCKETS, registry=r)
+        self.predictions = Counter("emotion_predictions", "Predicted class per model.",
+                                   ["model", "label"], registry=r)
+        self.top_probability = Histogram("emotion_top_probability",
+                                         "Probability of the predicted class (drift watch).",
+                                         ["model"], buckets=PROBABILITY_BUCKETS, registry=r)
+        self.rejected = Counter("emotion_rejected_inputs", "Inputs refused, by reason.",
+                                ["reason"], registry=r)
+        self.overloaded = Counter("emotion_overload_rejections",
+                                  "Requests answered 503 because too many were in flight.",
+                                  registry=r)
+        self.model_info = Gauge("emotion_model_info", "Loaded models (value 1) by sha256.",
+                                ["model", "sha256"], registry=r, multiprocess_mode="max")
+        self.eval_macro_f1 = Gauge("emotion_model_eval_macro_f1",
+                                   "Macro-F1 from the manifest's evaluation.",
+                                   ["model", "split", "subset"], registry=r,
+                                   multiprocess_mode="max")
+
+    def exposition_registry(self) -> CollectorRegistry:
+        directory = multiprocess_dir()
+        if not directory:
+            return self.registry
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=directory)
+        return registry
+
+    def render(self, accept: str) -> tuple[bytes, str]:
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.exposition_registry()), content_type
+
+    def snapshot(self) -> dict:
+        """Live counters as JSON: totals summed over label sets (all workers where shared)."""
+        wanted = {"emotion_http_requests", "emotion_predictions", "emotion_rejected_inputs",
+                  "emotion_overload_rejections"}
+        out: dict[str, list] = {}
+        for family in self.exposition_registry().collect():
+            if family.name not in wanted:
+                continue
+            rows = [{**sample.labels, "value": sample.value} for sample in family.samples
+                    if sample.name.endswith("_total")]
+            out[family.name] = rows
+        return out
+
+
+def wants_prometheus(accept: str | None) -> bool:
+    """Prometheus and OpenMetrics scrapers name their formats; people and JSON clients don't."""
+    if not accept:
+        return False
+    types = [part.split(";")[0].strip().lower() for part in accept.split(",")]
+    return any(t in ("text/plain", "application/openmetrics-text") for t in types)

@@ -1,0 +1,152 @@
+"""Reading images from a request without ever holding more bytes than the limits allow."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from service.errors import ApiError
+from service.preprocessing import TooManyBytesError
+from service.settings import Settings
+
+FILE_FIELDS = ("file", "files")
+
+
+@dataclass
+class Upload:
+    filename: str | None
+    data: bytes | None = None
+    error: Exception | None = None
+
+
+def _too_large(limit: int, what: str) -> ApiError:
+    return ApiError(413, TooManyBytesError.code,
+                    f"{what} is larger than the limit of {limit} bytes")
+
+
+def check_content_length(request: Request, limit: int) -> None:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit, f"the request body ({declared} bytes)")
+
+
+async def read_raw(request: Request, settings: Settings) -> list[Upload]:
+    limit = settings.max_upload_bytes
+    check_content_length(request, limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:  # stop reading at once: the rest of the body is never buffered
+            raise _too_large(limit, "the image")
+        chunks.append(chunk)
+    return [Upload(None, b"".join(chunks))]
+
+
+class _MultipartCollector:
+    """python-multipart callbacks that keep image parts in memory, each within its limit.
+
+    Image bytes never touch the disk (nothing to clean up), a part over the byte limit stops
+    being buffered the moment it crosses it, and the whole body is capped by the caller.
+    """
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.uploads: list[Upload] = []
+        self.other_fields: list[str] = []
+        self._name = self._filename = None
+        self._data = bytearray()
+        self._over = False
+        self._header_name = self._header_value = b""
+        self._disposition = b""
+
+    def on_part_begin(self) -> None:
+        self._name = self._filename = None
+        self._data, self._over, self._disposition = bytearray(), False, b""
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def on_header_end(self) -> None:
+        if self._header_name.lower() == b"content-disposition":
+            self._disposition = self._header_value
+        self._header_name = self._header_value = b""
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self._disposition)
+        self._name = options.get(b"name", b"").decode("utf-8", "replace")
+        filename = options.get(b"filename")
+        self._filename = None if filename is None else filename.decode("utf-8", "replace")
+        if self._is_image_part():
+            if len(self.uploads) >= self.settings.max_images_per_request:
+                raise ApiError(422, "too_many_files", "too many files: at most "
+                               f"{self.settings.max_images_per_request} images per request")
+        elif self._name not in self.other_fields:
+            self.other_fields.append(self._name)
+
+    def _is_image_part(self) -> bool:
+        return self._name in FILE_FIELDS and self._filename is not None
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if not self._is_image_part() or self._over:
+            return  # other fields are named in errors, never kept
+        self._data += data[start:end]
+        if len(self._data) > self.settings.max_upload_bytes:
+            self._over, self._data = True, bytearray()
+
+    def on_part_end(self) -> None:
+        if not self._is_image_part():
+            return
+        if self._over:
+            self.uploads.append(Upload(self._filename, error=TooManyBytesError(
+                f"the image has more than {self.settings.max_upload_bytes} bytes, the limit")))
+        else:
+            self.uploads.append(Upload(self._filename, bytes(self._data)))
+        self._data = bytearray()
+
+
+async def read_multipart(request: Request, settings: Settings) -> list[Upload]:
+    limit = settings.max_body_bytes
+    check_content_length(request, limit)
+    _, params = parse_options_header(request.headers.get("content-type", ""))
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise ApiError(400, "malformed_multipart", "the multipart body has no boundary")
+    collector = _MultipartCollector(settings)
+    callbacks = {name: getattr(collector, name) for name in (
+        "on_part_begin", "on_part_data", "on_part_end", "on_header_field", "on_header_value",
+        "on_header_end", "on_headers_finished")}
+    parser = MultipartParser(boundary, callbacks)
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit, "the request body")
+            parser.write(chunk)
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise ApiError(400, "malformed_multipart",
+                       f"the multipart body is malformed: {exc}") from None
+    if not collector.uploads:
+        raise ApiError(422, "no_file", "no image found: send it as a multipart file field "
+                       f"named 'file' (or several named 'files'); got fields "
+                       f"{collector.other_fields}")
+    return collector.uploads
+
+
+async def read_uploads(request: Request, settings: Settings) -> list[Upload]:
+    content_type = request.headers.get("content-type", "")
+    mime = content_type.split(";")[0].strip().lower()
+    if mime == "multipart/form-data":
+        return await read_multipart(request, settings)
+    if mime.startswith("image/"):
+        return await read_raw(request, settings)
+    raise ApiError(415, "unsupported_media_type",
+                   f"content type {mime or 'none'!r} is not supported: send multipart/form-data "
+                   "with a 'file' field, or the image itself with an image/* content type")
