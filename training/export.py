@@ -165,7 +165,8 @@ def export_all(settings: DataSettings, checkpoints: Path = CHECKPOINTS_DIR,
     }
     cnn = ModelEntry(
         file=ONNX_FILE, sha256=sha256_file(onnx_path), bytes=onnx_path.stat().st_size,
-        kind="onnx", description="Small residual CNN with batch norm (88x88 inside), "
+        kind="onnx", description="Small residual CNN with batch norm "
+        f"({best['model_config']['resolution']}x{best['model_config']['resolution']} inside), "
         "balanced-softmax loss, test-time flip, validation-fitted class offsets",
         input=INPUT_SPEC, output=OUTPUT_SPEC, preprocessing_version=PREPROCESSING_VERSION,
         recipe={"model": best["model_config"], "train": best["train_config"],

@@ -155,7 +155,8 @@ def fit(body: nn.Module, config: TrainConfig, train_images: torch.Tensor,
         seed: int, device: torch.device, progress: bool = True) -> tuple[nn.Module, list[dict]]:
     """Train ``body`` on pooled images; returns the selected weights and the per-epoch history."""
     seed_everything(seed)
-    torch.set_num_threads(os.cpu_count() or 1)
+    # EMOTION_TORCH_THREADS lets two runs share the cores without oversubscribing them.
+    torch.set_num_threads(int(os.environ.get("EMOTION_TORCH_THREADS", 0)) or os.cpu_count() or 1)
     rng = np.random.default_rng(seed)
     plan, is_copy = fixed_plan(train_labels, config.sampling, rng)
     body.to(device)

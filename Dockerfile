@@ -1,0 +1,22 @@
+# The service only: the `serve` extra (FastAPI, ONNX Runtime, scikit-learn), no torch.
+FROM python:3.11-slim AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+RUN python -m venv /opt/venv
+COPY pyproject.toml README.md ./
+COPY service ./service
+RUN /opt/venv/bin/pip install --no-compile ".[serve]"
+
+FROM python:3.11-slim
+RUN useradd --create-home --uid 10001 app
+COPY --from=build /opt/venv /opt/venv
+WORKDIR /app
+COPY models/emotion_cnn.onnx models/emotion_knn.joblib models/manifest.json ./models/
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    EMOTION_MODELS_DIR=/app/models
+USER 10001
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=3s --start-period=30s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"]
+CMD ["uvicorn", "service.main:app", "--host", "0.0.0.0", "--port", "8000"]

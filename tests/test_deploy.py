@@ -1,0 +1,92 @@
+"""How operators run the service: the real server, several workers, the container recipe."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.server import REPO, running_server
+
+DOCKERFILE = REPO / "Dockerfile"
+
+
+def real_face(data_settings) -> bytes:
+    return (data_settings.images_dir / "AJ_Cook_0001.jpg").read_bytes()
+
+
+def test_real_server_answers_a_real_image_over_http(data_settings):
+    with running_server() as base:
+        response = httpx.post(f"{base}/predict", files={"file": ("face.jpg",
+                              real_face(data_settings), "image/jpeg")}, timeout=30)
+        assert response.status_code == 200
+        assert response.json()["predictions"][0]["label"]
+        assert response.headers["x-request-id"]
+
+
+def test_metrics_add_up_across_several_workers(data_settings, tmp_path):
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "EMOTION_WORKERS": "2"}
+    requests = 12
+    with running_server(workers=2, env=env) as base, httpx.Client(timeout=30) as client:
+        for _ in range(requests):
+            assert client.post(f"{base}/predict", files={"file": (
+                "f.jpg", real_face(data_settings), "image/jpeg")}).status_code == 200
+        text = client.get(f"{base}/metrics", headers={"accept": "text/plain"}).text
+    pids = {p.name.split("_")[-1] for p in tmp_path.glob("*.db")}
+    assert len(pids) >= 2, "both workers should have written metrics"
+    total = sum(sample.value for family in text_string_to_metric_families(text)
+                for sample in family.samples
+                if sample.name == "emotion_http_requests_total"
+                and sample.labels.get("route") == "/predict")
+    assert total == requests
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    result = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_follows_the_deployment_contract():
+    text = DOCKERFILE.read_text()
+    assert text.count("FROM python:3.11-slim") == 2  # multi-stage
+    assert '".[serve]"' in text and "torch" not in text.replace("no torch", "")
+    assert "\nUSER 10001" in text and "HEALTHCHECK" in text and "/healthz" in text
+    assert "EXPOSE 8000" in text
+    assert "\nCMD [" in text  # exec form
+    assert "COPY models/" in text
+    ignored = (REPO / ".dockerignore").read_text()
+    assert ignored.splitlines()[1] == "*"  # everything out, then the few files let back in
+
+
+@pytest.mark.slow
+def test_serve_extra_installs_without_torch_and_serves(tmp_path, data_settings):
+    """Build the environment exactly as the Dockerfile does and start the service from it."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    build = tmp_path / "src"  # a copy, like the image's build stage: no editable install
+    build.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, build / name)
+    shutil.copytree(REPO / "service", build / "service",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-compile", ".[serve]"],
+                   cwd=build, check=True, env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    probe = subprocess.run([python, "-c", "import importlib.util as u; "
+                            "print(u.find_spec('torch'), u.find_spec('training'))"],
+                           capture_output=True, text=True, cwd=tmp_path)
+    assert probe.stdout.split() == ["None", "None"], probe.stdout
+    size_mb = sum(f.stat().st_size for f in venv.rglob("*") if f.is_file()) / 1e6
+    print(f"\nserve environment: {size_mb:.0f} MB (goal at most 400 MB)")
+    env = {"EMOTION_MODELS_DIR": str(REPO / "models"), "PYTHONPATH": ""}
+    with running_server(python=python, env=env, cwd=tmp_path) as base:
+        response = httpx.post(f"{base}/predict?model=knn", files={"file": (
+            "face.jpg", real_face(data_settings), "image/jpeg")}, timeout=30)
+        assert response.status_code == 200, response.text

@@ -1,0 +1,316 @@
+"""The HTTP API end to end through TestClient, on the shipped models and real images."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import threading
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.app import create_app
+from service.classes import CLASS_NAMES
+from service.manifest import ManifestError, load_manifest
+from service.preprocessing import preprocess_image
+from service.settings import REPO_MODELS_DIR, Settings
+from tests.images import encode, gray_image, jpeg_bytes, png_bytes
+
+
+@pytest.fixture(scope="module")
+def settings() -> Settings:
+    return Settings(models_dir=REPO_MODELS_DIR, onnx_threads=1)
+
+
+@pytest.fixture(scope="module")
+def client(settings):
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def faces(data_settings) -> dict[str, bytes]:
+    """A few real test-split images, colour and grayscale."""
+    from training.settings import SPLITS_DIR
+    from training.splits import read_split
+
+    split = read_split(SPLITS_DIR / "identity.csv")
+    test = split[split["split"] == "test"]
+    names = [*test["image"].iloc[:3], *test[test["image"].str.match(r"^[A-Z][a-z]+[A-Z]")]
+             ["image"].iloc[:1]]
+    return {name: (data_settings.images_dir / name).read_bytes() for name in names}
+
+
+def post_file(client, data: bytes, name="face.jpg", ctype="image/jpeg", model=None):
+    params = {"model": model} if model else {}
+    return client.post("/predict", params=params, files={"file": (name, data, ctype)})
+
+
+def assert_error(response, status: int, code: str):
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["code"] == code
+    assert body["detail"] and "Traceback" not in body["detail"] and "/work" not in body["detail"]
+
+
+def test_health_classes_and_models(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+    classes = client.get("/classes").json()
+    assert classes == [{"id": i, "name": n} for i, n in enumerate(CLASS_NAMES)]
+    models = {m["name"]: m for m in client.get("/models").json()}
+    assert set(models) == {"cnn", "knn"}
+    assert all(m["loaded"] and len(m["sha256"]) == 64 for m in models.values())
+
+
+def test_openapi_documents_the_contract(client):
+    spec = client.get("/openapi.json").json()
+    predict = spec["paths"]["/predict"]["post"]
+    assert "350x350" in predict["description"] and "face crop" in predict["description"]
+    assert "multipart/form-data" in predict["requestBody"]["content"]
+    assert {"400", "413", "415", "422"} <= set(predict["responses"])
+    assert client.get("/docs").status_code == 200
+
+
+@pytest.mark.parametrize("model", ["cnn", "knn"])
+def test_single_prediction_matches_running_the_model_directly(client, faces, model, settings):
+    manifest = load_manifest(settings.models_dir)
+    name, data = next(iter(faces.items()))
+    response = post_file(client, data, name, model=model)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == model and body["model_sha256"] == manifest.models[model].sha256
+    (prediction,) = body["predictions"]
+    probs = np.array([prediction["probabilities"][c] for c in CLASS_NAMES])
+    assert prediction["filename"] == name
+    assert prediction["label"] == CLASS_NAMES[int(probs.argmax())] == \
+        CLASS_NAMES[prediction["label_id"]]
+    assert probs.sum() == pytest.approx(1.0, abs=1e-5)
+    image = preprocess_image(data)
+    if model == "cnn":
+        session = ort.InferenceSession(str(settings.models_dir / manifest.models["cnn"].file))
+        expected = session.run(["probabilities"], {"image": image[None, None]})[0][0]
+    else:
+        import joblib
+
+        pipeline = joblib.load(settings.models_dir / manifest.models["knn"].file)
+        expected = pipeline.predict_proba(image.reshape(1, -1))[0]
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+
+
+def test_raw_body_prediction_equals_multipart(client, faces):
+    data = next(iter(faces.values()))
+    raw = client.post("/predict", content=data, headers={"content-type": "image/jpeg"})
+    form = post_file(client, data)
+    assert raw.status_code == 200
+    assert raw.json()["predictions"][0]["filename"] is None
+    assert raw.json()["predictions"][0]["probabilities"] == form.json()["predictions"][0][
+        "probabilities"]
+
+
+def test_batch_is_predicted_and_a_bad_image_does_not_sink_it(client, faces):
+    files = [("files", (name, data, "image/jpeg")) for name, data in faces.items()]
+    files.insert(1, ("files", ("notes.jpg", b"this is not an image", "image/jpeg")))
+    response = client.post("/predict", files=files)
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    assert [p["filename"] for p in predictions] == [f[1][0] for f in files]
+    assert predictions[1]["code"] == "not_an_image" and predictions[1]["label"] is None
+    for (name, data), prediction in zip(faces.items(), [predictions[0], *predictions[2:]],
+                                        strict=True):
+        single = post_file(client, data, name).json()["predictions"][0]
+        assert prediction["label"] == single["label"]
+        for c in CLASS_NAMES:
+            assert prediction["probabilities"][c] == pytest.approx(
+                single["probabilities"][c], abs=1e-5)
+
+
+@pytest.mark.parametrize(("data", "code"), [
+    (b"", "not_an_image"),
+    (b"plain text, not an image", "not_an_image"),
+    (png_bytes(200, 200)[:200], "corrupt_image"),
+    (jpeg_bytes(200, 200)[:300], "corrupt_image"),
+], ids=["empty", "text", "truncated-png", "truncated-jpeg"])
+def test_bad_images_get_400(client, data, code):
+    assert_error(post_file(client, data), 400, code)
+
+
+def test_limits_give_413(settings, faces):
+    data = next(iter(faces.values()))
+    small = settings.model_copy(update={"max_upload_bytes": len(data) - 1})
+    with TestClient(create_app(small)) as limited:
+        assert_error(post_file(limited, data), 413, "too_many_bytes")
+        raw = limited.post("/predict", content=data, headers={"content-type": "image/jpeg"})
+        assert_error(raw, 413, "too_many_bytes")
+    few = settings.model_copy(update={"max_pixels": 100 * 100})
+    with TestClient(create_app(few)) as limited:
+        assert_error(post_file(limited, png_bytes(101, 100)), 413, "too_many_pixels")
+        assert post_file(limited, png_bytes(100, 100)).status_code == 200
+
+
+def test_request_errors(client, settings):
+    image = png_bytes()
+    assert_error(client.post("/predict", content=b"x", headers={"content-type": "text/plain"}),
+                 415, "unsupported_media_type")
+    assert_error(client.post("/predict", content=image), 415, "unsupported_media_type")
+    assert_error(post_file(client, image, model="resnet9000"), 422, "unknown_model")
+    assert_error(client.post("/predict", files={"image": ("a.png", image, "image/png")}),
+                 422, "no_file")
+    assert_error(client.post("/predict", data={"file": "not a file"},
+                             files={"other": ("a.txt", b"x", "text/plain")}), 422, "no_file")
+    too_many = [("files", (f"{i}.png", image, "image/png"))
+                for i in range(settings.max_images_per_request + 1)]
+    assert_error(client.post("/predict", files=too_many), 422, "too_many_files")
+    assert_error(client.get("/nowhere"), 404, "not_found")
+    assert_error(client.delete("/predict"), 405, "method_not_allowed")
+
+
+def test_every_image_mode_is_accepted(client):
+    for image in (gray_image(), gray_image().convert("RGBA"), gray_image().convert("P")):
+        assert post_file(client, encode(image, "PNG"), "x.png", "image/png").status_code == 200
+
+
+def test_metrics_json_has_evaluation_and_live_counters(client, faces):
+    post_file(client, next(iter(faces.values())))
+    body = client.get("/metrics").json()
+    for accept in ("application/json", "*/*"):
+        other = client.get("/metrics", headers={"accept": accept})
+        assert other.headers["content-type"] == "application/json"
+        assert set(other.json()) == {"models", "live"}
+    cnn = body["models"]["cnn"]["metrics"]
+    assert {"identity"} <= set(cnn) and {"val", "test"} <= set(cnn["identity"])
+    test = cnn["identity"]["test"]
+    assert set(test["per_class"]) == set(CLASS_NAMES) and len(test["confusion_matrix"]) == 8
+    live = body["live"]["emotion_http_requests"]
+    assert any(r["route"] == "/predict" and r["status"] == "200" and r["value"] >= 1
+               for r in live)
+
+
+def _samples(text: str) -> dict:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+@pytest.mark.parametrize("accept", ["text/plain; version=0.0.4",
+                                    "application/openmetrics-text; version=1.0.0"])
+def test_prometheus_exposition_and_counters_move(client, faces, accept):
+    before = client.get("/metrics", headers={"accept": accept})
+    assert before.status_code == 200
+    assert before.headers["content-type"].startswith(accept.split(";")[0])
+    post_file(client, next(iter(faces.values())))
+    post_file(client, b"junk")
+    after = _samples(client.get("/metrics", headers={"accept": accept}).text)
+    first = _samples(before.text)
+    key = ("emotion_http_requests_total",
+           (("method", "POST"), ("route", "/predict"), ("status", "200")))
+    assert after[key] == first.get(key, 0) + 1
+    rejected = ("emotion_rejected_inputs_total", (("reason", "not_an_image"),))
+    assert after[rejected] == first.get(rejected, 0) + 1
+    names = {name for name, _ in after}
+    for wanted in ("emotion_http_request_duration_seconds_bucket",
+                   "emotion_inference_duration_seconds_bucket",
+                   "emotion_images_per_request_bucket", "emotion_predictions_total",
+                   "emotion_top_probability_bucket", "emotion_model_info",
+                   "emotion_model_eval_macro_f1"):
+        assert wanted in names, wanted
+
+
+def tampered_copy(tmp_path, model_file: str):
+    folder = tmp_path / "models"
+    shutil.copytree(REPO_MODELS_DIR, folder)
+    path = folder / model_file
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return folder
+
+
+@pytest.mark.parametrize(("broken", "healthy"), [("knn", "cnn"), ("cnn", "knn")])
+def test_a_tampered_artifact_is_refused_and_the_other_model_serves(
+        tmp_path, settings, monkeypatch, broken, healthy):
+    manifest = load_manifest(REPO_MODELS_DIR)
+    folder = tampered_copy(tmp_path, manifest.models[broken].file)
+    loaded = []
+    import joblib
+    import onnxruntime
+
+    real_joblib, real_session = joblib.load, onnxruntime.InferenceSession
+    monkeypatch.setattr(joblib, "load", lambda *a, **k: loaded.append("joblib")
+                        or real_joblib(*a, **k))
+    monkeypatch.setattr(onnxruntime, "InferenceSession",
+                        lambda *a, **k: loaded.append("onnx") or real_session(*a, **k))
+    with TestClient(create_app(settings.model_copy(update={"models_dir": folder}))) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        assert "refused" in ready.json()["models"][broken]
+        assert ready.json()["models"][healthy] == "ready"
+        assert loaded == (["onnx"] if broken == "knn" else ["joblib"])
+        assert_error(post_file(client, png_bytes(), model=broken), 503, "model_unavailable")
+        assert post_file(client, png_bytes(), model=healthy).status_code == 200
+
+
+@pytest.mark.parametrize("content", [None, "{not json", '{"models": {"cnn": {"file": 1}}}'])
+def test_missing_or_malformed_manifest_is_a_clear_startup_error(tmp_path, settings, content):
+    if content is not None:
+        (tmp_path / "manifest.json").write_text(content)
+    app = create_app(settings.model_copy(update={"models_dir": tmp_path}))
+    with pytest.raises(ManifestError, match="manifest"), TestClient(app):
+        pass
+
+
+def test_overload_answers_503_with_retry_after_at_once(settings, monkeypatch):
+    import service.routers.predict as predict_router
+
+    entered, release = threading.Event(), threading.Event()
+    real = predict_router.predict_uploads
+
+    def slow(*args, **kwargs):
+        entered.set()
+        release.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(predict_router, "predict_uploads", slow)
+    one = settings.model_copy(update={"max_in_flight": 1})
+    with TestClient(create_app(one)) as client:
+        first = {}
+        worker = threading.Thread(target=lambda: first.update(r=post_file(client, png_bytes())))
+        worker.start()
+        assert entered.wait(10)
+        second = post_file(client, png_bytes())
+        release.set()
+        worker.join(10)
+    assert_error(second, 503, "overloaded")
+    assert second.headers["retry-after"] == "1"
+    assert first["r"].status_code == 200
+
+
+def test_request_id_is_returned_and_propagated(client):
+    response = client.get("/healthz", headers={"x-request-id": "abc123"})
+    assert response.headers["x-request-id"] == "abc123"
+    assert len(client.get("/healthz").headers["x-request-id"]) == 32
+
+
+def test_cors_is_off_unless_configured(client, settings):
+    headers = {"origin": "https://example.org", "access-control-request-method": "POST"}
+    assert "access-control-allow-origin" not in client.options("/predict", headers=headers).headers
+    allowed = settings.model_copy(update={"cors_origins": ["https://example.org"]})
+    with TestClient(create_app(allowed)) as cors_client:
+        response = cors_client.options("/predict", headers=headers)
+        assert response.headers["access-control-allow-origin"] == "https://example.org"
+
+
+def test_exif_rotated_upload(client):
+    image = Image.fromarray(np.tile(np.arange(80, dtype=np.uint8), (40, 1)))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", exif=exif)
+    assert post_file(client, buffer.getvalue()).status_code == 200

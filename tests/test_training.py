@@ -1,0 +1,136 @@
+"""Training pieces on small inputs, and the smoke profile of every experiment on real data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from service.classes import CLASS_NAMES, NUM_CLASSES
+from training.evaluate import classification_metrics, tune_class_bias
+from training.experiments import EXPERIMENTS
+from training.models import EmotionNet, ModelConfig
+from training.train import (
+    MAJORITY,
+    TrainConfig,
+    fit,
+    fixed_plan,
+    seed_everything,
+    soft_f1_loss,
+)
+
+
+def test_soft_f1_loss_rewards_right_answers_and_has_gradients():
+    targets = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
+    perfect = torch.eye(NUM_CLASSES) * 20
+    wrong = torch.roll(perfect, 1, dims=1).requires_grad_()
+    assert soft_f1_loss(perfect, targets).item() < 0.01
+    loss = soft_f1_loss(wrong, targets)
+    assert loss.item() > 0.99
+    loss.backward()
+    assert wrong.grad.abs().sum() > 0
+
+
+def test_resampling_to_300_per_class():
+    labels = np.repeat(np.arange(NUM_CLASSES), [500, 20, 300, 3, 900, 800, 50, 1])
+    plan, is_copy = fixed_plan(labels, "resample300", np.random.default_rng(0))
+    assert np.bincount(labels[plan], minlength=NUM_CLASSES).tolist() == [300] * NUM_CLASSES
+    # Under-sampled classes have no repeats; over-sampled ones repeat their few images.
+    assert not is_copy[labels[plan] == 0].any()
+    assert is_copy[labels[plan] == 7].sum() == 299
+
+
+def test_augmentation_to_3000_leaves_the_two_large_classes_alone():
+    labels = np.repeat(np.arange(NUM_CLASSES), [50, 20, 30, 3, 4000, 3500, 50, 2])
+    plan, is_copy = fixed_plan(labels, "augment3000", np.random.default_rng(0))
+    counts = np.bincount(labels[plan], minlength=NUM_CLASSES)
+    for c in range(NUM_CLASSES):
+        expected = (labels == c).sum() if c in MAJORITY else 3000
+        assert counts[c] == expected, CLASS_NAMES[c]
+    assert not is_copy[: len(labels)].any() and is_copy[len(labels):].all()
+
+
+def test_metrics_are_consistent():
+    rng = np.random.default_rng(0)
+    y_true, y_pred = rng.integers(0, 8, 500), rng.integers(0, 8, 500)
+    m = classification_metrics(y_true, y_pred)
+    matrix = np.array(m["confusion_matrix"])
+    assert matrix.sum(1).tolist() == [m["per_class"][c]["support"] for c in CLASS_NAMES]
+    assert m["macro_f1"] == pytest.approx(np.mean([m["per_class"][c]["f1"] for c in CLASS_NAMES]))
+    assert m["accuracy"] == pytest.approx(np.trace(matrix) / matrix.sum())
+
+
+def test_bias_tuning_only_improves_validation_macro_f1():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 8, 400)
+    scores = rng.normal(size=(400, 8)) + np.eye(8)[y] * 1.5
+    scores[:, 4] += 2.0  # a model that over-predicts NEUTRAL
+    from training.evaluate import macro_f1
+
+    bias = tune_class_bias(scores, y)
+    assert macro_f1(y, (scores + bias).argmax(1)) > macro_f1(y, scores.argmax(1))
+
+
+def test_same_seed_same_model():
+    x = torch.rand(96, 1, 70, 70)
+    y = np.arange(96) % NUM_CLASSES
+    results = []
+    for _ in range(2):
+        seed_everything(3)
+        body = EmotionNet(ModelConfig(arch="baseline", channels=(4,), pool=5, pad=0)).body
+        body, history = fit(body, TrainConfig(epochs=2, augment="all"), x, y, x[:16], y[:16],
+                            seed=3, device=torch.device("cpu"), progress=False)
+        results.append((history, [p.detach().clone() for p in body.parameters()]))
+    assert results[0][0] == results[1][0]
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_networks_take_the_350_contract_and_work_small_inside():
+    for arch, channels in (("baseline", (8,)), ("final", (8, 8, 8)), ("resnet", (8, 8))):
+        config = ModelConfig(arch=arch, channels=channels)
+        assert config.resolution == 88
+        assert EmotionNet(config)(torch.rand(2, 1, 350, 350)).shape == (2, NUM_CLASSES)
+    with pytest.raises(ValueError, match="tile"):
+        ModelConfig(pool=3, pad=0)
+
+
+@pytest.fixture(scope="module")
+def smoke_reports(data_settings, tmp_path_factory):
+    from training.reproduce import reproduce
+
+    out = tmp_path_factory.mktemp("reports")
+    reproduce(data_settings, profile="smoke", out_root=out)
+    return out
+
+
+@pytest.mark.dataset
+@pytest.mark.slow
+def test_smoke_profile_writes_every_artifact_with_consistent_metrics(smoke_reports):
+    for name in EXPERIMENTS:
+        folder = smoke_reports / name
+        for artifact in ("metrics.json", "config.json", "confusion_test.png", "curves.png"):
+            assert (folder / artifact).stat().st_size > 0, f"{name}/{artifact}"
+        report = json.loads((folder / "metrics.json").read_text())
+        assert report["code_commit"] and report["wall_time_s"] >= 0
+        for split in ("identity", "random"):
+            for seed, subsets in report["results"][split]["seeds"].items():
+                for subset in ("train", "val", "test"):
+                    m = subsets[subset]
+                    matrix = np.array(m["confusion_matrix"])
+                    supports = [m["per_class"][c]["support"] for c in CLASS_NAMES]
+                    assert matrix.sum(1).tolist() == supports, (name, split, seed, subset)
+                    assert matrix.sum() == m["n"]
+                    assert m["macro_f1"] == pytest.approx(
+                        np.mean([m["per_class"][c]["f1"] for c in CLASS_NAMES]))
+    sampling = json.loads((smoke_reports / "sampling300" / "metrics.json").read_text())
+    assert len(sampling["results"]["identity"]["seeds"]) == 2
+    knn = json.loads((smoke_reports / "knn" / "metrics.json").read_text())
+    assert knn["training"]["identity"]["0"]["chosen"]["k"] in {
+        s["k"] for s in knn["training"]["identity"]["0"]["sweep"]}
+    readme = (smoke_reports / "README.md").read_text()
+    for name in EXPERIMENTS:
+        assert f"| {name} |" in readme and f"({name}/confusion_test.png)" in readme
+    assert "0.15" in readme and "What reproduces" in readme
