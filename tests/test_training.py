@@ -134,3 +134,14 @@ def test_smoke_profile_writes_every_artifact_with_consistent_metrics(smoke_repor
     for name in EXPERIMENTS:
         assert f"| {name} |" in readme and f"({name}/confusion_test.png)" in readme
     assert "0.15" in readme and "What reproduces" in readme
+
+
+def test_committed_reports_are_from_a_full_run_of_every_experiment():
+    from training.settings import REPORTS_DIR
+
+    for name in EXPERIMENTS:
+        report = json.loads((REPORTS_DIR / name / "metrics.json").read_text())
+        assert report["profile"] == "full", name
+        assert (REPORTS_DIR / name / "confusion_test.png").is_file()
+    readme = (REPORTS_DIR / "README.md").read_text()
+    assert all(f"| {name} |" in readme for name in EXPERIMENTS)
