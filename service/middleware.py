@@ -60,9 +60,10 @@ class RequestMiddleware:
             elapsed = time.perf_counter() - started
             self.metrics.requests.labels(route, method, str(status["code"])).inc()
             self.metrics.request_latency.labels(route).observe(elapsed)
-            logger.info(json.dumps({"request_id": request_id, "method": method, "route": route,
-                                    "status": status["code"],
-                                    "latency_ms": round(elapsed * 1000, 2)}))
+            if logger.isEnabledFor(logging.INFO):
+                logger.info(json.dumps({"request_id": request_id, "method": method,
+                                        "route": route, "status": status["code"],
+                                        "latency_ms": round(elapsed * 1000, 2)}))
 
     @staticmethod
     async def _reject_overload(send):

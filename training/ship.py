@@ -18,9 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.data import read_subsets
 from training.evaluate import classification_metrics, tune_class_bias
-from training.experiments import SMOKE_PER_CLASS
 from training.models import EmotionNet, ModelConfig
 from training.provenance import code_commit, machine
 from training.reproduce import Workspace
@@ -100,6 +98,3 @@ def model_from_checkpoint(checkpoint: dict) -> EmotionNet:
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval()
 
-
-__all__ = ["SHIPPED_MODEL", "SHIPPED_TRAIN", "train_shipped", "load_checkpoint",
-           "model_from_checkpoint", "read_subsets", "SMOKE_PER_CLASS"]
