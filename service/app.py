@@ -44,7 +44,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="Emotion detection", version="0.1.0", description=DESCRIPTION,
                   lifespan=lifespan)
-    app.state.settings = settings
     app.state.metrics = service_metrics
     if settings is not get_settings():
         app.dependency_overrides[get_settings] = lambda: settings

@@ -77,11 +77,9 @@ def test_shipped_knn_reproduces_its_metrics_through_the_service_loader(manifest,
     assert list(classifier.pipeline.classes_) == list(range(8))
     test = workspace.subsets("identity")["test"]
     rows = workspace.decoded.rows_of(test.names)
-    from service.preprocessing import pixels_to_input
-
     predicted = np.concatenate([
-        classifier.predict_proba(pixels_to_input(np.asarray(workspace.decoded.pixels[
-            rows[i:i + 256]]))).argmax(1) for i in range(0, len(rows), 256)])
+        classifier.predict_proba(workspace.decoded.inputs(rows[i:i + 256])).argmax(1)
+        for i in range(0, len(rows), 256)])
     measured = classification_metrics(test.labels, predicted)["macro_f1"]
     assert measured == pytest.approx(entry.metrics["identity"]["test"].macro_f1, abs=0.005)
 

@@ -72,14 +72,12 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from training.export import export_all
-    from training.model_card import write_model_card
     from training.settings import MODELS_DIR
     from training.ship import CHECKPOINTS_DIR
 
     out = args.out or MODELS_DIR
     manifest = export_all(get_data_settings(), args.checkpoints or CHECKPOINTS_DIR, out,
                           args.profile)
-    write_model_card(get_data_settings(), manifest, out, args.profile)
     for name, entry in manifest.models.items():
         test = entry.metrics["identity"]["test"]
         print(f"{name}: {entry.file} {entry.bytes / 1e6:.1f} MB, identity test macro-F1 "

@@ -19,7 +19,12 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from service.preprocessing import INPUT_SIZE, PREPROCESSING_VERSION, preprocess_image_uint8
+from service.preprocessing import (
+    INPUT_SIZE,
+    PREPROCESSING_VERSION,
+    pixels_to_input,
+    preprocess_image_uint8,
+)
 
 PIXELS_FILE = "pixels.u8"
 INDEX_FILE = "index.json"
@@ -34,6 +39,10 @@ class DecodedImages:
     def rows_of(self, images) -> np.ndarray:
         position = {name: row for row, name in enumerate(self.names)}
         return np.fromiter((position[name] for name in images), dtype=np.int64)
+
+    def inputs(self, rows: np.ndarray) -> np.ndarray:
+        """The model input (float32 ``[n, 350, 350]`` in [0, 1]) of these cache rows."""
+        return pixels_to_input(np.asarray(self.pixels[rows]))
 
 
 def cache_key(table: pd.DataFrame) -> str:

@@ -9,7 +9,6 @@ import pandas as pd
 import torch
 
 from service.classes import CLASS_NAMES
-from service.preprocessing import pixels_to_input
 from training.cache import DecodedImages, load_decoded_images
 from training.dataset import read_clean_table
 from training.models import ModelConfig, make_stem
@@ -64,9 +63,7 @@ def pooled_images(decoded: DecodedImages, names: list[str], config: ModelConfig,
     size = config.resolution
     out = torch.empty((len(rows), 1, size, size), dtype=torch.float32)
     for start in range(0, len(rows), chunk):
-        batch = pixels_to_input(decoded.pixels[np.sort(rows[start:start + chunk])])
-        order = np.argsort(np.argsort(rows[start:start + chunk]))
-        tensor = torch.from_numpy(batch[order]).unsqueeze(1)
+        tensor = torch.from_numpy(decoded.inputs(rows[start:start + chunk])).unsqueeze(1)
         with torch.no_grad():
             out[start:start + chunk] = stem(tensor)
     return out

@@ -8,7 +8,6 @@ stated here and reported by the audit.
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
 import re
 from collections import defaultdict
@@ -18,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from service.classes import CLASS_NAMES, parse_label
+from training.fetch import sha256_file
 
 CLEAN_COLUMNS = ["image", "label", "identity", "contributor", "sha256"]
 
@@ -86,7 +86,7 @@ def clean_legend(legend: pd.DataFrame, images_dir: Path) -> CleanResult:
 
     missing = [name for name in kept["image"] if not (images_dir / name).is_file()]
     kept = kept[~kept["image"].isin(missing)].reset_index(drop=True)
-    kept["sha256"] = [sha256_of(images_dir / name) for name in kept["image"]]
+    kept["sha256"] = [sha256_file(images_dir / name) for name in kept["image"]]
     kept["identity"] = [identity_from_filename(name) for name in kept["image"]]
 
     identical = [sorted(group["image"]) for _, group in kept.groupby("sha256") if len(group) > 1]
@@ -116,10 +116,6 @@ def _join_identities(kept: pd.DataFrame, identical: list[list[str]]) -> list[str
     # A joined group is named by all its members, so the name still says who is in it.
     group_name = {root: "+".join(sorted(names)) for root, names in members.items()}
     return [group_name[find(identity)] for identity in kept["identity"]]
-
-
-def sha256_of(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def read_clean_table(path: Path) -> pd.DataFrame:

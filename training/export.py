@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import time
@@ -26,11 +25,13 @@ import torch
 
 from service.classes import CLASS_NAMES
 from service.manifest import MANIFEST_FILE, Manifest, ModelEntry
-from service.preprocessing import INPUT_SIZE, PREPROCESSING_VERSION, pixels_to_input
+from service.preprocessing import INPUT_SIZE, PREPROCESSING_VERSION
 from training.data import SPLIT_NAMES
 from training.evaluate import bootstrap_macro_f1, classification_metrics
 from training.experiments import KNN_KS
-from training.knn import build_pipeline, fit_pipeline, sweep_k
+from training.fetch import sha256_file
+from training.knn import build_pipeline, sweep_k
+from training.model_card import write_model_card
 from training.models import WithSoftmax
 from training.provenance import code_commit
 from training.reproduce import Workspace
@@ -49,10 +50,6 @@ OPSET = 17
 INPUT_SPEC = {"name": "image", "dtype": "float32", "shape": ["N", 1, INPUT_SIZE, INPUT_SIZE],
               "range": (0.0, 1.0)}
 OUTPUT_SPEC = {"name": "probabilities", "dtype": "float32", "shape": ["N", len(CLASS_NAMES)]}
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def export_onnx(checkpoint: dict, path: Path) -> torch.nn.Module:
@@ -84,7 +81,7 @@ def onnx_probabilities(path: Path, ws: Workspace, names: list[str], batch: int =
     rows = ws.decoded.rows_of(names)
     out = []
     for start in range(0, len(rows), batch):
-        images = pixels_to_input(np.asarray(ws.decoded.pixels[rows[start:start + batch]]))
+        images = ws.decoded.inputs(rows[start:start + batch])
         out.append(session.run(["probabilities"], {"image": images[:, None]})[0])
     return np.concatenate(out)
 
@@ -93,7 +90,7 @@ def max_parity_error(wrapped: torch.nn.Module, path: Path, ws: Workspace,
                      names: list[str]) -> float:
     """Largest |ONNX Runtime - PyTorch| over real images."""
     rows = ws.decoded.rows_of(names)
-    images = pixels_to_input(np.asarray(ws.decoded.pixels[rows]))[:, None]
+    images = ws.decoded.inputs(rows)[:, None]
     with torch.no_grad():
         expected = wrapped(torch.from_numpy(images)).numpy()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -180,10 +177,8 @@ def export_all(settings: DataSettings, checkpoints: Path = CHECKPOINTS_DIR,
     for split in SPLIT_NAMES:
         split_subsets = ws.subsets(split)
         feats = ws.features(split)
-        best_k, sweep = sweep_k(feats["train"], split_subsets["train"].labels, feats["val"],
-                                split_subsets["val"].labels, KNN_KS)
-        pipeline = fit_pipeline(build_pipeline(best_k["k"], best_k["weights"]),
-                                feats["train"], split_subsets["train"].labels)
+        pipeline, best_k, sweep = sweep_k(feats["train"], split_subsets["train"].labels,
+                                          feats["val"], split_subsets["val"].labels, KNN_KS)
         knn_entry_metrics[split] = {s: classification_metrics(
             split_subsets[s].labels, pipeline[1:].predict(feats[s])) for s in ("val", "test")}
         knn_summary[split] = {"chosen": best_k, "sweep": sweep}
@@ -203,4 +198,5 @@ def export_all(settings: DataSettings, checkpoints: Path = CHECKPOINTS_DIR,
 
     manifest = Manifest(models={"cnn": cnn, "knn": knn})
     (out_dir / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=1) + "\n")
+    write_model_card(ws, manifest, out_dir, predictions["test"])
     return manifest

@@ -9,7 +9,6 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from service.features import BlockMeanDownsample
-from service.preprocessing import pixels_to_input
 from training.cache import DecodedImages
 from training.evaluate import macro_f1
 
@@ -35,7 +34,7 @@ def downsampled(decoded: DecodedImages, names: list[str], chunk: int = 512) -> n
     rows = decoded.rows_of(names)
     parts = []
     for start in range(0, len(rows), chunk):
-        batch = pixels_to_input(np.asarray(decoded.pixels[rows[start:start + chunk]]))
+        batch = decoded.inputs(rows[start:start + chunk])
         parts.append(step.transform(batch.reshape(len(batch), -1)))
     return np.concatenate(parts)
 
@@ -47,15 +46,21 @@ def fit_pipeline(pipeline: Pipeline, features: np.ndarray, labels: np.ndarray) -
 
 def sweep_k(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
             ks: tuple[int, ...], weightings: tuple[str, ...] = ("uniform", "distance"),
-            seed: int = 0) -> tuple[dict, list[dict]]:
-    """Fit once per (k, weighting) and score on validation; returns the best and the sweep."""
-    scores = []
+            seed: int = 0) -> tuple[Pipeline, dict, list[dict]]:
+    """Fit once per (k, weighting) and score on validation.
+
+    Returns the fitted pipeline with the best validation macro-F1 (the smaller k on a tie),
+    its scores, and the whole sweep.
+    """
+    scores, best, best_pipeline = [], None, None
     for weights in weightings:
         for k in ks:
             k_eff = min(k, len(train_y))
             pipeline = fit_pipeline(build_pipeline(k_eff, weights, seed), train_x, train_y)
             predicted = pipeline[1:].predict(val_x)
-            scores.append({"k": k_eff, "weights": weights,
-                           "val_macro_f1": macro_f1(val_y, predicted)})
-    best = max(scores, key=lambda s: (s["val_macro_f1"], -s["k"]))
-    return best, scores
+            score = {"k": k_eff, "weights": weights, "val_macro_f1": macro_f1(val_y, predicted)}
+            scores.append(score)
+            if best is None or (score["val_macro_f1"], -score["k"]) > (
+                    best["val_macro_f1"], -best["k"]):
+                best, best_pipeline = score, pipeline
+    return best_pipeline, best, scores

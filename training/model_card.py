@@ -14,7 +14,6 @@ from service.classes import CLASS_NAMES  # noqa: E402
 from service.manifest import Manifest  # noqa: E402
 from training.report import draw_confusion  # noqa: E402
 from training.reproduce import Workspace  # noqa: E402
-from training.settings import DataSettings  # noqa: E402
 
 
 def plot_confusions(manifest: Manifest, path: Path) -> None:
@@ -28,12 +27,10 @@ def plot_confusions(manifest: Manifest, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_misclassified(ws: Workspace, models_dir: Path, path: Path, per_class: int = 4) -> None:
+def plot_misclassified(ws: Workspace, predicted: np.ndarray, path: Path,
+                       per_class: int = 4) -> None:
     """Up to ``per_class`` misclassified identity-test images of each true class (CNN)."""
-    from training.export import ONNX_FILE, onnx_probabilities
-
     test = ws.subsets("identity")["test"]
-    predicted = onnx_probabilities(models_dir / ONNX_FILE, ws, test.names).argmax(1)
     fig, axes = plt.subplots(len(CLASS_NAMES), per_class, figsize=(1.6 * per_class, 14))
     rows = ws.decoded.rows_of(test.names)
     for c, name in enumerate(CLASS_NAMES):
@@ -62,11 +59,12 @@ def _per_class_table(manifest: Manifest) -> list[str]:
     return lines
 
 
-def write_model_card(settings: DataSettings, manifest: Manifest, models_dir: Path,
-                     profile: str) -> Path:
-    ws = Workspace(settings, profile)
+def write_model_card(ws: Workspace, manifest: Manifest, models_dir: Path,
+                     test_predicted: np.ndarray) -> Path:
+    """``test_predicted``: the shipped CNN's classes for the identity test subset."""
+    profile = ws.profile
     plot_confusions(manifest, models_dir / "confusion_test.png")
-    plot_misclassified(ws, models_dir, models_dir / "misclassified.png")
+    plot_misclassified(ws, test_predicted, models_dir / "misclassified.png")
     cnn, knn = manifest.models["cnn"], manifest.models["knn"]
     s = cnn.summary
     seeds = s["identity_test_macro_f1_over_seeds"]

@@ -18,7 +18,7 @@ from service.classes import CLASS_NAMES
 from training.data import SPLIT_NAMES, open_cache, pooled_images, read_subsets
 from training.evaluate import classification_metrics
 from training.experiments import EXPERIMENTS, SMOKE_PER_CLASS, Experiment, for_profile
-from training.knn import build_pipeline, downsampled, fit_pipeline, sweep_k
+from training.knn import downsampled, sweep_k
 from training.models import EmotionNet
 from training.provenance import code_commit, machine
 from training.report import plot_confusion, plot_curves, write_reports_readme
@@ -73,10 +73,8 @@ def run_cnn(exp: Experiment, ws: Workspace, split: str, seed: int, device: torch
 def run_knn(exp: Experiment, ws: Workspace, split: str, seed: int):
     subsets = ws.subsets(split)
     feats = ws.features(split)
-    best, sweep = sweep_k(feats["train"], subsets["train"].labels, feats["val"],
-                          subsets["val"].labels, exp.knn_ks, seed=seed)
-    pipeline = fit_pipeline(build_pipeline(best["k"], best["weights"], seed),
-                            feats["train"], subsets["train"].labels)
+    pipeline, best, sweep = sweep_k(feats["train"], subsets["train"].labels, feats["val"],
+                                    subsets["val"].labels, exp.knn_ks, seed=seed)
     metrics = {name: classification_metrics(subsets[name].labels,
                                             pipeline[1:].predict(feats[name]))
                for name in SUBSETS}
