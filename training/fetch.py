@@ -46,7 +46,7 @@ def verify_dataset(dataset_dir: Path, checksums_path: Path = CHECKSUMS_FILE) -> 
 
 
 def fetch_dataset(dest: Path, repository: str = UPSTREAM_REPOSITORY,
-                  commit: str = UPSTREAM_COMMIT) -> Path:
+                  commit: str = UPSTREAM_COMMIT, checksums_path: Path = CHECKSUMS_FILE) -> Path:
     """Shallow-fetch ``repository`` at ``commit`` into ``dest`` and verify it."""
     if not (dest / ".git").exists():
         dest.mkdir(parents=True, exist_ok=True)
@@ -54,7 +54,7 @@ def fetch_dataset(dest: Path, repository: str = UPSTREAM_REPOSITORY,
         _git(dest, "remote", "add", "origin", repository)
     _git(dest, "fetch", "--quiet", "--depth", "1", "origin", commit)
     _git(dest, "checkout", "--quiet", "--force", commit)
-    verify_dataset(dest)
+    verify_dataset(dest, checksums_path)
     return dest
 
 
