@@ -21,7 +21,7 @@ $(DEV_VENV)/.installed: pyproject.toml
 	touch $@
 
 serve: $(SERVE_VENV)/.installed
-	$(SERVE_VENV)/bin/uvicorn service.main:app --host $(HOST) --port $(PORT)
+	$(SERVE_VENV)/bin/python -m service --host $(HOST) --port $(PORT)
 
 lint: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/ruff check .

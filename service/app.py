@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -12,7 +11,7 @@ from service.errors import install_error_handlers
 from service.manifest import load_manifest
 from service.middleware import RequestMiddleware
 from service.models import load_models
-from service.observability import ServiceMetrics
+from service.observability import ServiceMetrics, configure_logging
 from service.preprocessing import INPUT_SIZE
 from service.routers import health, info, metrics, predict
 from service.settings import Settings, get_settings
@@ -31,7 +30,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        logging.getLogger("service").setLevel(settings.log_level.upper())
+        configure_logging(settings.log_level)
         manifest = load_manifest(settings.models_dir)  # ManifestError: a clear start-up error
         registry = load_models(manifest, settings.models_dir, settings.resolved_onnx_threads)
         for name, model in registry.models.items():

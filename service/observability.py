@@ -7,7 +7,9 @@ values to files there and the exposition aggregates all workers.
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
@@ -16,6 +18,21 @@ from prometheus_client.multiprocess import MultiProcessCollector
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 PROBABILITY_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 IMAGES_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def configure_logging(level: str) -> None:
+    """Lines of the ``service`` loggers (the JSON access log among them) go to stderr.
+
+    uvicorn configures only its own loggers; without a handler here, INFO lines would be
+    dropped. Idempotent, since tests build many apps in one process.
+    """
+    logger = logging.getLogger("service")
+    logger.setLevel(level.upper())
+    if not any(getattr(h, "emotion_service", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        handler.emotion_service = True
+        logger.addHandler(handler)
 
 
 def multiprocess_dir() -> str | None:

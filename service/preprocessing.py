@@ -119,6 +119,10 @@ def _open_checked(data: bytes, limits: ImageLimits) -> Image.Image:
             f"the image declares too many pixels; the limit is {limits.max_pixels} pixels"
         ) from None
     except UnidentifiedImageError:
+        if _has_image_signature(data):
+            raise CorruptImageError(
+                "the upload starts like an image but its header is truncated or corrupt"
+            ) from None
         raise NotAnImageError(
             "the upload is not an image in a supported format "
             f"({', '.join(ALLOWED_FORMATS)})"
@@ -135,6 +139,15 @@ def _open_checked(data: bytes, limits: ImageLimits) -> Image.Image:
             f"the limit is {limits.max_pixels} pixels"
         )
     return image
+
+
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00",
+               b"MM\x00*")
+
+
+def _has_image_signature(data: bytes) -> bool:
+    """A known format's magic number: the client sent an image, but a broken one."""
+    return data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
 
 def _to_grayscale(image: Image.Image) -> Image.Image:

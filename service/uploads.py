@@ -6,13 +6,15 @@ from dataclasses import dataclass
 
 from fastapi import Request
 from python_multipart.exceptions import MultipartParseError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
 from service.errors import ApiError
 from service.preprocessing import TooManyBytesError
 from service.settings import Settings
 
 FILE_FIELDS = ("file", "files")
+# One part header line; python-multipart's 4 KiB default refuses a long (but legal) file name.
+MAX_PART_HEADER_BYTES = 64 * 1024
 
 
 @dataclass
@@ -121,7 +123,7 @@ async def read_multipart(request: Request, settings: Settings) -> list[Upload]:
     callbacks = {name: getattr(collector, name) for name in (
         "on_part_begin", "on_part_data", "on_part_end", "on_header_field", "on_header_value",
         "on_header_end", "on_headers_finished")}
-    parser = MultipartParser(boundary, callbacks)
+    parser = MultipartParser(boundary, callbacks, max_header_size=MAX_PART_HEADER_BYTES)
     size = 0
     try:
         async for chunk in request.stream():
@@ -133,6 +135,9 @@ async def read_multipart(request: Request, settings: Settings) -> list[Upload]:
     except MultipartParseError as exc:
         raise ApiError(400, "malformed_multipart",
                        f"the multipart body is malformed: {exc}") from None
+    if parser.state != MultipartState.END:
+        raise ApiError(400, "malformed_multipart", "the multipart body ended before its "
+                       "closing boundary: was the upload cut short?")
     if not collector.uploads:
         raise ApiError(422, "no_file", "no image found: send it as a multipart file field "
                        f"named 'file' (or several named 'files'); got fields "

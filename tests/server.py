@@ -1,4 +1,4 @@
-"""Start the real service with uvicorn in a subprocess on a free loopback port."""
+"""Start the real service (``python -m service``) in a subprocess on a free loopback port."""
 
 from __future__ import annotations
 
@@ -23,19 +23,22 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running_server(python: str = sys.executable, workers: int = 1, env: dict | None = None,
-                   cwd: Path = REPO, timeout: float = 90.0):
+                   cwd: Path = REPO, timeout: float = 90.0, log_path: Path | None = None):
+    """Yield the base URL once /readyz answers 200. With ``log_path``, the server's output
+    goes to that file (read it after the block); otherwise it is kept for error messages."""
     port = free_port()
-    command = [python, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1",
-               "--port", str(port), "--workers", str(workers), "--log-level", "warning"]
-    process = subprocess.Popen(command, cwd=cwd, env={**os.environ, **(env or {})},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    command = [python, "-m", "service", "--host", "127.0.0.1", "--port", str(port)]
+    env = {"EMOTION_LOG_LEVEL": "warning", **(env or {}), "EMOTION_WORKERS": str(workers)}
+    log = open(log_path, "w") if log_path else subprocess.PIPE  # noqa: SIM115
+    process = subprocess.Popen(command, cwd=cwd, env={**os.environ, **env},
+                               stdout=log, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}: "
-                                   f"{process.stdout.read()}")
+                output = process.stdout.read() if process.stdout else log_path.read_text()
+                raise RuntimeError(f"server exited with {process.returncode}: {output}")
             try:
                 if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
                     break
@@ -52,3 +55,5 @@ def running_server(python: str = sys.executable, workers: int = 1, env: dict | N
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        if log_path:
+            log.close()

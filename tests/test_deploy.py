@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import shutil
 import subprocess
@@ -21,17 +23,41 @@ def real_face(data_settings) -> bytes:
     return (data_settings.images_dir / "AJ_Cook_0001.jpg").read_bytes()
 
 
-def test_real_server_answers_a_real_image_over_http(data_settings):
-    with running_server() as base:
-        response = httpx.post(f"{base}/predict", files={"file": ("face.jpg",
-                              real_face(data_settings), "image/jpeg")}, timeout=30)
+def test_real_server_answers_a_real_image_over_http(data_settings, tmp_path):
+    log_path = tmp_path / "server.log"
+    image = real_face(data_settings)
+    with running_server(env={"EMOTION_LOG_LEVEL": "info"}, log_path=log_path) as base:
+        response = httpx.post(f"{base}/predict", files={"file": ("face.jpg", image,
+                              "image/jpeg")}, timeout=30)
         assert response.status_code == 200
         assert response.json()["predictions"][0]["label"]
-        assert response.headers["x-request-id"]
+        request_id = response.headers["x-request-id"]
+    log = log_path.read_text()
+    access = [json.loads(line[line.index("{"):]) for line in log.splitlines()
+              if "service.access" in line]
+    assert {"request_id": request_id, "method": "POST", "route": "/predict",
+            "status": 200}.items() <= access[-1].items()
+    assert access[-1]["latency_ms"] > 0
+    # No image bytes in the log, in any encoding a logger might use.
+    for chunk in (image[1000:1016], image[1000:1016].hex().encode(),
+                  base64.b64encode(image[999:1020])[4:20]):
+        assert chunk.decode("latin-1") not in log
+
+
+@pytest.mark.parametrize("manifest", [None, "{broken"])
+def test_bad_manifest_is_one_clear_error_not_a_restart_loop(tmp_path, manifest):
+    if manifest is not None:
+        (tmp_path / "manifest.json").write_text(manifest)
+    env = {**os.environ, "EMOTION_MODELS_DIR": str(tmp_path), "EMOTION_WORKERS": "2"}
+    result = subprocess.run([sys.executable, "-m", "service", "--port", "1"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.startswith("emotion service: cannot start:")
+    assert "manifest" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_metrics_add_up_across_several_workers(data_settings, tmp_path):
-    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "EMOTION_WORKERS": "2"}
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
     requests = 12
     with running_server(workers=2, env=env) as base, httpx.Client(timeout=30) as client:
         for _ in range(requests):

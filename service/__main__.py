@@ -1,0 +1,65 @@
+"""``python -m service``: check the models' manifest, then run uvicorn with the settings.
+
+Why a launcher rather than bare ``uvicorn --workers N``: uvicorn's supervisor restarts a
+worker that dies, so a missing or malformed manifest would become an endless loop of
+start-up tracebacks. Here it is one clear line and exit status 2, before any worker starts.
+One setting, ``EMOTION_WORKERS``, both starts the workers and divides the CPUs between their
+ONNX Runtime thread pools, and several workers get a shared Prometheus folder by themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+
+from service.manifest import ManifestError, load_manifest
+from service.settings import get_settings
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m service", description="Serve the emotion models over HTTP. Other "
+        "settings come from EMOTION_* environment variables (see the README).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = get_settings()
+    try:
+        manifest = load_manifest(settings.models_dir)
+    except ManifestError as exc:
+        print(f"emotion service: cannot start: {exc}", file=sys.stderr)
+        return 2
+    missing = [e.file for e in manifest.models.values()
+               if not (settings.models_dir / e.file).is_file()]
+    if len(missing) == len(manifest.models):
+        print(f"emotion service: cannot start: none of the model files {missing} is in "
+              f"{settings.models_dir}", file=sys.stderr)
+        return 2
+
+    import uvicorn
+
+    metrics_dir = None
+    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Each worker writes its counters here so that /metrics adds up all of them.
+        metrics_dir = tempfile.mkdtemp(prefix="emotion-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        uvicorn.run("service.main:app", host=args.host, port=args.port,
+                    workers=settings.workers, log_level=settings.log_level.lower(),
+                    access_log=False)  # the service writes its own JSON access log
+    finally:
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,335 @@
+"""Everything a public image endpoint receives: each gets a prediction or a clear 4xx.
+
+Every hostile upload is generated here; no binary junk is committed. After each one the
+service must still be ready, and no response may carry a traceback or an internal path.
+"""
+
+from __future__ import annotations
+
+import io
+import select
+import socket
+import struct
+import tempfile
+import zlib
+from collections.abc import Callable, Iterator
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.app import create_app
+from service.classes import CLASS_NAMES
+from service.settings import REPO_MODELS_DIR, Settings
+from tests.images import encode, gray_image, png_bytes, rgb_image
+from tests.server import running_server
+
+REPO = str(REPO_MODELS_DIR.parent)
+OK = (200, None)
+
+
+@pytest.fixture(scope="module")
+def settings() -> Settings:
+    return Settings(models_dir=REPO_MODELS_DIR, onnx_threads=1)
+
+
+@pytest.fixture(scope="module")
+def client(settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def face(data_settings) -> bytes:
+    return (data_settings.images_dir / "AJ_Cook_0001.jpg").read_bytes()
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return (struct.pack(">I", len(payload)) + kind + payload
+            + struct.pack(">I", zlib.crc32(kind + payload)))
+
+
+def png_declaring(width: int, height: int, with_data: bool = True) -> bytes:
+    """A PNG of a few hundred bytes whose header declares ``width`` x ``height`` pixels."""
+    header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+    data = png_chunk(b"IDAT", zlib.compress(b"\x00" * 1024)) if with_data else b""
+    return b"\x89PNG\r\n\x1a\n" + header + data + (png_chunk(b"IEND", b"") if with_data else b"")
+
+
+def sixteen_bit_png() -> bytes:
+    values = (np.arange(64 * 48, dtype=np.uint32).reshape(48, 64) * 21).astype(np.uint16)
+    image = Image.fromarray(values)
+    assert image.mode.startswith("I;16")
+    return encode(image, "PNG")
+
+
+def animated_gif() -> bytes:
+    frames = [gray_image(seed=s).convert("P") for s in range(3)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    return buffer.getvalue()
+
+
+def exif_rotated_jpeg() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    return encode(rgb_image(80, 40), "JPEG", exif=exif)
+
+
+def huge_valid_png() -> bytes:
+    return encode(Image.new("L", (12000, 12000), 128), "PNG", compress_level=1)
+
+
+SVG = (b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="350" height="350">'
+       b'<circle cx="175" cy="175" r="100"/></svg>')
+HTML = b"<!doctype html><html><body><img src=x onerror=alert(1)></body></html>"
+
+# name -> (bytes, filename, expected (status, code)); the bytes are built lazily.
+UPLOADS: dict[str, tuple[Callable[[bytes], bytes], str, tuple[int, str | None]]] = {
+    "empty": (lambda face: b"", "face.jpg", (400, "not_an_image")),
+    "text-as-jpg": (lambda face: b"hello, I am not a picture\n" * 20, "face.jpg",
+                    (400, "not_an_image")),
+    "html-as-png": (lambda face: HTML, "face.png", (400, "not_an_image")),
+    "svg": (lambda face: SVG, "face.svg", (400, "not_an_image")),
+    "random-bytes": (lambda face: np.random.default_rng(7).bytes(4096), "face.jpg",
+                     (400, "not_an_image")),
+    "truncated-jpeg": (lambda face: face[: len(face) // 2], "face.jpg", (400, "corrupt_image")),
+    "truncated-png": (lambda face: png_bytes(200, 200)[:-200], "face.png",
+                      (400, "corrupt_image")),
+    "png-header-alone": (lambda face: png_declaring(64, 64, with_data=False), "face.png",
+                         (400, "corrupt_image")),
+    "jpeg-header-alone": (lambda face: face[:600], "face.jpg", (400, "corrupt_image")),
+    "bomb-30000x30000": (lambda face: png_declaring(30000, 30000), "bomb.png",
+                         (413, "too_many_pixels")),
+    "valid-12000x12000": (lambda face: huge_valid_png(), "huge.png", (413, "too_many_pixels")),
+    "50-MB": (lambda face: b"\xff\xd8\xff\xe0" + bytes(50 * 1024 * 1024), "big.jpg",
+              (413, "too_many_bytes")),
+    "1x1": (lambda face: png_bytes(1, 1), "dot.png", OK),
+    "4000x1": (lambda face: png_bytes(4000, 1), "line.png", OK),
+    "1x4000": (lambda face: png_bytes(1, 4000), "column.png", OK),
+    "16-bit-png": (lambda face: sixteen_bit_png(), "deep.png", OK),
+    "cmyk-jpeg": (lambda face: encode(rgb_image().convert("CMYK"), "JPEG"), "cmyk.jpg", OK),
+    "rgba-png": (lambda face: encode(rgb_image().convert("RGBA"), "PNG"), "alpha.png", OK),
+    "palette-gif": (lambda face: encode(gray_image().convert("P"), "GIF"), "face.gif", OK),
+    "animated-gif": (lambda face: animated_gif(), "moving.gif", OK),
+    "exif-rotated-jpeg": (lambda face: exif_rotated_jpeg(), "rotated.jpg", OK),
+    "webp-as-jpg": (lambda face: encode(rgb_image(), "WEBP"), "face.jpg", OK),
+    "tiff-as-jpg": (lambda face: encode(gray_image(), "TIFF"), "face.jpg", OK),
+    "real-face": (lambda face: face, "face.jpg", OK),
+}
+
+
+def assert_clean_error(response, status: int, code: str) -> None:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["code"] == code and body["detail"]
+    for leak in ("Traceback", 'File "', REPO, "site-packages"):
+        assert leak not in response.text
+
+
+def assert_prediction(response, filename: str | None) -> dict:
+    assert response.status_code == 200, response.text
+    [prediction] = response.json()["predictions"]
+    assert prediction["filename"] == filename
+    assert prediction["label"] in CLASS_NAMES
+    assert sum(prediction["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+    return prediction
+
+
+@pytest.fixture
+def still_ready(client):
+    yield
+    assert client.get("/readyz").status_code == 200
+
+
+@pytest.mark.parametrize("case", list(UPLOADS))
+def test_hostile_upload_as_multipart(client, face, still_ready, case):
+    make, filename, (status, code) = UPLOADS[case]
+    response = client.post("/predict", files={"file": (filename, make(face), "image/jpeg")})
+    if status == 200:
+        assert_prediction(response, filename)
+    else:
+        assert_clean_error(response, status, code)
+
+
+@pytest.mark.parametrize("case", ["empty", "svg", "truncated-jpeg", "bomb-30000x30000",
+                                  "50-MB", "16-bit-png", "webp-as-jpg", "real-face"])
+def test_hostile_upload_as_raw_body(client, face, still_ready, case):
+    make, _, (status, code) = UPLOADS[case]
+    response = client.post("/predict", content=make(face), headers={"content-type": "image/png"})
+    if status == 200:
+        assert_prediction(response, None)
+    else:
+        assert_clean_error(response, status, code)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[str, int]]:
+    with running_server() as base:
+        host, port = base.removeprefix("http://").split(":")
+        yield host, int(port)
+
+
+def send_until_answered(address: tuple[str, int], head: bytes, chunks: Iterator[bytes]
+                        ) -> tuple[bytes, int]:
+    """Send a request over a raw socket, chunk by chunk, stopping once the server answers.
+
+    Returns the start of the answer and how many body bytes went out before it came.
+    """
+    sent = 0
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.sendall(head)
+        for chunk in chunks:
+            if select.select([sock], [], [], 0)[0]:
+                break
+            try:
+                sock.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError, TimeoutError):
+                break
+            sent += len(chunk)
+        return sock.recv(65536), sent
+
+
+def test_a_chunked_body_is_cut_at_the_limit_while_it_streams(server, settings):
+    mb = b"\xff" * (1024 * 1024)
+    chunks = (b"%x\r\n%s\r\n" % (len(mb), mb) for _ in range(50))  # 50 MB, no length given
+    head = (b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    answer, sent = send_until_answered(server, head, chunks)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b'"code":"too_many_bytes"' in answer
+    # Past the limit, only what the sockets' buffers held was sent; never all 50 MB.
+    print(f"\n{sent / 2**20:.0f} MB of 50 MB went out before the 413")
+    assert sent < 30 * 1024 * 1024, f"{sent} bytes went out before the 413"
+    assert httpx.get(f"http://{server[0]}:{server[1]}/readyz").status_code == 200
+
+
+def test_a_declared_length_over_the_limit_is_refused_before_the_body(server):
+    head = (b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n"
+            b"Content-Length: 60000000\r\n\r\n")
+    answer, sent = send_until_answered(server, head, iter([]))
+    assert sent == 0 and answer.startswith(b"HTTP/1.1 413"), answer[:200]
+
+
+@pytest.mark.parametrize("filename", [
+    "../../etc/passwd.jpg", "dir\\sub\\..\\face.jpg", "/absolute/path/face.png",
+    "visage été 😀 顔.jpg", "x" * 10_000 + ".jpg", "顔" * 10_000 + ".jpg",
+], ids=["dotdot", "backslashes", "absolute", "unicode", "10000-chars", "10000-cjk-chars"])
+def test_odd_file_names_are_only_echoed(client, still_ready, filename):
+    """A file name is the client's label: echoed back, never used as a path."""
+    response = client.post("/predict", files={"file": (filename, png_bytes(), "image/png")})
+    assert_prediction(response, filename)
+
+
+def test_a_quote_in_a_file_name_comes_back_as_the_client_encoded_it(client):
+    # Browsers and httpx percent-encode '"' in multipart names (WHATWG); the service echoes
+    # what was on the wire rather than guessing which clients did so.
+    response = client.post("/predict", files={"file": ('say "cheese".jpg', png_bytes(),
+                                                       "image/png")})
+    assert_prediction(response, "say %22cheese%22.jpg")
+
+
+def test_batch_mixing_every_kind_of_upload_predicts_the_good_ones(client, face, still_ready):
+    cases = ["real-face", "svg", "truncated-png", "1x1", "bomb-30000x30000", "cmyk-jpeg"]
+    files = [("files", (f"{c}.bin", UPLOADS[c][0](face), "image/jpeg")) for c in cases]
+    response = client.post("/predict", files=files)
+    assert response.status_code == 200
+    results = response.json()["predictions"]
+    for case, result in zip(cases, results, strict=True):
+        status, code = UPLOADS[case][2]
+        assert result["filename"] == f"{case}.bin"
+        assert (result["code"], result["label"] is None) == (
+            (None, False) if status == 200 else (code, True))
+
+
+def multipart(body_parts: list[bytes], boundary: bytes = b"XyZ") -> bytes:
+    return b"".join(b"--" + boundary + b"\r\n" + part + b"\r\n" for part in body_parts) + (
+        b"--" + boundary + b"--\r\n")
+
+
+@pytest.mark.parametrize(("make_request", "status", "code"), [
+    (lambda c: c.post("/predict", files={"note": (None, "no file here")}), 422, "no_file"),
+    (lambda c: c.post("/predict", data={"file": "a.png"}), 415, "unsupported_media_type"),
+    (lambda c: c.post("/predict", files={"image": ("a.png", png_bytes(), "image/png")}),
+     422, "no_file"),
+    (lambda c: c.post("/predict", files={"file": (None, png_bytes())}), 422, "no_file"),
+    (lambda c: c.post("/predict", content=png_bytes(), headers={"content-type": "text/plain"}),
+     415, "unsupported_media_type"),
+    (lambda c: c.post("/predict", json={"image": "aGVsbG8="}), 415, "unsupported_media_type"),
+    (lambda c: c.post("/predict", content=png_bytes()), 415, "unsupported_media_type"),
+    (lambda c: c.post("/predict", content=b"--x\r\n", headers={
+        "content-type": "multipart/form-data"}), 400, "malformed_multipart"),
+    (lambda c: c.post("/predict", content=b"\x00garbage" * 100, headers={
+        "content-type": "multipart/form-data; boundary=XyZ"}), 400, "malformed_multipart"),
+    (lambda c: c.post("/predict", content=multipart([
+        b'Content-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n' + png_bytes()
+    ])[:-30], headers={"content-type": "multipart/form-data; boundary=XyZ"}),
+     400, "malformed_multipart"),
+    (lambda c: c.post("/predict", files=[("files", (f"{i}.png", png_bytes(), "image/png"))
+                                         for i in range(17)]), 422, "too_many_files"),
+    (lambda c: c.post("/predict?model=../../models/emotion_knn", files={
+        "file": ("a.png", png_bytes(), "image/png")}), 422, "unknown_model"),
+    (lambda c: c.get("/predict"), 405, "method_not_allowed"),
+], ids=["only-a-text-field", "urlencoded-form", "wrong-field-name", "field-without-filename",
+        "text-plain", "json", "no-content-type", "multipart-without-boundary", "multipart-garbage",
+        "multipart-cut-short", "17-files", "model-path", "get-predict"])
+def test_malformed_requests_get_a_clear_4xx(client, still_ready, make_request, status, code):
+    assert_clean_error(make_request(client), status, code)
+
+
+def test_the_part_content_type_does_not_matter_only_the_bytes(client, still_ready):
+    response = client.post("/predict", files={"file": ("a.txt", png_bytes(), "text/plain")})
+    assert_prediction(response, "a.txt")
+
+
+def test_an_internal_failure_is_a_500_without_internals(settings, monkeypatch, caplog):
+    import service.routers.predict as predict_router
+
+    def broken(*args, **kwargs):
+        raise RuntimeError(f"secret state in {REPO}/service/inference.py")
+
+    monkeypatch.setattr(predict_router, "predict_uploads", broken)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        response = client.post("/predict", files={"file": ("a.png", png_bytes(), "image/png")})
+        assert_clean_error(response, 500, "internal_error")
+        assert "secret" not in response.text
+        assert client.get("/readyz").status_code == 200
+    assert "secret state" in caplog.text  # the operator's log has it
+
+
+def test_uploads_leave_no_temporary_files(client, face, tmp_path, monkeypatch):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    big = encode(Image.fromarray(np.random.default_rng(0).integers(
+        0, 255, (2000, 2000), dtype=np.uint8)), "PNG")  # about 4 MB, past any spooling size
+    files = [("files", (f"{i}.png", data, "image/png"))
+             for i, data in enumerate([big, face, png_bytes(), b"junk"])]
+    assert client.post("/predict", files=files).status_code == 200
+    assert client.post("/predict", content=big, headers={"content-type": "image/png"}
+                       ).status_code == 200
+    assert list(scratch.iterdir()) == []
+
+
+def test_access_log_has_the_request_and_never_the_image(client, caplog):
+    marker = b"SECRET-PIXELS-0123456789"
+    image = gray_image()
+    info = __import__("PIL.PngImagePlugin", fromlist=["PngInfo"]).PngInfo()
+    info.add_text("comment", marker.decode())
+    data = encode(image, "PNG", pnginfo=info)
+    assert marker in data
+    with caplog.at_level("INFO"):
+        ok = client.post("/predict", files={"file": ("a.png", data, "image/png")})
+        bad = client.post("/predict", files={"file": ("b.png", data[:60], "image/png")})
+    assert ok.status_code == 200 and bad.status_code == 400
+    access = [r.getMessage() for r in caplog.records if r.name == "service.access"]
+    assert len(access) == 2
+    for line, response in zip(access, (ok, bad), strict=True):
+        assert f'"request_id": "{response.headers["x-request-id"]}"' in line
+        assert '"route": "/predict"' in line and f'"status": {response.status_code}' in line
+        assert '"latency_ms": ' in line
+    assert marker.decode() not in caplog.text
+    assert marker.hex() not in caplog.text
