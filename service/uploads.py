@@ -84,6 +84,11 @@ class _MultipartCollector:
         self._name = options.get(b"name", b"").decode("utf-8", "replace")
         filename = options.get(b"filename")
         self._filename = None if filename is None else filename.decode("utf-8", "replace")
+        if self._name in FILE_FIELDS and self._filename is None:
+            # The classic curl slip: -F file=face.jpg sends the text "face.jpg".
+            raise ApiError(422, "not_a_file", f"the field {self._name!r} holds text, not a "
+                           f"file; send the image as a file (with curl: -F "
+                           f"{self._name}=@face.jpg)")
         if self._is_image_part():
             if len(self.uploads) >= self.settings.max_images_per_request:
                 raise ApiError(422, "too_many_files", "too many files: at most "

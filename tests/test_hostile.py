@@ -254,7 +254,9 @@ def multipart(body_parts: list[bytes], boundary: bytes = b"XyZ") -> bytes:
     (lambda c: c.post("/predict", data={"file": "a.png"}), 415, "unsupported_media_type"),
     (lambda c: c.post("/predict", files={"image": ("a.png", png_bytes(), "image/png")}),
      422, "no_file"),
-    (lambda c: c.post("/predict", files={"file": (None, png_bytes())}), 422, "no_file"),
+    (lambda c: c.post("/predict", files={"file": (None, b"face.jpg")}), 422, "not_a_file"),
+    (lambda c: c.post("/predict", files=[("file", ("a.png", png_bytes(), "image/png")),
+                                         ("files", (None, b"{}"))]), 422, "not_a_file"),
     (lambda c: c.post("/predict", content=png_bytes(), headers={"content-type": "text/plain"}),
      415, "unsupported_media_type"),
     (lambda c: c.post("/predict", json={"image": "aGVsbG8="}), 415, "unsupported_media_type"),
@@ -272,7 +274,8 @@ def multipart(body_parts: list[bytes], boundary: bytes = b"XyZ") -> bytes:
     (lambda c: c.post("/predict?model=../../models/emotion_knn", files={
         "file": ("a.png", png_bytes(), "image/png")}), 422, "unknown_model"),
     (lambda c: c.get("/predict"), 405, "method_not_allowed"),
-], ids=["only-a-text-field", "urlencoded-form", "wrong-field-name", "field-without-filename",
+], ids=["only-a-text-field", "urlencoded-form", "wrong-field-name", "file-field-holding-text",
+        "file-and-a-text-files-field",
         "text-plain", "json", "no-content-type", "multipart-without-boundary", "multipart-garbage",
         "multipart-cut-short", "17-files", "model-path", "get-predict"])
 def test_malformed_requests_get_a_clear_4xx(client, still_ready, make_request, status, code):

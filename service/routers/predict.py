@@ -33,7 +33,8 @@ _ERRORS = {status: {"model": ErrorBody, "description": text} for status, text in
          "malformed multipart body",
     413: "too many bytes or pixels (`too_many_bytes`, `too_many_pixels`)",
     415: "unsupported content type (`unsupported_media_type`)",
-    422: "unknown model, no file, too many files (`unknown_model`, `no_file`, `too_many_files`)",
+    422: "unknown model, no file, a file field holding text, too many files (`unknown_model`, "
+         "`no_file`, `not_a_file`, `too_many_files`)",
     503: "a model is unavailable, or too many requests are in flight (with Retry-After)",
 }.items()}
 
