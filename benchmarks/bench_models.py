@@ -42,13 +42,13 @@ def per_image_ms(predict, images: np.ndarray, batch: int, seconds: float) -> tup
     return float(np.median(times)), float(np.percentile(times, 99))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                         help="ONNX Runtime intra-op threads to try (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=5.0,
                         help="time per measurement (default: %(default)s)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     manifest = load_manifest(REPO_MODELS_DIR)
     images = real_images(64)
     cnn = manifest.models["cnn"]

@@ -66,13 +66,13 @@ async def http_latencies(base: str, faces: list[bytes], requests: int, concurren
         return np.array(latencies), failures, time.perf_counter() - started
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=300,
                         help="requests per measurement (default: %(default)s)")
     parser.add_argument("--concurrency", type=int, default=16,
                         help="clients in the throughput run (default: %(default)s)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     faces = load_faces(64)
     bare = bare_path(faces, args.requests)
     bare_p50 = np.median(bare) * 1000

@@ -49,7 +49,8 @@ class DataProvenance(BaseModel):
 
 
 class ModelEntry(BaseModel):
-    file: str
+    # A bare file name inside the models folder: a manifest cannot point elsewhere.
+    file: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     bytes: int
     kind: Literal["onnx", "sklearn"]

@@ -26,6 +26,14 @@ def running_server(python: str = sys.executable, workers: int = 1, env: dict | N
                    cwd: Path = REPO, timeout: float = 90.0, log_path: Path | None = None):
     """Yield the base URL once /readyz answers 200. With ``log_path``, the server's output
     goes to that file (read it after the block); otherwise it is kept for error messages."""
+    with server_process(python, workers, env, cwd, timeout, log_path) as (base, _):
+        yield base
+
+
+@contextlib.contextmanager
+def server_process(python: str = sys.executable, workers: int = 1, env: dict | None = None,
+                   cwd: Path = REPO, timeout: float = 90.0, log_path: Path | None = None):
+    """Like :func:`running_server`, yielding ``(base_url, process)``."""
     port = free_port()
     command = [python, "-m", "service", "--host", "127.0.0.1", "--port", str(port)]
     env = {"EMOTION_LOG_LEVEL": "warning", **(env or {}), "EMOTION_WORKERS": str(workers)}
@@ -47,7 +55,7 @@ def running_server(python: str = sys.executable, workers: int = 1, env: dict | N
             if time.monotonic() > deadline:
                 raise TimeoutError(f"server not ready after {timeout} s")
             time.sleep(0.2)
-        yield base
+        yield base, process
     finally:
         process.terminate()
         try:

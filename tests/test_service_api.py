@@ -162,7 +162,7 @@ def test_request_errors(client, settings):
     assert_error(client.post("/predict", files={"image": ("a.png", image, "image/png")}),
                  422, "no_file")
     assert_error(client.post("/predict", data={"file": "not a file"},
-                             files={"other": ("a.txt", b"x", "text/plain")}), 422, "no_file")
+                             files={"other": ("a.txt", b"x", "text/plain")}), 422, "not_a_file")
     too_many = [("files", (f"{i}.png", image, "image/png"))
                 for i in range(settings.max_images_per_request + 1)]
     assert_error(client.post("/predict", files=too_many), 422, "too_many_files")
@@ -264,6 +264,16 @@ def test_missing_or_malformed_manifest_is_a_clear_startup_error(tmp_path, settin
     app = create_app(settings.model_copy(update={"models_dir": tmp_path}))
     with pytest.raises(ManifestError, match="manifest"), TestClient(app):
         pass
+
+
+def test_a_manifest_cannot_point_outside_the_models_folder(tmp_path, settings):
+    import json
+
+    manifest = json.loads((REPO_MODELS_DIR / "manifest.json").read_text())
+    manifest["models"]["cnn"]["file"] = "../../etc/passwd"
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match="file"):
+        load_manifest(tmp_path)
 
 
 def test_overload_answers_503_with_retry_after_at_once(settings, monkeypatch):

@@ -1,0 +1,88 @@
+"""A small asyncio load generator for POST /predict on loopback, shared by the benchmarks."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+
+# What request number i sends: a list of (filename, bytes) parts, one model call.
+Payload = Callable[[int], list[tuple[str, bytes]]]
+
+
+@dataclass
+class Outcome:
+    status: int            # 0: the connection failed
+    latency: float         # seconds
+    retry_after: str | None = None
+    error: str | None = None
+
+
+def load_faces(count: int, split: str = "test") -> list[bytes]:
+    """Real images of the identity split's ``split`` subset, in a fixed order."""
+    from training.settings import SPLITS_DIR, get_data_settings
+    from training.splits import read_split
+
+    table = read_split(SPLITS_DIR / "identity.csv")
+    names = table[table["split"] == split]["image"].iloc[:count]
+    images_dir = get_data_settings().images_dir
+    return [(images_dir / name).read_bytes() for name in names]
+
+
+def one_face_each(faces: list[bytes]) -> Payload:
+    return lambda i: [("face.jpg", faces[i % len(faces)])]
+
+
+async def post_images(base: str, payload: Payload, clients: int, requests: int | None = None,
+                      seconds: float | None = None, outcomes: list[Outcome] | None = None,
+                      ) -> tuple[list[Outcome], float]:
+    """``clients`` connections posting until ``requests`` are sent or ``seconds`` pass.
+
+    Outcomes are appended to ``outcomes`` as they come, so a caller can watch progress.
+    """
+    if requests is None and seconds is None:
+        raise ValueError("give requests, seconds or both")
+    numbers = itertools.count()
+    outcomes = [] if outcomes is None else outcomes
+    started = time.perf_counter()
+    deadline = started + seconds if seconds else float("inf")
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        async def worker() -> None:
+            while time.perf_counter() < deadline:
+                i = next(numbers)
+                if requests is not None and i >= requests:
+                    return
+                files = [("files", (name, data, "image/jpeg")) for name, data in payload(i)]
+                sent = time.perf_counter()
+                try:
+                    response = await client.post(f"{base}/predict", files=files)
+                except httpx.HTTPError as exc:
+                    outcomes.append(Outcome(0, time.perf_counter() - sent,
+                                            error=type(exc).__name__))
+                    continue
+                outcomes.append(Outcome(response.status_code, time.perf_counter() - sent,
+                                        response.headers.get("retry-after")))
+
+        await asyncio.gather(*(worker() for _ in range(clients)))
+    return outcomes, time.perf_counter() - started
+
+
+def latency_ms(outcomes: list[Outcome], q: float) -> float:
+    values = [o.latency for o in outcomes]
+    return float(np.percentile(values, q) * 1000) if values else float("nan")
+
+
+def describe(outcomes: list[Outcome], wall: float) -> str:
+    statuses = Counter(o.status for o in outcomes)
+    ok = [o for o in outcomes if o.status == 200]
+    return (f"{len(outcomes)} requests in {wall:.1f} s, statuses {dict(sorted(statuses.items()))}"
+            f"; 200s: p50 {latency_ms(ok, 50):.1f} ms, p99 {latency_ms(ok, 99):.1f} ms, "
+            f"{len(ok) / wall:.0f} requests/s")

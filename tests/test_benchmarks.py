@@ -1,0 +1,38 @@
+"""Every benchmark runs end to end on a tiny budget; its figures are not judged here.
+
+What is asserted is behaviour, not speed: no request fails under load, every 503 carries
+Retry-After, the soak sees only the statuses it sends for.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from benchmarks import bench_load, bench_models, bench_service, bench_soak
+
+pytestmark = [pytest.mark.slow]
+
+
+def test_bench_load_runs_without_failures(data_settings, capsys):
+    bench_load.main(["--clients", "8", "--seconds", "2", "--overload-seconds", "2",
+                     "--overload-in-flight", "2", "--images", "20"])
+    out = capsys.readouterr().out
+    assert re.search(r"load, 8 clients, 2 s: \d+ requests .*; failed 0\n", out), out
+    assert "without Retry-After 0" in out and "other failures 0" in out
+
+
+def test_bench_soak_samples_memory(data_settings, capsys):
+    bench_soak.main(["--requests", "200", "--warmup", "50", "--interval", "0.1"])
+    out = capsys.readouterr().out
+    assert re.search(r"200 requests in .* statuses \{200: 180, 400: 20\}", out), out
+    assert re.search(r"RSS: at start \d+ MiB, .* growth after warm-up [+-]\d", out), out
+
+
+def test_bench_service_and_models_print_their_figures(data_settings, capsys):
+    bench_service.main(["--requests", "20", "--concurrency", "4"])
+    bench_models.main(["--threads", "1", "--seconds", "0.2"])
+    out = capsys.readouterr().out
+    assert "bare path: p50" in out and "ratios: p50" in out, out
+    assert "failures 0" in out
