@@ -19,8 +19,9 @@ STUDY_POOL = dict(pool=5, pad=0)
 BASELINE = ModelConfig(arch="baseline", channels=(16,), **STUDY_POOL)
 FINAL = ModelConfig(arch="final", channels=(32, 64, 128), hidden=128, dropout=0.5, **STUDY_POOL)
 KNN_KS = (1, 5, 11, 21, 51, 101, 201)
-# The final CNN costs about 30 s per epoch and split on 2 cores; 8 epochs keeps the whole
-# full profile inside its 60-minute budget (12 epochs took it past 90 minutes).
+# 8 epochs keep the whole full profile inside its 60-minute budget on 2 cores with margin:
+# the last full run took 48.6 min (reports/README.md), the final CNN about 25 s per epoch
+# and split. (An earlier run at 12 epochs took 91 min while sharing the CPU with training.)
 FINAL_EPOCHS = 8
 
 
