@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from PIL import Image
 
 from service.errors import install_error_handlers
+from service.faces import FaceCropper, load_face_crop
 from service.manifest import load_manifest
 from service.middleware import RequestMiddleware
 from service.models import load_models
@@ -22,6 +25,18 @@ the probability of each. Images of any common format are converted to grayscale 
 to {INPUT_SIZE}x{INPUT_SIZE}; the models were trained on tight face crops of celebrities and
 actors, so they are meant for such crops.
 """
+
+
+def load_face_cropper(models_dir, threads: int) -> tuple[FaceCropper | None, str | None]:
+    """The detector and crop geometry, or None and why: faces=none still serves without."""
+    try:
+        cropper = FaceCropper(load_face_crop(models_dir), threads)
+        cropper.faces(Image.new("L", (INPUT_SIZE, INPUT_SIZE)))  # warm up
+    except Exception as exc:  # a missing or broken file must not stop the models serving
+        reason = f"face detection refused: {type(exc).__name__}: {exc}"
+        logging.getLogger("service").error(reason)
+        return None, reason
+    return cropper, None
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -39,6 +54,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 for subset, values in subsets.items():
                     service_metrics.eval_macro_f1.labels(name, split, subset).set(values.macro_f1)
         app.state.registry = registry
+        app.state.faces, app.state.faces_error = load_face_cropper(settings.models_dir,
+                                                                  settings.resolved_onnx_threads)
         yield
 
     app = FastAPI(title="Emotion detection", version="0.1.0", description=DESCRIPTION,

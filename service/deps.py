@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from service.faces import FaceCropper
 from service.models import ModelRegistry
 from service.observability import ServiceMetrics
 from service.settings import Settings, get_settings
@@ -19,6 +20,12 @@ def get_metrics(request: Request) -> ServiceMetrics:
     return request.app.state.metrics
 
 
+def get_faces(request: Request) -> FaceCropper | None:
+    """The face detector, or None where it could not be loaded (see /readyz)."""
+    return request.app.state.faces
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
+FacesDep = Annotated[FaceCropper | None, Depends(get_faces)]

@@ -64,6 +64,11 @@ class ServiceMetrics:
         self.overloaded = Counter("emotion_overload_rejections",
                                   "Requests answered 503 because too many were in flight.",
                                   registry=r)
+        self.faces_found = Counter("emotion_faces_found", "Faces the detector found in "
+                                   "uploads (faces=auto counts the one it used).", registry=r)
+        self.images_without_face = Counter("emotion_images_without_face",
+                                           "Uploads searched for a face where none was found.",
+                                           registry=r)
         self.model_info = Gauge("emotion_model_info", "Loaded models (value 1) by sha256.",
                                 ["model", "sha256"], registry=r, multiprocess_mode="max")
         self.eval_macro_f1 = Gauge("emotion_model_eval_macro_f1",
@@ -86,7 +91,8 @@ class ServiceMetrics:
     def snapshot(self) -> dict:
         """Live counters as JSON: totals summed over label sets (all workers where shared)."""
         wanted = {"emotion_http_requests", "emotion_predictions", "emotion_rejected_inputs",
-                  "emotion_overload_rejections"}
+                  "emotion_overload_rejections", "emotion_faces_found",
+                  "emotion_images_without_face"}
         out: dict[str, list] = {}
         for family in self.exposition_registry().collect():
             if family.name not in wanted:

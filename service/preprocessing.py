@@ -37,6 +37,7 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 50_000_000
 
+_EXIF_ORIENTATION = 0x0112
 _ALPHA_MODES = {"LA", "La", "PA", "RGBA", "RGBa"}
 _WIDE_INTEGER_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 
@@ -81,8 +82,32 @@ def pixels_to_input(pixels: np.ndarray) -> np.ndarray:
 
 def preprocess_image_uint8(data: bytes, limits: ImageLimits = ImageLimits()) -> np.ndarray:
     """Decode, orient, grayscale, resize: uint8 (350, 350). Raises :class:`PreprocessingError`."""
+    return resize_to_input(decode_grayscale(data, limits).gray)
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An upload decoded to grayscale, upright, before the resize.
+
+    A large JPEG is decoded at a reduced scale; ``scale`` maps ``gray``'s pixels back to
+    the upload's own (upright) pixel coordinates, which is what face boxes are reported in.
+    """
+
+    gray: Image.Image
+    original_size: tuple[int, int]  # (width, height), after EXIF orientation
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        return (self.original_size[0] / self.gray.width, self.original_size[1] / self.gray.height)
+
+
+def decode_grayscale(data: bytes, limits: ImageLimits = ImageLimits()) -> DecodedImage:
+    """Decode, orient and grayscale an upload. Raises :class:`PreprocessingError`."""
     image = _open_checked(data, limits)
     try:
+        width, height = image.size
+        if image.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
+            width, height = height, width  # these orientations turn the image a quarter
         # Silence Pillow's own bomb warning: our pixel limit has already been applied.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -90,9 +115,7 @@ def preprocess_image_uint8(data: bytes, limits: ImageLimits = ImageLimits()) -> 
                 image.draft(None, (INPUT_SIZE, INPUT_SIZE))
             image.load()
             image = ImageOps.exif_transpose(image)
-            gray = _to_grayscale(image)
-            resized = gray.resize((INPUT_SIZE, INPUT_SIZE), RESAMPLE)
-            return np.asarray(resized, dtype=np.uint8).copy()
+            return DecodedImage(_to_grayscale(image), (width, height))
     except PreprocessingError:
         raise
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError) as exc:
@@ -100,6 +123,12 @@ def preprocess_image_uint8(data: bytes, limits: ImageLimits = ImageLimits()) -> 
         raise CorruptImageError(
             f"the {image.format} image is truncated or corrupt and could not be decoded ({exc})"
         ) from None
+
+
+def resize_to_input(gray: Image.Image) -> np.ndarray:
+    """The last step of the contract: the whole grayscale image to uint8 (350, 350)."""
+    resized = gray.resize((INPUT_SIZE, INPUT_SIZE), RESAMPLE)
+    return np.asarray(resized, dtype=np.uint8).copy()
 
 
 def _open_checked(data: bytes, limits: ImageLimits) -> Image.Image:

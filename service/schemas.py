@@ -9,8 +9,17 @@ from service.classes import CLASS_NAMES
 _EXAMPLE_PROBS = dict(zip(CLASS_NAMES, (0.01, 0.02, 0.0, 0.0, 0.05, 0.9, 0.01, 0.01), strict=True))
 
 
+class FaceBox(BaseModel):
+    x: int = Field(description="Left edge, in the upload's own (upright) pixels.")
+    y: int = Field(description="Top edge.")
+    width: int
+    height: int
+
+
 class Prediction(BaseModel):
     filename: str | None = Field(None, description="As uploaded; null for a raw body.")
+    face: FaceBox | None = Field(None, description="The face classified, when faces=auto or "
+                                                   "all found one; null for the whole image.")
     label: str | None = Field(None, description="The most probable emotion.")
     label_id: int | None = Field(None, description="Its index in /classes.")
     probabilities: dict[str, float] | None = Field(None, description="All eight classes.")
@@ -22,6 +31,7 @@ class PredictResponse(BaseModel):
     model_config = ConfigDict(json_schema_extra={"example": {
         "model": "cnn", "model_sha256": "9f2c...e1", "latency_ms": 6.1,
         "predictions": [{"filename": "face.jpg", "label": "HAPPINESS", "label_id": 5,
+                         "face": {"x": 212, "y": 96, "width": 180, "height": 180},
                          "probabilities": _EXAMPLE_PROBS, "error": None, "code": None}]}})
     model: str
     model_sha256: str
@@ -41,6 +51,7 @@ class HealthResponse(BaseModel):
 class ReadinessResponse(BaseModel):
     ready: bool
     models: dict[str, str] = Field(description="Model name -> 'ready' or why it was refused.")
+    faces: str = Field("ready", description="The face detector: 'ready' or why not.")
 
 
 class ModelPublic(BaseModel):

@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from benchmarks import bench_load, bench_models, bench_service, bench_soak
+from benchmarks import bench_faces, bench_load, bench_models, bench_service, bench_soak
 
 pytestmark = [pytest.mark.slow]
 
@@ -36,3 +36,10 @@ def test_bench_service_and_models_print_their_figures(data_settings, capsys):
     out = capsys.readouterr().out
     assert "bare path: p50" in out and "ratios: p50" in out, out
     assert "failures 0" in out
+
+
+def test_bench_faces_finds_the_face_and_prints_its_share(data_settings, capsys):
+    bench_faces.main(["--repeats", "2", "--requests", "3"])
+    out = capsys.readouterr().out
+    assert "detector at 640x480:" in out and "1 face found)" in out, out
+    assert out.count("of the faces=auto latency") == 2

@@ -84,6 +84,25 @@ def cmd_export(args: argparse.Namespace) -> None:
               f"{test.macro_f1:.3f}")
 
 
+def cmd_face_geometry(args: argparse.Namespace) -> None:
+    from training.face_geometry import build_face_crop, write_face_crop
+    from training.settings import MODELS_DIR
+
+    out = args.out or MODELS_DIR
+    spec = build_face_crop(get_data_settings(), out, args.limit)
+    path = write_face_crop(spec, out)
+    g = spec.geometry
+    print(f"face geometry: center ({g.center_x:.3f}, {g.center_y:.3f}), size ({g.width:.3f}, "
+          f"{g.height:.3f}) of the crop; faces found in "
+          f"{spec.learned_from['share_with_a_face']:.1%} of train crops")
+    for subset in ("val", "test"):
+        result = spec.evaluation[subset]
+        print(f"identity {subset}: macro-F1 none {result['none']['macro_f1']:.4f}, auto "
+              f"{result['auto']['macro_f1']:.4f} (a face found in "
+              f"{result['share_with_a_face']:.1%})")
+    print(f"wrote {path} in {spec.learned_from['seconds']:.0f} s")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -137,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--profile", choices=("full", "smoke"), default="full",
                         help="must match the checkpoints' profile (default: %(default)s)")
     export.set_defaults(func=cmd_export)
+    geometry = commands.add_parser("face-geometry", help="learn where faces sit in the train "
+                                   "crops, measure faces=auto against none, write "
+                                   "models/face_crop.json")
+    geometry.add_argument("--out", type=Path, default=None,
+                          help="models folder holding the shipped CNN (default: models/)")
+    geometry.add_argument("--limit", type=int, default=None,
+                          help="use only the first N images of each subset (default: all)")
+    geometry.set_defaults(func=cmd_face_geometry)
     return parser
 
 

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from service.deps import RegistryDep
@@ -16,9 +16,12 @@ def read_health() -> HealthResponse:
 
 @router.get("/readyz", response_model=ReadinessResponse,
             responses={503: {"model": ReadinessResponse, "description": "a model was refused"}},
-            summary="Every model in the manifest is loaded and verified")
-def read_readiness(registry: RegistryDep):
+            summary="Every model in the manifest is loaded and verified, and the face "
+                    "detector is loaded")
+def read_readiness(registry: RegistryDep, request: Request):
     models = {name: "ready" for name in registry.models}
     models.update(registry.failures)
-    body = ReadinessResponse(ready=registry.ready, models=models)
-    return JSONResponse(body.model_dump(), status_code=200 if registry.ready else 503)
+    faces_error = request.app.state.faces_error
+    ready = registry.ready and faces_error is None
+    body = ReadinessResponse(ready=ready, models=models, faces=faces_error or "ready")
+    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)

@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import time
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import MetricsDep, RegistryDep, SettingsDep
+from service.deps import FacesDep, MetricsDep, RegistryDep, SettingsDep
 from service.errors import ApiError, ErrorBody, status_of
-from service.inference import predict_uploads
+from service.inference import FacesMode, predict_uploads
 from service.preprocessing import ALLOWED_FORMATS, INPUT_SIZE, PreprocessingError
 from service.schemas import Prediction, PredictResponse
 from service.uploads import read_uploads
@@ -24,6 +25,12 @@ is converted to grayscale and resized to {INPUT_SIZE}x{INPUT_SIZE}, whatever its
 Send either `multipart/form-data` with one `file` field or several `files` fields (up to the
 configured limit), or the image itself as the body with an `image/*` content type.
 
+**Faces.** The models were trained on tight face crops. For a photo with a background, use
+`faces=auto`: the largest face is found and cropped the way the training images are framed
+(the whole image is used when no face is found), and each prediction carries its `face` box
+in the upload's pixels. `faces=all` classifies every face found, one prediction each.
+`faces=none` classifies the whole image.
+
 A batch is one model call. A bad image in a batch gets its own entry with `error` and `code`
 while the others are predicted; a request with a single image that is bad gets a 4xx.
 """
@@ -35,7 +42,9 @@ _ERRORS = {status: {"model": ErrorBody, "description": text} for status, text in
     415: "unsupported content type (`unsupported_media_type`)",
     422: "unknown model, no file, a file field holding text, too many files (`unknown_model`, "
          "`no_file`, `not_a_file`, `too_many_files`)",
-    503: "a model is unavailable, or too many requests are in flight (with Retry-After)",
+    503: "a model or the face detector is unavailable (`model_unavailable`, "
+         "`faces_unavailable`), or too many requests are in flight (`overloaded`, with "
+         "Retry-After)",
 }.items()}
 
 _REQUEST_BODY = {"requestBody": {"required": True, "content": {
@@ -55,11 +64,18 @@ async def predict_emotions(
     settings: SettingsDep,
     registry: RegistryDep,
     metrics: MetricsDep,
-    model: str | None = Query(None, description="`cnn` or `knn`; default from settings.",
-                              examples=["cnn"]),
+    faces_dep: FacesDep,
+    model: Annotated[str | None, Query(description="`cnn` or `knn`; default from settings.",
+                                       examples=["cnn"])] = None,
+    faces: Annotated[FacesMode | None, Query(description="`auto`, `all` or `none`; default "
+                                             "from settings.", examples=["auto"])] = None,
 ) -> PredictResponse:
     started = time.perf_counter()
     name = model or settings.default_model
+    mode = faces or settings.default_faces
+    if mode != "none" and faces_dep is None:
+        raise ApiError(503, "faces_unavailable", "face detection is not available on this "
+                       "server; use faces=none", headers={"Retry-After": "60"})
     if name not in registry.manifest.models:
         raise ApiError(422, "unknown_model", f"unknown model {name!r}; choose from "
                        f"{sorted(registry.manifest.models)}")
@@ -69,12 +85,16 @@ async def predict_emotions(
                        "verification at start-up", headers={"Retry-After": "60"})
     uploads = await read_uploads(request, settings)
     metrics.images_per_request.observe(len(uploads))
-    results = await run_in_threadpool(predict_uploads, loaded, uploads, settings.limits, metrics)
+    results = await run_in_threadpool(predict_uploads, loaded, uploads, settings.limits, metrics,
+                                      mode, faces_dep)
     if len(results) == 1 and isinstance(results[0], PreprocessingError):
         raise ApiError(status_of(results[0]), results[0].code, str(results[0]))
-    predictions = [
-        r if isinstance(r, Prediction) else
-        Prediction(filename=u.filename, error=str(r), code=r.code)
-        for r, u in zip(results, uploads, strict=True)]
+    predictions = []
+    for result, upload in zip(results, uploads, strict=True):
+        if isinstance(result, PreprocessingError):
+            predictions.append(Prediction(filename=upload.filename, error=str(result),
+                                          code=result.code))
+        else:
+            predictions.extend(result)
     return PredictResponse(model=name, model_sha256=loaded.sha256, predictions=predictions,
                            latency_ms=round((time.perf_counter() - started) * 1000, 3))

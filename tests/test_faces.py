@@ -1,0 +1,169 @@
+"""Face detection: synthetic uncropped photos built from test-split crops.
+
+A test crop is pasted at a random place and scale (160 to 320 px on 640x480) onto a
+background: plain, noise, or another dataset image cut into tiles and shuffled, so that it
+has a photo's texture but no face. With ``faces=auto`` the returned box must
+overlap where the face was pasted, and the label must equal the label of the crop itself.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.app import create_app
+from service.faces import Box, CropGeometry, crop_region, load_face_crop
+from service.settings import REPO_MODELS_DIR, Settings
+from tests.images import encode
+
+PHOTOS = 150
+BACKGROUNDS = ("plain", "noise", "image")
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[TestClient]:
+    with TestClient(create_app(Settings(models_dir=REPO_MODELS_DIR, onnx_threads=1))) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def geometry() -> CropGeometry:
+    return load_face_crop(REPO_MODELS_DIR).geometry
+
+
+@pytest.fixture(scope="module")
+def test_crops(data_settings) -> list[tuple[str, Image.Image]]:
+    from training.data import read_subsets
+
+    names = read_subsets("identity")["test"].names
+    chosen = np.random.default_rng(0).choice(len(names), PHOTOS + 2 * len(BACKGROUNDS),
+                                             replace=False)
+    return [(names[i], Image.open(data_settings.images_dir / names[i]).convert("L"))
+            for i in chosen]
+
+
+def background(kind: str, size: tuple[int, int], rng: np.random.Generator,
+               other: Image.Image) -> Image.Image:
+    if kind == "plain":
+        return Image.new("L", size, int(rng.integers(30, 225)))
+    if kind == "noise":
+        return Image.fromarray(rng.integers(0, 256, size[::-1], dtype=np.uint8))
+    tile = 80  # the sizes used here are multiples of it
+    rows, cols = size[1] // tile, size[0] // tile
+    pixels = np.asarray(other.resize(size))
+    tiles = pixels.reshape(rows, tile, cols, tile).swapaxes(1, 2).reshape(-1, tile, tile)
+    tiles = tiles[rng.permutation(len(tiles))]
+    return Image.fromarray(np.ascontiguousarray(
+        tiles.reshape(rows, cols, tile, tile).swapaxes(1, 2).reshape(size[1], size[0])))
+
+
+def paste(canvas: Image.Image, crop: Image.Image, side: int, at: tuple[int, int]) -> Box:
+    canvas.paste(crop.resize((side, side), Image.Resampling.BILINEAR), at)
+    return Box(at[0], at[1], side, side)
+
+
+def predict(client, image: Image.Image, faces: str) -> list[dict]:
+    response = client.post(f"/predict?faces={faces}",
+                           files={"file": ("photo.png", encode(image, "PNG"), "image/png")})
+    assert response.status_code == 200, response.text
+    return response.json()["predictions"]
+
+
+def as_box(face: dict) -> Box:
+    return Box(face["x"], face["y"], face["width"], face["height"])
+
+
+def test_auto_finds_the_pasted_face_and_keeps_its_label(client, geometry, test_crops):
+    rng = np.random.default_rng(1)
+    hits, same_label, rows = 0, 0, []
+    others = test_crops[PHOTOS:]
+    for k, (name, crop) in enumerate(test_crops[:PHOTOS]):
+        kind = BACKGROUNDS[k % len(BACKGROUNDS)]
+        canvas = background(kind, (640, 480), rng, others[k % len(others)][1])
+        side = int(rng.integers(160, 321))
+        at = (int(rng.integers(0, 640 - side)), int(rng.integers(0, 480 - side)))
+        expected = geometry.face_in(paste(canvas, crop, side, at))
+        [on_photo] = predict(client, canvas, "auto")
+        [on_crop] = predict(client, crop, "none")
+        iou = as_box(on_photo["face"]).iou(expected) if on_photo["face"] else 0.0
+        hits += iou >= 0.5
+        same_label += on_photo["label"] == on_crop["label"]
+        rows.append(f"{name} on {kind}, side {side}: IoU {iou:.2f}, "
+                    f"{on_photo['label']} vs {on_crop['label']}")
+    print(f"\nfaces=auto on {PHOTOS} synthetic photos: box IoU >= 0.5 in {hits}, "
+          f"same label as the crop in {same_label}")
+    assert hits >= 0.9 * PHOTOS, "\n".join(rows)
+    assert same_label >= 0.9 * PHOTOS, "\n".join(rows)
+
+
+def test_all_gives_one_prediction_per_pasted_face(client, geometry, test_crops):
+    rng = np.random.default_rng(2)
+    for first, second in ((0, 1), (2, 3), (4, 5)):
+        canvas = Image.new("L", (900, 420), 100)
+        left = paste(canvas, test_crops[first][1], 280, (60, 70))
+        right = paste(canvas, test_crops[second][1], 240, (560, int(rng.integers(0, 180))))
+        predictions = predict(client, canvas, "all")
+        assert len(predictions) == 2
+        boxes = sorted((as_box(p["face"]) for p in predictions), key=lambda b: b.x)
+        assert boxes[0].iou(geometry.face_in(left)) >= 0.5
+        assert boxes[1].iou(geometry.face_in(right)) >= 0.5
+        assert {p["filename"] for p in predictions} == {"photo.png"}
+
+
+def test_none_and_no_face_use_the_whole_image(client):
+    noise = Image.fromarray(np.random.default_rng(3).integers(0, 256, (300, 400), np.uint8))
+    for mode in ("auto", "all", "none"):
+        [prediction] = predict(client, noise, mode)
+        assert prediction["face"] is None
+
+
+def test_faces_found_and_images_without_a_face_are_counted(client, test_crops):
+    def counters() -> dict[str, float]:
+        text = client.get("/metrics", headers={"accept": "text/plain"}).text
+        return {s.name: s.value for f in text_string_to_metric_families(text)
+                for s in f.samples if s.name in (
+                    "emotion_faces_found_total", "emotion_images_without_face_total")}
+
+    before = counters()
+    canvas = Image.new("L", (640, 480), 90)
+    paste(canvas, test_crops[0][1], 300, (100, 80))
+    predict(client, canvas, "auto")
+    predict(client, Image.new("L", (200, 200), 90), "auto")
+    after = counters()
+    assert after["emotion_faces_found_total"] == before["emotion_faces_found_total"] + 1
+    assert (after["emotion_images_without_face_total"]
+            == before["emotion_images_without_face_total"] + 1)
+
+
+def test_boxes_are_in_the_uploads_own_pixels_even_when_jpeg_decodes_smaller(
+        client, geometry, test_crops):
+    """A large JPEG is decoded at a reduced scale; its box must come back in full pixels."""
+    canvas = Image.new("L", (2400, 1800), 120)
+    placed = paste(canvas, test_crops[0][1], 900, (1200, 500))
+    buffer = io.BytesIO()
+    canvas.save(buffer, "JPEG", quality=92)
+    response = client.post("/predict?faces=auto",
+                           files={"file": ("big.jpg", buffer.getvalue(), "image/jpeg")})
+    [prediction] = response.json()["predictions"]
+    assert as_box(prediction["face"]).iou(geometry.face_in(placed)) >= 0.5
+
+
+def test_crop_geometry_round_trips_and_crops_pad_at_the_edges(geometry):
+    face = Box(100, 50, 80, 80)
+    assert geometry.face_in(geometry.crop_for(face)).iou(face) == pytest.approx(1.0)
+    image = Image.fromarray(np.arange(100, dtype=np.uint8).reshape(10, 10))
+    corner = np.asarray(crop_region(image, Box(-3, -2, 6, 5)))
+    assert corner.shape == (5, 6)
+    assert corner[0, 0] == 0 and corner[-1, -1] == np.asarray(image)[2, 2]
+
+
+def test_unknown_faces_mode_is_a_422(client):
+    response = client.post("/predict?faces=some", files={"file": (
+        "a.png", encode(Image.new("L", (50, 50))), "image/png")})
+    assert response.status_code == 422 and response.json()["code"] == "invalid_request"
