@@ -167,3 +167,24 @@ def test_unknown_faces_mode_is_a_422(client):
     response = client.post("/predict?faces=some", files={"file": (
         "a.png", encode(Image.new("L", (50, 50))), "image/png")})
     assert response.status_code == 422 and response.json()["code"] == "invalid_request"
+
+
+@pytest.mark.parametrize("content", [None, '{"detector": {}, "geometry": {"center_x": 7}}'])
+def test_without_a_usable_face_file_faces_none_still_serves(tmp_path, content):
+    import shutil
+
+    for path in REPO_MODELS_DIR.iterdir():
+        if path.name != "face_crop.json":
+            shutil.copy(path, tmp_path / path.name)
+    if content is not None:
+        (tmp_path / "face_crop.json").write_text(content)
+    app = create_app(Settings(models_dir=tmp_path, onnx_threads=1))
+    image = encode(Image.new("L", (60, 60), 80))
+    with TestClient(app) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["faces"].startswith("face detection")
+        assert ready.json()["models"] == {"cnn": "ready", "knn": "ready"}
+        auto = client.post("/predict?faces=auto", files={"file": ("a.png", image, "image/png")})
+        assert auto.status_code == 503 and auto.json()["code"] == "faces_unavailable"
+        none = client.post("/predict?faces=none", files={"file": ("a.png", image, "image/png")})
+        assert none.status_code == 200
