@@ -5,7 +5,8 @@ background, so the service first finds the face with OpenCV's frontal-face Haar 
 (its weights ship inside the opencv-python-headless wheel; nothing is downloaded), then cuts
 a square around it placed so that the face sits where faces sit in the training crops. That
 placement, :class:`CropGeometry`, is learned from the training split by
-``python -m training face-geometry`` and shipped as ``models/face_crop.json``.
+``python -m training face-geometry`` and shipped as ``models/face_crop.json``. Why this
+detector over mediapipe, dlib or MTCNN: ``benchmarks/FACE_DETECTORS.md``.
 """
 
 from __future__ import annotations
