@@ -6,12 +6,17 @@ Bare path: read bytes, preprocess, ONNX Runtime, one image at a time in this pro
 Service: a real uvicorn server (one worker, the default settings) answering POST /predict,
 first one request at a time (p50, p99), then ``--concurrency`` clients at once (images/s).
 Goals: service p50 at most 1.3x the bare path's; throughput at least 0.8x the bare path's.
+Floor: the same client against an ASGI app that only reads the upload (``floor_app``) under
+uvicorn, so the printout also says what ratio is possible at all on this machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import subprocess
+import sys
 import time
 
 import httpx
@@ -21,7 +26,7 @@ from service.manifest import load_manifest
 from service.models import OnnxClassifier
 from service.preprocessing import preprocess_image
 from service.settings import REPO_MODELS_DIR, Settings
-from tests.server import running_server
+from tests.server import REPO, free_port, running_server
 
 
 def load_faces(count: int) -> list[bytes]:
@@ -29,6 +34,26 @@ def load_faces(count: int) -> list[bytes]:
 
     paths = sorted(get_data_settings().images_dir.iterdir())[:count]
     return [p.read_bytes() for p in paths]
+
+
+@contextlib.contextmanager
+def floor_server():
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "uvicorn", "benchmarks.floor_app:app",
+                                "--port", str(port), "--log-level", "warning",
+                                "--no-access-log"], cwd=REPO)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                httpx.get(base, timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(15)
 
 
 def bare_path(faces: list[bytes], requests: int) -> np.ndarray:
@@ -79,6 +104,15 @@ def main(argv: list[str] | None = None) -> None:
     bare_rate = 1 / bare.mean()
     print(f"bare path: p50 {bare_p50:.2f} ms, p99 {np.percentile(bare, 99) * 1000:.2f} ms, "
           f"{bare_rate:.0f} images/s single process")
+    with floor_server() as base:
+        asyncio.run(http_latencies(base, faces, 20, 1))
+        floor, _, _ = asyncio.run(http_latencies(base, faces, args.requests, 1))
+        _, _, floor_wall = asyncio.run(http_latencies(base, faces, args.requests,
+                                                      args.concurrency))
+    floor_p50 = np.median(floor) * 1000
+    print(f"HTTP floor (uvicorn, an app that only reads the upload): p50 {floor_p50:.2f} ms, "
+          f"{args.requests / floor_wall:.0f} requests/s at concurrency {args.concurrency}; "
+          f"best possible p50 ratio (bare + floor) / bare = {1 + floor_p50 / bare_p50:.2f}")
     with running_server() as base:
         asyncio.run(http_latencies(base, faces, 20, 1))  # warm-up
         single, fails1, _ = asyncio.run(http_latencies(base, faces, args.requests, 1))

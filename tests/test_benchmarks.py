@@ -35,6 +35,7 @@ def test_bench_service_and_models_print_their_figures(data_settings, capsys):
     bench_models.main(["--threads", "1", "--seconds", "0.2"])
     out = capsys.readouterr().out
     assert "bare path: p50" in out and "ratios: p50" in out, out
+    assert "HTTP floor" in out and "best possible p50 ratio" in out
     assert "failures 0" in out
 
 
