@@ -26,11 +26,12 @@ FacesMode = Literal["auto", "all", "none"]
 
 
 def model_inputs(decoded: DecodedImage, mode: FacesMode, cropper: FaceCropper | None,
-                 metrics: ServiceMetrics | None = None) -> list[tuple[np.ndarray, Box | None]]:
+                 metrics: ServiceMetrics | None = None, max_faces: int = 16
+                 ) -> list[tuple[np.ndarray, Box | None]]:
     """The uint8 350x350 inputs an upload gives, each with its face box (upload pixels).
 
     ``none``: the whole image. ``auto``: the largest face, else the whole image. ``all``:
-    every face, else the whole image.
+    every face up to ``max_faces``, largest first, else the whole image.
     """
     if mode == "none" or cropper is None:
         return [(resize_to_input(decoded.gray), None)]
@@ -39,7 +40,7 @@ def model_inputs(decoded: DecodedImage, mode: FacesMode, cropper: FaceCropper | 
         if metrics:
             metrics.images_without_face.inc()
         return [(resize_to_input(decoded.gray), None)]
-    chosen = faces[:1] if mode == "auto" else faces
+    chosen = faces[:1] if mode == "auto" else faces[:max_faces]
     if metrics:
         metrics.faces_found.inc(len(chosen))
     sx, sy = decoded.scale
@@ -49,7 +50,7 @@ def model_inputs(decoded: DecodedImage, mode: FacesMode, cropper: FaceCropper | 
 
 def predict_uploads(model: LoadedModel, uploads: list[Upload], limits: ImageLimits,
                     metrics: ServiceMetrics, mode: FacesMode = "none",
-                    cropper: FaceCropper | None = None
+                    cropper: FaceCropper | None = None, max_faces: int = 16
                     ) -> list[list[Prediction] | PreprocessingError]:
     """CPU-bound: runs in the threadpool. Per upload, its predictions (one per face used)
     or its error, in place."""
@@ -60,7 +61,7 @@ def predict_uploads(model: LoadedModel, uploads: list[Upload], limits: ImageLimi
             if upload.error is not None:
                 raise upload.error
             decoded = decode_grayscale(upload.data, limits)
-            for pixels, face in model_inputs(decoded, mode, cropper, metrics):
+            for pixels, face in model_inputs(decoded, mode, cropper, metrics, max_faces):
                 arrays.append(pixels)
                 owners.append((i, face))
             results[i] = []

@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     default_model: ModelName = Field("cnn", description="Model used when a request names none.")
     default_faces: Literal["auto", "none"] = Field(
         "none", description="faces= when a request names none; measured in models/README.md.")
+    max_faces_per_image: int = Field(16, gt=0, description="faces=all classifies at most this "
+                                                           "many faces per image, largest first.")
     max_upload_bytes: int = Field(DEFAULT_MAX_BYTES, gt=0, description="Per image.")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0, description="Per image, from its header.")
     max_images_per_request: int = Field(16, gt=0)

@@ -188,3 +188,13 @@ def test_without_a_usable_face_file_faces_none_still_serves(tmp_path, content):
         assert auto.status_code == 503 and auto.json()["code"] == "faces_unavailable"
         none = client.post("/predict?faces=none", files={"file": ("a.png", image, "image/png")})
         assert none.status_code == 200
+
+
+def test_all_keeps_only_the_largest_faces_up_to_the_limit(geometry, test_crops):
+    settings = Settings(models_dir=REPO_MODELS_DIR, onnx_threads=1, max_faces_per_image=1)
+    canvas = Image.new("L", (900, 420), 100)
+    paste(canvas, test_crops[0][1], 200, (60, 100))
+    big = paste(canvas, test_crops[1][1], 300, (500, 60))
+    with TestClient(create_app(settings)) as limited:
+        [prediction] = predict(limited, canvas, "all")
+    assert as_box(prediction["face"]).iou(geometry.face_in(big)) >= 0.5

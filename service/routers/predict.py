@@ -86,7 +86,7 @@ async def predict_emotions(
     uploads = await read_uploads(request, settings)
     metrics.images_per_request.observe(len(uploads))
     results = await run_in_threadpool(predict_uploads, loaded, uploads, settings.limits, metrics,
-                                      mode, faces_dep)
+                                      mode, faces_dep, settings.max_faces_per_image)
     if len(results) == 1 and isinstance(results[0], PreprocessingError):
         raise ApiError(status_of(results[0]), results[0].code, str(results[0]))
     predictions = []
