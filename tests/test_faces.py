@@ -22,7 +22,7 @@ from service.faces import Box, CropGeometry, crop_region, load_face_crop
 from service.settings import REPO_MODELS_DIR, Settings
 from tests.images import encode
 
-PHOTOS = 150
+PHOTOS = 600
 BACKGROUNDS = ("plain", "noise", "image")
 
 

@@ -89,12 +89,35 @@ def test_same_seed_same_model():
 
 
 def test_networks_take_the_350_contract_and_work_small_inside():
-    for arch, channels in (("baseline", (8,)), ("final", (8, 8, 8)), ("resnet", (8, 8))):
+    for arch, channels in (("baseline", (8,)), ("final", (8, 8, 8)), ("resnet", (8, 8)),
+                           ("fer_xception", (16, 32, 64, 128))):
         config = ModelConfig(arch=arch, channels=channels)
         assert config.resolution == 88
         assert EmotionNet(config)(torch.rand(2, 1, 350, 350)).shape == (2, NUM_CLASSES)
     with pytest.raises(ValueError, match="tile"):
         ModelConfig(pool=3, pad=0)
+
+
+@pytest.mark.dataset
+def test_fer_weights_are_converted_faithfully(data_settings):
+    """Before any fine-tuning, the converted FER2013 network already tells happy faces from
+    the rest on our validation images; a wrong transposition would leave it at chance."""
+    from sklearn.metrics import f1_score
+
+    from training.data import open_cache, read_subsets
+    from training.fer_backbone import MiniXception, fer_weights_path, load_fer_weights
+
+    model = load_fer_weights(MiniXception(NUM_CLASSES),
+                             fer_weights_path(data_settings.cache_dir / "pretrained")).eval()
+    _, decoded = open_cache(data_settings)
+    val = read_subsets("identity")["val"]
+    rows = decoded.rows_of(val.names[:400])
+    images = torch.nn.functional.avg_pool2d(
+        torch.from_numpy(decoded.inputs(rows)).unsqueeze(1), 5)
+    with torch.no_grad():
+        predicted = model(images)[:, :7].argmax(1).numpy()  # CONTEMPT is not a FER2013 class
+    happy = f1_score(val.labels[:400] == 5, predicted == 5)
+    assert happy > 0.7, happy
 
 
 @pytest.fixture(scope="module")

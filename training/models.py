@@ -21,7 +21,7 @@ from service.preprocessing import INPUT_SIZE
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str = "final"          # baseline | final | resnet
+    arch: str = "final"          # baseline | final | resnet | fer_xception
     pool: int = 4                # stem: average pool with this kernel and stride ...
     pad: int = 1                 # ... after this much zero padding (not averaged in)
     channels: tuple[int, ...] = (32, 64, 128)
@@ -29,6 +29,7 @@ class ModelConfig:
     stem_stride: int = 1         # resnet: stride of its first convolution
     dropout: float = 0.5
     num_classes: int = NUM_CLASSES
+    pretrained: str = ""         # fer_xception: "fer" starts from FER2013 weights
 
     def __post_init__(self):
         # Windows must tile the padded input exactly, so a horizontal flip of the input is a
@@ -64,6 +65,10 @@ def build_body(config: ModelConfig) -> nn.Module:
             nn.Dropout(config.dropout), nn.Linear(config.hidden, config.num_classes))
     if config.arch == "resnet":
         return ResNet(config)
+    if config.arch == "fer_xception":
+        from training.fer_backbone import MiniXception
+
+        return MiniXception(config.num_classes, config.dropout)
     raise ValueError(f"unknown arch {config.arch!r}")
 
 

@@ -32,6 +32,7 @@ class Workspace:
 
     def __init__(self, settings: DataSettings, profile: str):
         self.profile = profile
+        self.settings = settings
         _, self.decoded = open_cache(settings)
         self._subsets: dict = {}
         self._pooled: dict = {}

