@@ -14,46 +14,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import subprocess
-import sys
 import time
 
-import httpx
 import numpy as np
 
+from benchmarks.load import load_faces, one_face_each, post_images
 from service.manifest import load_manifest
 from service.models import OnnxClassifier
 from service.preprocessing import preprocess_image
 from service.settings import REPO_MODELS_DIR, Settings
-from tests.server import REPO, free_port, running_server
-
-
-def load_faces(count: int) -> list[bytes]:
-    from training.settings import get_data_settings
-
-    paths = sorted(get_data_settings().images_dir.iterdir())[:count]
-    return [p.read_bytes() for p in paths]
-
-
-@contextlib.contextmanager
-def floor_server():
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "uvicorn", "benchmarks.floor_app:app",
-                                "--port", str(port), "--log-level", "warning",
-                                "--no-access-log"], cwd=REPO)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                httpx.get(base, timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        yield base
-    finally:
-        process.terminate()
-        process.wait(15)
+from tests.server import running_server
 
 
 def bare_path(faces: list[bytes], requests: int) -> np.ndarray:
@@ -70,25 +40,12 @@ def bare_path(faces: list[bytes], requests: int) -> np.ndarray:
     return np.array(times)
 
 
-async def http_latencies(base: str, faces: list[bytes], requests: int, concurrency: int):
-    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(
-            max_connections=concurrency)) as client:
-        queue = list(range(requests))
-        latencies, failures = [], 0
-
-        async def worker():
-            nonlocal failures
-            while queue:
-                i = queue.pop()
-                started = time.perf_counter()
-                response = await client.post(f"{base}/predict", files={
-                    "file": ("face.jpg", faces[i % len(faces)], "image/jpeg")})
-                latencies.append(time.perf_counter() - started)
-                failures += response.status_code != 200
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return np.array(latencies), failures, time.perf_counter() - started
+def http_latencies(base: str, faces: list[bytes], requests: int, concurrency: int):
+    """Latencies (s), failed requests and wall time of ``requests`` posts of one face each."""
+    outcomes, wall = asyncio.run(post_images(base, one_face_each(faces), concurrency,
+                                             requests=requests))
+    return (np.array([o.latency for o in outcomes]), sum(o.status != 200 for o in outcomes),
+            wall)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -104,20 +61,20 @@ def main(argv: list[str] | None = None) -> None:
     bare_rate = 1 / bare.mean()
     print(f"bare path: p50 {bare_p50:.2f} ms, p99 {np.percentile(bare, 99) * 1000:.2f} ms, "
           f"{bare_rate:.0f} images/s single process")
-    with floor_server() as base:
-        asyncio.run(http_latencies(base, faces, 20, 1))
-        floor, _, _ = asyncio.run(http_latencies(base, faces, args.requests, 1))
-        _, _, floor_wall = asyncio.run(http_latencies(base, faces, args.requests,
-                                                      args.concurrency))
+    with running_server(app="benchmarks.floor_app:app") as base:
+        http_latencies(base, faces, 20, 1)
+        floor, _, _ = http_latencies(base, faces, args.requests, 1)
+        _, _, floor_wall = http_latencies(base, faces, args.requests,
+                                                      args.concurrency)
     floor_p50 = np.median(floor) * 1000
     print(f"HTTP floor (uvicorn, an app that only reads the upload): p50 {floor_p50:.2f} ms, "
           f"{args.requests / floor_wall:.0f} requests/s at concurrency {args.concurrency}; "
           f"best possible p50 ratio (bare + floor) / bare = {1 + floor_p50 / bare_p50:.2f}")
     with running_server() as base:
-        asyncio.run(http_latencies(base, faces, 20, 1))  # warm-up
-        single, fails1, _ = asyncio.run(http_latencies(base, faces, args.requests, 1))
-        many, fails16, wall = asyncio.run(http_latencies(base, faces, args.requests,
-                                                         args.concurrency))
+        http_latencies(base, faces, 20, 1)  # warm-up
+        single, fails1, _ = http_latencies(base, faces, args.requests, 1)
+        many, fails16, wall = http_latencies(base, faces, args.requests,
+                                                         args.concurrency)
     p50 = np.median(single) * 1000
     rate = args.requests / wall
     print(f"/predict concurrency 1: p50 {p50:.2f} ms, p99 {np.percentile(single, 99) * 1000:.2f}"

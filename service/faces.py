@@ -166,20 +166,19 @@ class FaceCropper:
         self.detector = FaceDetector(spec.detector)
 
     def faces(self, gray: Image.Image) -> list[Box]:
-        pixels = np.asarray(gray)
-        found = self.detector.detect(pixels)
+        found = self.detector.detect(np.asarray(gray))
         if self.spec.detector.refine:
-            found = [self._refined(pixels, face) for face in found]
+            found = [self._refined(gray, face) for face in found]
         return found
 
-    def _refined(self, pixels: np.ndarray, face: Box) -> Box:
+    def _refined(self, gray: Image.Image, face: Box) -> Box:
         """Average the box with a second search inside its crop at the training scale.
 
         The geometry was learned from detections in 350x350 crops; searching again at that
         scale halves the spread of one noisy box, which moves borderline labels less.
         """
         region = self.spec.geometry.crop_for(face)
-        crop = crop_region(Image.fromarray(pixels), region)
+        crop = crop_region(gray, region)
         size = self.spec.crop_size
         # In a training-like crop the face fills most of it: only large scales are searched.
         again = self.detector.detect(np.asarray(crop.resize((size, size), RESAMPLE)),

@@ -23,19 +23,26 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running_server(python: str = sys.executable, workers: int = 1, env: dict | None = None,
-                   cwd: Path = REPO, timeout: float = 90.0, log_path: Path | None = None):
+                   cwd: Path = REPO, timeout: float = 90.0, log_path: Path | None = None,
+                   app: str | None = None):
     """Yield the base URL once /readyz answers 200. With ``log_path``, the server's output
-    goes to that file (read it after the block); otherwise it is kept for error messages."""
-    with server_process(python, workers, env, cwd, timeout, log_path) as (base, _):
+    goes to that file (read it after the block); otherwise it is kept for error messages.
+    ``app`` (``module:attribute``) runs that ASGI app under bare uvicorn instead of the
+    service's launcher."""
+    with server_process(python, workers, env, cwd, timeout, log_path, app) as (base, _):
         yield base
 
 
 @contextlib.contextmanager
 def server_process(python: str = sys.executable, workers: int = 1, env: dict | None = None,
-                   cwd: Path = REPO, timeout: float = 90.0, log_path: Path | None = None):
+                   cwd: Path = REPO, timeout: float = 90.0, log_path: Path | None = None,
+                   app: str | None = None):
     """Like :func:`running_server`, yielding ``(base_url, process)``."""
     port = free_port()
     command = [python, "-m", "service", "--host", "127.0.0.1", "--port", str(port)]
+    if app:
+        command = [python, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port),
+                   "--log-level", "warning", "--no-access-log"]
     env = {"EMOTION_LOG_LEVEL": "warning", **(env or {}), "EMOTION_WORKERS": str(workers)}
     log = open(log_path, "w") if log_path else subprocess.PIPE  # noqa: SIM115
     process = subprocess.Popen(command, cwd=cwd, env={**os.environ, **env},

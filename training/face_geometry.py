@@ -17,10 +17,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import f1_score
 from tqdm import tqdm
 
-from service.classes import NUM_CLASSES
 from service.faces import (
     FACE_CROP_FILE,
     CropGeometry,
@@ -34,10 +32,9 @@ from service.manifest import load_manifest
 from service.models import OnnxClassifier
 from service.preprocessing import INPUT_SIZE, decode_grayscale, pixels_to_input
 from training.data import open_cache, read_subsets
+from training.evaluate import classification_metrics
 from training.provenance import code_commit
 from training.settings import DataSettings
-
-SIX_LARGE = [0, 1, 2, 4, 5, 6]  # classes with more than 200 images
 
 
 def learn_geometry(settings: DataSettings, detector: FaceDetector,
@@ -99,12 +96,9 @@ def evaluate_modes(settings: DataSettings, cropper: FaceCropper, models_dir: Pat
             predicted = np.concatenate([
                 model.predict_proba(pixels_to_input(np.stack(arrays[i:i + 256]))).argmax(1)
                 for i in range(0, len(arrays), 256)])
-            result[mode] = {
-                "macro_f1": round(float(f1_score(labels, predicted, average="macro",
-                                                 labels=range(NUM_CLASSES), zero_division=0)), 4),
-                "macro_f1_six_large_classes": round(float(f1_score(
-                    labels, predicted, average="macro", labels=SIX_LARGE, zero_division=0)), 4),
-                "accuracy": round(float((predicted == labels).mean()), 4)}
+            metrics = classification_metrics(labels, predicted)
+            result[mode] = {key: round(metrics[key], 4) for key in (
+                "macro_f1", "macro_f1_six_large_classes", "accuracy")}
         out[subset] = result
     return out
 

