@@ -18,6 +18,7 @@ from service.classes import CLASS_NAMES
 from service.manifest import ManifestError, load_manifest
 from service.preprocessing import preprocess_image
 from service.settings import REPO_MODELS_DIR, Settings
+from tests.api import assert_error
 from tests.images import encode, gray_image, jpeg_bytes, png_bytes
 
 
@@ -48,13 +49,6 @@ def faces(data_settings) -> dict[str, bytes]:
 def post_file(client, data: bytes, name="face.jpg", ctype="image/jpeg", model=None):
     params = {"model": model} if model else {}
     return client.post("/predict", params=params, files={"file": (name, data, ctype)})
-
-
-def assert_error(response, status: int, code: str):
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert body["code"] == code
-    assert body["detail"] and "Traceback" not in body["detail"] and "/work" not in body["detail"]
 
 
 def test_health_classes_and_models(client):
