@@ -16,7 +16,7 @@ import sys
 import tempfile
 
 from service.manifest import ManifestError, load_manifest
-from service.settings import get_settings
+from service.settings import load_settings
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    settings = get_settings()
+    settings = load_settings()
     try:
         manifest = load_manifest(settings.models_dir)
     except ManifestError as exc:

@@ -17,7 +17,7 @@ from service.models import load_models
 from service.observability import ServiceMetrics, configure_logging
 from service.preprocessing import INPUT_SIZE
 from service.routers import health, info, metrics, predict
-from service.settings import Settings, get_settings
+from service.settings import Settings, get_settings, load_settings
 
 DESCRIPTION = f"""
 Facial-emotion detection. POST a face crop to `/predict` and get one of eight emotions with
@@ -40,7 +40,7 @@ def load_face_cropper(models_dir, threads: int) -> tuple[FaceCropper | None, str
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or get_settings()
+    settings = settings or load_settings()
     service_metrics = ServiceMetrics()
 
     @asynccontextmanager
@@ -61,8 +61,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="Emotion detection", version="0.1.0", description=DESCRIPTION,
                   lifespan=lifespan)
     app.state.metrics = service_metrics
-    if settings is not get_settings():
-        app.dependency_overrides[get_settings] = lambda: settings
+    if settings is not load_settings():
+        async def these_settings() -> Settings:
+            return settings
+
+        app.dependency_overrides[get_settings] = these_settings
     routers = (predict.router, info.router, health.router, metrics.router)
     for router in routers:
         app.include_router(router)

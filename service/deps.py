@@ -1,4 +1,10 @@
-"""Typed dependencies: routes get settings, models and metrics from here, never from globals."""
+"""Typed dependencies: routes get settings, models and metrics from here, never from globals.
+
+Every dependency is ``async def`` although none awaits anything: FastAPI calls a plain
+``def`` dependency through its threadpool, and four thread round trips per request measured
+about 0.3 ms, a third of the shipped CNN's whole bare path. Reading ``app.state`` cannot
+block the event loop.
+"""
 
 from __future__ import annotations
 
@@ -12,15 +18,15 @@ from service.observability import ServiceMetrics
 from service.settings import Settings, get_settings
 
 
-def get_registry(request: Request) -> ModelRegistry:
+async def get_registry(request: Request) -> ModelRegistry:
     return request.app.state.registry
 
 
-def get_metrics(request: Request) -> ServiceMetrics:
+async def get_metrics(request: Request) -> ServiceMetrics:
     return request.app.state.metrics
 
 
-def get_faces(request: Request) -> FaceCropper | None:
+async def get_faces(request: Request) -> FaceCropper | None:
     """The face detector, or None where it could not be loaded (see /readyz)."""
     return request.app.state.faces
 

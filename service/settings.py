@@ -61,5 +61,15 @@ class Settings(BaseSettings):
 
 
 @lru_cache
-def get_settings() -> Settings:
+def load_settings() -> Settings:
+    """This process's settings, read from the environment once."""
     return Settings()
+
+
+async def get_settings() -> Settings:
+    """The routes' dependency (tests override it through ``create_app(settings)``).
+
+    Async on purpose: FastAPI runs a plain ``def`` dependency in its threadpool, a thread
+    round trip per request that cost more than the model's own work here.
+    """
+    return load_settings()
