@@ -10,12 +10,12 @@ router = APIRouter(tags=["info"])
 
 
 @router.get("/classes", response_model=list[ClassInfo], summary="The eight classes, in order")
-def list_classes() -> list[ClassInfo]:
+async def list_classes() -> list[ClassInfo]:
     return [ClassInfo(id=i, name=name) for i, name in enumerate(CLASS_NAMES)]
 
 
 @router.get("/models", response_model=list[ModelPublic], summary="The shipped models")
-def list_models(registry: RegistryDep) -> list[ModelPublic]:
+async def list_models(registry: RegistryDep) -> list[ModelPublic]:
     return [
         ModelPublic(name=name, loaded=name in registry.models,
                     **entry.model_dump(include={

@@ -9,6 +9,8 @@ from service.observability import wants_prometheus
 router = APIRouter(tags=["metrics"])
 
 
+# A plain def, so it runs in the threadpool: with several workers, rendering reads every
+# worker's metric files.
 @router.get("/metrics", summary="Evaluation metrics and live counters (JSON or Prometheus)",
             description="JSON (Accept `application/json`, `*/*` or none): each model's "
                         "evaluation metrics from the manifest and the live counters. "
