@@ -47,13 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     metrics_dir = None
-    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    workers = settings.resolved_workers
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Each worker writes its counters here so that /metrics adds up all of them.
         metrics_dir = tempfile.mkdtemp(prefix="emotion-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
         uvicorn.run("service.main:app", host=args.host, port=args.port,
-                    workers=settings.workers, log_level=settings.log_level.lower(),
+                    workers=workers, log_level=settings.log_level.lower(),
                     access_log=False)  # the service writes its own JSON access log
     finally:
         if metrics_dir:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 
+import anyio
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from PIL import Image
@@ -54,6 +55,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 for subset, values in subsets.items():
                     service_metrics.eval_macro_f1.labels(name, split, subset).set(values.macro_f1)
         app.state.registry = registry
+        app.state.inference_limiter = anyio.CapacityLimiter(
+            settings.resolved_inference_concurrency)
         app.state.faces, app.state.faces_error = load_face_cropper(settings.models_dir,
                                                                   settings.resolved_onnx_threads)
         yield

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
+from anyio import CapacityLimiter
 from fastapi import Depends, Request
 
 from service.faces import FaceCropper
@@ -31,7 +32,13 @@ async def get_faces(request: Request) -> FaceCropper | None:
     return request.app.state.faces
 
 
+async def get_inference_limiter(request: Request) -> CapacityLimiter:
+    """Bounds the model calls running at once in this worker (inference_concurrency)."""
+    return request.app.state.inference_limiter
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
 FacesDep = Annotated[FaceCropper | None, Depends(get_faces)]
+InferenceLimiterDep = Annotated[CapacityLimiter, Depends(get_inference_limiter)]

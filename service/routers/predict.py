@@ -1,12 +1,13 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Annotated
 
+import anyio.to_thread
 from fastapi import APIRouter, Query, Request
-from starlette.concurrency import run_in_threadpool
 
-from service.deps import FacesDep, MetricsDep, RegistryDep, SettingsDep
+from service.deps import FacesDep, InferenceLimiterDep, MetricsDep, RegistryDep, SettingsDep
 from service.errors import ApiError, ErrorBody, status_of
 from service.inference import FacesMode, predict_uploads
 from service.preprocessing import ALLOWED_FORMATS, INPUT_SIZE, PreprocessingError
@@ -65,6 +66,7 @@ async def predict_emotions(
     registry: RegistryDep,
     metrics: MetricsDep,
     faces_dep: FacesDep,
+    limiter: InferenceLimiterDep,
     model: Annotated[str | None, Query(description="`cnn` or `knn`; default from settings.",
                                        examples=["cnn"])] = None,
     faces: Annotated[FacesMode | None, Query(description="`auto`, `all` or `none`; default "
@@ -85,8 +87,11 @@ async def predict_emotions(
                        "verification at start-up", headers={"Retry-After": "60"})
     uploads = await read_uploads(request, settings)
     metrics.images_per_request.observe(len(uploads))
-    results = await run_in_threadpool(predict_uploads, loaded, uploads, settings.limits, metrics,
-                                      mode, faces_dep, settings.max_faces_per_image)
+    # Off the event loop, and at most inference_concurrency at once: the rest wait here
+    # without holding a thread.
+    results = await anyio.to_thread.run_sync(
+        partial(predict_uploads, loaded, uploads, settings.limits, metrics, mode, faces_dep,
+                settings.max_faces_per_image), limiter=limiter)
     if len(results) == 1 and isinstance(results[0], PreprocessingError):
         raise ApiError(status_of(results[0]), results[0].code, str(results[0]))
     predictions = []

@@ -1,0 +1,91 @@
+"""Settings that size the service to its machine: CPUs seen through a container's quota, and
+the worker, thread and inference-concurrency defaults derived from them."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from fastapi.testclient import TestClient
+
+import service.routers.predict as predict_router
+from service.app import create_app
+from service.settings import REPO_MODELS_DIR, Settings, cgroup_cpu_quota, container_cpus
+from tests.images import encode, gray_image
+
+AFFINITY = len(os.sched_getaffinity(0))
+
+
+def write_v2(root, text: str):
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "cpu.max").write_text(text)
+    return root
+
+
+def write_v1(root, quota: int, period: int):
+    (root / "cpu").mkdir(parents=True)
+    (root / "cpu" / "cpu.cfs_quota_us").write_text(f"{quota}\n")
+    (root / "cpu" / "cpu.cfs_period_us").write_text(f"{period}\n")
+    return root
+
+
+def test_cgroup_quota_is_read_from_v2_then_v1(tmp_path):
+    assert cgroup_cpu_quota(write_v2(tmp_path / "a", "150000 100000\n")) == 1.5
+    assert cgroup_cpu_quota(write_v2(tmp_path / "b", "max 100000\n")) is None
+    assert cgroup_cpu_quota(write_v1(tmp_path / "c", 200000, 100000)) == 2.0
+    assert cgroup_cpu_quota(write_v1(tmp_path / "d", -1, 100000)) is None
+    assert cgroup_cpu_quota(tmp_path / "missing") is None
+    assert cgroup_cpu_quota(write_v2(tmp_path / "e", "garbage\n")) is None
+
+
+def test_container_cpus_is_the_affinity_capped_by_the_quota_rounded_up(tmp_path):
+    assert container_cpus(tmp_path / "none") == AFFINITY
+    assert container_cpus(write_v2(tmp_path / "half", "50000 100000")) == 1
+    assert container_cpus(write_v2(tmp_path / "big", "6400000 100000")) == AFFINITY
+    if AFFINITY >= 2:
+        assert container_cpus(write_v2(tmp_path / "onehalf", "150000 100000")) == 2
+
+
+def test_defaults_divide_the_cpus_between_workers():
+    cpus = container_cpus()
+    auto = Settings()
+    assert auto.resolved_workers == cpus
+    assert auto.resolved_onnx_threads == 1
+    assert auto.resolved_inference_concurrency == 2
+    one = Settings(workers=1)
+    assert one.resolved_onnx_threads == cpus
+    assert one.resolved_inference_concurrency == cpus + 1
+    fixed = Settings(workers=1, onnx_threads=3, inference_concurrency=5)
+    assert (fixed.resolved_onnx_threads, fixed.resolved_inference_concurrency) == (3, 5)
+
+
+@pytest.mark.parametrize("limit", [1, 3])
+def test_inference_concurrency_bounds_model_calls_and_every_request_is_answered(
+        monkeypatch, limit):
+    running, peak, lock = 0, 0, threading.Lock()
+    real = predict_router.predict_uploads
+
+    def slow_predict(*args, **kwargs):
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        try:
+            time.sleep(0.05)
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(predict_router, "predict_uploads", slow_predict)
+    settings = Settings(models_dir=REPO_MODELS_DIR, workers=1, onnx_threads=1,
+                        inference_concurrency=limit)
+    image = encode(gray_image(80, 80))
+    with TestClient(create_app(settings)) as client, ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(lambda _: client.post(
+            "/predict", files={"file": ("a.png", image, "image/png")}).status_code, range(8)))
+    assert statuses == [200] * 8
+    assert peak == limit
