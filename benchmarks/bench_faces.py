@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=30, help="detector runs per size")
     parser.add_argument("--requests", type=int, default=100, help="HTTP requests per mode")
     args = parser.parse_args(argv)
-    threads = Settings().resolved_onnx_threads
+    threads = Settings(workers=1).resolved_onnx_threads  # as in the one-worker server below
     cropper = FaceCropper(load_face_crop(REPO_MODELS_DIR), threads)
     photos = {size: photo(load_faces(1)[0], size) for size in SIZES}
     detector = {}

@@ -83,6 +83,9 @@ def latency_ms(outcomes: list[Outcome], q: float) -> float:
 def describe(outcomes: list[Outcome], wall: float) -> str:
     statuses = Counter(o.status for o in outcomes)
     ok = [o for o in outcomes if o.status == 200]
+    errors = Counter(o.error for o in outcomes if o.error)
+    broken = f" (connection errors {dict(errors)})" if errors else ""
     return (f"{len(outcomes)} requests in {wall:.1f} s, statuses {dict(sorted(statuses.items()))}"
+            f"{broken}"
             f"; 200s: p50 {latency_ms(ok, 50):.1f} ms, p99 {latency_ms(ok, 99):.1f} ms, "
             f"{len(ok) / wall:.0f} requests/s")
