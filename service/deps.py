@@ -1,9 +1,9 @@
 """Typed dependencies: routes get settings, models and metrics from here, never from globals.
 
 Every dependency is ``async def`` although none awaits anything: FastAPI calls a plain
-``def`` dependency through its threadpool, and four thread round trips per request measured
-about 0.3 ms, a third of the shipped CNN's whole bare path. Reading ``app.state`` cannot
-block the event loop.
+``def`` dependency through its threadpool: with four of them, /predict's body started 319 us
+after the middleware, against 117 us once they were async, on a model whose whole bare path
+takes about 0.9 ms. Reading ``app.state`` cannot block the event loop.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ def cgroup_cpu_quota(root: Path = CGROUP_ROOT) -> float | None:
         if quota != "max":
             return int(quota) / int(period)
         return None
-    except (OSError, ValueError):
+    except (OSError, ValueError, ZeroDivisionError):
         pass
     try:
         quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())

@@ -39,6 +39,7 @@ def test_cgroup_quota_is_read_from_v2_then_v1(tmp_path):
     assert cgroup_cpu_quota(write_v1(tmp_path / "d", -1, 100000)) is None
     assert cgroup_cpu_quota(tmp_path / "missing") is None
     assert cgroup_cpu_quota(write_v2(tmp_path / "e", "garbage\n")) is None
+    assert cgroup_cpu_quota(write_v2(tmp_path / "f", "100000 0\n")) is None
 
 
 def test_container_cpus_is_the_affinity_capped_by_the_quota_rounded_up(tmp_path):
