@@ -107,6 +107,12 @@ def main(argv: list[str] | None = None) -> None:
         many, many_failed, wall = http_times(base, posts, n * args.rounds, args.concurrency)
         _, raw_many_failed, raw_wall = http_times(base, raws, n * args.rounds,
                                                   args.concurrency)
+        # A batch of 16 images is one request and one model call.
+        batches = [multipart_request(host, "/predict", [(f"face{k}.jpg", faces[(i + k) % 64])
+                                                         for k in range(16)])
+                   for i in range(0, 64, 16)]
+        http_times(base, batches, 10, 1)
+        batch16, batch_failed, _ = http_times(base, batches, max(n // 10, 20), 1)
     bare_p50, bare_rate = ms(bare_times), 1 / np.mean(bare_times)
     rate, raw_rate = n * args.rounds / wall, n * args.rounds / raw_wall
     print(f"bare path (decode, preprocess, ONNX Runtime, {threads} thread(s)): p50 "
@@ -128,6 +134,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"/predict concurrency {args.concurrency}: multipart {rate:.0f} images/s (p50 "
           f"{ms(many):.2f} ms, p99 {ms(many, 99):.2f} ms, failures {many_failed}); raw body "
           f"{raw_rate:.0f} images/s (failures {raw_many_failed})")
+    print(f"/predict batch of 16 images, concurrency 1: p50 {ms(batch16):.2f} ms, p99 "
+          f"{ms(batch16, 99):.2f} ms ({ms(batch16) / 16:.3f} ms per image), failures "
+          f"{batch_failed}")
     print(f"service overhead at p50: {ms(single) - bare_p50:.3f} ms per request, of which "
           f"the HTTP floor is {ms(floor):.3f} ms")
     print(f"ratios: p50 {ms(single) / bare_p50:.2f}x the bare path (goal <= 1.3); throughput "
