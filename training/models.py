@@ -3,7 +3,8 @@
 Every network takes the service's contract, float32 ``[N, 1, 350, 350]`` in [0, 1], and
 reduces resolution first with a fixed average pool (the *stem*), so convolutions run at
 :attr:`ModelConfig.resolution` pixels (88 by default): a step at 350x350 costs 40 times
-one at 64x64 on a 2-core CPU.
+one at 64x64 on a 2-core CPU. ``fer_xception`` resizes the pooled image once more, to the
+64x64 its FER2013 weights were trained at, so its convolutions run at 64 px whatever the pool.
 Because the stem has no parameters, training feeds the pooled images straight to the
 *body*; the exported model is stem + body + softmax, which computes the same thing.
 """
