@@ -11,7 +11,9 @@ FROM python:3.11-slim
 RUN useradd --create-home --uid 10001 app
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
-COPY models/emotion_cnn.onnx models/emotion_knn.joblib models/manifest.json models/face_crop.json ./models/
+COPY models/emotion_cnn.onnx models/emotion_knn.joblib models/manifest.json \
+     models/face_crop.json models/face_pnet.onnx models/face_rnet.onnx models/face_onet.onnx \
+     ./models/
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     EMOTION_MODELS_DIR=/app/models

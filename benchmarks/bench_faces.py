@@ -21,7 +21,7 @@ from PIL import Image
 from benchmarks.load import load_faces
 from service.faces import FaceCropper, load_face_crop
 from service.preprocessing import decode_grayscale
-from service.settings import REPO_MODELS_DIR, Settings
+from service.settings import REPO_MODELS_DIR
 from tests.server import running_server
 
 SIZES = ((640, 480), (1920, 1080))
@@ -68,14 +68,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=30, help="detector runs per size")
     parser.add_argument("--requests", type=int, default=100, help="HTTP requests per mode")
     args = parser.parse_args(argv)
-    threads = Settings(workers=1).resolved_onnx_threads  # as in the one-worker server below
-    cropper = FaceCropper(load_face_crop(REPO_MODELS_DIR), threads)
+    cropper = FaceCropper(load_face_crop(REPO_MODELS_DIR), REPO_MODELS_DIR)
     photos = {size: photo(load_faces(1)[0], size) for size in SIZES}
     detector = {}
     for size, data in photos.items():
         detector[size], found = detector_ms(cropper, data, args.repeats)
         print(f"detector at {size[0]}x{size[1]}: {detector[size]:.1f} ms per image "
-              f"({threads} threads, {found} face found)")
+              f"(one thread, {found} face found)")
     with running_server() as base:
         for size, data in photos.items():
             auto = predict_p50(base, data, "auto", args.requests)

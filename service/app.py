@@ -28,10 +28,10 @@ actors, so they are meant for such crops.
 """
 
 
-def load_face_cropper(models_dir, threads: int) -> tuple[FaceCropper | None, str | None]:
+def load_face_cropper(models_dir) -> tuple[FaceCropper | None, str | None]:
     """The detector and crop geometry, or None and why: faces=none still serves without."""
     try:
-        cropper = FaceCropper(load_face_crop(models_dir), threads)
+        cropper = FaceCropper(load_face_crop(models_dir), models_dir)
         cropper.faces(Image.new("L", (INPUT_SIZE, INPUT_SIZE)))  # warm up
     except Exception as exc:  # a missing or broken file must not stop the models serving
         reason = f"face detection refused: {type(exc).__name__}: {exc}"
@@ -57,8 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.registry = registry
         app.state.inference_limiter = anyio.CapacityLimiter(
             settings.resolved_inference_concurrency)
-        app.state.faces, app.state.faces_error = load_face_cropper(settings.models_dir,
-                                                                  settings.resolved_onnx_threads)
+        app.state.faces, app.state.faces_error = load_face_cropper(settings.models_dir)
         yield
 
     app = FastAPI(title="Emotion detection", version="0.1.0", description=DESCRIPTION,

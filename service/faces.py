@@ -1,18 +1,20 @@
 """Find faces in a photo and crop each one the way the training images are cropped.
 
 The training images are tight face crops. A user's photo is a head with shoulders and a
-background, so the service first finds the face with OpenCV's frontal-face Haar cascade
-(its weights ship inside the opencv-python-headless wheel; nothing is downloaded), then cuts
-a square around it placed so that the face sits where faces sit in the training crops. That
-placement, :class:`CropGeometry`, is learned from the training split by
-``python -m training face-geometry`` and shipped as ``models/face_crop.json``. Why this
-detector over mediapipe, dlib or MTCNN: ``benchmarks/FACE_DETECTORS.md``.
+background, so the service first finds the face with MTCNN (Zhang et al. 2016: a proposal
+network over an image pyramid, then two networks that refine and re-score each candidate),
+then cuts a square around it placed so that the face sits where faces sit in the training
+crops. The three networks run in ONNX Runtime, already the models' runtime, from
+``models/face_{pnet,rnet,onet}.onnx``: ``python -m training face-detector`` exports them
+from the weights inside the facenet-pytorch wheel (``training/face_detector.py``), and each
+file's SHA-256 is checked before it is loaded. The crop placement, :class:`CropGeometry`,
+is learned from the training split by ``python -m training face-geometry``; both are
+recorded in ``models/face_crop.json``. Why this detector: ``benchmarks/FACE_DETECTORS.md``.
 """
 
 from __future__ import annotations
 
 import json
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +22,11 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, Field
 
+from service.manifest import SafeFileName, sha256_bytes
+from service.models import onnx_session
 from service.preprocessing import INPUT_SIZE, RESAMPLE
 
 FACE_CROP_FILE = "face_crop.json"
-CASCADE_FILE = "haarcascade_frontalface_default.xml"
 REFINE_MIN_SIZE_RATIO = 0.5
 
 
@@ -52,10 +55,18 @@ class Box:
         return inter / union if union > 0 else 0.0
 
 
+class NetworkFile(BaseModel):
+    file: SafeFileName
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 class DetectorConfig(BaseModel):
-    cascade: str = CASCADE_FILE
-    scale_factor: float = Field(1.1, gt=1.0)
-    min_neighbors: int = Field(5, ge=0)
+    networks: dict[str, NetworkFile] = Field(description="MTCNN stage (pnet, rnet, onet) -> "
+                                                         "its ONNX file in the models folder")
+    thresholds: tuple[float, float, float] = Field(
+        (0.6, 0.7, 0.7), description="face probability each stage keeps a candidate at")
+    pyramid_factor: float = Field(0.709, gt=0.3, lt=1.0, description="scale step of the "
+                                  "image pyramid the proposal network runs over")
     min_size_ratio: float = Field(0.125, gt=0, le=1,
                                   description="smallest face, as a share of the shorter side")
     max_side: int = Field(320, gt=0, description="longer side the image is shrunk to before "
@@ -102,42 +113,141 @@ def load_face_crop(models_dir: Path) -> FaceCropSpec:
     return FaceCropSpec.model_validate(json.loads((models_dir / FACE_CROP_FILE).read_text()))
 
 
+STAGES = ("pnet", "rnet", "onet")
+CELL = 12  # the proposal network's window: the smallest face it sees at scale 1
+
+
+def non_max_suppression(boxes: np.ndarray, threshold: float, method: str = "union"
+                        ) -> np.ndarray:
+    """Indices of the boxes (rows x1, y1, x2, y2, score) kept, best score first."""
+    x1, y1, x2, y2, score = boxes[:, :5].T
+    area = (x2 - x1 + 1) * (y2 - y1 + 1)
+    order, keep = np.argsort(-score, kind="stable"), []
+    while order.size:
+        i, rest = order[0], order[1:]
+        keep.append(i)
+        width = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + 1)
+        height = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + 1)
+        inter = width * height
+        overlap = inter / (np.minimum(area[i], area[rest]) if method == "min"
+                           else area[i] + area[rest] - inter)
+        order = rest[overlap <= threshold]
+    return np.array(keep, dtype=int)
+
+
+def _regress(boxes: np.ndarray, offsets: np.ndarray, plus_one: bool = True) -> np.ndarray:
+    extra = 1.0 if plus_one else 0.0
+    width = boxes[:, 2] - boxes[:, 0] + extra
+    height = boxes[:, 3] - boxes[:, 1] + extra
+    out = boxes.copy()
+    out[:, :4] += offsets[:, :4] * np.stack([width, height, width, height], axis=1)
+    return out
+
+
+def _square(boxes: np.ndarray) -> np.ndarray:
+    width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    side = np.maximum(width, height)
+    out = boxes.copy()
+    out[:, 0] += (width - side) / 2
+    out[:, 1] += (height - side) / 2
+    out[:, 2:4] = out[:, :2] + side[:, None]
+    return out
+
+
 class FaceDetector:
-    """The Haar cascade, one instance per thread (OpenCV does not promise that one
-    classifier may be used from several threads at once)."""
+    """MTCNN on ONNX Runtime, as facenet-pytorch runs it, on one gray channel.
 
-    def __init__(self, config: DetectorConfig | None = None):
-        import cv2
+    ONNX Runtime sessions may be used from several threads at once, so one instance serves
+    every request of a worker. Each session runs on one thread: the networks are so small
+    that a second thread only adds synchronisation (a 640x480 photo took 21 ms on one
+    thread, 46 ms on two).
+    """
 
-        self.config = config = config or DetectorConfig()
-        self._path = str(Path(cv2.data.haarcascades) / config.cascade)
-        self._local = threading.local()
-        if self._classifier().empty():
-            raise RuntimeError(f"cannot load the face cascade {self._path}")
+    def __init__(self, config: DetectorConfig, models_dir: Path):
+        self.config = config
+        self.sessions = {}
+        for stage in STAGES:
+            network = config.networks[stage]
+            data = (models_dir / network.file).read_bytes()
+            digest = sha256_bytes(data)
+            if digest != network.sha256:
+                raise ValueError(f"{network.file} has sha256 {digest[:12]}…, expected "
+                                 f"{network.sha256[:12]}…: refused")
+            self.sessions[stage] = onnx_session(data, threads=1)
 
-    def _classifier(self):
-        classifier = getattr(self._local, "classifier", None)
-        if classifier is None:
-            import cv2
-
-            classifier = self._local.classifier = cv2.CascadeClassifier(self._path)
-        return classifier
+    def _run(self, stage: str, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        offsets, probability = self.sessions[stage].run(None, {"pixels": pixels})
+        return offsets, probability
 
     def detect(self, gray: np.ndarray, min_size_ratio: float | None = None) -> list[Box]:
         """Faces in a uint8 grayscale array, largest first, in its pixel coordinates."""
         height, width = gray.shape
         shrink = min(1.0, self.config.max_side / max(height, width))
-        small = gray
+        image = Image.fromarray(gray)
         if shrink < 1.0:
-            size = (max(1, round(width * shrink)), max(1, round(height * shrink)))
-            small = np.asarray(Image.fromarray(gray).resize(size, Image.Resampling.BILINEAR))
+            image = image.resize((max(1, round(width * shrink)), max(1, round(height * shrink))),
+                                 Image.Resampling.BILINEAR)
         ratio = min_size_ratio or self.config.min_size_ratio
-        side = max(1, int(min(small.shape) * ratio))
-        found = self._classifier().detectMultiScale(
-            small, scaleFactor=self.config.scale_factor, minNeighbors=self.config.min_neighbors,
-            minSize=(side, side))
-        boxes = [Box(*map(float, b)).scaled(1 / shrink, 1 / shrink) for b in found]
-        return sorted(boxes, key=lambda b: b.area, reverse=True)
+        boxes = self._propose(image, max(CELL, min(image.size) * ratio))
+        boxes = self._check(image, boxes, "rnet", 24)
+        boxes = self._check(image, boxes, "onet", 48)
+        found = [Box(x1, y1, x2 - x1, y2 - y1).scaled(1 / shrink, 1 / shrink)
+                 for x1, y1, x2, y2 in boxes[:, :4].tolist()]
+        return sorted(found, key=lambda b: b.area, reverse=True)
+
+    def _propose(self, image: Image.Image, min_face: float) -> np.ndarray:
+        """Stage 1: the proposal network over a pyramid that starts where a face of
+        ``min_face`` pixels fills its 12-pixel window."""
+        width, height = image.size
+        scale = CELL / min_face
+        shorter = min(width, height) * scale
+        found = []
+        while shorter >= CELL:
+            size = (int(width * scale + 1), int(height * scale + 1))
+            pixels = np.asarray(image.resize(size, Image.Resampling.BOX), dtype=np.float32)
+            offsets, probability = self._run("pnet", pixels[None, None])
+            rows, cols = np.nonzero(probability[0] >= self.config.thresholds[0])
+            if rows.size:
+                # Each output cell is a 12x12 window every 2 pixels of the scaled image.
+                boxes = np.column_stack([
+                    np.floor((2 * cols + 1) / scale), np.floor((2 * rows + 1) / scale),
+                    np.floor((2 * cols + CELL) / scale), np.floor((2 * rows + CELL) / scale),
+                    probability[0, rows, cols], offsets[0][:, rows, cols].T])
+                found.append(boxes[non_max_suppression(boxes, 0.5)])
+            scale *= self.config.pyramid_factor
+            shorter *= self.config.pyramid_factor
+        if not found:
+            return np.zeros((0, 5))
+        boxes = np.concatenate(found)
+        boxes = boxes[non_max_suppression(boxes, 0.7)]
+        return _square(_regress(boxes[:, :5], boxes[:, 5:9], plus_one=False))
+
+    def _check(self, image: Image.Image, boxes: np.ndarray, stage: str, side: int
+               ) -> np.ndarray:
+        """Stages 2 and 3: re-score each candidate on its own crop and refine its box."""
+        if not len(boxes):
+            return boxes
+        width, height = image.size
+        corners = np.trunc(boxes[:, :4]).astype(int)
+        x, y = np.maximum(corners[:, 0], 1), np.maximum(corners[:, 1], 1)
+        ex, ey = np.minimum(corners[:, 2], width), np.minimum(corners[:, 3], height)
+        inside = (ex > x - 1) & (ey > y - 1)
+        boxes = boxes[inside]
+        if not len(boxes):
+            return boxes
+        crops = np.stack([np.asarray(image.resize((side, side), Image.Resampling.BOX,
+                                                  box=(int(a) - 1, int(b) - 1, int(c), int(d))))
+                          for a, b, c, d in zip(x[inside], y[inside], ex[inside], ey[inside],
+                                                strict=True)])
+        offsets, probability = self._run(stage, crops[:, None].astype(np.float32))
+        keep = probability > self.config.thresholds[STAGES.index(stage)]
+        boxes = np.column_stack([boxes[keep, :4], probability[keep]])
+        offsets = offsets[keep]
+        if stage == "rnet":
+            picked = non_max_suppression(boxes, 0.7)
+            return _square(_regress(boxes[picked], offsets[picked]))
+        boxes = _regress(boxes, offsets)
+        return boxes[non_max_suppression(boxes, 0.7, method="min")]
 
 
 def crop_region(gray: Image.Image, region: Box) -> Image.Image:
@@ -157,13 +267,9 @@ def crop_region(gray: Image.Image, region: Box) -> Image.Image:
 class FaceCropper:
     """Detector plus geometry: what the service uses for ``faces=auto|all``."""
 
-    def __init__(self, spec: FaceCropSpec, threads: int | None = None):
-        if threads:
-            import cv2
-
-            cv2.setNumThreads(threads)  # the worker's share of the CPUs, as ONNX Runtime's
+    def __init__(self, spec: FaceCropSpec, models_dir: Path):
         self.spec = spec
-        self.detector = FaceDetector(spec.detector)
+        self.detector = FaceDetector(spec.detector, models_dir)
 
     def faces(self, gray: Image.Image) -> list[Box]:
         found = self.detector.detect(np.asarray(gray))

@@ -5,13 +5,17 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
 from service.classes import CLASS_NAMES
 
 MANIFEST_FILE = "manifest.json"
+
+
+# A bare file name inside the models folder: a manifest cannot point elsewhere.
+SafeFileName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")]
 
 
 class ManifestError(RuntimeError):
@@ -49,8 +53,7 @@ class DataProvenance(BaseModel):
 
 
 class ModelEntry(BaseModel):
-    # A bare file name inside the models folder: a manifest cannot point elsewhere.
-    file: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+    file: SafeFileName
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     bytes: int
     kind: Literal["onnx", "sklearn"]

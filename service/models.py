@@ -22,16 +22,22 @@ class Classifier(Protocol):
         """float32 ``[N, 350, 350]`` in [0, 1] -> probabilities ``[N, 8]``."""
 
 
+def onnx_session(data: bytes, threads: int):
+    """An ONNX Runtime session on the CPU with ``threads`` intra-op threads (the worker's
+    share of the container's CPUs), one operator at a time."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
 class OnnxClassifier:
     def __init__(self, data: bytes, entry: ModelEntry, threads: int):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        self.session = onnx_session(data, threads)
         self.input_name = entry.input.name
         self.output_name = entry.output.name
 

@@ -18,7 +18,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
-from service.faces import Box, CropGeometry, crop_region, load_face_crop
+from service.faces import Box, CropGeometry, crop_region, load_face_crop, non_max_suppression
 from service.settings import REPO_MODELS_DIR, Settings
 from tests.images import encode
 
@@ -169,20 +169,36 @@ def test_unknown_faces_mode_is_a_422(client):
     assert response.status_code == 422 and response.json()["code"] == "invalid_request"
 
 
-@pytest.mark.parametrize("content", [None, '{"detector": {}, "geometry": {"center_x": 7}}'])
-def test_without_a_usable_face_file_faces_none_still_serves(tmp_path, content):
+@pytest.mark.parametrize("content", [None, '{"detector": {}, "geometry": {"center_x": 7}}',
+                                     "tampered network"])
+def test_without_a_usable_face_file_faces_none_still_serves(tmp_path, content, monkeypatch):
     import shutil
 
     for path in REPO_MODELS_DIR.iterdir():
-        if path.name != "face_crop.json":
+        if path.name != "face_crop.json" or content == "tampered network":
             shutil.copy(path, tmp_path / path.name)
-    if content is not None:
+    loaded = []
+    if content == "tampered network":
+        network = tmp_path / load_face_crop(REPO_MODELS_DIR).detector.networks["rnet"].file
+        data = bytearray(network.read_bytes())
+        data[len(data) // 2] ^= 1
+        network.write_bytes(bytes(data))
+        import service.faces
+
+        real_session = service.faces.onnx_session
+        monkeypatch.setattr(service.faces, "onnx_session",
+                            lambda data, threads: loaded.append(data)
+                            or real_session(data, threads=threads))
+    elif content is not None:
         (tmp_path / "face_crop.json").write_text(content)
     app = create_app(Settings(models_dir=tmp_path, onnx_threads=1))
     image = encode(Image.new("L", (60, 60), 80))
     with TestClient(app) as client:
         ready = client.get("/readyz")
         assert ready.status_code == 503 and ready.json()["faces"].startswith("face detection")
+        if content == "tampered network":
+            assert "face_rnet.onnx" in ready.json()["faces"]
+            assert loaded and bytes(data) not in loaded  # refused before ONNX Runtime saw it
         assert ready.json()["models"] == {"cnn": "ready", "knn": "ready"}
         auto = client.post("/predict?faces=auto", files={"file": ("a.png", image, "image/png")})
         assert auto.status_code == 503 and auto.json()["code"] == "faces_unavailable"
@@ -198,3 +214,13 @@ def test_all_keeps_only_the_largest_faces_up_to_the_limit(geometry, test_crops):
     with TestClient(create_app(settings)) as limited:
         [prediction] = predict(limited, canvas, "all")
     assert as_box(prediction["face"]).iou(geometry.face_in(big)) >= 0.5
+
+
+def test_non_max_suppression_keeps_the_best_of_each_overlapping_group():
+    boxes = np.array([[0, 0, 99, 99, 0.8],      # a face
+                      [5, 5, 104, 104, 0.9],    # the same face, better scored
+                      [200, 0, 299, 99, 0.7],   # another face
+                      [20, 20, 59, 59, 0.95]])  # inside the first, small
+    assert non_max_suppression(boxes, 0.5).tolist() == [3, 1, 2]
+    # "min" divides by the smaller box: one inside another counts as the same face.
+    assert non_max_suppression(boxes, 0.5, method="min").tolist() == [3, 2]

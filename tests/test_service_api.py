@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.classes import CLASS_NAMES
-from service.manifest import ManifestError, load_manifest
+from service.manifest import ManifestError, load_manifest, sha256_bytes
 from service.preprocessing import preprocess_image
 from service.settings import REPO_MODELS_DIR, Settings
 from tests.api import assert_error
@@ -236,17 +236,19 @@ def test_a_tampered_artifact_is_refused_and_the_other_model_serves(
     import joblib
     import onnxruntime
 
+    # What each loader is handed, by SHA-256 (the face detector's networks load too).
     real_joblib, real_session = joblib.load, onnxruntime.InferenceSession
-    monkeypatch.setattr(joblib, "load", lambda *a, **k: loaded.append("joblib")
-                        or real_joblib(*a, **k))
-    monkeypatch.setattr(onnxruntime, "InferenceSession",
-                        lambda *a, **k: loaded.append("onnx") or real_session(*a, **k))
+    monkeypatch.setattr(joblib, "load", lambda file, *a, **k: loaded.append(
+        sha256_bytes(file.getvalue())) or real_joblib(file, *a, **k))
+    monkeypatch.setattr(onnxruntime, "InferenceSession", lambda data, *a, **k: loaded.append(
+        sha256_bytes(data)) or real_session(data, *a, **k))
     with TestClient(create_app(settings.model_copy(update={"models_dir": folder}))) as client:
         ready = client.get("/readyz")
         assert ready.status_code == 503
         assert "refused" in ready.json()["models"][broken]
         assert ready.json()["models"][healthy] == "ready"
-        assert loaded == (["onnx"] if broken == "knn" else ["joblib"])
+        assert manifest.models[healthy].sha256 in loaded
+        assert sha256_bytes((folder / manifest.models[broken].file).read_bytes()) not in loaded
         assert_error(post_file(client, png_bytes(), model=broken), 503, "model_unavailable")
         assert post_file(client, png_bytes(), model=healthy).status_code == 200
 

@@ -168,3 +168,27 @@ def test_committed_reports_are_from_a_full_run_of_every_experiment():
         assert (REPORTS_DIR / name / "confusion_test.png").is_file()
     readme = (REPORTS_DIR / "README.md").read_text()
     assert all(f"| {name} |" in readme for name in EXPERIMENTS)
+
+
+def test_shipped_face_detector_networks_are_mtcnn_on_one_gray_channel(data_settings):
+    """The ONNX files in models/ give what facenet-pytorch's RGB networks give on a gray
+    image (three equal channels), so collapsing the first convolution lost nothing."""
+    import onnxruntime as ort
+
+    from service.faces import load_face_crop
+    from service.settings import REPO_MODELS_DIR
+    from training.face_detector import load_networks
+
+    nets = load_networks(data_settings.cache_dir / "pretrained")
+    spec = load_face_crop(REPO_MODELS_DIR)
+    rng = np.random.default_rng(0)
+    for stage, shape in (("pnet", (3, 1, 57, 80)), ("rnet", (9, 1, 24, 24)),
+                         ("onet", (9, 1, 48, 48))):
+        gray = rng.integers(0, 256, shape).astype(np.float32)
+        path = REPO_MODELS_DIR / spec.detector.networks[stage].file
+        offsets, probability = ort.InferenceSession(str(path)).run(None, {"pixels": gray})
+        rgb = torch.from_numpy(np.repeat(gray, 3, axis=1))
+        with torch.no_grad():
+            expected_offsets, expected = nets[stage]((rgb - 127.5) * 0.0078125)[:2]
+        assert np.abs(offsets - expected_offsets.numpy()).max() < 1e-4
+        assert np.abs(probability - expected[:, 1].numpy()).max() < 1e-4

@@ -1,6 +1,7 @@
 """Learn where faces sit in the training crops, and measure ``faces=auto`` against ``none``.
 
-``python -m training face-geometry`` runs the service's own detector over every train-split
+``python -m training face-geometry`` exports the detector's networks to ``models/``
+(``training/face_detector.py``), runs the service's own detector over every train-split
 crop (from the decode cache: exactly the 350x350 images the models learn from), takes the
 median placement of the face box among crops with exactly one face, and writes it with the
 detector's settings to ``models/face_crop.json``. It then classifies the identity split's
@@ -26,6 +27,7 @@ from service.faces import (
     FaceCropper,
     FaceCropSpec,
     FaceDetector,
+    NetworkFile,
 )
 from service.inference import model_inputs
 from service.manifest import load_manifest
@@ -33,6 +35,8 @@ from service.models import OnnxClassifier
 from service.preprocessing import INPUT_SIZE, decode_grayscale, pixels_to_input
 from training.data import open_cache, read_subsets
 from training.evaluate import classification_metrics
+from training.face_detector import FACENET_VERSION, export_networks
+from training.fetch import sha256_file
 from training.provenance import code_commit
 from training.settings import DataSettings
 
@@ -58,7 +62,7 @@ def learn_geometry(settings: DataSettings, detector: FaceDetector,
     found = np.array(found)
     learned = {
         "split": "identity", "subset": "train", "images": int(len(found)),
-        "opencv": opencv_version(),
+        "detector": f"MTCNN from facenet-pytorch {FACENET_VERSION}, ONNX Runtime",
         "share_with_a_face": round(float((found >= 1).mean()), 4),
         "share_with_exactly_one_face": round(float((found == 1).mean()), 4),
         "interquartile_range": {key: [round(float(a), 4), round(float(b), 4)] for key, a, b in
@@ -66,12 +70,6 @@ def learn_geometry(settings: DataSettings, detector: FaceDetector,
                                     strict=True)},
     }
     return geometry, learned
-
-
-def opencv_version() -> str:
-    import cv2
-
-    return cv2.__version__
 
 
 def evaluate_modes(settings: DataSettings, cropper: FaceCropper, models_dir: Path,
@@ -103,15 +101,22 @@ def evaluate_modes(settings: DataSettings, cropper: FaceCropper, models_dir: Pat
     return out
 
 
+def export_detector(settings: DataSettings, models_dir: Path, **options) -> DetectorConfig:
+    """The detector's ONNX files in ``models_dir`` and a configuration naming them."""
+    paths = export_networks(settings.cache_dir / "pretrained", models_dir)
+    return DetectorConfig(networks={stage: NetworkFile(file=path.name, sha256=sha256_file(path))
+                                    for stage, path in paths.items()}, **options)
+
+
 def build_face_crop(settings: DataSettings, models_dir: Path, limit: int | None = None,
-                    detector_config: DetectorConfig | None = None) -> FaceCropSpec:
+                    **detector_options) -> FaceCropSpec:
     started = time.perf_counter()
-    detector = FaceDetector(detector_config)
-    geometry, learned = learn_geometry(settings, detector, limit)
-    spec = FaceCropSpec(detector=detector.config, geometry=geometry, learned_from=learned,
+    config = export_detector(settings, models_dir, **detector_options)
+    geometry, learned = learn_geometry(settings, FaceDetector(config, models_dir), limit)
+    spec = FaceCropSpec(detector=config, geometry=geometry, learned_from=learned,
                         code_commit=code_commit(),
                         created_at=datetime.now(UTC).isoformat(timespec="seconds"))
-    spec.evaluation = evaluate_modes(settings, FaceCropper(spec), models_dir, limit)
+    spec.evaluation = evaluate_modes(settings, FaceCropper(spec, models_dir), models_dir, limit)
     spec.learned_from["seconds"] = round(time.perf_counter() - started, 1)
     return spec
 
