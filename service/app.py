@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
-import anyio
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from PIL import Image
 
+from service.deps import Serving
 from service.errors import install_error_handlers
 from service.faces import FaceCropper, load_face_crop
 from service.manifest import load_manifest
@@ -54,15 +55,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             for split, subsets in model.entry.metrics.items():
                 for subset, values in subsets.items():
                     service_metrics.eval_macro_f1.labels(name, split, subset).set(values.macro_f1)
-        app.state.registry = registry
-        app.state.inference_limiter = anyio.CapacityLimiter(
-            settings.resolved_inference_concurrency)
-        app.state.faces, app.state.faces_error = load_face_cropper(settings.models_dir)
-        yield
+        # Model calls run on these threads, at most inference_concurrency at once; the rest
+        # queue inside the executor without holding a thread. A plain executor rather than
+        # anyio's to_thread with a limiter: about 40 us less per request on this machine.
+        executor = ThreadPoolExecutor(settings.resolved_inference_concurrency,
+                                      thread_name_prefix="inference")
+        faces, faces_error = load_face_cropper(settings.models_dir)
+        app.state.serving = Serving(registry, service_metrics, executor, faces, faces_error)
+        try:
+            yield
+        finally:
+            executor.shutdown(wait=True, cancel_futures=True)
 
     app = FastAPI(title="Emotion detection", version="0.1.0", description=DESCRIPTION,
                   lifespan=lifespan)
-    app.state.metrics = service_metrics
     if settings is not load_settings():
         async def these_settings() -> Settings:
             return settings

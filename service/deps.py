@@ -1,16 +1,19 @@
-"""Typed dependencies: routes get settings, models and metrics from here, never from globals.
+"""Typed dependencies: routes get settings and the loaded state from here, never from globals.
 
-Every dependency is ``async def`` although none awaits anything: FastAPI calls a plain
-``def`` dependency through its threadpool: with four of them, /predict's body started 319 us
-after the middleware, against 117 us once they were async, on a model whose whole bare path
-takes about 0.9 ms. Reading ``app.state`` cannot block the event loop.
+Both are ``async def`` although neither awaits anything: FastAPI calls a plain ``def``
+dependency through its threadpool, a thread round trip per request (with four of them,
+/predict's body started 319 us after the middleware, against 117 us once they were async).
+What the lifespan loads is one :class:`Serving` rather than a dependency per piece: FastAPI
+spends its own time on every dependency of every request (measured here: four more async
+dependencies cost about 100 us per request with both cores busy).
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Annotated
 
-from anyio import CapacityLimiter
 from fastapi import Depends, Request
 
 from service.faces import FaceCropper
@@ -19,26 +22,21 @@ from service.observability import ServiceMetrics
 from service.settings import Settings, get_settings
 
 
-async def get_registry(request: Request) -> ModelRegistry:
-    return request.app.state.registry
+@dataclass(frozen=True)
+class Serving:
+    """What one worker loaded in its lifespan, read-only afterwards."""
+
+    registry: ModelRegistry
+    metrics: ServiceMetrics
+    # Model calls run on these threads, inference_concurrency of them in this worker.
+    executor: ThreadPoolExecutor
+    faces: FaceCropper | None  # None where it could not be loaded ...
+    faces_error: str | None  # ... and why (see /readyz)
 
 
-async def get_metrics(request: Request) -> ServiceMetrics:
-    return request.app.state.metrics
-
-
-async def get_faces(request: Request) -> FaceCropper | None:
-    """The face detector, or None where it could not be loaded (see /readyz)."""
-    return request.app.state.faces
-
-
-async def get_inference_limiter(request: Request) -> CapacityLimiter:
-    """Bounds the model calls running at once in this worker (inference_concurrency)."""
-    return request.app.state.inference_limiter
+async def get_serving(request: Request) -> Serving:
+    return request.app.state.serving
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
-MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
-FacesDep = Annotated[FaceCropper | None, Depends(get_faces)]
-InferenceLimiterDep = Annotated[CapacityLimiter, Depends(get_inference_limiter)]
+ServingDep = Annotated[Serving, Depends(get_serving)]

@@ -1,9 +1,9 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from service.deps import RegistryDep
+from service.deps import ServingDep
 from service.schemas import HealthResponse, ReadinessResponse
 
 # Probes and listings are async: they only read loaded state, and a plain def route costs a
@@ -20,10 +20,10 @@ async def read_health() -> HealthResponse:
             responses={503: {"model": ReadinessResponse, "description": "a model was refused"}},
             summary="Every model in the manifest is loaded and verified, and the face "
                     "detector is loaded")
-async def read_readiness(registry: RegistryDep, request: Request):
+async def read_readiness(serving: ServingDep):
+    registry = serving.registry
     models = {name: "ready" for name in registry.models}
     models.update(registry.failures)
-    faces_error = request.app.state.faces_error
-    ready = registry.ready and faces_error is None
-    body = ReadinessResponse(ready=ready, models=models, faces=faces_error or "ready")
+    ready = registry.ready and serving.faces_error is None
+    body = ReadinessResponse(ready=ready, models=models, faces=serving.faces_error or "ready")
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)

@@ -3,7 +3,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from service.classes import CLASS_NAMES
-from service.deps import RegistryDep
+from service.deps import ServingDep
 from service.schemas import ClassInfo, ModelPublic
 
 router = APIRouter(tags=["info"])
@@ -15,7 +15,8 @@ async def list_classes() -> list[ClassInfo]:
 
 
 @router.get("/models", response_model=list[ModelPublic], summary="The shipped models")
-async def list_models(registry: RegistryDep) -> list[ModelPublic]:
+async def list_models(serving: ServingDep) -> list[ModelPublic]:
+    registry = serving.registry
     return [
         ModelPublic(name=name, loaded=name in registry.models,
                     **entry.model_dump(include={

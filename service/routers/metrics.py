@@ -3,7 +3,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from service.deps import MetricsDep, RegistryDep
+from service.deps import ServingDep
 from service.observability import wants_prometheus
 
 router = APIRouter(tags=["metrics"])
@@ -15,7 +15,8 @@ router = APIRouter(tags=["metrics"])
             description="JSON (Accept `application/json`, `*/*` or none): each model's "
                         "evaluation metrics from the manifest and the live counters. "
                         "Prometheus text or OpenMetrics for a scraper that asks for them.")
-def read_metrics(request: Request, registry: RegistryDep, metrics: MetricsDep) -> Response:
+def read_metrics(request: Request, serving: ServingDep) -> Response:
+    registry, metrics = serving.registry, serving.metrics
     accept = request.headers.get("accept")
     if wants_prometheus(accept):
         body, content_type = metrics.render(accept or "")

@@ -1,13 +1,13 @@
 from __future__ import annotations
 
+import asyncio
 import time
 from functools import partial
 from typing import Annotated
 
-import anyio.to_thread
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 
-from service.deps import FacesDep, InferenceLimiterDep, MetricsDep, RegistryDep, SettingsDep
+from service.deps import ServingDep, SettingsDep
 from service.errors import ApiError, ErrorBody, status_of
 from service.inference import FacesMode, predict_uploads
 from service.preprocessing import ALLOWED_FORMATS, INPUT_SIZE, PreprocessingError
@@ -63,19 +63,17 @@ _REQUEST_BODY = {"requestBody": {"required": True, "content": {
 async def predict_emotions(
     request: Request,
     settings: SettingsDep,
-    registry: RegistryDep,
-    metrics: MetricsDep,
-    faces_dep: FacesDep,
-    limiter: InferenceLimiterDep,
+    serving: ServingDep,
     model: Annotated[str | None, Query(description="`cnn` or `knn`; default from settings.",
                                        examples=["cnn"])] = None,
     faces: Annotated[FacesMode | None, Query(description="`auto`, `all` or `none`; default "
                                              "from settings.", examples=["auto"])] = None,
-) -> PredictResponse:
+) -> Response:
     started = time.perf_counter()
     name = model or settings.default_model
     mode = faces or settings.default_faces
-    if mode != "none" and faces_dep is None:
+    registry, metrics = serving.registry, serving.metrics
+    if mode != "none" and serving.faces is None:
         raise ApiError(503, "faces_unavailable", "face detection is not available on this "
                        "server; use faces=none", headers={"Retry-After": "60"})
     if name not in registry.manifest.models:
@@ -87,11 +85,11 @@ async def predict_emotions(
                        "verification at start-up", headers={"Retry-After": "60"})
     uploads = await read_uploads(request, settings)
     metrics.images_per_request.observe(len(uploads))
-    # Off the event loop, and at most inference_concurrency at once: the rest wait here
-    # without holding a thread.
-    results = await anyio.to_thread.run_sync(
-        partial(predict_uploads, loaded, uploads, settings.limits, metrics, mode, faces_dep,
-                settings.max_faces_per_image), limiter=limiter)
+    # Off the event loop, and at most inference_concurrency at once: the rest wait in the
+    # executor's queue without holding a thread.
+    results = await asyncio.get_running_loop().run_in_executor(serving.executor, partial(
+        predict_uploads, loaded, uploads, settings.limits, metrics, mode, serving.faces,
+        settings.max_faces_per_image))
     if len(results) == 1 and isinstance(results[0], PreprocessingError):
         raise ApiError(status_of(results[0]), results[0].code, str(results[0]))
     predictions = []
@@ -101,5 +99,8 @@ async def predict_emotions(
                                           code=result.code))
         else:
             predictions.extend(result)
-    return PredictResponse(model=name, model_sha256=loaded.sha256, predictions=predictions,
-                           latency_ms=round((time.perf_counter() - started) * 1000, 3))
+    response = PredictResponse(model=name, model_sha256=loaded.sha256, predictions=predictions,
+                               latency_ms=round((time.perf_counter() - started) * 1000, 3))
+    # pydantic-core writes the JSON in one call; returning the model instead makes FastAPI
+    # dump it, validate it again against response_model and encode it with json.dumps.
+    return Response(response.model_dump_json(), media_type="application/json")
