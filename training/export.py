@@ -114,8 +114,11 @@ def choose_checkpoint(folder: Path) -> tuple[dict, list[dict]]:
     return best, runs
 
 
-def describe_cnn(config: dict) -> str:
-    tail = "balanced-softmax loss, test-time flip, validation-fitted class offsets"
+def describe_cnn(checkpoint: dict) -> str:
+    config = checkpoint["model_config"]
+    tau = checkpoint["train_config"].get("logit_tau", 1.0)
+    loss = "balanced-softmax loss" if tau == 1.0 else f"logit-adjusted loss (tau {tau})"
+    tail = f"{loss}, test-time flip, validation-fitted class offsets"
     size = config["resolution"]
     if config["arch"] == "fer_xception":
         return (f"Mini-Xception pretrained on FER2013 and fine-tuned whole (input pooled to "
@@ -174,7 +177,7 @@ def export_all(settings: DataSettings, checkpoints: Path = CHECKPOINTS_DIR,
     }
     cnn = ModelEntry(
         file=ONNX_FILE, sha256=sha256_file(onnx_path), bytes=onnx_path.stat().st_size,
-        kind="onnx", description=describe_cnn(best["model_config"]),
+        kind="onnx", description=describe_cnn(best),
         input=INPUT_SPEC, output=OUTPUT_SPEC, preprocessing_version=PREPROCESSING_VERSION,
         recipe={"model": best["model_config"], "train": best["train_config"],
                 "flip": best["flip"], "class_offsets": best["bias"], "opset": OPSET},

