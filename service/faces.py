@@ -5,11 +5,11 @@ background, so the service first finds the face with MTCNN (Zhang et al. 2016: a
 network over an image pyramid, then two networks that refine and re-score each candidate),
 then cuts a square around it placed so that the face sits where faces sit in the training
 crops. The three networks run in ONNX Runtime, already the models' runtime, from
-``models/face_{pnet,rnet,onet}.onnx``: ``python -m training face-detector`` exports them
-from the weights inside the facenet-pytorch wheel (``training/face_detector.py``), and each
-file's SHA-256 is checked before it is loaded. The crop placement, :class:`CropGeometry`,
-is learned from the training split by ``python -m training face-geometry``; both are
-recorded in ``models/face_crop.json``. Why this detector: ``benchmarks/FACE_DETECTORS.md``.
+``models/face_{pnet,rnet,onet}.onnx``, each checked against its SHA-256 before it is loaded.
+``python -m training face-geometry`` exports them from the weights inside the
+facenet-pytorch wheel (``training/face_detector.py``) and learns the crop placement,
+:class:`CropGeometry`, from the training split; ``models/face_crop.json`` records both. Why
+this detector: ``benchmarks/FACE_DETECTORS.md``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from service.manifest import SafeFileName, sha256_bytes
 from service.models import onnx_session
@@ -28,6 +28,8 @@ from service.preprocessing import INPUT_SIZE, RESAMPLE
 
 FACE_CROP_FILE = "face_crop.json"
 REFINE_MIN_SIZE_RATIO = 0.5
+STAGES = ("pnet", "rnet", "onet")
+CELL = 12  # the proposal network's window: the smallest face it sees at scale 1
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,13 @@ class DetectorConfig(BaseModel):
     refine: bool = Field(True, description="search once more inside the first crop, seen as "
                                            "the training crops are, and average the boxes")
 
+    @field_validator("networks")
+    @classmethod
+    def _one_per_stage(cls, networks: dict[str, NetworkFile]) -> dict[str, NetworkFile]:
+        if set(networks) != set(STAGES):
+            raise ValueError(f"networks must name exactly {list(STAGES)}, got {sorted(networks)}")
+        return networks
+
 
 class CropGeometry(BaseModel):
     """Where the detector's face box sits in a training crop, relative to the crop."""
@@ -112,9 +121,6 @@ class FaceCropSpec(BaseModel):
 def load_face_crop(models_dir: Path) -> FaceCropSpec:
     return FaceCropSpec.model_validate(json.loads((models_dir / FACE_CROP_FILE).read_text()))
 
-
-STAGES = ("pnet", "rnet", "onet")
-CELL = 12  # the proposal network's window: the smallest face it sees at scale 1
 
 
 def non_max_suppression(boxes: np.ndarray, threshold: float, method: str = "union"
