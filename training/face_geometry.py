@@ -101,17 +101,17 @@ def evaluate_modes(settings: DataSettings, cropper: FaceCropper, models_dir: Pat
     return out
 
 
-def export_detector(settings: DataSettings, models_dir: Path, **options) -> DetectorConfig:
+def export_detector(settings: DataSettings, models_dir: Path) -> DetectorConfig:
     """The detector's ONNX files in ``models_dir`` and a configuration naming them."""
     paths = export_networks(settings.cache_dir / "pretrained", models_dir)
     return DetectorConfig(networks={stage: NetworkFile(file=path.name, sha256=sha256_file(path))
-                                    for stage, path in paths.items()}, **options)
+                                    for stage, path in paths.items()})
 
 
-def build_face_crop(settings: DataSettings, models_dir: Path, limit: int | None = None,
-                    **detector_options) -> FaceCropSpec:
+def build_face_crop(settings: DataSettings, models_dir: Path,
+                    limit: int | None = None) -> FaceCropSpec:
     started = time.perf_counter()
-    config = export_detector(settings, models_dir, **detector_options)
+    config = export_detector(settings, models_dir)
     geometry, learned = learn_geometry(settings, FaceDetector(config, models_dir), limit)
     spec = FaceCropSpec(detector=config, geometry=geometry, learned_from=learned,
                         code_commit=code_commit(),
