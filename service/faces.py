@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, Field, field_validator
 
-from service.manifest import SafeFileName, sha256_bytes
+from service.manifest import SafeFileName, Sha256, sha256_bytes
 from service.models import onnx_session
 from service.preprocessing import INPUT_SIZE, RESAMPLE
 
@@ -59,7 +59,7 @@ class Box:
 
 class NetworkFile(BaseModel):
     file: SafeFileName
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    sha256: Sha256
 
 
 class DetectorConfig(BaseModel):

@@ -16,6 +16,7 @@ MANIFEST_FILE = "manifest.json"
 
 # A bare file name inside the models folder: a manifest cannot point elsewhere.
 SafeFileName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
 class ManifestError(RuntimeError):
@@ -54,7 +55,7 @@ class DataProvenance(BaseModel):
 
 class ModelEntry(BaseModel):
     file: SafeFileName
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    sha256: Sha256
     bytes: int
     kind: Literal["onnx", "sklearn"]
     description: str = ""
