@@ -1,6 +1,9 @@
-"""Assertions shared by the HTTP tests."""
+"""Assertions and fixtures shared by the HTTP tests."""
 
 from __future__ import annotations
+
+import shutil
+from pathlib import Path
 
 from service.settings import REPO_MODELS_DIR
 
@@ -15,3 +18,14 @@ def assert_error(response, status: int, code: str) -> None:
     assert body["code"] == code and body["detail"]
     for leak in LEAKS:
         assert leak not in response.text
+
+
+def tampered_copy(tmp_path: Path, file: str) -> Path:
+    """A copy of the shipped models folder in which one byte of ``file`` is flipped."""
+    folder = tmp_path / "models"
+    shutil.copytree(REPO_MODELS_DIR, folder)
+    path = folder / file
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return folder

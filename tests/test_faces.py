@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.app import create_app
 from service.faces import Box, CropGeometry, crop_region, load_face_crop, non_max_suppression
 from service.settings import REPO_MODELS_DIR, Settings
+from tests.api import tampered_copy
 from tests.images import encode
 
 PHOTOS = 600
@@ -174,31 +175,32 @@ def test_unknown_faces_mode_is_a_422(client):
 def test_without_a_usable_face_file_faces_none_still_serves(tmp_path, content, monkeypatch):
     import shutil
 
-    for path in REPO_MODELS_DIR.iterdir():
-        if path.name != "face_crop.json" or content == "tampered network":
-            shutil.copy(path, tmp_path / path.name)
-    loaded = []
-    if content == "tampered network":
-        network = tmp_path / load_face_crop(REPO_MODELS_DIR).detector.networks["rnet"].file
-        data = bytearray(network.read_bytes())
-        data[len(data) // 2] ^= 1
-        network.write_bytes(bytes(data))
-        import service.faces
+    import service.faces
 
+    loaded = []
+    folder = tmp_path
+    if content == "tampered network":
+        rnet = load_face_crop(REPO_MODELS_DIR).detector.networks["rnet"].file
+        folder = tampered_copy(tmp_path, rnet)
+        tampered = (folder / rnet).read_bytes()
         real_session = service.faces.onnx_session
         monkeypatch.setattr(service.faces, "onnx_session",
                             lambda data, threads: loaded.append(data)
                             or real_session(data, threads=threads))
-    elif content is not None:
-        (tmp_path / "face_crop.json").write_text(content)
-    app = create_app(Settings(models_dir=tmp_path, onnx_threads=1))
+    else:
+        for path in REPO_MODELS_DIR.iterdir():
+            if path.name != "face_crop.json":
+                shutil.copy(path, tmp_path / path.name)
+        if content is not None:
+            (tmp_path / "face_crop.json").write_text(content)
+    app = create_app(Settings(models_dir=folder, onnx_threads=1))
     image = encode(Image.new("L", (60, 60), 80))
     with TestClient(app) as client:
         ready = client.get("/readyz")
         assert ready.status_code == 503 and ready.json()["faces"].startswith("face detection")
         if content == "tampered network":
             assert "face_rnet.onnx" in ready.json()["faces"]
-            assert loaded and bytes(data) not in loaded  # refused before ONNX Runtime saw it
+            assert loaded and tampered not in loaded  # refused before ONNX Runtime saw it
         assert ready.json()["models"] == {"cnn": "ready", "knn": "ready"}
         auto = client.post("/predict?faces=auto", files={"file": ("a.png", image, "image/png")})
         assert auto.status_code == 503 and auto.json()["code"] == "faces_unavailable"

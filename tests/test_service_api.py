@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import shutil
 import threading
 
 import numpy as np
@@ -18,7 +17,7 @@ from service.classes import CLASS_NAMES
 from service.manifest import ManifestError, load_manifest, sha256_bytes
 from service.preprocessing import preprocess_image
 from service.settings import REPO_MODELS_DIR, Settings
-from tests.api import assert_error
+from tests.api import assert_error, tampered_copy
 from tests.images import encode, gray_image, jpeg_bytes, png_bytes
 
 
@@ -215,16 +214,6 @@ def test_prometheus_exposition_and_counters_move(client, faces, accept):
                    "emotion_top_probability_bucket", "emotion_model_info",
                    "emotion_model_eval_macro_f1"):
         assert wanted in names, wanted
-
-
-def tampered_copy(tmp_path, model_file: str):
-    folder = tmp_path / "models"
-    shutil.copytree(REPO_MODELS_DIR, folder)
-    path = folder / model_file
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
-    return folder
 
 
 @pytest.mark.parametrize(("broken", "healthy"), [("knn", "cnn"), ("cnn", "knn")])
