@@ -15,13 +15,16 @@ The client is :mod:`benchmarks.wire` (requests built in advance, keep-alive, abo
 round trip) rather than httpx, whose own Python costs more per request than the model here.
 Bare and service run in alternating rounds, so drift in this machine's speed reaches both.
 The floor, an ASGI app that only reads the upload (``floor_app``), says what uvicorn and the
-client cost before any framework, parsing or model work.
+client cost before any framework, parsing or model work; ``frameless_app``, the service's
+own parsing, executor hop, model call and JSON with no framework around them, says how much
+of the rest is FastAPI's and the middleware's.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import time
 
 import numpy as np
@@ -91,17 +94,27 @@ def main(argv: list[str] | None = None) -> None:
         floor, _, _ = http_times(base, posts, n, 1)
     print(f"HTTP floor (uvicorn, an app that only reads the upload): p50 {ms(floor):.3f} ms")
 
-    bare_times, single = [], []
-    with running_server(workers=workers) as base:
+    bare_times, single, frameless = [], [], []
+    with contextlib.ExitStack() as servers:
+        # One worker with the service's per-worker threads: at concurrency 1, one worker works.
+        lean = servers.enter_context(running_server(
+            app="benchmarks.frameless_app:app", env={"EMOTION_ONNX_THREADS": str(threads)}))
+        base = servers.enter_context(running_server(workers=workers))
         host = base.removeprefix("http://")
         posts = [multipart_request(host, "/predict", [("face.jpg", f)]) for f in faces]
+        lean_posts = [multipart_request(lean.removeprefix("http://"), "/predict",
+                                        [("face.jpg", f)]) for f in faces]
         raws = [raw_request(host, "/predict", f) for f in faces]
         http_times(base, posts, 50, 1)  # warm-up
+        http_times(lean, lean_posts, 50, 1)
         failures = 0
         for _ in range(args.rounds):
             bare_times += bare.times(faces, n)
             times, failed, _ = http_times(base, posts, n, 1)
             single += times
+            failures += failed
+            times, failed, _ = http_times(lean, lean_posts, n, 1)
+            frameless += times
             failures += failed
         raw_single, raw_failed, _ = http_times(base, raws, n, 1)
         many, many_failed, wall = http_times(base, posts, n * args.rounds, args.concurrency)
@@ -129,6 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"/predict ({workers} worker(s), {threads} ONNX thread(s) each) multipart, "
           f"concurrency 1: p50 {ms(single):.3f} ms, p99 "
           f"{ms(single, 99):.3f} ms, failures {failures}")
+    print(f"/predict's work without a framework (frameless_app: same parsing, executor hop, "
+          f"model and JSON), concurrency 1: p50 {ms(frameless):.3f} ms, "
+          f"{ms(frameless) / bare_p50:.2f}x the bare path")
     print(f"/predict raw image/jpeg body, concurrency 1: p50 {ms(raw_single):.3f} ms, p99 "
           f"{ms(raw_single, 99):.3f} ms, failures {raw_failed}")
     print(f"/predict concurrency {args.concurrency}: multipart {rate:.0f} images/s (p50 "
@@ -138,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{ms(batch16, 99):.2f} ms ({ms(batch16) / 16:.3f} ms per image), failures "
           f"{batch_failed}")
     print(f"service overhead at p50: {ms(single) - bare_p50:.3f} ms per request, of which "
-          f"the HTTP floor is {ms(floor):.3f} ms")
+          f"the HTTP floor is {ms(floor):.3f} ms and FastAPI with the middleware "
+          f"{ms(single) - ms(frameless):.3f} ms")
     print(f"ratios: p50 {ms(single) / bare_p50:.2f}x the bare path (goal <= 1.3); throughput "
           f"{rate / best_rate:.2f}x the faster single-process bare path (goal >= 0.8)")
 
