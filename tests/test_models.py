@@ -102,3 +102,16 @@ def test_export_path_onnx_matches_pytorch_on_real_images(data_settings, tmp_path
     x = torch.rand(1, 1, INPUT_SIZE, INPUT_SIZE)
     with torch.no_grad():
         assert torch.allclose(wrapped(x), wrapped(torch.flip(x, dims=[3])), atol=1e-5)
+
+
+def test_model_card_describes_the_shipped_face_detector(tmp_path):
+    from service.faces import load_face_crop
+    from training.model_card import face_detector_note
+
+    spec = load_face_crop(REPO_MODELS_DIR)
+    note = "\n".join(face_detector_note(REPO_MODELS_DIR))
+    for network in spec.detector.networks.values():
+        assert f"`{network.file}`" in note
+    test = spec.evaluation["test"]
+    assert f"| test | {test['none']['macro_f1']:.3f} | {test['auto']['macro_f1']:.3f} |" in note
+    assert face_detector_note(tmp_path) == []  # no face_crop.json: no section

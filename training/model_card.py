@@ -73,6 +73,47 @@ def pretrained_note() -> list[str]:
         ""]
 
 
+def face_detector_note(models_dir: Path) -> list[str]:
+    """The optional face detector (``faces=auto|all``), from ``face_crop.json`` if shipped."""
+    from service.faces import FACE_CROP_FILE, load_face_crop
+    from training.face_detector import FACENET_VERSION, FACENET_WHEEL_SHA256
+
+    if not (models_dir / FACE_CROP_FILE).is_file():
+        return []
+    spec = load_face_crop(models_dir)
+    files = ", ".join(f"`{n.file}`" for n in spec.detector.networks.values())
+    learned = spec.learned_from
+    lines = [
+        "## Face detector (`faces=auto` or `all`)",
+        "",
+        "Optional, for photos that are not already face crops; `faces=none`, the default, "
+        "classifies the whole image. MTCNN (Zhang et al., 2016) as shipped in the "
+        f"facenet-pytorch {FACENET_VERSION} wheel (sha256 `{FACENET_WHEEL_SHA256[:16]}…`), "
+        "MIT licence, Tim Esler; exported for one gray channel to three ONNX files "
+        f"({files}) by `python -m training face-geometry` (`training/face_detector.py`). "
+        f"Each file's sha256 is in `{FACE_CROP_FILE}` and checked before loading. The crop "
+        "around a found face is framed as the training crops are: that geometry was learned "
+        f"on the {learned.get('split', '?')} split's {learned.get('subset', '?')} crops "
+        f"({learned.get('images', '?')} images, a face found in "
+        f"{learned.get('share_with_a_face', 0):.1%} of them).",
+        ""]
+    evaluation = spec.evaluation
+    if evaluation.get("val") and evaluation.get("test"):
+        lines += [
+            f"Macro-F1 of the {evaluation['model']} model (sha256 "
+            f"`{evaluation['model_sha256'][:16]}…`) on the {evaluation['split']} split's own "
+            "crops, with and without finding the face first. The model is sensitive to "
+            "framing, so for inputs that are already crops, `none` is the setting to use:",
+            "",
+            "| subset | faces=none | faces=auto | share with a face found |",
+            "|---|---|---|---|",
+            *(f"| {subset} | {evaluation[subset]['none']['macro_f1']:.3f} | "
+              f"{evaluation[subset]['auto']['macro_f1']:.3f} | "
+              f"{evaluation[subset]['share_with_a_face']:.1%} |" for subset in ("val", "test")),
+            ""]
+    return lines
+
+
 def write_model_card(ws: Workspace, manifest: Manifest, models_dir: Path,
                      test_predicted: np.ndarray) -> Path:
     """``test_predicted``: the shipped CNN's classes for the identity test subset."""
@@ -150,6 +191,7 @@ def write_model_card(ws: Workspace, manifest: Manifest, models_dir: Path,
         "",
         "![misclassified test images](misclassified.png)",
         "",
+        *face_detector_note(models_dir),
         "## Provenance",
         "",
         f"- Data: {cnn.data.repository} at `{cnn.data.commit}`, legend sha256 "
