@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         raws = [raw_request(host, "/predict", f) for f in faces]
         http_times(base, posts, 50, 1)  # warm-up
         http_times(lean, lean_posts, 50, 1)
-        failures = 0
+        failures = lean_failures = 0
         for _ in range(args.rounds):
             bare_times += bare.times(faces, n)
             times, failed, _ = http_times(base, posts, n, 1)
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
             failures += failed
             times, failed, _ = http_times(lean, lean_posts, n, 1)
             frameless += times
-            failures += failed
+            lean_failures += failed
         raw_single, raw_failed, _ = http_times(base, raws, n, 1)
         many, many_failed, wall = http_times(base, posts, n * args.rounds, args.concurrency)
         _, raw_many_failed, raw_wall = http_times(base, raws, n * args.rounds,
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{ms(single, 99):.3f} ms, failures {failures}")
     print(f"/predict's work without a framework (frameless_app: same parsing, executor hop, "
           f"model and JSON), concurrency 1: p50 {ms(frameless):.3f} ms, "
-          f"{ms(frameless) / bare_p50:.2f}x the bare path")
+          f"{ms(frameless) / bare_p50:.2f}x the bare path, failures {lean_failures}")
     print(f"/predict raw image/jpeg body, concurrency 1: p50 {ms(raw_single):.3f} ms, p99 "
           f"{ms(raw_single, 99):.3f} ms, failures {raw_failed}")
     print(f"/predict concurrency {args.concurrency}: multipart {rate:.0f} images/s (p50 "

@@ -18,10 +18,12 @@ from functools import partial
 
 from starlette.requests import Request
 
+from service.errors import ApiError, ErrorBody, status_of
 from service.inference import predict_uploads
 from service.manifest import load_manifest
 from service.models import load_models
 from service.observability import ServiceMetrics
+from service.preprocessing import PreprocessingError
 from service.schemas import PredictResponse
 from service.settings import load_settings
 from service.uploads import read_uploads
@@ -57,9 +59,18 @@ async def app(scope, receive, send):
         return
     started = time.perf_counter()
     settings, model = _state["settings"], _state["model"]
-    uploads = await read_uploads(Request(scope, receive), settings)
+    try:
+        uploads = await read_uploads(Request(scope, receive), settings)
+    except ApiError as exc:  # a benchmark's request should never get here; say why if it does
+        await _send_json(send, exc.status, ErrorBody(detail=exc.detail, code=exc.code)
+                         .model_dump_json().encode())
+        return
     results = await asyncio.get_running_loop().run_in_executor(_state["executor"], partial(
         predict_uploads, model, uploads, settings.limits, _state["metrics"]))
+    if isinstance(results[0], PreprocessingError):
+        await _send_json(send, status_of(results[0]), ErrorBody(
+            detail=str(results[0]), code=results[0].code).model_dump_json().encode())
+        return
     response = PredictResponse(model="cnn", model_sha256=model.sha256, predictions=results[0],
                                latency_ms=round((time.perf_counter() - started) * 1000, 3))
     await _send_json(send, 200, response.model_dump_json().encode())
