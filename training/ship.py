@@ -47,7 +47,11 @@ from training.train import TrainConfig, fit, predict_logits, resolve_device, see
 # A seed ensemble (2026-11-30, on the CPU, from the three shipped-recipe checkpoints, same
 # metric): the mean of the three seeds' flipped log-probabilities 0.391, against 0.396 /
 # 0.360 / 0.381 (mean 0.379) for the seeds alone. Not adopted: three times the model's cost
-# for +0.012, and no better than the best single seed.
+# for +0.012, and no better than the best single seed. Test-time views beyond the flip, same
+# checkpoints and metric, each view flipped too: +centre zoom of 4 px 0.383, +zoom 8 px
+# 0.377, +zoom out 4 px 0.384, +both 4 px zooms 0.387, +four 3 px shifts 0.375, all eight
+# views 0.379, against 0.379 for the flip alone. Not adopted: within the seeds' spread, at
+# two to five times the cost.
 SHIPPED_MODEL = ModelConfig(arch="fer_xception", pool=4, pad=1, channels=(16, 32, 64, 128),
                             dropout=0.2, pretrained="fer")
 SHIPPED_TRAIN = TrainConfig(epochs=12, batch_size=64, lr=2e-3, weight_decay=1e-4,
