@@ -46,6 +46,10 @@ async def _send_json(send, status: int, body: bytes) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+async def _send_error(send, status: int, code: str, detail: str) -> None:
+    await _send_json(send, status, ErrorBody(detail=detail, code=code).model_dump_json().encode())
+
+
 async def app(scope, receive, send):
     if scope["type"] == "lifespan":
         while (await receive())["type"] != "lifespan.shutdown":
@@ -62,14 +66,12 @@ async def app(scope, receive, send):
     try:
         uploads = await read_uploads(Request(scope, receive), settings)
     except ApiError as exc:  # a benchmark's request should never get here; say why if it does
-        await _send_json(send, exc.status, ErrorBody(detail=exc.detail, code=exc.code)
-                         .model_dump_json().encode())
+        await _send_error(send, exc.status, exc.code, exc.detail)
         return
     results = await asyncio.get_running_loop().run_in_executor(_state["executor"], partial(
         predict_uploads, model, uploads, settings.limits, _state["metrics"]))
     if isinstance(results[0], PreprocessingError):
-        await _send_json(send, status_of(results[0]), ErrorBody(
-            detail=str(results[0]), code=results[0].code).model_dump_json().encode())
+        await _send_error(send, status_of(results[0]), results[0].code, str(results[0]))
         return
     response = PredictResponse(model="cnn", model_sha256=model.sha256, predictions=results[0],
                                latency_ms=round((time.perf_counter() - started) * 1000, 3))

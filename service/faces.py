@@ -122,7 +122,6 @@ def load_face_crop(models_dir: Path) -> FaceCropSpec:
     return FaceCropSpec.model_validate(json.loads((models_dir / FACE_CROP_FILE).read_text()))
 
 
-
 def non_max_suppression(boxes: np.ndarray, threshold: float, method: str = "union"
                         ) -> np.ndarray:
     """Indices of the boxes (rows x1, y1, x2, y2, score) kept, best score first."""
