@@ -19,9 +19,9 @@ from service.settings import REPO_MODELS_DIR
 
 
 def real_images(count: int) -> np.ndarray:
-    from training.settings import get_data_settings
+    from training.settings import get_training_settings
 
-    folder = get_data_settings().images_dir
+    folder = get_training_settings().images_dir
     paths = sorted(folder.iterdir())[:count]
     return np.stack([preprocess_image(p.read_bytes()) for p in paths])
 

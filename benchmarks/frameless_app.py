@@ -14,17 +14,13 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 
 from starlette.requests import Request
 
 from service.errors import ApiError, ErrorBody, status_of
-from service.inference import predict_uploads
-from service.manifest import load_manifest
-from service.models import load_models
+from service.inference import Predictor
 from service.observability import ServiceMetrics
-from service.preprocessing import PreprocessingError
-from service.schemas import PredictResponse
+from service.routers.predict import to_response
 from service.settings import load_settings
 from service.uploads import read_uploads
 
@@ -33,9 +29,9 @@ _state: dict = {}
 
 def _start() -> None:
     settings = load_settings()
-    registry = load_models(load_manifest(settings.models_dir), settings.models_dir,
-                           settings.resolved_onnx_threads)
-    _state.update(settings=settings, model=registry.models["cnn"], metrics=ServiceMetrics(),
+    predictor = Predictor.load(settings.models_dir, settings.resolved_onnx_threads,
+                               settings.limits, settings.max_faces_per_image, ServiceMetrics())
+    _state.update(settings=settings, predictor=predictor,
                   executor=ThreadPoolExecutor(settings.resolved_inference_concurrency))
 
 
@@ -62,17 +58,17 @@ async def app(scope, receive, send):
         await _send_json(send, 200, b'{"status": "ready"}')
         return
     started = time.perf_counter()
-    settings, model = _state["settings"], _state["model"]
+    settings, predictor = _state["settings"], _state["predictor"]
     try:
         uploads = await read_uploads(Request(scope, receive), settings)
     except ApiError as exc:  # a benchmark's request should never get here; say why if it does
         await _send_error(send, exc.status, exc.code, exc.detail)
         return
-    results = await asyncio.get_running_loop().run_in_executor(_state["executor"], partial(
-        predict_uploads, model, uploads, settings.limits, _state["metrics"]))
-    if isinstance(results[0], PreprocessingError):
-        await _send_error(send, status_of(results[0]), results[0].code, str(results[0]))
+    results = await asyncio.get_running_loop().run_in_executor(
+        _state["executor"], predictor.predict, "cnn", uploads, "none")
+    if results[0].error is not None:
+        error = results[0].error
+        await _send_error(send, status_of(error), error.code, str(error))
         return
-    response = PredictResponse(model="cnn", model_sha256=model.sha256, predictions=results[0],
-                               latency_ms=round((time.perf_counter() - started) * 1000, 3))
+    response = to_response("cnn", predictor.model("cnn").sha256, results, started)
     await _send_json(send, 200, response.model_dump_json().encode())

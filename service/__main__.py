@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import tempfile
+from pathlib import Path
 
 from service.manifest import ManifestError, load_manifest
 from service.settings import load_settings
@@ -48,13 +49,20 @@ def main(argv: list[str] | None = None) -> int:
 
     metrics_dir = None
     workers = settings.resolved_workers
-    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given and os.path.isdir(given):
+        # A container restarted in the same pod keeps its emptyDir: the dead workers' files
+        # would be added up with the new ones.
+        for stale in Path(given).glob("*.db"):
+            stale.unlink(missing_ok=True)
+    if workers > 1 and not given:
         # Each worker writes its counters here so that /metrics adds up all of them.
         metrics_dir = tempfile.mkdtemp(prefix="emotion-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
         uvicorn.run("service.main:app", host=args.host, port=args.port,
                     workers=workers, log_level=settings.log_level.lower(),
+                    timeout_graceful_shutdown=settings.shutdown_timeout_seconds,
                     access_log=False)  # the service writes its own JSON access log
     finally:
         if metrics_dir:

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import logging
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from PIL import Image
 
 from service.deps import Serving
+from service.drain import DrainState, install_sigterm_drain
 from service.errors import install_error_handlers
-from service.faces import FaceCropper, load_face_crop
-from service.manifest import load_manifest
+from service.inference import Predictor
 from service.middleware import RequestMiddleware
-from service.models import load_models
 from service.observability import ServiceMetrics, configure_logging
 from service.preprocessing import INPUT_SIZE
-from service.routers import health, info, metrics, predict
+from service.routers import health, info, metrics, oip, predict
 from service.settings import Settings, get_settings, load_settings
 
 DESCRIPTION = f"""
@@ -29,18 +26,6 @@ actors, so they are meant for such crops.
 """
 
 
-def load_face_cropper(models_dir) -> tuple[FaceCropper | None, str | None]:
-    """The detector and crop geometry, or None and why: faces=none still serves without."""
-    try:
-        cropper = FaceCropper(load_face_crop(models_dir), models_dir)
-        cropper.faces(Image.new("L", (INPUT_SIZE, INPUT_SIZE)))  # warm up
-    except Exception as exc:  # a missing or broken file must not stop the models serving
-        reason = f"face detection refused: {type(exc).__name__}: {exc}"
-        logging.getLogger("service").error(reason)
-        return None, reason
-    return cropper, None
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
     service_metrics = ServiceMetrics()
@@ -48,8 +33,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         configure_logging(settings.log_level)
-        manifest = load_manifest(settings.models_dir)  # ManifestError: a clear start-up error
-        registry = load_models(manifest, settings.models_dir, settings.resolved_onnx_threads)
+        # ManifestError: a clear start-up error
+        predictor = Predictor.load(settings.models_dir, settings.resolved_onnx_threads,
+                                   settings.limits, settings.max_faces_per_image,
+                                   service_metrics)
+        registry = predictor.registry
         for name, model in registry.models.items():
             service_metrics.model_info.labels(name, model.sha256).set(1)
             for split, subsets in model.entry.metrics.items():
@@ -60,8 +48,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # anyio's to_thread with a limiter: about 50 us less per request on this machine.
         executor = ThreadPoolExecutor(settings.resolved_inference_concurrency,
                                       thread_name_prefix="inference")
-        faces, faces_error = load_face_cropper(settings.models_dir)
-        app.state.serving = Serving(registry, service_metrics, executor, faces, faces_error)
+        drain = DrainState()
+        install_sigterm_drain(drain, settings.drain_seconds)
+        app.state.serving = Serving(predictor, service_metrics, executor, drain)
         try:
             yield
         finally:
@@ -74,7 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return settings
 
         app.dependency_overrides[get_settings] = these_settings
-    routers = (predict.router, info.router, health.router, metrics.router)
+    routers = (predict.router, oip.router, info.router, health.router, metrics.router)
     for router in routers:
         app.include_router(router)
     install_error_handlers(app)

@@ -16,8 +16,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.faces import FaceCropper
-from service.models import ModelRegistry
+from service.drain import DrainState
+from service.inference import Predictor
 from service.observability import ServiceMetrics
 from service.settings import Settings, get_settings
 
@@ -26,12 +26,11 @@ from service.settings import Settings, get_settings
 class Serving:
     """What one worker loaded in its lifespan, read-only afterwards."""
 
-    registry: ModelRegistry
+    predictor: Predictor  # the models, the face cropper, the limits: all the model work
     metrics: ServiceMetrics
     # Model calls run on these threads, inference_concurrency of them in this worker.
     executor: ThreadPoolExecutor
-    faces: FaceCropper | None  # None where it could not be loaded ...
-    faces_error: str | None  # ... and why (see /readyz)
+    draining: DrainState
 
 
 async def get_serving(request: Request) -> Serving:

@@ -8,6 +8,12 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.inference import (
+    FacesUnavailableError,
+    ModelUnavailableError,
+    PredictorError,
+    UnknownModelError,
+)
 from service.preprocessing import (
     CorruptImageError,
     NotAnImageError,
@@ -34,8 +40,20 @@ class ApiError(Exception):
         self.status, self.code, self.detail, self.headers = status, code, detail, headers
 
 
+# A model or the detector that failed verification is the server's state, not the client's
+# mistake, and may come back after a redeploy: 503 with Retry-After.
+PREDICTOR_STATUS = {UnknownModelError: 422, ModelUnavailableError: 503,
+                    FacesUnavailableError: 503}
+
+
 def status_of(error: PreprocessingError) -> int:
     return PREPROCESSING_STATUS.get(type(error), 400)
+
+
+def predictor_error(error: PredictorError) -> ApiError:
+    status = PREDICTOR_STATUS.get(type(error), 400)
+    return ApiError(status, error.code, str(error),
+                    headers={"Retry-After": "60"} if status == 503 else None)
 
 
 def error_response(status: int, code: str, detail: str, headers: dict | None = None):
@@ -46,6 +64,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def handle_api_error(request: Request, exc: ApiError):
         return error_response(exc.status, exc.code, exc.detail, exc.headers)
+
+    @app.exception_handler(PredictorError)
+    async def handle_predictor_error(request: Request, exc: PredictorError):
+        error = predictor_error(exc)
+        return error_response(error.status, error.code, error.detail, error.headers)
 
     @app.exception_handler(PreprocessingError)
     async def handle_preprocessing_error(request: Request, exc: PreprocessingError):

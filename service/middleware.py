@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 
 from service.observability import ServiceMetrics
 
 logger = logging.getLogger("service.access")
-LIMITED_PATHS = ("/predict",)
+# The routes that run models: admission control counts them.
+LIMITED_ROUTES = ("/predict", "/v2/models/{name}/infer",
+                  "/v2/models/{name}/versions/{version}/infer")
+
+
+def _template(route: str) -> re.Pattern:
+    return re.compile("^" + re.sub(r"\\{[^/]+\\}", "[^/]+", re.escape(route)) + "$")
 
 
 class RequestMiddleware:
@@ -18,8 +25,19 @@ class RequestMiddleware:
         self.app = app
         self.metrics = metrics
         self.max_in_flight = max_in_flight
-        self.routes = routes
+        self.routes = {r for r in routes if "{" not in r}
+        # Routes with path parameters are labelled by their template, so label sets stay
+        # bounded whatever model names clients try.
+        self.templates = [(r, _template(r)) for r in sorted(routes) if "{" in r]
         self.in_flight = 0  # this worker's predictions in progress, for admission only
+
+    def route_of(self, path: str) -> str:
+        if path in self.routes:
+            return path
+        for route, pattern in self.templates:
+            if pattern.match(path):
+                return route
+        return "unmatched"
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -30,7 +48,7 @@ class RequestMiddleware:
         incoming = headers.get(b"x-request-id", b"").decode("latin-1")[:64]
         request_id = incoming if incoming.isprintable() and incoming else uuid.uuid4().hex
         path = scope.get("path", "")
-        route = path if path in self.routes else "unmatched"
+        route = self.route_of(path)
         method = scope.get("method", "")
         status = {"code": 500}
 
@@ -42,7 +60,7 @@ class RequestMiddleware:
                                       (b"x-request-id", request_id.encode("latin-1"))]
             await send(message)
 
-        limited = path in LIMITED_PATHS
+        limited = route in LIMITED_ROUTES
         try:
             if limited and self.in_flight >= self.max_in_flight:
                 # Answer at once instead of queueing without bound; the client retries.
@@ -51,11 +69,13 @@ class RequestMiddleware:
                 return
             if limited:
                 self.in_flight += 1
+                self.metrics.in_flight.inc()
             try:
                 await self.app(scope, receive, send_with_id)
             finally:
                 if limited:
                     self.in_flight -= 1
+                    self.metrics.in_flight.dec()
         finally:
             elapsed = time.perf_counter() - started
             self.metrics.requests.labels(route, method, str(status["code"])).inc()
@@ -67,8 +87,10 @@ class RequestMiddleware:
 
     @staticmethod
     async def _reject_overload(send):
-        body = json.dumps({"detail": "too many requests in flight; retry shortly",
-                           "code": "overloaded"}).encode()
+        message = "too many requests in flight; retry shortly"
+        # "error" is the Open Inference Protocol's field; the others are /predict's.
+        body = json.dumps({"detail": message, "code": "overloaded",
+                           "error": message}).encode()
         await send({"type": "http.response.start", "status": 503, "headers": [
             (b"content-type", b"application/json"), (b"retry-after", b"1"),
             (b"content-length", str(len(body)).encode())]})

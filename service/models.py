@@ -12,6 +12,7 @@ import numpy as np
 
 from service.classes import NUM_CLASSES
 from service.manifest import Manifest, ModelEntry, sha256_bytes
+from service.onnx_runtime import onnx_session
 from service.preprocessing import INPUT_SIZE
 
 logger = logging.getLogger("service.models")
@@ -20,19 +21,6 @@ logger = logging.getLogger("service.models")
 class Classifier(Protocol):
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
         """float32 ``[N, 350, 350]`` in [0, 1] -> probabilities ``[N, 8]``."""
-
-
-def onnx_session(data: bytes, threads: int):
-    """An ONNX Runtime session on the CPU with ``threads`` intra-op threads (the worker's
-    share of the container's CPUs), one operator at a time."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
 class OnnxClassifier:

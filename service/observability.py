@@ -61,6 +61,9 @@ class ServiceMetrics:
                                          ["model"], buckets=PROBABILITY_BUCKETS, registry=r)
         self.rejected = Counter("emotion_rejected_inputs", "Inputs refused, by reason.",
                                 ["reason"], registry=r)
+        self.in_flight = Gauge("emotion_predictions_in_flight", "Model requests (/predict and "
+                               "inference) admitted and not yet answered.", registry=r,
+                               multiprocess_mode="livesum")
         self.overloaded = Counter("emotion_overload_rejections",
                                   "Requests answered 503 because too many were in flight.",
                                   registry=r)
@@ -75,6 +78,23 @@ class ServiceMetrics:
                                    "Macro-F1 from the manifest's evaluation.",
                                    ["model", "split", "subset"], registry=r,
                                    multiprocess_mode="max")
+
+    # The predictor's hooks (service.inference.PredictionHooks).
+    def on_rejected(self, code: str) -> None:
+        self.rejected.labels(code).inc()
+
+    def on_faces(self, found: int) -> None:
+        if found:
+            self.faces_found.inc(found)
+        else:
+            self.images_without_face.inc()
+
+    def on_inference(self, model: str, seconds: float) -> None:
+        self.inference_latency.labels(model).observe(seconds)
+
+    def on_prediction(self, model: str, label: str, probability: float) -> None:
+        self.predictions.labels(model, label).inc()
+        self.top_probability.labels(model).observe(probability)
 
     def exposition_registry(self) -> CollectorRegistry:
         directory = multiprocess_dir()

@@ -125,6 +125,11 @@ def decode_grayscale(data: bytes, limits: ImageLimits = ImageLimits()) -> Decode
         ) from None
 
 
+def decoded_from_image(image: Image.Image) -> DecodedImage:
+    """An image already in memory (a video frame, say) through the same grayscale step."""
+    return DecodedImage(_to_grayscale(image), image.size)
+
+
 def resize_to_input(gray: Image.Image) -> np.ndarray:
     """The last step of the contract: the whole grayscale image to uint8 (350, 350)."""
     resized = gray.resize((INPUT_SIZE, INPUT_SIZE), RESAMPLE)

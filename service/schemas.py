@@ -52,6 +52,7 @@ class ReadinessResponse(BaseModel):
     ready: bool
     models: dict[str, str] = Field(description="Model name -> 'ready' or why it was refused.")
     faces: str = Field("ready", description="The face detector: 'ready' or why not.")
+    draining: bool = Field(False, description="SIGTERM received: finishing, taking no more.")
 
 
 class ModelPublic(BaseModel):

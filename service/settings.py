@@ -72,6 +72,10 @@ class Settings(BaseSettings):
                                        "CPUs plus one.")
     max_in_flight: int = Field(32, gt=0, description="Predictions in progress per worker; more "
                                                      "get 503 with Retry-After at once.")
+    drain_seconds: float = Field(1.0, ge=0, description="After SIGTERM: answer 503 on /readyz "
+                                 "but keep serving this long, then stop accepting.")
+    shutdown_timeout_seconds: float = Field(30.0, gt=0, description="After that: the longest "
+                                            "wait for the requests in hand to be answered.")
     log_level: str = Field("info")
     cors_origins: list[str] = Field(default_factory=list, description="Off when empty.")
 

@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from fastapi import Request
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
 from service.errors import ApiError
+from service.inference import ImageInput
 from service.preprocessing import TooManyBytesError
 from service.settings import Settings
 
 FILE_FIELDS = ("file", "files")
 # One part header line; python-multipart's 4 KiB default refuses a long (but legal) file name.
 MAX_PART_HEADER_BYTES = 64 * 1024
-
-
-@dataclass
-class Upload:
-    filename: str | None
-    data: bytes | None = None
-    error: Exception | None = None
 
 
 def _too_large(limit: int, what: str) -> ApiError:
@@ -35,16 +27,20 @@ def check_content_length(request: Request, limit: int) -> None:
         raise _too_large(limit, f"the request body ({declared} bytes)")
 
 
-async def read_raw(request: Request, settings: Settings) -> list[Upload]:
-    limit = settings.max_upload_bytes
+async def read_body(request: Request, limit: int, what: str = "the request body") -> bytes:
+    """The whole body, refused (413) the moment it crosses ``limit``."""
     check_content_length(request, limit)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:  # stop reading at once: the rest of the body is never buffered
-            raise _too_large(limit, "the image")
+            raise _too_large(limit, what)
         chunks.append(chunk)
-    return [Upload(None, b"".join(chunks))]
+    return b"".join(chunks)
+
+
+async def read_raw(request: Request, settings: Settings) -> list[ImageInput]:
+    return [ImageInput(None, await read_body(request, settings.max_upload_bytes, "the image"))]
 
 
 class _MultipartCollector:
@@ -56,7 +52,7 @@ class _MultipartCollector:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.uploads: list[Upload] = []
+        self.uploads: list[ImageInput] = []
         self.other_fields: list[str] = []
         self._name = self._filename = None
         self._data = bytearray()
@@ -110,14 +106,14 @@ class _MultipartCollector:
         if not self._is_image_part():
             return
         if self._over:
-            self.uploads.append(Upload(self._filename, error=TooManyBytesError(
+            self.uploads.append(ImageInput(self._filename, error=TooManyBytesError(
                 f"the image has more than {self.settings.max_upload_bytes} bytes, the limit")))
         else:
-            self.uploads.append(Upload(self._filename, bytes(self._data)))
+            self.uploads.append(ImageInput(self._filename, bytes(self._data)))
         self._data = bytearray()
 
 
-async def read_multipart(request: Request, settings: Settings) -> list[Upload]:
+async def read_multipart(request: Request, settings: Settings) -> list[ImageInput]:
     limit = settings.max_body_bytes
     check_content_length(request, limit)
     _, params = parse_options_header(request.headers.get("content-type", ""))
@@ -150,7 +146,7 @@ async def read_multipart(request: Request, settings: Settings) -> list[Upload]:
     return collector.uploads
 
 
-async def read_uploads(request: Request, settings: Settings) -> list[Upload]:
+async def read_uploads(request: Request, settings: Settings) -> list[ImageInput]:
     content_type = request.headers.get("content-type", "")
     mime = content_type.split(";")[0].strip().lower()
     if mime == "multipart/form-data":

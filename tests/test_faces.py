@@ -42,7 +42,7 @@ def geometry() -> CropGeometry:
 def test_crops(data_settings) -> list[tuple[str, Image.Image]]:
     from training.data import read_subsets
 
-    names = read_subsets("identity")["test"].names
+    names = read_subsets(data_settings, "identity")["test"].names
     chosen = np.random.default_rng(0).choice(len(names), PHOTOS + 2 * len(BACKGROUNDS),
                                              replace=False)
     return [(names[i], Image.open(data_settings.images_dir / names[i]).convert("L"))
@@ -175,7 +175,7 @@ def test_unknown_faces_mode_is_a_422(client):
 def test_without_a_usable_face_file_faces_none_still_serves(tmp_path, content, monkeypatch):
     import shutil
 
-    import service.faces
+    import service.faces.detector
 
     loaded = []
     folder = tmp_path
@@ -183,8 +183,8 @@ def test_without_a_usable_face_file_faces_none_still_serves(tmp_path, content, m
         rnet = load_face_crop(REPO_MODELS_DIR).detector.networks["rnet"].file
         folder = tampered_copy(tmp_path, rnet)
         tampered = (folder / rnet).read_bytes()
-        real_session = service.faces.onnx_session
-        monkeypatch.setattr(service.faces, "onnx_session",
+        real_session = service.faces.detector.onnx_session
+        monkeypatch.setattr(service.faces.detector, "onnx_session",
                             lambda data, threads: loaded.append(data)
                             or real_session(data, threads=threads))
     else:

@@ -281,12 +281,12 @@ def test_the_part_content_type_does_not_matter_only_the_bytes(client, still_read
 
 
 def test_an_internal_failure_is_a_500_without_internals(settings, monkeypatch, caplog):
-    import service.routers.predict as predict_router
+    from service.inference import Predictor
 
     def broken(*args, **kwargs):
         raise RuntimeError(f"secret state in {REPO}/service/inference.py")
 
-    monkeypatch.setattr(predict_router, "predict_uploads", broken)
+    monkeypatch.setattr(Predictor, "predict", broken)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         response = client.post("/predict", files={"file": ("a.png", png_bytes(), "image/png")})
         assert_error(response, 500, "internal_error")

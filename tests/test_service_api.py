@@ -35,10 +35,9 @@ def client(settings):
 @pytest.fixture(scope="module")
 def faces(data_settings) -> dict[str, bytes]:
     """A few real test-split images, colour and grayscale."""
-    from training.settings import SPLITS_DIR
     from training.splits import read_split
 
-    split = read_split(SPLITS_DIR / "identity.csv")
+    split = read_split(data_settings.splits_dir / "identity.csv")
     test = split[split["split"] == "test"]
     names = [*test["image"].iloc[:3], *test[test["image"].str.match(r"^[A-Z][a-z]+[A-Z]")]
              ["image"].iloc[:1]]
@@ -262,17 +261,17 @@ def test_a_manifest_cannot_point_outside_the_models_folder(tmp_path, settings):
 
 
 def test_overload_answers_503_with_retry_after_at_once(settings, monkeypatch):
-    import service.routers.predict as predict_router
+    from service.inference import Predictor
 
     entered, release = threading.Event(), threading.Event()
-    real = predict_router.predict_uploads
+    real = Predictor.predict
 
     def slow(*args, **kwargs):
         entered.set()
         release.wait(10)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(predict_router, "predict_uploads", slow)
+    monkeypatch.setattr(Predictor, "predict", slow)
     one = settings.model_copy(update={"max_in_flight": 1})
     with TestClient(create_app(one)) as client:
         first = {}

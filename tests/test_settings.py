@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from fastapi.testclient import TestClient
 
-import service.routers.predict as predict_router
 from service.app import create_app
+from service.inference import Predictor
 from service.settings import REPO_MODELS_DIR, Settings, cgroup_cpu_quota, container_cpus
 from tests.images import encode, gray_image
 
@@ -67,7 +67,7 @@ def test_defaults_divide_the_cpus_between_workers():
 def test_inference_concurrency_bounds_model_calls_and_every_request_is_answered(
         monkeypatch, limit):
     running, peak, lock = 0, 0, threading.Lock()
-    real = predict_router.predict_uploads
+    real = Predictor.predict
 
     def slow_predict(*args, **kwargs):
         nonlocal running, peak
@@ -81,7 +81,7 @@ def test_inference_concurrency_bounds_model_calls_and_every_request_is_answered(
             with lock:
                 running -= 1
 
-    monkeypatch.setattr(predict_router, "predict_uploads", slow_predict)
+    monkeypatch.setattr(Predictor, "predict", slow_predict)
     settings = Settings(models_dir=REPO_MODELS_DIR, workers=1, onnx_threads=1,
                         inference_concurrency=limit)
     image = encode(gray_image(80, 80))

@@ -17,13 +17,18 @@ async def read_health() -> HealthResponse:
 
 
 @router.get("/readyz", response_model=ReadinessResponse,
-            responses={503: {"model": ReadinessResponse, "description": "a model was refused"}},
+            responses={503: {"model": ReadinessResponse,
+                             "description": "a model was refused, or the worker is draining"}},
             summary="Every model in the manifest is loaded and verified, and the face "
                     "detector is loaded")
 async def read_readiness(serving: ServingDep):
-    registry = serving.registry
+    predictor = serving.predictor
+    registry = predictor.registry
     models = {name: "ready" for name in registry.models}
     models.update(registry.failures)
-    ready = registry.ready and serving.faces_error is None
-    body = ReadinessResponse(ready=ready, models=models, faces=serving.faces_error or "ready")
+    draining = serving.draining.draining
+    ready = registry.ready and predictor.cropper is not None and not draining
+    body = ReadinessResponse(ready=ready, models=models,
+                             faces="ready" if predictor.cropper else predictor.cropper_error,
+                             draining=draining)
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)

@@ -16,7 +16,7 @@ async def list_classes() -> list[ClassInfo]:
 
 @router.get("/models", response_model=list[ModelPublic], summary="The shipped models")
 async def list_models(serving: ServingDep) -> list[ModelPublic]:
-    registry = serving.registry
+    registry = serving.predictor.registry
     return [
         ModelPublic(name=name, loaded=name in registry.models,
                     **entry.model_dump(include={

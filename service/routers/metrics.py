@@ -16,7 +16,7 @@ router = APIRouter(tags=["metrics"])
                         "evaluation metrics from the manifest and the live counters. "
                         "Prometheus text or OpenMetrics for a scraper that asks for them.")
 def read_metrics(request: Request, serving: ServingDep) -> Response:
-    registry, metrics = serving.registry, serving.metrics
+    registry, metrics = serving.predictor.registry, serving.metrics
     accept = request.headers.get("accept")
     if wants_prometheus(accept):
         body, content_type = metrics.render(accept or "")

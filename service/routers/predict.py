@@ -2,16 +2,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
+from service.classes import CLASS_NAMES
 from service.deps import ServingDep, SettingsDep
 from service.errors import ApiError, ErrorBody, status_of
-from service.inference import FacesMode, predict_uploads
-from service.preprocessing import ALLOWED_FORMATS, INPUT_SIZE, PreprocessingError
-from service.schemas import Prediction, PredictResponse
+from service.inference import FacesMode, ImagePrediction
+from service.preprocessing import ALLOWED_FORMATS, INPUT_SIZE
+from service.schemas import FaceBox, Prediction, PredictResponse
 from service.uploads import read_uploads
 
 router = APIRouter(prefix="/predict", tags=["predict"])
@@ -58,6 +58,26 @@ _REQUEST_BODY = {"requestBody": {"required": True, "content": {
 }}}
 
 
+def to_response(model: str, sha256: str, results: list[ImagePrediction],
+                started: float) -> PredictResponse:
+    predictions = []
+    for result in results:
+        if result.error is not None:
+            predictions.append(Prediction(filename=result.name, error=str(result.error),
+                                          code=result.error.code))
+            continue
+        for p in result.predictions:
+            face = None if p.face is None else FaceBox(
+                x=round(p.face.x), y=round(p.face.y), width=round(p.face.width),
+                height=round(p.face.height))
+            predictions.append(Prediction(
+                filename=result.name, label=p.label, label_id=p.label_id, face=face,
+                probabilities={n: float(v) for n, v in zip(CLASS_NAMES, p.probabilities,
+                                                           strict=True)}))
+    return PredictResponse(model=model, model_sha256=sha256, predictions=predictions,
+                           latency_ms=round((time.perf_counter() - started) * 1000, 3))
+
+
 @router.post("", response_model=PredictResponse, responses=_ERRORS, summary="Predict emotions",
              description=DESCRIPTION, openapi_extra=_REQUEST_BODY)
 async def predict_emotions(
@@ -72,35 +92,19 @@ async def predict_emotions(
     started = time.perf_counter()
     name = model or settings.default_model
     mode = faces or settings.default_faces
-    registry, metrics = serving.registry, serving.metrics
-    if mode != "none" and serving.faces is None:
-        raise ApiError(503, "faces_unavailable", "face detection is not available on this "
-                       "server; use faces=none", headers={"Retry-After": "60"})
-    if name not in registry.manifest.models:
-        raise ApiError(422, "unknown_model", f"unknown model {name!r}; choose from "
-                       f"{sorted(registry.manifest.models)}")
-    loaded = registry.models.get(name)
-    if loaded is None:
-        raise ApiError(503, "model_unavailable", f"model {name!r} is not available: it failed "
-                       "verification at start-up", headers={"Retry-After": "60"})
+    predictor = serving.predictor
+    predictor.require_faces(mode)  # PredictorError: a 4xx or 503 with a reason
+    loaded = predictor.model(name)
     uploads = await read_uploads(request, settings)
-    metrics.images_per_request.observe(len(uploads))
+    serving.metrics.images_per_request.observe(len(uploads))
     # Off the event loop, and at most inference_concurrency at once: the rest wait in the
     # executor's queue without holding a thread.
-    results = await asyncio.get_running_loop().run_in_executor(serving.executor, partial(
-        predict_uploads, loaded, uploads, settings.limits, metrics, mode, serving.faces,
-        settings.max_faces_per_image))
-    if len(results) == 1 and isinstance(results[0], PreprocessingError):
-        raise ApiError(status_of(results[0]), results[0].code, str(results[0]))
-    predictions = []
-    for result, upload in zip(results, uploads, strict=True):
-        if isinstance(result, PreprocessingError):
-            predictions.append(Prediction(filename=upload.filename, error=str(result),
-                                          code=result.code))
-        else:
-            predictions.extend(result)
-    response = PredictResponse(model=name, model_sha256=loaded.sha256, predictions=predictions,
-                               latency_ms=round((time.perf_counter() - started) * 1000, 3))
+    results = await asyncio.get_running_loop().run_in_executor(
+        serving.executor, predictor.predict, name, uploads, mode)
+    if len(results) == 1 and results[0].error is not None:
+        error = results[0].error
+        raise ApiError(status_of(error), error.code, str(error))
+    response = to_response(name, loaded.sha256, results, started)
     # pydantic-core writes the JSON in one call; returning the model instead makes FastAPI
     # dump it, validate it again against response_model and encode it with json.dumps.
     return Response(response.model_dump_json(), media_type="application/json")

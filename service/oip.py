@@ -1,0 +1,203 @@
+"""The Open Inference Protocol's (KServe v2) tensors, in JSON and in its binary extension.
+
+Only the codec lives here: a request body in, named tensors out, and the reverse for the
+response. What the tensors mean (``image``, ``image_bytes``, ``probabilities``) is the
+router's; the model work is the predictor's.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+HEADER_LENGTH = "inference-header-content-length"
+DATATYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT8": np.int8,
+             "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "UINT8": np.uint8,
+             "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64, "BOOL": np.bool_}
+
+
+class ProtocolError(ValueError):
+    """A request that does not follow the protocol: answered 400 with ``{"error": ...}``."""
+
+
+@dataclass
+class Tensor:
+    name: str
+    datatype: str
+    shape: list[int]
+    # numeric tensors: an array of ``shape``; BYTES: a list of bytes, one per element
+    value: np.ndarray | list[bytes]
+
+
+@dataclass
+class InferRequest:
+    inputs: list[Tensor]
+    id: str | None = None
+    parameters: dict = field(default_factory=dict)
+    outputs: list[dict] = field(default_factory=list)  # the requested outputs, as sent
+
+    def binary_output(self, name: str) -> bool:
+        for output in self.outputs:
+            if output.get("name") == name:
+                return bool((output.get("parameters") or {}).get("binary_data", False))
+        return bool(self.parameters.get("binary_data_output", False))
+
+
+def _shape(value) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(d, int) and d >= 0 for d in value):
+        raise ProtocolError("'shape' must be a list of non-negative integers")
+    return value
+
+
+def _unpack_bytes(raw: bytes, count: int, name: str) -> list[bytes]:
+    """The binary extension's BYTES: each element a 4-byte little-endian length, then data."""
+    out, offset = [], 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise ProtocolError(f"input {name!r}: a BYTES element's length is cut short")
+        (length,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + length > len(raw):
+            raise ProtocolError(f"input {name!r}: a BYTES element runs past its data")
+        out.append(raw[offset:offset + length])
+        offset += length
+    if len(out) != count:
+        raise ProtocolError(f"input {name!r}: {len(out)} BYTES elements for a shape of "
+                            f"{count}")
+    return out
+
+
+def _json_bytes(data, count: int, name: str) -> list[bytes]:
+    """BYTES in JSON: strings holding base64 (JSON cannot carry raw bytes), or the
+    ``{"b64": ...}`` objects some clients send."""
+    flat = _flatten(data)
+    if len(flat) != count:
+        raise ProtocolError(f"input {name!r}: {len(flat)} elements for a shape of {count}")
+    out = []
+    for i, item in enumerate(flat):
+        text = item.get("b64") if isinstance(item, dict) else item
+        if not isinstance(text, str):
+            raise ProtocolError(f"input {name!r}[{i}]: a BYTES element in JSON is a base64 "
+                                "string")
+        try:
+            out.append(base64.b64decode(text, validate=True))
+        except (binascii.Error, ValueError):
+            raise ProtocolError(f"input {name!r}[{i}]: not valid base64; in JSON, send each "
+                                "image base64-encoded, or use the binary extension") from None
+    return out
+
+
+def _flatten(data) -> list:
+    if not isinstance(data, list):
+        return [data]
+    out = []
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            out.append(item)
+        else:
+            stack.pop()
+    return out
+
+
+def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
+    """A ``POST .../infer`` body, JSON alone or a JSON header followed by binary tensors."""
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise ProtocolError(f"the {HEADER_LENGTH} header ({header_length!r}) does not fit "
+                                f"the body of {len(body)} bytes")
+        split = int(header_length)
+        header_bytes, binary = body[:split], body[split:]
+    else:
+        header_bytes, binary = body, b""
+    try:
+        header = json.loads(header_bytes)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"the request is not valid JSON: {exc}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
+        raise ProtocolError("the request must be a JSON object with an 'inputs' list")
+    offset, inputs = 0, []
+    for item in header["inputs"]:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise ProtocolError("every input needs a 'name', a 'datatype' and a 'shape'")
+        name, datatype = item["name"], item.get("datatype")
+        shape = _shape(item.get("shape"))
+        count = int(np.prod(shape)) if shape else 1
+        parameters = item.get("parameters") or {}
+        size = parameters.get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise ProtocolError(f"input {name!r}: binary_data_size {size!r} runs past "
+                                    "the body")
+            raw = binary[offset:offset + size]
+            offset += size
+        elif "data" not in item:
+            raise ProtocolError(f"input {name!r} has neither 'data' nor binary data")
+        if datatype == "BYTES":
+            value = (_unpack_bytes(raw, count, name) if size is not None
+                     else _json_bytes(item["data"], count, name))
+        elif datatype in DATATYPES:
+            dtype = np.dtype(DATATYPES[datatype]).newbyteorder("<")
+            if size is not None:
+                if len(raw) != count * dtype.itemsize:
+                    raise ProtocolError(f"input {name!r}: {len(raw)} bytes of binary data for "
+                                        f"{count} {datatype} values")
+                array = np.frombuffer(raw, dtype=dtype)
+            else:
+                flat = _flatten(item["data"])
+                if len(flat) != count:
+                    raise ProtocolError(f"input {name!r}: {len(flat)} values for a shape of "
+                                        f"{shape}")
+                try:
+                    array = np.asarray(flat, dtype=dtype)
+                except (TypeError, ValueError):
+                    raise ProtocolError(f"input {name!r}: the data are not {datatype} "
+                                        "numbers") from None
+            value = array.reshape(shape)
+        else:
+            raise ProtocolError(f"input {name!r}: unknown datatype {datatype!r}")
+        inputs.append(Tensor(name, datatype, shape, value))
+    if offset != len(binary):
+        raise ProtocolError(f"{len(binary) - offset} bytes of binary data belong to no input")
+    outputs = header.get("outputs") or []
+    if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
+        raise ProtocolError("'outputs' must be a list of objects")
+    parameters = header.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise ProtocolError("'parameters' must be an object")
+    request_id = header.get("id")
+    return InferRequest(inputs, None if request_id is None else str(request_id), parameters,
+                        outputs)
+
+
+def encode_infer_response(model_name: str, model_version: str, request: InferRequest,
+                          outputs: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
+    """The response body and the headers it needs; outputs the client asked for in binary
+    follow the JSON header."""
+    header: dict = {"model_name": model_name, "model_version": model_version, "outputs": []}
+    if request.id is not None:
+        header["id"] = request.id
+    binary = []
+    for name, array in outputs.items():
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        entry = {"name": name, "datatype": "FP32", "shape": list(array.shape)}
+        if request.binary_output(name):
+            raw = array.astype("<f4").tobytes()
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            binary.append(raw)
+        else:
+            entry["data"] = array.reshape(-1).tolist()
+        header["outputs"].append(entry)
+    text = json.dumps(header).encode()
+    if not binary:
+        return text, {"content-type": "application/json"}
+    return text + b"".join(binary), {"content-type": "application/octet-stream",
+                                     HEADER_LENGTH: str(len(text))}

@@ -1,0 +1,197 @@
+"""The Open Inference Protocol v2 (KServe's REST protocol), beside ``/predict``.
+
+Two ways in, per request: ``image``, FP32 ``[N, 1, 350, 350]`` already preprocessed (the
+ONNX contract), or ``image_bytes``, BYTES ``[N]`` of encoded images that go through the
+shared preprocessing and its limits (in JSON, each element base64). One way out:
+``probabilities``, FP32 ``[N, 8]`` in class-list order. JSON and the binary tensor extension
+(``Inference-Header-Content-Length``) both work. Errors are ``{"error": ...}``: 400 for a
+client's mistake, 404 for an unknown model, 413 for too much, 503 for what the server lacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Path, Request, Response
+from fastapi.responses import JSONResponse
+
+from service.classes import NUM_CLASSES
+from service.deps import ServingDep, SettingsDep
+from service.errors import ApiError, status_of
+from service.inference import (
+    FacesUnavailableError,
+    ImageInput,
+    ModelUnavailableError,
+    Predictor,
+    PredictorError,
+    UnknownModelError,
+)
+from service.oip import HEADER_LENGTH, InferRequest, ProtocolError, encode_infer_response
+from service.oip import parse_infer_request as parse_request
+from service.preprocessing import INPUT_SIZE, PreprocessingError
+from service.settings import Settings
+from service.uploads import read_body
+
+router = APIRouter(prefix="/v2", tags=["open inference protocol"])
+SERVER = {"name": "emotion-detection", "version": "0.1.0",
+          "extensions": ["binary_tensor_data"]}
+OUTPUT = "probabilities"
+ModelName = Annotated[str, Path(description="A model of the manifest: `cnn` or `knn`.")]
+
+
+def oip_error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def model_version(predictor: Predictor, name: str) -> str:
+    return predictor.registry.manifest.models[name].sha256[:12]
+
+
+def _check_model(predictor: Predictor, name: str, version: str | None) -> JSONResponse | None:
+    try:
+        predictor.model(name)
+    except UnknownModelError as exc:
+        return oip_error(404, str(exc))
+    except ModelUnavailableError as exc:
+        return oip_error(503, str(exc), {"Retry-After": "60"})
+    if version is not None and version != model_version(predictor, name):
+        return oip_error(404, f"model {name!r} has no version {version!r}; it has "
+                         f"{model_version(predictor, name)!r}")
+    return None
+
+
+@router.get("", summary="Server metadata")
+async def server_metadata() -> dict:
+    return SERVER
+
+
+@router.get("/health/live", summary="The server is alive")
+async def server_live() -> dict:
+    return {"live": True}
+
+
+@router.get("/health/ready", summary="Every model is loaded and the worker is not draining "
+            "(200), or not (400, as the protocol says)")
+async def server_ready(serving: ServingDep) -> JSONResponse:
+    ready = serving.predictor.registry.ready and not serving.draining.draining
+    return JSONResponse({"ready": ready}, status_code=200 if ready else 400)
+
+
+def _metadata(predictor: Predictor, name: str) -> dict:
+    entry = predictor.registry.manifest.models[name]
+    return {
+        "name": name, "versions": [model_version(predictor, name)],
+        "platform": "onnxruntime_onnx" if entry.kind == "onnx" else "scikit-learn",
+        "inputs": [
+            {"name": "image", "datatype": "FP32", "shape": [-1, 1, INPUT_SIZE, INPUT_SIZE]},
+            {"name": "image_bytes", "datatype": "BYTES", "shape": [-1]}],
+        "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, NUM_CLASSES]}]}
+
+
+@router.get("/models/{name}", summary="Model metadata")
+async def model_metadata(name: ModelName, serving: ServingDep):
+    return _check_model(serving.predictor, name, None) or _metadata(serving.predictor, name)
+
+
+@router.get("/models/{name}/versions/{version}", summary="Model metadata, of one version")
+async def model_version_metadata(name: ModelName, version: str, serving: ServingDep):
+    return (_check_model(serving.predictor, name, version)
+            or _metadata(serving.predictor, name))
+
+
+@router.get("/models/{name}/ready", summary="The model is loaded (200) or not (400 or 404)")
+async def model_ready(name: ModelName, serving: ServingDep) -> JSONResponse:
+    problem = _check_model(serving.predictor, name, None)
+    if problem is not None and problem.status_code == 404:
+        return problem
+    ready = problem is None and not serving.draining.draining
+    return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 400)
+
+
+def run_inference(predictor: Predictor, name: str, request: InferRequest,
+                  settings: Settings) -> np.ndarray:
+    """CPU-bound, on the inference threads: the one input to probabilities ``[N, 8]``."""
+    for output in request.outputs:
+        if output.get("name") != OUTPUT:
+            raise ProtocolError(f"unknown output {output.get('name')!r}; the one output is "
+                                f"{OUTPUT!r}")
+    if len(request.inputs) != 1 or request.inputs[0].name not in ("image", "image_bytes"):
+        raise ProtocolError("send exactly one input: 'image' (FP32 [N, 1, 350, 350], "
+                            "preprocessed) or 'image_bytes' (BYTES [N], encoded images); got "
+                            f"{[t.name for t in request.inputs]}")
+    tensor = request.inputs[0]
+    count = tensor.shape[0] if tensor.shape else 0
+    if not 1 <= count <= settings.max_images_per_request:
+        raise ProtocolError(f"input {tensor.name!r}: between 1 and "
+                            f"{settings.max_images_per_request} images per request, got "
+                            f"shape {tensor.shape}")
+    if tensor.name == "image":
+        if tensor.datatype != "FP32" or tensor.shape[1:] != [1, INPUT_SIZE, INPUT_SIZE]:
+            raise ProtocolError(f"input 'image' is FP32 [N, 1, {INPUT_SIZE}, {INPUT_SIZE}], "
+                                f"got {tensor.datatype} {tensor.shape}")
+        images = tensor.value[:, 0]
+        if not np.isfinite(images).all() or images.min() < 0 or images.max() > 1:
+            raise ProtocolError("input 'image' must hold finite values in [0, 1], the "
+                                "preprocessing's output")
+        return predictor.probabilities(name, np.ascontiguousarray(images, dtype=np.float32))
+    if tensor.datatype != "BYTES" or len(tensor.shape) != 1:
+        raise ProtocolError(f"input 'image_bytes' is BYTES [N], got {tensor.datatype} "
+                            f"{tensor.shape}")
+    mode = request.parameters.get("faces", settings.default_faces)
+    if mode not in ("none", "auto"):
+        raise ProtocolError(f"parameter 'faces' is 'none' or 'auto' (one face per image), got "
+                            f"{mode!r}")
+    batch = []
+    for i, data in enumerate(tensor.value):
+        try:
+            batch.append(predictor.preprocess(ImageInput(f"image_bytes[{i}]", data), mode))
+        except PreprocessingError as exc:
+            raise type(exc)(f"image_bytes[{i}]: {exc}") from None
+    return predictor.probabilities(name, np.stack(batch))
+
+
+async def _infer(request: Request, name: str, version: str | None, settings: Settings,
+                 serving) -> Response:
+    predictor = serving.predictor
+    problem = _check_model(predictor, name, version)
+    if problem is not None:
+        return problem
+    try:
+        body = await read_body(request, settings.max_body_bytes)
+    except ApiError as exc:
+        return oip_error(exc.status, exc.detail)
+    header_length = request.headers.get(HEADER_LENGTH)
+    loop = asyncio.get_running_loop()
+
+    def work() -> tuple[bytes, dict]:
+        parsed = parse_request(body, header_length)
+        probabilities = run_inference(predictor, name, parsed, settings)
+        serving.metrics.images_per_request.observe(len(probabilities))
+        return encode_infer_response(name, model_version(predictor, name), parsed,
+                                     {OUTPUT: probabilities})
+
+    try:
+        content, headers = await loop.run_in_executor(serving.executor, work)
+    except ProtocolError as exc:
+        return oip_error(400, str(exc))
+    except PreprocessingError as exc:
+        return oip_error(status_of(exc), str(exc))
+    except FacesUnavailableError as exc:
+        return oip_error(503, str(exc), {"Retry-After": "60"})
+    except PredictorError as exc:
+        return oip_error(400, str(exc))
+    return Response(content, headers=headers)
+
+
+@router.post("/models/{name}/infer", summary="Inference, JSON or binary tensors")
+async def infer(name: ModelName, request: Request, settings: SettingsDep,
+                serving: ServingDep) -> Response:
+    return await _infer(request, name, None, settings, serving)
+
+
+@router.post("/models/{name}/versions/{version}/infer", summary="Inference on one version")
+async def infer_version(name: ModelName, version: str, request: Request,
+                        settings: SettingsDep, serving: ServingDep) -> Response:
+    return await _infer(request, name, version, settings, serving)

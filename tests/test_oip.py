@@ -1,0 +1,164 @@
+"""The Open Inference Protocol v2, tested with a client nobody here wrote: tritonclient's
+``InferenceServerClient``, against the real server, both input forms, JSON and binary."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from fastapi.testclient import TestClient
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+from service.app import create_app
+from service.classes import NUM_CLASSES
+from service.preprocessing import preprocess_image
+from service.settings import REPO_MODELS_DIR, Settings
+from tests.images import encode, gray_image
+from tests.server import running_server
+
+pytestmark = pytest.mark.dataset
+
+
+@pytest.fixture(scope="module")
+def faces(data_settings) -> list[bytes]:
+    from training.splits import read_split
+
+    split = read_split(data_settings.splits_dir / "identity.csv")
+    names = split[split["split"] == "test"]["image"].iloc[:5]
+    return [(data_settings.images_dir / name).read_bytes() for name in names]
+
+
+@pytest.fixture(scope="module")
+def server():
+    with running_server(env={"EMOTION_ONNX_THREADS": "1"}) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return triton.InferenceServerClient(server.removeprefix("http://"))
+
+
+def predict_probabilities(base: str, faces: list[bytes], model: str) -> np.ndarray:
+    response = httpx.post(f"{base}/predict", params={"model": model, "faces": "none"},
+                          files=[("files", (f"{i}.jpg", data, "image/jpeg"))
+                                 for i, data in enumerate(faces)], timeout=60)
+    assert response.status_code == 200
+    return np.array([[p["probabilities"][c] for c in p["probabilities"]]
+                     for p in response.json()["predictions"]], dtype=np.float32)
+
+
+def test_health_and_metadata(client):
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.get_server_metadata()["extensions"] == ["binary_tensor_data"]
+    for name in ("cnn", "knn"):
+        assert client.is_model_ready(name)
+        metadata = client.get_model_metadata(name)
+        assert {i["name"]: i["datatype"] for i in metadata["inputs"]} == {
+            "image": "FP32", "image_bytes": "BYTES"}
+        assert metadata["outputs"] == [{"name": "probabilities", "datatype": "FP32",
+                                        "shape": [-1, NUM_CLASSES]}]
+    with pytest.raises(InferenceServerException, match="unknown model"):
+        client.get_model_metadata("resnet")
+
+
+@pytest.mark.parametrize("binary", [True, False])
+@pytest.mark.parametrize("model", ["cnn", "knn"])
+def test_both_input_forms_give_predicts_probabilities(client, server, faces, model, binary):
+    expected = predict_probabilities(server, faces, model)
+    encoded = triton.InferInput("image_bytes", [len(faces)], "BYTES")
+    if binary:
+        encoded.set_data_from_numpy(np.array(faces, dtype=np.object_), binary_data=True)
+    else:  # JSON carries no raw bytes: each image goes base64-encoded
+        encoded.set_data_from_numpy(np.array([base64.b64encode(f) for f in faces],
+                                             dtype=np.object_), binary_data=False)
+    output = triton.InferRequestedOutput("probabilities", binary_data=binary)
+    result = client.infer(model, [encoded], outputs=[output])
+    np.testing.assert_array_equal(result.as_numpy("probabilities"), expected)
+
+    tensor = np.stack([preprocess_image(f) for f in faces])[:, None]
+    image = triton.InferInput("image", list(tensor.shape), "FP32")
+    image.set_data_from_numpy(tensor, binary_data=binary)
+    result = client.infer(model, [image], outputs=[output])
+    probabilities = result.as_numpy("probabilities")
+    assert probabilities.shape == (len(faces), NUM_CLASSES)
+    np.testing.assert_array_equal(probabilities, expected)
+    assert result.get_response()["model_version"] == client.get_model_metadata(model)[
+        "versions"][0]
+
+
+def test_client_mistakes_are_400s_with_a_reason(client, faces):
+    def infer(inputs, **kwargs):
+        with pytest.raises(InferenceServerException) as caught:
+            client.infer("cnn", inputs, **kwargs)
+        return caught.value
+
+    wrong_shape = triton.InferInput("image", [1, 1, 48, 48], "FP32")
+    wrong_shape.set_data_from_numpy(np.zeros((1, 1, 48, 48), np.float32))
+    error = infer([wrong_shape])
+    assert error.status() == "400" and "[N, 1, 350, 350]" in error.message()
+
+    out_of_range = triton.InferInput("image", [1, 1, 350, 350], "FP32")
+    out_of_range.set_data_from_numpy(np.full((1, 1, 350, 350), 255, np.float32))
+    assert "[0, 1]" in infer([out_of_range]).message()
+
+    not_an_image = triton.InferInput("image_bytes", [2], "BYTES")
+    not_an_image.set_data_from_numpy(np.array([faces[0], b"hello"], dtype=np.object_))
+    error = infer([not_an_image])
+    assert error.status() == "400" and "image_bytes[1]" in error.message()
+
+    unknown = triton.InferInput("pixels", [1], "BYTES")
+    unknown.set_data_from_numpy(np.array([faces[0]], dtype=np.object_))
+    assert "exactly one input" in infer([unknown]).message()
+
+
+@pytest.fixture(scope="module")
+def app_client():
+    with TestClient(create_app(Settings(models_dir=REPO_MODELS_DIR, onnx_threads=1,
+                                        max_images_per_request=2))) as client:
+        yield client
+
+
+@pytest.mark.parametrize(("body", "headers", "message"), [
+    (b"{", {}, "not valid JSON"),
+    (b'{"inputs": 3}', {}, "'inputs' list"),
+    (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 350, 350], '
+     b'"data": [0.5]}]}', {}, "1 values for a shape"),
+    (b'{"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], '
+     b'"data": ["%%%"]}]}', {}, "not valid base64"),
+    (b'{"inputs": []}', {"Inference-Header-Content-Length": "999"}, "does not fit"),
+    (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 350, 350], '
+     b'"parameters": {"binary_data_size": 8}}]}', {"Inference-Header-Content-Length": "whole"},
+     "runs past the body"),
+    (b'{"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [3], '
+     b'"data": ["", "", ""]}]}', {}, "between 1 and 2 images"),
+    (b'{"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], "data": [""]}],'
+     b' "outputs": [{"name": "logits"}]}', {}, "unknown output"),
+])
+def test_malformed_requests_get_400_and_the_protocols_error_body(app_client, body, headers,
+                                                                  message):
+    if headers.get("Inference-Header-Content-Length") == "whole":  # a header and no binary
+        headers = {"Inference-Header-Content-Length": str(len(body))}
+    response = app_client.post("/v2/models/cnn/infer", content=body, headers=headers)
+    assert response.status_code == 400, response.text
+    assert set(response.json()) == {"error"} and message in response.json()["error"]
+
+
+def test_faces_parameter_finds_the_face_as_predict_does(app_client, faces):
+    photo = gray_image(640, 480, seed=3)
+    face = Image.open(io.BytesIO(faces[0])).convert("L").resize((220, 220))
+    photo.paste(face, (200, 120))
+    data = encode(photo, "JPEG", quality=92)
+    request = {"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1],
+                           "data": [base64.b64encode(data).decode()]}],
+               "parameters": {"faces": "auto"}}
+    oip = app_client.post("/v2/models/cnn/infer", json=request).json()["outputs"][0]["data"]
+    predicted = app_client.post("/predict", params={"faces": "auto"},
+                                files={"file": ("p.jpg", data, "image/jpeg")}).json()
+    assert predicted["predictions"][0]["face"] is not None
+    assert oip == list(predicted["predictions"][0]["probabilities"].values())
