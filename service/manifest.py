@@ -46,11 +46,17 @@ class EvalMetrics(BaseModel):
     confusion_matrix: list[list[int]]
 
 
-class DataProvenance(BaseModel):
+class DatasetProvenance(BaseModel):
+    """One dataset a model was trained or scored on, pinned to its commit and checksums."""
+
     repository: str
     commit: str
-    legend_sha256: str
-    split_sha256: dict[str, str]
+    checksums_sha256: Sha256  # of the checksum list in data/ that pins every image
+    legend_sha256: Sha256 | None = None
+    split_sha256: dict[str, Sha256] = Field(default_factory=dict)
+    used: dict[str, str] = Field(default_factory=dict)  # subset -> what of the dataset it is
+    citation: str = ""
+    terms: str = ""
 
 
 class ModelEntry(BaseModel):
@@ -64,16 +70,16 @@ class ModelEntry(BaseModel):
     classes: list[str] = Field(default_factory=lambda: list(CLASS_NAMES))
     preprocessing_version: str
     recipe: dict
-    data: DataProvenance
+    data: dict[str, DatasetProvenance]  # dataset name -> provenance
     code_commit: str
     created_at: str
-    # split name -> subset (val, test) -> metrics
+    # evaluation set (identity: this dataset's identity split; fer2013) -> subset -> metrics
     metrics: dict[str, dict[str, EvalMetrics]]
     summary: dict = Field(default_factory=dict)
 
 
 class Manifest(BaseModel):
-    schema_version: int = 1
+    schema_version: int = 2
     models: dict[str, ModelEntry]
 
 

@@ -8,7 +8,6 @@ from service.preprocessing import pixels_to_input, preprocess_image
 from tests.images import encode, gray_image, rgb_image
 from training.cache import cache_key, load_decoded_images
 from training.dataset import read_clean_table
-from training.settings import CLEAN_TABLE
 
 
 def synthetic_table(folder, count=6):
@@ -66,7 +65,7 @@ def test_cache_refuses_a_file_that_changed(tmp_path):
 
 @pytest.mark.dataset
 def test_real_cache_matches_serving_on_sampled_images(data_settings):
-    table = read_clean_table(CLEAN_TABLE)
+    table = read_clean_table(data_settings.clean_table)
     decoded = load_decoded_images(table, data_settings.images_dir, data_settings.cache_dir)
     assert decoded.pixels.shape == (len(table), 350, 350)
     rng = np.random.default_rng(0)

@@ -9,7 +9,6 @@ from service.classes import CLASS_NAMES
 from training.audit import STUDY_CLASS_COUNTS, run_audit
 from training.dataset import identity_from_filename, read_clean_table
 from training.fetch import read_checksums, verify_dataset
-from training.settings import CHECKSUMS_FILE, CLEAN_TABLE, DATA_DIR, SPLITS_DIR
 from training.splits import SUBSETS, read_split
 
 pytestmark = pytest.mark.dataset
@@ -37,7 +36,8 @@ def rerun(data_settings, tmp_path_factory):
 
 
 def test_dataset_matches_the_pinned_checksums(data_settings):
-    assert verify_dataset(data_settings.dataset_dir) == len(read_checksums(CHECKSUMS_FILE))
+    assert verify_dataset(data_settings.dataset_dir, data_settings.checksums_file) == len(
+        read_checksums(data_settings.checksums_file))
 
 
 def test_class_counts_equal_the_studys_table(rerun):
@@ -47,28 +47,29 @@ def test_class_counts_equal_the_studys_table(rerun):
     assert report["class_counts_match_study"] is True
 
 
-def test_audit_rerun_is_byte_identical_to_the_committed_files(rerun):
+def test_audit_rerun_is_byte_identical_to_the_committed_files(rerun, data_settings):
     _, out = rerun
     for name in ("audit.json", "audit.md", "clean.csv"):
-        assert (out / name).read_bytes() == (DATA_DIR / name).read_bytes(), name
+        assert (out / name).read_bytes() == (data_settings.data_dir / name).read_bytes(), name
     for name in ("identity.csv", "random.csv"):
-        assert (out / "splits" / name).read_bytes() == (SPLITS_DIR / name).read_bytes(), name
+        assert (out / "splits" / name).read_bytes() == (
+            data_settings.splits_dir / name).read_bytes(), name
 
 
-def test_audit_reports_the_known_defects(rerun):
+def test_audit_reports_the_known_defects(rerun, data_settings):
     report, _ = rerun
     assert report["duplicate_rows_conflicting"]["count"] == 1
     assert report["format_mismatches"]["images"][0]["format"] == "WEBP"
     assert report["modes"] == {"L": 12758, "RGB": 923}
     assert report["kept_images"] == 13690 - 7 - 2  # agreeing duplicates once, conflict dropped
-    audit = json.loads((DATA_DIR / "audit.json").read_text())
+    audit = json.loads((data_settings.data_dir / "audit.json").read_text())
     assert audit["identities"] == report["identities"]
 
 
 @pytest.mark.parametrize("split_name", ["identity", "random"])
-def test_every_kept_image_is_in_exactly_one_subset(split_name):
-    table = read_clean_table(CLEAN_TABLE)
-    split = read_split(SPLITS_DIR / f"{split_name}.csv")
+def test_every_kept_image_is_in_exactly_one_subset(split_name, data_settings):
+    table = read_clean_table(data_settings.clean_table)
+    split = read_split(data_settings.splits_dir / f"{split_name}.csv")
     assert sorted(split["image"]) == sorted(table["image"])
     assert split["image"].is_unique
     assert set(split["split"]) == set(SUBSETS)
@@ -78,17 +79,17 @@ def test_every_kept_image_is_in_exactly_one_subset(split_name):
     assert 0.65 < shares["train"] < 0.75 and 0.12 < shares["test"] < 0.18
 
 
-def test_no_identity_crosses_subsets_in_the_identity_split():
-    split = read_split(SPLITS_DIR / "identity.csv")
+def test_no_identity_crosses_subsets_in_the_identity_split(data_settings):
+    split = read_split(data_settings.splits_dir / "identity.csv")
     assert (split.groupby("identity")["split"].nunique() == 1).all()
     # The random split is the study's protocol and does leak people: that is its point.
-    random_split = read_split(SPLITS_DIR / "random.csv")
+    random_split = read_split(data_settings.splits_dir / "random.csv")
     assert (random_split.groupby("identity")["split"].nunique() > 1).sum() > 100
 
 
-def test_every_class_is_in_every_subset():
+def test_every_class_is_in_every_subset(data_settings):
     for name in ("identity", "random"):
-        split = read_split(SPLITS_DIR / f"{name}.csv")
+        split = read_split(data_settings.splits_dir / f"{name}.csv")
         counts = pd.crosstab(split["label"], split["split"])
         assert set(counts.index) == set(CLASS_NAMES)
         assert (counts[list(SUBSETS)] > 0).all().all(), name

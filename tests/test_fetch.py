@@ -35,7 +35,7 @@ def upstream(tmp_path):
 
 def test_fetch_checks_out_the_pinned_commit_and_verifies_it(upstream, tmp_path):
     repo, commit, sums = upstream
-    dest = fetch_dataset(tmp_path / "clone", f"file://{repo}", commit, sums)
+    dest = fetch_dataset(tmp_path / "clone", sums, f"file://{repo}", commit)
     fetched = (dest / "images" / "A_0001.png").read_bytes()
     assert fetched == (repo / "images" / "A_0001.png").read_bytes()
 
@@ -44,4 +44,4 @@ def test_fetch_refuses_files_that_differ_from_the_checksums(upstream, tmp_path):
     repo, commit, sums = upstream
     sums.write_text(sums.read_text().replace(sums.read_text()[:8], "00000000", 1))
     with pytest.raises(ChecksumError, match="differ"):
-        fetch_dataset(tmp_path / "clone", f"file://{repo}", commit, sums)
+        fetch_dataset(tmp_path / "clone", sums, f"file://{repo}", commit)

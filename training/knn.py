@@ -8,6 +8,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
+from service.classes import NUM_CLASSES
 from service.features import BlockMeanDownsample
 from training.cache import DecodedImages
 from training.evaluate import macro_f1
@@ -44,21 +45,26 @@ def fit_pipeline(pipeline: Pipeline, features: np.ndarray, labels: np.ndarray) -
     return pipeline
 
 
-def sweep_k(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
-            ks: tuple[int, ...], weightings: tuple[str, ...] = ("uniform", "distance"),
-            seed: int = 0) -> tuple[Pipeline, dict, list[dict]]:
+def sweep_k(train_x: np.ndarray, train_y: np.ndarray, vals, ks: tuple[int, ...],
+            weightings: tuple[str, ...] = ("uniform", "distance"),
+            seed: int = 0, val_y: np.ndarray | None = None) -> tuple[Pipeline, dict, list[dict]]:
     """Fit once per (k, weighting) and score on validation.
 
-    Returns the fitted pipeline with the best validation macro-F1 (the smaller k on a tie),
-    its scores, and the whole sweep.
+    ``vals`` is one validation feature matrix (with ``val_y``), or a list of ``(features,
+    labels, classes)`` sets judged by the mean of their macro-F1s. Returns the fitted pipeline
+    with the best validation score (the smaller k on a tie), its scores, and the whole sweep.
     """
+    if val_y is not None:
+        vals = [(vals, val_y, tuple(range(NUM_CLASSES)))]
     scores, best, best_pipeline = [], None, None
     for weights in weightings:
         for k in ks:
             k_eff = min(k, len(train_y))
             pipeline = fit_pipeline(build_pipeline(k_eff, weights, seed), train_x, train_y)
-            predicted = pipeline[1:].predict(val_x)
-            score = {"k": k_eff, "weights": weights, "val_macro_f1": macro_f1(val_y, predicted)}
+            per_set = [macro_f1(y, pipeline[1:].predict(x), classes) for x, y, classes in vals]
+            score = {"k": k_eff, "weights": weights, "val_macro_f1": float(np.mean(per_set))}
+            if len(per_set) > 1:
+                score["val_macro_f1_per_set"] = per_set
             scores.append(score)
             if best is None or (score["val_macro_f1"], -score["k"]) > (
                     best["val_macro_f1"], -best["k"]):

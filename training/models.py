@@ -11,7 +11,8 @@ Because the stem has no parameters, training feeds the pooled images straight to
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -44,6 +45,16 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "resolution": self.resolution}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelConfig:
+        """The config a checkpoint or manifest stored (derived keys such as ``resolution``
+        are ignored)."""
+        known = {f.name for f in fields(cls)}
+        config = {k: v for k, v in values.items() if k in known}
+        if "channels" in config:
+            config["channels"] = tuple(config["channels"])
+        return cls(**config)
 
 
 def build_body(config: ModelConfig) -> nn.Module:
@@ -128,16 +139,42 @@ class EmotionNet(nn.Module):
 class WithSoftmax(nn.Module):
     """What gets exported: the contract in, class probabilities out (optionally TTA flip)."""
 
-    def __init__(self, model: EmotionNet, flip: bool = False, bias: torch.Tensor | None = None):
+    def __init__(self, model: EmotionNet, flip: bool = False, bias: torch.Tensor | None = None,
+                 temperature: float = 1.0):
         super().__init__()
         self.model = model
         self.flip = flip
         if bias is None:
             bias = torch.zeros(model.config.num_classes)
         self.register_buffer("bias", bias.float())
+        self.temperature = float(temperature)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         logits = self.model(image)
         if self.flip:
             logits = (logits + self.model(torch.flip(image, dims=[3]))) / 2
-        return torch.softmax(logits + self.bias, dim=1)
+        # Offsets act on log-probabilities; the logits differ from those by a per-image
+        # constant, which neither the offsets' argmax nor the softmax sees.
+        scores = logits + self.bias
+        if self.temperature != 1.0:
+            scores = scores / self.temperature
+        return torch.softmax(scores, dim=1)
+
+
+def save_checkpoint(path: Path, model: EmotionNet, **extra) -> dict:
+    """Weights with the config that rebuilds the network, plus whatever the run records."""
+    checkpoint = {"model_config": model.config.to_dict(), "state_dict": model.state_dict(),
+                  **extra}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, path)
+    return checkpoint
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def model_from_checkpoint(checkpoint: dict) -> EmotionNet:
+    model = EmotionNet(ModelConfig.from_dict(checkpoint["model_config"]))
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval()

@@ -15,47 +15,16 @@ import numpy as np
 import torch
 
 from service.classes import CLASS_NAMES
-from training.data import SPLIT_NAMES, open_cache, pooled_images, read_subsets
+from training.data import SPLIT_NAMES, Workspace
 from training.evaluate import classification_metrics
-from training.experiments import EXPERIMENTS, SMOKE_PER_CLASS, Experiment, for_profile
-from training.knn import downsampled, sweep_k
+from training.experiments import EXPERIMENTS, Experiment, for_profile
+from training.knn import sweep_k
 from training.models import EmotionNet
 from training.provenance import code_commit, machine
 from training.report import plot_confusion, plot_curves, write_reports_readme
-from training.settings import DataSettings
+from training.settings import TrainingSettings
 from training.splits import SUBSETS
-from training.train import fit, predict_logits, resolve_device, seed_everything
-
-
-class Workspace:
-    """Decoded data shared by every experiment of one run, each piece computed once."""
-
-    def __init__(self, settings: DataSettings, profile: str):
-        self.profile = profile
-        self.settings = settings
-        _, self.decoded = open_cache(settings)
-        self._subsets: dict = {}
-        self._pooled: dict = {}
-        self._features: dict = {}
-
-    def subsets(self, split: str):
-        if split not in self._subsets:
-            per_class = SMOKE_PER_CLASS if self.profile == "smoke" else None
-            self._subsets[split] = read_subsets(split, per_class)
-        return self._subsets[split]
-
-    def pooled(self, split: str, config) -> dict[str, torch.Tensor]:
-        key = (split, config.pool, config.pad)
-        if key not in self._pooled:
-            self._pooled[key] = {name: pooled_images(self.decoded, s.names, config)
-                                 for name, s in self.subsets(split).items()}
-        return self._pooled[key]
-
-    def features(self, split: str) -> dict[str, np.ndarray]:
-        if split not in self._features:
-            self._features[split] = {name: downsampled(self.decoded, s.names)
-                                     for name, s in self.subsets(split).items()}
-        return self._features[split]
+from training.train import LabelledImages, fit, predict_logits, resolve_device, seed_everything
 
 
 def run_cnn(exp: Experiment, ws: Workspace, split: str, seed: int, device: torch.device):
@@ -63,8 +32,10 @@ def run_cnn(exp: Experiment, ws: Workspace, split: str, seed: int, device: torch
     images = ws.pooled(split, exp.model)
     seed_everything(seed)
     model = EmotionNet(exp.model)
-    body, history = fit(model.body, exp.train, images["train"], subsets["train"].labels,
-                        images["val"], subsets["val"].labels, seed, device)
+    body, history = fit(model.body, exp.train,
+                        LabelledImages(images["train"], subsets["train"].labels),
+                        LabelledImages(images["val"], subsets["val"].labels, name="val"),
+                        seed, device)
     metrics = {name: classification_metrics(
         subsets[name].labels, predict_logits(body, images[name], device).argmax(1))
         for name in SUBSETS}
@@ -75,7 +46,7 @@ def run_knn(exp: Experiment, ws: Workspace, split: str, seed: int):
     subsets = ws.subsets(split)
     feats = ws.features(split)
     pipeline, best, sweep = sweep_k(feats["train"], subsets["train"].labels, feats["val"],
-                                    subsets["val"].labels, exp.knn_ks, seed=seed)
+                                    exp.knn_ks, seed=seed, val_y=subsets["val"].labels)
     metrics = {name: classification_metrics(subsets[name].labels,
                                             pipeline[1:].predict(feats[name]))
                for name in SUBSETS}
@@ -139,11 +110,9 @@ def run_experiment(exp: Experiment, ws: Workspace, device: torch.device, out_roo
     return report
 
 
-def reproduce(settings: DataSettings, names: list[str] | None = None, profile: str = "full",
+def reproduce(settings: TrainingSettings, names: list[str] | None = None, profile: str = "full",
               device: str = "auto", out_root: Path | None = None) -> dict[str, dict]:
-    from training.settings import REPORTS_DIR
-
-    out_root = out_root or REPORTS_DIR
+    out_root = out_root or settings.reports_dir
     chosen = names or list(EXPERIMENTS)
     unknown = set(chosen) - set(EXPERIMENTS)
     if unknown:

@@ -1,4 +1,8 @@
-"""Where training finds the dataset and keeps its decode cache (environment prefix ``EMOTION_``)."""
+"""Where training finds its data and puts what it makes (environment prefix ``EMOTION_``).
+
+Every path the training commands read or write comes from :class:`TrainingSettings`, so a
+run can be pointed elsewhere (a scratch folder, a CI cache) without touching the code.
+"""
 
 from __future__ import annotations
 
@@ -9,38 +13,57 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATASET = REPO_ROOT.parent / "shared" / "datasets" / "facial_expressions"
-FETCHED_DATASET = REPO_ROOT / ".data" / "facial_expressions"
+SHARED_DATASETS = REPO_ROOT.parent / "shared" / "datasets"
+# Where `python -m training fetch` puts each dataset by default. The study's dataset goes into
+# the checkout's git-ignored .data/; FER-2013 is large and not ours to redistribute, so it goes
+# outside the repository.
+FETCH_DESTINATIONS = {
+    "facial_expressions": REPO_ROOT / ".data" / "facial_expressions",
+    "fer2013": Path.home() / ".local" / "share" / "emotion-detection" / "fer2013",
+}
 
 UPSTREAM_REPOSITORY = "https://github.com/muxspace/facial_expressions"
 UPSTREAM_COMMIT = "5fb9c13afac07c55eae8d25eb6b50af344ad60c9"
 
-DATA_DIR = REPO_ROOT / "data"
-CHECKSUMS_FILE = DATA_DIR / "SHA256SUMS"
-CLEAN_TABLE = DATA_DIR / "clean.csv"
-SPLITS_DIR = DATA_DIR / "splits"
-REPORTS_DIR = REPO_ROOT / "reports"
-MODELS_DIR = REPO_ROOT / "models"
-
 
 def _default_dataset_dir() -> Path:
-    # The shared read-only copy beside the checkout wins; elsewhere `python -m training fetch`
-    # clones upstream into .data/ inside the checkout (git-ignored).
-    return SHARED_DATASET if SHARED_DATASET.exists() else FETCHED_DATASET
+    # The shared read-only copy beside the checkout wins; elsewhere, what fetch cloned.
+    shared = SHARED_DATASETS / "facial_expressions"
+    return shared if shared.exists() else FETCH_DESTINATIONS["facial_expressions"]
 
 
-class DataSettings(BaseSettings):
+def _default_fer2013_dir() -> Path:
+    # A fetched full release (all three usages) wins over the shared copy, which holds only
+    # PublicTest: enough for evaluation and CI, not for training.
+    fetched, shared = FETCH_DESTINATIONS["fer2013"], SHARED_DATASETS / "fer2013"
+    if (fetched / "train").is_dir() or not shared.exists():
+        return fetched
+    return shared
+
+
+class TrainingSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EMOTION_", extra="ignore")
 
     dataset_dir: Path = Field(
         default_factory=_default_dataset_dir,
-        description="Dataset folder in the upstream layout (data/legend.csv, images/).",
+        description="The study's dataset in the upstream layout (data/legend.csv, images/).",
+    )
+    fer2013_dir: Path = Field(
+        default_factory=_default_fer2013_dir,
+        description="FER-2013 in the release's image-folder layout (train/, validation/, "
+        "test/); the shared copy holds validation/ only.",
     )
     cache_dir: Path = Field(
         default=Path.home() / ".cache" / "emotion-detection",
-        description="Decode cache, outside the repository; rebuilt when the data or the "
-        "preprocessing change.",
+        description="Decode cache and downloaded wheels, outside the repository; the cache is "
+        "rebuilt when the data or the preprocessing change.",
     )
+    data_dir: Path = Field(REPO_ROOT / "data", description="The repository's data/: audit, "
+                           "clean table, splits, checksum lists.")
+    models_dir: Path = Field(REPO_ROOT / "models", description="The shipped artifacts.")
+    reports_dir: Path = Field(REPO_ROOT / "reports", description="Reports of experiments.")
+    checkpoints_dir: Path = Field(REPO_ROOT / "checkpoints",
+                                  description="Training checkpoints (train writes, export reads).")
 
     @property
     def legend_path(self) -> Path:
@@ -50,7 +73,27 @@ class DataSettings(BaseSettings):
     def images_dir(self) -> Path:
         return self.dataset_dir / "images"
 
+    @property
+    def clean_table(self) -> Path:
+        return self.data_dir / "clean.csv"
+
+    @property
+    def splits_dir(self) -> Path:
+        return self.data_dir / "splits"
+
+    @property
+    def checksums_file(self) -> Path:
+        return self.data_dir / "SHA256SUMS"
+
+    @property
+    def fer2013_checksums(self) -> Path:
+        return self.data_dir / "fer2013.SHA256SUMS"
+
+    @property
+    def pretrained_dir(self) -> Path:
+        return self.cache_dir / "pretrained"
+
 
 @lru_cache
-def get_data_settings() -> DataSettings:
-    return DataSettings()
+def get_training_settings() -> TrainingSettings:
+    return TrainingSettings()

@@ -36,9 +36,33 @@ class TrainConfig:
     label_smoothing: float = 0.0
     select: str = "last"         # last | best_val (epoch with the best validation macro-F1)
     logit_tau: float = 1.0       # balanced_softmax: train on logits + tau * log(class prior)
+    # Joint training on several datasets (the ``sources`` of a TrainSet):
+    prior: str = "global"        # global | per_source: whose class prior the loss adjusts by
+    mix: float = 0.0             # share of source 0 in every batch; 0: as the union comes
+    lowres: float = 0.0          # augment: chance of a trip through 32-56 px and back
+    ema: float = 0.0             # decay of an exponential moving average of the weights; 0: off
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class LabelledImages:
+    """Pooled images with their labels; ``sources`` says which dataset each came from, and
+    ``classes`` the classes a macro-F1 on this set averages over."""
+
+    images: torch.Tensor
+    labels: np.ndarray
+    sources: np.ndarray | None = None
+    classes: tuple[int, ...] = tuple(range(NUM_CLASSES))
+    name: str = ""
+
+    def __post_init__(self):
+        if self.sources is None:
+            self.sources = np.zeros(len(self.labels), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.labels)
 
 
 def seed_everything(seed: int) -> None:
@@ -55,12 +79,18 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def augmentation() -> v2.Compose:
-    return v2.Compose([
+def augmentation(lowres: float = 0.0, size: int = 88) -> v2.Compose:
+    steps = [
         v2.RandomHorizontalFlip(),
         v2.RandomAffine(degrees=10, translate=(0.06, 0.06), scale=(0.9, 1.1)),
         v2.ColorJitter(brightness=0.25, contrast=0.25),
-    ])
+    ]
+    if lowres:
+        # A 350x350 crop sometimes seen as a 48x48 web face is: down to 32-56 px and back.
+        steps.append(v2.RandomApply([v2.RandomChoice([
+            v2.Compose([v2.Resize(small, antialias=True), v2.Resize(size, antialias=True)])
+            for small in (32, 40, 48, 56)])], p=lowres))
+    return v2.Compose(steps)
 
 
 def fixed_plan(labels: np.ndarray, sampling: str, rng: np.random.Generator
@@ -89,13 +119,33 @@ def fixed_plan(labels: np.ndarray, sampling: str, rng: np.random.Generator
 
 
 def epoch_order(labels: np.ndarray, plan: np.ndarray, sampling: str,
-                rng: np.random.Generator) -> np.ndarray:
-    """Positions into ``plan`` for one epoch."""
-    if sampling == "class_balanced":
+                rng: np.random.Generator, sources: np.ndarray | None = None,
+                mix: float = 0.0) -> np.ndarray:
+    """Positions into ``plan`` for one epoch (its length is the plan's).
+
+    With several sources, ``class_balanced`` balances the classes within each source, and
+    ``mix`` draws source 0 with that probability (else the sources keep their shares).
+    """
+    source_of = np.zeros(len(plan), np.int64) if sources is None else sources[plan]
+    names = np.unique(source_of)
+    if len(names) == 1 and sampling == "class_balanced":
         counts = np.bincount(labels[plan], minlength=NUM_CLASSES)
         weights = 1.0 / counts[labels[plan]]
         return rng.choice(len(plan), len(plan), p=weights / weights.sum())
-    return rng.permutation(len(plan))
+    if sampling != "class_balanced" and (not mix or len(names) == 1):
+        return rng.permutation(len(plan))
+    weights = np.zeros(len(plan))
+    for s in names:
+        members = source_of == s
+        share = members.mean()
+        if mix:
+            share = mix if s == names[0] else (1 - mix) / (len(names) - 1)
+        if sampling == "class_balanced":
+            counts = np.bincount(labels[plan][members], minlength=NUM_CLASSES)
+            weights[members] = share / (np.count_nonzero(counts) * counts[labels[plan][members]])
+        else:
+            weights[members] = share / members.sum()
+    return rng.choice(len(plan), len(plan), p=weights / weights.sum())
 
 
 def soft_f1_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -109,8 +159,20 @@ def soft_f1_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return 1 - soft_f1.mean()
 
 
+def log_priors(labels: np.ndarray, sources: np.ndarray, per_source: bool) -> torch.Tensor:
+    """``[n_sources, 8]`` log class priors (counts + 1): one shared row unless per source."""
+    n_sources = int(sources.max()) + 1
+    rows = []
+    for s in range(n_sources):
+        members = labels[sources == s] if per_source else labels
+        prior = np.bincount(members, minlength=NUM_CLASSES) + 1.0
+        rows.append(np.log(prior / prior.sum()))
+    return torch.tensor(np.array(rows)).float()
+
+
 class Objective(nn.Module):
-    def __init__(self, config: TrainConfig, train_labels: np.ndarray):
+    def __init__(self, config: TrainConfig, train_labels: np.ndarray,
+                 train_sources: np.ndarray | None = None):
         super().__init__()
         self.config = config
         weight = None
@@ -118,18 +180,23 @@ class Objective(nn.Module):
             weight = torch.tensor(compute_class_weight(
                 "balanced", classes=np.arange(NUM_CLASSES), y=train_labels), dtype=torch.float32)
         self.register_buffer("weight", weight)
-        prior = np.bincount(train_labels, minlength=NUM_CLASSES) + 1.0
-        self.register_buffer("log_prior", torch.log(torch.tensor(prior / prior.sum()).float()))
+        if train_sources is None:
+            train_sources = np.zeros(len(train_labels), dtype=np.int64)
+        self.register_buffer("log_prior", log_priors(train_labels, train_sources,
+                                                     config.prior == "per_source"))
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor,
+                sources: torch.Tensor | None = None) -> torch.Tensor:
         c = self.config
         if c.loss == "soft_f1":
             return soft_f1_loss(logits, targets)
         if c.loss == "balanced_softmax":
             # Train on logits shifted by the class prior; predict with the raw logits. tau 1
             # is balanced softmax; below 1 it compensates the prior only in part (the
-            # logit-adjusted loss of Menon et al. 2021).
-            logits = logits + c.logit_tau * self.log_prior
+            # logit-adjusted loss of Menon et al. 2021). Per source, each image is shifted
+            # by its own dataset's prior, so neither dataset's imbalance is learnt.
+            prior = self.log_prior[0] if sources is None else self.log_prior[sources]
+            logits = logits + c.logit_tau * prior
         ce = F.cross_entropy(logits, targets, weight=self.weight,
                              label_smoothing=c.label_smoothing)
         if c.loss == "ce+soft_f1":
@@ -153,63 +220,87 @@ def predict_logits(body: nn.Module, images: torch.Tensor, device: torch.device,
     return torch.cat(out).numpy()
 
 
-def fit(body: nn.Module, config: TrainConfig, train_images: torch.Tensor,
-        train_labels: np.ndarray, val_images: torch.Tensor, val_labels: np.ndarray,
-        seed: int, device: torch.device, progress: bool = True) -> tuple[nn.Module, list[dict]]:
-    """Train ``body`` on pooled images; returns the selected weights and the per-epoch history."""
+def evaluate_sets(body: nn.Module, vals: list[LabelledImages], device: torch.device) -> dict:
+    """Per-epoch validation: loss and macro-F1 of each set, and their means (what selects)."""
+    out = {}
+    for val in vals:
+        logits = torch.from_numpy(predict_logits(body, val.images, device))
+        targets = torch.as_tensor(np.array(val.labels, dtype=np.int64))
+        out[val.name] = {"loss": F.cross_entropy(logits, targets).item(),
+                         "macro_f1": macro_f1(val.labels, logits.argmax(1).numpy(), val.classes)}
+    return {"val_loss": float(np.mean([v["loss"] for v in out.values()])),
+            "val_macro_f1": float(np.mean([v["macro_f1"] for v in out.values()])),
+            **({f"val_macro_f1_{k}": v["macro_f1"] for k, v in out.items()}
+               if len(vals) > 1 else {})}
+
+
+def fit(body: nn.Module, config: TrainConfig, train: LabelledImages,
+        vals: LabelledImages | list[LabelledImages], seed: int, device: torch.device,
+        progress: bool = True) -> tuple[nn.Module, list[dict]]:
+    """Train ``body`` on pooled images; returns the selected weights and the per-epoch history.
+
+    With several validation sets, an epoch is judged by the mean of their macro-F1s.
+    """
+    vals = [vals] if isinstance(vals, LabelledImages) else list(vals)
     seed_everything(seed)
     # EMOTION_TORCH_THREADS lets two runs share the cores without oversubscribing them.
     torch.set_num_threads(int(os.environ.get("EMOTION_TORCH_THREADS", 0)) or os.cpu_count() or 1)
     rng = np.random.default_rng(seed)
+    train_labels, train_sources = train.labels, train.sources
     plan, is_copy = fixed_plan(train_labels, config.sampling, rng)
     body.to(device)
-    objective = Objective(config, train_labels[plan]).to(device)
+    objective = Objective(config, train_labels[plan], train_sources[plan]).to(device)
     optimizer = torch.optim.AdamW(body.parameters(), lr=config.lr,
                                   weight_decay=config.weight_decay)
     steps_per_epoch = -(-len(plan) // config.batch_size)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=config.epochs * steps_per_epoch)
         if config.schedule == "cosine" else None)
-    augment = augmentation()
-    val_targets = torch.as_tensor(np.array(val_labels, dtype=np.int64))
+    ema = (torch.optim.swa_utils.AveragedModel(
+        body, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema),
+        use_buffers=True) if config.ema else None)
+    augment = augmentation(config.lowres, train.images.shape[-1])
     history, best_state, best_score = [], None, -1.0
 
     for epoch in range(1, config.epochs + 1):
         body.train()
-        order = epoch_order(train_labels, plan, config.sampling, rng)
+        order = epoch_order(train_labels, plan, config.sampling, rng, train_sources, config.mix)
         losses, predictions, targets = [], [], []
         batches = range(0, len(order), config.batch_size)
         for start in tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", leave=False,
                           disable=None if progress else True, mininterval=5.0):
             positions = order[start:start + config.batch_size]
             indices = plan[positions]
-            batch = train_images[indices].clone()
+            batch = train.images[indices].clone()
             wants = (is_copy[positions] if config.augment == "copies"
                      else np.full(len(positions), config.augment == "all"))
             for i in np.flatnonzero(wants):
                 batch[i] = augment(batch[i])
             labels = torch.from_numpy(train_labels[indices]).to(device)
             logits = body(batch.to(device))
-            loss = objective(logits, labels)
+            loss = objective(logits, labels, torch.from_numpy(train_sources[indices]).to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
+            if ema is not None:
+                ema.update_parameters(body)
             losses.append(loss.item())
             predictions.append(logits.argmax(1).cpu().numpy())
             targets.append(train_labels[indices])
 
-        val_logits = torch.from_numpy(predict_logits(body, val_images, device))
-        val_loss = F.cross_entropy(val_logits, val_targets).item()
-        val_f1 = macro_f1(val_labels, val_logits.argmax(1).numpy())
+        judged = ema.module if ema is not None else body
+        scores = evaluate_sets(judged, vals, device)
         history.append({
             "epoch": epoch, "train_loss": float(np.mean(losses)),
             "train_macro_f1": macro_f1(np.concatenate(targets), np.concatenate(predictions)),
-            "val_loss": val_loss, "val_macro_f1": val_f1})
-        if config.select == "best_val" and val_f1 > best_score:
-            best_score, best_state = val_f1, copy.deepcopy(body.state_dict())
+            **scores})
+        if config.select == "best_val" and scores["val_macro_f1"] > best_score:
+            best_score, best_state = scores["val_macro_f1"], copy.deepcopy(judged.state_dict())
 
     if best_state is not None:
         body.load_state_dict(best_state)
+    elif ema is not None:
+        body.load_state_dict(ema.module.state_dict())
     return body, history

@@ -1,0 +1,152 @@
+"""FER-2013 as the second dataset: its layout, its fetch path, the shared copy, its cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+from service.preprocessing import pixels_to_input, preprocess_image
+from tests.images import encode, gray_image
+from training.fer2013 import (
+    CLASS_MAP,
+    fer_table,
+    fetch_fer2013,
+    parse_original,
+    require_usages,
+)
+from training.fetch import ChecksumError
+
+# The release's PublicTest counts (the shared copy's README), in CLASS_MAP order.
+PUBLIC_TEST = dict(zip(("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"),
+                       (467, 56, 496, 895, 607, 653, 415), strict=True))
+
+
+def test_only_release_originals_are_fer2013():
+    assert parse_original("train/angry/Training_3908.jpg") == {"usage": "Training",
+                                                               "label": "ANGER"}
+    assert parse_original("test/surprise/PrivateTest_11.jpg")["label"] == "SURPRISE"
+    assert parse_original("validation/neutral/PublicTest_7.jpg")["usage"] == "PublicTest"
+    for other in ("train/angry/Training_3908.jpg3.jpg",  # the mirror's augmented copies
+                  "train/angry/PublicTest_1.jpg",        # a usage in the wrong folder
+                  "train/contempt/Training_1.jpg", "split.ipynb", "train/angry/x.png"):
+        assert parse_original(other) is None, other
+    assert sorted(CLASS_MAP.values()) == sorted(
+        ["ANGER", "DISGUST", "FEAR", "HAPPINESS", "NEUTRAL", "SADNESS", "SURPRISE"])
+
+
+def git(cwd, *args):
+    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture
+def mirror(tmp_path):
+    """A repository laid out like the public mirror: originals, an augmented copy beside
+    them, a notebook; the checksum list names the originals only."""
+    repo = tmp_path / "mirror"
+    originals = {f"{folder}/{cls}/{usage}_{i}.jpg": encode(gray_image(48, 48, seed=i), "JPEG")
+                 for i, (folder, cls, usage) in enumerate([
+                     ("train", "happy", "Training"), ("train", "sad", "Training"),
+                     ("validation", "angry", "PublicTest"), ("test", "fear", "PrivateTest")])}
+    extras = {"train/happy/Training_0.jpg1.jpg": encode(gray_image(48, 48, seed=9), "JPEG"),
+              "split.ipynb": b"{}"}
+    for name, data in {**originals, **extras}.items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_bytes(data)
+    git(repo, "init", "--quiet")
+    git(repo, "config", "uploadpack.allowAnySHA1InWant", "true")
+    git(repo, "add", ".")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "data")
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, check=True,
+                            capture_output=True, text=True).stdout.strip()
+    sums = tmp_path / "fer2013.SHA256SUMS"
+    sums.write_text("".join(f"{hashlib.sha256(d).hexdigest()}  {n}\n"
+                            for n, d in originals.items()))
+    return repo, commit, sums, originals
+
+
+def test_fetch_keeps_only_the_verified_originals(mirror, tmp_path):
+    repo, commit, sums, originals = mirror
+    dest = fetch_fer2013(tmp_path / "fer2013", sums, f"file://{repo}", commit)
+    kept = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert kept == sorted(originals)
+    for name, data in originals.items():
+        assert (dest / name).read_bytes() == data
+    table = fer_table(dest, sums)
+    assert list(table["subset"].value_counts().sort_index().items()) == [
+        ("test", 1), ("train", 2), ("val", 1)]
+
+
+def test_fetch_refuses_an_image_that_differs_and_leaves_nothing(mirror, tmp_path):
+    repo, commit, sums, _ = mirror
+    text = sums.read_text()
+    sums.write_text(text.replace(text[:8], "00000000", 1))
+    with pytest.raises(ChecksumError, match="differ"):
+        fetch_fer2013(tmp_path / "fer2013", sums, f"file://{repo}", commit)
+    assert not (tmp_path / "fer2013").exists()
+
+
+@pytest.mark.dataset
+def test_the_checksum_list_in_data_is_the_shared_one(fer_settings):
+    from training.settings import SHARED_DATASETS
+
+    shared = SHARED_DATASETS / "fer2013" / "SHA256SUMS"
+    if not shared.is_file() and not os.environ.get("CI"):
+        pytest.skip(f"no shared copy at {shared}")
+    assert fer_settings.fer2013_checksums.read_bytes() == shared.read_bytes()
+    lines = fer_settings.fer2013_checksums.read_text().splitlines()
+    assert len(lines) == 35887 and all(parse_original(line.split()[1]) for line in lines)
+
+
+@pytest.mark.dataset
+def test_public_test_is_what_the_release_holds(fer_settings):
+    table = fer_table(fer_settings.fer2013_dir, fer_settings.fer2013_checksums)
+    public = table[table["usage"] == "PublicTest"]
+    counts = public["label"].value_counts().to_dict()
+    assert counts == {CLASS_MAP[k]: v for k, v in PUBLIC_TEST.items()}
+    assert (public["subset"] == "val").all()
+
+
+@pytest.mark.dataset
+def test_a_command_that_needs_training_says_how_to_get_it(fer_settings):
+    table = fer_table(fer_settings.fer2013_dir, fer_settings.fer2013_checksums)
+    only_public = table[table["usage"] == "PublicTest"]
+    with pytest.raises(SystemExit, match="python -m training fetch fer2013"):
+        require_usages(only_public, fer_settings.fer2013_dir)
+
+
+@pytest.mark.dataset
+def test_fer_cache_matches_serving_on_sampled_images(fer_settings):
+    from training.cache import load_decoded_images
+
+    table = fer_table(fer_settings.fer2013_dir, fer_settings.fer2013_checksums)
+    public = table[table["usage"] == "PublicTest"].reset_index(drop=True)
+    decoded = load_decoded_images(public, fer_settings.fer2013_dir, fer_settings.cache_dir)
+    assert decoded.pixels.shape == (len(public), 350, 350)
+    for row in np.random.default_rng(0).choice(len(public), 12, replace=False):
+        served = preprocess_image((fer_settings.fer2013_dir / public["image"][row]).read_bytes())
+        np.testing.assert_array_equal(pixels_to_input(np.asarray(decoded.pixels[row])), served)
+
+
+@pytest.mark.dataset
+def test_the_audit_agrees_with_the_shared_copy(fer_settings):
+    """The committed audit (from the full release) and the shared copy agree on PublicTest:
+    its counts and its exact duplicates by pixels."""
+    from training.audit_fer2013 import exact_duplicate_groups
+    from training.fer2013 import pixel_digests
+
+    audit = json.loads((fer_settings.data_dir / "fer2013_audit.json").read_text())
+    assert audit["complete"] and audit["present_counts"] == audit["release_counts"]
+    table = fer_table(fer_settings.fer2013_dir, fer_settings.fer2013_checksums)
+    public = table[table["usage"] == "PublicTest"].reset_index(drop=True)
+    counts = public["label"].value_counts().to_dict()
+    assert {k: v for k, v in audit["present_counts"]["PublicTest"].items() if v} == counts
+    groups = exact_duplicate_groups(public, pixel_digests(fer_settings.fer2013_dir,
+                                                          list(public["image"])))
+    committed = [g for g in audit["exact_duplicates"]["members"]
+                 if all(name.startswith("validation/") for name in g)]
+    assert groups == committed

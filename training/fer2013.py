@@ -1,0 +1,142 @@
+"""FER-2013, the second dataset: its layout, class map, fetch and table.
+
+The release's image-folder layout (``train/<class>/Training_<n>.jpg``, ``validation/...``
+for PublicTest, ``test/...`` for PrivateTest). The public mirror that holds all three folders
+filtered its images in place in later commits, so only files named ``<Usage>_<n>.jpg`` at the
+pinned commit are taken, and each is checked against ``data/fer2013.SHA256SUMS`` (the SHA-256
+of all 35,887 originals).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from training.fetch import ChecksumError, read_checksums, sha256_file
+
+FER_REPOSITORY = "https://github.com/RecepTahirGunlu/Duygu-Tanima"
+FER_COMMIT = "b98a817d62a3d301f244b16b7a57a86ac0b30c97"
+FER_CITATION = ("Goodfellow et al., Challenges in Representation Learning: A report on three "
+                "machine learning contests, ICML 2013 workshop, arXiv:1307.0414")
+FER_TERMS = ("released for research through the ICML 2013 challenge on Kaggle; no licence file "
+             "accompanies it")
+# Folder of the layout -> the challenge's Usage, and the subset each plays in this project.
+USAGE_OF_FOLDER = {"train": "Training", "validation": "PublicTest", "test": "PrivateTest"}
+SUBSET_OF_USAGE = {"Training": "train", "PublicTest": "val", "PrivateTest": "test"}
+CLASS_MAP = {"angry": "ANGER", "disgust": "DISGUST", "fear": "FEAR", "happy": "HAPPINESS",
+             "neutral": "NEUTRAL", "sad": "SADNESS", "surprise": "SURPRISE"}
+ORIGINAL = re.compile(r"(?P<folder>train|validation|test)/(?P<cls>[a-z]+)/"
+                      r"(?P<usage>Training|PublicTest|PrivateTest)_\d+\.jpg")
+TABLE_COLUMNS = ["image", "label", "usage", "subset", "sha256"]
+
+
+def parse_original(path: str) -> dict | None:
+    """The usage and class of a release path, or None for anything that is not an original."""
+    match = ORIGINAL.fullmatch(path)
+    if not match or USAGE_OF_FOLDER[match["folder"]] != match["usage"]:
+        return None
+    if match["cls"] not in CLASS_MAP:
+        return None
+    return {"usage": match["usage"], "label": CLASS_MAP[match["cls"]]}
+
+
+def fer_table(fer_dir: Path, checksums_path: Path) -> pd.DataFrame:
+    """One row per original image present under ``fer_dir`` (``image`` is its relative path).
+
+    Files are matched by name against the checksum list; their bytes are checked when the
+    decode cache is built.
+    """
+    rows = []
+    for name, digest in read_checksums(checksums_path).items():
+        facts = parse_original(name)
+        if facts is None:
+            raise ValueError(f"{checksums_path}: {name!r} is not a FER-2013 release path")
+        if (fer_dir / name).is_file():
+            rows.append({"image": name, **facts, "subset": SUBSET_OF_USAGE[facts["usage"]],
+                         "sha256": digest})
+    table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    return table.sort_values("image", kind="stable").reset_index(drop=True)
+
+
+def missing_usages(table: pd.DataFrame, usages=("Training",)) -> list[str]:
+    return [u for u in usages if not (table["usage"] == u).any()]
+
+
+def require_usages(table: pd.DataFrame, fer_dir: Path, usages=("Training",)) -> None:
+    """A one-line way out when a command needs a part of FER-2013 that is not here."""
+    missing = missing_usages(table, usages)
+    if missing:
+        raise SystemExit(
+            f"FER-2013 {', '.join(missing)} is not in {fer_dir}: run `python -m training fetch "
+            "fer2013` and point EMOTION_FER2013_DIR at the folder it prints")
+
+
+def verify_fer2013(fer_dir: Path, checksums_path: Path, require_all: bool = True) -> int:
+    """Check every original under ``fer_dir``; with ``require_all`` all 35,887 must be there."""
+    checksums = read_checksums(checksums_path)
+    missing, mismatched = [], []
+    for name, digest in checksums.items():
+        path = fer_dir / name
+        if not path.is_file():
+            missing.append(name)
+        elif sha256_file(path) != digest:
+            mismatched.append(name)
+    if mismatched or (require_all and missing):
+        raise ChecksumError(
+            f"{fer_dir}: {len(missing)} files missing (e.g. {missing[:3]}), {len(mismatched)} "
+            f"differ from {checksums_path.name} (e.g. {mismatched[:3]})")
+    return len(checksums) - len(missing)
+
+
+def fetch_fer2013(dest: Path, checksums_path: Path, source: str = FER_REPOSITORY,
+                  commit: str = FER_COMMIT) -> Path:
+    """Clone ``source`` (a URL or a local repository) at ``commit``, keep only the originals,
+    verify them and put them in ``dest``. Nothing else of the repository is kept."""
+    wanted = read_checksums(checksums_path)
+    with tempfile.TemporaryDirectory(prefix="fer2013-") as tmp:
+        work = Path(tmp) / "repo"
+        work.mkdir()
+        _git(work, "init", "--quiet")
+        _git(work, "fetch", "--quiet", "--depth", "1", str(source), commit)
+        _git(work, "checkout", "--quiet", "--force", "FETCH_HEAD")
+        staging = dest.parent / f".{dest.name}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        kept = 0
+        for name in wanted:
+            src = work / name
+            if src.is_file():
+                target = staging / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(src, target)
+                kept += 1
+        verify_fer2013(staging, checksums_path, require_all=True)
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging.rename(dest)
+    return dest
+
+
+def _git(cwd: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=cwd, check=True)
+
+
+def pixel_digests(fer_dir: Path, names: list[str]) -> list[str]:
+    """SHA-256 of each image's decoded 8-bit gray pixels: equal for the same picture even when
+    the JPEG bytes differ."""
+    import hashlib
+
+    import numpy as np
+    from PIL import Image
+
+    digests = []
+    for name in names:
+        with Image.open(fer_dir / name) as image:
+            pixels = np.asarray(image.convert("L"))
+        digests.append(hashlib.sha256(pixels.tobytes() + bytes(pixels.shape)).hexdigest())
+    return digests

