@@ -21,4 +21,6 @@ USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=3s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"]
-CMD ["python", "-m", "service", "--host", "0.0.0.0", "--port", "8000"]
+# The launcher is the entrypoint, so a Kubernetes `args:` replaces only the options.
+ENTRYPOINT ["python", "-m", "service"]
+CMD ["--host", "0.0.0.0", "--port", "8000"]

@@ -22,16 +22,18 @@ class Outcome:
     latency: float         # seconds
     retry_after: str | None = None
     error: str | None = None
+    sent_at: float = 0.0   # time.perf_counter() when it was sent
 
 
 def load_faces(count: int, split: str = "test") -> list[bytes]:
     """Real images of the identity split's ``split`` subset, in a fixed order."""
-    from training.settings import SPLITS_DIR, get_data_settings
+    from training.settings import get_training_settings
     from training.splits import read_split
 
-    table = read_split(SPLITS_DIR / "identity.csv")
+    settings = get_training_settings()
+    table = read_split(settings.splits_dir / "identity.csv")
     names = table[table["split"] == split]["image"].iloc[:count]
-    images_dir = get_data_settings().images_dir
+    images_dir = settings.images_dir
     return [(images_dir / name).read_bytes() for name in names]
 
 
@@ -41,13 +43,14 @@ def one_face_each(faces: list[bytes]) -> Payload:
 
 async def post_images(base: str, payload: Payload, clients: int, requests: int | None = None,
                       seconds: float | None = None, outcomes: list[Outcome] | None = None,
-                      ) -> tuple[list[Outcome], float]:
-    """``clients`` connections posting until ``requests`` are sent or ``seconds`` pass.
+                      stop: Callable[[], bool] | None = None) -> tuple[list[Outcome], float]:
+    """``clients`` connections posting until ``requests`` are sent, ``seconds`` pass or
+    ``stop()`` says so.
 
     Outcomes are appended to ``outcomes`` as they come, so a caller can watch progress.
     """
-    if requests is None and seconds is None:
-        raise ValueError("give requests, seconds or both")
+    if requests is None and seconds is None and stop is None:
+        raise ValueError("give requests, seconds or stop")
     numbers = itertools.count()
     outcomes = [] if outcomes is None else outcomes
     started = time.perf_counter()
@@ -56,7 +59,7 @@ async def post_images(base: str, payload: Payload, clients: int, requests: int |
 
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
         async def worker() -> None:
-            while time.perf_counter() < deadline:
+            while time.perf_counter() < deadline and not (stop and stop()):
                 i = next(numbers)
                 if requests is not None and i >= requests:
                     return
@@ -66,10 +69,10 @@ async def post_images(base: str, payload: Payload, clients: int, requests: int |
                     response = await client.post(f"{base}/predict", files=files)
                 except httpx.HTTPError as exc:
                     outcomes.append(Outcome(0, time.perf_counter() - sent,
-                                            error=type(exc).__name__))
+                                            error=type(exc).__name__, sent_at=sent))
                     continue
                 outcomes.append(Outcome(response.status_code, time.perf_counter() - sent,
-                                        response.headers.get("retry-after")))
+                                        response.headers.get("retry-after"), sent_at=sent))
 
         await asyncio.gather(*(worker() for _ in range(clients)))
     return outcomes, time.perf_counter() - started

@@ -1,0 +1,76 @@
+"""Replicas that come and go: a worker drains on SIGTERM, and nginx in front of three
+replicas loses nothing when one is killed outright and restarted."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.server import server_process
+
+pytestmark = [pytest.mark.dataset, pytest.mark.slow]
+
+
+def faces(data_settings, count: int) -> list[bytes]:
+    from training.splits import read_split
+
+    split = read_split(data_settings.splits_dir / "identity.csv")
+    names = split[split["split"] == "test"]["image"].iloc[:count]
+    return [(data_settings.images_dir / n).read_bytes() for n in names]
+
+
+def in_flight(base: str) -> float:
+    text = httpx.get(f"{base}/metrics", headers={"accept": "text/plain"}, timeout=5).text
+    for family in text_string_to_metric_families(text):
+        if family.name == "emotion_predictions_in_flight":
+            return sum(s.value for s in family.samples)
+    raise AssertionError("no in-flight gauge")
+
+
+def test_sigterm_answers_every_request_in_flight_and_turns_not_ready(data_settings):
+    images = faces(data_settings, 16)
+    files = [("files", (f"{i}.jpg", data, "image/jpeg")) for i, data in enumerate(images)]
+    env = {"EMOTION_DRAIN_SECONDS": "1.5", "EMOTION_ONNX_THREADS": "1",
+           "EMOTION_INFERENCE_CONCURRENCY": "1"}
+    with server_process(workers=1, env=env) as (base, process), ThreadPoolExecutor(8) as pool:
+        # Batches of 16 with faces=all, one model call at a time: about a second of work
+        # queued in the worker when the signal comes.
+        pending = [pool.submit(httpx.post, f"{base}/predict", params={"faces": "all"},
+                               files=files, timeout=60) for _ in range(8)]
+        deadline = time.monotonic() + 30
+        while in_flight(base) < 8:
+            assert time.monotonic() < deadline, "the requests never arrived"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGTERM)
+        ready = httpx.get(f"{base}/readyz", timeout=5)
+        assert ready.status_code == 503 and ready.json()["draining"] is True
+        assert httpx.get(f"{base}/v2/health/ready", timeout=5).status_code == 400
+        responses = [f.result() for f in pending]
+        assert [r.status_code for r in responses] == [200] * 8
+        assert all(len(r.json()["predictions"]) >= 16 for r in responses)
+        process.wait(30)
+        with pytest.raises(httpx.ConnectError):  # and then it stops taking connections
+            httpx.get(f"{base}/healthz", timeout=2)
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None and not os.environ.get("CI"),
+                    reason="nginx is not installed (.ci/run installs it)")
+def test_nginx_in_front_of_three_replicas_loses_nothing_when_one_is_killed(data_settings,
+                                                                          tmp_path):
+    from benchmarks.balancer import Balancer, run_fault_load
+
+    images = faces(data_settings, 8)
+    with Balancer(replicas=3, folder=tmp_path) as balancer:
+        report = run_fault_load(balancer, images, seconds=12, kill_at=3, restart_after=3,
+                                clients=6, after=3)
+    assert report["sent"] > 100
+    assert report["failed"] == 0, report["failures"][:5]
+    assert report["succeeded"] == report["sent"]
+    assert report["served_after_restart"] > 0  # the restarted replica is back in the pool
