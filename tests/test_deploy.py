@@ -85,7 +85,8 @@ def test_dockerfile_follows_the_deployment_contract():
     assert '".[serve]"' in text and "torch" not in text.replace("no torch", "")
     assert "\nUSER 10001" in text and "HEALTHCHECK" in text and "/healthz" in text
     assert "EXPOSE 8000" in text
-    assert "\nCMD [" in text  # exec form
+    # Exec form, the launcher as the entrypoint: a Kubernetes `args:` replaces only the options.
+    assert '\nENTRYPOINT ["python", "-m", "service"]' in text and "\nCMD [" in text
     assert "COPY models/" in text
     ignored = (REPO / ".dockerignore").read_text()
     assert ignored.splitlines()[1] == "*"  # everything out, then the few files let back in
@@ -116,3 +117,11 @@ def test_serve_extra_installs_without_torch_and_serves(tmp_path, data_settings):
         response = httpx.post(f"{base}/predict?model=knn", files={"file": (
             "face.jpg", real_face(data_settings), "image/jpeg")}, timeout=30)
         assert response.status_code == 200, response.text
+    # The command line comes with the same install, torch-free too.
+    face = tmp_path / "face.jpg"
+    face.write_bytes(real_face(data_settings))
+    result = subprocess.run([str(venv / "bin" / "emotion-detect"), "images", str(face), "--out",
+                             str(tmp_path / "rows.csv"), "--workers", "1"],
+                            env={**os.environ, **env}, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len((tmp_path / "rows.csv").read_text().splitlines()) == 2

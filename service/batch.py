@@ -1,0 +1,346 @@
+"""Classifying many images for the command line: which files, which rows, where they go.
+
+Rows are one per face (one per file when no face is used or the file is bad): ``path``, the
+face box, ``label``, one probability column per class, ``error`` and ``code``. They are
+written as they come, a file's rows at once, so an interrupted run keeps what it finished and
+``--resume`` picks up the rest. Two ways to get them, with the same rows:
+
+* in-process (:class:`LocalRunner`): worker processes, each with its own
+  :class:`~service.inference.Predictor`, take batches of files and make one model call per
+  batch;
+* remote (:class:`RemoteRunner`): batches go to a running service's ``/predict`` over
+  concurrent keep-alive connections, honouring ``503`` with ``Retry-After`` and retrying
+  connection failures.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor as _Threads
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.classes import CLASS_NAMES
+from service.inference import FacesMode, ImageInput, ImagePrediction, Predictor
+
+BOX_COLUMNS = ("face_x", "face_y", "face_width", "face_height")
+COLUMNS = ("path", *BOX_COLUMNS, "label", *CLASS_NAMES, "error", "code")
+LIST_SUFFIXES = (".txt", ".list", ".lst")
+UNREADABLE = "unreadable"
+
+
+class UsageError(ValueError):
+    """A mistake on the command line: reported in one line, exit status 2."""
+
+
+def expand_paths(paths: Sequence[str | Path], recursive: bool = False) -> list[Path]:
+    """Files, the files of folders (all levels with ``recursive``; hidden ones skipped), and
+    the paths listed in text files (``.txt``, ``.list``, ``.lst``: one per line, relative to
+    the current folder), in order, each once."""
+    out: list[Path] = []
+    seen: set[Path] = set()
+
+    def add(path: Path) -> None:
+        if path not in seen:
+            seen.add(path)
+            out.append(path)
+
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = path.rglob("*") if recursive else path.iterdir()
+            for item in sorted(found):
+                hidden = any(part.startswith(".") for part in item.relative_to(path).parts)
+                if item.is_file() and not hidden:
+                    add(item)
+        elif path.suffix.lower() in LIST_SUFFIXES and path.is_file():
+            for line in path.read_text().splitlines():
+                if line.strip() and not line.lstrip().startswith("#"):
+                    add(Path(line.strip()))
+        elif path.exists() or path.is_symlink():
+            add(path)
+        else:
+            raise UsageError(f"{raw}: no such file or folder")
+    return out
+
+
+@dataclass(frozen=True)
+class Row:
+    values: dict
+
+    @classmethod
+    def error(cls, path: str, message: str, code: str, **extra) -> Row:
+        return cls({"path": path, **extra, **dict.fromkeys(BOX_COLUMNS), "label": None,
+                    **dict.fromkeys(CLASS_NAMES), "error": message, "code": code})
+
+
+def rows_of(path: str, result: ImagePrediction, **extra) -> list[Row]:
+    """One row per face of ``result`` (``extra``: columns placed after ``path``)."""
+    if result.error is not None:
+        return [Row.error(path, str(result.error), result.error.code, **extra)]
+    rows = []
+    for p in result.predictions:
+        box = (dict.fromkeys(BOX_COLUMNS) if p.face is None else dict(zip(BOX_COLUMNS, (
+            round(p.face.x), round(p.face.y), round(p.face.width), round(p.face.height)),
+            strict=True)))
+        rows.append(Row({"path": path, **extra, **box, "label": p.label,
+                         **{c: float(v) for c, v in zip(CLASS_NAMES, p.probabilities,
+                                                        strict=True)},
+                         "error": None, "code": None}))
+    return rows
+
+
+class RowWriter:
+    """CSV or JSON Lines by the file's extension; appends, and flushes each file's rows."""
+
+    def __init__(self, path: Path, columns: Sequence[str], append: bool = False):
+        self.path, self.columns = path, list(columns)
+        self.format = output_format(path)
+        fresh = not append or not path.exists() or path.stat().st_size == 0
+        self.handle = path.open("a" if append else "w", newline="", encoding="utf-8")
+        if self.format == "csv" and fresh:
+            self.handle.write(self._csv_line(self.columns))
+
+    def _csv_line(self, values) -> str:
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerow(values)
+        return buffer.getvalue()
+
+    def write(self, rows: Iterable[Row]) -> None:
+        if self.format == "csv":
+            text = "".join(self._csv_line(["" if row.values[c] is None else row.values[c]
+                                           for c in self.columns]) for row in rows)
+        else:
+            text = "".join(json.dumps({c: row.values[c] for c in self.columns}) + "\n"
+                           for row in rows)
+        self.handle.write(text)  # one write per file: its rows land together
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def output_format(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return "csv"
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    raise UsageError(f"{path}: the output's extension says its format: .csv or .jsonl")
+
+
+def finished_paths(path: Path) -> set[str]:
+    """Paths an earlier run already wrote rows for, for ``--resume``. A last line cut short
+    by an interruption is removed, and its file counts as not done."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        with path.open("r+b") as handle:
+            handle.truncate(cut)
+        data = data[:cut]
+    text = data.decode("utf-8")
+    if output_format(path) == "csv":
+        return {row["path"] for row in csv.DictReader(io.StringIO(text))}
+    return {json.loads(line)["path"] for line in text.splitlines() if line.strip()}
+
+
+def read_inputs(paths: Sequence[str]) -> tuple[list[ImageInput], dict[int, str]]:
+    """The files' bytes, and why each one that could not be read was not."""
+    inputs, unreadable = [], {}
+    for i, path in enumerate(paths):
+        try:
+            inputs.append(ImageInput(path, Path(path).read_bytes()))
+        except OSError as exc:
+            inputs.append(ImageInput(path, b""))
+            unreadable[i] = f"cannot read the file: {exc.strerror or exc}"
+    return inputs, unreadable
+
+
+def batch_rows(paths: Sequence[str], results: Sequence[ImagePrediction],
+               unreadable: dict[int, str]) -> list[list[Row]]:
+    return [[Row.error(path, unreadable[i], UNREADABLE)] if i in unreadable
+            else rows_of(path, result)
+            for i, (path, result) in enumerate(zip(paths, results, strict=True))]
+
+
+# --- in-process -------------------------------------------------------------------------
+
+_worker: dict = {}
+
+
+def _init_worker(models_dir: str, model: str, mode: FacesMode, max_faces: int) -> None:
+    if _worker.get("args") == (models_dir, model, mode, max_faces):
+        return
+    # One ONNX thread per worker process: the processes are the parallelism.
+    _worker["predictor"] = Predictor.load(Path(models_dir), threads=1, max_faces=max_faces)
+    _worker["model"], _worker["mode"] = model, mode
+    _worker["args"] = (models_dir, model, mode, max_faces)
+    _worker["predictor"].model(model)
+    _worker["predictor"].require_faces(mode)
+
+
+def _classify(paths: Sequence[str]) -> list[list[Row]]:
+    predictor = _worker["predictor"]
+    inputs, unreadable = read_inputs(paths)
+    results = predictor.predict(_worker["model"], inputs, _worker["mode"])
+    return batch_rows(paths, results, unreadable)
+
+
+def batches(items: Sequence[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield list(items[start:start + size])
+
+
+def _bounded(submit, chunks: Iterator[list[str]], in_flight: int) -> Iterator[list[list[Row]]]:
+    """Results in input order, with at most ``in_flight`` batches submitted at once (the
+    output then follows the input, which ``--resume`` and people both find easier)."""
+    pending: deque[Future] = deque()
+    for chunk in chunks:
+        pending.append(submit(chunk))
+        if len(pending) >= in_flight:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+class LocalRunner:
+    """Worker processes, each loading the models once."""
+
+    def __init__(self, models_dir: Path, model: str, mode: FacesMode, workers: int,
+                 batch_size: int, max_faces: int = 16):
+        self.args = (str(models_dir), model, mode, max_faces)
+        self.workers, self.batch_size = workers, batch_size
+
+    def check(self) -> None:
+        """Fail early, in this process, on an unknown model or a missing detector."""
+        _init_worker(*self.args)
+
+    def run(self, paths: Sequence[str]) -> Iterator[list[list[Row]]]:
+        if self.workers <= 1:  # no pool: the same code, in this process
+            _init_worker(*self.args)
+            for chunk in batches(paths, self.batch_size):
+                yield _classify(chunk)
+            return
+        with ProcessPoolExecutor(self.workers, initializer=_init_worker,
+                                 initargs=self.args) as pool:
+            yield from _bounded(lambda chunk: pool.submit(_classify, chunk),
+                                batches(paths, self.batch_size), 2 * self.workers)
+
+
+# --- remote -----------------------------------------------------------------------------
+
+class RemoteError(RuntimeError):
+    """The service could not be used (unreachable after retries, or refused the run)."""
+
+
+class RemoteRunner:
+    """Batches sent to a running service's ``/predict``."""
+
+    def __init__(self, url: str, model: str | None, mode: FacesMode | None, concurrency: int,
+                 batch_size: int, retries: int = 8, timeout: float = 120.0):
+        import httpx
+
+        self.url = url.rstrip("/")
+        self.params = {k: v for k, v in (("model", model), ("faces", mode)) if v}
+        self.concurrency, self.batch_size, self.retries = concurrency, batch_size, retries
+        limits = httpx.Limits(max_connections=concurrency,
+                              max_keepalive_connections=concurrency)
+        self.client = httpx.Client(timeout=timeout, limits=limits)
+
+    def check(self) -> None:
+        response = self._send("GET", "/readyz")
+        if response.status_code not in (200, 503):
+            raise RemoteError(f"{self.url}/readyz answered {response.status_code}")
+
+    def _send(self, method: str, path: str, **kwargs):
+        import httpx
+
+        delay = 0.2
+        for attempt in range(self.retries + 1):
+            try:
+                response = self.client.request(method, f"{self.url}{path}", **kwargs)
+            except httpx.TransportError as exc:
+                if attempt == self.retries:
+                    raise RemoteError(f"{self.url}: {type(exc).__name__}: {exc}") from None
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if response.status_code == 503 and attempt < self.retries:
+                retry_after = response.headers.get("retry-after", "")
+                time.sleep(min(float(retry_after), 30.0) if retry_after.isdigit() else delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            return response
+        raise AssertionError("unreachable")
+
+    def _post(self, paths: Sequence[str], inputs: Sequence[ImageInput]):
+        files = [("files", (str(i), image.data, "application/octet-stream"))
+                 for i, image in enumerate(inputs)]
+        return self._send("POST", "/predict", params=self.params, files=files)
+
+    def _classify(self, paths: Sequence[str]) -> list[list[Row]]:
+        inputs, unreadable = read_inputs(paths)
+        readable = [i for i in range(len(paths)) if i not in unreadable]
+        out: list[list[Row] | None] = [
+            [Row.error(p, unreadable[i], UNREADABLE)] if i in unreadable else None
+            for i, p in enumerate(paths)]
+        if readable:
+            response = self._post([paths[i] for i in readable], [inputs[i] for i in readable])
+            if response.status_code == 200:
+                grouped: dict[int, list[dict]] = {}
+                for prediction in response.json()["predictions"]:
+                    grouped.setdefault(int(prediction["filename"]), []).append(prediction)
+                for k, i in enumerate(readable):
+                    out[i] = [_row_from_json(paths[i], p) for p in grouped[k]]
+            elif len(readable) > 1 and 400 <= response.status_code < 500:
+                for i in readable:  # one image spoilt the request: find out which, alone
+                    out[i] = self._classify([paths[i]])[0]
+            else:
+                body = _error_body(response)
+                if response.status_code >= 500 or response.status_code == 422:
+                    raise RemoteError(f"{self.url}/predict answered {response.status_code}: "
+                                      f"{body.get('detail', response.text[:200])}")
+                out[readable[0]] = [Row.error(paths[readable[0]], body.get("detail", ""),
+                                              body.get("code", str(response.status_code)))]
+        return out  # type: ignore[return-value]
+
+    def run(self, paths: Sequence[str]) -> Iterator[list[list[Row]]]:
+        with _Threads(self.concurrency) as pool:
+            yield from _bounded(lambda chunk: pool.submit(self._classify, chunk),
+                                batches(paths, self.batch_size), 2 * self.concurrency)
+        self.client.close()
+
+
+def _error_body(response) -> dict:
+    try:
+        body = response.json()
+        return body if isinstance(body, dict) else {}
+    except ValueError:
+        return {}
+
+
+def _row_from_json(path: str, prediction: dict) -> Row:
+    if prediction.get("error"):
+        return Row.error(path, prediction["error"], prediction["code"])
+    face = prediction.get("face")
+    box = (dict.fromkeys(BOX_COLUMNS) if face is None else
+           dict(zip(BOX_COLUMNS, (face["x"], face["y"], face["width"], face["height"]),
+                    strict=True)))
+    return Row({"path": path, **box, "label": prediction["label"],
+                **{c: prediction["probabilities"][c] for c in CLASS_NAMES},
+                "error": None, "code": None})
+
+
+def default_workers() -> int:
+    from service.settings import container_cpus
+
+    return container_cpus() or os.cpu_count() or 1

@@ -1,0 +1,194 @@
+"""``emotion-detect``: classify a folder of images or a video from the command line.
+
+The same preprocessing, models, face cropper and decision rule as the service, through the
+same predictor (``service/inference.py``), in worker processes here or, with ``--url``,
+through a running service. Exit status: 0 when every file was read (whatever it held), 1 when
+some could not be read or the service could not be used, 2 for a usage mistake.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from service.batch import (
+    COLUMNS,
+    UNREADABLE,
+    LocalRunner,
+    RemoteError,
+    RemoteRunner,
+    RowWriter,
+    UsageError,
+    default_workers,
+    expand_paths,
+    finished_paths,
+    output_format,
+)
+from service.inference import FACES_MODES, PredictorError
+from service.manifest import ManifestError
+from service.settings import load_settings
+
+
+def _progress(total: int, initial: int = 0):
+    from tqdm import tqdm
+
+    # disable=None: off when stderr is not a terminal (a log file, a pipe, CI)
+    return tqdm(total=total, initial=initial, unit="img", file=sys.stderr, disable=None,
+                dynamic_ncols=True, smoothing=0.1)
+
+
+def run_images(args: argparse.Namespace) -> int:
+    output_format(args.out)
+    paths = [str(p) for p in expand_paths(args.paths, args.recursive)]
+    done = finished_paths(args.out) if args.resume else set()
+    todo = [p for p in paths if p not in done]
+    settings = load_settings()
+    if args.url:
+        runner = RemoteRunner(args.url, args.model, args.faces, args.connections,
+                              args.batch_size)
+    else:
+        runner = LocalRunner(args.models_dir or settings.models_dir,
+                             args.model or settings.default_model,
+                             args.faces or settings.default_faces, args.workers,
+                             args.batch_size, settings.max_faces_per_image)
+    runner.check()
+    writer = RowWriter(args.out, COLUMNS, append=args.resume)
+    started, rows, unreadable, errors = time.perf_counter(), 0, 0, 0
+    progress = _progress(len(paths), len(paths) - len(todo))
+    try:
+        for batch in runner.run(todo):
+            for file_rows in batch:
+                writer.write(file_rows)
+                rows += len(file_rows)
+                codes = [r.values["code"] for r in file_rows if r.values["code"]]
+                errors += bool(codes)
+                unreadable += UNREADABLE in codes
+            progress.update(len(batch))
+    finally:
+        progress.close()
+        writer.close()
+    wall = time.perf_counter() - started
+    print(f"emotion-detect: {len(todo)} files ({len(done)} already in {args.out}), {rows} rows, "
+          f"{errors} files with an error, in {wall:.1f} s "
+          f"({len(todo) / wall if wall else 0:.1f} images/s)", file=sys.stderr)
+    return 1 if unreadable else 0
+
+
+def run_video(args: argparse.Namespace) -> int:
+    from service.inference import Predictor
+    from service.video import VIDEO_COLUMNS, classify_video, plot_largest_face
+
+    output_format(args.out)
+    if not args.video.is_file():
+        raise UsageError(f"{args.video}: no such file")
+    if args.fps <= 0:
+        raise UsageError("--fps must be above 0")
+    settings = load_settings()
+    predictor = Predictor.load(args.models_dir or settings.models_dir,
+                               threads=settings.resolved_onnx_threads,
+                               max_faces=settings.max_faces_per_image)
+    model, mode = args.model or settings.default_model, args.faces or settings.default_faces
+    predictor.model(model)
+    predictor.require_faces(mode)
+    columns = (*VIDEO_COLUMNS, *COLUMNS[1:])
+    writer = RowWriter(args.out, columns)
+    started, every_row, frames = time.perf_counter(), [], 0
+    try:
+        for rows in classify_video(predictor, args.video, model, mode, args.fps,
+                                   args.batch_size):
+            writer.write(rows)
+            every_row += rows
+            frames = len({r.values["frame"] for r in every_row})
+    except Exception as exc:  # PyAV raises its own errors for a file it cannot decode
+        if type(exc).__module__.startswith("av"):
+            print(f"emotion-detect: {args.video}: cannot decode the video: {exc}",
+                  file=sys.stderr)
+            return 1
+        raise
+    finally:
+        writer.close()
+    if args.plot:
+        plot_largest_face(every_row, args.plot, f"{args.video.name}: {model}, faces={mode}, "
+                          f"{args.fps:g} frames/s")
+    print(f"emotion-detect: {frames} frames sampled, {len(every_row)} rows in "
+          f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="emotion-detect", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def common(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--out", type=Path, required=True, metavar="FILE",
+                         help="where the rows go: .csv or .jsonl, by its extension")
+        sub.add_argument("--faces", choices=FACES_MODES, default=None,
+                         help="auto: the largest face; all: every face, a row each; none: "
+                         "the whole image (default: EMOTION_DEFAULT_FACES, as the service)")
+        sub.add_argument("--model", default=None, help="cnn or knn (default: "
+                         "EMOTION_DEFAULT_MODEL, as the service)")
+        sub.add_argument("--batch-size", type=int, default=8,
+                         help="images (or frames) per model call (default: %(default)s)")
+        sub.add_argument("--models-dir", type=Path, default=None,
+                         help="the models folder (default: EMOTION_MODELS_DIR, else the "
+                         "shipped models)")
+
+    images = commands.add_parser(
+        "images", help="classify image files; a row per face",
+        description="Classify images: files, folders, or text files listing one path per "
+        "line. Rows: path, face box, label, a probability per class, error, code.")
+    images.add_argument("paths", nargs="+", metavar="PATH",
+                        help="an image, a folder, or a .txt/.list/.lst file of paths")
+    images.add_argument("--recursive", action="store_true",
+                        help="look inside sub-folders too")
+    common(images)
+    images.add_argument("--workers", type=int, default=default_workers(),
+                        help="worker processes for the models (default: this container's "
+                        "CPUs, here %(default)s)")
+    images.add_argument("--resume", action="store_true",
+                        help="skip paths that already have rows in --out, and append")
+    images.add_argument("--url", default=None,
+                        help="send the images to a running service at this URL instead")
+    images.add_argument("--connections", type=int, default=8,
+                        help="with --url: concurrent keep-alive connections (default: "
+                        "%(default)s)")
+    images.set_defaults(func=run_images)
+
+    video = commands.add_parser(
+        "video", help="classify the faces of a video over time",
+        description="Sample a video's frames and classify every face in them; a row per "
+        "frame and face, with time_s and frame. Needs the video extra (PyAV).")
+    video.add_argument("video", type=Path, metavar="FILE", help="the video")
+    common(video)
+    video.add_argument("--fps", type=float, default=2.0,
+                       help="frames sampled per second (default: %(default)s)")
+    video.add_argument("--plot", type=Path, default=None, metavar="PNG",
+                       help="also draw the probabilities over time of the largest face")
+    video.set_defaults(func=run_video)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "workers", 1) < 1 or args.batch_size < 1:
+        parser.error("--workers and --batch-size must be at least 1")
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        parser.error(str(exc))
+    except (PredictorError, ManifestError, RemoteError) as exc:
+        print(f"emotion-detect: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("emotion-detect: interrupted; --resume picks up where it stopped",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

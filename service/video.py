@@ -1,0 +1,99 @@
+"""Classifying a video's faces over time (the ``video`` extra: PyAV, whose wheels carry
+FFmpeg, and matplotlib for the plot).
+
+Frames are sampled at a fixed rate by their timestamps, each goes through the same grayscale
+step as an uploaded image, and all the faces of a batch of frames are one model call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from service.batch import Row, rows_of
+from service.classes import CLASS_NAMES
+from service.inference import FacesMode, Predictor
+from service.preprocessing import DecodedImage, decoded_from_image
+
+VIDEO_COLUMNS = ("path", "time_s", "frame")
+
+
+def _av():
+    try:
+        import av
+    except ImportError:
+        raise SystemExit("video needs the `video` extra: pip install "
+                         "'emotion-detection[video]'") from None
+    return av
+
+
+def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, DecodedImage]]:
+    """(time in seconds, frame number, the frame in grayscale) at ``fps`` frames a second:
+    the first frame at or after each multiple of 1/fps."""
+    av = _av()
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        next_time = 0.0
+        for number, frame in enumerate(container.decode(stream)):
+            if frame.time is None:
+                continue
+            if frame.time + 1e-6 >= next_time:
+                yield round(frame.time, 4), number, decoded_from_image(frame.to_image())
+                while next_time <= frame.time + 1e-6:
+                    next_time += 1.0 / fps
+
+
+def classify_video(predictor: Predictor, path: Path, model: str, mode: FacesMode,
+                   fps: float, batch_size: int = 8) -> Iterator[list[Row]]:
+    """Rows of each sampled frame, one per face (one per frame when no face is used)."""
+    pending: list[tuple[float, int, DecodedImage]] = []
+
+    def flush() -> list[Row]:
+        results = predictor.predict_decoded(model, [str(path)] * len(pending),
+                                            [d for _, _, d in pending], mode)
+        rows = []
+        for (time_s, number, _), result in zip(pending, results, strict=True):
+            rows += rows_of(str(path), result, time_s=time_s, frame=number)
+        pending.clear()
+        return rows
+
+    for sample in sampled_frames(path, fps):
+        pending.append(sample)
+        if len(pending) >= batch_size:
+            yield flush()
+    if pending:
+        yield flush()
+
+
+def plot_largest_face(rows: list[Row], out: Path, title: str) -> None:
+    """The eight probabilities over time for the largest face of each frame (the whole frame
+    where none was found), one line per class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    largest: dict[int, Row] = {}
+    for row in rows:
+        v = row.values
+        if v["label"] is None:
+            continue
+        area = (v["face_width"] or 0) * (v["face_height"] or 0)
+        best = largest.get(v["frame"])
+        if best is None or area > (best.values["face_width"] or 0) * (
+                best.values["face_height"] or 0):
+            largest[v["frame"]] = row
+    ordered = [largest[k] for k in sorted(largest)]
+    times = [r.values["time_s"] for r in ordered]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for name in CLASS_NAMES:
+        ax.plot(times, [r.values[name] for r in ordered], label=name, lw=1.4)
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("probability")
+    ax.set_ylim(0, 1)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, ncol=4, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,238 @@
+"""``emotion-detect``: folders with broken files, an interrupted run resumed, a real server
+behind ``--url``, a video the test encodes itself, and the same answers as ``/predict``."""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import io
+import json
+import os
+import pty
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.app import create_app
+from service.classes import CLASS_NAMES
+from service.cli import main
+from service.settings import REPO_MODELS_DIR, Settings
+from tests.images import encode, gray_image, jpeg_bytes
+from tests.server import REPO, running_server
+
+pytestmark = pytest.mark.dataset
+COMMAND = [sys.executable, "-m", "service.cli"]
+
+
+@pytest.fixture(scope="module")
+def test_images(data_settings) -> list[tuple[str, bytes]]:
+    from training.splits import read_split
+
+    split = read_split(data_settings.splits_dir / "identity.csv")
+    names = list(split[split["split"] == "test"]["image"].iloc[:24])
+    return [(name, (data_settings.images_dir / name).read_bytes()) for name in names]
+
+
+@pytest.fixture
+def photo_folder(tmp_path, test_images):
+    """Twelve real test images, plus what a real folder also holds."""
+    folder = tmp_path / "photos"
+    (folder / "more").mkdir(parents=True)
+    for name, data in test_images[:10]:
+        (folder / name).write_bytes(data)
+    for name, data in test_images[10:12]:
+        (folder / "more" / name).write_bytes(data)
+    (folder / "truncated.jpg").write_bytes(jpeg_bytes(200, 200)[:300])
+    (folder / "notes.jpg").write_text("not an image at all")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "drawing.png").write_bytes(encode(gray_image(90, 120)))
+    (folder / ".hidden.jpg").write_bytes(test_images[0][1])
+    return folder
+
+
+def read_rows(path) -> list[dict]:
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines()]
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_a_folder_with_broken_files_gives_a_row_each_and_exit_0(photo_folder, tmp_path,
+                                                                 capsys):
+    out = tmp_path / "rows.csv"
+    status = main(["images", str(photo_folder), "--out", str(out), "--faces", "none",
+                   "--workers", "1"])
+    assert status == 0
+    rows = {row["path"]: row for row in read_rows(out)}
+    assert len(rows) == 10 + 4  # not the sub-folder, not the hidden file
+    assert list(read_rows(out)[0]) == ["path", "face_x", "face_y", "face_width",
+                                       "face_height", "label", *CLASS_NAMES, "error", "code"]
+    codes = {name: rows[str(photo_folder / name)]["code"] for name in (
+        "truncated.jpg", "notes.jpg", "empty.png")}
+    assert codes == {"truncated.jpg": "corrupt_image", "notes.jpg": "not_an_image",
+                     "empty.png": "not_an_image"}
+    good = [r for r in rows.values() if not r["code"]]
+    assert len(good) == 11 and all(r["label"] in CLASS_NAMES for r in good)
+    for row in good:
+        assert sum(float(row[c]) for c in CLASS_NAMES) == pytest.approx(1, abs=1e-5)
+    assert "14 files" in capsys.readouterr().err
+
+    deep = tmp_path / "deep.jsonl"
+    assert main(["images", str(photo_folder), "--recursive", "--out", str(deep),
+                 "--faces", "none", "--workers", "2", "--batch-size", "3"]) == 0
+    deep_rows = read_rows(deep)
+    assert len(deep_rows) == 16 and deep_rows[0]["face_x"] is None
+    # Output follows the input order, whatever the workers' order of finishing.
+    assert [r["path"] for r in deep_rows] == sorted(r["path"] for r in deep_rows)
+
+
+def test_a_list_file_and_an_unreadable_path(photo_folder, tmp_path):
+    listing = tmp_path / "list.txt"
+    link = tmp_path / "gone.jpg"
+    link.symlink_to(tmp_path / "nowhere.jpg")
+    listing.write_text(f"{photo_folder / 'drawing.png'}\n# a comment\n\n{link}\n")
+    out = tmp_path / "rows.csv"
+    assert main(["images", str(listing), "--out", str(out), "--workers", "1"]) == 1
+    rows = read_rows(out)
+    assert [r["code"] for r in rows] == ["", "unreadable"]
+    assert "cannot read" in rows[1]["error"]
+
+
+def test_usage_mistakes_exit_2_in_one_line(tmp_path):
+    for argv in (["images", str(tmp_path), "--out", str(tmp_path / "rows.xlsx")],
+                 ["images", str(tmp_path / "missing"), "--out", str(tmp_path / "r.csv")]):
+        result = subprocess.run([*COMMAND, *argv], cwd=REPO, capture_output=True, text=True)
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines()[-1].startswith("emotion-detect: error:")
+    result = subprocess.run([*COMMAND, "images", str(tmp_path), "--out", str(tmp_path / "r.csv"),
+                             "--model", "resnet"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 1 and "unknown model 'resnet'" in result.stderr
+
+
+def test_resume_after_an_interrupted_run_finishes_the_rest_once(test_images, tmp_path):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for copy in range(8):  # 192 files: long enough to interrupt
+        for name, data in test_images:
+            (folder / f"{copy}-{name}").write_bytes(data)
+    out = tmp_path / "rows.csv"
+    argv = [*COMMAND, "images", str(folder), "--out", str(out), "--faces", "none",
+            "--workers", "1", "--batch-size", "4"]
+    process = subprocess.Popen(argv, cwd=REPO, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not out.exists() or len(out.read_bytes().splitlines()) < 40:
+        assert process.poll() is None, process.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    with out.open("ab") as handle:
+        handle.write(b"/cut/short/mid-write.jpg,12,3")  # what a kill mid-write leaves
+    before = read_rows(out)
+    assert 40 <= len(before) < 192
+    result = subprocess.run([*argv, "--resume"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    rows = read_rows(out)
+    paths = [r["path"] for r in rows]
+    assert len(paths) == len(set(paths)) == 192
+    assert sorted(paths) == sorted(str(p) for p in folder.iterdir())
+    assert f"({len(before) - 1} already in" in result.stderr
+
+
+def test_url_gives_the_same_rows_as_in_process_and_as_predict(photo_folder, tmp_path):
+    local, remote = tmp_path / "local.csv", tmp_path / "remote.csv"
+    argv = ["images", str(photo_folder), "--recursive", "--faces", "all"]
+    assert main([*argv, "--out", str(local), "--workers", "2"]) == 0
+    with running_server(env={"EMOTION_ONNX_THREADS": "1"}) as base:
+        assert main([*argv, "--out", str(remote), "--url", base, "--connections", "3",
+                     "--batch-size", "4"]) == 0
+    assert read_rows(remote) == read_rows(local)
+
+    # And /predict says the same of every file.
+    with TestClient(create_app(Settings(models_dir=REPO_MODELS_DIR, onnx_threads=1))) as client:
+        for row in read_rows(local):
+            if row["code"]:
+                continue
+            data = Path(row["path"]).read_bytes()
+            answer = client.post("/predict", params={"faces": "all"},
+                                 files={"file": ("x.jpg", data, "image/jpeg")}).json()
+            labels = [p["label"] for p in answer["predictions"]]
+            assert row["label"] in labels
+            first = answer["predictions"][0]
+            if len(labels) == 1:
+                assert [float(row[c]) for c in CLASS_NAMES] == [
+                    first["probabilities"][c] for c in CLASS_NAMES]
+
+
+def test_the_progress_bar_shows_on_a_terminal_and_not_in_a_log(photo_folder, tmp_path):
+    argv = [*COMMAND, "images", str(photo_folder), "--out", str(tmp_path / "r.csv"),
+            "--faces", "none", "--workers", "1"]
+    piped = subprocess.run(argv, cwd=REPO, capture_output=True, text=True)
+    assert piped.returncode == 0 and "img/s" not in piped.stderr
+    main_fd, child_fd = pty.openpty()
+    fcntl.ioctl(child_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=child_fd)
+    os.close(child_fd)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(main_fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    process.wait()
+    os.close(main_fd)
+    assert b"img/s" in seen and b"14/14" in seen
+
+
+def encode_video(path, frames: list[Image.Image], fps: int) -> None:
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height = frames[0].size
+        stream.pix_fmt = "yuv420p"
+        for image in frames:
+            frame = av.VideoFrame.from_image(image.convert("RGB"))
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def test_video_rows_per_sampled_frame_and_face_and_the_plot(test_images, tmp_path):
+    rng = np.random.default_rng(0)
+    faces = [Image.open(io.BytesIO(d)).convert("L") for _, d in test_images[:2]]
+    frames = []
+    for i in range(30):  # 3 s at 10 frames/s; two faces that drift across the frame
+        canvas = Image.fromarray(rng.integers(90, 110, (360, 640), dtype=np.uint8))
+        canvas.paste(faces[0].resize((200, 200)), (40 + i, 80))
+        canvas.paste(faces[1].resize((150, 150)), (420 - i, 120))
+        frames.append(canvas)
+    video, out, plot = tmp_path / "talk.mp4", tmp_path / "talk.csv", tmp_path / "talk.png"
+    encode_video(video, frames, fps=10)
+    assert main(["video", str(video), "--out", str(out), "--fps", "2", "--faces", "all",
+                 "--plot", str(plot)]) == 0
+    rows = read_rows(out)
+    assert list(rows[0])[:3] == ["path", "time_s", "frame"]
+    times = sorted({float(r["time_s"]) for r in rows})
+    assert times == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0, 2.5], abs=0.06)
+    assert sorted({int(r["frame"]) for r in rows}) == [0, 5, 10, 15, 20, 25]
+    per_frame = {}
+    for row in rows:
+        per_frame.setdefault(row["frame"], []).append(row)
+    assert all(len(group) == 2 for group in per_frame.values())  # both faces, every frame
+    assert all(r["label"] in CLASS_NAMES and r["face_width"] for r in rows)
+    image = Image.open(plot)
+    assert image.size[0] > 600 and len(set(image.convert("L").getdata())) > 20
