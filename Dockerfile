@@ -14,9 +14,11 @@ WORKDIR /app
 COPY models/emotion_cnn.onnx models/emotion_knn.joblib models/manifest.json \
      models/face_crop.json models/face_pnet.onnx models/face_rnet.onnx models/face_onet.onnx \
      ./models/
+COPY examples/*.jpg ./examples/
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    EMOTION_MODELS_DIR=/app/models
+    EMOTION_MODELS_DIR=/app/models \
+    EMOTION_EXAMPLES_DIR=/app/examples
 USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=3s --start-period=30s --retries=3 \

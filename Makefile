@@ -5,7 +5,7 @@ DEV_VENV ?= .venv
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test lint
+.PHONY: serve test lint system-packages
 
 # The serve environment has the `serve` extra only: no torch, as in the container.
 $(SERVE_VENV)/.installed: pyproject.toml
@@ -26,5 +26,17 @@ serve: $(SERVE_VENV)/.installed
 lint: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/ruff check .
 
-test: lint
+# What the tests drive from Debian: nginx in front of replicas, and headless Chromium for
+# the page (Playwright uses this binary; no browser is downloaded). Installed only when
+# missing, as root or through sudo.
+system-packages:
+	@missing=""; command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing="$$missing nginx"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+test: lint system-packages
 	$(DEV_VENV)/bin/python -m pytest

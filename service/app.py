@@ -15,7 +15,7 @@ from service.inference import Predictor
 from service.middleware import RequestMiddleware
 from service.observability import ServiceMetrics, configure_logging
 from service.preprocessing import INPUT_SIZE
-from service.routers import health, info, metrics, oip, predict
+from service.routers import health, info, metrics, oip, page, predict
 from service.settings import Settings, get_settings, load_settings
 
 DESCRIPTION = f"""
@@ -56,8 +56,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             executor.shutdown(wait=True, cancel_futures=True)
 
+    # /docs and /redoc come from install_page: their assets are served here, not by a CDN.
     app = FastAPI(title="Emotion detection", version="0.1.0", description=DESCRIPTION,
-                  lifespan=lifespan)
+                  lifespan=lifespan, docs_url=None, redoc_url=None)
     if settings is not load_settings():
         async def these_settings() -> Settings:
             return settings
@@ -66,13 +67,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     routers = (predict.router, oip.router, info.router, health.router, metrics.router)
     for router in routers:
         app.include_router(router)
+    page.install_page(app)
     install_error_handlers(app)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST"], allow_headers=["*"])
     # Metric labels use these paths; anything else is "unmatched", so label sets stay bounded.
-    routes = {route.path for router in routers for route in router.routes}
-    routes |= {app.openapi_url, app.docs_url, app.redoc_url}
+    routes = {route.path for router in (*routers, page.router) for route in router.routes}
+    routes |= {app.openapi_url, "/docs", "/redoc", "/static/{path}", "/docs-assets/{path}"}
     app.add_middleware(RequestMiddleware, metrics=service_metrics,
                        max_in_flight=settings.max_in_flight, routes=routes)
     return app

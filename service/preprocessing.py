@@ -28,11 +28,18 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+try:  # phone photos: HEIC/HEIF through pillow-heif (AVIF is Pillow's own)
+    from pillow_heif import register_heif_opener
+except ImportError:  # pragma: no cover - the serve extra installs it
+    pass
+else:
+    register_heif_opener()
+
 PREPROCESSING_VERSION = "1"
 INPUT_SIZE = 350
 RESAMPLE = Image.Resampling.BILINEAR
 ALPHA_BACKGROUND = 255
-ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
+ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "HEIF", "AVIF")
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -177,11 +184,14 @@ def _open_checked(data: bytes, limits: ImageLimits) -> Image.Image:
 
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00",
                b"MM\x00*")
+# ISO base media files (HEIC, AVIF): 'ftyp' at byte 4, then the brand.
+_FTYP_BRANDS = (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis")
 
 
 def _has_image_signature(data: bytes) -> bool:
     """A known format's magic number: the client sent an image, but a broken one."""
-    return data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+    return (data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+            or (data[4:8] == b"ftyp" and data[8:12] in _FTYP_BRANDS))
 
 
 def _to_grayscale(image: Image.Image) -> Image.Image:

@@ -71,4 +71,6 @@ class ModelPublic(BaseModel):
     code_commit: str
     created_at: str
     loaded: bool
+    test_macro_f1: dict[str, float] = Field(default_factory=dict, description="Evaluation "
+                                            "set -> macro-F1 on its test subset.")
     summary: dict

@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from service.preprocessing import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageLimits
 
 REPO_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+REPO_EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
 ModelName = Literal["cnn", "knn"]
 
 
@@ -55,6 +56,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EMOTION_", extra="ignore")
 
     models_dir: Path = Field(REPO_MODELS_DIR, description="manifest.json and the artifacts.")
+    examples_dir: Path = Field(REPO_EXAMPLES_DIR, description="The sample photos the page "
+                               "offers (none where the folder is missing).")
     default_model: ModelName = Field("cnn", description="Model used when a request names none.")
     default_faces: Literal["auto", "none"] = Field(
         "none", description="faces= when a request names none; measured in models/README.md.")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -37,3 +39,15 @@ def png_bytes(width: int = 64, height: int = 48, seed: int = 0) -> bytes:
 def jpeg_bytes(width: int = 64, height: int = 48, seed: int = 0, mode: str = "RGB") -> bytes:
     image = rgb_image(width, height, seed)
     return encode(image.convert(mode), "JPEG", quality=90)
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return (struct.pack(">I", len(payload)) + kind + payload
+            + struct.pack(">I", zlib.crc32(kind + payload)))
+
+
+def png_declaring(width: int, height: int, with_data: bool = True) -> bytes:
+    """A PNG of a few hundred bytes whose header declares ``width`` x ``height`` pixels."""
+    header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+    data = png_chunk(b"IDAT", zlib.compress(b"\x00" * 1024)) if with_data else b""
+    return b"\x89PNG\r\n\x1a\n" + header + data + (png_chunk(b"IEND", b"") if with_data else b"")

@@ -9,9 +9,7 @@ from __future__ import annotations
 import io
 import select
 import socket
-import struct
 import tempfile
-import zlib
 from collections.abc import Callable, Iterator
 
 import httpx
@@ -24,7 +22,7 @@ from service.app import create_app
 from service.classes import CLASS_NAMES
 from service.settings import REPO_MODELS_DIR, Settings
 from tests.api import assert_error
-from tests.images import encode, gray_image, png_bytes, rgb_image
+from tests.images import encode, gray_image, png_bytes, png_declaring, rgb_image
 from tests.server import running_server
 
 REPO = str(REPO_MODELS_DIR.parent)
@@ -45,18 +43,6 @@ def client(settings) -> Iterator[TestClient]:
 @pytest.fixture(scope="module")
 def face(data_settings) -> bytes:
     return (data_settings.images_dir / "AJ_Cook_0001.jpg").read_bytes()
-
-
-def png_chunk(kind: bytes, payload: bytes) -> bytes:
-    return (struct.pack(">I", len(payload)) + kind + payload
-            + struct.pack(">I", zlib.crc32(kind + payload)))
-
-
-def png_declaring(width: int, height: int, with_data: bool = True) -> bytes:
-    """A PNG of a few hundred bytes whose header declares ``width`` x ``height`` pixels."""
-    header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-    data = png_chunk(b"IDAT", zlib.compress(b"\x00" * 1024)) if with_data else b""
-    return b"\x89PNG\r\n\x1a\n" + header + data + (png_chunk(b"IEND", b"") if with_data else b"")
 
 
 def sixteen_bit_png() -> bytes:
@@ -119,7 +105,24 @@ UPLOADS: dict[str, tuple[Callable[[bytes], bytes], str, tuple[int, str | None]]]
     "webp-as-jpg": (lambda face: encode(rgb_image(), "WEBP"), "face.jpg", OK),
     "tiff-as-jpg": (lambda face: encode(gray_image(), "TIFF"), "face.jpg", OK),
     "real-face": (lambda face: face, "face.jpg", OK),
+    # Phone photos: iPhones send HEIC, newer Androids and browsers AVIF.
+    "heic-photo": (lambda face: phone_photo(face, "HEIF"), "IMG_0001.HEIC", OK),
+    "avif-photo": (lambda face: phone_photo(face, "AVIF"), "photo.avif", OK),
+    "truncated-heic": (lambda face: phone_photo(face, "HEIF")[:400], "IMG_0002.HEIC",
+                       (400, "corrupt_image")),
+    "heic-brand-then-junk": (lambda face: b"\x00\x00\x00\x18ftypheic" + bytes(600),
+                             "IMG_0003.HEIC", (400, "corrupt_image")),
+    "truncated-avif": (lambda face: phone_photo(face, "AVIF")[:300], "photo.avif",
+                       (400, "corrupt_image")),
 }
+
+
+def phone_photo(face: bytes, fmt: str) -> bytes:
+    """The face in a phone's format, stored sideways with EXIF orientation 6, as cameras do."""
+    image = Image.open(io.BytesIO(face)).convert("RGB").transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encode(image, fmt, exif=exif.tobytes(), quality=80)
 
 
 def assert_prediction(response, filename: str | None) -> dict:
@@ -135,6 +138,21 @@ def assert_prediction(response, filename: str | None) -> dict:
 def still_ready(client):
     yield
     assert client.get("/readyz").status_code == 200
+
+
+def test_phone_photos_are_turned_upright_as_jpeg_is(client, face):
+    """The same face from a HEIC, an AVIF and the JPEG: the same label, nearly the same
+    probabilities (the formats are lossy), so EXIF orientation was applied to each."""
+    answers = {}
+    for fmt in ("JPEG", "HEIF", "AVIF"):
+        data = phone_photo(face, fmt)
+        answers[fmt] = assert_prediction(client.post("/predict", files={"file": (
+            f"face.{fmt.lower()}", data, "application/octet-stream")}), f"face.{fmt.lower()}")
+    labels = {fmt: a["label"] for fmt, a in answers.items()}
+    assert len(set(labels.values())) == 1, labels
+    upright = assert_prediction(client.post("/predict", files={"file": (
+        "face.jpg", face, "image/jpeg")}), "face.jpg")
+    assert upright["label"] == labels["JPEG"]
 
 
 @pytest.mark.parametrize("case", list(UPLOADS))
@@ -182,7 +200,26 @@ def send_until_answered(address: tuple[str, int], head: bytes, chunks: Iterator[
             except (BrokenPipeError, ConnectionResetError, TimeoutError):
                 break
             sent += len(chunk)
-        return sock.recv(65536), sent
+        return read_response(sock), sent
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """The whole response: its head and body arrive in separate packets on a busy machine."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        part = sock.recv(65536)
+        if not part:
+            return data
+        data += part
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.lower().split(b"\r\n")
+                   if line.startswith(b"content-length:")), 0)
+    while len(body) < length:
+        part = sock.recv(65536)
+        if not part:
+            break
+        body += part
+    return head + b"\r\n\r\n" + body
 
 
 def test_a_chunked_body_is_cut_at_the_limit_while_it_streams(server, settings):

@@ -17,7 +17,15 @@ from service.preprocessing import (
     preprocess_image,
     preprocess_image_uint8,
 )
-from tests.images import encode, gradient, gray_image, jpeg_bytes, png_bytes, rgb_image
+from tests.images import (
+    encode,
+    gradient,
+    gray_image,
+    jpeg_bytes,
+    png_bytes,
+    png_declaring,
+    rgb_image,
+)
 
 
 def assert_contract(array: np.ndarray) -> None:
@@ -153,22 +161,8 @@ def test_byte_limit():
     assert_contract(preprocess_image(data, ImageLimits(max_bytes=len(data))))
 
 
-def bomb_png(width: int, height: int) -> bytes:
-    """A valid PNG header that declares a huge size, followed by almost no data."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(
-            ">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
-
-
 def test_decompression_bomb_is_refused_from_its_header():
-    data = bomb_png(30000, 30000)
+    data = png_declaring(30000, 30000)
     assert len(data) < 200
     with pytest.raises(TooManyPixelsError, match="too many pixels"):
         preprocess_image(data)

@@ -149,6 +149,15 @@ def cmd_face_geometry(args: argparse.Namespace) -> None:
           f"{path} in {spec.learned_from['seconds']:.0f} s")
 
 
+def cmd_examples(args: argparse.Namespace) -> None:
+    from training.examples import compose
+    from training.settings import REPO_ROOT
+
+    out = args.out or REPO_ROOT / "examples"
+    for photo, placed in compose(get_training_settings(), out).items():
+        print(f"{out / photo}: " + ", ".join(f"{p.label} ({p.image})" for p in placed))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -234,6 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     geometry.add_argument("--limit", type=int, default=None,
                           help="use only the first N images of each subset (default: all)")
     geometry.set_defaults(func=cmd_face_geometry)
+    examples = commands.add_parser("examples", help="compose the sample photos in examples/ "
+                                   "from identity-split test images")
+    examples.add_argument("--out", type=Path, default=None,
+                          help="default: examples/ in the repository")
+    examples.set_defaults(func=cmd_examples)
     return parser
 
 

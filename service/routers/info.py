@@ -19,6 +19,8 @@ async def list_models(serving: ServingDep) -> list[ModelPublic]:
     registry = serving.predictor.registry
     return [
         ModelPublic(name=name, loaded=name in registry.models,
+                    test_macro_f1={s: m["test"].macro_f1 for s, m in entry.metrics.items()
+                                   if "test" in m},
                     **entry.model_dump(include={
                         "file", "sha256", "bytes", "kind", "description", "input", "output",
                         "classes", "preprocessing_version", "recipe", "data", "code_commit",

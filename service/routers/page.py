@@ -1,0 +1,84 @@
+"""The page for people at ``/``, its assets, the example photos, and ``/docs`` and ``/redoc``
+served from the service itself (their assets come from the fastapi-offline package, not a
+CDN), so all of it works on a machine with no internet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import fastapi_offline
+from fastapi import APIRouter, FastAPI
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.staticfiles import StaticFiles
+
+from service.deps import SettingsDep
+from service.errors import ApiError
+
+STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
+DOCS_ASSETS = Path(fastapi_offline.__file__).parent / "static"
+EXAMPLE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+# Only this host, no inline script or style, no framing: what the page needs and no more.
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; "
+            "img-src 'self' blob: data:; media-src 'self' blob: mediastream:; "
+            "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+PAGE_HEADERS = {"Content-Security-Policy": PAGE_CSP, "X-Content-Type-Options": "nosniff",
+                "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
+# Swagger UI and ReDoc start from inline code FastAPI writes, so they need 'unsafe-inline';
+# everything they fetch stays on this host (ReDoc's footer logo would come from its CDN).
+DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; "
+            "style-src 'self' 'unsafe-inline'; img-src 'self' data:; worker-src 'self' blob:; "
+            "connect-src 'self'; frame-ancestors 'none'")
+
+router = APIRouter(tags=["page"])
+
+
+@router.get("/", include_in_schema=False)
+async def page() -> FileResponse:
+    return FileResponse(STATIC_DIR / "index.html", media_type="text/html",
+                        headers=PAGE_HEADERS)
+
+
+def example_names(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in EXAMPLE_SUFFIXES)
+
+
+@router.get("/examples", summary="The sample photos the page offers", response_model=list[str])
+async def list_examples(settings: SettingsDep) -> list[str]:
+    return example_names(settings.examples_dir)
+
+
+@router.get("/examples/{name}", summary="One sample photo")
+async def get_example(name: str, settings: SettingsDep) -> FileResponse:
+    if name not in example_names(settings.examples_dir):  # never a path from the client
+        raise ApiError(404, "not_found", f"no example named {name!r}")
+    return FileResponse(settings.examples_dir / name)
+
+
+def install_page(app: FastAPI) -> None:
+    """The page's router, its static files, and the offline /docs and /redoc."""
+    app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount("/docs-assets", StaticFiles(directory=DOCS_ASSETS), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        html = get_swagger_ui_html(
+            openapi_url=app.openapi_url, title=f"{app.title}: Swagger UI",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon.png")
+        html.headers["Content-Security-Policy"] = DOCS_CSP
+        return html
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        html = get_redoc_html(openapi_url=app.openapi_url, title=f"{app.title}: ReDoc",
+                              redoc_js_url="/docs-assets/redoc.standalone.js",
+                              redoc_favicon_url="/docs-assets/favicon.png",
+                              with_google_fonts=False)
+        html.headers["Content-Security-Policy"] = DOCS_CSP
+        return html

@@ -1,0 +1,310 @@
+// The service's own page: an image (file, drop, paste, example) or webcam frames go to
+// POST /predict; every face comes back boxed, with its eight probabilities as bars.
+// Plain JavaScript, no build step, nothing from another host; the CSP allows no inline code.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const FRAME_WIDTH = 320; // webcam frames are scaled to this width before they are sent
+const state = { classes: [], models: [], examples: [], nextExample: 0, objectUrl: null,
+                stream: null, running: false, sent: [] };
+
+async function api(path, options = {}) {
+  let response;
+  try {
+    response = await fetch(path, options);
+  } catch (err) {
+    return { ok: false, status: 0, detail: `the server could not be reached (${err.message})` };
+  }
+  let body = null;
+  try { body = await response.json(); } catch (_) { /* not JSON: say the status */ }
+  if (!response.ok) {
+    const detail = (body && (body.detail || body.error)) || `${response.status} ${response.statusText}`;
+    return { ok: false, status: response.status, detail, code: body && body.code };
+  }
+  return { ok: true, status: response.status, body };
+}
+
+function showError(message) {
+  const box = $("error");
+  box.textContent = message;
+  box.hidden = false;
+}
+
+function clearError() {
+  $("error").hidden = true;
+  $("error").textContent = "";
+}
+
+function percent(value) {
+  return `${(100 * value).toFixed(value >= 0.995 || value < 0.001 ? 0 : 1)}%`;
+}
+
+function describeModel() {
+  const entry = state.models.find((m) => m.name === $("model").value);
+  if (!entry) return;
+  const scores = Object.entries(entry.test_macro_f1 || {})
+    .map(([set, value]) => `${set.replace("fer2013", "FER-2013").replace("identity", "identity test")} ${value.toFixed(3)}`)
+    .join(", ");
+  $("model-info").textContent = `${entry.name}: sha256 ${entry.sha256.slice(0, 16)}…, test macro-F1 ${scores}`;
+  $("model-info").title = entry.sha256;
+}
+
+async function init() {
+  const [classes, models, examples] = await Promise.all([api("/classes"), api("/models"), api("/examples")]);
+  if (!classes.ok || !models.ok) {
+    showError(`The service did not answer: ${(classes.ok ? models : classes).detail}`);
+    return;
+  }
+  state.classes = classes.body.map((c) => c.name);
+  state.models = models.body;
+  const select = $("model");
+  for (const entry of state.models) {
+    const option = new Option(entry.loaded ? entry.name : `${entry.name} (unavailable)`, entry.name);
+    option.disabled = !entry.loaded;
+    select.add(option);
+  }
+  describeModel();
+  if (examples.ok && examples.body.length) {
+    state.examples = examples.body;
+    $("example").hidden = false;
+  }
+  document.body.dataset.ready = "true";
+}
+
+function query() {
+  return `model=${encodeURIComponent($("model").value)}&faces=${encodeURIComponent($("faces").value)}`;
+}
+
+function previewable(blob, name) {
+  // Chromium and Firefox show no HEIC/HEIF; the service reads them all the same.
+  return !/hei[cf]/i.test(blob.type) && !/\.(heic|heif)$/i.test(name || "");
+}
+
+async function classifyFile(blob, name) {
+  stopWebcam();
+  clearError();
+  const photo = $("photo");
+  if (state.objectUrl) URL.revokeObjectURL(state.objectUrl);
+  state.objectUrl = null;
+  $("video").hidden = true;
+  let size = null;
+  if (previewable(blob, name)) {
+    state.objectUrl = URL.createObjectURL(blob);
+    photo.src = state.objectUrl;
+    photo.alt = `The image ${name || "sent"}, with a box around each face found`;
+    photo.hidden = false;
+    try {
+      await photo.decode();
+      size = { width: photo.naturalWidth, height: photo.naturalHeight };
+    } catch (_) {
+      photo.hidden = true; // the browser cannot draw it; the service may still read it
+    }
+  } else {
+    photo.hidden = true;
+  }
+  $("stage").hidden = !size;
+  $("status").textContent = `Sending ${name || "the image"}…`;
+  const form = new FormData();
+  form.append("file", blob, name || "image");
+  const started = performance.now();
+  const result = await api(`/predict?${query()}`, { method: "POST", body: form });
+  if (!result.ok) {
+    render([], size);
+    $("status").textContent = "";
+    showError(result.detail);
+    return;
+  }
+  const ms = Math.round(performance.now() - started);
+  render(result.body.predictions, size);
+  const faces = result.body.predictions.filter((p) => p.face).length;
+  $("status").textContent = `${faces} face${faces === 1 ? "" : "s"} found by ${result.body.model} in ${ms} ms` +
+    (size ? "" : " (this browser cannot show this image's format)");
+}
+
+function render(predictions, size) {
+  const boxes = $("boxes");
+  const list = $("faces-list");
+  boxes.replaceChildren();
+  list.replaceChildren();
+  $("stage").dataset.faces = String(predictions.length);
+  predictions.forEach((p, i) => {
+    const item = document.createElement("li");
+    item.className = "face";
+    item.tabIndex = 0;
+    item.dataset.index = String(i);
+    const title = document.createElement("h2");
+    if (p.error) {
+      title.textContent = `${p.filename || "Image"}: not classified`;
+      const line = document.createElement("p");
+      line.className = "error-line";
+      line.textContent = p.error;
+      item.append(title, line);
+      list.append(item);
+      return;
+    }
+    item.dataset.label = p.label;
+    const where = p.face ? `Face ${i + 1}` : "Whole image";
+    title.textContent = `${where}: ${p.label} ${percent(p.probabilities[p.label])}`;
+    item.setAttribute("aria-label", `${where}, ${p.label}, ${percent(p.probabilities[p.label])}`);
+    const bars = document.createElement("div");
+    bars.className = "bars";
+    for (const name of state.classes) {
+      const value = p.probabilities[name];
+      const label = document.createElement("span");
+      label.textContent = name;
+      const bar = document.createElement("span");
+      bar.className = "bar";
+      bar.setAttribute("role", "meter");
+      bar.setAttribute("aria-label", name);
+      bar.setAttribute("aria-valuemin", "0");
+      bar.setAttribute("aria-valuemax", "1");
+      bar.setAttribute("aria-valuenow", value.toFixed(4));
+      const fill = document.createElement("i");
+      fill.style.width = `${(100 * value).toFixed(2)}%`;
+      bar.append(fill);
+      const number = document.createElement("span");
+      number.className = "value";
+      number.textContent = percent(value);
+      if (name === p.label) [label, number].forEach((e) => e.classList.add("top"));
+      bars.append(label, bar, number);
+    }
+    item.append(title, bars);
+    list.append(item);
+    if (p.face && size) {
+      const box = document.createElement("div");
+      box.className = "box";
+      box.dataset.index = String(i);
+      box.style.left = `${(100 * p.face.x) / size.width}%`;
+      box.style.top = `${(100 * p.face.y) / size.height}%`;
+      box.style.width = `${(100 * p.face.width) / size.width}%`;
+      box.style.height = `${(100 * p.face.height) / size.height}%`;
+      const tag = document.createElement("span");
+      tag.textContent = `${i + 1} ${p.label}`;
+      box.append(tag);
+      boxes.append(box);
+      for (const target of [item, box]) {
+        target.addEventListener("mouseenter", () => highlight(i));
+        target.addEventListener("mouseleave", () => highlight(null));
+      }
+      item.addEventListener("focus", () => highlight(i));
+      item.addEventListener("blur", () => highlight(null));
+    }
+  });
+}
+
+function highlight(index) {
+  for (const element of document.querySelectorAll(".box, .face")) {
+    element.classList.toggle("active", element.dataset.index === String(index));
+  }
+}
+
+// --- webcam -----------------------------------------------------------------------------
+
+async function startWebcam() {
+  clearError();
+  if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+    showError("This browser offers no camera here (a camera needs https or localhost).");
+    return;
+  }
+  try {
+    state.stream = await navigator.mediaDevices.getUserMedia({ video: { width: 640, height: 480 }, audio: false });
+  } catch (err) {
+    showError(`The camera could not be opened: ${err.message || err.name}`);
+    return;
+  }
+  const video = $("video");
+  video.srcObject = state.stream;
+  await video.play();
+  $("photo").hidden = true;
+  video.hidden = false;
+  $("stage").hidden = false;
+  $("webcam").textContent = "Stop the webcam";
+  $("webcam").setAttribute("aria-pressed", "true");
+  state.running = true;
+  state.sent = [];
+  tick();
+}
+
+function stopWebcam() {
+  state.running = false;
+  if (state.stream) state.stream.getTracks().forEach((track) => track.stop());
+  state.stream = null;
+  $("video").hidden = true;
+  $("webcam").textContent = "Start the webcam";
+  $("webcam").setAttribute("aria-pressed", "false");
+  delete $("status").dataset.fps;
+}
+
+async function tick() {
+  if (!state.running) return;
+  const started = performance.now();
+  const video = $("video");
+  const canvas = document.createElement("canvas");
+  canvas.width = FRAME_WIDTH;
+  canvas.height = Math.round((FRAME_WIDTH * video.videoHeight) / (video.videoWidth || FRAME_WIDTH));
+  canvas.getContext("2d").drawImage(video, 0, 0, canvas.width, canvas.height);
+  const frame = await new Promise((resolve) => canvas.toBlob(resolve, "image/jpeg", 0.85));
+  const result = await api(`/predict?${query()}`, {
+    method: "POST", headers: { "Content-Type": "image/jpeg" }, body: frame });
+  if (!state.running) return;
+  if (result.ok) {
+    clearError();
+    render(result.body.predictions, { width: canvas.width, height: canvas.height });
+  } else {
+    showError(result.detail);
+  }
+  const now = performance.now();
+  state.sent = state.sent.filter((t) => now - t < 3000).concat(now);
+  const fps = state.sent.length > 1 ? (1000 * (state.sent.length - 1)) / (now - state.sent[0]) : 0;
+  $("status").textContent = `Webcam: ${fps.toFixed(1)} frames/s, ${canvas.width}x${canvas.height} frames`;
+  $("status").dataset.fps = fps.toFixed(2);
+  const interval = Math.max(50, Number($("interval").value) || 150);
+  setTimeout(tick, Math.max(0, interval - (now - started)));
+}
+
+// --- wiring -----------------------------------------------------------------------------
+
+function pickFile() { $("file").click(); }
+
+function wire() {
+  $("model").addEventListener("change", describeModel);
+  $("file").addEventListener("change", (e) => {
+    const file = e.target.files[0];
+    if (file) classifyFile(file, file.name);
+    e.target.value = "";
+  });
+  const drop = $("drop");
+  drop.addEventListener("click", pickFile);
+  drop.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" || e.key === " ") { e.preventDefault(); pickFile(); }
+  });
+  for (const name of ["dragenter", "dragover"]) {
+    drop.addEventListener(name, (e) => { e.preventDefault(); drop.classList.add("over"); });
+  }
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+    const file = e.dataTransfer.files[0];
+    if (file) classifyFile(file, file.name);
+    else showError("Nothing to classify was dropped: drop an image file.");
+  });
+  // A file dropped beside the zone must not navigate away from the page.
+  window.addEventListener("dragover", (e) => e.preventDefault());
+  window.addEventListener("drop", (e) => e.preventDefault());
+  document.addEventListener("paste", (e) => {
+    const file = [...(e.clipboardData ? e.clipboardData.files : [])][0];
+    if (file) classifyFile(file, file.name || "pasted image");
+  });
+  $("example").addEventListener("click", async () => {
+    const name = state.examples[state.nextExample % state.examples.length];
+    state.nextExample += 1;
+    const response = await fetch(`/examples/${encodeURIComponent(name)}`);
+    if (!response.ok) { showError(`The example ${name} could not be loaded (${response.status}).`); return; }
+    classifyFile(await response.blob(), name);
+  });
+  $("webcam").addEventListener("click", () => (state.running ? stopWebcam() : startWebcam()));
+}
+
+wire();
+init();

@@ -1,0 +1,190 @@
+"""The page at ``/``, in a real browser: Debian's headless Chromium, driven by Playwright
+(no browser is downloaded), against the real server."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.images import encode, png_declaring, rgb_image
+from tests.server import REPO, running_server
+
+pytestmark = [pytest.mark.dataset, pytest.mark.slow]
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# As the probe of this machine starts it: no sandbox as root, and none of the background
+# traffic that a closed network refuses.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--disable-dev-shm-usage",
+                 "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
+EXAMPLES = REPO / "examples"
+MAX_UPLOAD = 400_000  # small, so that the oversize case is a small file too
+ARTIFACTS = Path(os.environ.get("EMOTION_TEST_ARTIFACTS", "/tmp/emotion-test-artifacts"))
+
+
+@pytest.fixture(scope="module")
+def server():
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the browser tests, but there is no {CHROMIUM}")
+        pytest.skip("chromium is not installed (.ci/run installs Debian's)")
+    env = {"EMOTION_ONNX_THREADS": "1", "EMOTION_MAX_UPLOAD_BYTES": str(MAX_UPLOAD)}
+    with running_server(env=env) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def browser(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    context.grant_permissions(["camera"], origin=server)
+    page = context.new_page()
+    page.requests_seen = []
+    page.console_seen = []
+    page.on("request", lambda request: page.requests_seen.append(request.url))
+    page.on("console", lambda message: page.console_seen.append(message.text))
+    page.goto(f"{server}/")
+    page.wait_for_selector("body[data-ready=true]")
+    yield page
+    context.close()
+
+
+def predicted(server: str, path: Path, faces: str = "all") -> list[dict]:
+    response = httpx.post(f"{server}/predict", params={"faces": faces},
+                          files={"file": (path.name, path.read_bytes(), "image/jpeg")},
+                          timeout=30)
+    assert response.status_code == 200
+    return response.json()["predictions"]
+
+
+def shown_labels(page) -> list[str]:
+    return page.eval_on_selector_all("#faces-list li", "els => els.map(e => e.dataset.label)")
+
+
+def test_an_example_photo_shows_every_face_as_predict_finds_it(page, server):
+    photo = EXAMPLES / "four_people.jpg"
+    page.set_input_files("#file", str(photo))
+    page.wait_for_selector("#boxes .box")
+    answer = predicted(server, photo)
+    assert len(answer) >= 4
+    assert shown_labels(page) == [p["label"] for p in answer]
+    assert page.locator("#boxes .box").count() == len(answer)
+    # Eight bars per face, in class order, the top one the label.
+    first = page.locator("#faces-list li").first
+    names = first.locator(".bars > span:not(.bar):not(.value)").all_inner_texts()
+    assert names == ["ANGER", "SURPRISE", "DISGUST", "FEAR", "NEUTRAL", "HAPPINESS",
+                     "SADNESS", "CONTEMPT"]
+    assert first.locator(".bar").count() == 8
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "page.png"), full_page=True)
+    print(f"\nscreenshot: {ARTIFACTS / 'page.png'}")
+
+
+def test_the_example_button_and_the_face_list_by_keyboard(page, server):
+    page.click("#example")
+    page.wait_for_selector("#boxes .box")
+    names = httpx.get(f"{server}/examples").json()
+    assert shown_labels(page) == [p["label"] for p in predicted(server, EXAMPLES / names[0])]
+    # Tab to a face: its box lights up.
+    page.locator("#faces-list li").nth(1).focus()
+    assert page.locator("#boxes .box.active").get_attribute("data-index") == "1"
+    page.locator("#faces-list li").nth(0).hover()
+    assert page.locator("#boxes .box.active").get_attribute("data-index") == "0"
+    # The drop zone is a button: Enter opens the file picker.
+    with page.expect_file_chooser() as chooser:
+        page.focus("#drop")
+        page.keyboard.press("Enter")
+    assert chooser.value is not None
+    for label in ("Model", "Faces", "Webcam frame every"):
+        assert page.get_by_label(label, exact=True).count() == 1
+
+
+@pytest.mark.parametrize(("name", "data", "code"), [
+    ("notes.jpg", b"a shopping list, not a photo\n" * 10, "not_an_image"),
+    ("huge.png", png_declaring(30000, 30000), "too_many_pixels"),
+    ("big.bmp", encode(rgb_image(700, 700), "BMP"), "too_many_bytes"),  # 1.5 MB
+])
+def test_an_error_shows_the_apis_detail_on_the_page(page, server, tmp_path, name, data, code):
+    path = tmp_path / name
+    path.write_bytes(data)
+    page.set_input_files("#file", str(path))
+    page.wait_for_selector("#error:not([hidden])")
+    response = httpx.post(f"{server}/predict", files={"file": (name, data, "image/png")})
+    assert response.json()["code"] == code
+    assert page.inner_text("#error") == response.json()["detail"]
+    assert page.locator("#faces-list li").count() == 0
+
+
+def test_the_page_asks_no_host_but_the_service_and_runs_under_its_csp(page, server):
+    page.set_input_files("#file", str(EXAMPLES / "two_people.jpg"))
+    page.wait_for_selector("#boxes .box")
+    hosts = {re.match(r"^(\w+:)(//[^/]+)?", url).group(0) for url in page.requests_seen}
+    assert hosts <= {server, "blob:", "data:"}, hosts
+    assert not [m for m in page.console_seen if "Content Security Policy" in m]
+    head = httpx.get(f"{server}/")
+    policy = head.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "script-src 'self'" in policy
+    assert "'unsafe-inline'" not in policy and "connect-src 'self'" in policy
+    html = head.text
+    assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>", html)  # no inline script
+    assert " style=" not in html and "<style" not in html
+    assert "http://" not in html and "https://" not in html
+
+
+@pytest.mark.parametrize(("path", "ready"), [("/docs", ".swagger-ui .opblock"),
+                                              ("/redoc", "[role=navigation], .menu-content")])
+def test_docs_and_redoc_work_with_no_host_but_the_service(browser, server, path, ready):
+    page = browser.new_page()
+    fetched, attempted = [], []
+    page.on("requestfinished", lambda request: fetched.append(request.url))
+    page.on("request", lambda request: attempted.append(request.url))
+    page.goto(f"{server}{path}")
+    page.wait_for_selector(ready, timeout=20000)
+    host = server.removeprefix("http://")
+    assert {url.split("/")[2] for url in fetched if url.startswith("http")} == {host}
+    # ReDoc's bundle links its footer logo on its CDN; the docs' CSP stops that request.
+    elsewhere = {url for url in attempted if url.startswith("http") and host not in url}
+    assert elsewhere <= {"https://cdn.redoc.ly/redoc/logo-mini.svg"}
+    page.close()
+
+
+def test_readable_at_phone_width(browser, server):
+    page = browser.new_page(viewport={"width": 375, "height": 740})
+    page.goto(f"{server}/")
+    page.wait_for_selector("body[data-ready=true]")
+    page.set_input_files("#file", str(EXAMPLES / "three_people.jpg"))
+    page.wait_for_selector("#boxes .box")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    page.close()
+
+
+def test_webcam_mode_sends_frames_and_updates_live(page, server):
+    page.fill("#interval", "200")
+    page.click("#webcam")
+    page.wait_for_selector('#webcam[aria-pressed="true"]', timeout=10000)
+    assert page.is_hidden("#error"), page.inner_text("#error")
+    # The page's CSP forbids eval, so no wait_for_function: poll the attribute from here.
+    page.wait_for_selector("#status[data-fps]", timeout=20000)
+    page.wait_for_timeout(4000)
+    fps = float(page.get_attribute("#status", "data-fps"))
+    frames = [u for u in page.requests_seen if "/predict" in u]
+    print(f"\nwebcam, fake camera, 320-pixel frames: {fps:.1f} frames/s, "
+          f"{len(frames)} frames sent")
+    assert fps > 0.5 and len(frames) >= 5
+    assert page.locator("#faces-list li").count() >= 1  # the live answer is on the page
+    page.click("#webcam")
+    assert page.get_attribute("#webcam", "aria-pressed") == "false"
