@@ -195,3 +195,124 @@ def test_shipped_face_detector_networks_are_mtcnn_on_one_gray_channel(data_setti
             expected_offsets, expected = nets[stage]((rgb - 127.5) * 0.0078125)[:2]
         assert np.abs(offsets - expected_offsets.numpy()).max() < 1e-4
         assert np.abs(probability - expected[:, 1].numpy()).max() < 1e-4
+
+
+def test_fast_macro_f1_equals_scikit_learns():
+    from sklearn.metrics import f1_score
+
+    from training.evaluate import macro_f1
+
+    rng = np.random.default_rng(5)
+    for classes in (tuple(range(NUM_CLASSES)), (0, 1, 2, 3, 4, 5, 6)):
+        for _ in range(20):
+            y_true = rng.integers(0, 8, 300)
+            y_pred = rng.choice(8, 300, p=rng.dirichlet(np.ones(8)))
+            expected = f1_score(y_true, y_pred, labels=list(classes), average="macro",
+                                zero_division=0)
+            assert macro_f1(y_true, y_pred, classes) == pytest.approx(expected, abs=1e-12)
+
+
+def test_mix_sets_the_share_of_source_0_and_balance_works_within_each_source():
+    from training.train import epoch_order
+
+    rng = np.random.default_rng(0)
+    labels = np.concatenate([np.repeat([4, 5, 7], [800, 190, 10]),   # source 0: 1,000
+                             np.repeat([0, 4, 5], [1000, 1500, 1500])])  # source 1: 4,000
+    sources = np.repeat([0, 1], [1000, 4000])
+    plan = np.arange(len(labels))
+    natural = epoch_order(labels, plan, "none", rng, sources)
+    assert sorted(natural.tolist()) == plan.tolist()  # a permutation: every image once
+    mixed = epoch_order(labels, plan, "none", rng, sources, mix=0.5)
+    assert len(mixed) == len(plan)
+    assert (sources[mixed] == 0).mean() == pytest.approx(0.5, abs=0.03)
+    balanced = epoch_order(labels, plan, "class_balanced", rng, sources)
+    assert (sources[balanced] == 0).mean() == pytest.approx(0.2, abs=0.03)  # shares kept
+    own = labels[balanced][sources[balanced] == 0]
+    counts = np.bincount(own, minlength=NUM_CLASSES)[[4, 5, 7]]
+    assert counts.min() > 0.25 * counts.sum() and counts.max() < 0.42 * counts.sum()
+
+
+def test_per_source_prior_shifts_each_image_by_its_own_datasets_prior():
+    from training.train import Objective
+
+    labels = np.array([4] * 90 + [7] * 10 + [0] * 50 + [4] * 50)
+    sources = np.array([0] * 100 + [1] * 100)
+    config = TrainConfig(loss="balanced_softmax", logit_tau=1.0, prior="per_source")
+    objective = Objective(config, labels, sources)
+    assert objective.log_prior.shape == (2, NUM_CLASSES)
+    assert objective.log_prior[0, 7] > objective.log_prior[1, 7]  # CONTEMPT only in source 0
+    glob = Objective(TrainConfig(loss="balanced_softmax", prior="global"), labels, sources)
+    assert torch.equal(glob.log_prior[0], glob.log_prior[1])
+    logits = torch.zeros(2, NUM_CLASSES)
+    targets = torch.tensor([7, 7])
+    per_image = [objective(logits[i:i + 1], targets[i:i + 1], torch.tensor([s])).item()
+                 for i, s in enumerate((0, 1))]
+    assert per_image[0] < per_image[1]  # rarer where it is rarer, so a bigger loss there
+
+
+def test_the_decision_rule_is_fitted_on_both_validation_sets():
+    from training.evaluate import macro_f1
+    from training.rule import (
+        DecisionRule,
+        JointValidation,
+        cross_validated_criterion,
+        expected_calibration_error,
+        fit_decision_rule,
+        log_softmax,
+    )
+
+    rng = np.random.default_rng(3)
+
+    def one_set(n, bias_class, classes):
+        y = rng.choice(classes, n)
+        scores = rng.normal(size=(n, NUM_CLASSES)) + 2.0 * np.eye(NUM_CLASSES)[y]
+        scores[:, bias_class] += 1.5  # each set over-predicts a different class
+        return log_softmax(scores * 3), y
+
+    a, ya = one_set(600, 4, list(range(8)))
+    b, yb = one_set(900, 5, list(range(7)))
+    val = JointValidation(["identity", "fer2013"], [a, b], [ya, yb],
+                          [tuple(range(8)), tuple(range(7))], [np.arange(600), np.arange(900)])
+    rule = fit_decision_rule(val)
+    assert val.criterion(rule.bias) > val.criterion(np.zeros(NUM_CLASSES))
+    assert macro_f1(yb, rule.predict(b), range(7)) > macro_f1(yb, b.argmax(1), range(7))
+    # The temperature lowers the validation NLL and moves no decision.
+    probabilities = rule.probabilities(a)
+    assert (probabilities.argmax(1) == rule.predict(a)).all()
+    hot = DecisionRule(rule.bias, 1.0).probabilities(a)
+    nll = [-np.log(p[np.arange(len(ya)), ya]).mean() for p in (probabilities, hot)]
+    assert nll[0] < nll[1] and rule.temperature > 1  # the scores were made overconfident
+    assert expected_calibration_error(probabilities, ya)[0] < expected_calibration_error(
+        hot, ya)[0]
+    assert DecisionRule.from_dict(rule.to_dict()).temperature == rule.temperature
+    cv = cross_validated_criterion(val, halvings=1)
+    assert 0 < cv["criterion"] <= 1 and set(cv) == {"criterion", "identity", "fer2013"}
+
+
+def test_a_checkpoint_rebuilds_its_network_from_the_config_it_carries(tmp_path):
+    from training.models import load_checkpoint, model_from_checkpoint, save_checkpoint
+
+    model = EmotionNet(ModelConfig(arch="resnet", channels=(4, 8), dropout=0.1)).eval()
+    save_checkpoint(tmp_path / "run.pt", model, seed=3)
+    checkpoint = load_checkpoint(tmp_path / "run.pt")
+    rebuilt = model_from_checkpoint(checkpoint)
+    assert rebuilt.config == model.config and checkpoint["seed"] == 3
+    x = torch.rand(2, 1, 350, 350)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model(x))
+
+
+def test_the_low_resolution_augmentation_blurs_only_sometimes():
+    from training.train import augmentation
+
+    torch.manual_seed(0)
+    image = torch.rand(1, 88, 88)
+    always = augmentation(lowres=1.0)
+    steps = always.transforms
+    assert len(steps) == 4 and augmentation().transforms[-1] is not steps[-1]
+    lowres = steps[-1]
+    out = lowres(image)
+    assert out.shape == image.shape
+    # Down to 56 px or less and back: the finest detail is gone.
+    high = (out[:, 1:, :] - out[:, :-1, :]).abs().mean()
+    assert high < 0.5 * (image[:, 1:, :] - image[:, :-1, :]).abs().mean()

@@ -1,0 +1,89 @@
+"""emotion-detect's images per second, beside the bare path, on this machine.
+
+    python -m benchmarks.bench_cli [--images 1200] [--batch-size 8] [--faces none]
+
+A folder of ``--images`` real test-split files (copies, so the disk cache is warm for all).
+Bare path: read, preprocess, ONNX Runtime on one thread, in one process, at batch 1 and at
+``--batch-size``. In-process: :class:`service.batch.LocalRunner`, the command line's own
+runner, with 1 and 2 worker processes; the figure counts from the first result, so the
+workers' start-up (loading the models) is left out and given apart. Remote: ``--url``'s
+runner against ``python -m service`` on loopback. Goals: in-process at least 0.9x the bare
+path's single-process throughput per worker, and close to linear in workers (on 2 cores,
+2 workers can at best double it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.load import load_faces
+from service.batch import LocalRunner, RemoteRunner, batches
+from service.manifest import load_manifest
+from service.models import OnnxClassifier
+from service.preprocessing import preprocess_image
+from service.settings import REPO_MODELS_DIR
+from tests.server import running_server
+
+
+def bare(paths: list[str], batch_size: int) -> float:
+    entry = load_manifest(REPO_MODELS_DIR).models["cnn"]
+    model = OnnxClassifier((REPO_MODELS_DIR / entry.file).read_bytes(), entry, threads=1)
+    started = time.perf_counter()
+    for chunk in batches(paths, batch_size):
+        model.predict_proba(np.stack([preprocess_image(Path(p).read_bytes()) for p in chunk]))
+    return len(paths) / (time.perf_counter() - started)
+
+
+def consume(runner, paths: list[str]) -> tuple[float, float]:
+    """(images/s from the first result on, seconds until the first result)."""
+    started = time.perf_counter()
+    first, done = None, 0
+    for batch in runner.run(paths):
+        if first is None:
+            first, done = time.perf_counter(), 0
+        else:
+            done += len(batch)
+    return done / (time.perf_counter() - first), first - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--images", type=int, default=1200)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--faces", default="none", choices=("none", "auto", "all"))
+    args = parser.parse_args(argv)
+    faces = load_faces(200)
+    with tempfile.TemporaryDirectory(prefix="bench-cli-") as folder:
+        paths = []
+        for i in range(args.images):
+            path = Path(folder) / f"{i:05d}.jpg"
+            path.write_bytes(faces[i % len(faces)])
+            paths.append(str(path))
+        bare_1 = bare(paths, 1)
+        bare_b = bare(paths, args.batch_size)
+        print(f"bare path, 1 process, 1 thread: {bare_1:.1f} images/s at batch 1, "
+              f"{bare_b:.1f} at batch {args.batch_size}", flush=True)
+        for workers in (1, 2):
+            runner = LocalRunner(REPO_MODELS_DIR, "cnn", args.faces, workers, args.batch_size)
+            rate, startup = consume(runner, paths)
+            print(f"in-process, {workers} worker(s): {rate:.1f} images/s "
+                  f"({rate / workers / bare_b:.2f}x the bare path per worker at the same "
+                  f"batch; start-up {startup:.1f} s)", flush=True)
+        env = {"EMOTION_LOG_LEVEL": "warning"}
+        with running_server(workers=2, env=env) as base:
+            runner = RemoteRunner(base, "cnn", args.faces, concurrency=4,
+                                  batch_size=args.batch_size)
+            rate, startup = consume(runner, paths)
+            print(f"--url, a local service with 2 workers, 4 connections: {rate:.1f} images/s",
+                  flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
