@@ -5,16 +5,21 @@ import pytest
 from training.settings import TrainingSettings
 
 
-@pytest.fixture(scope="session")
-def data_settings() -> TrainingSettings:
-    """Settings pointing at the real dataset; CI must have it, elsewhere its absence skips."""
-    settings = TrainingSettings()
-    if not settings.legend_path.is_file() or not settings.images_dir.is_dir():
-        reason = (f"the dataset is not at {settings.dataset_dir}: set EMOTION_DATASET_DIR or run "
-                  "`python -m training fetch`")
+def _require(present: bool, reason: str) -> None:
+    """CI must have the real data; elsewhere its absence skips."""
+    if not present:
         if os.environ.get("CI"):
             pytest.fail(f"CI must run the real-data tests, but {reason}")
         pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def data_settings() -> TrainingSettings:
+    """Settings pointing at the study's real dataset."""
+    settings = TrainingSettings()
+    _require(settings.legend_path.is_file() and settings.images_dir.is_dir(),
+             f"the dataset is not at {settings.dataset_dir}: set EMOTION_DATASET_DIR or run "
+             "`python -m training fetch`")
     return settings
 
 
@@ -22,10 +27,7 @@ def data_settings() -> TrainingSettings:
 def fer_settings() -> TrainingSettings:
     """Settings whose FER-2013 folder holds at least PublicTest (the shared copy in CI)."""
     settings = TrainingSettings()
-    if not (settings.fer2013_dir / "validation").is_dir():
-        reason = (f"FER-2013 is not at {settings.fer2013_dir}: set EMOTION_FER2013_DIR or run "
-                  "`python -m training fetch fer2013`")
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the real-data tests, but {reason}")
-        pytest.skip(reason)
+    _require((settings.fer2013_dir / "validation").is_dir(),
+             f"FER-2013 is not at {settings.fer2013_dir}: set EMOTION_FER2013_DIR or run "
+             "`python -m training fetch fer2013`")
     return settings

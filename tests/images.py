@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import struct
+import subprocess
 import zlib
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -51,3 +53,17 @@ def png_declaring(width: int, height: int, with_data: bool = True) -> bytes:
     header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
     data = png_chunk(b"IDAT", zlib.compress(b"\x00" * 1024)) if with_data else b""
     return b"\x89PNG\r\n\x1a\n" + header + data + (png_chunk(b"IEND", b"") if with_data else b"")
+
+
+def git_repository(folder: Path, files: dict[str, bytes]) -> str:
+    """A repository holding ``files`` in one commit that a fetch by commit id may ask for;
+    returns the commit."""
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    for args in (["init", "--quiet"], ["config", "uploadpack.allowAnySHA1InWant", "true"],
+                 ["add", "."], ["-c", "user.name=t", "-c", "user.email=t@t", "commit",
+                                "--quiet", "-m", "data"]):
+        subprocess.run(["git", *args], cwd=folder, check=True, capture_output=True)
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, check=True,
+                          capture_output=True, text=True).stdout.strip()

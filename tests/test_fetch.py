@@ -1,33 +1,19 @@
 """The fetch command's path, against a local repository standing in for upstream."""
 
 import hashlib
-import subprocess
 
 import pytest
 
-from tests.images import png_bytes
+from tests.images import git_repository, png_bytes
 from training.fetch import ChecksumError, fetch_dataset
-
-
-def git(cwd, *args):
-    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
 
 
 @pytest.fixture
 def upstream(tmp_path):
     repo = tmp_path / "upstream"
-    (repo / "data").mkdir(parents=True)
-    (repo / "images").mkdir()
     files = {"data/legend.csv": b"user.id,image,emotion\n1,A_0001.png,happiness\n",
              "images/A_0001.png": png_bytes()}
-    for name, data in files.items():
-        (repo / name).write_bytes(data)
-    git(repo, "init", "--quiet")
-    git(repo, "config", "uploadpack.allowAnySHA1InWant", "true")
-    git(repo, "add", ".")
-    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "data")
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, check=True,
-                            capture_output=True, text=True).stdout.strip()
+    commit = git_repository(repo, files)
     sums = tmp_path / "SHA256SUMS"
     sums.write_text("".join(f"{hashlib.sha256(d).hexdigest()}  {n}\n" for n, d in files.items()))
     return repo, commit, sums

@@ -34,14 +34,13 @@ def cmd_fetch(args: argparse.Namespace) -> None:
 
 def cmd_verify(args: argparse.Namespace) -> None:
     settings = get_training_settings()
-    if args.dataset == "fer2013":
-        from training.fer2013 import verify_fer2013
+    from training.fetch import verify_dataset
 
-        count = verify_fer2013(settings.fer2013_dir, settings.fer2013_checksums,
+    if args.dataset == "fer2013":  # the shared copy holds PublicTest only
+        count = verify_dataset(settings.fer2013_dir, settings.fer2013_checksums,
                                require_all=False)
         print(f"{settings.fer2013_dir}: {count} files match {settings.fer2013_checksums.name}")
         return
-    from training.fetch import verify_dataset
 
     count = verify_dataset(settings.dataset_dir, settings.checksums_file)
     print(f"{settings.dataset_dir}: {count} files match {settings.checksums_file.name}")

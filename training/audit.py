@@ -150,7 +150,7 @@ def run_audit(settings: TrainingSettings, out_dir: Path | None = None,
     return report
 
 
-def _table(header: list[str], rows: list[list]) -> str:
+def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -165,7 +165,7 @@ def render_markdown(r: dict) -> str:
         "",
         "## Headline",
         "",
-        _table(["what", "value"], [
+        markdown_table(["what", "value"], [
             ["legend rows", r["legend_rows"]],
             ["distinct images named", r["distinct_images_in_legend"]],
             ["label spellings", len(r["label_spellings"])],
@@ -188,7 +188,7 @@ def render_markdown(r: dict) -> str:
         "Case-normalised counts over all legend rows, against the study's table "
         f"(match: **{r['class_counts_match_study']}**).",
         "",
-        _table(["id", "class", "rows", "study", "kept"], [
+        markdown_table(["id", "class", "rows", "study", "kept"], [
             [i, n, r["class_counts"][n], study[n], r["kept_class_counts"][n]]
             for i, n in enumerate(CLASS_NAMES)]),
         "",
@@ -215,7 +215,7 @@ def render_markdown(r: dict) -> str:
         + f". Colour (an RGB image whose channels differ by more than 8 levels somewhere): "
         f"{r['colour_images']}.",
         "",
-        _table(["shape (WxH)", "images"], list(r["most_common_shapes"].items())),
+        markdown_table(["shape (WxH)", "images"], list(r["most_common_shapes"].items())),
         "",
         "## Identities",
         "",
@@ -226,11 +226,11 @@ def render_markdown(r: dict) -> str:
         "Groups by size: " + ", ".join(f"{v} with {k}" for k, v in
                                        r["images_per_identity"]["histogram"].items()) + ".",
         "",
-        _table(["identity", "images"], list(r["images_per_identity"]["top"].items())),
+        markdown_table(["identity", "images"], list(r["images_per_identity"]["top"].items())),
         "",
         "## Classes per contributor (`user.id`)",
         "",
-        _table(["contributor", *CLASS_NAMES], [
+        markdown_table(["contributor", *CLASS_NAMES], [
             [c, *counts.values()] for c, counts in r["class_counts_by_contributor"].items()]),
         "",
         "## Splits",
@@ -246,7 +246,7 @@ def render_markdown(r: dict) -> str:
             + ", ".join(f"{k} {v}" for k, v in s["subset_sizes"].items())
             + f"; identities in two subsets: {s['identities_in_two_subsets']}",
             "",
-            _table(["class", "train", "val", "test"], [
+            markdown_table(["class", "train", "val", "test"], [
                 [label, c["train"], c["val"], c["test"]]
                 for label, c in s["class_counts"].items()]),
             "",

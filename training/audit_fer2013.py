@@ -22,6 +22,7 @@ import pandas as pd
 
 from service.classes import CLASS_NAMES
 from service.preprocessing import INPUT_SIZE
+from training.audit import markdown_table
 from training.cache import DecodedImages, load_decoded_images
 from training.dataset import read_clean_table
 from training.fer2013 import (
@@ -143,12 +144,6 @@ def run_fer_audit(settings: TrainingSettings, out_dir: Path | None = None) -> di
     return report
 
 
-def _table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def render_fer_markdown(r: dict) -> str:
     exact, within = r["exact_duplicates"], r["near_duplicates_within"]
     across = r["near_duplicates_against_facial_expressions"]
@@ -161,7 +156,7 @@ def render_fer_markdown(r: dict) -> str:
         "",
         "## Images per usage and class",
         "",
-        _table(["usage", *FER_CLASS_NAMES, "all"], [
+        markdown_table(["usage", *FER_CLASS_NAMES, "all"], [
             [u, *counts.values(), sum(counts.values())]
             for u, counts in r["present_counts"].items()]),
         "",

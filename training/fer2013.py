@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from training.fetch import ChecksumError, read_checksums, sha256_file
+from training.fetch import read_checksums, verify_dataset
 
 FER_REPOSITORY = "https://github.com/RecepTahirGunlu/Duygu-Tanima"
 FER_COMMIT = "b98a817d62a3d301f244b16b7a57a86ac0b30c97"
@@ -76,23 +76,6 @@ def require_usages(table: pd.DataFrame, fer_dir: Path, usages=("Training",)) -> 
             "fer2013` and point EMOTION_FER2013_DIR at the folder it prints")
 
 
-def verify_fer2013(fer_dir: Path, checksums_path: Path, require_all: bool = True) -> int:
-    """Check every original under ``fer_dir``; with ``require_all`` all 35,887 must be there."""
-    checksums = read_checksums(checksums_path)
-    missing, mismatched = [], []
-    for name, digest in checksums.items():
-        path = fer_dir / name
-        if not path.is_file():
-            missing.append(name)
-        elif sha256_file(path) != digest:
-            mismatched.append(name)
-    if mismatched or (require_all and missing):
-        raise ChecksumError(
-            f"{fer_dir}: {len(missing)} files missing (e.g. {missing[:3]}), {len(mismatched)} "
-            f"differ from {checksums_path.name} (e.g. {mismatched[:3]})")
-    return len(checksums) - len(missing)
-
-
 def fetch_fer2013(dest: Path, checksums_path: Path, source: str = FER_REPOSITORY,
                   commit: str = FER_COMMIT) -> Path:
     """Clone ``source`` (a URL or a local repository) at ``commit``, keep only the originals,
@@ -114,7 +97,7 @@ def fetch_fer2013(dest: Path, checksums_path: Path, source: str = FER_REPOSITORY
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(src, target)
                 kept += 1
-        verify_fer2013(staging, checksums_path, require_all=True)
+        verify_dataset(staging, checksums_path)
         if dest.exists():
             shutil.rmtree(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)

@@ -29,8 +29,9 @@ def sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def verify_dataset(dataset_dir: Path, checksums_path: Path) -> int:
-    """Check the legend and every labelled image; returns how many files were verified."""
+def verify_dataset(dataset_dir: Path, checksums_path: Path, require_all: bool = True) -> int:
+    """Check every file the checksum list names; returns how many were verified. Without
+    ``require_all``, files that are absent are not an error (a partial copy)."""
     checksums = read_checksums(checksums_path)
     missing, mismatched = [], []
     for name, digest in checksums.items():
@@ -39,12 +40,12 @@ def verify_dataset(dataset_dir: Path, checksums_path: Path) -> int:
             missing.append(name)
         elif sha256_file(path) != digest:
             mismatched.append(name)
-    if missing or mismatched:
+    if mismatched or (require_all and missing):
         raise ChecksumError(
             f"{dataset_dir}: {len(missing)} files missing (e.g. {missing[:3]}), "
             f"{len(mismatched)} differ from {checksums_path.name} (e.g. {mismatched[:3]})"
         )
-    return len(checksums)
+    return len(checksums) - len(missing)
 
 
 def fetch_dataset(dest: Path, checksums_path: Path, repository: str = UPSTREAM_REPOSITORY,

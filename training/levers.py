@@ -13,7 +13,6 @@ offsets) is reported beside it. No test set is touched. Results go to
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,17 +20,10 @@ import torch
 
 from training.data import Workspace
 from training.provenance import code_commit, machine
-from training.recipe import (
-    SHIPPED_MODEL,
-    SHIPPED_TRAIN,
-    concat,
-    joint_sets,
-    new_model,
-    val_log_probs,
-)
+from training.recipe import SHIPPED_MODEL, SHIPPED_TRAIN, fit_joint, val_log_probs
 from training.rule import JointValidation, cross_validated_criterion
 from training.settings import TrainingSettings
-from training.train import TrainConfig, fit, resolve_device
+from training.train import TrainConfig, resolve_device
 
 LEVER_EPOCHS = 4
 BASELINE = replace(SHIPPED_TRAIN, epochs=LEVER_EPOCHS, prior="per_source")
@@ -57,14 +49,8 @@ LEVERS: dict[str, tuple[str, dict]] = {
 
 def run_lever(ws: Workspace, name: str, config: TrainConfig, device: torch.device,
               seed: int = 0) -> dict:
-    ws.require_fer_training()
-    model_config = SHIPPED_MODEL
-    train = concat(joint_sets(ws, model_config, "train"))
-    vals = joint_sets(ws, model_config, "val")
-    started = time.perf_counter()
-    model = new_model(ws, model_config)
-    body, history = fit(model.body, config, train, vals, seed, device)
-    wall = time.perf_counter() - started
+    model, history, vals, wall = fit_joint(ws, seed, SHIPPED_MODEL, config, device)
+    body = model.body
     result = {"lever": name, "description": LEVERS.get(name, ("", {}))[0], "seed": seed,
               "train": config.to_dict(), "train_wall_time_s": round(wall, 1),
               "history": history, "code_commit": code_commit(), "machine": machine(),

@@ -76,15 +76,24 @@ def val_log_probs(body, sets: list[LabelledImages], device, flip: bool = True
             for s in sets}
 
 
-def train_one(ws: Workspace, seed: int, model_config: ModelConfig, train_config: TrainConfig,
-              device: torch.device, out_dir: Path) -> dict:
+def fit_joint(ws: Workspace, seed: int, model_config: ModelConfig, train_config: TrainConfig,
+              device: torch.device) -> tuple[EmotionNet, list[dict], list[LabelledImages], float]:
+    """Fine-tune fer's network on both train sets, each epoch judged on both validation sets.
+    Returns the model with the selected weights, its history, the validation sets and the
+    training time in seconds."""
     ws.require_fer_training()
     train = concat(joint_sets(ws, model_config, "train"))
     vals = joint_sets(ws, model_config, "val")
     started = time.perf_counter()
     model = new_model(ws, model_config)
-    body, history = fit(model.body, train_config, train, vals, seed, device)
-    wall = time.perf_counter() - started
+    _, history = fit(model.body, train_config, train, vals, seed, device)
+    return model, history, vals, time.perf_counter() - started
+
+
+def train_one(ws: Workspace, seed: int, model_config: ModelConfig, train_config: TrainConfig,
+              device: torch.device, out_dir: Path) -> dict:
+    model, history, vals, wall = fit_joint(ws, seed, model_config, train_config, device)
+    body = model.body
     val_scores = val_log_probs(body, vals, device)
     rule = fit_decision_rule(JointValidation.of(vals, val_scores, ws))
     tests = joint_sets(ws, model_config, "test")
