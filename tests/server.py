@@ -21,6 +21,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_ready(base: str, timeout: float = 90.0, process: subprocess.Popen | None = None,
+               log_path: Path | None = None) -> None:
+    """Until ``base``/readyz answers 200; a process that exits first is an error."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process is not None and process.poll() is not None:
+            output = (process.stdout.read() if process.stdout
+                      else log_path.read_text() if log_path else "")
+            raise RuntimeError(f"server exited with {process.returncode}: {output}")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{base} not ready after {timeout} s")
+        time.sleep(0.1)
+
+
 @contextlib.contextmanager
 def running_server(python: str = sys.executable, workers: int = 1, env: dict | None = None,
                    cwd: Path = REPO, timeout: float = 90.0, log_path: Path | None = None,
@@ -49,19 +68,7 @@ def server_process(python: str = sys.executable, workers: int = 1, env: dict | N
                                stdout=log, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                output = process.stdout.read() if process.stdout else log_path.read_text()
-                raise RuntimeError(f"server exited with {process.returncode}: {output}")
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"server not ready after {timeout} s")
-            time.sleep(0.2)
+        wait_ready(base, timeout, process, log_path)
         yield base, process
     finally:
         process.terminate()
