@@ -240,6 +240,14 @@ def render_markdown(r: dict) -> str:
         "study's kind, stratified by class, blind to identity.",
         "",
     ]
+    parts_fer = [
+        "## FER-2013",
+        "",
+        "The second dataset has its own audit, written from the full release: "
+        "[fer2013_audit.md](fer2013_audit.md) (counts per usage and class, duplicates by "
+        "content within FER-2013 and against this dataset).",
+        "",
+    ]
     for name, s in r["splits"].items():
         parts += [
             f"### {name}.csv: sizes "
@@ -251,4 +259,4 @@ def render_markdown(r: dict) -> str:
                 for label, c in s["class_counts"].items()]),
             "",
         ]
-    return "\n".join(parts)
+    return "\n".join(parts + parts_fer)
