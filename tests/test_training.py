@@ -316,3 +316,16 @@ def test_the_low_resolution_augmentation_blurs_only_sometimes():
     # Down to 56 px or less and back: the finest detail is gone.
     high = (out[:, 1:, :] - out[:, :-1, :]).abs().mean()
     assert high < 0.5 * (image[:, 1:, :] - image[:, :-1, :]).abs().mean()
+
+
+def test_distillation_pulls_towards_the_teacher_on_its_classes_only():
+    from training.train import distillation_loss
+
+    teacher = torch.randn(4, NUM_CLASSES)
+    assert distillation_loss(teacher.clone(), teacher, 2.0).item() == pytest.approx(0, abs=1e-6)
+    moved = teacher.clone()
+    moved[:, CLASS_NAMES.index("CONTEMPT")] += 5  # a class the teacher does not have
+    assert distillation_loss(moved, teacher, 2.0).item() == pytest.approx(0, abs=1e-6)
+    other = teacher.clone()
+    other[:, 0] += 3
+    assert distillation_loss(other, teacher, 2.0).item() > 0.1

@@ -44,6 +44,9 @@ LEVERS: dict[str, tuple[str, dict]] = {
     "smoothing": ("label smoothing 0.1", {"label_smoothing": 0.1}),
     "ema": ("weights averaged by an EMA (decay 0.999)", {"ema": 0.999}),
     "epochs_8": ("8 epochs instead of 4", {"epochs": 8}),
+    "distill": ("plus a KL term (weight 1, temperature 2) to fer's own network's outputs on "
+                "every training image, so that fine-tuning does not forget FER-2013",
+                {"distill": 1.0}),
 }
 
 

@@ -41,6 +41,8 @@ class TrainConfig:
     mix: float = 0.0             # share of source 0 in every batch; 0: as the union comes
     lowres: float = 0.0          # augment: chance of a trip through 32-56 px and back
     ema: float = 0.0             # decay of an exponential moving average of the weights; 0: off
+    distill: float = 0.0         # weight of a KL term to the starting network's outputs; 0: off
+    distill_temperature: float = 2.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -206,6 +208,20 @@ class Objective(nn.Module):
         raise ValueError(f"unknown loss {c.loss!r}")
 
 
+# The classes the pretrained FER-2013 network knows (all but CONTEMPT).
+TAUGHT_CLASSES = [i for i, name in enumerate(CLASS_NAMES) if name != "CONTEMPT"]
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+    """KL from the teacher's softened distribution over its classes to the student's, scaled
+    by the temperature squared (Hinton et al. 2015)."""
+    t = temperature
+    target = torch.softmax(teacher[:, TAUGHT_CLASSES] / t, dim=1)
+    log_student = torch.log_softmax(student[:, TAUGHT_CLASSES] / t, dim=1)
+    return F.kl_div(log_student, target, reduction="batchmean") * t * t
+
+
 @torch.no_grad()
 def predict_logits(body: nn.Module, images: torch.Tensor, device: torch.device,
                    flip: bool = False, batch_size: int = 512) -> np.ndarray:
@@ -260,6 +276,9 @@ def fit(body: nn.Module, config: TrainConfig, train: LabelledImages,
         body, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema),
         use_buffers=True) if config.ema else None)
     augment = augmentation(config.lowres, train.images.shape[-1])
+    # Distillation keeps what the pretrained network knew (learning without forgetting):
+    # the frozen starting point is the teacher, on the classes it has.
+    teacher = copy.deepcopy(body).eval() if config.distill else None
     history, best_state, best_score = [], None, -1.0
 
     for epoch in range(1, config.epochs + 1):
@@ -279,6 +298,11 @@ def fit(body: nn.Module, config: TrainConfig, train: LabelledImages,
             labels = torch.from_numpy(train_labels[indices]).to(device)
             logits = body(batch.to(device))
             loss = objective(logits, labels, torch.from_numpy(train_sources[indices]).to(device))
+            if teacher is not None:
+                with torch.no_grad():
+                    taught = teacher(batch.to(device))
+                loss = loss + config.distill * distillation_loss(
+                    logits, taught, config.distill_temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -1,0 +1,79 @@
+"""The README's claims that code can check: its error table lists every code the service can
+answer, and the commands and files it names exist."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+from service.inference import PredictorError
+from service.preprocessing import PreprocessingError
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text()
+# Base classes whose own code no request gets: each raised error is a subclass.
+ABSTRACT = {PreprocessingError.code, PredictorError.code}
+
+
+def subclasses(cls: type) -> set[type]:
+    found = set(cls.__subclasses__())
+    for sub in list(found):
+        found |= subclasses(sub)
+    return found
+
+
+def codes_in_the_code() -> set[str]:
+    """Every error ``code`` the service can write: the typed errors' codes, and the string
+    literals it passes as codes (ApiError, error_response, the middleware's JSON)."""
+    codes = {c.code for base in (PreprocessingError, PredictorError) for c in subclasses(base)}
+    for path in (REPO / "service").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) in (
+                    "ApiError", "error_response") and len(node.args) >= 2
+                    and isinstance(node.args[1], ast.Constant)):
+                codes.add(node.args[1].value)
+            if isinstance(node, ast.Dict):
+                for key, value in zip(node.keys, node.values, strict=True):
+                    if (isinstance(key, ast.Constant) and key.value == "code"
+                            and isinstance(value, ast.Constant) and isinstance(value.value, str)):
+                        codes.add(value.value)
+            # handle_http_error's status -> code table, and its fallback
+            if (isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "codes"
+                    and isinstance(node.value, ast.Dict)):
+                codes |= {v.value for v in node.value.values}
+            if (isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "get"
+                    and getattr(node.func.value, "id", "") == "codes"):
+                codes.add(node.args[1].value)
+    return codes - ABSTRACT
+
+
+def codes_in_the_readme() -> set[str]:
+    table = README.split("**Errors.**", 1)[1].split("\n\n", 2)[1]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    return {code for row in rows[1:] for code in re.findall(r"`([a-z_]+)`", row.split("|")[2])}
+
+
+def test_the_error_table_lists_every_code_the_service_answers():
+    in_code = codes_in_the_code()
+    assert {"not_an_image", "overloaded", "not_found", "invalid_request",
+            "internal_error"} <= in_code  # the scan finds codes of every kind
+    assert codes_in_the_readme() == in_code
+
+
+def test_the_files_and_commands_it_names_exist():
+    for photo in re.findall(r"examples/([a-z_]+\.jpg)", README):
+        assert (REPO / "examples" / photo).is_file(), photo
+    for image in re.findall(r"\(([\w/]+\.png)\)", README):
+        assert (REPO / image).is_file(), image
+    assert "group_photo.jpg" not in README
+
+
+def test_the_side_by_side_in_the_readme_is_the_manifests():
+    """The README's model table is the model card's, from models/manifest.json."""
+    from service.manifest import load_manifest
+    from service.settings import REPO_MODELS_DIR
+    from training.model_card import side_by_side
+
+    for line in side_by_side(load_manifest(REPO_MODELS_DIR)):
+        assert line in README, line
