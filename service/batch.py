@@ -136,21 +136,32 @@ def output_format(path: Path) -> str:
     raise UsageError(f"{path}: the output's extension says its format: .csv or .jsonl")
 
 
+def _path_of(line: bytes, fmt: str) -> str | None:
+    try:
+        if fmt == "csv":
+            return next(csv.reader([line.decode("utf-8")]))[0]
+        return json.loads(line)["path"]
+    except (ValueError, KeyError, IndexError, StopIteration, UnicodeDecodeError):
+        return None
+
+
 def finished_paths(path: Path) -> set[str]:
-    """Paths an earlier run already wrote rows for, for ``--resume``. A last line cut short
-    by an interruption is removed, and its file counts as not done."""
+    """Paths an earlier run already wrote rows for, for ``--resume``. An interrupted run may
+    have cut its last file's rows short, so that file's rows are removed and it is done
+    again; everything before it is kept."""
     if not path.exists():
         return set()
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        cut = data.rfind(b"\n") + 1
-        with path.open("r+b") as handle:
-            handle.truncate(cut)
-        data = data[:cut]
-    text = data.decode("utf-8")
-    if output_format(path) == "csv":
-        return {row["path"] for row in csv.DictReader(io.StringIO(text))}
-    return {json.loads(line)["path"] for line in text.splitlines() if line.strip()}
+    fmt = output_format(path)
+    lines = path.read_bytes().splitlines(keepends=True)
+    header = lines[:1] if fmt == "csv" else []
+    rows = lines[len(header):]
+    complete = [line for line in rows if line.endswith(b"\n")]
+    if len(complete) < len(rows) or complete:
+        last = _path_of(complete[-1], fmt) if complete else None
+        while complete and _path_of(complete[-1], fmt) == last:
+            complete.pop()
+        path.write_bytes(b"".join(header + complete))
+    return {p for p in (_path_of(line, fmt) for line in complete) if p is not None}
 
 
 def read_inputs(paths: Sequence[str]) -> tuple[list[ImageInput], dict[int, str]]:

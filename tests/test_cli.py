@@ -145,7 +145,29 @@ def test_resume_after_an_interrupted_run_finishes_the_rest_once(test_images, tmp
     paths = [r["path"] for r in rows]
     assert len(paths) == len(set(paths)) == 192
     assert sorted(paths) == sorted(str(p) for p in folder.iterdir())
-    assert f"({len(before) - 1} already in" in result.stderr
+    # The cut line is dropped, and the last complete file is done again in case its rows
+    # were cut short too.
+    assert f"({len(before) - 2} already in" in result.stderr
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_resume_redoes_a_file_whose_rows_were_cut_short(tmp_path, suffix):
+    from service.batch import COLUMNS, Row, RowWriter, finished_paths
+
+    out = tmp_path / f"rows{suffix}"
+    writer = RowWriter(out, COLUMNS)
+
+    def face(path, x):
+        return Row({**dict.fromkeys(COLUMNS), "path": path, "face_x": x, "label": "NEUTRAL"})
+
+    writer.write([face("a.jpg", 1), face("a.jpg", 2)])
+    writer.write([face("b.jpg", 1), face("b.jpg", 2)])
+    writer.close()
+    data = out.read_bytes()
+    out.write_bytes(data[: len(data) - 9])  # the second face of b.jpg, cut mid-line
+    assert finished_paths(out) == {"a.jpg"}
+    assert [r["path"] for r in read_rows(out)] == ["a.jpg", "a.jpg"]
+    assert finished_paths(out) == set()  # an intact file: its last path is redone
 
 
 def test_url_gives_the_same_rows_as_in_process_and_as_predict(photo_folder, tmp_path):
