@@ -54,9 +54,12 @@ def consume(runner, paths: list[str]) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--images", type=int, default=1200)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--faces", default="none", choices=("none", "auto", "all"))
+    parser.add_argument("--images", type=int, default=1200,
+                        help="dataset images classified per run")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="files per model call")
+    parser.add_argument("--faces", default="none", choices=("none", "auto", "all"),
+                        help="face mode")
     args = parser.parse_args(argv)
     faces = load_faces(200)
     with tempfile.TemporaryDirectory(prefix="bench-cli-") as folder:

@@ -33,8 +33,10 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--screenshot", type=Path, default=REPO / "docs" / "page.png")
-    parser.add_argument("--webcam-seconds", type=float, default=10)
+    parser.add_argument("--screenshot", type=Path, default=REPO / "docs" / "page.png",
+                        help="where the screenshot goes")
+    parser.add_argument("--webcam-seconds", type=float, default=10,
+                        help="length of the fake-camera run")
     args = parser.parse_args(argv)
     with running_server(env={"EMOTION_LOG_LEVEL": "warning"}) as base, \
             sync_playwright() as playwright:
