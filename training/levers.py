@@ -147,7 +147,8 @@ def write_levers_report(reports_dir: Path) -> Path:
             f"{r['train_wall_time_s'] / 60:.0f} | {DECISIONS.get(name, '')} |")
     missing = [name for name in LEVERS if name not in results]
     if missing:
-        lines += ["", "Defined but not run yet (each is one 4-epoch run): " + ", ".join(f"`{name}`" for name in missing) + "."]
+        lines += ["", "Defined but not run yet (each is one 4-epoch run): "
+                  + ", ".join(f"`{name}`" for name in missing) + "."]
     lines += ["", "The shipped recipe (`training/recipe.py`) is the baseline with the adopted "
               "levers, trained for its full schedule."]
     lines += ["", "The levers measured before FER-2013 joined training, on this dataset alone: "
