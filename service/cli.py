@@ -122,12 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def common(sub: argparse.ArgumentParser) -> None:
+    def common(sub: argparse.ArgumentParser, faces: str | None) -> None:
         sub.add_argument("--out", type=Path, required=True, metavar="FILE",
                          help="where the rows go: .csv or .jsonl, by its extension")
-        sub.add_argument("--faces", choices=FACES_MODES, default=None,
+        sub.add_argument("--faces", choices=FACES_MODES, default=faces,
                          help="auto: the largest face; all: every face, a row each; none: "
-                         "the whole image (default: EMOTION_DEFAULT_FACES, as the service)")
+                         "the whole image (default: " + (
+                             faces or "EMOTION_DEFAULT_FACES, as the service") + ")")
         sub.add_argument("--model", default=None, help="cnn or knn (default: "
                          "EMOTION_DEFAULT_MODEL, as the service)")
         sub.add_argument("--batch-size", type=int, default=8,
@@ -144,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="an image, a folder, or a .txt/.list/.lst file of paths")
     images.add_argument("--recursive", action="store_true",
                         help="look inside sub-folders too")
-    common(images)
+    common(images, None)
     images.add_argument("--workers", type=int, default=default_workers(),
                         help="worker processes for the models (default: this container's "
                         "CPUs, here %(default)s)")
@@ -162,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sample a video's frames and classify every face in them; a row per "
         "frame and face, with time_s and frame. Needs the video extra (PyAV).")
     video.add_argument("video", type=Path, metavar="FILE", help="the video")
-    common(video)
+    common(video, "all")  # a frame is a scene, not a face crop
     video.add_argument("--fps", type=float, default=2.0,
                        help="frames sampled per second (default: %(default)s)")
     video.add_argument("--plot", type=Path, default=None, metavar="PNG",

@@ -244,8 +244,8 @@ def test_video_rows_per_sampled_frame_and_face_and_the_plot(test_images, tmp_pat
         frames.append(canvas)
     video, out, plot = tmp_path / "talk.mp4", tmp_path / "talk.csv", tmp_path / "talk.png"
     encode_video(video, frames, fps=10)
-    assert main(["video", str(video), "--out", str(out), "--fps", "2", "--faces", "all",
-                 "--plot", str(plot)]) == 0
+    # no --faces: a video's frames are scenes, so every face is the default
+    assert main(["video", str(video), "--out", str(out), "--fps", "2", "--plot", str(plot)]) == 0
     rows = read_rows(out)
     assert list(rows[0])[:3] == ["path", "time_s", "frame"]
     times = sorted({float(r["time_s"]) for r in rows})
