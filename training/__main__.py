@@ -133,10 +133,12 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_face_geometry(args: argparse.Namespace) -> None:
     from training.face_geometry import build_face_crop, write_face_crop
+    from training.model_card import refresh_face_detector_note
 
     out = args.out or get_training_settings().models_dir
     spec = build_face_crop(get_training_settings(), out, args.limit)
     path = write_face_crop(spec, out)
+    refresh_face_detector_note(out)
     g, evaluation = spec.geometry, spec.evaluation
     print(f"face geometry: {spec.learned_from['chosen']} framing, center ({g.center_x:.3f}, "
           f"{g.center_y:.3f}), size ({g.width:.3f}, {g.height:.3f}) of the crop")
