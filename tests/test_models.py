@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -13,9 +15,13 @@ from service.manifest import load_manifest, sha256_bytes
 from service.models import SklearnClassifier
 from service.preprocessing import INPUT_SIZE, PREPROCESSING_VERSION
 from service.settings import REPO_MODELS_DIR
+from training.data import FER_CLASSES
 from training.evaluate import classification_metrics
+from training.fer2013 import FER_COMMIT
+from training.settings import UPSTREAM_COMMIT
 
 pytestmark = pytest.mark.dataset
+EVAL_SETS = ("identity", "fer2013")
 
 
 @pytest.fixture(scope="module")
@@ -24,23 +30,44 @@ def manifest():
 
 
 @pytest.fixture(scope="module")
-def workspace(data_settings):
-    from training.reproduce import Workspace
+def workspace(data_settings, fer_settings):
+    from training.data import Workspace
 
     return Workspace(data_settings, "full")
 
 
-def test_manifest_describes_the_files(manifest):
+def test_manifest_describes_the_files_and_both_datasets(manifest):
     assert set(manifest.models) == {"cnn", "knn"}
-    limits = {"cnn": 20e6, "knn": 25e6}
+    limits = {"cnn": 20e6, "knn": 60e6}
     for name, entry in manifest.models.items():
         data = (REPO_MODELS_DIR / entry.file).read_bytes()
         assert sha256_bytes(data) == entry.sha256 and len(data) == entry.bytes
         assert entry.bytes <= limits[name]
         assert entry.classes == list(CLASS_NAMES)
         assert entry.preprocessing_version == PREPROCESSING_VERSION
-        assert entry.data.commit == "5fb9c13afac07c55eae8d25eb6b50af344ad60c9"
-        assert {"val", "test"} <= set(entry.metrics["identity"])
+        assert entry.data["facial_expressions"].commit == UPSTREAM_COMMIT
+        assert entry.data["fer2013"].commit == FER_COMMIT
+        assert all(d.citation and d.terms for d in entry.data.values())
+        for eval_set in EVAL_SETS:  # every metric, for both datasets
+            assert {"val", "test"} <= set(entry.metrics[eval_set])
+        fer_test = entry.metrics["fer2013"]["test"]
+        assert set(fer_test.per_class) == {CLASS_NAMES[c] for c in FER_CLASSES}
+        assert fer_test.n == 3589
+
+
+def test_the_cnn_records_its_calibration_seeds_and_fers_own_model(manifest):
+    summary = manifest.models["cnn"].summary
+    for key in ("identity_test", "fer2013_test"):
+        assert 0 <= summary["calibration"][key]["ece"] < 0.5
+    seeds = set(summary["train_wall_time_s_per_seed"])
+    assert str(summary["shipped"]["seed"]) in seeds
+    for eval_set in EVAL_SETS:  # every seed trained is reported, not only the shipped one
+        assert set(summary[f"{eval_set}_test_macro_f1_over_seeds"]["runs"]) == seeds
+    zero_shot = summary["fer_zero_shot"]["metrics"]
+    assert {"val", "test"} <= set(zero_shot["identity"]) and {"val", "test"} <= set(
+        zero_shot["fer2013"])
+    assert summary["temperature"] > 0
+    assert manifest.models["cnn"].recipe["temperature"] == summary["temperature"]
 
 
 def test_onnx_contract(manifest):
@@ -59,12 +86,26 @@ def test_onnx_contract(manifest):
 
 
 @pytest.mark.slow
-def test_shipped_onnx_reproduces_the_manifest_test_macro_f1(manifest, workspace):
+def test_shipped_onnx_reproduces_the_manifests_fer2013_public_test_macro_f1(manifest, workspace):
+    """On the shared copy in CI: PublicTest is what it holds."""
+    from training.export import onnx_probabilities
+
+    public = workspace.subsets("fer2013")["val"]
+    assert len(public) == 3589
+    probs = onnx_probabilities(REPO_MODELS_DIR / manifest.models["cnn"].file, workspace,
+                               "fer2013", public.names)
+    measured = classification_metrics(public.labels, probs.argmax(1), FER_CLASSES)["macro_f1"]
+    expected = manifest.models["cnn"].metrics["fer2013"]["val"].macro_f1
+    assert measured == pytest.approx(expected, abs=0.005)
+
+
+@pytest.mark.slow
+def test_shipped_onnx_reproduces_the_manifests_identity_test_macro_f1(manifest, workspace):
     from training.export import onnx_probabilities
 
     test = workspace.subsets("identity")["test"]
     probs = onnx_probabilities(REPO_MODELS_DIR / manifest.models["cnn"].file, workspace,
-                               test.names)
+                               "identity", test.names)
     measured = classification_metrics(test.labels, probs.argmax(1))["macro_f1"]
     assert measured == pytest.approx(manifest.models["cnn"].metrics["identity"]["test"].macro_f1,
                                      abs=0.005)
@@ -75,43 +116,93 @@ def test_shipped_knn_reproduces_its_metrics_through_the_service_loader(manifest,
     entry = manifest.models["knn"]
     classifier = SklearnClassifier((REPO_MODELS_DIR / entry.file).read_bytes())
     assert list(classifier.pipeline.classes_) == list(range(8))
-    test = workspace.subsets("identity")["test"]
-    rows = workspace.decoded.rows_of(test.names)
-    predicted = np.concatenate([
-        classifier.predict_proba(workspace.decoded.inputs(rows[i:i + 256])).argmax(1)
-        for i in range(0, len(rows), 256)])
-    measured = classification_metrics(test.labels, predicted)["macro_f1"]
-    assert measured == pytest.approx(entry.metrics["identity"]["test"].macro_f1, abs=0.005)
+    for eval_set, subset, classes in (("identity", "test", tuple(range(8))),
+                                      ("fer2013", "val", FER_CLASSES)):
+        data = workspace.subsets(eval_set)[subset]
+        predicted = np.concatenate([
+            classifier.predict_proba(workspace.inputs(eval_set, data.names[i:i + 256])).argmax(1)
+            for i in range(0, len(data), 256)])
+        measured = classification_metrics(data.labels, predicted, classes)["macro_f1"]
+        assert measured == pytest.approx(entry.metrics[eval_set][subset].macro_f1, abs=0.005)
 
 
 @pytest.mark.slow
-def test_export_path_onnx_matches_pytorch_on_real_images(data_settings, tmp_path):
-    """Train one smoke epoch, export, and compare ONNX Runtime with PyTorch."""
+def test_fers_zero_shot_figure_reproduces_on_public_test(manifest, workspace):
+    """The side-by-side's fer column is fer's network as fer runs it, recomputed here."""
+    from training.export import fer_zero_shot, scored_sets
+
+    sets = {"fer2013": {"val": scored_sets(workspace)["fer2013"]["val"]}}
+    probs = fer_zero_shot(workspace, sets)["fer2013"]["val"]
+    public = workspace.subsets("fer2013")["val"]
+    measured = classification_metrics(public.labels, probs.argmax(1), FER_CLASSES)["macro_f1"]
+    expected = manifest.models["cnn"].summary["fer_zero_shot"]["metrics"]["fer2013"]["val"]
+    assert measured == pytest.approx(expected["macro_f1"], abs=1e-6)
+    assert not (probs.argmax(1) == CLASS_NAMES.index("CONTEMPT")).any()
+
+
+@pytest.mark.slow
+def test_export_path_onnx_matches_pytorch_on_real_images(data_settings, fer_settings, tmp_path):
+    """Train one smoke epoch on both datasets, export, and compare ONNX Runtime with
+    PyTorch; the checkpoint rebuilds its network from the config it carries."""
+    from training.data import Workspace
     from training.export import export_onnx, max_parity_error
-    from training.reproduce import Workspace
-    from training.ship import load_checkpoint, train_shipped
+    from training.models import load_checkpoint, model_from_checkpoint
+    from training.recipe import train_shipped
 
     train_shipped(data_settings, profile="smoke", seeds=(0,), out_dir=tmp_path)
-    checkpoint = load_checkpoint(tmp_path / "identity-seed0.pt")
+    checkpoint = load_checkpoint(tmp_path / "joint-seed0.pt")
+    assert model_from_checkpoint(checkpoint).config.arch == "fer_xception"
+    assert set(checkpoint["metrics"]) == set(EVAL_SETS)
     path = tmp_path / "model.onnx"
     wrapped = export_onnx(checkpoint, path)
     ws = Workspace(data_settings, "smoke")
-    names = ws.subsets("identity")["test"].names[:24]
-    assert max_parity_error(wrapped, path, ws, names) <= 1e-4
+    for split in EVAL_SETS:
+        names = ws.subsets(split)["test" if split == "identity" else "val"].names[:12]
+        assert max_parity_error(wrapped, path, ws, split, names) <= 1e-4
     # The flip inside the exported model is the same as flipping the input.
     x = torch.rand(1, 1, INPUT_SIZE, INPUT_SIZE)
     with torch.no_grad():
         assert torch.allclose(wrapped(x), wrapped(torch.flip(x, dims=[3])), atol=1e-5)
 
 
+def test_model_card_has_the_side_by_side_and_the_reliability_diagram(manifest):
+    card = (REPO_MODELS_DIR / "README.md").read_text()
+    assert "![reliability diagrams](reliability.png)" in card
+    assert (REPO_MODELS_DIR / "reliability.png").stat().st_size > 5000
+    zero = manifest.models["cnn"].summary["fer_zero_shot"]["metrics"]["fer2013"]["test"]
+    cnn = manifest.models["cnn"].metrics["fer2013"]["test"]
+    assert f"| FER-2013 PrivateTest, 7 classes | {zero['macro_f1']:.3f} / " in card
+    assert f"{cnn.macro_f1:.3f} / {cnn.accuracy:.3f}" in card
+    assert "Goodfellow" in card and "Apache License 2.0" in card
+
+
 def test_model_card_describes_the_shipped_face_detector(tmp_path):
     from service.faces import load_face_crop
-    from training.model_card import face_detector_note
+    from training.model_card import face_detector_note, refresh_face_detector_note
 
     spec = load_face_crop(REPO_MODELS_DIR)
     note = "\n".join(face_detector_note(REPO_MODELS_DIR))
     for network in spec.detector.networks.values():
         assert f"`{network.file}`" in note
-    test = spec.evaluation["test"]
-    assert f"| test | {test['none']['macro_f1']:.3f} | {test['auto']['macro_f1']:.3f} |" in note
+    for name in EVAL_SETS:
+        val = spec.evaluation["sets"][name]["val"]
+        assert (f"| {name} val | {val['none']['macro_f1']:.3f} | {val['auto']['macro_f1']:.3f} |"
+                in note)
     assert face_detector_note(tmp_path) == []  # no face_crop.json: no section
+    # The shipped card carries the section of the shipped face_crop.json ...
+    card = (REPO_MODELS_DIR / "README.md").read_text()
+    assert note in card
+    # ... and face-geometry, run after export, replaces a stale section in place.
+    shutil.copy(REPO_MODELS_DIR / "face_crop.json", tmp_path)
+    (tmp_path / "README.md").write_text("# card\n\n## Face detector\nstale\n\n## Provenance\n- x\n")
+    refresh_face_detector_note(tmp_path)
+    refreshed = (tmp_path / "README.md").read_text()
+    assert "stale" not in refreshed and note in refreshed
+    assert refreshed.startswith("# card") and refreshed.endswith("## Provenance\n- x\n")
+
+
+def test_the_service_default_for_faces_is_what_face_geometry_measured():
+    from service.faces import load_face_crop
+    from service.settings import Settings
+
+    assert Settings().default_faces == load_face_crop(REPO_MODELS_DIR).evaluation["default"]
