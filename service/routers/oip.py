@@ -16,6 +16,7 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from service.classes import NUM_CLASSES
 from service.deps import ServingDep, SettingsDep
@@ -39,6 +40,34 @@ SERVER = {"name": "emotion-detection", "version": "0.1.0",
           "extensions": ["binary_tensor_data"]}
 OUTPUT = "probabilities"
 ModelName = Annotated[str, Path(description="A model of the manifest: `cnn` or `knn`.")]
+
+
+class ProtocolErrorBody(BaseModel):
+    error: str
+
+
+class ServerReadiness(BaseModel):
+    ready: bool
+
+
+class ModelReadiness(BaseModel):
+    name: str
+    ready: bool
+
+
+def _errors(**statuses: str) -> dict:
+    """OpenAPI ``responses``: the protocol's error body, per status (``s404="..."``)."""
+    return {int(key[1:]): {"model": ProtocolErrorBody, "description": text}
+            for key, text in statuses.items()}
+
+
+_UNKNOWN = "no such model, or no such version of it"
+_UNAVAILABLE = "the model failed to load (with Retry-After)"
+_METADATA_ERRORS = _errors(s404=_UNKNOWN, s503=_UNAVAILABLE)
+_INFER_ERRORS = _errors(s400="a malformed request, a wrong tensor, or an input that is no "
+                        "image", s404=_UNKNOWN, s413="too many bytes, pixels or images",
+                        s503=_UNAVAILABLE + ", the face detector is missing, or too many "
+                        "requests are in flight")
 
 
 def oip_error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -73,7 +102,8 @@ async def server_live() -> dict:
 
 
 @router.get("/health/ready", summary="Every model is loaded and the worker is not draining "
-            "(200), or not (400, as the protocol says)")
+            "(200), or not (400, as the protocol says)", response_model=ServerReadiness,
+            responses={400: {"model": ServerReadiness, "description": "not ready"}})
 async def server_ready(serving: ServingDep) -> JSONResponse:
     ready = serving.predictor.registry.ready and not serving.draining.draining
     return JSONResponse({"ready": ready}, status_code=200 if ready else 400)
@@ -90,18 +120,22 @@ def _metadata(predictor: Predictor, name: str) -> dict:
         "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, NUM_CLASSES]}]}
 
 
-@router.get("/models/{name}", summary="Model metadata")
+@router.get("/models/{name}", summary="Model metadata", responses=_METADATA_ERRORS)
 async def model_metadata(name: ModelName, serving: ServingDep):
     return _check_model(serving.predictor, name, None) or _metadata(serving.predictor, name)
 
 
-@router.get("/models/{name}/versions/{version}", summary="Model metadata, of one version")
+@router.get("/models/{name}/versions/{version}", summary="Model metadata, of one version",
+            responses=_METADATA_ERRORS)
 async def model_version_metadata(name: ModelName, version: str, serving: ServingDep):
     return (_check_model(serving.predictor, name, version)
             or _metadata(serving.predictor, name))
 
 
-@router.get("/models/{name}/ready", summary="The model is loaded (200) or not (400 or 404)")
+@router.get("/models/{name}/ready", summary="The model is loaded (200) or not (400 or 404)",
+            response_model=ModelReadiness, responses={
+                400: {"model": ModelReadiness, "description": "not ready"},
+                **_errors(s404=_UNKNOWN)})
 async def model_ready(name: ModelName, serving: ServingDep) -> JSONResponse:
     problem = _check_model(serving.predictor, name, None)
     if problem is not None and problem.status_code == 404:
@@ -185,13 +219,15 @@ async def _infer(request: Request, name: str, version: str | None, settings: Set
     return Response(content, headers=headers)
 
 
-@router.post("/models/{name}/infer", summary="Inference, JSON or binary tensors")
+@router.post("/models/{name}/infer", summary="Inference, JSON or binary tensors",
+             responses=_INFER_ERRORS)
 async def infer(name: ModelName, request: Request, settings: SettingsDep,
                 serving: ServingDep) -> Response:
     return await _infer(request, name, None, settings, serving)
 
 
-@router.post("/models/{name}/versions/{version}/infer", summary="Inference on one version")
+@router.post("/models/{name}/versions/{version}/infer", summary="Inference on one version",
+             responses=_INFER_ERRORS)
 async def infer_version(name: ModelName, version: str, request: Request,
                         settings: SettingsDep, serving: ServingDep) -> Response:
     return await _infer(request, name, version, settings, serving)

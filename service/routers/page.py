@@ -13,7 +13,7 @@ from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from service.deps import SettingsDep
-from service.errors import ApiError
+from service.errors import ApiError, ErrorBody
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 DOCS_ASSETS = Path(fastapi_offline.__file__).parent / "static"
@@ -51,7 +51,9 @@ async def list_examples(settings: SettingsDep) -> list[str]:
     return example_names(settings.examples_dir)
 
 
-@router.get("/examples/{name}", summary="One sample photo")
+@router.get("/examples/{name}", summary="One sample photo", responses={
+    200: {"content": {"image/jpeg": {}}, "description": "the photo"},
+    404: {"model": ErrorBody, "description": "no example of that name (`not_found`)"}})
 async def get_example(name: str, settings: SettingsDep) -> FileResponse:
     if name not in example_names(settings.examples_dir):  # never a path from the client
         raise ApiError(404, "not_found", f"no example named {name!r}")
