@@ -159,6 +159,17 @@ def cmd_examples(args: argparse.Namespace) -> None:
         print(f"{out / photo}: " + ", ".join(f"{p.label} ({p.image})" for p in placed))
 
 
+def run_options(command: argparse.ArgumentParser, out_help: str) -> None:
+    """--profile, --device and --out, as every command that trains takes them."""
+    command.add_argument("--profile", choices=("full", "smoke"), default="full",
+                         help="full, or smoke: a small stratified subset, one epoch "
+                              "(default: %(default)s)")
+    command.add_argument("--device", default="auto",
+                         help="auto (a GPU where present, else the CPU), cpu or cuda "
+                              "(default: %(default)s)")
+    command.add_argument("--out", type=Path, default=None, help=out_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -194,14 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "of its dataset only and write reports/")
     rep.add_argument("--only", action="append", metavar="NAME",
                      help="run only this experiment (repeatable; default: all)")
-    rep.add_argument("--profile", choices=("full", "smoke"), default="full",
-                     help="full, or smoke: a small stratified subset, one epoch "
-                          "(default: %(default)s)")
-    rep.add_argument("--device", default="auto",
-                     help="auto (a GPU where present, else the CPU), cpu or cuda "
-                          "(default: %(default)s)")
-    rep.add_argument("--out", type=Path, default=None,
-                     help="reports folder (default: reports/ in the repository)")
+    run_options(rep, "reports folder (default: reports/ in the repository)")
     rep.set_defaults(func=cmd_reproduce)
 
     levers = commands.add_parser("levers", help="the joint recipe's levers, one at a time, "
@@ -210,22 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run only this lever (repeatable; default: all)")
     levers.add_argument("--epochs", type=int, default=None,
                         help="override every lever's schedule (default: each lever's own)")
-    levers.add_argument("--profile", choices=("full", "smoke"), default="full",
-                        help="smoke: small subset, one epoch (default: %(default)s)")
-    levers.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
-    levers.add_argument("--out", type=Path, default=None,
-                        help="results folder (default: reports/levers/)")
+    run_options(levers, "results folder (default: reports/levers/)")
     levers.set_defaults(func=cmd_levers)
 
     train = commands.add_parser("train", help="train the shipped CNN recipe on both datasets "
                                 "(identity train + FER-2013 Training), one checkpoint per seed")
     train.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                        help="seeds (default: %(default)s)")
-    train.add_argument("--profile", choices=("full", "smoke"), default="full",
-                       help="smoke: small subset, one epoch (default: %(default)s)")
-    train.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
-    train.add_argument("--out", type=Path, default=None,
-                       help="checkpoint folder (default: checkpoints/)")
+    run_options(train, "checkpoint folder (default: checkpoints/)")
     train.set_defaults(func=cmd_train)
 
     export = commands.add_parser("export", help="write models/: the ONNX CNN, the kNN "
