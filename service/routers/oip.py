@@ -55,19 +55,21 @@ class ModelReadiness(BaseModel):
     ready: bool
 
 
-def _errors(**statuses: str) -> dict:
-    """OpenAPI ``responses``: the protocol's error body, per status (``s404="..."``)."""
-    return {int(key[1:]): {"model": ProtocolErrorBody, "description": text}
-            for key, text in statuses.items()}
+def _errors(statuses: dict[int, str]) -> dict:
+    """OpenAPI ``responses``: the protocol's error body, for each status and its meaning."""
+    return {status: {"model": ProtocolErrorBody, "description": text}
+            for status, text in statuses.items()}
 
 
 _UNKNOWN = "no such model, or no such version of it"
 _UNAVAILABLE = "the model failed to load (with Retry-After)"
-_METADATA_ERRORS = _errors(s404=_UNKNOWN, s503=_UNAVAILABLE)
-_INFER_ERRORS = _errors(s400="a malformed request, a wrong tensor, or an input that is no "
-                        "image", s404=_UNKNOWN, s413="too many bytes, pixels or images",
-                        s503=_UNAVAILABLE + ", the face detector is missing, or too many "
-                        "requests are in flight")
+_METADATA_ERRORS = _errors({404: _UNKNOWN, 503: _UNAVAILABLE})
+_INFER_ERRORS = _errors({
+    400: "a malformed request, a wrong tensor, or an input that is no image",
+    404: _UNKNOWN,
+    413: "too many bytes, pixels or images",
+    503: _UNAVAILABLE + ", the face detector is missing, or too many requests are in flight",
+})
 
 
 def oip_error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -135,7 +137,7 @@ async def model_version_metadata(name: ModelName, version: str, serving: Serving
 @router.get("/models/{name}/ready", summary="The model is loaded (200) or not (400 or 404)",
             response_model=ModelReadiness, responses={
                 400: {"model": ModelReadiness, "description": "not ready"},
-                **_errors(s404=_UNKNOWN)})
+                **_errors({404: _UNKNOWN})})
 async def model_ready(name: ModelName, serving: ServingDep) -> JSONResponse:
     problem = _check_model(serving.predictor, name, None)
     if problem is not None and problem.status_code == 404:
