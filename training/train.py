@@ -296,11 +296,12 @@ def fit(body: nn.Module, config: TrainConfig, train: LabelledImages,
             for i in np.flatnonzero(wants):
                 batch[i] = augment(batch[i])
             labels = torch.from_numpy(train_labels[indices]).to(device)
-            logits = body(batch.to(device))
+            inputs = batch.to(device)
+            logits = body(inputs)
             loss = objective(logits, labels, torch.from_numpy(train_sources[indices]).to(device))
             if teacher is not None:
                 with torch.no_grad():
-                    taught = teacher(batch.to(device))
+                    taught = teacher(inputs)
                 loss = loss + config.distill * distillation_loss(
                     logits, taught, config.distill_temperature)
             optimizer.zero_grad(set_to_none=True)
