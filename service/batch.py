@@ -156,7 +156,7 @@ def finished_paths(path: Path) -> set[str]:
     header = lines[:1] if fmt == "csv" else []
     rows = lines[len(header):]
     complete = [line for line in rows if line.endswith(b"\n")]
-    if len(complete) < len(rows) or complete:
+    if rows:
         last = _path_of(complete[-1], fmt) if complete else None
         while complete and _path_of(complete[-1], fmt) == last:
             complete.pop()
