@@ -329,3 +329,76 @@ def test_distillation_pulls_towards_the_teacher_on_its_classes_only():
     other = teacher.clone()
     other[:, 0] += 3
     assert distillation_loss(other, teacher, 2.0).item() > 0.1
+
+
+def test_distillation_on_one_source_leaves_the_other_sources_images_alone():
+    x = torch.rand(64, 1, 70, 70)
+    y = np.arange(64) % NUM_CLASSES
+
+    def trained(sources, **change):
+        seed_everything(5)
+        body = EmotionNet(ModelConfig(arch="baseline", channels=(4,), pool=5, pad=0)).body
+        body, _ = fit(body, TrainConfig(epochs=1, lr=1e-2, **change),
+                      LabelledImages(x, y, sources), LabelledImages(x[:16], y[:16]), seed=5,
+                      device=torch.device("cpu"), progress=False)
+        return torch.cat([p.detach().flatten() for p in body.parameters()])
+
+    only_study = np.zeros(64, dtype=np.int64)
+    plain = trained(only_study)
+    # No image comes from source 1, so distilling on source 1 changes nothing ...
+    assert torch.equal(trained(only_study, distill=1.0, distill_source=1), plain)
+    # ... while distilling on every image, or on source 1 where it is present, does.
+    assert not torch.equal(trained(only_study, distill=1.0), plain)
+    mixed = np.arange(64) % 2
+    assert not torch.equal(trained(mixed, distill=1.0, distill_source=1), trained(mixed))
+
+
+def test_weight_interpolation_runs_from_the_start_to_the_fine_tuned_network():
+    from training.recipe import interpolate
+
+    config = ModelConfig(arch="resnet", channels=(4, 8), dropout=0.1)
+    torch.manual_seed(0)
+    start = EmotionNet(config).state_dict()
+    tuned = {k: v + 1 if v.is_floating_point() else v + 7 for k, v in start.items()}
+    for alpha, expected in ((0.0, start), (1.0, tuned)):
+        mixed = interpolate(start, tuned, alpha)
+        for k, v in mixed.items():
+            if v.is_floating_point():
+                assert torch.allclose(v, expected[k]), k
+    half = interpolate(start, tuned, 0.5)
+    for k, v in half.items():
+        if v.is_floating_point():
+            assert torch.allclose(v, start[k] + 0.5), k
+        else:  # counters such as BatchNorm's num_batches_tracked are the fine-tuned ones
+            assert torch.equal(v, tuned[k]), k
+    model = EmotionNet(config)
+    model.load_state_dict(half)  # a state dict the network takes as it is
+
+
+def test_the_served_share_of_the_offsets_is_what_survives_cross_validation():
+    from training.rule import JointValidation, choose_shrink, cross_validated_criterion, log_softmax
+
+    rng = np.random.default_rng(4)
+
+    def joint(shift):
+        sets = []
+        for n, classes in ((600, range(8)), (900, range(7))):
+            y = rng.choice(list(classes), n)
+            scores = rng.normal(size=(n, NUM_CLASSES)) + 2.0 * np.eye(NUM_CLASSES)[y]
+            scores[:, 4] += shift  # over-predicts NEUTRAL by `shift`
+            sets.append((log_softmax(scores), y))
+        return JointValidation(["identity", "fer2013"], [s[0] for s in sets],
+                               [s[1] for s in sets], [tuple(range(8)), tuple(range(7))],
+                               [np.arange(600), np.arange(900)])
+
+    # A real, shared bias: offsets fitted on one half help the other, so they are served.
+    biased = joint(2.5)
+    share, figures = choose_shrink(biased)
+    assert share > 0
+    assert figures[str(share)]["criterion"] > figures["0.0"]["criterion"] + 0.02
+    assert figures["0.0"] == cross_validated_criterion(biased, shrink=0.0)
+    # Perfectly separable scores: offsets cannot help, all shares tie, none is served.
+    y = np.arange(800) % NUM_CLASSES
+    clean = log_softmax(10.0 * np.eye(NUM_CLASSES)[y])
+    separable = JointValidation(["identity"], [clean], [y], [tuple(range(8))], [np.arange(800)])
+    assert choose_shrink(separable)[0] == 0.0

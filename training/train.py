@@ -43,6 +43,7 @@ class TrainConfig:
     ema: float = 0.0             # decay of an exponential moving average of the weights; 0: off
     distill: float = 0.0         # weight of a KL term to the starting network's outputs; 0: off
     distill_temperature: float = 2.0
+    distill_source: int = -1     # distil on this source's images only (1: FER-2013); -1: all
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -300,10 +301,15 @@ def fit(body: nn.Module, config: TrainConfig, train: LabelledImages,
             logits = body(inputs)
             loss = objective(logits, labels, torch.from_numpy(train_sources[indices]).to(device))
             if teacher is not None:
-                with torch.no_grad():
-                    taught = teacher(inputs)
-                loss = loss + config.distill * distillation_loss(
-                    logits, taught, config.distill_temperature)
+                taught = (np.ones(len(indices), bool) if config.distill_source < 0
+                          else train_sources[indices] == config.distill_source)
+                if taught.any():
+                    keep = torch.from_numpy(taught).to(device)
+                    with torch.no_grad():
+                        teacher_logits = teacher(inputs[keep])
+                    # batchmean over the taught images, weighted by their share of the batch
+                    loss = loss + config.distill * taught.mean() * distillation_loss(
+                        logits[keep], teacher_logits, config.distill_temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
