@@ -153,8 +153,8 @@ def after_training_section(folder: Path) -> list[str]:
                 f"{r['cross_validated_by_offset_share'][k]['criterion']:.3f}" for k in shares)
             + f" | {r['offset_share']} | {r['val_macro_f1']['identity']:.3f} | "
             f"{r['val_macro_f1']['fer2013']:.3f} |")
-    lines += ["", "The last two columns are with the served rule, whose offsets (where a share is served) were fitted on "
-              "those same images."]
+    lines += ["", "The last two columns are with the served rule, whose offsets (where a share "
+              "is served) were fitted on those same images."]
     return lines
 
 
