@@ -27,7 +27,9 @@ from training.settings import TrainingSettings
 from training.train import TrainConfig, resolve_device
 
 LEVER_EPOCHS = 4
-BASELINE = replace(SHIPPED_TRAIN, epochs=LEVER_EPOCHS, prior="per_source")
+# The first round's reference: the shipped recipe without the levers it later adopted.
+BASELINE = replace(SHIPPED_TRAIN, epochs=LEVER_EPOCHS, prior="per_source", distill=0.0,
+                   distill_source=-1)
 # name -> (what it changes against the baseline, the change)
 LEVERS: dict[str, tuple[str, dict]] = {
     "baseline": ("logit-adjusted loss (tau 0.5) with each dataset's own class prior; the "
@@ -52,6 +54,13 @@ LEVERS: dict[str, tuple[str, dict]] = {
     "distill_fer": ("prior_global plus the same KL term on FER-2013's images only, so that "
                     "this dataset's faces are learnt freely",
                     {"prior": "global", "distill": 1.0, "distill_source": 1}),
+    # Third round: on top of distill_fer (the shipped recipe's training, at 4 epochs), for
+    # what distillation cost this dataset.
+    "distill_fer_0.3": ("distill_fer with the KL term's weight 0.3 instead of 1",
+                        {"prior": "global", "distill": 0.3, "distill_source": 1}),
+    "distill_fer_tau_1": ("distill_fer with tau 1 (balanced softmax) instead of 0.5",
+                          {"prior": "global", "distill": 1.0, "distill_source": 1,
+                           "logit_tau": 1.0}),
 }
 
 
@@ -107,7 +116,8 @@ def run_levers(settings: TrainingSettings, names: list[str] | None = None, profi
 
 # The run a lever is compared with: the baseline, or for the second round (levers on top of
 # prior_global) prior_global itself.
-REFERENCES = {"distill": "prior_global", "distill_fer": "prior_global"}
+REFERENCES = {"distill": "prior_global", "distill_fer": "prior_global",
+              "distill_fer_0.3": "distill_fer", "distill_fer_tau_1": "distill_fer"}
 # What was decided from each lever's row (filled in as results came in; see the table).
 DECISIONS: dict[str, str] = {
     "baseline": "the reference",
