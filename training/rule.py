@@ -1,9 +1,11 @@
 """The served decision rule for a face of unknown origin, fitted on the combined validation.
 
 The network's flipped log-probabilities get per-class offsets chosen to maximise the mean of
-the two validation macro-F1s (identity val over 8 classes, FER-2013 PublicTest over 7), then
-one temperature fitted by likelihood on both validation sets (each counting the same), so
-the probabilities the service reports are calibrated without moving any decision.
+the two validation macro-F1s (identity val over 8 classes, FER-2013 PublicTest over 7),
+served at the share of them (none, half or all) that cross-validation within validation
+supports, then one temperature fitted by likelihood on both validation sets (each counting
+the same), so the probabilities the service reports are calibrated without moving any
+decision.
 """
 
 from __future__ import annotations
