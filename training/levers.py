@@ -30,6 +30,8 @@ LEVER_EPOCHS = 4
 # The first round's reference: the shipped recipe without the levers it later adopted.
 BASELINE = replace(SHIPPED_TRAIN, epochs=LEVER_EPOCHS, prior="per_source", distill=0.0,
                    distill_source=-1)
+# The second round's adopted change, which the third round builds on.
+DISTILL_FER = {"prior": "global", "distill": 1.0, "distill_source": 1}
 # name -> (what it changes against the baseline, the change)
 LEVERS: dict[str, tuple[str, dict]] = {
     "baseline": ("logit-adjusted loss (tau 0.5) with each dataset's own class prior; the "
@@ -52,15 +54,13 @@ LEVERS: dict[str, tuple[str, dict]] = {
                 "outputs on every training image, so that fine-tuning does not forget FER-2013",
                 {"prior": "global", "distill": 1.0}),
     "distill_fer": ("prior_global plus the same KL term on FER-2013's images only, so that "
-                    "this dataset's faces are learnt freely",
-                    {"prior": "global", "distill": 1.0, "distill_source": 1}),
+                    "this dataset's faces are learnt freely", DISTILL_FER),
     # Third round: on top of distill_fer (the shipped recipe's training, at 4 epochs), for
     # what distillation cost this dataset.
     "distill_fer_0.3": ("distill_fer with the KL term's weight 0.3 instead of 1",
-                        {"prior": "global", "distill": 0.3, "distill_source": 1}),
+                        {**DISTILL_FER, "distill": 0.3}),
     "distill_fer_tau_1": ("distill_fer with tau 1 (balanced softmax) instead of 0.5",
-                          {"prior": "global", "distill": 1.0, "distill_source": 1,
-                           "logit_tau": 1.0}),
+                          {**DISTILL_FER, "logit_tau": 1.0}),
 }
 
 
@@ -114,8 +114,8 @@ def run_levers(settings: TrainingSettings, names: list[str] | None = None, profi
     return results
 
 
-# The run a lever is compared with: the baseline, or for the second round (levers on top of
-# prior_global) prior_global itself.
+# The run a lever is compared with: the baseline, or for a later round the lever it builds on
+# (prior_global for the second, distill_fer for the third).
 REFERENCES = {"distill": "prior_global", "distill_fer": "prior_global",
               "distill_fer_0.3": "distill_fer", "distill_fer_tau_1": "distill_fer"}
 # What was decided from each lever's row (filled in as results came in; see the table).

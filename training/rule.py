@@ -106,8 +106,15 @@ def fit_temperature(val: JointValidation, bias: np.ndarray) -> float:
 SHRINKS = (0.0, 0.5, 1.0)
 
 
+def served_offsets(val: JointValidation, shrink: float = 1.0) -> np.ndarray:
+    """``shrink`` times the offsets fitted on ``val``; none fitted at all when it is 0."""
+    if not shrink:
+        return np.zeros(val.log_probs[0].shape[1])
+    return shrink * fit_offsets(val)
+
+
 def fit_decision_rule(val: JointValidation, shrink: float = 1.0) -> DecisionRule:
-    bias = shrink * fit_offsets(val)
+    bias = served_offsets(val, shrink)
     return DecisionRule(bias, fit_temperature(val, bias))
 
 
@@ -137,8 +144,7 @@ def cross_validated_criterion(val: JointValidation, halvings: int = 3, seed: int
         for half in (0, 1):
             fit_on = val.subset([m if half == 0 else ~m for m in masks])
             score_on = val.subset([~m if half == 0 else m for m in masks])
-            bias = shrink * fit_offsets(fit_on) if shrink else np.zeros(val.log_probs[0].shape[1])
-            for name, value in score_on.scores(bias).items():
+            for name, value in score_on.scores(served_offsets(fit_on, shrink)).items():
                 per_set[name].append(value)
     means = {name: float(np.mean(v)) for name, v in per_set.items()}
     return {"criterion": float(np.mean(list(means.values()))), **means}
