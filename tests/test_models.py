@@ -153,14 +153,20 @@ def test_export_path_onnx_matches_pytorch_on_real_images(data_settings, fer_sett
     checkpoint = load_checkpoint(tmp_path / "joint-seed0.pt")
     assert model_from_checkpoint(checkpoint).config.arch == "fer_xception"
     assert set(checkpoint["metrics"]) == set(EVAL_SETS)
-    # What follows training was chosen from its candidates, and the fitted weights are kept.
-    from training.recipe import WISE_ALPHAS
+    # What follows training was chosen from its candidates, and both stages' weights are kept.
+    from training.recipe import REFINE_BETAS
     from training.rule import SHRINKS
 
     after = checkpoint["after_training"]
-    assert after["wise_ft_alpha"] in WISE_ALPHAS and after["offset_share"] in SHRINKS
-    assert set(after["raw_criterion_by_alpha"]) == {str(a) for a in WISE_ALPHAS}
-    assert (tmp_path / "fitted-seed0.pt").exists()
+    assert after["refine_beta"] in REFINE_BETAS and after["offset_share"] in SHRINKS
+    assert set(after["raw_criterion_by_beta"]) == {str(b) for b in REFINE_BETAS}
+    assert max(after["raw_criterion_by_beta"].values()) == pytest.approx(
+        after["raw_criterion_by_beta"][str(after["refine_beta"])])
+    refined = load_checkpoint(tmp_path / "refined-seed0.pt")
+    assert refined["refine_history"] and refined["seed"] == 0
+    fitted = load_checkpoint(tmp_path / "fitted-seed0.pt")
+    assert not all(torch.equal(fitted["state_dict"][k], v)
+                   for k, v in refined["state_dict"].items())
     path = tmp_path / "model.onnx"
     wrapped = export_onnx(checkpoint, path)
     ws = Workspace(data_settings, "smoke")

