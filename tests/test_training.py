@@ -402,3 +402,50 @@ def test_the_served_share_of_the_offsets_is_what_survives_cross_validation():
     clean = log_softmax(10.0 * np.eye(NUM_CLASSES)[y])
     separable = JointValidation(["identity"], [clean], [y], [tuple(range(8))], [np.arange(800)])
     assert choose_shrink(separable)[0] == 0.0
+
+
+def test_the_loss_can_keep_the_prior_of_a_set_other_than_the_one_it_trains_on():
+    """A refinement on a subsample adjusts by the full training set's class prior."""
+    x = torch.rand(64, 1, 70, 70)
+    y = np.arange(64) % NUM_CLASSES
+
+    def trained(**prior):
+        seed_everything(5)
+        body = EmotionNet(ModelConfig(arch="baseline", channels=(4,), pool=5, pad=0)).body
+        body, _ = fit(body, TrainConfig(epochs=1, lr=1e-2, loss="balanced_softmax"),
+                      LabelledImages(x, y), LabelledImages(x[:16], y[:16]), seed=5,
+                      device=torch.device("cpu"), progress=False, **prior)
+        return torch.cat([p.detach().flatten() for p in body.parameters()])
+
+    own = trained()
+    assert torch.equal(trained(prior_of=LabelledImages(x, y)), own)
+    skewed = np.where(np.arange(64) < 48, 4, y)  # mostly NEUTRAL
+    assert not torch.equal(trained(prior_of=LabelledImages(x, skewed)), own)
+
+
+@pytest.mark.dataset
+def test_the_refinement_set_is_this_dataset_whole_with_as_many_fer_images(data_settings,
+                                                                           fer_settings):
+    from training.data import Workspace
+    from training.recipe import SHIPPED_MODEL, SOURCE_ID, joint_sets, refine_set
+
+    ws = Workspace(data_settings, "smoke")
+    identity, fer = joint_sets(ws, SHIPPED_MODEL, "train")
+    refined = refine_set(ws, SHIPPED_MODEL, seed=0)
+    from_identity = refined.sources == SOURCE_ID["identity"]
+    assert from_identity.sum() == len(identity)
+    assert torch.equal(refined.images[from_identity], identity.images)
+    drawn = refined.images[~from_identity]
+    assert len(drawn) == min(len(fer), len(identity))
+    # FER-2013 images drawn without replacement, with their own labels (counted by content,
+    # since FER-2013 holds duplicate images), the same draw for the same seed.
+    from collections import Counter
+
+    def keyed(images, labels):
+        return Counter((image.numpy().tobytes(), int(label))
+                       for image, label in zip(images, labels, strict=True))
+
+    available = keyed(fer.images, fer.labels)
+    for key, count in keyed(drawn, refined.labels[~from_identity]).items():
+        assert count <= available[key]
+    assert torch.equal(refine_set(ws, SHIPPED_MODEL, seed=0).images, refined.images)
