@@ -144,7 +144,8 @@ def describe_cnn(checkpoint: dict) -> str:
     refined = ("" if not refine else
                f"; then refined for {refine['epochs']} epochs (lr {refine['lr']:g}) on this "
                "dataset's train subset with as many FER-2013 images, those held to the first "
-               "fit's outputs by the same distillation, the served weights "
+               f"fit's outputs by the same distillation at weight {refine['distill']:g}, the "
+               "served weights "
                f"{1 - beta:g} of the first fit's plus {beta:g} of the refined ones (the share "
                "chosen on validation)")
     share = after.get("offset_share", 1.0)
@@ -267,6 +268,9 @@ def export_all(settings: TrainingSettings, checkpoints: Path, out_dir: Path,
         "onnx_vs_pytorch_max_abs_diff": parity,
         "train_wall_time_s": best["train_wall_time_s"],
         "train_wall_time_s_per_seed": {str(r["seed"]): r["train_wall_time_s"] for r in runs},
+        "refine_wall_time_s": best.get("refine_wall_time_s"),
+        "refine_wall_time_s_per_seed": {str(r["seed"]): r.get("refine_wall_time_s")
+                                        for r in runs},
         "fer_zero_shot": {"description": f"fer {FER_VERSION}'s own FER-2013 network, no "
                           "fine-tuning, no flip, its seven classes",
                           "metrics": metrics_of(zero_shot, sets)},
@@ -277,6 +281,8 @@ def export_all(settings: TrainingSettings, checkpoints: Path, out_dir: Path,
         kind="onnx", description=describe_cnn(best),
         input=INPUT_SPEC, output=OUTPUT_SPEC, preprocessing_version=PREPROCESSING_VERSION,
         recipe={"model": best["model_config"], "train": best["train_config"],
+                "refine": best.get("refine_config"),
+                "refine_fer_multiple": best.get("refine_fer_multiple"),
                 "flip": best["flip"], **best.get("after_training", {}), **rule.to_dict(),
                 "opset": ONNX_OPSET},
         data=provenance, code_commit=best["code_commit"], created_at=created,

@@ -295,7 +295,9 @@ def write_model_card(ws: Workspace, manifest: Manifest, models_dir: Path,
         f"{s['shipped']['seed']} ({s['shipped']['chosen_by']}): 95% bootstrap interval over "
         f"identities on identity test [{low:.3f}, {high:.3f}]. ONNX Runtime vs PyTorch, max "
         f"|difference| {s['onnx_vs_pytorch_max_abs_diff']:.1e}. Training wall time of the "
-        f"shipped seed: {s['train_wall_time_s'] / 60:.1f} min on "
+        f"shipped seed: {s['train_wall_time_s'] / 60:.1f} min"
+        + (f" and {s['refine_wall_time_s'] / 60:.1f} min for its refinement"
+           if s.get("refine_wall_time_s") else "") + " on "
         + ("2 CPU cores, as the run measured it (seeds that share the cores take longer)."
            if profile == "full" else "-."),
         "",
