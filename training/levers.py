@@ -156,7 +156,8 @@ REFINE_ROUND: dict[str, tuple[str, dict[float, tuple[float, float, float]], str]
         "fit (weight 1)",
         {0.25: (0.493, 0.363, 0.623), 0.5: (0.499, 0.382, 0.617), 0.75: (0.501, 0.390, 0.613),
          1.0: (0.500, 0.394, 0.606)},
-        "not adopted: 0.002 below half_distill_3 (within rerun noise), FER-2013 val 0.010 lower at its best beta"),
+        "not adopted: 0.002 below half_distill_3 (within rerun noise), FER-2013 val 0.010 "
+        "lower at its best beta"),
     "half_distill_3": (
         "half with the distillation weight 3",
         {0.25: (0.493, 0.364, 0.622), 0.5: (0.503, 0.382, 0.623), 0.75: (0.500, 0.384, 0.615),
