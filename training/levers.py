@@ -168,6 +168,13 @@ REFINE_ROUND: dict[str, tuple[str, dict[float, tuple[float, float, float]], str]
         {0.25: (0.494, 0.365, 0.623), 0.5: (0.500, 0.382, 0.619), 0.75: (0.500, 0.387, 0.614),
          1.0: (0.494, 0.378, 0.611)},
         "not adopted: below half_distill_3"),
+    # Measured afterwards with ``refine_one`` itself, on the adopted variant.
+    "half_distill_3_tau_0": (
+        "half_distill_3 with plain cross-entropy (tau 0), so that this dataset's faces learn "
+        "its own class frequencies while the distillation holds FER-2013's",
+        {0.25: (0.496, 0.366, 0.625), 0.5: (0.493, 0.366, 0.620), 0.75: (0.491, 0.362, 0.620),
+         1.0: (0.494, 0.372, 0.616)},
+        "not adopted: identity val does not rise; below half_distill_3 at every beta"),
 }
 
 
