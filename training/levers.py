@@ -141,8 +141,9 @@ TIE_BREAK = ("**Tie-break, added after the first results** (three levers within 
              "other): levers within 0.005 of the best criterion are ranked by `raw`.")
 
 
-# The refinement's variants, seed 0, on the first fit of the previous shipped run (measured
-# with a script calling these same functions just before ``refine_one`` was committed):
+# The refinement's variants, seed 0, on the shipped recipe's first fit (measured, before
+# ``refine_one`` was committed, by a script that trained as it does: ``fit`` from the first
+# fit, which is also the teacher, with the union's prior; its FER-2013 draw was not sorted):
 # name -> (what it is, {beta: (raw criterion, identity val, FER-2013 val)}, decision).
 # Beta 0 is the first fit alone: 0.494 (0.363 / 0.625).
 REFINE_ROUND: dict[str, tuple[str, dict[float, tuple[float, float, float]], str]] = {
