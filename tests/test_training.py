@@ -418,9 +418,10 @@ def test_the_loss_can_keep_the_prior_of_a_set_other_than_the_one_it_trains_on():
         return torch.cat([p.detach().flatten() for p in body.parameters()])
 
     own = trained()
-    assert torch.equal(trained(prior_of=LabelledImages(x, y)), own)
+    one_source = np.zeros(64, dtype=np.int64)
+    assert torch.equal(trained(prior_of=(y, one_source)), own)
     skewed = np.where(np.arange(64) < 48, 4, y)  # mostly NEUTRAL
-    assert not torch.equal(trained(prior_of=LabelledImages(x, skewed)), own)
+    assert not torch.equal(trained(prior_of=(skewed, one_source)), own)
 
 
 @pytest.mark.dataset

@@ -143,8 +143,11 @@ def refine_one(ws: Workspace, fitted: dict, device: torch.device, out_dir: Path,
     model = model_from_checkpoint(fitted)
     vals = joint_sets(ws, model_config, "val")
     started = time.perf_counter()
+    union = joint_sets(ws, model_config, "train")  # its prior only: no images copied
+    prior_of = (np.concatenate([s.labels for s in union]),
+                np.concatenate([s.sources for s in union]))
     _, history = fit(model.body, train_config, refine_set(ws, model_config, seed, fer_multiple),
-                     vals, seed, device, prior_of=concat(joint_sets(ws, model_config, "train")))
+                     vals, seed, device, prior_of=prior_of)
     wall = time.perf_counter() - started
     path = out_dir / f"refined-seed{seed}.pt"
     save_checkpoint(path, model, **{k: v for k, v in fitted.items() if k not in (
@@ -213,9 +216,6 @@ def finish_one(ws: Workspace, fitted: dict, refined: dict, device: torch.device,
               f"{name} {subset} {m['macro_f1']:.3f}" for name, by_subset in metrics.items()
               for subset, m in by_subset.items()), flush=True)
     return checkpoint
-
-
-STAGES = ("fit", "refine", "finish")
 
 
 def train_shipped(settings: TrainingSettings, profile: str = "full", seeds=SEEDS,

@@ -253,13 +253,14 @@ def evaluate_sets(body: nn.Module, vals: list[LabelledImages], device: torch.dev
 
 def fit(body: nn.Module, config: TrainConfig, train: LabelledImages,
         vals: LabelledImages | list[LabelledImages], seed: int, device: torch.device,
-        progress: bool = True, prior_of: LabelledImages | None = None
+        progress: bool = True, prior_of: tuple[np.ndarray, np.ndarray] | None = None
         ) -> tuple[nn.Module, list[dict]]:
     """Train ``body`` on pooled images; returns the selected weights and the per-epoch history.
 
     With several validation sets, an epoch is judged by the mean of their macro-F1s. The
-    logit adjustment uses the class prior of ``prior_of`` where given (a refinement on a
-    subsample keeps the prior its starting network was trained with), else of ``train``.
+    logit adjustment uses the class prior of ``prior_of``, (labels, sources), where given (a
+    refinement on a subsample keeps the prior its starting network was trained with), else
+    of ``train``.
     """
     vals = [vals] if isinstance(vals, LabelledImages) else list(vals)
     seed_everything(seed)
@@ -269,8 +270,8 @@ def fit(body: nn.Module, config: TrainConfig, train: LabelledImages,
     train_labels, train_sources = train.labels, train.sources
     plan, is_copy = fixed_plan(train_labels, config.sampling, rng)
     body.to(device)
-    objective = (Objective(config, train_labels[plan], train_sources[plan]) if prior_of is None
-                 else Objective(config, prior_of.labels, prior_of.sources)).to(device)
+    prior_labels, prior_sources = prior_of or (train_labels[plan], train_sources[plan])
+    objective = Objective(config, prior_labels, prior_sources).to(device)
     optimizer = torch.optim.AdamW(body.parameters(), lr=config.lr,
                                   weight_decay=config.weight_decay)
     steps_per_epoch = -(-len(plan) // config.batch_size)
