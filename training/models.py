@@ -80,7 +80,7 @@ def build_body(config: ModelConfig) -> nn.Module:
     if config.arch == "fer_xception":
         from training.fer_backbone import MiniXception
 
-        return MiniXception(config.num_classes, config.dropout)
+        return MiniXception(config.num_classes, config.dropout, widths=config.channels)
     raise ValueError(f"unknown arch {config.arch!r}")
 
 
