@@ -462,3 +462,28 @@ def test_the_refinement_set_is_this_dataset_whole_with_as_many_fer_images(data_s
     for key, count in keyed(drawn, refined.labels[~from_identity]).items():
         assert count <= available[key]
     assert torch.equal(refine_set(ws, SHIPPED_MODEL, seed=0).images, refined.images)
+
+
+def test_a_lever_is_trained_judged_on_both_validation_sets_and_reaches_the_report(
+        fer_settings, tmp_path):
+    import shutil
+
+    from training.levers import run_levers, write_levers_report
+
+    settings = fer_settings.model_copy(update={"checkpoints_dir": tmp_path / "checkpoints",
+                                               "reports_dir": tmp_path / "reports"})
+    shutil.copytree(fer_settings.reports_dir / "after_training",
+                    settings.reports_dir / "after_training")
+    [result] = run_levers(settings, ["distill_fer_ema"], profile="smoke")
+    assert result["train"]["ema"] == 0.999 and result["train"]["epochs"] == 1
+    assert (settings.checkpoints_dir / "levers" / "distill_fer_ema.pt").is_file()
+    for flip in ("flip", "no_flip"):
+        raw = result[flip]["raw"]
+        assert set(raw) == {"criterion", "identity", "fer2013"}
+        assert raw["criterion"] == pytest.approx((raw["identity"] + raw["fer2013"]) / 2)
+        assert 0 < raw["identity"] < 1 and 0 < raw["fer2013"] < 1
+    stored = json.loads((settings.reports_dir / "levers" / "distill_fer_ema.json").read_text())
+    assert stored["flip"] == result["flip"]
+    report = write_levers_report(settings.reports_dir).read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| distill_fer_ema |"))
+    assert f"{result['flip']['offsets_cross_validated']['criterion']:.3f}" in row

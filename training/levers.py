@@ -78,7 +78,7 @@ LEVERS: dict[str, tuple[str, dict]] = {
 
 def run_lever(ws: Workspace, name: str, config: TrainConfig, device: torch.device,
               seed: int = 0) -> dict:
-    model, history, vals, wall = fit_joint(ws, seed, SHIPPED_MODEL, config, device)
+    model, history, _, wall = fit_joint(ws, seed, SHIPPED_MODEL, config, device)
     # Kept (outside the repository) so that what acts after training can be measured on it.
     save_checkpoint(ws.settings.checkpoints_dir / "levers" / f"{name}.pt", model,
                     train_config=config.to_dict(), seed=seed, history=history, profile=ws.profile)
