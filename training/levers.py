@@ -139,14 +139,25 @@ REFERENCES = {"distill": "prior_global", "distill_fer": "prior_global",
               "distill_fer_0.3": "distill_fer", "distill_fer_tau_1": "distill_fer",
               "distill_fer_balanced": "distill_fer", "distill_fer_smoothing": "distill_fer",
               "distill_fer_ema": "distill_fer", "distill_fer_epochs_8": "distill_fer"}
-# The shipped recipe's seed 0 rerun whole on another machine (distill_fer_epochs_8's run).
-WHOLE_RECIPE_RERUN = (
-    "The whole shipped recipe's seed 0, rerun from a clean checkout on another (slower) machine "
-    "with the same code, scored raw 0.495 (0.371 / 0.620) at its chosen beta 0.25, against "
-    "0.501 (0.382 / 0.619) at beta 0.75 the first time: the training is not bit-for-bit "
-    "repeatable across machines, and identity val moved 0.011. The fourth round "
-    "(distill_fer_balanced, _smoothing, _ema) ran three at a time on that machine, where the "
-    "shipped first fit alone took 34 min against 21 before.")
+# The shipped recipe's seed 0 rerun whole on another machine (distill_fer_epochs_8's run):
+# (raw criterion, identity val, FER-2013 val, beta), flip, no offsets.
+RERUN_SEED0 = (0.495, 0.371, 0.620, 0.25)
+
+
+def criterion_cell(row: tuple[float, float, float, float]) -> str:
+    """A (raw criterion, identity val, FER-2013 val, beta) row as the report's tables show it."""
+    criterion, identity, fer2013, beta = row
+    return f"{criterion:.3f} ({identity:.3f} / {fer2013:.3f}), beta {beta}"
+
+
+def whole_recipe_rerun(folder: Path) -> str:
+    """What rerunning the whole shipped recipe moved, against its first run in ``folder``."""
+    return ("The whole shipped recipe's seed 0, rerun from a clean checkout on another (slower) "
+            f"machine with the same code, scored raw {criterion_cell(RERUN_SEED0)}, against "
+            f"{criterion_cell(shipped_width_row(folder, [0])[0])} the first time: the training "
+            "is not bit-for-bit repeatable across machines, and identity val moved 0.011. The "
+            "fourth round (distill_fer_balanced, _smoothing, _ema) ran three at a time on that "
+            "machine, where the shipped first fit alone took 34 min against 21 before.")
 # What was decided from each lever's row (filled in as results came in; see the table).
 DECISIONS: dict[str, str] = {
     "baseline": "the reference",
@@ -277,17 +288,15 @@ def width_round_section(folder: Path) -> list[str]:
              "|" + "---|" * (len(seeds) + 2)]
     for widths, by_seed in rows.items():
         mean = np.mean([by_seed[seed] for seed in seeds], axis=0)
-        lines.append(f"| {widths} | " + " | ".join(
-            f"{c:.3f} ({i:.3f} / {f:.3f}), beta {b}"
-            for c, i, f, b in (by_seed[seed] for seed in seeds))
+        lines.append(f"| {widths} | " + " | ".join(criterion_cell(by_seed[seed]) for seed in seeds)
             + f" | {mean[0]:.3f} ({mean[1]:.3f} / {mean[2]:.3f}) |")
     return lines + ["", f"Decision: {WIDTH_DECISION}."]
 
 
 # The whole shipped recipe with EMA (decay 0.999) in its first fit, seed 0, on the machine of
-# WHOLE_RECIPE_RERUN: (raw criterion, identity val, FER-2013 val, beta), flip, no offsets.
+# RERUN_SEED0: (raw criterion, identity val, FER-2013 val, beta), flip, no offsets.
 EMA_ROUND = {
-    "shipped recipe, rerun on a slower machine": (0.495, 0.371, 0.620, 0.25),
+    "shipped recipe, rerun on a slower machine": RERUN_SEED0,
     "EMA in the first fit, on that slower machine": (0.499, 0.374, 0.624, 0.5),
 }
 EMA_DECISION = ("not adopted: +0.004 over the rerun of the shipped recipe on the same machine "
@@ -306,8 +315,8 @@ def ema_round_section(folder: Path) -> list[str]:
              "beta unchanged; seed 0, raw criterion (identity val / FER-2013 val) at the chosen "
              "beta, flip, no offsets. No test set was scored.", "",
              "| run | seed 0 |", "|---|---|"]
-    for name, (c, i, f, b) in rows.items():
-        lines.append(f"| {name} | {c:.3f} ({i:.3f} / {f:.3f}), beta {b} |")
+    for name, row in rows.items():
+        lines.append(f"| {name} | {criterion_cell(row)} |")
     return lines + ["", f"Decision: {EMA_DECISION}."]
 
 
@@ -390,7 +399,7 @@ def write_levers_report(reports_dir: Path) -> Path:
               f"{first['fer2013']:.3f}, raw {first['raw']:.3f} the first time; the row above "
               "is the second. Differences below about 0.01 on the criterion or on identity "
               "val are within what a rerun moves; FER-2013 val, on 3,589 images, moved 0.003. "
-              f"{WHOLE_RECIPE_RERUN}"]
+              + whole_recipe_rerun(reports_dir / "after_training")]
     missing = [name for name in LEVERS if name not in results]
     if missing:
         lines += ["", "Defined but not run yet (each is one 4-epoch run): "
