@@ -320,6 +320,52 @@ def ema_round_section(folder: Path) -> list[str]:
     return lines + ["", f"Decision: {EMA_DECISION}."]
 
 
+# What acts at inference only, measured on networks already trained (no training, validation
+# only): each view's logits averaged with the served flip pair's, or several networks'
+# flipped log-probabilities averaged (the shipped seed 2 through its ONNX file; seed 0's rerun
+# and EMA runs of EMA_ROUND at their chosen beta). Views act on the 88-px pooled image with
+# torchvision's affine (edges filled black). name -> (raw criterion, identity val, FER-2013 val).
+INFERENCE_VIEWS = {
+    "flip (served)": RERUN_SEED0[:3],
+    "flip + shifts of 2 px (4 directions)": (0.486, 0.352, 0.620),
+    "flip + shifts of 4 px (4 directions)": (0.488, 0.360, 0.616),
+    "flip + zoom 1.08 of both": (0.494, 0.369, 0.619),
+    "flip + zoom 0.92 of both": (0.481, 0.356, 0.606),
+    "flip + rotations of 8 degrees either way": (0.487, 0.356, 0.618),
+}
+INFERENCE_ENSEMBLES = {
+    "seed 0 rerun": RERUN_SEED0[:3],
+    "seed 0 with EMA": EMA_ROUND["EMA in the first fit, on that slower machine"][:3],
+    "seed 2 + seed 0 rerun": (0.498, 0.374, 0.621),
+    "seed 2 + seed 0 with EMA": (0.501, 0.377, 0.625),
+    "seed 0 rerun + seed 0 with EMA": (0.497, 0.372, 0.622),
+    "seed 0 rerun: its first fit + its refinement, outputs averaged (served: weights "
+    "interpolated, beta 0.25)": (0.495, 0.373, 0.618),
+}
+INFERENCE_DECISION = ("neither adopted: every extra view lowers identity val (by 0.002 to 0.019) "
+                      "and none raises FER-2013 val; a two-seed ensemble scores no better than "
+                      "its better member (identity val falls between the two), so the seed "
+                      "ensemble, the one route the earlier rounds left, would double training "
+                      "time and latency for nothing measurable")
+
+
+def inference_round_section(folder: Path) -> list[str]:
+    def cell(row: tuple[float, float, float]) -> str:
+        return f"{row[0]:.3f} ({row[1]:.3f} / {row[2]:.3f})"
+
+    lines = ["", "## At inference: more views and output ensembles", "",
+             "Measured on networks already trained, validation only: raw criterion (identity "
+             "val / FER-2013 val), no offsets. Views: the seed-0 rerun's served weights, each "
+             "view's logits averaged with the flip pair's, on the 88-px pooled image. "
+             "Ensembles: the members' flipped log-probabilities averaged; seed 2 is the shipped "
+             "ONNX file. No test set was scored.", "", "| views | seed 0 rerun |", "|---|---|"]
+    lines += [f"| {name} | {cell(row)} |" for name, row in INFERENCE_VIEWS.items()]
+    lines += ["", "| networks | raw criterion |", "|---|---|"]
+    ensembles = {"seed 2 as shipped": shipped_width_row(folder, [2])[2][:3], **INFERENCE_ENSEMBLES}
+    lines += [f"| {name} | {cell(row)} |" for name, row in ensembles.items()]
+    return lines + ["", f"Decision: {INFERENCE_DECISION}."]
+
+
 def after_training_section(folder: Path) -> list[str]:
     """What ``python -m training train`` chose after each seed's first fit, on validation."""
     runs = [json.loads(p.read_text()) for p in sorted(folder.glob("seed*.json"))]
@@ -411,6 +457,7 @@ def write_levers_report(reports_dir: Path) -> Path:
     lines += refine_round_section()
     lines += width_round_section(reports_dir / "after_training")
     lines += ema_round_section(reports_dir / "after_training")
+    lines += inference_round_section(reports_dir / "after_training")
     lines += after_training_section(reports_dir / "after_training")
     lines += ["", "Before the refinement, the step after training was WiSE-FT back towards fer's "
               "weights (alpha 0.5 to 1): it chose 0.9, 0.9 and 1.0 for the three seeds and moved "
