@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 
@@ -44,13 +45,23 @@ class InferRequest:
     def binary_output(self, name: str) -> bool:
         for output in self.outputs:
             if output.get("name") == name:
-                return bool((output.get("parameters") or {}).get("binary_data", False))
+                return bool(output["parameters"].get("binary_data", False))
         return bool(self.parameters.get("binary_data_output", False))
 
 
 def _shape(value) -> list[int]:
-    if not isinstance(value, list) or not all(isinstance(d, int) and d >= 0 for d in value):
+    if not isinstance(value, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value):
         raise ProtocolError("'shape' must be a list of non-negative integers")
+    return value
+
+
+def _parameters(value, where: str) -> dict:
+    """A ``parameters`` member: absent, null or an object."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{where}'parameters' must be an object")
     return value
 
 
@@ -111,7 +122,9 @@ def _flatten(data) -> list:
 def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
     """A ``POST .../infer`` body, JSON alone or a JSON header followed by binary tensors."""
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        # ASCII digits only: str.isdigit() also accepts '²', which int() refuses
+        if not (header_length.isascii() and header_length.isdigit()) \
+                or int(header_length) > len(body):
             raise ProtocolError(f"the {HEADER_LENGTH} header ({header_length!r}) does not fit "
                                 f"the body of {len(body)} bytes")
         split = int(header_length)
@@ -122,6 +135,8 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
         header = json.loads(header_bytes)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"the request is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ProtocolError("the request's JSON is nested too deeply") from None
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
         raise ProtocolError("the request must be a JSON object with an 'inputs' list")
     offset, inputs = 0, []
@@ -129,12 +144,16 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise ProtocolError("every input needs a 'name', a 'datatype' and a 'shape'")
         name, datatype = item["name"], item.get("datatype")
+        if not isinstance(datatype, str):
+            raise ProtocolError(f"input {name!r}: 'datatype' must be a string such as 'FP32' "
+                                "or 'BYTES'")
         shape = _shape(item.get("shape"))
-        count = int(np.prod(shape)) if shape else 1
-        parameters = item.get("parameters") or {}
+        count = math.prod(shape)  # exact: np.prod wraps around on huge shapes
+        parameters = _parameters(item.get("parameters"), f"input {name!r}: ")
         size = parameters.get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0 \
+                    or offset + size > len(binary):
                 raise ProtocolError(f"input {name!r}: binary_data_size {size!r} runs past "
                                     "the body")
             raw = binary[offset:offset + size]
@@ -158,7 +177,7 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
                                         f"{shape}")
                 try:
                     array = np.asarray(flat, dtype=dtype)
-                except (TypeError, ValueError):
+                except (TypeError, ValueError, OverflowError):
                     raise ProtocolError(f"input {name!r}: the data are not {datatype} "
                                         "numbers") from None
             value = array.reshape(shape)
@@ -170,9 +189,9 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
     outputs = header.get("outputs") or []
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
         raise ProtocolError("'outputs' must be a list of objects")
-    parameters = header.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise ProtocolError("'parameters' must be an object")
+    outputs = [{**o, "parameters": _parameters(o.get("parameters"), f"output {o.get('name')!r}: ")}
+               for o in outputs]
+    parameters = _parameters(header.get("parameters"), "")
     request_id = header.get("id")
     return InferRequest(inputs, None if request_id is None else str(request_id), parameters,
                         outputs)

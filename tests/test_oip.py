@@ -139,6 +139,11 @@ def app_client():
      b'"data": ["", "", ""]}]}', {}, "between 1 and 2 images"),
     (b'{"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], "data": [""]}],'
      b' "outputs": [{"name": "logits"}]}', {}, "unknown output"),
+    (b'{"inputs": [{"name": "image", "datatype": "INT8", "shape": [1], "data": [1000]}]}', {},
+     "not INT8 numbers"),
+    (b'{"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], "data": [""], '
+     b'"parameters": "x"}]}', {}, "'parameters' must be an object"),
+    (b"[" * 100_000 + b"]" * 100_000, {}, "nested too deeply"),
 ])
 def test_malformed_requests_get_400_and_the_protocols_error_body(app_client, body, headers,
                                                                   message):
