@@ -121,9 +121,11 @@ def test_usage_mistakes_exit_2_in_one_line(tmp_path):
 def test_resume_after_an_interrupted_run_finishes_the_rest_once(test_images, tmp_path):
     folder = tmp_path / "many"
     folder.mkdir()
-    for copy in range(8):  # 192 files: long enough to interrupt
+    copies = 32  # 768 files: after 40 rows, hundreds of milliseconds left to interrupt even
+    for copy in range(copies):  # on a fast machine, where 192 left a margin of a few polls
         for name, data in test_images:
             (folder / f"{copy}-{name}").write_bytes(data)
+    total = copies * len(test_images)
     out = tmp_path / "rows.csv"
     argv = [*COMMAND, "images", str(folder), "--out", str(out), "--faces", "none",
             "--workers", "1", "--batch-size", "4"]
@@ -138,12 +140,12 @@ def test_resume_after_an_interrupted_run_finishes_the_rest_once(test_images, tmp
     with out.open("ab") as handle:
         handle.write(b"/cut/short/mid-write.jpg,12,3")  # what a kill mid-write leaves
     before = read_rows(out)
-    assert 40 <= len(before) < 192
+    assert 40 <= len(before) < total
     result = subprocess.run([*argv, "--resume"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     rows = read_rows(out)
     paths = [r["path"] for r in rows]
-    assert len(paths) == len(set(paths)) == 192
+    assert len(paths) == len(set(paths)) == total
     assert sorted(paths) == sorted(str(p) for p in folder.iterdir())
     # The cut line is dropped, and the last complete file is done again in case its rows
     # were cut short too.

@@ -122,9 +122,12 @@ def test_all_gives_one_prediction_per_pasted_face(client, geometry, test_crops):
 
 def test_none_and_no_face_use_the_whole_image(client):
     noise = Image.fromarray(np.random.default_rng(3).integers(0, 256, (300, 400), np.uint8))
-    for mode in ("auto", "all", "none"):
+    [whole] = predict(client, noise, "none")
+    assert whole["face"] is None
+    for mode in ("auto", "all"):
         [prediction] = predict(client, noise, mode)
         assert prediction["face"] is None
+        assert prediction["probabilities"] == pytest.approx(whole["probabilities"], abs=1e-6)
 
 
 def test_faces_found_and_images_without_a_face_are_counted(client, test_crops):

@@ -1,5 +1,5 @@
-"""The shape the project keeps: the model work knows nothing of HTTP, and the service
-nothing of training or torch."""
+"""The shape the project keeps: the model work knows nothing of HTTP (that the service
+imports nothing of training or torch is tests/test_boundaries.py's)."""
 
 from __future__ import annotations
 
@@ -24,10 +24,3 @@ def test_the_predictor_imports_no_http_layer():
                                         "service.observability", "service.errors",
                                         "service.deps", "service.app", "service.routers")}
     assert not http and not ours, sorted(http | ours)
-
-
-def test_the_service_and_the_command_line_import_no_training_and_no_torch():
-    for module in ("service.main", "service.cli", "service.batch", "service.video"):
-        modules = imported_by(module)
-        assert not {m for m in modules if m.split(".")[0] in ("torch", "training",
-                                                              "torchvision")}, module

@@ -108,7 +108,9 @@ def test_the_example_button_and_the_face_list_by_keyboard(page, server):
     with page.expect_file_chooser() as chooser:
         page.focus("#drop")
         page.keyboard.press("Enter")
-    assert chooser.value is not None
+    # the page's own picker: images, phone formats included
+    assert "image/*" in chooser.value.element.get_attribute("accept")
+    assert ".heic" in chooser.value.element.get_attribute("accept")
     for label in ("Model", "Faces", "Webcam frame every"):
         assert page.get_by_label(label, exact=True).count() == 1
 
@@ -184,7 +186,7 @@ def test_webcam_mode_sends_frames_and_updates_live(page, server):
     frames = [u for u in page.requests_seen if "/predict" in u]
     print(f"\nwebcam, fake camera, 320-pixel frames: {fps:.1f} frames/s, "
           f"{len(frames)} frames sent")
-    assert fps > 0.5 and len(frames) >= 5
+    assert fps > 0 and len(frames) >= 5  # a count of frames sent, not a rate to meet
     assert page.locator("#faces-list li").count() >= 1  # the live answer is on the page
     page.click("#webcam")
     assert page.get_attribute("#webcam", "aria-pressed") == "false"

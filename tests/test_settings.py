@@ -66,16 +66,21 @@ def test_defaults_divide_the_cpus_between_workers():
 @pytest.mark.parametrize("limit", [1, 3])
 def test_inference_concurrency_bounds_model_calls_and_every_request_is_answered(
         monkeypatch, limit):
-    running, peak, lock = 0, 0, threading.Lock()
+    running, peak, calls, lock = 0, 0, 0, threading.Lock()
+    first = threading.Barrier(limit, timeout=30)  # the first `limit` calls meet inside
     real = Predictor.predict
 
     def slow_predict(*args, **kwargs):
-        nonlocal running, peak
+        nonlocal running, peak, calls
         with lock:
             running += 1
+            calls += 1
             peak = max(peak, running)
+            meet = calls <= limit
         try:
-            time.sleep(0.05)
+            if meet:  # breaks (and the request fails) unless `limit` calls can run at once
+                first.wait()
+            time.sleep(0.01)  # the rest: a chance to exceed the limit if it leaked
             return real(*args, **kwargs)
         finally:
             with lock:

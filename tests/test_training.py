@@ -365,6 +365,29 @@ def test_distillation_on_one_source_leaves_the_other_sources_images_alone():
     assert not torch.equal(trained(mixed, distill=1.0, distill_source=1), trained(mixed))
 
 
+def test_the_ema_keeps_the_average_which_lags_behind_the_trained_weights():
+    x = torch.rand(64, 1, 70, 70)
+    y = np.arange(64) % NUM_CLASSES
+
+    def trained(**change):
+        seed_everything(5)
+        body = EmotionNet(ModelConfig(arch="baseline", channels=(4,), pool=5, pad=0)).body
+        start = torch.cat([p.detach().flatten().clone() for p in body.parameters()])
+        body, _ = fit(body, TrainConfig(epochs=3, lr=1e-2, batch_size=16, select="last",
+                                        **change),
+                      LabelledImages(x, y), LabelledImages(x[:16], y[:16]), seed=5,
+                      device=torch.device("cpu"), progress=False)
+        return start, torch.cat([p.detach().flatten() for p in body.parameters()])
+
+    start, raw = trained()
+    same_start, averaged = trained(ema=0.9)
+    assert torch.equal(start, same_start)
+    # the same 12 steps, but what is kept is their average: not the last weights, and
+    # nearer the start than the last weights are
+    assert not torch.allclose(averaged, raw)
+    assert (averaged - start).norm() < (raw - start).norm()
+
+
 def test_weight_interpolation_runs_from_the_start_to_the_fine_tuned_network():
     from training.recipe import interpolate
 
@@ -464,8 +487,10 @@ def test_the_refinement_set_is_this_dataset_whole_with_as_many_fer_images(data_s
     assert torch.equal(refine_set(ws, SHIPPED_MODEL, seed=0).images, refined.images)
 
 
+@pytest.mark.dataset
+@pytest.mark.slow
 def test_a_lever_is_trained_judged_on_both_validation_sets_and_reaches_the_report(
-        fer_settings, tmp_path):
+        data_settings, fer_settings, tmp_path):
     import shutil
 
     from training.levers import run_levers, write_levers_report
