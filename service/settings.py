@@ -72,7 +72,7 @@ class Settings(BaseSettings):
                                                    "container's CPUs divided by workers.")
     inference_concurrency: int = Field(0, ge=0, description="Model calls running at once per "
                                        "worker, the rest wait their turn; 0: the worker's "
-                                       "CPUs plus one.")
+                                       "ONNX Runtime threads plus one.")
     max_in_flight: int = Field(32, gt=0, description="Predictions in progress per worker; more "
                                                      "get 503 with Retry-After at once.")
     drain_seconds: float = Field(1.0, ge=0, description="After SIGTERM: answer 503 on /readyz "

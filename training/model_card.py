@@ -246,6 +246,8 @@ def write_model_card(ws: Workspace, manifest: Manifest, models_dir: Path,
     six = s["identity_test_six_large_classes_over_seeds"]
     low, high = s["identity_test_macro_f1_bootstrap_95"]
     calibration = s["calibration"]
+    contempt_train = int((ws.subsets("identity")["train"].labels
+                          == CLASS_NAMES.index("CONTEMPT")).sum())
     text = [
         "# Model card: facial-emotion detection",
         "",
@@ -274,7 +276,8 @@ def write_model_card(ws: Workspace, manifest: Manifest, models_dir: Path,
         "background or several faces, use `faces=auto` or `faces=all`.",
         "- Output: one of eight posed/perceived expressions: "
         + ", ".join(CLASS_NAMES) + ". Not a measure of anyone's inner state. CONTEMPT was "
-        "learnt from 6 training images of this dataset alone (FER-2013 has no CONTEMPT).",
+        f"learnt from {contempt_train} training images of this dataset alone (FER-2013 has no "
+        "CONTEMPT).",
         "- Data biases: this dataset is mostly public figures, mostly NEUTRAL and HAPPINESS "
         "(FEAR 21 images, CONTEMPT 9); FER-2013 is web-search faces with single crowd labels "
         "(about 65% human agreement is often quoted). Figures for FEAR and CONTEMPT on this "

@@ -64,6 +64,8 @@ class TrainingSettings(BaseSettings):
     reports_dir: Path = Field(REPO_ROOT / "reports", description="Reports of experiments.")
     checkpoints_dir: Path = Field(REPO_ROOT / "checkpoints",
                                   description="Training checkpoints (train writes, export reads).")
+    torch_threads: int = Field(0, ge=0, description="torch threads for training; 0: every "
+                               "CPU. Lets runs share the cores without oversubscribing them.")
 
     @property
     def legend_path(self) -> Path:

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from service.classes import CLASS_NAMES, NUM_CLASSES
 from training.evaluate import macro_f1
+from training.settings import TrainingSettings
 
 MAJORITY = {CLASS_NAMES.index("NEUTRAL"), CLASS_NAMES.index("HAPPINESS")}
 
@@ -264,8 +265,7 @@ def fit(body: nn.Module, config: TrainConfig, train: LabelledImages,
     """
     vals = [vals] if isinstance(vals, LabelledImages) else list(vals)
     seed_everything(seed)
-    # EMOTION_TORCH_THREADS lets two runs share the cores without oversubscribing them.
-    torch.set_num_threads(int(os.environ.get("EMOTION_TORCH_THREADS", 0)) or os.cpu_count() or 1)
+    torch.set_num_threads(TrainingSettings().torch_threads or os.cpu_count() or 1)
     rng = np.random.default_rng(seed)
     train_labels, train_sources = train.labels, train.sources
     plan, is_copy = fixed_plan(train_labels, config.sampling, rng)
