@@ -32,6 +32,13 @@ class Serving:
     executor: ThreadPoolExecutor
     draining: DrainState
 
+    @property
+    def ready(self) -> bool:
+        """Every model and the face detector loaded, and not draining: one rule for every
+        protocol's readiness, since one pod serves them all."""
+        return (self.predictor.registry.ready and self.predictor.cropper is not None
+                and not self.draining.draining)
+
 
 async def get_serving(request: Request) -> Serving:
     return request.app.state.serving

@@ -208,6 +208,7 @@ def test_without_a_usable_face_file_faces_none_still_serves(tmp_path, content, m
             assert "face_rnet.onnx" in ready.json()["faces"]
             assert loaded and tampered not in loaded  # refused before ONNX Runtime saw it
         assert ready.json()["models"] == {"cnn": "ready", "knn": "ready"}
+        assert client.get("/v2/health/ready").json() == {"ready": False}  # one rule for both
         auto = client.post("/predict?faces=auto", files={"file": ("a.png", image, "image/png")})
         assert auto.status_code == 503 and auto.json()["code"] == "faces_unavailable"
         none = client.post("/predict?faces=none", files={"file": ("a.png", image, "image/png")})

@@ -105,6 +105,7 @@ def test_the_deployment_runs_the_service_as_its_settings_expect():
     drain = float(env["EMOTION_DRAIN_SECONDS"]) + float(env["EMOTION_SHUTDOWN_TIMEOUT_SECONDS"])
     assert pod["terminationGracePeriodSeconds"] > pause + drain
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert "replicas" not in deployment["spec"]  # the HPA's to set
 
 
 def test_service_hpa_and_budget_select_the_deployments_pods():
@@ -143,18 +144,29 @@ def test_the_optional_service_monitor_scrapes_the_service():
 def test_the_kserve_predictor_is_a_valid_pod_on_the_v2_protocol(version):
     """KServe's CRD schema is not shipped with kubernetes-validate; its predictor's containers
     and volumes are core Kubernetes objects, so they are checked as a Pod."""
-    service = load(KSERVE)[0]
+    service, budget = load(KSERVE)
     assert (service["apiVersion"], service["kind"]) == ("serving.kserve.io/v1beta1",
                                                         "InferenceService")
     predictor = service["spec"]["predictor"]
+    # The predictor is a PodSpec inline, plus KServe's own scaling fields.
+    kserve_fields = {"minReplicas", "maxReplicas", "scaleMetric", "scaleTarget"}
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "predictor"},
-           "spec": {"containers": predictor["containers"], "volumes": predictor["volumes"]}}
+           "spec": {k: v for k, v in predictor.items() if k not in kserve_fields}}
     kubernetes_validate.validate(pod, version, strict=True)
+    kubernetes_validate.validate(budget, version, strict=True)
+    assert budget["kind"] == "PodDisruptionBudget"
+    assert budget["spec"]["selector"]["matchLabels"] == {  # the label KServe gives its pods
+        "serving.kserve.io/inferenceservice": service["metadata"]["name"]}
+    assert pod["spec"]["securityContext"]["runAsUser"] == 10001
     api = predictor["containers"][0]
     assert api["name"] == "kserve-container" and api["ports"][0]["containerPort"] == 8080
     assert api["args"][-1] == "8080"
     routes = set(create_app(Settings()).openapi()["paths"])
-    for probe in ("readinessProbe", "livenessProbe"):
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert api[probe]["httpGet"]["path"] in routes
         assert api[probe]["httpGet"]["path"].startswith("/v2/health/")
-    assert int(env_of(api)["EMOTION_WORKERS"]) == int(api["resources"]["limits"]["cpu"])
+    env = env_of(api)
+    assert int(env["EMOTION_WORKERS"]) == int(api["resources"]["limits"]["cpu"])
+    pause = int(api["lifecycle"]["preStop"]["exec"]["command"][-1])
+    drain = float(env["EMOTION_DRAIN_SECONDS"]) + float(env["EMOTION_SHUTDOWN_TIMEOUT_SECONDS"])
+    assert predictor["terminationGracePeriodSeconds"] > pause + drain

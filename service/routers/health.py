@@ -27,7 +27,7 @@ async def read_readiness(serving: ServingDep):
     models = {name: "ready" for name in registry.models}
     models.update(registry.failures)
     draining = serving.draining.draining
-    ready = registry.ready and predictor.cropper is not None and not draining
+    ready = serving.ready
     body = ReadinessResponse(ready=ready, models=models,
                              faces="ready" if predictor.cropper else predictor.cropper_error,
                              draining=draining)

@@ -103,12 +103,12 @@ async def server_live() -> dict:
     return {"live": True}
 
 
-@router.get("/health/ready", summary="Every model is loaded and the worker is not draining "
-            "(200), or not (400, as the protocol says)", response_model=ServerReadiness,
+@router.get("/health/ready", summary="Every model and the face detector are loaded and the "
+            "worker is not draining (200), or not (400, as the protocol says), as /readyz",
+            response_model=ServerReadiness,
             responses={400: {"model": ServerReadiness, "description": "not ready"}})
 async def server_ready(serving: ServingDep) -> JSONResponse:
-    ready = serving.predictor.registry.ready and not serving.draining.draining
-    return JSONResponse({"ready": ready}, status_code=200 if ready else 400)
+    return JSONResponse({"ready": serving.ready}, status_code=200 if serving.ready else 400)
 
 
 def _metadata(predictor: Predictor, name: str) -> dict:
