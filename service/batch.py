@@ -29,6 +29,7 @@ from pathlib import Path
 
 from service.classes import CLASS_NAMES
 from service.inference import FacesMode, ImageInput, ImagePrediction, Predictor
+from service.preprocessing import ImageLimits
 
 BOX_COLUMNS = ("face_x", "face_y", "face_width", "face_height")
 COLUMNS = ("path", *BOX_COLUMNS, "label", *CLASS_NAMES, "error", "code")
@@ -188,13 +189,15 @@ def batch_rows(paths: Sequence[str], results: Sequence[ImagePrediction],
 _worker: dict = {}
 
 
-def _init_worker(models_dir: str, model: str, mode: FacesMode, max_faces: int) -> None:
-    if _worker.get("args") == (models_dir, model, mode, max_faces):
+def _init_worker(models_dir: str, model: str, mode: FacesMode, max_faces: int,
+                 limits: ImageLimits | None = None) -> None:
+    if _worker.get("args") == (models_dir, model, mode, max_faces, limits):
         return
     # One ONNX thread per worker process: the processes are the parallelism.
-    _worker["predictor"] = Predictor.load(Path(models_dir), threads=1, max_faces=max_faces)
+    _worker["predictor"] = Predictor.load(Path(models_dir), threads=1, limits=limits,
+                                          max_faces=max_faces)
     _worker["model"], _worker["mode"] = model, mode
-    _worker["args"] = (models_dir, model, mode, max_faces)
+    _worker["args"] = (models_dir, model, mode, max_faces, limits)
     _worker["predictor"].model(model)
     _worker["predictor"].require_faces(mode)
 
@@ -227,8 +230,10 @@ class LocalRunner:
     """Worker processes, each loading the models once."""
 
     def __init__(self, models_dir: Path, model: str, mode: FacesMode, workers: int,
-                 batch_size: int, max_faces: int = 16):
-        self.args = (str(models_dir), model, mode, max_faces)
+                 batch_size: int, max_faces: int = 16, limits: ImageLimits | None = None):
+        # limits: the service's EMOTION_MAX_UPLOAD_BYTES / EMOTION_MAX_PIXELS, so a file the
+        # service refuses is refused here too
+        self.args = (str(models_dir), model, mode, max_faces, limits)
         self.workers, self.batch_size = workers, batch_size
 
     def check(self) -> None:

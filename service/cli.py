@@ -52,7 +52,7 @@ def run_images(args: argparse.Namespace) -> int:
         runner = LocalRunner(args.models_dir or settings.models_dir,
                              args.model or settings.default_model,
                              args.faces or settings.default_faces, args.workers,
-                             args.batch_size, settings.max_faces_per_image)
+                             args.batch_size, settings.max_faces_per_image, settings.limits)
     runner.check()
     writer = RowWriter(args.out, COLUMNS, append=args.resume)
     started, rows, unreadable, errors = time.perf_counter(), 0, 0, 0

@@ -174,18 +174,23 @@ class Predictor:
                 mode: FacesMode = "none") -> list[ImagePrediction]:
         """CPU-bound. Per image, its predictions (one per face used) or its error, in order;
         every face of every image goes through one model call."""
-        self.model(model_name)
+        loaded = self.model(model_name)
         self.require_faces(mode)
-        decoded: list[DecodedImage | PreprocessingError] = []
+        # Each image becomes its 350x350 inputs as soon as it is decoded, so a batch of large
+        # uploads is never held at full size all at once.
+        inputs: list[list[tuple[np.ndarray, Box | None]] | PreprocessingError] = []
         for image in images:
             try:
                 if image.error is not None:
                     raise image.error
-                decoded.append(decode_grayscale(image.data or b"", self.limits))
+                decoded = decode_grayscale(image.data or b"", self.limits)
             except PreprocessingError as exc:
-                decoded.append(exc)
+                inputs.append(exc)
                 self.hooks.on_rejected(exc.code)
-        return self.predict_decoded(model_name, [i.name for i in images], decoded, mode)
+                continue
+            inputs.append(self.model_inputs(decoded, mode))
+            del decoded
+        return self._classify(loaded, [i.name for i in images], inputs)
 
     def predict_decoded(self, model_name: str, names: Sequence[str | None],
                         images: Sequence[DecodedImage | PreprocessingError],
@@ -193,25 +198,38 @@ class Predictor:
         """:meth:`predict` for images already decoded to grayscale (video frames, say)."""
         loaded = self.model(model_name)
         self.require_faces(mode)
+        return self._classify(loaded, names, [
+            image if isinstance(image, PreprocessingError) else self.model_inputs(image, mode)
+            for image in images])
+
+    def _classify(self, loaded: LoadedModel, names: Sequence[str | None],
+                  inputs: Sequence[list[tuple[np.ndarray, Box | None]] | PreprocessingError]
+                  ) -> list[ImagePrediction]:
         faces: list[list[FacePrediction] | PreprocessingError] = []
         arrays, owners = [], []  # owners[k]: (image index, face box) of arrays[k]
-        for i, decoded in enumerate(images):
-            if isinstance(decoded, PreprocessingError):
-                faces.append(decoded)
+        for i, item in enumerate(inputs):
+            if isinstance(item, PreprocessingError):
+                faces.append(item)
                 continue
-            for pixels, face in self.model_inputs(decoded, mode):
+            for pixels, face in item:
                 arrays.append(pixels)
                 owners.append((i, face))
             faces.append([])
         if arrays:
             probabilities = self.probabilities(loaded, pixels_to_input(np.stack(arrays)))
+            self.count_predictions(loaded.name, probabilities)
             for (i, face), row in zip(owners, probabilities, strict=True):
-                label_id = int(np.argmax(row))
-                faces[i].append(FacePrediction(label_id, row, face))
-                self.hooks.on_prediction(loaded.name, CLASS_NAMES[label_id], float(row[label_id]))
+                faces[i].append(FacePrediction(int(np.argmax(row)), row, face))
         return [ImagePrediction(name, error=result) if isinstance(result, Exception)
                 else ImagePrediction(name, tuple(result))
                 for name, result in zip(names, faces, strict=True)]
+
+    def count_predictions(self, model_name: str, probabilities: np.ndarray) -> None:
+        """The served labels and their probabilities, for the metrics, whichever protocol
+        asked."""
+        for row in probabilities:
+            label_id = int(np.argmax(row))
+            self.hooks.on_prediction(model_name, CLASS_NAMES[label_id], float(row[label_id]))
 
     def probabilities(self, model: LoadedModel | str, batch: np.ndarray) -> np.ndarray:
         """float32 ``[N, 350, 350]`` model inputs in [0, 1] -> probabilities ``[N, 8]``."""

@@ -105,7 +105,10 @@ class ServiceMetrics:
         return registry
 
     def render(self, accept: str) -> tuple[bytes, str]:
-        encoder, content_type = choose_encoder(accept)
+        try:
+            encoder, content_type = choose_encoder(accept)
+        except (TypeError, ValueError):  # e.g. "version=abc": a client's typo, plain text then
+            encoder, content_type = choose_encoder("")
         return encoder(self.exposition_registry()), content_type
 
     def snapshot(self) -> dict:

@@ -45,8 +45,8 @@ class InferRequest:
     def binary_output(self, name: str) -> bool:
         for output in self.outputs:
             if output.get("name") == name:
-                return bool(output["parameters"].get("binary_data", False))
-        return bool(self.parameters.get("binary_data_output", False))
+                return output["parameters"].get("binary_data") is True
+        return self.parameters.get("binary_data_output") is True  # JSON true, not "false"
 
 
 def _shape(value) -> list[int]:
@@ -133,7 +133,7 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
         header_bytes, binary = body, b""
     try:
         header = json.loads(header_bytes)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # malformed, not UTF-8, or an integer past Python's digit limit
         raise ProtocolError(f"the request is not valid JSON: {exc}") from None
     except RecursionError:
         raise ProtocolError("the request's JSON is nested too deeply") from None

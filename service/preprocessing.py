@@ -199,8 +199,7 @@ def _to_grayscale(image: Image.Image) -> Image.Image:
     if mode == "L":
         return image
     if mode in _WIDE_INTEGER_MODES:
-        wide = np.asarray(image).astype(np.float64)
-        return _from_unit_range(wide / 65535.0)
+        return _from_sixteen_bits(np.asarray(image))
     if mode == "F":
         return _from_unit_range(np.asarray(image, dtype=np.float64))
     if mode == "P":
@@ -213,6 +212,16 @@ def _to_grayscale(image: Image.Image) -> Image.Image:
         return image.convert("L")
     # CMYK, YCbCr, LAB, HSV, RGBX, I;16 variants Pillow adds later: through RGB.
     return image.convert("RGB").convert("L")
+
+
+def _from_sixteen_bits(values: np.ndarray) -> Image.Image:
+    """0..65535 to 0..255, rounded: round(v / 257) is (v + 128) // 257 (v / 257 is never a
+    half), in integers, since float64 copies of a 7000x7000 image need gigabytes."""
+    wide = (values.astype(np.uint32) if values.dtype == np.uint16
+            else np.clip(values, 0, 65535).astype(np.uint32))
+    wide += 128
+    wide //= 257
+    return Image.fromarray(wide.astype(np.uint8))
 
 
 def _from_unit_range(values: np.ndarray) -> Image.Image:

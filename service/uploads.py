@@ -53,7 +53,7 @@ class _MultipartCollector:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.uploads: list[ImageInput] = []
-        self.other_fields: list[str] = []
+        self.other_fields: dict[str, None] = {}  # an ordered set: names in arrival order
         self._name = self._filename = None
         self._data = bytearray()
         self._over = False
@@ -89,8 +89,8 @@ class _MultipartCollector:
             if len(self.uploads) >= self.settings.max_images_per_request:
                 raise ApiError(422, "too_many_files", "too many files: at most "
                                f"{self.settings.max_images_per_request} images per request")
-        elif self._name not in self.other_fields:
-            self.other_fields.append(self._name)
+        else:
+            self.other_fields.setdefault(self._name)
 
     def _is_image_part(self) -> bool:
         return self._name in FILE_FIELDS and self._filename is not None
@@ -141,9 +141,17 @@ async def read_multipart(request: Request, settings: Settings) -> list[ImageInpu
                        "closing boundary: was the upload cut short?")
     if not collector.uploads:
         raise ApiError(422, "no_file", "no image found: send it as a multipart file field "
-                       f"named 'file' (or several named 'files'); got fields "
-                       f"{collector.other_fields}")
+                       f"named 'file' (or several named 'files'); got "
+                       f"{_field_list(list(collector.other_fields))}")
     return collector.uploads
+
+
+def _field_list(names: list[str], shown: int = 10) -> str:
+    """The fields a request sent instead of a file, at most ``shown`` of them by name."""
+    if not names:
+        return "no fields"
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f"fields {names[:shown]}{more}"
 
 
 async def read_uploads(request: Request, settings: Settings) -> list[ImageInput]:

@@ -107,6 +107,21 @@ def test_a_list_file_and_an_unreadable_path(photo_folder, tmp_path):
     assert "cannot read" in rows[1]["error"]
 
 
+def test_the_services_image_limits_apply_in_process_too(photo_folder, tmp_path, monkeypatch,
+                                                        request):
+    from service.settings import load_settings
+
+    monkeypatch.setenv("EMOTION_MAX_PIXELS", str(100 * 100))  # drawing.png is 90x120
+    load_settings.cache_clear()  # read once per process: read again, and again after
+    request.addfinalizer(load_settings.cache_clear)
+    out = tmp_path / "rows.csv"
+    assert main(["images", str(photo_folder / "drawing.png"), str(photo_folder / "empty.png"),
+                 "--out", str(out), "--faces", "none", "--workers", "1"]) == 0
+    rows = {Path(row["path"]).name: row for row in read_rows(out)}
+    assert rows["drawing.png"]["code"] == "too_many_pixels" and not rows["drawing.png"]["label"]
+    assert rows["empty.png"]["code"] == "not_an_image"
+
+
 def test_usage_mistakes_exit_2_in_one_line(tmp_path):
     for argv in (["images", str(tmp_path), "--out", str(tmp_path / "rows.xlsx")],
                  ["images", str(tmp_path / "missing"), "--out", str(tmp_path / "r.csv")]):

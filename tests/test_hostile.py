@@ -316,6 +316,19 @@ def test_malformed_requests_get_a_clear_4xx(client, still_ready, make_request, s
     assert_error(make_request(client), status, code)
 
 
+def test_thousands_of_text_fields_are_named_briefly(client, still_ready):
+    """Each distinct name is kept once (a set, not a list searched per field) and the error
+    names ten of them, not all 20,000."""
+    parts = [f'Content-Disposition: form-data; name="f{i}"\r\n\r\nx'.encode()
+             for i in range(20_000)]
+    response = client.post("/predict", content=multipart(parts), headers={
+        "content-type": "multipart/form-data; boundary=XyZ"})
+    assert_error(response, 422, "no_file")
+    detail = response.json()["detail"]
+    assert "'f0'" in detail and "'f9'" in detail and "'f10'" not in detail
+    assert "and 19990 more" in detail and len(detail) < 500
+
+
 def test_the_part_content_type_does_not_matter_only_the_bytes(client, still_ready):
     response = client.post("/predict", files={"file": ("a.txt", png_bytes(), "text/plain")})
     assert_prediction(response, "a.txt")

@@ -12,6 +12,7 @@ import pytest
 import tritonclient.http as triton
 from fastapi.testclient import TestClient
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from service.app import create_app
@@ -144,6 +145,7 @@ def app_client():
     (b'{"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], "data": [""], '
      b'"parameters": "x"}]}', {}, "'parameters' must be an object"),
     (b"[" * 100_000 + b"]" * 100_000, {}, "nested too deeply"),
+    (b'{"id": ' + b"1" * 5000 + b', "inputs": []}', {}, "not valid JSON"),
 ])
 def test_malformed_requests_get_400_and_the_protocols_error_body(app_client, body, headers,
                                                                   message):
@@ -152,6 +154,25 @@ def test_malformed_requests_get_400_and_the_protocols_error_body(app_client, bod
     response = app_client.post("/v2/models/cnn/infer", content=body, headers=headers)
     assert response.status_code == 400, response.text
     assert set(response.json()) == {"error"} and message in response.json()["error"]
+
+
+def test_oip_predictions_are_counted_and_a_string_false_is_not_true(app_client, faces):
+    def counted() -> float:
+        text = app_client.get("/metrics", headers={"accept": "text/plain"}).text
+        return sum(s.value for f in text_string_to_metric_families(text)
+                   for s in f.samples if s.name == "emotion_predictions_total"
+                   and s.labels["model"] == "cnn")
+
+    before = counted()
+    request = {"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [2],
+                           "data": [base64.b64encode(f).decode() for f in faces[:2]]}],
+               "parameters": {"binary_data_output": "false"},
+               "outputs": [{"name": "probabilities", "parameters": {"binary_data": "false"}}]}
+    response = app_client.post("/v2/models/cnn/infer", json=request)
+    assert response.status_code == 200
+    [output] = response.json()["outputs"]  # JSON: the whole body parses, data inline
+    assert len(output["data"]) == 2 * NUM_CLASSES
+    assert counted() == before + 2  # as /predict counts its answers
 
 
 def test_faces_parameter_finds_the_face_as_predict_does(app_client, faces):

@@ -130,6 +130,30 @@ def test_model_input_is_pixels_over_255():
     assert pixels_to_input(np.array([0, 255], dtype=np.uint8)).tolist() == [0.0, 1.0]
 
 
+def test_a_large_16_bit_image_converts_without_float_copies():
+    """7000x7000 at 16 bits is within the default limits, and a few hundred KB as PNG; float64
+    copies of it took 1.5 GB, enough to kill a worker. numpy reports its arrays to
+    tracemalloc, so the peak is what the conversion holds."""
+    import tracemalloc
+
+    image = Image.fromarray(np.tile(np.arange(7000, dtype=np.uint16) * 9, (7000, 1)))
+    data = encode(image, "PNG")
+    tracemalloc.start()
+    try:
+        pixels = preprocess_image_uint8(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 450e6, f"{peak / 1e6:.0f} MB"
+    assert pixels.shape == (INPUT_SIZE, INPUT_SIZE)
+    # Every 16-bit value, in an image already at the input size (so no resize): the integers
+    # round as v / 65535 * 255 in floats does.
+    values = np.resize(np.arange(65536, dtype=np.uint16), (INPUT_SIZE, INPUT_SIZE))
+    expected = np.rint(values / 65535 * 255).astype(np.uint8)
+    np.testing.assert_array_equal(
+        preprocess_image_uint8(encode(Image.fromarray(values), "PNG")), expected)
+
+
 def test_large_jpeg_is_decoded_scaled_but_keeps_the_contract():
     image = rgb_image(3000, 2000)
     scaled = preprocess_image(encode(image, "JPEG", quality=90))

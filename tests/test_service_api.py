@@ -198,6 +198,14 @@ def test_prometheus_exposition_and_counters_move(client, faces, accept):
         assert wanted in names, wanted
 
 
+def test_an_unreadable_metrics_version_gets_plain_text_not_a_500(client):
+    for accept in ("text/plain; version=abc", "application/openmetrics-text; version=x.y"):
+        response = client.get("/metrics", headers={"accept": accept})
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/plain")
+        assert "emotion_http_requests_total" in response.text
+
+
 @pytest.mark.parametrize(("broken", "healthy"), [("knn", "cnn"), ("cnn", "knn")])
 def test_a_tampered_artifact_is_refused_and_the_other_model_serves(
         tmp_path, settings, monkeypatch, broken, healthy):

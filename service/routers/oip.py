@@ -204,6 +204,7 @@ async def _infer(request: Request, name: str, version: str | None, settings: Set
     def work() -> tuple[bytes, dict]:
         parsed = parse_request(body, header_length)
         probabilities = run_inference(predictor, name, parsed, settings)
+        predictor.count_predictions(name, probabilities)
         serving.metrics.images_per_request.observe(len(probabilities))
         return encode_infer_response(name, model_version(predictor, name), parsed,
                                      {OUTPUT: probabilities})
