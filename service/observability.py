@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 PROBABILITY_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
@@ -37,6 +38,26 @@ def configure_logging(level: str) -> None:
 
 def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+
+
+def forget_dead_workers(directory: str) -> None:
+    """Drop the live gauges (in flight) of workers that died without saying so (an OOM kill,
+    then uvicorn starts a new one): their last value would otherwise be added up forever.
+    Counters and histograms keep their files: what a dead worker counted did happen."""
+    for path in Path(directory).glob("gauge_live*_*.db"):
+        pid = path.stem.rsplit("_", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            mark_process_dead(int(pid), directory)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 class ServiceMetrics:
@@ -100,6 +121,7 @@ class ServiceMetrics:
         directory = multiprocess_dir()
         if not directory:
             return self.registry
+        forget_dead_workers(directory)
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=directory)
         return registry

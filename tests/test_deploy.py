@@ -73,6 +73,36 @@ def test_metrics_add_up_across_several_workers(data_settings, tmp_path):
     assert total == requests
 
 
+def test_a_dead_workers_in_flight_gauge_is_dropped_and_a_live_ones_kept(tmp_path,
+                                                                         monkeypatch):
+    """A worker killed mid-request (an OOM kill) leaves its in-flight count in its file; the
+    exposition forgets it once its pid is gone, while a running worker's count stays."""
+    from service.observability import ServiceMetrics
+
+    worker = ("import os, sys, time\n"
+              "from service.observability import ServiceMetrics\n"
+              "ServiceMetrics().in_flight.set(int(sys.argv[1]))\n"
+              "print('set', flush=True)\n"
+              "time.sleep(60) if sys.argv[2] == 'live' else os._exit(0)\n")
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", worker, "3", "dead"], cwd=REPO, env=env, check=True)
+    live = subprocess.Popen([sys.executable, "-c", worker, "2", "live"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert live.stdout.readline().strip() == "set"
+        assert len(list(tmp_path.glob("gauge_livesum_*.db"))) == 2
+        monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+        text = ServiceMetrics().render("text/plain")[0].decode()
+        [in_flight] = [s.value for f in text_string_to_metric_families(text) for s in f.samples
+                       if s.name == "emotion_predictions_in_flight"]
+        assert in_flight == 2
+        assert [p.name for p in tmp_path.glob("gauge_livesum_*.db")] == [
+            f"gauge_livesum_{live.pid}.db"]
+    finally:
+        live.kill()
+        live.wait()
+
+
 def test_dockerfile_passes_hadolint():
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     result = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True)
