@@ -7,6 +7,7 @@ values to files there and the exposition aggregates all workers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -47,7 +48,9 @@ def forget_dead_workers(directory: str) -> None:
     for path in Path(directory).glob("gauge_live*_*.db"):
         pid = path.stem.rsplit("_", 1)[-1]
         if pid.isdigit() and not _alive(int(pid)):
-            mark_process_dead(int(pid), directory)
+            # another worker's /metrics may have removed it first
+            with contextlib.suppress(FileNotFoundError):
+                mark_process_dead(int(pid), directory)
 
 
 def _alive(pid: int) -> bool:

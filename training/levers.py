@@ -179,7 +179,7 @@ DECISIONS: dict[str, str] = {
     "distill": "not adopted: -0.008 against distill_fer, which it was defined beside; the KL "
                "term on this dataset's faces too pulls them towards fer's reading of them: raw "
                "identity val 0.319 against distill_fer's 0.353 (FER-2013 val level, 0.629 and "
-               "0.628). Run last, alone but beside the test suite",
+               "0.628). Ran alone, though the test suite shared the cores for part of it",
     "distill_fer_0.3": "not adopted: identity val unchanged, FER-2013 val -0.008",
     "distill_fer_tau_1": "not adopted: +0.005, within the rerun noise; by the tie-break its "
                          "raw is 0.013 lower",
