@@ -94,6 +94,27 @@ def test_an_example_photo_shows_every_face_as_predict_finds_it(page, server):
     print(f"\nscreenshot: {ARTIFACTS / 'page.png'}")
 
 
+def test_boxes_sit_on_the_faces_of_an_image_narrower_than_its_column(page, server, tmp_path):
+    """The boxes are placed in percent of the stage, so the stage must be as wide as the
+    image: a 400-pixel photo in a wider column once had its boxes stretched across it."""
+    from PIL import Image
+
+    image = Image.open(EXAMPLES / "two_people.jpg")
+    path = tmp_path / "small.jpg"
+    image.resize((400, round(400 * image.height / image.width))).save(path, quality=92)
+    page.select_option("#faces", "all")
+    page.set_input_files("#file", str(path))
+    page.wait_for_selector("#boxes .box")
+    photo = page.locator("#photo").bounding_box()
+    assert photo["width"] == pytest.approx(400, abs=1)
+    assert page.locator("#stage").bounding_box()["width"] == pytest.approx(photo["width"], abs=1)
+    faces = [p["face"] for p in predicted(server, path)]
+    for face, box in zip(faces, page.locator("#boxes .box").all(), strict=True):
+        shown = box.bounding_box()
+        assert shown["x"] == pytest.approx(photo["x"] + face["x"], abs=2)
+        assert shown["width"] == pytest.approx(face["width"], abs=2)
+
+
 def test_the_example_button_and_the_face_list_by_keyboard(page, server):
     page.click("#example")
     page.wait_for_selector("#boxes .box")

@@ -5,27 +5,33 @@
 
 const $ = (id) => document.getElementById(id);
 const FRAME_WIDTH = 320; // webcam frames are scaled to this width before they are sent
+const FRAME_TIMEOUT_MS = 10000; // a webcam frame not answered by then is given up
+// generation: bumped by every new file and every webcam start or stop, so a reply to an
+// earlier one (a slow file, a frame in flight) is dropped instead of drawn over a newer one.
 const state = { classes: [], models: [], examples: [], nextExample: 0, objectUrl: null,
-                stream: null, running: false, sent: [] };
+                stream: null, running: false, sent: [], generation: 0 };
 
-async function api(path, options = {}) {
+async function api(path, options = {}, timeoutMs = 0) {
   let response;
   try {
-    response = await fetch(path, options);
+    response = await fetch(path, timeoutMs ? { ...options, signal: AbortSignal.timeout(timeoutMs) } : options);
   } catch (err) {
-    return { ok: false, status: 0, detail: `the server could not be reached (${err.message})` };
+    const why = err.name === "TimeoutError" ? `no answer in ${timeoutMs / 1000} s` : err.message;
+    return { ok: false, status: 0, detail: `the server could not be reached (${why})` };
   }
   let body = null;
   try { body = await response.json(); } catch (_) { /* not JSON: say the status */ }
   if (!response.ok) {
     const detail = (body && (body.detail || body.error)) || `${response.status} ${response.statusText}`;
-    return { ok: false, status: response.status, detail, code: body && body.code };
+    const retryAfter = Number(response.headers.get("Retry-After")) || 0; // seconds
+    return { ok: false, status: response.status, detail, code: body && body.code, retryAfter };
   }
   return { ok: true, status: response.status, body };
 }
 
 function showError(message) {
   const box = $("error");
+  if (!box.hidden && box.textContent === message) return; // the alert speaks once, not per frame
   box.textContent = message;
   box.hidden = false;
 }
@@ -36,7 +42,8 @@ function clearError() {
 }
 
 function percent(value) {
-  return `${(100 * value).toFixed(value >= 0.995 || value < 0.001 ? 0 : 1)}%`;
+  // One decimal, and never "100%" for what is not certain (0.996 would round up to it).
+  return `${Math.min(100 * value, value < 1 ? 99.9 : 100).toFixed(1)}%`;
 }
 
 function describeModel() {
@@ -82,6 +89,7 @@ function previewable(blob, name) {
 
 async function classifyFile(blob, name) {
   stopWebcam();
+  const generation = state.generation;
   clearError();
   const photo = $("photo");
   if (state.objectUrl) URL.revokeObjectURL(state.objectUrl);
@@ -108,6 +116,7 @@ async function classifyFile(blob, name) {
   form.append("file", blob, name || "image");
   const started = performance.now();
   const result = await api(`/predict?${query()}`, { method: "POST", body: form });
+  if (generation !== state.generation) return; // another file or the webcam came since
   if (!result.ok) {
     render([], size);
     $("status").textContent = "";
@@ -159,6 +168,7 @@ function render(predictions, size) {
       bar.setAttribute("aria-valuemin", "0");
       bar.setAttribute("aria-valuemax", "1");
       bar.setAttribute("aria-valuenow", value.toFixed(4));
+      bar.setAttribute("aria-valuetext", percent(value));
       const fill = document.createElement("i");
       fill.style.width = `${(100 * value).toFixed(2)}%`;
       bar.append(fill);
@@ -214,7 +224,13 @@ async function startWebcam() {
   }
   const video = $("video");
   video.srcObject = state.stream;
-  await video.play();
+  try {
+    await video.play();
+  } catch (err) {
+    stopWebcam(); // the camera must not stay open behind a "Start" button
+    showError(`The camera could not be shown: ${err.message || err.name}`);
+    return;
+  }
   $("photo").hidden = true;
   video.hidden = false;
   $("stage").hidden = false;
@@ -222,21 +238,31 @@ async function startWebcam() {
   $("webcam").setAttribute("aria-pressed", "true");
   state.running = true;
   state.sent = [];
-  tick();
+  state.generation += 1;
+  $("status").setAttribute("aria-live", "off"); // a line per frame is noise to a screen reader
+  tick(state.generation);
 }
 
 function stopWebcam() {
+  const wasRunning = state.running;
   state.running = false;
+  state.generation += 1; // a frame still in flight is dropped when it lands
   if (state.stream) state.stream.getTracks().forEach((track) => track.stop());
   state.stream = null;
   $("video").hidden = true;
+  $("status").setAttribute("aria-live", "polite");
+  if (wasRunning) { // the last frame's boxes and faces go with the camera
+    render([]);
+    $("stage").hidden = true;
+    $("status").textContent = "Webcam stopped.";
+  }
   $("webcam").textContent = "Start the webcam";
   $("webcam").setAttribute("aria-pressed", "false");
   delete $("status").dataset.fps;
 }
 
-async function tick() {
-  if (!state.running) return;
+async function tick(generation) {
+  if (!state.running || generation !== state.generation) return;
   const started = performance.now();
   const video = $("video");
   const canvas = document.createElement("canvas");
@@ -245,8 +271,8 @@ async function tick() {
   canvas.getContext("2d").drawImage(video, 0, 0, canvas.width, canvas.height);
   const frame = await new Promise((resolve) => canvas.toBlob(resolve, "image/jpeg", 0.85));
   const result = await api(`/predict?${query()}`, {
-    method: "POST", headers: { "Content-Type": "image/jpeg" }, body: frame });
-  if (!state.running) return;
+    method: "POST", headers: { "Content-Type": "image/jpeg" }, body: frame }, FRAME_TIMEOUT_MS);
+  if (!state.running || generation !== state.generation) return;
   if (result.ok) {
     clearError();
     render(result.body.predictions, { width: canvas.width, height: canvas.height });
@@ -259,7 +285,9 @@ async function tick() {
   $("status").textContent = `Webcam: ${fps.toFixed(1)} frames/s, ${canvas.width}x${canvas.height} frames`;
   $("status").dataset.fps = fps.toFixed(2);
   const interval = Math.max(50, Number($("interval").value) || 150);
-  setTimeout(tick, Math.max(0, interval - (now - started)));
+  // A 503 says when to come back (Retry-After); the webcam waits that long, not the interval.
+  const wait = result.ok ? interval - (now - started) : Math.max(interval, 1000 * (result.retryAfter || 0));
+  setTimeout(() => tick(generation), Math.max(0, wait));
 }
 
 // --- wiring -----------------------------------------------------------------------------
@@ -299,11 +327,19 @@ function wire() {
   $("example").addEventListener("click", async () => {
     const name = state.examples[state.nextExample % state.examples.length];
     state.nextExample += 1;
-    const response = await fetch(`/examples/${encodeURIComponent(name)}`);
+    let response;
+    try {
+      response = await fetch(`/examples/${encodeURIComponent(name)}`);
+    } catch (err) {
+      showError(`The example ${name} could not be loaded: the server could not be reached (${err.message}).`);
+      return;
+    }
     if (!response.ok) { showError(`The example ${name} could not be loaded (${response.status}).`); return; }
     classifyFile(await response.blob(), name);
   });
   $("webcam").addEventListener("click", () => (state.running ? stopWebcam() : startWebcam()));
+  // A hidden tab sends no frames: the camera stops, and the user starts it again.
+  document.addEventListener("visibilitychange", () => { if (document.hidden && state.running) stopWebcam(); });
 }
 
 wire();
