@@ -220,3 +220,7 @@ def test_the_service_default_for_faces_is_what_face_geometry_measured():
     from service.settings import Settings
 
     assert Settings().default_faces == load_face_crop(REPO_MODELS_DIR).evaluation["default"]
+    # ... and measured with the CNN that ships: a new export without a new face-geometry run
+    # would leave the framing and that default resting on another network
+    assert (load_face_crop(REPO_MODELS_DIR).evaluation["model_sha256"]
+            == load_manifest(REPO_MODELS_DIR).models["cnn"].sha256)

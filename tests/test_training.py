@@ -314,6 +314,39 @@ def test_a_checkpoint_rebuilds_its_network_from_the_config_it_carries(tmp_path):
         assert torch.equal(rebuilt(x), model(x))
 
 
+def test_export_takes_only_checkpoints_of_its_own_profile(tmp_path):
+    from training.export import choose_checkpoint
+    from training.models import save_checkpoint
+
+    model = EmotionNet(ModelConfig(arch="baseline", channels=(4,), pool=5, pad=0))
+    metrics = {"identity": {"val": {"macro_f1": 0.3}}, "fer2013": {"val": {"macro_f1": 0.5}}}
+    for seed, profile in ((0, "full"), (1, "full")):
+        save_checkpoint(tmp_path / f"joint-seed{seed}.pt", model, seed=seed, profile=profile,
+                        metrics=metrics)
+    best, runs = choose_checkpoint(tmp_path, "full")
+    assert len(runs) == 2 and best["profile"] == "full"
+    # a smoke run written into the same folder: nothing from it may ship labelled full
+    save_checkpoint(tmp_path / "joint-seed2.pt", model, seed=2, profile="smoke",
+                    metrics={k: {"val": {"macro_f1": 0.9}} for k in metrics})
+    with pytest.raises(SystemExit, match="include \\['smoke'\\] runs"):
+        choose_checkpoint(tmp_path, "full")
+
+
+def test_a_dataset_that_is_not_where_the_setting_says_is_one_line_and_exit_2(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.server import REPO
+
+    result = subprocess.run([sys.executable, "-m", "training", "verify"], cwd=REPO,
+                            capture_output=True, text=True,
+                            env={**os.environ, "EMOTION_DATASET_DIR": str(tmp_path)})
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("python -m training verify: error:") and str(tmp_path) in line
+
+
 def test_the_low_resolution_augmentation_blurs_only_sometimes():
     from training.train import augmentation
 

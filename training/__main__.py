@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="check a dataset folder against its checksum "
                                  "list (fer2013: the files present)")
     verify.add_argument("dataset", nargs="?", choices=DATASETS, default="facial_expressions",
-                        help="(default: %(default)s)")
+                        help="the dataset whose folder (EMOTION_DATASET_DIR or "
+                        "EMOTION_FER2013_DIR) to check (default: %(default)s)")
     verify.set_defaults(func=cmd_verify)
     commands.add_parser("audit", help="audit the dataset; write data/audit.*, data/clean.csv "
                                       "and data/splits/").set_defaults(func=cmd_audit)
@@ -258,8 +259,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import subprocess
+
+    from training.fetch import ChecksumError
+
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except (ChecksumError, FileNotFoundError, subprocess.CalledProcessError) as exc:
+        # Data not where a setting says, or not what its checksums say, or a git fetch that
+        # failed: the user's to fix, so one line, not a traceback.
+        print(f"python -m training {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

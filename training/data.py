@@ -144,9 +144,11 @@ class Workspace:
                                                    self.settings.cache_dir)
         return self._fer
 
-    def require_fer_training(self) -> None:
+    def require_fer(self, usages: tuple[str, ...] = ("Training",)) -> None:
+        """One line and exit, before any work, when a full run needs a FER-2013 usage that
+        only the full release has (the shared copy holds PublicTest alone)."""
         if self.profile != "smoke":
-            require_usages(self.fer()[0], self.settings.fer2013_dir)
+            require_usages(self.fer()[0], self.settings.fer2013_dir, usages)
 
     def decoded_for(self, split: str) -> DecodedImages:
         return self.fer()[1] if split == "fer2013" else self.decoded

@@ -118,11 +118,17 @@ def data_provenance(settings: TrainingSettings) -> dict[str, DatasetProvenance]:
     }
 
 
-def choose_checkpoint(folder: Path) -> tuple[dict, list[dict]]:
+def choose_checkpoint(folder: Path, profile: str = "full") -> tuple[dict, list[dict]]:
     runs = [load_checkpoint(p) for p in sorted(folder.glob("joint-seed*.pt"))]
     if not runs:
         raise SystemExit(f"no joint checkpoints in {folder}: run `python -m training train` "
                          "first")
+    # A smoke run writes to the same folder by default: its network must never ship as full.
+    other = sorted({run.get("profile") for run in runs} - {profile}, key=str)
+    if other:
+        raise SystemExit(f"the checkpoints in {folder} include {other} runs, not {profile!r} "
+                         f"ones: rerun `python -m training train --profile {profile}`, or "
+                         "export from a folder that holds only those")
 
     def validation(run: dict) -> float:  # the criterion, with the served rule
         return float(np.mean([run["metrics"][name]["val"]["macro_f1"] for name in EVAL_SETS]))
@@ -239,7 +245,8 @@ def export_knn(ws: Workspace, sets: dict, path: Path) -> tuple[dict, dict, dict]
 def export_all(settings: TrainingSettings, checkpoints: Path, out_dir: Path,
                profile: str = "full") -> Manifest:
     ws = Workspace(settings, profile)
-    best, runs = choose_checkpoint(checkpoints)
+    ws.require_fer(("Training", "PrivateTest"))  # the kNN's train set; the test scores
+    best, runs = choose_checkpoint(checkpoints, profile)
     sets = scored_sets(ws)
     created = datetime.now(UTC).isoformat(timespec="seconds")
     provenance = data_provenance(settings)

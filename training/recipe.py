@@ -91,7 +91,7 @@ def fit_joint(ws: Workspace, seed: int, model_config: ModelConfig, train_config:
     """Fine-tune fer's network on both train sets, each epoch judged on both validation sets.
     Returns the model with the selected weights, its history, the validation sets and the
     training time in seconds."""
-    ws.require_fer_training()
+    ws.require_fer()
     train = concat(joint_sets(ws, model_config, "train"))
     vals = joint_sets(ws, model_config, "val")
     started = time.perf_counter()
