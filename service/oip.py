@@ -119,8 +119,26 @@ def _flatten(data) -> list:
     return out
 
 
-def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
-    """A ``POST .../infer`` body, JSON alone or a JSON header followed by binary tensors."""
+def _check_json_size(header: bytes, max_values: int) -> None:
+    """Refuse, before parsing, JSON with more values or arrays than a largest real request
+    has: parsed, every value and array is a Python object, so 15 MB of ``[],`` took 367 MB
+    and a body at the size limit would take gigabytes. Counting bytes overestimates (a comma
+    in a string counts), which only errs on the safe side."""
+    values = header.count(b",") + 1
+    containers = header.count(b"[") + header.count(b"{")
+    if values > max_values or containers > max_values // 64 + 1000:
+        raise ProtocolError(f"the request's JSON holds more values ({values}) or arrays "
+                            f"({containers}) than a request of the largest allowed batch; "
+                            "send images as 'image_bytes', or tensors with the binary extension")
+
+
+def parse_infer_request(body: bytes, header_length: str | None,
+                        max_values: int | None = None) -> InferRequest:
+    """A ``POST .../infer`` body, JSON alone or a JSON header followed by binary tensors.
+
+    ``max_values``: the most JSON values a request may hold (see :func:`_check_json_size`);
+    None: no bound.
+    """
     if header_length is not None:
         # ASCII digits only: str.isdigit() also accepts '²', which int() refuses
         if not (header_length.isascii() and header_length.isdigit()) \
@@ -131,6 +149,8 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
         header_bytes, binary = body[:split], body[split:]
     else:
         header_bytes, binary = body, b""
+    if max_values is not None:
+        _check_json_size(header_bytes, max_values)
     try:
         header = json.loads(header_bytes)
     except ValueError as exc:  # malformed, not UTF-8, or an integer past Python's digit limit

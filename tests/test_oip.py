@@ -144,8 +144,10 @@ def app_client():
      "not INT8 numbers"),
     (b'{"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], "data": [""], '
      b'"parameters": "x"}]}', {}, "'parameters' must be an object"),
-    (b"[" * 100_000 + b"]" * 100_000, {}, "nested too deeply"),
+    (b"[" * 100_000 + b"]" * 100_000, {}, "arrays (100000)"),  # nesting: refused unparsed
     (b'{"id": ' + b"1" * 5000 + b', "inputs": []}', {}, "not valid JSON"),
+    # 3 MB of empty arrays, refused before they become a million Python lists
+    (b'{"inputs": [' + b"[]," * 1_000_000 + b"[]]}", {}, "more values"),
 ])
 def test_malformed_requests_get_400_and_the_protocols_error_body(app_client, body, headers,
                                                                   message):

@@ -202,7 +202,9 @@ async def _infer(request: Request, name: str, version: str | None, settings: Set
     loop = asyncio.get_running_loop()
 
     def work() -> tuple[bytes, dict]:
-        parsed = parse_request(body, header_length)
+        # the most values a real request holds: every pixel of the largest batch, as JSON
+        parsed = parse_request(body, header_length, max_values=(
+            settings.max_images_per_request * INPUT_SIZE * INPUT_SIZE + 10_000))
         probabilities = run_inference(predictor, name, parsed, settings)
         predictor.count_predictions(name, probabilities)
         serving.metrics.images_per_request.observe(len(probabilities))
