@@ -330,10 +330,12 @@ class RemoteRunner:
         return out  # type: ignore[return-value]
 
     def run(self, paths: Sequence[str]) -> Iterator[list[list[Row]]]:
-        with _Threads(self.concurrency) as pool:
-            yield from _bounded(lambda chunk: pool.submit(self._classify, chunk),
-                                batches(paths, self.batch_size), 2 * self.concurrency)
-        self.client.close()
+        try:
+            with _Threads(self.concurrency) as pool:
+                yield from _bounded(lambda chunk: pool.submit(self._classify, chunk),
+                                    batches(paths, self.batch_size), 2 * self.concurrency)
+        finally:  # also when the run stops early (an error, Ctrl-C)
+            self.client.close()
 
 
 def _error_body(response) -> dict:
