@@ -94,6 +94,25 @@ def test_an_example_photo_shows_every_face_as_predict_finds_it(page, server):
     print(f"\nscreenshot: {ARTIFACTS / 'page.png'}")
 
 
+def test_a_slow_first_example_does_not_replace_the_second(page, server):
+    """Two quick clicks on "Try an example" where the first photo arrives last: the page must
+    keep showing the second photo and its faces, not the late first one."""
+    names = httpx.get(f"{server}/examples").json()
+    held = []
+    page.route(f"**/examples/{names[0]}", lambda route: held.append(route))  # held back
+    page.click("#example")
+    page.wait_for_timeout(200)
+    assert len(held) == 1
+    page.click("#example")
+    page.wait_for_selector("#status:has-text('found')")  # no wait_for_function: the CSP
+    second = shown_labels(page)
+    held[0].continue_()  # now the first photo arrives
+    page.wait_for_timeout(1500)  # room for it to (wrongly) be sent and drawn
+    assert shown_labels(page) == second == [
+        p["label"] for p in predicted(server, EXAMPLES / names[1])]
+    assert page.is_visible("#photo")
+
+
 def test_boxes_sit_on_the_faces_of_an_image_narrower_than_its_column(page, server, tmp_path):
     """The boxes are placed in percent of the stage, so the stage must be as wide as the
     image: a 400-pixel photo in a wider column once had its boxes stretched across it."""

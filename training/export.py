@@ -124,7 +124,7 @@ def choose_checkpoint(folder: Path, profile: str = "full") -> tuple[dict, list[d
         raise SystemExit(f"no joint checkpoints in {folder}: run `python -m training train` "
                          "first")
     # A smoke run writes to the same folder by default: its network must never ship as full.
-    other = sorted({run.get("profile") for run in runs} - {profile}, key=str)
+    other = sorted({run.get("profile", "unlabelled") for run in runs} - {profile})
     if other:
         raise SystemExit(f"the checkpoints in {folder} include {other} runs, not {profile!r} "
                          f"ones: rerun `python -m training train --profile {profile}`, or "

@@ -20,7 +20,10 @@ async function api(path, options = {}, timeoutMs = 0) {
     return { ok: false, status: 0, detail: `the server could not be reached (${why})` };
   }
   let body = null;
-  try { body = await response.json(); } catch (_) { /* not JSON: say the status */ }
+  try { body = await response.json(); } catch (_) { /* not JSON (or cut off): say the status */ }
+  if (response.ok && body === null) {
+    return { ok: false, status: response.status, detail: `the answer (${response.status}) could not be read` };
+  }
   if (!response.ok) {
     const detail = (body && (body.detail || body.error)) || `${response.status} ${response.statusText}`;
     const retryAfter = Number(response.headers.get("Retry-After")) || 0; // seconds
@@ -105,8 +108,11 @@ async function classifyFile(blob, name) {
       await photo.decode();
       size = { width: photo.naturalWidth, height: photo.naturalHeight };
     } catch (_) {
+      // A newer image replacing this one also rejects the decode: leave the photo to it.
+      if (generation !== state.generation) return;
       photo.hidden = true; // the browser cannot draw it; the service may still read it
     }
+    if (generation !== state.generation) return;
   } else {
     photo.hidden = true;
   }
@@ -327,6 +333,8 @@ function wire() {
   $("example").addEventListener("click", async () => {
     const name = state.examples[state.nextExample % state.examples.length];
     state.nextExample += 1;
+    stopWebcam();
+    const generation = ++state.generation; // a later click or file picked while this loads wins
     let response;
     try {
       response = await fetch(`/examples/${encodeURIComponent(name)}`);
@@ -335,7 +343,8 @@ function wire() {
       return;
     }
     if (!response.ok) { showError(`The example ${name} could not be loaded (${response.status}).`); return; }
-    classifyFile(await response.blob(), name);
+    const blob = await response.blob();
+    if (generation === state.generation) classifyFile(blob, name);
   });
   $("webcam").addEventListener("click", () => (state.running ? stopWebcam() : startWebcam()));
   // A hidden tab sends no frames: the camera stops, and the user starts it again.
