@@ -30,6 +30,7 @@ from service.inference import FACES_MODES, PredictorError
 from service.manifest import ManifestError
 from service.settings import load_settings
 
+MAX_FPS = 1000.0  # above any camera's frame rate: more than that is every frame anyway
 
 def _progress(total: int, initial: int = 0):
     from tqdm import tqdm
@@ -78,13 +79,18 @@ def run_images(args: argparse.Namespace) -> int:
 
 def run_video(args: argparse.Namespace) -> int:
     from service.inference import Predictor
-    from service.video import VIDEO_COLUMNS, classify_video, plot_largest_face
+    from service.video import (
+        VIDEO_COLUMNS,
+        NoVideoStreamError,
+        classify_video,
+        plot_largest_face,
+    )
 
     output_format(args.out)
     if not args.video.is_file():
         raise UsageError(f"{args.video}: no such file")
-    if args.fps <= 0:
-        raise UsageError("--fps must be above 0")
+    if not 0 < args.fps <= MAX_FPS:  # also refuses nan and inf, whose steps never advance
+        raise UsageError(f"--fps must be above 0 and at most {MAX_FPS:g}")
     settings = load_settings()
     predictor = Predictor.load(args.models_dir or settings.models_dir,
                                threads=settings.resolved_onnx_threads,
@@ -102,7 +108,7 @@ def run_video(args: argparse.Namespace) -> int:
             every_row += rows
             frames = len({r.values["frame"] for r in every_row})
     except Exception as exc:  # PyAV raises its own errors for a file it cannot decode
-        if type(exc).__module__.startswith("av"):
+        if type(exc).__module__.startswith("av") or isinstance(exc, NoVideoStreamError):
             print(f"emotion-detect: {args.video}: cannot decode the video: {exc}",
                   file=sys.stderr)
             return 1
@@ -185,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"emotion-detect: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("emotion-detect: interrupted; --resume picks up where it stopped",
-              file=sys.stderr)
+        resume = "; --resume picks up where it stopped" if args.command == "images" else ""
+        print(f"emotion-detect: interrupted{resume}", file=sys.stderr)
         return 130
     return 0
 

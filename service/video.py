@@ -27,11 +27,18 @@ def _av():
     return av
 
 
+class NoVideoStreamError(ValueError):
+    """A file PyAV opens that has no picture: audio alone, say."""
+
+
 def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, DecodedImage]]:
     """(time in seconds, frame number, the frame in grayscale) at ``fps`` frames a second:
     the first frame at or after each multiple of 1/fps."""
     av = _av()
     with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise NoVideoStreamError(f"{path}: the file holds no video stream "
+                                     f"({len(container.streams)} other streams)")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         next_time = 0.0

@@ -275,3 +275,24 @@ def test_video_rows_per_sampled_frame_and_face_and_the_plot(test_images, tmp_pat
     assert all(r["label"] in CLASS_NAMES and r["face_width"] for r in rows)
     image = Image.open(plot)
     assert image.size[0] > 600 and len(set(image.convert("L").getdata())) > 20
+
+
+def test_a_video_without_pictures_and_impossible_rates_are_one_line_each(tmp_path, capsys):
+    import wave
+
+    sound = tmp_path / "voice.wav"  # PyAV opens it: audio alone, no video stream
+    with wave.open(str(sound), "wb") as handle:
+        handle.setnchannels(1)
+        handle.setsampwidth(2)
+        handle.setframerate(8000)
+        handle.writeframes(bytes(16000))
+    out = tmp_path / "rows.csv"
+    assert main(["video", str(sound), "--out", str(out)]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "no video stream" in line and "Traceback" not in line
+    for fps in ("0", "nan", "inf", "1e300"):  # inf and 1e300 once looped forever
+        with pytest.raises(SystemExit) as caught:
+            main(["video", str(sound), "--out", str(out), "--fps", fps])
+        assert caught.value.code == 2
+        assert "--fps must be above 0 and at most" in capsys.readouterr().err
+

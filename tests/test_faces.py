@@ -120,6 +120,17 @@ def test_all_gives_one_prediction_per_pasted_face(client, geometry, test_crops):
         assert {p["filename"] for p in predictions} == {"photo.png"}
 
 
+def test_auto_uses_the_largest_face_and_all_lists_them_largest_first(client):
+    """Refinement moves the boxes' sizes after detection; the order must follow the final
+    sizes (four_people.jpg once had auto pick a 37,349-pixel face over a 43,134 one)."""
+    photo = Image.open(REPO_MODELS_DIR.parent / "examples" / "four_people.jpg")
+    every = predict(client, photo, "all")
+    areas = [p["face"]["width"] * p["face"]["height"] for p in every]
+    assert len(every) >= 2 and areas == sorted(areas, reverse=True)
+    [largest] = predict(client, photo, "auto")
+    assert largest["face"] == every[0]["face"]
+
+
 def test_none_and_no_face_use_the_whole_image(client):
     noise = Image.fromarray(np.random.default_rng(3).integers(0, 256, (300, 400), np.uint8))
     [whole] = predict(client, noise, "none")

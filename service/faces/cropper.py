@@ -45,6 +45,8 @@ class FaceCropper:
         found = self.detector.detect(np.asarray(gray))
         if self.spec.detector.refine:
             found = [self._refined(gray, face) for face in found]
+            # refining moves sizes: largest first again, as auto (the first) and all promise
+            found.sort(key=lambda face: face.width * face.height, reverse=True)
         return found
 
     def _refined(self, gray: Image.Image, face: Box) -> Box:
