@@ -376,17 +376,24 @@ def test_distillation_pulls_towards_the_teacher_on_its_classes_only():
     assert distillation_loss(other, teacher, 2.0).item() > 0.1
 
 
+def tiny_fit(config: TrainConfig, x: torch.Tensor, y: np.ndarray,
+             sources: np.ndarray | None = None, **fit_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 4-channel network fitted from seed 5 on ``(x, y)``: its weights, flat, before and
+    after."""
+    seed_everything(5)
+    body = EmotionNet(ModelConfig(arch="baseline", channels=(4,), pool=5, pad=0)).body
+    start = torch.cat([p.detach().flatten().clone() for p in body.parameters()])
+    body, _ = fit(body, config, LabelledImages(x, y, sources), LabelledImages(x[:16], y[:16]),
+                  seed=5, device=torch.device("cpu"), progress=False, **fit_kwargs)
+    return start, torch.cat([p.detach().flatten() for p in body.parameters()])
+
+
 def test_distillation_on_one_source_leaves_the_other_sources_images_alone():
     x = torch.rand(64, 1, 70, 70)
     y = np.arange(64) % NUM_CLASSES
 
     def trained(sources, **change):
-        seed_everything(5)
-        body = EmotionNet(ModelConfig(arch="baseline", channels=(4,), pool=5, pad=0)).body
-        body, _ = fit(body, TrainConfig(epochs=1, lr=1e-2, **change),
-                      LabelledImages(x, y, sources), LabelledImages(x[:16], y[:16]), seed=5,
-                      device=torch.device("cpu"), progress=False)
-        return torch.cat([p.detach().flatten() for p in body.parameters()])
+        return tiny_fit(TrainConfig(epochs=1, lr=1e-2, **change), x, y, sources)[1]
 
     only_study = np.zeros(64, dtype=np.int64)
     plain = trained(only_study)
@@ -403,14 +410,8 @@ def test_the_ema_keeps_the_average_which_lags_behind_the_trained_weights():
     y = np.arange(64) % NUM_CLASSES
 
     def trained(**change):
-        seed_everything(5)
-        body = EmotionNet(ModelConfig(arch="baseline", channels=(4,), pool=5, pad=0)).body
-        start = torch.cat([p.detach().flatten().clone() for p in body.parameters()])
-        body, _ = fit(body, TrainConfig(epochs=3, lr=1e-2, batch_size=16, select="last",
-                                        **change),
-                      LabelledImages(x, y), LabelledImages(x[:16], y[:16]), seed=5,
-                      device=torch.device("cpu"), progress=False)
-        return start, torch.cat([p.detach().flatten() for p in body.parameters()])
+        return tiny_fit(TrainConfig(epochs=3, lr=1e-2, batch_size=16, select="last", **change),
+                        x, y)
 
     start, raw = trained()
     same_start, averaged = trained(ema=0.9)
@@ -478,12 +479,8 @@ def test_the_loss_can_keep_the_prior_of_a_set_other_than_the_one_it_trains_on():
     y = np.arange(64) % NUM_CLASSES
 
     def trained(**prior):
-        seed_everything(5)
-        body = EmotionNet(ModelConfig(arch="baseline", channels=(4,), pool=5, pad=0)).body
-        body, _ = fit(body, TrainConfig(epochs=1, lr=1e-2, loss="balanced_softmax"),
-                      LabelledImages(x, y), LabelledImages(x[:16], y[:16]), seed=5,
-                      device=torch.device("cpu"), progress=False, **prior)
-        return torch.cat([p.detach().flatten() for p in body.parameters()])
+        return tiny_fit(TrainConfig(epochs=1, lr=1e-2, loss="balanced_softmax"), x, y,
+                        **prior)[1]
 
     own = trained()
     one_source = np.zeros(64, dtype=np.int64)
