@@ -5,6 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from service.settings import REPO_MODELS_DIR
 
 # Nothing a client sees may reveal internals: tracebacks, source paths, the install.
@@ -29,3 +31,11 @@ def tampered_copy(tmp_path: Path, file: str) -> Path:
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     return folder
+
+
+def metric_total(exposition: str, sample: str, **labels: str) -> float:
+    """The sum of a Prometheus text exposition's ``sample`` values whose labels include
+    ``labels`` (0 when there are none)."""
+    return sum(s.value for family in text_string_to_metric_families(exposition)
+               for s in family.samples
+               if s.name == sample and labels.items() <= s.labels.items())

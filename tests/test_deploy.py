@@ -14,6 +14,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.api import metric_total
 from tests.server import REPO, running_server
 
 DOCKERFILE = REPO / "Dockerfile"
@@ -66,11 +67,7 @@ def test_metrics_add_up_across_several_workers(data_settings, tmp_path):
         text = client.get(f"{base}/metrics", headers={"accept": "text/plain"}).text
     pids = {p.name.split("_")[-1] for p in tmp_path.glob("*.db")}
     assert len(pids) >= 2, "both workers should have written metrics"
-    total = sum(sample.value for family in text_string_to_metric_families(text)
-                for sample in family.samples
-                if sample.name == "emotion_http_requests_total"
-                and sample.labels.get("route") == "/predict")
-    assert total == requests
+    assert metric_total(text, "emotion_http_requests_total", route="/predict") == requests
 
 
 def test_a_dead_workers_in_flight_gauge_is_dropped_and_a_live_ones_kept(tmp_path,

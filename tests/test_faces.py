@@ -15,12 +15,11 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.faces import Box, CropGeometry, crop_region, load_face_crop, non_max_suppression
 from service.settings import REPO_MODELS_DIR, Settings
-from tests.api import tampered_copy
+from tests.api import metric_total, tampered_copy
 from tests.images import encode
 
 PHOTOS = 600
@@ -144,9 +143,8 @@ def test_none_and_no_face_use_the_whole_image(client):
 def test_faces_found_and_images_without_a_face_are_counted(client, test_crops):
     def counters() -> dict[str, float]:
         text = client.get("/metrics", headers={"accept": "text/plain"}).text
-        return {s.name: s.value for f in text_string_to_metric_families(text)
-                for s in f.samples if s.name in (
-                    "emotion_faces_found_total", "emotion_images_without_face_total")}
+        return {name: metric_total(text, name) for name in (
+            "emotion_faces_found_total", "emotion_images_without_face_total")}
 
     before = counters()
     canvas = Image.new("L", (640, 480), 90)

@@ -12,13 +12,13 @@ import pytest
 import tritonclient.http as triton
 from fastapi.testclient import TestClient
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from service.app import create_app
 from service.classes import NUM_CLASSES
 from service.preprocessing import preprocess_image
 from service.settings import REPO_MODELS_DIR, Settings
+from tests.api import metric_total
 from tests.images import encode, gray_image
 from tests.server import running_server
 
@@ -161,9 +161,7 @@ def test_malformed_requests_get_400_and_the_protocols_error_body(app_client, bod
 def test_oip_predictions_are_counted_and_a_string_false_is_not_true(app_client, faces):
     def counted() -> float:
         text = app_client.get("/metrics", headers={"accept": "text/plain"}).text
-        return sum(s.value for f in text_string_to_metric_families(text)
-                   for s in f.samples if s.name == "emotion_predictions_total"
-                   and s.labels["model"] == "cnn")
+        return metric_total(text, "emotion_predictions_total", model="cnn")
 
     before = counted()
     request = {"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [2],
