@@ -77,6 +77,14 @@ LEVERS: dict[str, tuple[str, dict]] = {
     # loss, this dataset's high-resolution faces may keep its own class frequencies.
     "distill_fer_tau_0": ("distill_fer with tau 0 (plain cross-entropy, no logit adjustment) "
                           "instead of 0.5", {**DISTILL_FER, "logit_tau": 0.0}),
+    # Sixth round: a second teacher for this dataset's faces, the CNN trained on it alone
+    # (shipped at ce144e4, identity test 0.428), whose served outputs the joint network,
+    # which tells the two datasets' faces apart, may learn for this dataset's faces only.
+    "distill_fer_specialist": ("distill_fer plus the same KL term on this dataset's images to "
+                               "the served outputs (offsets and flip included) of the CNN "
+                               "trained on this dataset alone (shipped at ce144e4)",
+                               {**DISTILL_FER, "specialist": "ce144e4",
+                                "specialist_distill": 1.0}),
 }
 
 

@@ -96,7 +96,8 @@ def fit_joint(ws: Workspace, seed: int, model_config: ModelConfig, train_config:
     vals = joint_sets(ws, model_config, "val")
     started = time.perf_counter()
     model = new_model(ws, model_config)
-    _, history = fit(model.body, train_config, train, vals, seed, device)
+    _, history = fit(model.body, train_config, train, vals, seed, device,
+                     specialist_stem=(model_config.pool, model_config.pad))
     return model, history, vals, time.perf_counter() - started
 
 

@@ -45,6 +45,11 @@ class TrainConfig:
     distill: float = 0.0         # weight of a KL term to the starting network's outputs; 0: off
     distill_temperature: float = 2.0
     distill_source: int = -1     # distil on this source's images only (1: FER-2013); -1: all
+    # A second teacher for this dataset's images (source 0): the served outputs of a CNN
+    # trained on this dataset alone, the ONNX file ``models/emotion_cnn.onnx`` at this git
+    # revision; "": none. Its KL term has the weight ``specialist_distill``.
+    specialist: str = ""
+    specialist_distill: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -224,6 +229,48 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor,
     return F.kl_div(log_student, target, reduction="batchmean") * t * t
 
 
+class SpecialistTeacher:
+    """A served ONNX file as a teacher on pooled training images: each pooled image is blown
+    back up to 350x350 by repeating its pixels, which the file's own average pool (same
+    kernel and padding) maps back to exactly that pooled image; returns log-probabilities."""
+
+    def __init__(self, onnx_bytes: bytes, pool: int, pad: int):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = TrainingSettings().torch_threads or os.cpu_count() or 1
+        self.session = ort.InferenceSession(onnx_bytes, options,
+                                            providers=["CPUExecutionProvider"])
+        self.pool, self.pad = pool, pad
+
+    @classmethod
+    def at_revision(cls, revision: str, pool: int, pad: int) -> SpecialistTeacher:
+        import subprocess
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        onnx_bytes = subprocess.run(["git", "-C", root, "show",
+                                     f"{revision}:models/emotion_cnn.onnx"],
+                                    check=True, capture_output=True).stdout
+        return cls(onnx_bytes, pool, pad)
+
+    @torch.no_grad()
+    def __call__(self, pooled: torch.Tensor) -> torch.Tensor:
+        full = pooled.repeat_interleave(self.pool, 2).repeat_interleave(self.pool, 3)
+        if self.pad:
+            full = full[..., self.pad:-self.pad, self.pad:-self.pad]
+        probabilities = self.session.run(None, {"image": full.float().cpu().numpy()})[0]
+        return torch.from_numpy(np.log(np.clip(probabilities, 1e-8, 1.0))).to(pooled.device)
+
+
+def specialist_loss(student: torch.Tensor, teacher_log_probs: torch.Tensor,
+                    temperature: float) -> torch.Tensor:
+    """The distillation term over all eight classes, from a teacher's log-probabilities."""
+    t = temperature
+    target = torch.softmax(teacher_log_probs / t, dim=1)
+    return F.kl_div(torch.log_softmax(student / t, dim=1), target,
+                    reduction="batchmean") * t * t
+
+
 @torch.no_grad()
 def predict_logits(body: nn.Module, images: torch.Tensor, device: torch.device,
                    flip: bool = False, batch_size: int = 512) -> np.ndarray:
@@ -254,8 +301,8 @@ def evaluate_sets(body: nn.Module, vals: list[LabelledImages], device: torch.dev
 
 def fit(body: nn.Module, config: TrainConfig, train: LabelledImages,
         vals: LabelledImages | list[LabelledImages], seed: int, device: torch.device,
-        progress: bool = True, prior_of: tuple[np.ndarray, np.ndarray] | None = None
-        ) -> tuple[nn.Module, list[dict]]:
+        progress: bool = True, prior_of: tuple[np.ndarray, np.ndarray] | None = None,
+        specialist_stem: tuple[int, int] | None = None) -> tuple[nn.Module, list[dict]]:
     """Train ``body`` on pooled images; returns the selected weights and the per-epoch history.
 
     With several validation sets, an epoch is judged by the mean of their macro-F1s. The
@@ -285,6 +332,11 @@ def fit(body: nn.Module, config: TrainConfig, train: LabelledImages,
     # Distillation keeps what the pretrained network knew (learning without forgetting):
     # the frozen starting point is the teacher, on the classes it has.
     teacher = copy.deepcopy(body).eval() if config.distill else None
+    specialist = None
+    if config.specialist_distill:
+        if specialist_stem is None:
+            raise ValueError("a specialist teacher needs the stem (pool, pad) it pools with")
+        specialist = SpecialistTeacher.at_revision(config.specialist, *specialist_stem)
     history, best_state, best_score = [], None, -1.0
 
     for epoch in range(1, config.epochs + 1):
@@ -315,6 +367,12 @@ def fit(body: nn.Module, config: TrainConfig, train: LabelledImages,
                     # batchmean over the taught images, weighted by their share of the batch
                     loss = loss + config.distill * taught.mean() * distillation_loss(
                         logits[keep], teacher_logits, config.distill_temperature)
+            if specialist is not None:
+                own = train_sources[indices] == 0
+                if own.any():
+                    keep = torch.from_numpy(own).to(device)
+                    loss = loss + config.specialist_distill * own.mean() * specialist_loss(
+                        logits[keep], specialist(inputs[keep]), config.distill_temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
