@@ -18,11 +18,14 @@ COPY examples/*.jpg ./examples/
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     EMOTION_MODELS_DIR=/app/models \
-    EMOTION_EXAMPLES_DIR=/app/examples
+    EMOTION_EXAMPLES_DIR=/app/examples \
+    EMOTION_HOST=0.0.0.0 \
+    EMOTION_PORT=8000
 USER 10001
 EXPOSE 8000
+# Probes the port the launcher listens on: set it with EMOTION_PORT, not --port.
 HEALTHCHECK --interval=30s --timeout=3s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"]
+    CMD ["python", "-c", "import os, sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('EMOTION_PORT', '8000'), timeout=2).status != 200)"]
 # The launcher is the entrypoint, so a Kubernetes `args:` replaces only the options.
 ENTRYPOINT ["python", "-m", "service"]
-CMD ["--host", "0.0.0.0", "--port", "8000"]
+CMD []

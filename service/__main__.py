@@ -17,22 +17,30 @@ import tempfile
 from pathlib import Path
 
 from service.manifest import ManifestError, load_manifest
-from service.settings import load_settings
+from service.settings import Settings, SettingsError, load_settings
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, settings: Settings | None = None
+               ) -> argparse.Namespace:
+    settings = settings or Settings.model_construct()  # the fields' defaults
     parser = argparse.ArgumentParser(
         prog="python -m service", description="Serve the emotion models over HTTP. Other "
         "settings come from EMOTION_* environment variables (see the README).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    parser.add_argument("--host", default=settings.host,
+                        help="interface to listen on (EMOTION_HOST)")
+    parser.add_argument("--port", type=int, default=settings.port,
+                        help="port to listen on (EMOTION_PORT)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    settings = load_settings()
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"emotion service: cannot start: {exc}", file=sys.stderr)
+        return 2
+    args = parse_args(argv, settings)
     try:
         manifest = load_manifest(settings.models_dir)
     except ManifestError as exc:

@@ -28,7 +28,7 @@ from service.batch import (
 )
 from service.inference import FACES_MODES, PredictorError
 from service.manifest import ManifestError
-from service.settings import load_settings
+from service.settings import SettingsError, load_settings
 
 MAX_FPS = 1000.0  # above any camera's frame rate: more than that is every frame anyway
 
@@ -190,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     except (PredictorError, ManifestError, RemoteError) as exc:
         print(f"emotion-detect: {exc}", file=sys.stderr)
         return 1
+    except SettingsError as exc:
+        print(f"emotion-detect: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         resume = "; --resume picks up where it stopped" if args.command == "images" else ""
         print(f"emotion-detect: interrupted{resume}", file=sys.stderr)

@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.preprocessing import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageLimits
@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     models_dir: Path = Field(REPO_MODELS_DIR, description="manifest.json and the artifacts.")
     examples_dir: Path = Field(REPO_EXAMPLES_DIR, description="The sample photos the page "
                                "offers (none where the folder is missing).")
+    host: str = Field("127.0.0.1", description="Interface python -m service listens on; "
+                      "--host overrides it.")
+    port: int = Field(8000, ge=1, le=65535, description="Port python -m service listens on; "
+                      "--port overrides it. The image's HEALTHCHECK probes this one.")
     default_model: ModelName = Field("cnn", description="Model used when a request names none.")
     default_faces: Literal["auto", "none"] = Field(
         "none", description="faces= when a request names none; measured in models/README.md.")
@@ -109,10 +113,25 @@ class Settings(BaseSettings):
         return self.max_images_per_request * self.max_upload_bytes + 64 * 1024
 
 
+class SettingsError(ValueError):
+    """An ``EMOTION_*`` variable the settings refuse, said in one line."""
+
+
+def read_settings(cls: type[BaseSettings], prefix: str = "EMOTION_"):
+    """``cls()`` from the environment, with a refused variable as a :class:`SettingsError`
+    that names it, its value and why, instead of pydantic's multi-line report."""
+    try:
+        return cls()
+    except ValidationError as exc:
+        problems = [f"{prefix}{'_'.join(map(str, e['loc'])).upper()}={e.get('input')!r}: "
+                    f"{e['msg']}" for e in exc.errors()]
+        raise SettingsError("; ".join(problems)) from None
+
+
 @lru_cache
 def load_settings() -> Settings:
     """This process's settings, read from the environment once."""
-    return Settings()
+    return read_settings(Settings)
 
 
 async def get_settings() -> Settings:

@@ -57,6 +57,40 @@ def test_bad_manifest_is_one_clear_error_not_a_restart_loop(tmp_path, manifest):
     assert "manifest" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(("command", "prefix"), [
+    (["-m", "service", "--port", "1"], "emotion service: cannot start:"),
+    (["-m", "service.cli", "images", str(REPO / "examples"), "--out", "rows.csv"],
+     "emotion-detect:"),
+    (["-m", "training", "audit"], "python -m training audit: error:")])
+def test_a_refused_setting_is_one_line_naming_it_and_exit_2(tmp_path, command, prefix):
+    env = {**os.environ, "EMOTION_WORKERS": "-1", "EMOTION_MAX_PIXELS": "many",
+           "EMOTION_TORCH_THREADS": "two"}
+    result = subprocess.run([sys.executable, *command], cwd=tmp_path, env={
+        **env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(prefix)
+    if command[1] == "training":
+        assert "EMOTION_TORCH_THREADS='two'" in line
+    else:
+        assert "EMOTION_WORKERS='-1'" in line and "EMOTION_MAX_PIXELS='many'" in line
+
+
+def test_the_launcher_listens_where_the_settings_say_and_options_override():
+    from service.__main__ import parse_args
+    from service.settings import Settings
+
+    settings = Settings(host="0.0.0.0", port=9123)
+    assert (parse_args([], settings).host, parse_args([], settings).port) == ("0.0.0.0", 9123)
+    assert parse_args(["--port", "8100"], settings).port == 8100
+    assert (parse_args([]).host, parse_args([]).port) == ("127.0.0.1", 8000)
+
+
+def dockerfile_healthcheck() -> list[str]:
+    after = DOCKERFILE.read_text().split("\nHEALTHCHECK ", 1)[1]
+    return json.loads(after.split("CMD ", 1)[1].splitlines()[0])
+
+
 def test_metrics_add_up_across_several_workers(data_settings, tmp_path):
     env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
     requests = 12
@@ -145,6 +179,12 @@ def test_serve_extra_installs_without_torch_and_serves(tmp_path, data_settings):
         response = httpx.post(f"{base}/predict?model=knn", files={"file": (
             "face.jpg", real_face(data_settings), "image/jpeg")}, timeout=30)
         assert response.status_code == 200, response.text
+        # The image's HEALTHCHECK, run with the image's python, follows EMOTION_PORT.
+        probe = [python, *dockerfile_healthcheck()[1:]]
+        for port, healthy in ((base.rsplit(":", 1)[1], True), ("1", False)):
+            result = subprocess.run(probe, env={**os.environ, "EMOTION_PORT": port},
+                                    capture_output=True, timeout=30)
+            assert (result.returncode == 0) == healthy, result.stderr
     # The command line comes with the same install, torch-free too.
     face = tmp_path / "face.jpg"
     face.write_bytes(real_face(data_settings))

@@ -261,14 +261,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import subprocess
 
+    from service.settings import SettingsError
     from training.fetch import ChecksumError
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ChecksumError, FileNotFoundError, subprocess.CalledProcessError) as exc:
-        # Data not where a setting says, or not what its checksums say, or a git fetch that
-        # failed: the user's to fix, so one line, not a traceback.
+    except (ChecksumError, FileNotFoundError, subprocess.CalledProcessError,
+            SettingsError) as exc:
+        # Data not where a setting says, or not what its checksums say, a git fetch that
+        # failed, or a refused setting: the user's to fix, so one line, not a traceback.
         print(f"python -m training {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

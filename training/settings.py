@@ -12,6 +12,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.settings import read_settings
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO_ROOT.parent / "shared" / "datasets"
 # Where `python -m training fetch` puts each dataset by default. The study's dataset goes into
@@ -98,4 +100,4 @@ class TrainingSettings(BaseSettings):
 
 @lru_cache
 def get_training_settings() -> TrainingSettings:
-    return TrainingSettings()
+    return read_settings(TrainingSettings)
