@@ -405,6 +405,50 @@ def test_distillation_on_one_source_leaves_the_other_sources_images_alone():
     assert not torch.equal(trained(mixed, distill=1.0, distill_source=1), trained(mixed))
 
 
+def test_a_specialist_teacher_reads_a_pooled_image_as_its_file_reads_the_photo(data_settings):
+    """The pooled image, blown back up, goes through the file's own pool to the same input."""
+    import onnxruntime as ort
+
+    from service.preprocessing import preprocess_image
+    from service.settings import REPO_MODELS_DIR
+    from training.train import SpecialistTeacher
+
+    onnx_bytes = (REPO_MODELS_DIR / "emotion_cnn.onnx").read_bytes()
+    photos = [preprocess_image((data_settings.images_dir / name).read_bytes())
+              for name in ("AJ_Cook_0001.jpg", "Aaron_Eckhart_0001.jpg")]
+    full = torch.from_numpy(np.stack(photos)[:, None])
+    pooled = torch.nn.AvgPool2d(4, 4, 1, count_include_pad=False)(full)
+    assert pooled.shape[-1] == 88
+    served = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"]).run(
+        None, {"image": full.numpy()})[0]
+    taught = SpecialistTeacher(onnx_bytes, pool=4, pad=1)(pooled).exp().numpy()
+    np.testing.assert_allclose(taught, served, atol=1e-5)
+    assert not np.allclose(served[0], served[1], atol=1e-3)  # two faces, two answers
+
+
+def test_the_specialist_teaches_only_source_0s_images(monkeypatch):
+    from service.settings import REPO_MODELS_DIR
+    from training.train import SpecialistTeacher
+
+    onnx_bytes = (REPO_MODELS_DIR / "emotion_cnn.onnx").read_bytes()
+    monkeypatch.setattr(SpecialistTeacher, "at_revision", classmethod(
+        lambda cls, revision, pool, pad: cls(onnx_bytes, pool, pad)))
+    x = torch.rand(64, 1, 70, 70)
+    y = np.arange(64) % NUM_CLASSES
+
+    def trained(sources, **change):
+        return tiny_fit(TrainConfig(epochs=1, lr=1e-2, **change), x, y, sources,
+                        specialist_stem=(5, 0))[1]
+
+    teach = {"specialist": "HEAD", "specialist_distill": 1.0}
+    only_fer = np.ones(64, dtype=np.int64)
+    assert torch.equal(trained(only_fer, **teach), trained(only_fer))
+    mixed = np.arange(64) % 2
+    assert not torch.equal(trained(mixed, **teach), trained(mixed))
+    with pytest.raises(ValueError, match="stem"):
+        tiny_fit(TrainConfig(epochs=1, **teach), x, y, mixed)
+
+
 def test_the_ema_keeps_the_average_which_lags_behind_the_trained_weights():
     x = torch.rand(64, 1, 70, 70)
     y = np.arange(64) % NUM_CLASSES
