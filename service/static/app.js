@@ -240,8 +240,10 @@ async function startWebcam() {
   $("photo").hidden = true;
   video.hidden = false;
   $("stage").hidden = false;
+  // The label says what a press does; no aria-pressed too, which would read "Stop the
+  // webcam, pressed".
   $("webcam").textContent = "Stop the webcam";
-  $("webcam").setAttribute("aria-pressed", "true");
+  $("webcam").classList.add("running");
   state.running = true;
   state.sent = [];
   state.generation += 1;
@@ -263,7 +265,7 @@ function stopWebcam() {
     $("status").textContent = "Webcam stopped.";
   }
   $("webcam").textContent = "Start the webcam";
-  $("webcam").setAttribute("aria-pressed", "false");
+  $("webcam").classList.remove("running");
   delete $("status").dataset.fps;
 }
 
