@@ -15,6 +15,13 @@ from service.preprocessing import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageLi
 
 REPO_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 REPO_EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
+
+
+def beside_or_here(folder: Path) -> Path:
+    """``folder`` beside the package where it is there (a checkout, an editable install),
+    else the same name in the working directory: a plain ``pip install`` puts the package
+    in site-packages, with no models beside it."""
+    return folder if folder.is_dir() else Path.cwd() / folder.name
 ModelName = Literal["cnn", "knn"]
 
 
@@ -55,8 +62,10 @@ def container_cpus(root: Path = CGROUP_ROOT) -> int:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EMOTION_", extra="ignore")
 
-    models_dir: Path = Field(REPO_MODELS_DIR, description="manifest.json and the artifacts.")
-    examples_dir: Path = Field(REPO_EXAMPLES_DIR, description="The sample photos the page "
+    models_dir: Path = Field(default_factory=lambda: beside_or_here(REPO_MODELS_DIR),
+                             description="manifest.json and the artifacts.")
+    examples_dir: Path = Field(default_factory=lambda: beside_or_here(REPO_EXAMPLES_DIR),
+                               description="The sample photos the page "
                                "offers (none where the folder is missing).")
     host: str = Field("127.0.0.1", description="Interface python -m service listens on; "
                       "--host overrides it.")

@@ -188,8 +188,11 @@ def test_serve_extra_installs_without_torch_and_serves(tmp_path, data_settings):
     # The command line comes with the same install, torch-free too.
     face = tmp_path / "face.jpg"
     face.write_bytes(real_face(data_settings))
+    # Installed, not editable: no models beside the package, so the default is ./models.
+    plain_env = {k: v for k, v in os.environ.items() if k != "EMOTION_MODELS_DIR"}
     result = subprocess.run([str(venv / "bin" / "emotion-detect"), "images", str(face), "--out",
                              str(tmp_path / "rows.csv"), "--workers", "1"],
-                            env={**os.environ, **env}, capture_output=True, text=True, cwd=tmp_path)
+                            env={**plain_env, "PYTHONPATH": ""}, capture_output=True, text=True,
+                            cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert len((tmp_path / "rows.csv").read_text().splitlines()) == 2

@@ -82,8 +82,7 @@ def test_the_deployment_runs_the_service_as_its_settings_expect():
     env = env_of(api)
     # Workers matched to the CPU limit; requests equal limits (Guaranteed QoS).
     assert int(env["EMOTION_WORKERS"]) == int(api["resources"]["limits"]["cpu"])
-    assert api["resources"]["requests"] == {**api["resources"]["requests"],
-                                            "cpu": api["resources"]["limits"]["cpu"]}
+    assert api["resources"]["requests"] == api["resources"]["limits"]
     Settings(**{k.removeprefix("EMOTION_").lower(): v for k, v in env.items()
                 if k.startswith("EMOTION_")})  # every variable is a real setting
     # Non-root, read-only root filesystem, the metrics folder on an emptyDir.
@@ -160,7 +159,9 @@ def test_the_kserve_predictor_is_a_valid_pod_on_the_v2_protocol(version):
     assert pod["spec"]["securityContext"]["runAsUser"] == 10001
     api = predictor["containers"][0]
     assert api["name"] == "kserve-container" and api["ports"][0]["containerPort"] == 8080
-    assert api["args"][-1] == "8080"
+    assert "args" not in api and env_of(api)["EMOTION_PORT"] == "8080"  # see the Dockerfile
+    assert predictor["minReplicas"] >= 2  # the PDB allows 1
+    assert api["resources"]["requests"] == api["resources"]["limits"]  # Guaranteed QoS
     routes = set(create_app(Settings()).openapi()["paths"])
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert api[probe]["httpGet"]["path"] in routes
