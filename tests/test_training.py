@@ -424,6 +424,12 @@ def test_a_specialist_teacher_reads_a_pooled_image_as_its_file_reads_the_photo(d
     taught = SpecialistTeacher(onnx_bytes, pool=4, pad=1)(pooled).exp().numpy()
     np.testing.assert_allclose(taught, served, atol=1e-5)
     assert not np.allclose(served[0], served[1], atol=1e-3)  # two faces, two answers
+    # Offsets the file served are taken back off (they were fitted on validation).
+    offsets = np.linspace(-2, 2, NUM_CLASSES)
+    unserved = SpecialistTeacher(onnx_bytes, pool=4, pad=1, class_offsets=offsets)(pooled)
+    expected = torch.log_softmax(torch.log(torch.from_numpy(served)) - torch.from_numpy(
+        offsets).float(), dim=1)
+    np.testing.assert_allclose(unserved.numpy(), expected.numpy(), atol=1e-4)
 
 
 def test_the_specialist_teaches_only_source_0s_images(monkeypatch):
@@ -575,14 +581,26 @@ def test_a_lever_is_trained_judged_on_both_validation_sets_and_reaches_the_repor
                     settings.reports_dir / "after_training")
     [result] = run_levers(settings, ["distill_fer_ema"], profile="smoke")
     assert result["train"]["ema"] == 0.999 and result["train"]["epochs"] == 1
-    assert (settings.checkpoints_dir / "levers" / "distill_fer_ema.pt").is_file()
+    # A smoke run lands apart from the full runs', results and checkpoint alike.
+    smoke = settings.checkpoints_dir / "levers-smoke"
+    assert {p.name for p in smoke.iterdir()} == {"distill_fer_ema.pt", "distill_fer_ema.json"}
+    assert not (settings.checkpoints_dir / "levers").exists()
+    assert not (settings.reports_dir / "levers").exists()
     for flip in ("flip", "no_flip"):
         raw = result[flip]["raw"]
         assert set(raw) == {"criterion", "identity", "fer2013"}
         assert raw["criterion"] == pytest.approx((raw["identity"] + raw["fer2013"]) / 2)
         assert 0 < raw["identity"] < 1 and 0 < raw["fer2013"] < 1
-    stored = json.loads((settings.reports_dir / "levers" / "distill_fer_ema.json").read_text())
-    assert stored["flip"] == result["flip"]
+    stored = json.loads((smoke / "distill_fer_ema.json").read_text())
+    assert stored["flip"] == result["flip"] and stored["profile"] == "smoke"
+    # The report takes full runs only: the smoke result placed among them is left out ...
+    (settings.reports_dir / "levers").mkdir()
+    (settings.reports_dir / "levers" / "distill_fer_ema.json").write_text(json.dumps(stored))
+    report = write_levers_report(settings.reports_dir).read_text()
+    assert not any(line.startswith("| distill_fer_ema |") for line in report.splitlines())
+    # ... and the same figures marked full are a row.
+    (settings.reports_dir / "levers" / "distill_fer_ema.json").write_text(
+        json.dumps({**stored, "profile": "full"}))
     report = write_levers_report(settings.reports_dir).read_text()
     row = next(line for line in report.splitlines() if line.startswith("| distill_fer_ema |"))
     assert f"{result['flip']['offsets_cross_validated']['criterion']:.3f}" in row

@@ -26,10 +26,18 @@ def cmd_fetch(args: argparse.Namespace) -> None:
         from training.settings import UPSTREAM_REPOSITORY
 
         fetch_dataset(dest, settings.checksums_file, args.source or UPSTREAM_REPOSITORY)
+    from service.settings import read_settings
+    from training.settings import TrainingSettings
+
+    # Read again: the defaults look at what exists, and the shared copy of the study's
+    # dataset wins over a fetched one.
+    now = read_settings(TrainingSettings)
+    reads = now.fer2013_dir if args.dataset == "fer2013" else now.dataset_dir
     print(f"fetched and verified {args.dataset} in {dest} ({time.perf_counter() - started:.0f} "
-          f"s); {ENV_OF_DATASET[args.dataset]}={dest} points the project at it"
-          + (" (the default location: nothing to set)"
-             if dest == FETCH_DESTINATIONS[args.dataset] else ""))
+          f"s); " + ("the project reads it from there: nothing to set"
+                     if Path(reads).resolve() == Path(dest).resolve() else
+                     f"{ENV_OF_DATASET[args.dataset]}={dest} points the project at it (it "
+                     f"reads {reads} now)"))
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
@@ -163,6 +171,13 @@ def cmd_examples(args: argparse.Namespace) -> None:
         print(f"{out / photo}: " + ", ".join(f"{p.label} ({p.image})" for p in placed))
 
 
+def non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
 def run_options(command: argparse.ArgumentParser, out_help: str) -> None:
     """--profile, --device and --out, as every command that trains takes them."""
     command.add_argument("--profile", choices=("full", "smoke"), default="full",
@@ -219,12 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run only this lever (repeatable; default: all)")
     levers.add_argument("--epochs", type=int, default=None,
                         help="override every lever's schedule (default: each lever's own)")
-    run_options(levers, "results folder (default: reports/levers/)")
+    run_options(levers, "results folder (default: reports/levers/; with --profile smoke, "
+                "levers-smoke/ in the checkpoints folder)")
     levers.set_defaults(func=cmd_levers)
 
     train = commands.add_parser("train", help="train the shipped CNN recipe on both datasets "
                                 "(identity train + FER-2013 Training), one checkpoint per seed")
-    train.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+    train.add_argument("--seeds", type=non_negative, nargs="+", default=[0, 1, 2],
                        help="seeds (default: %(default)s)")
     train.add_argument("--from", dest="start_at", choices=("fit", "refine", "finish"),
                        default="fit", help="the stage to start at, reusing the checkpoints "

@@ -81,18 +81,20 @@ LEVERS: dict[str, tuple[str, dict]] = {
     # (shipped at ce144e4, identity test 0.428), whose served outputs the joint network,
     # which tells the two datasets' faces apart, may learn for this dataset's faces only.
     "distill_fer_specialist": ("distill_fer plus the same KL term on this dataset's images to "
-                               "the served outputs (offsets and flip included) of the CNN "
-                               "trained on this dataset alone (shipped at ce144e4)",
+                               "the outputs (with flip, without the class offsets it served, "
+                               "which were fitted on identity val) of the CNN trained on "
+                               "this dataset alone (shipped at ce144e4)",
                                {**DISTILL_FER, "specialist": "ce144e4",
                                 "specialist_distill": 1.0}),
 }
 
 
 def run_lever(ws: Workspace, name: str, config: TrainConfig, device: torch.device,
-              seed: int = 0) -> dict:
+              seed: int = 0, checkpoint_dir: Path | None = None) -> dict:
     model, history, _, wall = fit_joint(ws, seed, SHIPPED_MODEL, config, device)
     # Kept (outside the repository) so that what acts after training can be measured on it.
-    save_checkpoint(ws.settings.checkpoints_dir / "levers" / f"{name}.pt", model,
+    checkpoint_dir = checkpoint_dir or ws.settings.checkpoints_dir / "levers"
+    save_checkpoint(checkpoint_dir / f"{name}.pt", model,
                     train_config=config.to_dict(), seed=seed, history=history, profile=ws.profile)
     return measure_lever(ws, name, config, model, history, wall, device, seed)
 
@@ -119,13 +121,16 @@ def measure_lever(ws: Workspace, name: str, config: TrainConfig, model, history:
 def run_levers(settings: TrainingSettings, names: list[str] | None = None, profile: str = "full",
                device: str = "auto", out_dir: Path | None = None, epochs: int | None = None,
                seed: int = 0) -> list[dict]:
-    out_dir = out_dir or settings.reports_dir / "levers"
-    ws = Workspace(settings, profile)
-    torch_device = resolve_device(device)
     chosen = names or list(LEVERS)
     unknown = set(chosen) - set(LEVERS)
-    if unknown:
+    if unknown:  # before the workspace, which may first build the decode caches
         raise SystemExit(f"unknown lever(s) {sorted(unknown)}; choose from {list(LEVERS)}")
+    # A smoke run's results and checkpoints never land where the full runs' are.
+    smoke_dir = settings.checkpoints_dir / f"levers-{profile}"
+    out_dir = out_dir or (settings.reports_dir / "levers" if profile == "full" else smoke_dir)
+    checkpoint_dir = settings.checkpoints_dir / "levers" if profile == "full" else smoke_dir
+    ws = Workspace(settings, profile)
+    torch_device = resolve_device(device)
     results = []
     for name in chosen:
         config = replace(BASELINE, **LEVERS[name][1])
@@ -133,7 +138,7 @@ def run_levers(settings: TrainingSettings, names: list[str] | None = None, profi
             config = replace(config, epochs=epochs)
         if profile == "smoke":
             config = replace(config, epochs=1)
-        result = run_lever(ws, name, config, torch_device, seed)
+        result = run_lever(ws, name, config, torch_device, seed, checkpoint_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
         cv = result["flip"]["offsets_cross_validated"]
@@ -424,6 +429,7 @@ def after_training_section(folder: Path) -> list[str]:
 def write_levers_report(reports_dir: Path) -> Path:
     folder = reports_dir / "levers"
     results = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+    results = {k: r for k, r in results.items() if r.get("profile", "full") == "full"}
     lines = [
         "# The joint recipe's levers",
         "",

@@ -148,7 +148,8 @@ def refine_one(ws: Workspace, fitted: dict, device: torch.device, out_dir: Path,
     prior_of = (np.concatenate([s.labels for s in union]),
                 np.concatenate([s.sources for s in union]))
     _, history = fit(model.body, train_config, refine_set(ws, model_config, seed, fer_multiple),
-                     vals, seed, device, prior_of=prior_of)
+                     vals, seed, device, prior_of=prior_of,
+                     specialist_stem=(model_config.pool, model_config.pad))
     wall = time.perf_counter() - started
     path = out_dir / f"refined-seed{seed}.pt"
     save_checkpoint(path, model, **{k: v for k, v in fitted.items() if k not in (

@@ -230,28 +230,57 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor,
 
 
 class SpecialistTeacher:
-    """A served ONNX file as a teacher on pooled training images: each pooled image is blown
+    """A shipped ONNX file as a teacher on pooled training images: each pooled image is blown
     back up to 350x350 by repeating its pixels, which the file's own average pool (same
-    kernel and padding) maps back to exactly that pooled image; returns log-probabilities."""
+    kernel and padding) maps back to exactly that pooled image. Returns log-probabilities
+    with the file's class offsets taken back off: they were fitted on identity val, which
+    must not be taught into a network that is then judged there."""
 
-    def __init__(self, onnx_bytes: bytes, pool: int, pad: int):
+    def __init__(self, onnx_bytes: bytes, pool: int, pad: int,
+                 class_offsets: np.ndarray | None = None):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.intra_op_num_threads = TrainingSettings().torch_threads or os.cpu_count() or 1
+        # One thread, not spinning: it runs between torch's steps on the same cores.
+        options.intra_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(onnx_bytes, options,
                                             providers=["CPUExecutionProvider"])
         self.pool, self.pad = pool, pad
+        self.offsets = torch.as_tensor(np.zeros(NUM_CLASSES) if class_offsets is None
+                                       else class_offsets, dtype=torch.float32)
 
     @classmethod
     def at_revision(cls, revision: str, pool: int, pad: int) -> SpecialistTeacher:
+        """The CNN shipped at ``revision``: its file, checked against that revision's
+        manifest, and the stem and offsets the manifest gives."""
+        import hashlib
         import subprocess
 
+        if not revision:
+            raise ValueError("a specialist teacher needs the git revision that shipped it")
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        onnx_bytes = subprocess.run(["git", "-C", root, "show",
-                                     f"{revision}:models/emotion_cnn.onnx"],
-                                    check=True, capture_output=True).stdout
-        return cls(onnx_bytes, pool, pad)
+
+        def show(path: str) -> bytes:
+            done = subprocess.run(["git", "-C", root, "show", f"{revision}:{path}"],
+                                  capture_output=True)
+            if done.returncode:
+                raise ValueError(f"specialist {revision}:{path}: "
+                                 f"{done.stderr.decode(errors='replace').strip()}")
+            return done.stdout
+
+        import json
+
+        entry = json.loads(show("models/manifest.json"))["models"]["cnn"]
+        onnx_bytes = show(f"models/{entry['file']}")
+        if hashlib.sha256(onnx_bytes).hexdigest() != entry["sha256"]:
+            raise ValueError(f"specialist {revision}: the file is not its manifest's")
+        model = entry["recipe"]["model"]
+        if (model["pool"], model["pad"]) != (pool, pad):
+            raise ValueError(f"specialist {revision} pools with {model['pool']}/{model['pad']}, "
+                             f"the student with {pool}/{pad}")
+        return cls(onnx_bytes, pool, pad, np.asarray(entry["recipe"].get(
+            "class_offsets", np.zeros(NUM_CLASSES))))
 
     @torch.no_grad()
     def __call__(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -259,7 +288,8 @@ class SpecialistTeacher:
         if self.pad:
             full = full[..., self.pad:-self.pad, self.pad:-self.pad]
         probabilities = self.session.run(None, {"image": full.float().cpu().numpy()})[0]
-        return torch.from_numpy(np.log(np.clip(probabilities, 1e-8, 1.0))).to(pooled.device)
+        served = torch.from_numpy(np.log(np.clip(probabilities, 1e-12, 1.0)))
+        return torch.log_softmax(served - self.offsets, dim=1).to(pooled.device)
 
 
 def specialist_loss(student: torch.Tensor, teacher_log_probs: torch.Tensor,
