@@ -65,6 +65,22 @@ def exif_rotated_jpeg() -> bytes:
     return encode(rgb_image(80, 40), "JPEG", exif=exif)
 
 
+def exif_that_cannot_be_written_back() -> bytes:
+    """Orientation 6 beside an ImageWidth tag holding text: turning the image upright writes
+    the EXIF back, and Pillow fails with a struct.error."""
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F] = 6, "cam"
+    raw = exif.tobytes().replace(b"\x01\x0f\x00\x02", b"\x01\x00\x00\x02")
+    return encode(rgb_image(32, 32), "JPEG", exif=raw)
+
+
+def zeroed_byte(fmt: str, offset: int) -> bytes:
+    """A valid small HEIF or AVIF with one byte zeroed: its decoder raises RuntimeError."""
+    data = bytearray(encode(Image.new("RGB", (32, 32), "gray"), fmt))
+    data[offset] = 0
+    return bytes(data)
+
+
 def huge_valid_png() -> bytes:
     return encode(Image.new("L", (12000, 12000), 128), "PNG", compress_level=1)
 
@@ -114,6 +130,14 @@ UPLOADS: dict[str, tuple[Callable[[bytes], bytes], str, tuple[int, str | None]]]
                              "IMG_0003.HEIC", (400, "corrupt_image")),
     "truncated-avif": (lambda face: phone_photo(face, "AVIF")[:300], "photo.avif",
                        (400, "corrupt_image")),
+    "exif-that-breaks-upright": (lambda face: exif_that_cannot_be_written_back(), "cam.jpg",
+                                 (400, "corrupt_image")),
+    "avif-colour-planes-broken": (lambda face: zeroed_byte("AVIF", 115), "photo.avif",
+                                  (400, "corrupt_image")),
+    "avif-image-item-missing": (lambda face: zeroed_byte("AVIF", 81), "photo.avif",
+                                (400, "corrupt_image")),
+    "heic-size-absurd": (lambda face: zeroed_byte("HEIF", 257), "IMG_0004.HEIC",
+                         (400, "corrupt_image")),
 }
 
 
