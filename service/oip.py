@@ -12,6 +12,7 @@ import binascii
 import json
 import math
 import struct
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,7 +24,20 @@ DATATYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT8":
 
 
 class ProtocolError(ValueError):
-    """A request that does not follow the protocol: answered 400 with ``{"error": ...}``."""
+    """A request that does not follow the protocol: answered with ``{"error": ...}`` and
+    ``status``."""
+
+    status = 400
+
+
+class TooLargeError(ProtocolError):
+    """Too many images, or a body that inflates past the limit."""
+
+    status = 413
+
+
+class UnsupportedEncodingError(ProtocolError):
+    status = 415
 
 
 @dataclass
@@ -132,6 +146,27 @@ def _check_json_size(header: bytes, max_values: int) -> None:
                             "send images as 'image_bytes', or tensors with the binary extension")
 
 
+def decode_content(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """A body sent with ``Content-Encoding`` gzip or deflate (tritonclient's request
+    compression) inflated, refused past ``limit`` bytes the moment it crosses it."""
+    coding = (encoding or "identity").strip().lower()
+    if coding == "identity":
+        return body
+    if coding not in ("gzip", "x-gzip", "deflate"):
+        raise UnsupportedEncodingError(f"Content-Encoding {encoding!r} is not supported; send "
+                                       "gzip, deflate or none")
+    inflater = zlib.decompressobj(wbits=47)  # 32 + 15: a gzip or a zlib header, either
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise ProtocolError(f"the {coding} body could not be inflated ({exc})") from None
+    if len(out) > limit:
+        raise TooLargeError(f"the inflated request is over the limit of {limit} bytes")
+    if not inflater.eof:
+        raise ProtocolError(f"the {coding} body is cut short")
+    return out
+
+
 def parse_infer_request(body: bytes, header_length: str | None,
                         max_values: int | None = None) -> InferRequest:
     """A ``POST .../infer`` body, JSON alone or a JSON header followed by binary tensors.
@@ -140,9 +175,10 @@ def parse_infer_request(body: bytes, header_length: str | None,
     None: no bound.
     """
     if header_length is not None:
-        # ASCII digits only: str.isdigit() also accepts '²', which int() refuses
+        # ASCII digits only: str.isdigit() also accepts '²', which int() refuses; and short,
+        # since int() refuses more than 4,300 digits
         if not (header_length.isascii() and header_length.isdigit()) \
-                or int(header_length) > len(body):
+                or len(header_length) > 20 or int(header_length) > len(body):
             raise ProtocolError(f"the {HEADER_LENGTH} header ({header_length!r}) does not fit "
                                 f"the body of {len(body)} bytes")
         split = int(header_length)

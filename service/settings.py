@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.preprocessing import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageLimits
+from service.preprocessing import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, INPUT_SIZE, ImageLimits
 
 REPO_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 REPO_EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
@@ -120,6 +120,15 @@ class Settings(BaseSettings):
     def max_body_bytes(self) -> int:
         # Room for every image at its limit plus the multipart framing around them.
         return self.max_images_per_request * self.max_upload_bytes + 64 * 1024
+
+    @property
+    def max_oip_body_bytes(self) -> int:
+        """The Open Inference Protocol's own encodings: every image at its limit in base64
+        (4 bytes per 3) in JSON, or every pixel of the largest batch as a JSON number of up
+        to 24 characters, whichever is larger, plus room for the JSON around them."""
+        encoded = -(-4 * self.max_images_per_request * self.max_upload_bytes // 3)
+        as_numbers = self.max_images_per_request * INPUT_SIZE * INPUT_SIZE * 24
+        return max(encoded, as_numbers) + 64 * 1024
 
 
 class SettingsError(ValueError):

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import io
+import json
 
 import httpx
 import numpy as np
@@ -136,8 +138,12 @@ def app_client():
     (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 350, 350], '
      b'"parameters": {"binary_data_size": 8}}]}', {"Inference-Header-Content-Length": "whole"},
      "runs past the body"),
-    (b'{"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [3], '
-     b'"data": ["", "", ""]}]}', {}, "between 1 and 2 images"),
+    (b'{"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [0], '
+     b'"data": []}]}', {}, "between 1 and 2 images"),
+    # int() refuses more than 4,300 digits with a ValueError of its own
+    (b'{"inputs": []}', {"Inference-Header-Content-Length": "9" * 5000}, "does not fit"),
+    (gzip.compress(b'{"inputs": []}')[:-6], {"Content-Encoding": "gzip"}, "cut short"),
+    (b"not gzip at all", {"Content-Encoding": "gzip"}, "could not be inflated"),
     (b'{"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], "data": [""]}],'
      b' "outputs": [{"name": "logits"}]}', {}, "unknown output"),
     (b'{"inputs": [{"name": "image", "datatype": "INT8", "shape": [1], "data": [1000]}]}', {},
@@ -156,6 +162,58 @@ def test_malformed_requests_get_400_and_the_protocols_error_body(app_client, bod
     response = app_client.post("/v2/models/cnn/infer", content=body, headers=headers)
     assert response.status_code == 400, response.text
     assert set(response.json()) == {"error"} and message in response.json()["error"]
+
+
+@pytest.mark.parametrize(("body", "headers", "status", "message"), [
+    (b'{"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [3], '
+     b'"data": ["", "", ""]}]}', {}, 413, "between 1 and 2 images"),
+    # 8 MB of zeros in 8 KB: refused once inflating crosses the limit (6 MB here)
+    (gzip.compress(bytes(8_000_000)), {"Content-Encoding": "gzip"}, 413, "inflated request"),
+    (b'{"inputs": []}', {"Content-Encoding": "br"}, 415, "not supported"),
+])
+def test_too_much_is_413_and_an_unknown_encoding_415(body, headers, status, message):
+    settings = Settings(models_dir=REPO_MODELS_DIR, onnx_threads=1, max_images_per_request=2,
+                        max_upload_bytes=1_000_000)
+    with TestClient(create_app(settings)) as client:
+        response = client.post("/v2/models/cnn/infer", content=body, headers=headers)
+    assert response.status_code == status, response.text
+    assert set(response.json()) == {"error"} and message in response.json()["error"]
+
+
+def test_the_protocols_encodings_fit_in_its_body_limit(faces):
+    """Two images at the upload limit, base64 in JSON (a third larger than themselves), and
+    a gzip body: answered as the same images are on /predict."""
+    noise = np.random.default_rng(3).integers(0, 256, (560, 560), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, "PNG")
+    large = buffer.getvalue()
+    limit = len(large) + 100
+    settings = Settings(models_dir=REPO_MODELS_DIR, onnx_threads=1, max_images_per_request=2,
+                        max_upload_bytes=limit)
+    body = json.dumps({"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [2],
+                                   "data": [base64.b64encode(large).decode()] * 2}]}).encode()
+    assert len(body) > settings.max_body_bytes  # what the limit was before
+    with TestClient(create_app(settings)) as client:
+        plain = client.post("/v2/models/cnn/infer", content=body)
+        assert plain.status_code == 200, plain.text
+        zipped = client.post("/v2/models/cnn/infer", content=gzip.compress(body),
+                             headers={"Content-Encoding": "gzip"})
+        assert zipped.status_code == 200, zipped.text
+        assert zipped.json()["outputs"] == plain.json()["outputs"]
+        on_predict = client.post("/predict", params={"faces": "none"},
+                                 files=[("files", ("a.png", large, "image/png"))] * 2).json()
+    expected = [list(p["probabilities"].values()) for p in on_predict["predictions"]]
+    np.testing.assert_allclose(np.array(plain.json()["outputs"][0]["data"]).reshape(2, -1),
+                               expected, atol=1e-6)
+
+
+def test_tritonclient_can_compress_its_requests(client, server, faces):
+    expected = predict_probabilities(server, faces, "cnn")
+    encoded = triton.InferInput("image_bytes", [len(faces)], "BYTES")
+    encoded.set_data_from_numpy(np.array(faces, dtype=np.object_), binary_data=True)
+    for algorithm in ("gzip", "deflate"):
+        result = client.infer("cnn", [encoded], request_compression_algorithm=algorithm)
+        np.testing.assert_array_equal(result.as_numpy("probabilities"), expected)
 
 
 def test_oip_predictions_are_counted_and_a_string_false_is_not_true(app_client, faces):

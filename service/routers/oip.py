@@ -29,7 +29,14 @@ from service.inference import (
     PredictorError,
     UnknownModelError,
 )
-from service.oip import HEADER_LENGTH, InferRequest, ProtocolError, encode_infer_response
+from service.oip import (
+    HEADER_LENGTH,
+    InferRequest,
+    ProtocolError,
+    TooLargeError,
+    decode_content,
+    encode_infer_response,
+)
 from service.oip import parse_infer_request as parse_request
 from service.preprocessing import INPUT_SIZE, PreprocessingError
 from service.settings import Settings
@@ -68,6 +75,7 @@ _INFER_ERRORS = _errors({
     400: "a malformed request, a wrong tensor, or an input that is no image",
     404: _UNKNOWN,
     413: "too many bytes, pixels or images",
+    415: "a Content-Encoding other than gzip, deflate or none",
     503: _UNAVAILABLE + ", the face detector is missing, or too many requests are in flight",
 })
 
@@ -160,7 +168,8 @@ def run_inference(predictor: Predictor, name: str, request: InferRequest,
     tensor = request.inputs[0]
     count = tensor.shape[0] if tensor.shape else 0
     if not 1 <= count <= settings.max_images_per_request:
-        raise ProtocolError(f"input {tensor.name!r}: between 1 and "
+        error = TooLargeError if count > settings.max_images_per_request else ProtocolError
+        raise error(f"input {tensor.name!r}: between 1 and "
                             f"{settings.max_images_per_request} images per request, got "
                             f"shape {tensor.shape}")
     if tensor.name == "image":
@@ -195,15 +204,17 @@ async def _infer(request: Request, name: str, version: str | None, settings: Set
     if problem is not None:
         return problem
     try:
-        body = await read_body(request, settings.max_body_bytes)
+        body = await read_body(request, settings.max_oip_body_bytes)
     except ApiError as exc:
         return oip_error(exc.status, exc.detail)
+    encoding = request.headers.get("content-encoding")
     header_length = request.headers.get(HEADER_LENGTH)
     loop = asyncio.get_running_loop()
 
     def work() -> tuple[bytes, dict]:
         # the most values a real request holds: every pixel of the largest batch, as JSON
-        parsed = parse_request(body, header_length, max_values=(
+        plain = decode_content(body, encoding, settings.max_oip_body_bytes)
+        parsed = parse_request(plain, header_length, max_values=(
             settings.max_images_per_request * INPUT_SIZE * INPUT_SIZE + 10_000))
         probabilities = run_inference(predictor, name, parsed, settings)
         predictor.count_predictions(name, probabilities)
@@ -214,7 +225,7 @@ async def _infer(request: Request, name: str, version: str | None, settings: Set
     try:
         content, headers = await loop.run_in_executor(serving.executor, work)
     except ProtocolError as exc:
-        return oip_error(400, str(exc))
+        return oip_error(exc.status, str(exc))
     except PreprocessingError as exc:
         return oip_error(status_of(exc), str(exc))
     except FacesUnavailableError as exc:
