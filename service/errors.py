@@ -83,8 +83,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def handle_http_error(request: Request, exc: StarletteHTTPException):
         codes = {404: "not_found", 405: "method_not_allowed"}
-        return error_response(exc.status_code, codes.get(exc.status_code, "http_error"),
-                              str(exc.detail), getattr(exc, "headers", None))
+        body = {"detail": str(exc.detail), "code": codes.get(exc.status_code, "http_error")}
+        if request.url.path.startswith("/v2"):  # the Open Inference Protocol's error field
+            body["error"] = body["detail"]
+        return JSONResponse(body, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def handle_unexpected(request: Request, exc: Exception):

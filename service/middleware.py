@@ -54,7 +54,7 @@ class RequestMiddleware:
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                status["code"], status["started"] = message["status"], True
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"],
                                       (b"x-request-id", request_id.encode("latin-1"))]
@@ -72,6 +72,15 @@ class RequestMiddleware:
                 self.metrics.in_flight.inc()
             try:
                 await self.app(scope, receive, send_with_id)
+            except Exception:
+                if status.get("started"):
+                    raise
+                # Answered here, not by Starlette's outermost handler, so that the 500 and
+                # its log line carry the request id like every other answer.
+                logging.getLogger("service").exception("unhandled error on %s (request %s)",
+                                                       path, request_id)
+                await self._reject(send_with_id, 500, "internal_error",
+                                   "internal error; it has been logged")
             finally:
                 if limited:
                     self.in_flight -= 1
@@ -85,13 +94,16 @@ class RequestMiddleware:
                                         "route": route, "status": status["code"],
                                         "latency_ms": round(elapsed * 1000, 2)}))
 
+    @classmethod
+    async def _reject_overload(cls, send):
+        await cls._reject(send, 503, "overloaded", "too many requests in flight; retry shortly",
+                          [(b"retry-after", b"1")])
+
     @staticmethod
-    async def _reject_overload(send):
-        message = "too many requests in flight; retry shortly"
+    async def _reject(send, status: int, code: str, message: str, headers=()):
         # "error" is the Open Inference Protocol's field; the others are /predict's.
-        body = json.dumps({"detail": message, "code": "overloaded",
-                           "error": message}).encode()
-        await send({"type": "http.response.start", "status": 503, "headers": [
-            (b"content-type", b"application/json"), (b"retry-after", b"1"),
+        body = json.dumps({"detail": message, "code": code, "error": message}).encode()
+        await send({"type": "http.response.start", "status": status, "headers": [
+            (b"content-type", b"application/json"), *headers,
             (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})

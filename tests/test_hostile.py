@@ -7,6 +7,7 @@ service must still be ready, and no response may carry a traceback or an interna
 from __future__ import annotations
 
 import io
+import json
 import select
 import socket
 import tempfile
@@ -365,12 +366,22 @@ def test_an_internal_failure_is_a_500_without_internals(settings, monkeypatch, c
         raise RuntimeError(f"secret state in {REPO}/service/inference.py")
 
     monkeypatch.setattr(Predictor, "predict", broken)
+    monkeypatch.setattr(Predictor, "probabilities", broken)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
-        response = client.post("/predict", files={"file": ("a.png", png_bytes(), "image/png")})
+        response = client.post("/predict", files={"file": ("a.png", png_bytes(), "image/png")},
+                               headers={"x-request-id": "trace-me-42"})
         assert_error(response, 500, "internal_error")
         assert "secret" not in response.text
+        # The 500 carries the request id, as its log line does, and the OIP's error field.
+        assert response.headers["x-request-id"] == "trace-me-42"
+        oip = client.post("/v2/models/cnn/infer", content=json.dumps({"inputs": [{
+            "name": "image", "datatype": "FP32", "shape": [1, 1, 350, 350],
+            "data": [0.5] * 350 * 350}]}))
+        assert oip.status_code == 500 and "secret" not in oip.text
+        assert "error" in oip.json() and oip.headers["x-request-id"]
         assert client.get("/readyz").status_code == 200
-    assert "secret state" in caplog.text  # the operator's log has it
+    assert "secret state" in caplog.text  # the operator's log has it ...
+    assert "trace-me-42" in caplog.text  # ... with the request id to find it by
 
 
 def test_uploads_leave_no_temporary_files(client, face, tmp_path, monkeypatch):

@@ -216,6 +216,14 @@ def test_tritonclient_can_compress_its_requests(client, server, faces):
         np.testing.assert_array_equal(result.as_numpy("probabilities"), expected)
 
 
+def test_a_wrong_path_or_method_under_v2_has_the_protocols_error_field(app_client):
+    for response, status in ((app_client.get("/v2/models/cnn/infer"), 405),
+                             (app_client.post("/v2/models/cnn/explain"), 404)):
+        assert response.status_code == status
+        assert response.json()["error"] == response.json()["detail"]
+    assert "error" not in app_client.get("/predict").json()  # /predict keeps its own body
+
+
 def test_oip_predictions_are_counted_and_a_string_false_is_not_true(app_client, faces):
     def counted() -> float:
         text = app_client.get("/metrics", headers={"accept": "text/plain"}).text
