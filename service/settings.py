@@ -88,6 +88,8 @@ class Settings(BaseSettings):
                                        "ONNX Runtime threads plus one.")
     max_in_flight: int = Field(32, gt=0, description="Predictions in progress per worker; more "
                                                      "get 503 with Retry-After at once.")
+    body_idle_seconds: float = Field(30.0, gt=0, description="A request body with no byte for "
+                                     "this long is answered 408, freeing its in-flight place.")
     drain_seconds: float = Field(1.0, ge=0, description="After SIGTERM: answer 503 on /readyz "
                                  "but keep serving this long, then stop accepting.")
     shutdown_timeout_seconds: float = Field(30.0, gt=0, description="After that: the longest "

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+
 from fastapi import Request
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
@@ -27,11 +30,28 @@ def check_content_length(request: Request, limit: int) -> None:
         raise _too_large(limit, f"the request body ({declared} bytes)")
 
 
-async def read_body(request: Request, limit: int, what: str = "the request body") -> bytes:
+async def body_chunks(request: Request, idle_seconds: float) -> AsyncIterator[bytes]:
+    """The body as it arrives; 408 once no byte has come for ``idle_seconds``, so that a
+    stalled client does not hold one of the worker's in-flight places for ever (uvicorn
+    has no such timeout of its own)."""
+    chunks = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(chunks), idle_seconds)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise ApiError(408, "body_timeout", f"no byte of the request body came for "
+                           f"{idle_seconds:g} s; send the body without pausing") from None
+        yield chunk
+
+
+async def read_body(request: Request, limit: int, what: str = "the request body",
+                    idle_seconds: float = 30.0) -> bytes:
     """The whole body, refused (413) the moment it crosses ``limit``."""
     check_content_length(request, limit)
     chunks, size = [], 0
-    async for chunk in request.stream():
+    async for chunk in body_chunks(request, idle_seconds):
         size += len(chunk)
         if size > limit:  # stop reading at once: the rest of the body is never buffered
             raise _too_large(limit, what)
@@ -40,7 +60,8 @@ async def read_body(request: Request, limit: int, what: str = "the request body"
 
 
 async def read_raw(request: Request, settings: Settings) -> list[ImageInput]:
-    return [ImageInput(None, await read_body(request, settings.max_upload_bytes, "the image"))]
+    return [ImageInput(None, await read_body(request, settings.max_upload_bytes, "the image",
+                                             settings.body_idle_seconds))]
 
 
 class _MultipartCollector:
@@ -127,7 +148,7 @@ async def read_multipart(request: Request, settings: Settings) -> list[ImageInpu
     parser = MultipartParser(boundary, callbacks, max_header_size=MAX_PART_HEADER_BYTES)
     size = 0
     try:
-        async for chunk in request.stream():
+        async for chunk in body_chunks(request, settings.body_idle_seconds):
             size += len(chunk)
             if size > limit:
                 raise _too_large(limit, "the request body")

@@ -251,6 +251,35 @@ def read_response(sock: socket.socket) -> bytes:
     return head + b"\r\n\r\n" + body
 
 
+@pytest.mark.parametrize(("path", "content_type", "start"), [
+    ("/predict", "image/png", b"\x89PNG"),
+    ("/predict", "multipart/form-data; boundary=XyZ",
+     b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n\x89PNG'),
+    ("/v2/models/cnn/infer", "application/json", b'{"inputs": ')])
+def test_a_stalled_body_is_408_and_gives_its_in_flight_place_back(path, content_type, start):
+    """A client that sends headers and a few bytes, then nothing, held one of the worker's
+    places until it hung up: with one place, every other client got 503 meanwhile."""
+    import time
+
+    env = {"EMOTION_BODY_IDLE_SECONDS": "3", "EMOTION_MAX_IN_FLIGHT": "1"}
+    with running_server(env=env) as base:
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=20) as stalled:
+            stalled.sendall(f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: {content_type}"
+                            "\r\nContent-Length: 100000\r\n\r\n".encode() + start)
+            deadline, seen = time.monotonic() + 2.5, []
+            while time.monotonic() < deadline and 503 not in seen:
+                seen.append(httpx.post(f"{base}/predict", content=png_bytes(), timeout=10,
+                                       headers={"content-type": "image/png"}).status_code)
+            assert 503 in seen  # the place is held while the body stalls ...
+            answer = read_response(stalled)
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"no byte of the request body came for 3 s" in answer
+        after = httpx.post(f"{base}/predict", content=png_bytes(), timeout=10,
+                           headers={"content-type": "image/png"})
+        assert after.status_code == 200  # ... and given back once it has timed out
+
+
 def test_a_chunked_body_is_cut_at_the_limit_while_it_streams(server, settings):
     mb = b"\xff" * (1024 * 1024)
     chunks = (b"%x\r\n%s\r\n" % (len(mb), mb) for _ in range(50))  # 50 MB, no length given

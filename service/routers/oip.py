@@ -74,6 +74,7 @@ _METADATA_ERRORS = _errors({404: _UNKNOWN, 503: _UNAVAILABLE})
 _INFER_ERRORS = _errors({
     400: "a malformed request, a wrong tensor, or an input that is no image",
     404: _UNKNOWN,
+    408: "the request body stopped arriving (EMOTION_BODY_IDLE_SECONDS)",
     413: "too many bytes, pixels or images",
     415: "a Content-Encoding other than gzip, deflate or none",
     503: _UNAVAILABLE + ", the face detector is missing, or too many requests are in flight",
@@ -204,7 +205,8 @@ async def _infer(request: Request, name: str, version: str | None, settings: Set
     if problem is not None:
         return problem
     try:
-        body = await read_body(request, settings.max_oip_body_bytes)
+        body = await read_body(request, settings.max_oip_body_bytes,
+                               idle_seconds=settings.body_idle_seconds)
     except ApiError as exc:
         return oip_error(exc.status, exc.detail)
     encoding = request.headers.get("content-encoding")

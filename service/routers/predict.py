@@ -39,6 +39,7 @@ while the others are predicted; a request with a single image that is bad gets a
 _ERRORS = {status: {"model": ErrorBody, "description": text} for status, text in {
     400: "not an image, corrupt or truncated (`not_an_image`, `corrupt_image`), or a "
          "malformed multipart body",
+    408: "the request body stopped arriving (`body_timeout`, EMOTION_BODY_IDLE_SECONDS)",
     413: "too many bytes or pixels (`too_many_bytes`, `too_many_pixels`)",
     415: "unsupported content type (`unsupported_media_type`)",
     422: "unknown model, no file, a file field holding text, too many files (`unknown_model`, "
