@@ -151,9 +151,33 @@ class ServiceMetrics:
         return out
 
 
+PROMETHEUS_TYPES = ("text/plain", "application/openmetrics-text")
+
+
 def wants_prometheus(accept: str | None) -> bool:
-    """Prometheus and OpenMetrics scrapers name their formats; people and JSON clients don't."""
+    """Prometheus and OpenMetrics scrapers name their formats; people and JSON clients don't.
+    A client naming both (axios: ``application/json, text/plain, */*``) gets the one it
+    ranks higher by q, and the first named on a tie."""
     if not accept:
         return False
-    types = [part.split(";")[0].strip().lower() for part in accept.split(",")]
-    return any(t in ("text/plain", "application/openmetrics-text") for t in types)
+    best: dict[str, tuple[float, int]] = {}  # "prometheus" | "json" -> (q, -position)
+    for position, part in enumerate(accept.split(",")):
+        media, *params = (p.strip().lower() for p in part.split(";"))
+        kind = ("prometheus" if media in PROMETHEUS_TYPES
+                else "json" if media == "application/json" else None)
+        if kind is None:
+            continue
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 1.0  # a malformed weight counts as the default
+        rank = (q, -position)
+        if q > 0 and rank > best.get(kind, (0.0, 0)):
+            best[kind] = rank
+    if "prometheus" not in best:
+        return False
+    return "json" not in best or best["prometheus"] > best["json"]

@@ -198,6 +198,26 @@ def test_prometheus_exposition_and_counters_move(client, faces, accept):
         assert wanted in names, wanted
 
 
+@pytest.mark.parametrize(("accept", "prometheus"), [
+    # Prometheus's own scrape header, and OpenMetrics alone
+    ("application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.4,"
+     "*/*;q=0.1", True),
+    ("text/plain", True),
+    # axios's default: JSON named first, at the same weight
+    ("application/json, text/plain, */*", False),
+    ("application/json;q=1, text/plain;q=0.5", False),
+    ("text/plain;q=0.9, application/json;q=0.5", True),
+    ("text/plain;q=0, application/json;q=0.1", False),  # q=0: not acceptable
+    ("text/plain;q=oops", True),
+    ("*/*", False), ("text/html,application/xhtml+xml", False), (None, False),
+])
+def test_metrics_answer_the_format_the_client_ranks_first(client, accept, prometheus):
+    response = client.get("/metrics", headers={"accept": accept} if accept else {})
+    assert response.status_code == 200
+    kind = response.headers["content-type"].split(";")[0]
+    assert (kind != "application/json") == prometheus, kind
+
+
 def test_an_unreadable_metrics_version_gets_plain_text_not_a_500(client):
     for accept in ("text/plain; version=abc", "application/openmetrics-text; version=x.y"):
         response = client.get("/metrics", headers={"accept": accept})
