@@ -29,7 +29,7 @@ from pathlib import Path
 
 from service.classes import CLASS_NAMES
 from service.inference import FacesMode, ImageInput, ImagePrediction, Predictor
-from service.preprocessing import ImageLimits
+from service.preprocessing import ImageLimits, TooManyBytesError
 
 BOX_COLUMNS = ("face_x", "face_y", "face_width", "face_height")
 COLUMNS = ("path", *BOX_COLUMNS, "label", *CLASS_NAMES, "error", "code")
@@ -165,12 +165,20 @@ def finished_paths(path: Path) -> set[str]:
     return {p for p in (_path_of(line, fmt) for line in complete) if p is not None}
 
 
-def read_inputs(paths: Sequence[str]) -> tuple[list[ImageInput], dict[int, str]]:
-    """The files' bytes, and why each one that could not be read was not."""
+def read_inputs(paths: Sequence[str], max_bytes: int | None = None
+                ) -> tuple[list[ImageInput], dict[int, str]]:
+    """The files' bytes, and why each one that could not be read was not. Past
+    ``max_bytes``, a file is refused after reading one byte more, not read whole."""
     inputs, unreadable = [], {}
     for i, path in enumerate(paths):
         try:
-            inputs.append(ImageInput(path, Path(path).read_bytes()))
+            with open(path, "rb") as file:
+                data = file.read(-1 if max_bytes is None else max_bytes + 1)
+            if max_bytes is not None and len(data) > max_bytes:
+                inputs.append(ImageInput(path, error=TooManyBytesError(
+                    f"the file has more than {max_bytes} bytes, the limit")))
+            else:
+                inputs.append(ImageInput(path, data))
         except OSError as exc:
             inputs.append(ImageInput(path, b""))
             unreadable[i] = f"cannot read the file: {exc.strerror or exc}"
@@ -204,7 +212,7 @@ def _init_worker(models_dir: str, model: str, mode: FacesMode, max_faces: int,
 
 def _classify(paths: Sequence[str]) -> list[list[Row]]:
     predictor = _worker["predictor"]
-    inputs, unreadable = read_inputs(paths)
+    inputs, unreadable = read_inputs(paths, predictor.limits.max_bytes)
     results = predictor.predict(_worker["model"], inputs, _worker["mode"])
     return batch_rows(paths, results, unreadable)
 

@@ -122,6 +122,28 @@ def test_the_services_image_limits_apply_in_process_too(photo_folder, tmp_path, 
     assert rows["empty.png"]["code"] == "not_an_image"
 
 
+def test_a_file_over_the_byte_limit_is_refused_without_being_read_whole(tmp_path):
+    """A 400 MB file took 638 MB to be refused: it is read one byte past the limit only."""
+    import tracemalloc
+
+    from service.batch import read_inputs
+
+    big = tmp_path / "big.jpg"
+    big.write_bytes(b"\xff\xd8\xff" + bytes(30_000_000))
+    small = tmp_path / "small.png"
+    small.write_bytes(encode(gray_image(), "PNG"))
+    tracemalloc.start()
+    try:
+        (too_big, fine), unreadable = read_inputs([str(big), str(small)], max_bytes=1_000_000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5e6, f"{peak / 1e6:.0f} MB"
+    assert not unreadable
+    assert too_big.data is None and too_big.error.code == "too_many_bytes"
+    assert fine.data == small.read_bytes() and fine.error is None
+
+
 def test_usage_mistakes_exit_2_in_one_line(tmp_path):
     for argv in (["images", str(tmp_path), "--out", str(tmp_path / "rows.xlsx")],
                  ["images", str(tmp_path / "missing"), "--out", str(tmp_path / "r.csv")]):
