@@ -203,6 +203,9 @@ def _has_image_signature(data: bytes) -> bool:
 
 def _to_grayscale(image: Image.Image) -> Image.Image:
     mode = image.mode
+    if mode in ("L", "1", "RGB") and "transparency" in image.info:
+        # a PNG's tRNS colour key: its pixels are transparent, flattened like an alpha's
+        return _flatten_alpha(image.convert("RGBA").convert("LA"))
     if mode == "L":
         return image
     if mode in _WIDE_INTEGER_MODES:

@@ -154,6 +154,20 @@ def test_a_large_16_bit_image_converts_without_float_copies():
         preprocess_image_uint8(encode(Image.fromarray(values), "PNG")), expected)
 
 
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_a_pngs_colour_key_is_transparent_as_an_alpha_channel_is(mode):
+    """A tRNS colour key (one value marked transparent) was read as that value: black where
+    the same picture with an alpha channel is flattened onto white."""
+    values = np.where(np.arange(60)[:, None] < 30, 0, 100).repeat(60, 1).astype(np.uint8)
+    keyed = Image.fromarray(values).convert(mode)
+    key = 0 if mode == "L" else (0, 0, 0)
+    alpha = np.where(values == 0, 0, 255).astype(np.uint8)
+    with_alpha = Image.fromarray(np.stack([values, alpha], -1), "LA")
+    from_key = preprocess_image_uint8(encode(keyed, "PNG", transparency=key))
+    np.testing.assert_array_equal(from_key, preprocess_image_uint8(encode(with_alpha, "PNG")))
+    assert from_key.max() == 255 and from_key.min() == 100  # white where keyed
+
+
 def test_a_large_transparent_image_is_flattened_without_float_copies():
     """The same for alpha: a 7000x7000 RGBA PNG of under a megabyte took 1.2 GB in float32
     copies."""
