@@ -59,12 +59,17 @@ def expand_paths(paths: Sequence[str | Path], recursive: bool = False) -> list[P
             found = path.rglob("*") if recursive else path.iterdir()
             for item in sorted(found):
                 hidden = any(part.startswith(".") for part in item.relative_to(path).parts)
-                if item.is_file() and not hidden:
+                # a broken or looping link is listed too: it gets its unreadable row, as
+                # it does when named directly, rather than vanishing from the output
+                if (item.is_file() or (item.is_symlink() and not item.exists())) \
+                        and not hidden:
                     add(item)
         elif path.suffix.lower() in LIST_SUFFIXES and path.is_file():
-            for line in path.read_text().splitlines():
-                if line.strip() and not line.lstrip().startswith("#"):
-                    add(Path(line.strip()))
+            # bytes, decoded as the file system does: a name need not be UTF-8
+            for line in path.read_bytes().splitlines():
+                name = os.fsdecode(line.strip())
+                if name and not name.startswith("#"):
+                    add(Path(name))
         elif path.exists() or path.is_symlink():
             add(path)
         else:
@@ -105,7 +110,10 @@ class RowWriter:
         self.path, self.columns = path, list(columns)
         self.format = output_format(path)
         fresh = not append or not path.exists() or path.stat().st_size == 0
-        self.handle = path.open("a" if append else "w", newline="", encoding="utf-8")
+        # surrogateescape: a file name that is not UTF-8 is written as its own bytes, and
+        # read back by --resume as the same path
+        self.handle = path.open("a" if append else "w", newline="", encoding="utf-8",
+                                errors="surrogateescape")
         if self.format == "csv" and fresh:
             self.handle.write(self._csv_line(self.columns))
 
@@ -128,6 +136,14 @@ class RowWriter:
         self.handle.close()
 
 
+def writable_path(path: Path, what: str = "--out") -> None:
+    """Refused before any work, not after the models have loaded (or a whole video)."""
+    if path.is_dir():
+        raise UsageError(f"{what} {path} is a folder; name a file")
+    if not path.absolute().parent.is_dir():
+        raise UsageError(f"{what} {path}: its folder does not exist")
+
+
 def output_format(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix == ".csv":
@@ -137,32 +153,59 @@ def output_format(path: Path) -> str:
     raise UsageError(f"{path}: the output's extension says its format: .csv or .jsonl")
 
 
-def _path_of(line: bytes, fmt: str) -> str | None:
-    try:
-        if fmt == "csv":
-            return next(csv.reader([line.decode("utf-8")]))[0]
-        return json.loads(line)["path"]
-    except (ValueError, KeyError, IndexError, StopIteration, UnicodeDecodeError):
-        return None
+def _records(text: str, fmt: str, columns: Sequence[str]) -> tuple[list[list], bool]:
+    """The rows of an earlier output, each as its values in ``columns`` order, and whether
+    the last one was cut short. A file this command did not write is refused."""
+    foreign = UsageError(f"--resume: the output was not written by this command (its "
+                         f"columns are not {', '.join(columns[:3])}, ...); name another --out")
+    complete = text.endswith("\n")
+    if fmt == "csv":
+        try:
+            records = list(csv.reader(io.StringIO(text, newline="")))
+        except csv.Error:
+            raise foreign from None
+        if records and records[0] != list(columns):
+            raise foreign
+        records = records[1:]
+    else:
+        records = []
+        lines = text.splitlines()
+        for number, line in enumerate(lines):
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict) or list(record) != list(columns):
+                    raise ValueError
+            except ValueError:
+                if number == len(lines) - 1 and not complete:
+                    return records, True  # the last line, cut mid-way
+                raise foreign from None
+            records.append([record[c] for c in columns])
+    cut = fmt == "csv" and bool(records) and (not complete or len(records[-1]) != len(columns))
+    if cut:  # cut mid-record (perhaps inside a quoted path holding a newline)
+        records = records[:-1]
+    if any(len(r) != len(columns) for r in records):
+        raise foreign
+    return records, cut
 
 
-def finished_paths(path: Path) -> set[str]:
+def finished_paths(path: Path, columns: Sequence[str] = COLUMNS) -> set[str]:
     """Paths an earlier run already wrote rows for, for ``--resume``. An interrupted run may
     have cut its last file's rows short, so that file's rows are removed and it is done
-    again; everything before it is kept."""
+    again; everything before it is kept. Records, not lines: a path may hold a newline."""
     if not path.exists():
         return set()
     fmt = output_format(path)
-    lines = path.read_bytes().splitlines(keepends=True)
-    header = lines[:1] if fmt == "csv" else []
-    rows = lines[len(header):]
-    complete = [line for line in rows if line.endswith(b"\n")]
-    if rows:
-        last = _path_of(complete[-1], fmt) if complete else None
-        while complete and _path_of(complete[-1], fmt) == last:
-            complete.pop()
-        path.write_bytes(b"".join(header + complete))
-    return {p for p in (_path_of(line, fmt) for line in complete) if p is not None}
+    text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+    records, _ = _records(text, fmt, columns)
+    if records:
+        last = records[-1][0]
+        while records and records[-1][0] == last:
+            records.pop()
+    writer = RowWriter(path, columns)  # the kept rows, written back as they were written
+    writer.write(Row(dict(zip(columns, [None if v == "" and fmt == "csv" else v for v in r],
+                              strict=True))) for r in records)
+    writer.close()
+    return {r[0] for r in records}
 
 
 def read_inputs(paths: Sequence[str], max_bytes: int | None = None
@@ -176,7 +219,7 @@ def read_inputs(paths: Sequence[str], max_bytes: int | None = None
                 data = file.read(-1 if max_bytes is None else max_bytes + 1)
             if max_bytes is not None and len(data) > max_bytes:
                 inputs.append(ImageInput(path, error=TooManyBytesError(
-                    f"the file has more than {max_bytes} bytes, the limit")))
+                    f"the image has more than {max_bytes} bytes, the limit")))
             else:
                 inputs.append(ImageInput(path, data))
         except OSError as exc:
@@ -273,6 +316,8 @@ class RemoteRunner:
                  batch_size: int, retries: int = 8, timeout: float = 120.0):
         import httpx
 
+        if httpx.URL(url).scheme not in ("http", "https"):
+            raise UsageError(f"--url {url}: give it as http://host:port")
         self.url = url.rstrip("/")
         self.params = {k: v for k, v in (("model", model), ("faces", mode)) if v}
         self.concurrency, self.batch_size, self.retries = concurrency, batch_size, retries
@@ -298,7 +343,8 @@ class RemoteRunner:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
-            if response.status_code == 503 and attempt < self.retries:
+            # busy (503), rate-limited (429) or timed out reading the body (408): transient
+            if response.status_code in (408, 429, 503) and attempt < self.retries:
                 retry_after = response.headers.get("retry-after", "")
                 time.sleep(min(float(retry_after), 30.0) if retry_after.isdigit() else delay)
                 delay = min(delay * 2, 5.0)
@@ -321,7 +367,12 @@ class RemoteRunner:
             response = self._post([paths[i] for i in readable], [inputs[i] for i in readable])
             if response.status_code == 200:
                 grouped: dict[int, list[dict]] = {}
-                for prediction in response.json()["predictions"]:
+                try:
+                    predictions = response.json()["predictions"]
+                except (ValueError, KeyError, TypeError):
+                    raise RemoteError(f"{self.url}/predict answered 200 but not with "
+                                      f"predictions: {response.text[:120]!r}") from None
+                for prediction in predictions:
                     grouped.setdefault(int(prediction["filename"]), []).append(prediction)
                 for k, i in enumerate(readable):
                     out[i] = [_row_from_json(paths[i], p) for p in grouped[k]]

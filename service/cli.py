@@ -25,6 +25,7 @@ from service.batch import (
     expand_paths,
     finished_paths,
     output_format,
+    writable_path,
 )
 from service.inference import FACES_MODES, PredictorError
 from service.manifest import ManifestError
@@ -42,6 +43,7 @@ def _progress(total: int, initial: int = 0):
 
 def run_images(args: argparse.Namespace) -> int:
     output_format(args.out)
+    writable_path(args.out)
     paths = [str(p) for p in expand_paths(args.paths, args.recursive)]
     done = finished_paths(args.out) if args.resume else set()
     todo = [p for p in paths if p not in done]
@@ -87,6 +89,9 @@ def run_video(args: argparse.Namespace) -> int:
     )
 
     output_format(args.out)
+    writable_path(args.out)
+    if args.plot is not None:
+        writable_path(args.plot, "--plot")
     if not args.video.is_file():
         raise UsageError(f"{args.video}: no such file")
     if not 0 < args.fps <= MAX_FPS:  # also refuses nan and inf, whose steps never advance
@@ -181,8 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "workers", 1) < 1 or args.batch_size < 1:
-        parser.error("--workers and --batch-size must be at least 1")
+    if getattr(args, "workers", 1) < 1 or args.batch_size < 1 \
+            or getattr(args, "connections", 1) < 1:
+        parser.error("--workers, --batch-size and --connections must be at least 1")
     try:
         return args.func(args)
     except UsageError as exc:

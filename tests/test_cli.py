@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.app import create_app
-from service.classes import CLASS_NAMES
+from service.classes import CLASS_NAMES, NUM_CLASSES
 from service.cli import main
 from service.settings import REPO_MODELS_DIR, Settings
 from tests.images import encode, gray_image, jpeg_bytes
@@ -318,3 +318,94 @@ def test_a_video_without_pictures_and_impossible_rates_are_one_line_each(tmp_pat
         assert caught.value.code == 2
         assert "--fps must be above 0 and at most" in capsys.readouterr().err
 
+
+
+@pytest.mark.parametrize("argv", [
+    ["images", "{photo}", "--out", "{tmp}/missing/rows.csv"],
+    ["images", "{photo}", "--out", "{tmp}/folder.csv"],
+    ["video", "{photo}", "--out", "{tmp}/v.csv", "--plot", "{tmp}/missing/p.png"],
+    ["images", "{photo}", "--out", "{tmp}/r.csv", "--url", "http://127.0.0.1:1",
+     "--connections", "0"],
+    ["images", "{photo}", "--out", "{tmp}/r.csv", "--url", "127.0.0.1:8000"],
+])
+def test_output_and_connection_mistakes_are_one_line_before_any_work(tmp_path, argv):
+    (tmp_path / "folder.csv").mkdir()
+    photo = tmp_path / "a.png"
+    photo.write_bytes(encode(gray_image(), "PNG"))
+    argv = [a.format(photo=photo, tmp=tmp_path) for a in argv]
+    result = subprocess.run([*COMMAND, *argv], cwd=REPO, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("emotion-detect: error:")
+    assert "Traceback" not in result.stderr
+
+
+def test_odd_file_names_survive_a_run_and_its_resume(tmp_path):
+    """A newline in a name split its CSV record in two for --resume (its rows were written
+    twice), and a name that is not UTF-8 stopped the run."""
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    names = [b"a.png", b"new\nline.png", b"not-utf8-\xff.png", b"z.png"]
+    for name in names:
+        (folder / os.fsdecode(name)).write_bytes(encode(gray_image(), "PNG"))
+    os.symlink(folder / "gone.png", folder / "broken-link.png")  # listed, and unreadable
+    listing = tmp_path / "list.txt"
+    listing.write_bytes(b"\n".join(os.fsencode(folder) + b"/" + n for n in names[2:3]))
+    for suffix in (".csv", ".jsonl"):
+        out = tmp_path / f"rows{suffix}"
+        argv = ["images", str(folder), str(listing), "--out", str(out), "--faces", "none",
+                "--workers", "1"]
+        assert main(argv) == 1  # the broken link is an unreadable row
+        first = out.read_bytes()
+        assert main([*argv, "--resume"]) == 0  # only the last file, z.png, is done again
+        rows = read_rows_bytes(out)
+        paths = [r["path"] for r in rows]
+        assert sorted(paths) == sorted(os.fsdecode(os.fsencode(folder) + b"/" + n)
+                                       for n in [*names, b"broken-link.png"])
+        assert out.read_bytes().startswith(first[:first.index(b"z.png")])  # kept, not redone
+        assert [r["code"] for r in rows if "broken" in r["path"]] == ["unreadable"]
+
+
+def read_rows_bytes(path) -> list[dict]:
+    text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in text.splitlines()]
+    return list(csv.DictReader(io.StringIO(text, newline="")))
+
+
+@pytest.mark.parametrize(("suffix", "content"), [
+    (".jsonl", b'{"id": 1}\n{"id": 2}\n'),
+    (".csv", b"time_s,frame,path,face_x\n0.0,0,v.mp4,1\n"),  # a video's rows
+    (".csv", b"a,b\n1,2\n"),
+])
+def test_resume_refuses_an_output_it_did_not_write_and_leaves_it_alone(tmp_path, suffix,
+                                                                        content):
+    out = tmp_path / f"theirs{suffix}"
+    out.write_bytes(content)
+    photo = tmp_path / "a.png"
+    photo.write_bytes(encode(gray_image(), "PNG"))
+    result = subprocess.run([*COMMAND, "images", str(photo), "--out", str(out), "--resume"],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "not written by this command" in result.stderr
+    assert out.read_bytes() == content
+
+
+def test_url_retries_rate_limits_and_refuses_an_answer_that_is_not_predictions(tmp_path):
+    import httpx
+
+    from service.batch import RemoteError, RemoteRunner
+
+    photo = tmp_path / "a.png"
+    photo.write_bytes(encode(gray_image(), "PNG"))
+    answers = [httpx.Response(429, headers={"retry-after": "0"}),
+               httpx.Response(408, json={"detail": "slow", "code": "body_timeout"}),
+               httpx.Response(200, json={"predictions": [{
+                   "filename": "0", "label": "NEUTRAL", "face": None, "error": None,
+                   "probabilities": {c: 1 / NUM_CLASSES for c in CLASS_NAMES}}]}),
+               httpx.Response(200, text="<html>sign in</html>")]
+    runner = RemoteRunner("http://service.test", None, None, 1, 4)
+    runner.client = httpx.Client(transport=httpx.MockTransport(lambda request: answers.pop(0)))
+    [[row]] = runner._classify([str(photo)])
+    assert row.values["label"] == "NEUTRAL" and row.values["code"] is None
+    with pytest.raises(RemoteError, match="not with predictions"):
+        runner._classify([str(photo)])
