@@ -169,7 +169,7 @@ def _records(text: str, fmt: str, columns: Sequence[str]) -> tuple[list[list], b
         records = records[1:]
     else:
         records = []
-        lines = text.splitlines()
+        lines = [line for line in text.splitlines() if line.strip()]
         for number, line in enumerate(lines):
             try:
                 record = json.loads(line)
@@ -316,7 +316,11 @@ class RemoteRunner:
                  batch_size: int, retries: int = 8, timeout: float = 120.0):
         import httpx
 
-        if httpx.URL(url).scheme not in ("http", "https"):
+        try:
+            scheme = httpx.URL(url).scheme
+        except httpx.InvalidURL as exc:
+            raise UsageError(f"--url {url}: {exc}") from None
+        if scheme not in ("http", "https"):
             raise UsageError(f"--url {url}: give it as http://host:port")
         self.url = url.rstrip("/")
         self.params = {k: v for k, v in (("model", model), ("faces", mode)) if v}

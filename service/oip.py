@@ -164,6 +164,8 @@ def decode_content(body: bytes, encoding: str | None, limit: int) -> bytes:
         raise TooLargeError(f"the inflated request is over the limit of {limit} bytes")
     if not inflater.eof:
         raise ProtocolError(f"the {coding} body is cut short")
+    if inflater.unused_data:  # a second gzip member, or junk: not what any client sends
+        raise ProtocolError(f"the {coding} body has data after its end")
     return out
 
 

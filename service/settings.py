@@ -64,8 +64,8 @@ class Settings(BaseSettings):
 
     models_dir: Path = Field(default_factory=lambda: beside_or_here(REPO_MODELS_DIR),
                              description="manifest.json and the artifacts.")
-    examples_dir: Path = Field(default_factory=lambda: beside_or_here(REPO_EXAMPLES_DIR),
-                               description="The sample photos the page "
+    # Not beside_or_here: the page serves this folder's photos, so never the working one's.
+    examples_dir: Path = Field(REPO_EXAMPLES_DIR, description="The sample photos the page "
                                "offers (none where the folder is missing).")
     host: str = Field("127.0.0.1", description="Interface python -m service listens on; "
                       "--host overrides it.")
@@ -140,12 +140,17 @@ class SettingsError(ValueError):
 def read_settings(cls: type[BaseSettings], prefix: str = "EMOTION_"):
     """``cls()`` from the environment, with a refused variable as a :class:`SettingsError`
     that names it, its value and why, instead of pydantic's multi-line report."""
+    from pydantic_settings.exceptions import SettingsError as SourceError
+
     try:
         return cls()
     except ValidationError as exc:
         problems = [f"{prefix}{'_'.join(map(str, e['loc'])).upper()}={e.get('input')!r}: "
                     f"{e['msg']}" for e in exc.errors()]
         raise SettingsError("; ".join(problems)) from None
+    except SourceError as exc:  # a list or dict setting whose value is not JSON
+        raise SettingsError(f"{exc}; give {prefix}* lists as JSON, e.g. "
+                            '\'["https://a.example"]\'') from None
 
 
 @lru_cache

@@ -207,6 +207,12 @@ def test_resume_redoes_a_file_whose_rows_were_cut_short(tmp_path, suffix):
     assert finished_paths(out) == {"a.jpg"}
     assert [r["path"] for r in read_rows(out)] == ["a.jpg", "a.jpg"]
     assert finished_paths(out) == set()  # an intact file: its last path is redone
+    if suffix == ".jsonl":  # a blank line, as an editor may leave, is not a foreign file
+        writer = RowWriter(out, COLUMNS, append=True)
+        writer.write([face("a.jpg", 1), face("c.jpg", 1)])
+        writer.close()
+        out.write_bytes(out.read_bytes() + b"\n")
+        assert finished_paths(out) == {"a.jpg"}
 
 
 def test_url_gives_the_same_rows_as_in_process_and_as_predict(photo_folder, tmp_path):

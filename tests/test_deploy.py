@@ -76,6 +76,15 @@ def test_a_refused_setting_is_one_line_naming_it_and_exit_2(tmp_path, command, p
         assert "EMOTION_WORKERS='-1'" in line and "EMOTION_MAX_PIXELS='many'" in line
 
 
+def test_a_list_setting_that_is_not_json_is_one_line_too():
+    env = {**os.environ, "EMOTION_CORS_ORIGINS": "http://a.example"}
+    result = subprocess.run([sys.executable, "-m", "service"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert "cors_origins" in line and "as JSON" in line
+
+
 def test_the_launcher_listens_where_the_settings_say_and_options_override():
     from service.__main__ import parse_args
     from service.settings import Settings

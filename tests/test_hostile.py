@@ -267,6 +267,7 @@ def test_a_stalled_body_is_408_and_gives_its_in_flight_place_back(path, content_
         with socket.create_connection((host, int(port)), timeout=20) as stalled:
             stalled.sendall(f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: {content_type}"
                             "\r\nContent-Length: 100000\r\n\r\n".encode() + start)
+            time.sleep(0.3)  # its headers reach the middleware before the others come
             deadline, seen = time.monotonic() + 2.5, []
             while time.monotonic() < deadline and 503 not in seen:
                 seen.append(httpx.post(f"{base}/predict", content=png_bytes(), timeout=10,

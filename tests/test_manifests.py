@@ -87,6 +87,7 @@ def test_the_deployment_runs_the_service_as_its_settings_expect():
                 if k.startswith("EMOTION_")})  # every variable is a real setting
     # Non-root, read-only root filesystem, the metrics folder on an emptyDir.
     assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == 10001
+    assert pod["enableServiceLinks"] is False  # no <SERVICE>_PORT variables among EMOTION_*
     assert api["securityContext"]["readOnlyRootFilesystem"] is True
     mounts = {m["mountPath"]: m["name"] for m in api["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
@@ -157,6 +158,7 @@ def test_the_kserve_predictor_is_a_valid_pod_on_the_v2_protocol(version):
     assert budget["spec"]["selector"]["matchLabels"] == {  # the label KServe gives its pods
         "serving.kserve.io/inferenceservice": service["metadata"]["name"]}
     assert pod["spec"]["securityContext"]["runAsUser"] == 10001
+    assert pod["spec"]["enableServiceLinks"] is False
     api = predictor["containers"][0]
     assert api["name"] == "kserve-container" and api["ports"][0]["containerPort"] == 8080
     assert "args" not in api and env_of(api)["EMOTION_PORT"] == "8080"  # see the Dockerfile

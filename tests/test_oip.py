@@ -144,6 +144,8 @@ def app_client():
     (b'{"inputs": []}', {"Inference-Header-Content-Length": "9" * 5000}, "does not fit"),
     (gzip.compress(b'{"inputs": []}')[:-6], {"Content-Encoding": "gzip"}, "cut short"),
     (b"not gzip at all", {"Content-Encoding": "gzip"}, "could not be inflated"),
+    (gzip.compress(b'{"inputs": []}') + b"junk", {"Content-Encoding": "gzip"},
+     "data after its end"),
     (b'{"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], "data": [""]}],'
      b' "outputs": [{"name": "logits"}]}', {}, "unknown output"),
     (b'{"inputs": [{"name": "image", "datatype": "INT8", "shape": [1], "data": [1000]}]}', {},
