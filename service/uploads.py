@@ -46,8 +46,8 @@ async def body_chunks(request: Request, idle_seconds: float) -> AsyncIterator[by
         yield chunk
 
 
-async def read_body(request: Request, limit: int, what: str = "the request body",
-                    idle_seconds: float = 30.0) -> bytes:
+async def read_body(request: Request, limit: int, idle_seconds: float,
+                    what: str = "the request body") -> bytes:
     """The whole body, refused (413) the moment it crosses ``limit``."""
     check_content_length(request, limit)
     chunks, size = [], 0
@@ -60,8 +60,8 @@ async def read_body(request: Request, limit: int, what: str = "the request body"
 
 
 async def read_raw(request: Request, settings: Settings) -> list[ImageInput]:
-    return [ImageInput(None, await read_body(request, settings.max_upload_bytes, "the image",
-                                             settings.body_idle_seconds))]
+    return [ImageInput(None, await read_body(request, settings.max_upload_bytes,
+                                             settings.body_idle_seconds, "the image"))]
 
 
 class _MultipartCollector:

@@ -130,20 +130,24 @@ def test_model_input_is_pixels_over_255():
     assert pixels_to_input(np.array([0, 255], dtype=np.uint8)).tolist() == [0.0, 1.0]
 
 
+def preprocess_traced(data: bytes) -> tuple[np.ndarray, int]:
+    """The input pixels and the peak bytes tracemalloc saw while making them."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        return preprocess_image_uint8(data), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def test_a_large_16_bit_image_converts_without_float_copies():
     """7000x7000 at 16 bits is within the default limits, and a few hundred KB as PNG; float64
     copies of it took 1.5 GB, enough to kill a worker. numpy reports its arrays to
     tracemalloc, so the peak is what the conversion holds."""
-    import tracemalloc
-
     image = Image.fromarray(np.tile(np.arange(7000, dtype=np.uint16) * 9, (7000, 1)))
     data = encode(image, "PNG")
-    tracemalloc.start()
-    try:
-        pixels = preprocess_image_uint8(data)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    pixels, peak = preprocess_traced(data)
     assert peak < 450e6, f"{peak / 1e6:.0f} MB"
     assert pixels.shape == (INPUT_SIZE, INPUT_SIZE)
     # Every 16-bit value, in an image already at the input size (so no resize): the integers
@@ -171,17 +175,10 @@ def test_a_pngs_colour_key_is_transparent_as_an_alpha_channel_is(mode):
 def test_a_large_transparent_image_is_flattened_without_float_copies():
     """The same for alpha: a 7000x7000 RGBA PNG of under a megabyte took 1.2 GB in float32
     copies."""
-    import tracemalloc
-
     ramp = np.tile(np.arange(7000, dtype=np.uint8), (7000, 1))
     image = Image.fromarray(np.stack([ramp, ramp[::-1], ramp.T, ramp // 2 + 64], -1), "RGBA")
     data = encode(image, "PNG", compress_level=1)
-    tracemalloc.start()
-    try:
-        pixels = preprocess_image_uint8(data)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    pixels, peak = preprocess_traced(data)
     assert peak < 450e6, f"{peak / 1e6:.0f} MB"
     assert pixels.shape == (INPUT_SIZE, INPUT_SIZE)
     # Every (gray, alpha) pair, at the input size: the integers give what floats gave.

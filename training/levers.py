@@ -344,7 +344,6 @@ EMA_DECISION = ("not adopted: +0.004 over the rerun of the shipped recipe on the
 # seed 0, on the machine of 2026-12-03 (with the test suite sharing the cores for part of it):
 # raw criterion, identity val, FER-2013 val, beta; the first fit alone (beta 0) beside it.
 SPECIALIST_SEED0 = (0.492, 0.375, 0.608, 0.5)
-SPECIALIST_FIRST_FIT = (0.491, 0.368, 0.615)
 SPECIALIST_DECISION = (
     "not adopted: 0.009 below the shipped run and 0.003 below its rerun; over 8 epochs the "
     "first fit's identity val fell back from 0.385 at epoch 1 to 0.373 at the epoch chosen "
@@ -357,35 +356,36 @@ SPECIALIST_DECISION = (
     "cores for 22 of them")
 
 
-def specialist_round_section(folder: Path) -> list[str]:
-    shipped = shipped_rows(folder, [0])[0]
-    rows = {"shipped recipe, as shipped": shipped,
-            "shipped recipe, rerun on a slower machine": RERUN_SEED0,
-            "the specialist in the first fit and the refinement": SPECIALIST_SEED0}
-    lines = ["", "## The specialist teacher on the whole recipe", "",
-             "distill_fer_specialist's change (a KL term, weight 1, temperature 2, on this "
-             "dataset's images to the outputs of the CNN trained on it alone, its served offsets "
-             "taken off) in the shipped recipe's first fit and refinement, then the choice of "
-             "beta unchanged; seed 0, raw criterion (identity val / FER-2013 val) at the chosen "
-             "beta, flip, no offsets. No test set was scored.", "",
-             "| run | seed 0 |", "|---|---|"]
-    for name, row in rows.items():
-        lines.append(f"| {name} | {criterion_cell(row)} |")
-    return lines + ["", f"Decision: {SPECIALIST_DECISION}."]
+def whole_recipe_section(folder: Path, title: str, change: str,
+                         runs: dict[str, tuple], decision: str) -> list[str]:
+    """One lever's change in the whole shipped recipe, seed 0, beside the shipped run."""
+    rows = {"shipped recipe, as shipped": shipped_rows(folder, [0])[0], **runs}
+    lines = ["", f"## {title}", "",
+             f"{change}; seed 0, raw criterion (identity "
+             "val / FER-2013 val) at the chosen beta, flip, no offsets. No test set was "
+             "scored.", "", "| run | seed 0 |", "|---|---|"]
+    lines += [f"| {name} | {criterion_cell(row)} |" for name, row in rows.items()]
+    return lines + ["", f"Decision: {decision}."]
 
 
 def ema_round_section(folder: Path) -> list[str]:
-    shipped = shipped_rows(folder, [0])[0]
-    rows = {"shipped recipe, as shipped": shipped, **EMA_ROUND}
-    lines = ["", "## EMA on the whole recipe", "",
-             "distill_fer_ema's change (an EMA of the weights, decay 0.999, judged and kept) in "
-             "the shipped recipe's 8-epoch first fit, then the refinement and the choice of "
-             "beta unchanged; seed 0, raw criterion (identity val / FER-2013 val) at the chosen "
-             "beta, flip, no offsets. No test set was scored.", "",
-             "| run | seed 0 |", "|---|---|"]
-    for name, row in rows.items():
-        lines.append(f"| {name} | {criterion_cell(row)} |")
-    return lines + ["", f"Decision: {EMA_DECISION}."]
+    return whole_recipe_section(
+        folder, "EMA on the whole recipe",
+        "distill_fer_ema's change (an EMA of the weights, decay 0.999, judged and kept) in the "
+        "shipped recipe's 8-epoch first fit, then the refinement and the choice of beta "
+        "unchanged", EMA_ROUND, EMA_DECISION)
+
+
+def specialist_round_section(folder: Path) -> list[str]:
+    return whole_recipe_section(
+        folder, "The specialist teacher on the whole recipe",
+        "distill_fer_specialist's change (a KL term, weight 1, temperature 2, on this "
+        "dataset's images to the outputs of the CNN trained on it alone, its served offsets "
+        "taken off) in the shipped recipe's first fit and refinement, then the choice of beta "
+        "unchanged",
+        {"shipped recipe, rerun on a slower machine": RERUN_SEED0,
+         "the specialist in the first fit and the refinement": SPECIALIST_SEED0},
+        SPECIALIST_DECISION)
 
 
 # What acts at inference only, measured on networks already trained (no training, validation

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import random
+import subprocess
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -16,8 +18,9 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from service.classes import CLASS_NAMES, NUM_CLASSES
+from service.manifest import sha256_bytes
 from training.evaluate import macro_f1
-from training.settings import TrainingSettings
+from training.settings import REPO_ROOT, TrainingSettings
 
 MAJORITY = {CLASS_NAMES.index("NEUTRAL"), CLASS_NAMES.index("HAPPINESS")}
 
@@ -219,13 +222,14 @@ class Objective(nn.Module):
 TAUGHT_CLASSES = [i for i, name in enumerate(CLASS_NAMES) if name != "CONTEMPT"]
 
 
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor,
-                      temperature: float) -> torch.Tensor:
-    """KL from the teacher's softened distribution over its classes to the student's, scaled
-    by the temperature squared (Hinton et al. 2015)."""
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+                      classes: list[int] | slice = TAUGHT_CLASSES) -> torch.Tensor:
+    """KL from the teacher's softened distribution over ``classes`` (fer's, by default) to
+    the student's, scaled by the temperature squared (Hinton et al. 2015). The teacher may
+    give logits or log-probabilities: softmax takes both alike."""
     t = temperature
-    target = torch.softmax(teacher[:, TAUGHT_CLASSES] / t, dim=1)
-    log_student = torch.log_softmax(student[:, TAUGHT_CLASSES] / t, dim=1)
+    target = torch.softmax(teacher[:, classes] / t, dim=1)
+    log_student = torch.log_softmax(student[:, classes] / t, dim=1)
     return F.kl_div(log_student, target, reduction="batchmean") * t * t
 
 
@@ -254,26 +258,20 @@ class SpecialistTeacher:
     def at_revision(cls, revision: str, pool: int, pad: int) -> SpecialistTeacher:
         """The CNN shipped at ``revision``: its file, checked against that revision's
         manifest, and the stem and offsets the manifest gives."""
-        import hashlib
-        import subprocess
-
         if not revision:
             raise ValueError("a specialist teacher needs the git revision that shipped it")
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
         def show(path: str) -> bytes:
-            done = subprocess.run(["git", "-C", root, "show", f"{revision}:{path}"],
+            done = subprocess.run(["git", "show", f"{revision}:{path}"], cwd=REPO_ROOT,
                                   capture_output=True)
             if done.returncode:
                 raise ValueError(f"specialist {revision}:{path}: "
                                  f"{done.stderr.decode(errors='replace').strip()}")
             return done.stdout
 
-        import json
-
         entry = json.loads(show("models/manifest.json"))["models"]["cnn"]
         onnx_bytes = show(f"models/{entry['file']}")
-        if hashlib.sha256(onnx_bytes).hexdigest() != entry["sha256"]:
+        if sha256_bytes(onnx_bytes) != entry["sha256"]:
             raise ValueError(f"specialist {revision}: the file is not its manifest's")
         model = entry["recipe"]["model"]
         if (model["pool"], model["pad"]) != (pool, pad):
@@ -290,15 +288,6 @@ class SpecialistTeacher:
         probabilities = self.session.run(None, {"image": full.float().cpu().numpy()})[0]
         served = torch.from_numpy(np.log(np.clip(probabilities, 1e-12, 1.0)))
         return torch.log_softmax(served - self.offsets, dim=1).to(pooled.device)
-
-
-def specialist_loss(student: torch.Tensor, teacher_log_probs: torch.Tensor,
-                    temperature: float) -> torch.Tensor:
-    """The distillation term over all eight classes, from a teacher's log-probabilities."""
-    t = temperature
-    target = torch.softmax(teacher_log_probs / t, dim=1)
-    return F.kl_div(torch.log_softmax(student / t, dim=1), target,
-                    reduction="batchmean") * t * t
 
 
 @torch.no_grad()
@@ -401,8 +390,9 @@ def fit(body: nn.Module, config: TrainConfig, train: LabelledImages,
                 own = train_sources[indices] == 0
                 if own.any():
                     keep = torch.from_numpy(own).to(device)
-                    loss = loss + config.specialist_distill * own.mean() * specialist_loss(
-                        logits[keep], specialist(inputs[keep]), config.distill_temperature)
+                    loss = loss + config.specialist_distill * own.mean() * distillation_loss(
+                        logits[keep], specialist(inputs[keep]), config.distill_temperature,
+                        classes=slice(None))  # all eight: the specialist has CONTEMPT
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

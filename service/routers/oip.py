@@ -171,8 +171,8 @@ def run_inference(predictor: Predictor, name: str, request: InferRequest,
     if not 1 <= count <= settings.max_images_per_request:
         error = TooLargeError if count > settings.max_images_per_request else ProtocolError
         raise error(f"input {tensor.name!r}: between 1 and "
-                            f"{settings.max_images_per_request} images per request, got "
-                            f"shape {tensor.shape}")
+                    f"{settings.max_images_per_request} images per request, got "
+                    f"shape {tensor.shape}")
     if tensor.name == "image":
         if tensor.datatype != "FP32" or tensor.shape[1:] != [1, INPUT_SIZE, INPUT_SIZE]:
             raise ProtocolError(f"input 'image' is FP32 [N, 1, {INPUT_SIZE}, {INPUT_SIZE}], "
@@ -205,8 +205,7 @@ async def _infer(request: Request, name: str, version: str | None, settings: Set
     if problem is not None:
         return problem
     try:
-        body = await read_body(request, settings.max_oip_body_bytes,
-                               idle_seconds=settings.body_idle_seconds)
+        body = await read_body(request, settings.max_oip_body_bytes, settings.body_idle_seconds)
     except ApiError as exc:
         return oip_error(exc.status, exc.detail)
     encoding = request.headers.get("content-encoding")
@@ -214,8 +213,8 @@ async def _infer(request: Request, name: str, version: str | None, settings: Set
     loop = asyncio.get_running_loop()
 
     def work() -> tuple[bytes, dict]:
-        # the most values a real request holds: every pixel of the largest batch, as JSON
         plain = decode_content(body, encoding, settings.max_oip_body_bytes)
+        # the most values a real request holds: every pixel of the largest batch, as JSON
         parsed = parse_request(plain, header_length, max_values=(
             settings.max_images_per_request * INPUT_SIZE * INPUT_SIZE + 10_000))
         probabilities = run_inference(predictor, name, parsed, settings)
