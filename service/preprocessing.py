@@ -209,7 +209,14 @@ def _to_grayscale(image: Image.Image) -> Image.Image:
     if mode == "L":
         return image
     if mode in _WIDE_INTEGER_MODES:
-        return _from_sixteen_bits(np.asarray(image))
+        values = np.asarray(image)
+        gray = _from_sixteen_bits(values)
+        key = image.info.get("transparency")
+        if isinstance(key, int):  # a 16-bit PNG's tRNS key: those pixels are transparent
+            flat = np.asarray(gray).copy()
+            flat[values == key] = ALPHA_BACKGROUND
+            return Image.fromarray(flat)
+        return gray
     if mode == "F":
         return _from_unit_range(np.asarray(image, dtype=np.float64))
     if mode == "P":

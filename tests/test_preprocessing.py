@@ -158,13 +158,16 @@ def test_a_large_16_bit_image_converts_without_float_copies():
         preprocess_image_uint8(encode(Image.fromarray(values), "PNG")), expected)
 
 
-@pytest.mark.parametrize("mode", ["L", "RGB"])
+@pytest.mark.parametrize("mode", ["L", "RGB", "I;16"])
 def test_a_pngs_colour_key_is_transparent_as_an_alpha_channel_is(mode):
     """A tRNS colour key (one value marked transparent) was read as that value: black where
-    the same picture with an alpha channel is flattened onto white."""
+    the same picture with an alpha channel is flattened onto white (16-bit gray too)."""
     values = np.where(np.arange(60)[:, None] < 30, 0, 100).repeat(60, 1).astype(np.uint8)
-    keyed = Image.fromarray(values).convert(mode)
-    key = 0 if mode == "L" else (0, 0, 0)
+    if mode == "I;16":
+        keyed = Image.fromarray(values.astype(np.uint16) * 257)
+    else:
+        keyed = Image.fromarray(values).convert(mode)
+    key = (0, 0, 0) if mode == "RGB" else 0
     alpha = np.where(values == 0, 0, 255).astype(np.uint8)
     with_alpha = Image.fromarray(np.stack([values, alpha], -1), "LA")
     from_key = preprocess_image_uint8(encode(keyed, "PNG", transparency=key))
