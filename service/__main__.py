@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings()
     except SettingsError as exc:
+        parse_args(argv)  # --help still answers, with the fields' own defaults
         print(f"emotion service: cannot start: {exc}", file=sys.stderr)
         return 2
     args = parse_args(argv, settings)

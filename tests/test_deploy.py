@@ -76,6 +76,18 @@ def test_a_refused_setting_is_one_line_naming_it_and_exit_2(tmp_path, command, p
         assert "EMOTION_WORKERS='-1'" in line and "EMOTION_MAX_PIXELS='many'" in line
 
 
+@pytest.mark.parametrize("command", [["-m", "service"], ["-m", "service.cli", "images"],
+                                     ["-m", "training", "audit"]])
+def test_help_answers_even_when_a_setting_is_refused(tmp_path, command):
+    """--help is how a user finds the setting to fix; the launcher refused it too."""
+    env = {**os.environ, "EMOTION_WORKERS": "-1", "EMOTION_TORCH_THREADS": "two",
+           "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, *command, "--help"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage:") and "--help" in result.stdout
+
+
 def test_a_list_setting_that_is_not_json_is_one_line_too():
     env = {**os.environ, "EMOTION_CORS_ORIGINS": "http://a.example"}
     result = subprocess.run([sys.executable, "-m", "service"], cwd=REPO, env=env,
