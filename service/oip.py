@@ -80,9 +80,10 @@ def _parameters(value, where: str) -> dict:
 
 
 def _unpack_bytes(raw: bytes, count: int, name: str) -> list[bytes]:
-    """The binary extension's BYTES: each element a 4-byte little-endian length, then data."""
+    """The binary extension's BYTES: each element a 4-byte little-endian length, then data.
+    Stops at one element past ``count``: 224 MB of empty elements made 37 million objects."""
     out, offset = [], 0
-    while offset < len(raw):
+    while offset < len(raw) and len(out) <= count:
         if offset + 4 > len(raw):
             raise ProtocolError(f"input {name!r}: a BYTES element's length is cut short")
         (length,) = struct.unpack_from("<I", raw, offset)
@@ -91,9 +92,9 @@ def _unpack_bytes(raw: bytes, count: int, name: str) -> list[bytes]:
             raise ProtocolError(f"input {name!r}: a BYTES element runs past its data")
         out.append(raw[offset:offset + length])
         offset += length
-    if len(out) != count:
-        raise ProtocolError(f"input {name!r}: {len(out)} BYTES elements for a shape of "
-                            f"{count}")
+    if len(out) != count or offset < len(raw):
+        found = len(out) if offset == len(raw) else f"more than {count}"
+        raise ProtocolError(f"input {name!r}: {found} BYTES elements for a shape of {count}")
     return out
 
 
@@ -170,11 +171,13 @@ def decode_content(body: bytes, encoding: str | None, limit: int) -> bytes:
 
 
 def parse_infer_request(body: bytes, header_length: str | None,
-                        max_values: int | None = None) -> InferRequest:
+                        max_values: int | None = None,
+                        max_images: int | None = None) -> InferRequest:
     """A ``POST .../infer`` body, JSON alone or a JSON header followed by binary tensors.
 
     ``max_values``: the most JSON values a request may hold (see :func:`_check_json_size`);
-    None: no bound.
+    ``max_images``: the most BYTES elements (encoded images) an input may declare; None: no
+    bound.
     """
     if header_length is not None:
         # ASCII digits only: str.isdigit() also accepts '²', which int() refuses; and short,
@@ -207,6 +210,9 @@ def parse_infer_request(body: bytes, header_length: str | None,
                                 "or 'BYTES'")
         shape = _shape(item.get("shape"))
         count = math.prod(shape)  # exact: np.prod wraps around on huge shapes
+        if datatype == "BYTES" and max_images is not None and count > max_images:
+            raise TooLargeError(f"input {name!r}: between 1 and {max_images} images per "
+                                f"request, got shape {shape}")
         parameters = _parameters(item.get("parameters"), f"input {name!r}: ")
         size = parameters.get("binary_data_size")
         if size is not None:
@@ -238,7 +244,11 @@ def parse_infer_request(body: bytes, header_length: str | None,
                 except (TypeError, ValueError, OverflowError):
                     raise ProtocolError(f"input {name!r}: the data are not {datatype} "
                                         "numbers") from None
-            value = array.reshape(shape)
+            try:
+                value = array.reshape(shape)
+            except ValueError as exc:  # more dimensions than NumPy takes, or one too large
+                raise ProtocolError(f"input {name!r}: shape {shape} cannot be made ({exc})"
+                                    ) from None
         else:
             raise ProtocolError(f"input {name!r}: unknown datatype {datatype!r}")
         inputs.append(Tensor(name, datatype, shape, value))

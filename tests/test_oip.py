@@ -17,6 +17,7 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from service.app import create_app
+from service.oip import ProtocolError, TooLargeError, parse_infer_request
 from service.classes import NUM_CLASSES
 from service.preprocessing import preprocess_image
 from service.settings import REPO_MODELS_DIR, Settings
@@ -62,6 +63,10 @@ def test_health_and_metadata(client):
     for name in ("cnn", "knn"):
         assert client.is_model_ready(name)
         metadata = client.get_model_metadata(name)
+        # the versioned ready path (a 404 before): the served version, and no other
+        [version] = metadata["versions"]
+        assert client.is_model_ready(name, version)
+        assert not client.is_model_ready(name, "0" + version)
         assert {i["name"]: i["datatype"] for i in metadata["inputs"]} == {
             "image": "FP32", "image_bytes": "BYTES"}
         assert metadata["outputs"] == [{"name": "probabilities", "datatype": "FP32",
@@ -156,6 +161,11 @@ def app_client():
     (b'{"id": ' + b"1" * 5000 + b', "inputs": []}', {}, "not valid JSON"),
     # 3 MB of empty arrays, refused before they become a million Python lists
     (b'{"inputs": [' + b"[]," * 1_000_000 + b"[]]}", {}, "more values"),
+    # shapes NumPy cannot make were 500s
+    (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [' + b"1," * 64
+     + b'1], "data": [0.5]}]}', {}, "cannot be made"),
+    (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [0, 4611686018427387904, 4],'
+     b' "data": []}]}', {}, "cannot be made"),
 ])
 def test_malformed_requests_get_400_and_the_protocols_error_body(app_client, body, headers,
                                                                   message):
@@ -164,6 +174,28 @@ def test_malformed_requests_get_400_and_the_protocols_error_body(app_client, bod
     response = app_client.post("/v2/models/cnn/infer", content=body, headers=headers)
     assert response.status_code == 400, response.text
     assert set(response.json()) == {"error"} and message in response.json()["error"]
+
+
+def test_binary_bytes_past_the_declared_shape_are_refused_before_they_pile_up():
+    """The binary extension's BYTES, each element a 4-byte length: 224 MB of empty elements
+    for a shape of [1] made 37 million bytes objects (2.6 GB) before the count was checked."""
+    import tracemalloc
+
+    header = json.dumps({"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1],
+                                     "parameters": {"binary_data_size": 4_000_000}}]}).encode()
+    body = header + bytes(4_000_000)  # a million elements of length 0
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProtocolError, match="more than 1 BYTES elements"):
+            parse_infer_request(body, str(len(header)))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 12e6, f"{peak / 1e6:.0f} MB"  # the body's slices, not a million objects
+    huge = json.dumps({"inputs": [{"name": "image_bytes", "datatype": "BYTES",
+                                   "shape": [10**9], "data": []}]}).encode()
+    with pytest.raises(TooLargeError, match="between 1 and 16 images"):
+        parse_infer_request(huge, None, max_images=16)
 
 
 @pytest.mark.parametrize(("body", "headers", "status", "message"), [

@@ -148,7 +148,20 @@ async def model_version_metadata(name: ModelName, version: str, serving: Serving
                 400: {"model": ModelReadiness, "description": "not ready"},
                 **_errors({404: _UNKNOWN})})
 async def model_ready(name: ModelName, serving: ServingDep) -> JSONResponse:
-    problem = _check_model(serving.predictor, name, None)
+    return _readiness(serving, name, None)
+
+
+@router.get("/models/{name}/versions/{version}/ready", summary="The model is loaded at this "
+            "version (200) or not (400 or 404)", response_model=ModelReadiness, responses={
+                400: {"model": ModelReadiness, "description": "not ready"},
+                **_errors({404: _UNKNOWN})})
+async def model_version_ready(name: ModelName, version: str, serving: ServingDep
+                              ) -> JSONResponse:
+    return _readiness(serving, name, version)
+
+
+def _readiness(serving, name: str, version: str | None) -> JSONResponse:
+    problem = _check_model(serving.predictor, name, version)
     if problem is not None and problem.status_code == 404:
         return problem
     ready = problem is None and not serving.draining.draining
@@ -216,7 +229,8 @@ async def _infer(request: Request, name: str, version: str | None, settings: Set
         plain = decode_content(body, encoding, settings.max_oip_body_bytes)
         # the most values a real request holds: every pixel of the largest batch, as JSON
         parsed = parse_request(plain, header_length, max_values=(
-            settings.max_images_per_request * INPUT_SIZE * INPUT_SIZE + 10_000))
+            settings.max_images_per_request * INPUT_SIZE * INPUT_SIZE + 10_000),
+            max_images=settings.max_images_per_request)
         probabilities = run_inference(predictor, name, parsed, settings)
         predictor.count_predictions(name, probabilities)
         serving.metrics.images_per_request.observe(len(probabilities))
