@@ -8,9 +8,12 @@ import re
 import time
 import uuid
 
+from starlette.requests import ClientDisconnect
+
 from service.observability import ServiceMetrics
 
 logger = logging.getLogger("service.access")
+CLIENT_CLOSED = 499  # nginx's status for a client that closed the connection first
 # The routes that run models: admission control counts them.
 LIMITED_ROUTES = ("/predict", "/v2/models/{name}/infer",
                   "/v2/models/{name}/versions/{version}/infer")
@@ -72,6 +75,10 @@ class RequestMiddleware:
                 self.metrics.in_flight.inc()
             try:
                 await self.app(scope, receive, send_with_id)
+            except ClientDisconnect:
+                # the client went away mid-upload: nobody to answer, and not the service's
+                # fault (it was counted and logged as a 500 with a traceback)
+                status["code"] = CLIENT_CLOSED
             except Exception:
                 if status.get("started"):
                     raise

@@ -90,6 +90,9 @@ class Settings(BaseSettings):
                                                      "get 503 with Retry-After at once.")
     body_idle_seconds: float = Field(30.0, gt=0, description="A request body with no byte for "
                                      "this long is answered 408, freeing its in-flight place.")
+    body_min_bytes_per_second: float = Field(
+        8192.0, ge=0, description="Past EMOTION_BODY_IDLE_SECONDS, a request body arriving "
+        "slower than this on average is answered 408 (0: no minimum).")
     drain_seconds: float = Field(1.0, ge=0, description="After SIGTERM: answer 503 on /readyz "
                                  "but keep serving this long, then stop accepting.")
     shutdown_timeout_seconds: float = Field(30.0, gt=0, description="After that: the longest "

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 from fastapi import Request
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
 from service.errors import ApiError
@@ -30,28 +31,41 @@ def check_content_length(request: Request, limit: int) -> None:
         raise _too_large(limit, f"the request body ({declared} bytes)")
 
 
-async def body_chunks(request: Request, idle_seconds: float) -> AsyncIterator[bytes]:
-    """The body as it arrives; 408 once no byte has come for ``idle_seconds``, so that a
-    stalled client does not hold one of the worker's in-flight places for ever (uvicorn
-    has no such timeout of its own)."""
+async def body_chunks(request: Request, settings: Settings) -> AsyncIterator[bytes]:
+    """The body as it arrives; 408 once no byte has come for ``body_idle_seconds``, or once,
+    past that grace, the body has come slower on average than ``body_min_bytes_per_second``
+    (a byte every 29 s held an in-flight place for ever), so that a stalled or trickling
+    client does not keep one of the worker's places (uvicorn has no such timeout)."""
+    idle, min_rate = settings.body_idle_seconds, settings.body_min_bytes_per_second
     chunks = request.stream().__aiter__()
+    started, received = time.monotonic(), 0
     while True:
+        wait = idle
+        if min_rate:  # when the average falls under the rate, if no more comes
+            behind = started + max(idle, received / min_rate) - time.monotonic()
+            wait = min(wait, max(behind, 0.0))
         try:
-            chunk = await asyncio.wait_for(anext(chunks), idle_seconds)
+            chunk = await asyncio.wait_for(anext(chunks), wait)
         except StopAsyncIteration:
             return
         except TimeoutError:
+            if wait < idle:
+                raise ApiError(408, "body_timeout", f"the request body came slower than "
+                               f"{min_rate:g} bytes/s ({received} bytes in "
+                               f"{time.monotonic() - started:.0f} s); send it at once"
+                               ) from None
             raise ApiError(408, "body_timeout", f"no byte of the request body came for "
-                           f"{idle_seconds:g} s; send the body without pausing") from None
+                           f"{idle:g} s; send the body without pausing") from None
+        received += len(chunk)
         yield chunk
 
 
-async def read_body(request: Request, limit: int, idle_seconds: float,
+async def read_body(request: Request, limit: int, settings: Settings,
                     what: str = "the request body") -> bytes:
     """The whole body, refused (413) the moment it crosses ``limit``."""
     check_content_length(request, limit)
     chunks, size = [], 0
-    async for chunk in body_chunks(request, idle_seconds):
+    async for chunk in body_chunks(request, settings):
         size += len(chunk)
         if size > limit:  # stop reading at once: the rest of the body is never buffered
             raise _too_large(limit, what)
@@ -60,8 +74,8 @@ async def read_body(request: Request, limit: int, idle_seconds: float,
 
 
 async def read_raw(request: Request, settings: Settings) -> list[ImageInput]:
-    return [ImageInput(None, await read_body(request, settings.max_upload_bytes,
-                                             settings.body_idle_seconds, "the image"))]
+    return [ImageInput(None, await read_body(request, settings.max_upload_bytes, settings,
+                                             "the image"))]
 
 
 class _MultipartCollector:
@@ -145,16 +159,16 @@ async def read_multipart(request: Request, settings: Settings) -> list[ImageInpu
     callbacks = {name: getattr(collector, name) for name in (
         "on_part_begin", "on_part_data", "on_part_end", "on_header_field", "on_header_value",
         "on_header_end", "on_headers_finished")}
-    parser = MultipartParser(boundary, callbacks, max_header_size=MAX_PART_HEADER_BYTES)
     size = 0
-    try:
-        async for chunk in body_chunks(request, settings.body_idle_seconds):
+    try:  # the parser refuses a boundary over 256 bytes when it is made
+        parser = MultipartParser(boundary, callbacks, max_header_size=MAX_PART_HEADER_BYTES)
+        async for chunk in body_chunks(request, settings):
             size += len(chunk)
             if size > limit:
                 raise _too_large(limit, "the request body")
             parser.write(chunk)
         parser.finalize()
-    except MultipartParseError as exc:
+    except FormParserError as exc:  # MultipartParseError and the boundary's own
         raise ApiError(400, "malformed_multipart",
                        f"the multipart body is malformed: {exc}") from None
     if parser.state != MultipartState.END:
@@ -176,6 +190,11 @@ def _field_list(names: list[str], shown: int = 10) -> str:
 
 
 async def read_uploads(request: Request, settings: Settings) -> list[ImageInput]:
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":  # a gzip body was read as a broken image, a 'br' one as plain
+        raise ApiError(415, "unsupported_media_type", f"Content-Encoding {encoding!r} is not "
+                       "supported on /predict: send the image bytes as they are (images are "
+                       "compressed already)")
     content_type = request.headers.get("content-type", "")
     mime = content_type.split(";")[0].strip().lower()
     if mime == "multipart/form-data":

@@ -17,8 +17,8 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from service.app import create_app
-from service.oip import ProtocolError, TooLargeError, parse_infer_request
 from service.classes import NUM_CLASSES
+from service.oip import ProtocolError, TooLargeError, parse_infer_request
 from service.preprocessing import preprocess_image
 from service.settings import REPO_MODELS_DIR, Settings
 from tests.api import metric_total

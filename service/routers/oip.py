@@ -218,7 +218,7 @@ async def _infer(request: Request, name: str, version: str | None, settings: Set
     if problem is not None:
         return problem
     try:
-        body = await read_body(request, settings.max_oip_body_bytes, settings.body_idle_seconds)
+        body = await read_body(request, settings.max_oip_body_bytes, settings)
     except ApiError as exc:
         return oip_error(exc.status, exc.detail)
     encoding = request.headers.get("content-encoding")
