@@ -95,7 +95,8 @@ def test_the_deployment_runs_the_service_as_its_settings_expect():
     # Probes on routes the service has, through the port it listens on.
     routes = set(create_app(Settings()).openapi()["paths"])
     port_names = {p["name"]: p["containerPort"] for p in api["ports"]}
-    assert api["args"][-1] == str(port_names["http"])
+    # the port from the setting, so an overlay moving EMOTION_PORT moves the listener too
+    assert "args" not in api and env["EMOTION_PORT"] == str(port_names["http"])
     for probe, path in (("startupProbe", "/readyz"), ("readinessProbe", "/readyz"),
                         ("livenessProbe", "/healthz")):
         assert api[probe]["httpGet"]["path"] == path and path in routes
