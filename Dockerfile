@@ -5,7 +5,15 @@ WORKDIR /src
 RUN python -m venv /opt/venv
 COPY pyproject.toml README.md ./
 COPY service ./service
-RUN /opt/venv/bin/pip install --no-compile ".[serve]"
+# No test suites and no pip in the image; the room goes to the bytecode a worker needs.
+RUN /opt/venv/bin/pip install --no-compile ".[serve]" \
+    && find /opt/venv -depth -type d -name tests -exec rm -rf {} + \
+    && /opt/venv/bin/python -m pip uninstall --yes --quiet pip
+COPY models ./models
+# Site-packages are read-only at run time: compile here what a worker imports, by doing once
+# what it does (all of site-packages compiled would pass the install's size budget).
+# -P: the installed service, not the source beside it in /src.
+RUN EMOTION_MODELS_DIR=/src/models /opt/venv/bin/python -P -m service.warmup
 
 FROM python:3.11-slim
 RUN useradd --create-home --uid 10001 app

@@ -174,6 +174,31 @@ def test_dockerfile_follows_the_deployment_contract():
     assert ignored.splitlines()[1] == "*"  # everything out, then the few files let back in
 
 
+def dockerfile_build_runs() -> list[str]:
+    """The build stage's RUN commands, continuation lines joined."""
+    stage = DOCKERFILE.read_text().split("\nFROM ", 2)[1]
+    lines = stage.replace("\\\n", " ").splitlines()
+    return [line.removeprefix("RUN ").strip() for line in lines if line.startswith("RUN ")]
+
+
+# The venv's modules a worker has imported once it has loaded the models and answered, whose
+# source has no bytecode beside it.
+UNCOMPILED_MODULES = """
+import importlib.util, os, sys
+from service.inference import Predictor
+from service.settings import load_settings
+import service.main
+settings = load_settings()
+Predictor.load(settings.models_dir, threads=1)
+venv = sys.argv[1]
+for module in list(sys.modules.values()):
+    path = getattr(module, "__file__", None) or ""
+    if path.startswith(venv) and path.endswith(".py"):
+        if not os.path.exists(importlib.util.cache_from_source(path)):
+            print(module.__name__)
+"""
+
+
 @pytest.mark.slow
 def test_serve_extra_installs_without_torch_and_serves(tmp_path, data_settings):
     """Build the environment exactly as the Dockerfile does and start the service from it."""
@@ -186,8 +211,13 @@ def test_serve_extra_installs_without_torch_and_serves(tmp_path, data_settings):
         shutil.copy(REPO / name, build / name)
     shutil.copytree(REPO / "service", build / "service",
                     ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-compile", ".[serve]"],
-                   cwd=build, check=True, env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    # The build stage's own RUN lines, on this venv and these models; python:3.11-slim
+    # writes bytecode, which this machine's environment may turn off.
+    build_env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    for command in dockerfile_build_runs()[1:]:  # the first makes the venv, made above
+        subprocess.run(command.replace("/opt/venv", str(venv)).replace(
+            "/src/models", str(REPO / "models")), shell=True, cwd=build, check=True,
+            env={**build_env, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
     probe = subprocess.run([python, "-c", "import importlib.util as u; "
                             "print(u.find_spec('torch'), u.find_spec('training'))"],
                            capture_output=True, text=True, cwd=tmp_path)
@@ -195,6 +225,12 @@ def test_serve_extra_installs_without_torch_and_serves(tmp_path, data_settings):
     size_mb = sum(f.stat().st_size for f in venv.rglob("*") if f.is_file()) / 1e6
     print(f"\nserve environment: {size_mb:.0f} MB")
     assert size_mb < 400, "the serve install grew: what pulled in a heavy dependency?"
+    # Every module a worker imports from the venv has its bytecode, written at build time.
+    uncompiled = subprocess.run([python, "-c", UNCOMPILED_MODULES, str(venv)],
+                                capture_output=True, text=True, cwd=tmp_path, check=True,
+                                env={**os.environ, "EMOTION_MODELS_DIR": str(REPO / "models"),
+                                     "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": ""})
+    assert uncompiled.stdout.split() == [], uncompiled.stdout[:500]
     env = {"EMOTION_MODELS_DIR": str(REPO / "models"), "PYTHONPATH": ""}
     with running_server(python=python, env=env, cwd=tmp_path) as base:
         response = httpx.post(f"{base}/predict?model=knn", files={"file": (

@@ -1,0 +1,43 @@
+"""``python -m service.warmup``: do once what a worker and the command line do, so that the
+image's build writes the bytecode of the modules they import.
+
+At run time the image's site-packages are read-only and owned by root, so without this every
+worker, and every ``emotion-detect``, compiled its imports from source at each start;
+compiling all of site-packages instead would put the serve install over its size budget.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+
+from PIL import Image
+
+
+def main() -> int:
+    import uvicorn
+
+    import service.__main__  # noqa: F401  the launcher
+    import service.cli  # noqa: F401
+    from service.app import create_app
+    from service.settings import load_settings
+    from starlette.testclient import TestClient
+
+    uvicorn.Config("service.main:app").load()  # its protocol, loop and lifespan modules
+    buffer = io.BytesIO()
+    Image.new("RGB", (400, 300), (128, 128, 128)).save(buffer, "JPEG")
+    with TestClient(create_app(load_settings())) as client:
+        for model in ("cnn", "knn"):
+            for faces in ("none", "auto"):
+                response = client.post("/predict", params={"model": model, "faces": faces},
+                                       files={"file": ("warm.jpg", buffer.getvalue())})
+                if response.status_code != 200:
+                    print(f"warm-up: /predict {model} {faces}: {response.status_code} "
+                          f"{response.text[:200]}", file=sys.stderr)
+                    return 1
+        client.get("/metrics", headers={"accept": "text/plain"})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
