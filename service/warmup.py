@@ -16,12 +16,12 @@ from PIL import Image
 
 def main() -> int:
     import uvicorn
+    from starlette.testclient import TestClient
 
     import service.__main__  # noqa: F401  the launcher
     import service.cli  # noqa: F401
     from service.app import create_app
     from service.settings import load_settings
-    from starlette.testclient import TestClient
 
     uvicorn.Config("service.main:app").load()  # its protocol, loop and lifespan modules
     buffer = io.BytesIO()
