@@ -10,7 +10,14 @@ import re
 
 import pytest
 
-from benchmarks import bench_faces, bench_load, bench_models, bench_service, bench_soak
+from benchmarks import (
+    bench_faces,
+    bench_load,
+    bench_memory,
+    bench_models,
+    bench_service,
+    bench_soak,
+)
 
 pytestmark = [pytest.mark.slow]
 
@@ -46,3 +53,12 @@ def test_bench_faces_finds_the_face_and_prints_its_share(data_settings, capsys):
     out = capsys.readouterr().out
     assert "detector at 640x480:" in out and "1 face found)" in out, out
     assert out.count("of the faces=auto latency") == 2
+
+
+def test_bench_memory_prints_each_cases_peak(capsys):
+    assert bench_memory.main(["--images", "2", "--bytes", "100000", "--pixels", "250000",
+                              "--cases", "multipart,oip_binary"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [row[0] for row in rows] == ["multipart", "oip_binary"]
+    for row in rows:  # body MB, status, idle MB, peak MB: the peak is at least the idle
+        assert row[2] == "200" and float(row[4]) >= float(row[3]) > 50

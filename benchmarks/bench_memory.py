@@ -1,0 +1,140 @@
+"""Peak memory of one worker serving the largest requests the limits allow.
+
+    python -m benchmarks.bench_memory [--images 16] [--cases multipart,pixels,oip_json,...]
+
+Each case starts a fresh one-worker server (so its high-water mark is that case's own), sends
+the request (``--concurrent`` copies at once) and prints the worker's peak resident memory
+(``VmHWM``). What the Kubernetes and KServe manifests' memory limits are sized from: a pod
+runs ``EMOTION_WORKERS`` of these.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import struct
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import psutil
+from PIL import Image
+
+from service.preprocessing import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from tests.server import server_process
+
+CASES = ("idle", "multipart", "pixels", "oip_json", "oip_binary", "oip_tensor")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--images", type=int, default=16,
+                        help="images per request (EMOTION_MAX_IMAGES_PER_REQUEST's default)")
+    parser.add_argument("--bytes", type=int, default=DEFAULT_MAX_BYTES - 1024,
+                        help="size of each noise PNG (just under the upload limit)")
+    parser.add_argument("--pixels", type=int, default=DEFAULT_MAX_PIXELS - 100_000,
+                        help="pixels of each smooth RGB PNG in the 'pixels' case")
+    parser.add_argument("--concurrent", type=int, default=1, help="copies sent at once")
+    parser.add_argument("--cases", default=",".join(CASES), help="which cases, in order")
+    return parser.parse_args(argv)
+
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def noise_png(size: int) -> bytes:
+    """Random RGB noise (incompressible), as large as fits in ``size`` bytes."""
+    side = int((size / 3) ** 0.5)
+    rng = np.random.default_rng(0)
+    while True:
+        data = png(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
+        if len(data) <= size:
+            return data
+        side -= 8
+
+
+def smooth_png(pixels: int) -> bytes:
+    side = int(pixels ** 0.5)
+    ramp = np.linspace(0, 255, side, dtype=np.uint8)
+    return png(np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], ramp[None, :]), -1))
+
+
+def requests_for(case: str, args) -> list[dict]:
+    """httpx.post keyword arguments, one request per entry (a path and its body)."""
+    if case == "idle":
+        return [{"url": "/predict", "params": {"faces": "none"},
+                 "files": {"file": ("a.png", png(np.full((64, 64), 128, np.uint8)))}}]
+    if case in ("multipart", "pixels"):
+        image = noise_png(args.bytes) if case == "multipart" else smooth_png(args.pixels)
+        return [{"url": "/predict", "params": {"faces": "none"},
+                 "files": [("files", (f"{i}.png", image)) for i in range(args.images)]}]
+    infer = "/v2/models/cnn/infer"
+    if case == "oip_json":
+        text = base64.b64encode(noise_png(args.bytes)).decode()
+        return [{"url": infer, "content": json.dumps({"inputs": [{
+            "name": "image_bytes", "datatype": "BYTES", "shape": [args.images],
+            "data": [text] * args.images}], "parameters": {"faces": "none"}}).encode()}]
+    if case == "oip_binary":
+        image = noise_png(args.bytes)
+        raw = b"".join(struct.pack("<I", len(image)) + image for _ in range(args.images))
+        header = json.dumps({"inputs": [{
+            "name": "image_bytes", "datatype": "BYTES", "shape": [args.images],
+            "parameters": {"binary_data_size": len(raw)}}],
+            "parameters": {"faces": "none"}}).encode()
+        return [{"url": infer, "content": header + raw,
+                 "headers": {"Inference-Header-Content-Length": str(len(header))}}]
+    if case == "oip_tensor":
+        values = np.random.default_rng(1).random((args.images, 1, 350, 350), dtype=np.float32)
+        return [{"url": infer, "content": json.dumps({"inputs": [{
+            "name": "image", "datatype": "FP32", "shape": list(values.shape),
+            "data": values.ravel().tolist()}]}).encode()}]
+    raise SystemExit(f"unknown case {case!r}; the cases are {', '.join(CASES)}")
+
+
+def measure(case: str, args) -> dict:
+    requests = requests_for(case, args) * args.concurrent
+    body_mb = sum(len(r.get("content") or b"") + sum(
+        len(f[1][1]) for f in (r["files"].items() if isinstance(r.get("files"), dict)
+                               else r.get("files", []))) for r in requests) / 1e6
+    env = {"EMOTION_ONNX_THREADS": "1", "EMOTION_MAX_IMAGES_PER_REQUEST": str(args.images)}
+    with server_process(env=env) as (base, process):
+        worker = psutil.Process(process.pid)
+        idle = worker.memory_full_info().rss
+        started = time.perf_counter()
+        with httpx.Client(base_url=base, timeout=900) as client, \
+                ThreadPoolExecutor(len(requests)) as pool:
+            statuses = sorted({r.status_code for r in pool.map(
+                lambda kwargs: client.post(**kwargs), requests)})
+        wall = time.perf_counter() - started
+        with open(f"/proc/{process.pid}/status") as status:
+            peak = next(int(line.split()[1]) * 1024 for line in status
+                        if line.startswith("VmHWM:"))
+    return {"case": case, "requests": len(requests), "body_mb": body_mb, "status": statuses,
+            "idle_mb": idle / 1e6, "peak_mb": peak / 1e6, "wall_s": wall}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    print(f"one worker, EMOTION_ONNX_THREADS=1, {args.images} images per request, "
+          f"{args.concurrent} at once")
+    print(f"{'case':<12} {'body MB':>9} {'status':>8} {'idle MB':>8} {'peak MB':>8} "
+          f"{'wall s':>7}")
+    failed = False
+    for case in args.cases.split(","):
+        row = measure(case, args)
+        failed |= row["status"] != [200]
+        print(f"{row['case']:<12} {row['body_mb']:>9.1f} {','.join(map(str, row['status'])):>8} "
+              f"{row['idle_mb']:>8.0f} {row['peak_mb']:>8.0f} {row['wall_s']:>7.1f}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
