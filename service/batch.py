@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import os
 import time
@@ -119,7 +120,9 @@ class RowWriter:
 
     def _csv_line(self, values) -> str:
         buffer = io.StringIO()
-        csv.writer(buffer, lineterminator="\n").writerow(values)
+        # "\r\n", as RFC 4180 says: a field holding a lone "\r" is then quoted (a file name
+        # may hold one), which "\n" left bare for readers to split the row at
+        csv.writer(buffer, lineterminator="\r\n").writerow(values)
         return buffer.getvalue()
 
     def write(self, rows: Iterable[Row]) -> None:
@@ -153,58 +156,66 @@ def output_format(path: Path) -> str:
     raise UsageError(f"{path}: the output's extension says its format: .csv or .jsonl")
 
 
-def _records(text: str, fmt: str, columns: Sequence[str]) -> tuple[list[list], bool]:
-    """The rows of an earlier output, each as its values in ``columns`` order, and whether
-    the last one was cut short. A file this command did not write is refused."""
+def _records(text: str, fmt: str, columns: Sequence[str]) -> tuple[list[list], list[int]]:
+    """The complete rows of an earlier output, each as its values in ``columns`` order, and
+    the character offset where each ends (the first entry: where the rows begin). A last row
+    cut short is left out. A file this command did not write is refused."""
     foreign = UsageError(f"--resume: the output was not written by this command (its "
                          f"columns are not {', '.join(columns[:3])}, ...); name another --out")
-    complete = text.endswith("\n")
+    lines = text.splitlines(keepends=True) if fmt == "jsonl" else \
+        io.StringIO(text, newline="").readlines()
+    line_ends = list(itertools.accumulate(map(len, lines), initial=0))
+    records, ends = [], [0]
     if fmt == "csv":
+        reader = csv.reader(lines)
         try:
-            records = list(csv.reader(io.StringIO(text, newline="")))
-        except csv.Error:
-            raise foreign from None
-        if records and records[0] != list(columns):
-            raise foreign
-        records = records[1:]
+            for number, record in enumerate(reader):
+                end = line_ends[reader.line_num]
+                if number == 0:
+                    if record != list(columns):
+                        raise foreign
+                    ends[0] = end
+                elif len(record) == len(columns) and text[end - 1:end] in ("\n", "\r"):
+                    records.append(record)
+                    ends.append(end)
+                elif reader.line_num < len(lines):  # a short row before the end: not ours
+                    raise foreign
+        except csv.Error:  # a quote left open: cut inside a quoted path, or not ours
+            if not records and ends == [0]:
+                raise foreign from None
     else:
-        records = []
-        lines = [line for line in text.splitlines() if line.strip()]
         for number, line in enumerate(lines):
+            if not line.strip():
+                continue
             try:
                 record = json.loads(line)
                 if not isinstance(record, dict) or list(record) != list(columns):
                     raise ValueError
             except ValueError:
-                if number == len(lines) - 1 and not complete:
-                    return records, True  # the last line, cut mid-way
+                if number == len(lines) - 1 and not line.endswith("\n"):
+                    break  # the last line, cut mid-way
                 raise foreign from None
             records.append([record[c] for c in columns])
-    cut = fmt == "csv" and bool(records) and (not complete or len(records[-1]) != len(columns))
-    if cut:  # cut mid-record (perhaps inside a quoted path holding a newline)
-        records = records[:-1]
-    if any(len(r) != len(columns) for r in records):
-        raise foreign
-    return records, cut
+            ends.append(line_ends[number + 1])
+    return records, ends
 
 
 def finished_paths(path: Path, columns: Sequence[str] = COLUMNS) -> set[str]:
     """Paths an earlier run already wrote rows for, for ``--resume``. An interrupted run may
-    have cut its last file's rows short, so that file's rows are removed and it is done
+    have cut its last file's rows short, so that file's rows are removed (the file is cut
+    where they begin, in place: rewriting it lost everything to an interrupt) and it is done
     again; everything before it is kept. Records, not lines: a path may hold a newline."""
     if not path.exists():
         return set()
     fmt = output_format(path)
     text = path.read_bytes().decode("utf-8", errors="surrogateescape")
-    records, _ = _records(text, fmt, columns)
+    records, ends = _records(text, fmt, columns)
     if records:
         last = records[-1][0]
         while records and records[-1][0] == last:
             records.pop()
-    writer = RowWriter(path, columns)  # the kept rows, written back as they were written
-    writer.write(Row(dict(zip(columns, [None if v == "" and fmt == "csv" else v for v in r],
-                              strict=True))) for r in records)
-    writer.close()
+    keep = len(text[:ends[len(records)]].encode("utf-8", errors="surrogateescape"))
+    os.truncate(path, keep)
     return {r[0] for r in records}
 
 

@@ -190,7 +190,7 @@ def test_resume_after_an_interrupted_run_finishes_the_rest_once(test_images, tmp
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
-def test_resume_redoes_a_file_whose_rows_were_cut_short(tmp_path, suffix):
+def test_resume_redoes_a_file_whose_rows_were_cut_short(tmp_path, suffix, monkeypatch):
     from service.batch import COLUMNS, Row, RowWriter, finished_paths
 
     out = tmp_path / f"rows{suffix}"
@@ -204,8 +204,15 @@ def test_resume_redoes_a_file_whose_rows_were_cut_short(tmp_path, suffix):
     writer.close()
     data = out.read_bytes()
     out.write_bytes(data[: len(data) - 9])  # the second face of b.jpg, cut mid-line
-    assert finished_paths(out) == {"a.jpg"}
+    with monkeypatch.context() as patched:
+        # cut in place where b.jpg's rows began, not written anew: it was emptied and
+        # rewritten, and an interrupt in between (as here) lost every earlier row
+        def interrupted(*args):
+            raise KeyboardInterrupt
+        patched.setattr(RowWriter, "write", interrupted)
+        assert finished_paths(out) == {"a.jpg"}
     assert [r["path"] for r in read_rows(out)] == ["a.jpg", "a.jpg"]
+    assert data.startswith(out.read_bytes())
     assert finished_paths(out) == set()  # an intact file: its last path is redone
     if suffix == ".jsonl":  # a blank line, as an editor may leave, is not a foreign file
         writer = RowWriter(out, COLUMNS, append=True)
@@ -213,6 +220,22 @@ def test_resume_redoes_a_file_whose_rows_were_cut_short(tmp_path, suffix):
         writer.close()
         out.write_bytes(out.read_bytes() + b"\n")
         assert finished_paths(out) == {"a.jpg"}
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_resume_reads_back_paths_holding_any_line_break(tmp_path, suffix):
+    """A lone carriage return in a file name was written bare to the CSV, which split the
+    row there: --resume then refused the command's own output."""
+    from service.batch import COLUMNS, Row, RowWriter, finished_paths
+
+    out = tmp_path / f"rows{suffix}"
+    writer = RowWriter(out, COLUMNS)
+    names = ["a\rb.jpg", "c\nd.jpg", "e\r\nf.jpg", "g.jpg"]
+    for name in names:
+        writer.write([Row({**dict.fromkeys(COLUMNS), "path": name, "label": "NEUTRAL"})])
+    writer.close()
+    assert finished_paths(out) == set(names[:-1])
+    assert [r["path"] for r in read_rows(out)] == names[:-1]
 
 
 def test_url_gives_the_same_rows_as_in_process_and_as_predict(photo_folder, tmp_path):
