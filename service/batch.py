@@ -20,22 +20,34 @@ import io
 import itertools
 import json
 import os
+import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures import ThreadPoolExecutor as _Threads
 from dataclasses import dataclass
 from pathlib import Path
 
 from service.classes import CLASS_NAMES
 from service.inference import FacesMode, ImageInput, ImagePrediction, Predictor
-from service.preprocessing import ImageLimits, TooManyBytesError
+from service.preprocessing import (
+    CorruptImageError,
+    ImageLimits,
+    NotAnImageError,
+    PreprocessingError,
+    TooManyBytesError,
+    TooManyPixelsError,
+)
 
 BOX_COLUMNS = ("face_x", "face_y", "face_width", "face_height")
 COLUMNS = ("path", *BOX_COLUMNS, "label", *CLASS_NAMES, "error", "code")
 LIST_SUFFIXES = (".txt", ".list", ".lst")
 UNREADABLE = "unreadable"
+# what /predict answers about one image (the others are about the request or the service)
+IMAGE_ERROR_CODES = frozenset(error.code for error in (
+    PreprocessingError, NotAnImageError, CorruptImageError, TooManyBytesError,
+    TooManyPixelsError))
 
 
 class UsageError(ValueError):
@@ -57,7 +69,8 @@ def expand_paths(paths: Sequence[str | Path], recursive: bool = False) -> list[P
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = path.rglob("*") if recursive else path.iterdir()
+            found = _walk(path) if recursive else path.iterdir()
+            files = 0
             for item in sorted(found):
                 hidden = any(part.startswith(".") for part in item.relative_to(path).parts)
                 # a broken or looping link is listed too: it gets its unreadable row, as
@@ -65,6 +78,10 @@ def expand_paths(paths: Sequence[str | Path], recursive: bool = False) -> list[P
                 if (item.is_file() or (item.is_symlink() and not item.exists())) \
                         and not hidden:
                     add(item)
+                    files += 1
+            if not files and not recursive and any(p.is_dir() for p in path.iterdir()):
+                raise UsageError(f"{raw}: no files, only folders; add --recursive to read "
+                                 "them")
         elif path.suffix.lower() in LIST_SUFFIXES and path.is_file():
             # bytes, decoded as the file system does: a name need not be UTF-8
             for line in path.read_bytes().splitlines():
@@ -76,6 +93,21 @@ def expand_paths(paths: Sequence[str | Path], recursive: bool = False) -> list[P
         else:
             raise UsageError(f"{raw}: no such file or folder")
     return out
+
+
+def _walk(folder: Path) -> Iterator[Path]:
+    """Every entry under ``folder``, through linked folders too (``rglob`` skips them),
+    each real folder once, so that a link back up does not loop."""
+    seen = {folder.resolve()}
+    for root, folders, names in os.walk(folder, followlinks=True):
+        kept = []
+        for name in folders:
+            real = (Path(root) / name).resolve()
+            if real not in seen:
+                seen.add(real)
+                kept.append(name)
+        folders[:] = kept
+        yield from (Path(root) / name for name in names)
 
 
 @dataclass(frozen=True)
@@ -316,6 +348,43 @@ class LocalRunner:
 
 # --- remote -----------------------------------------------------------------------------
 
+class _DaemonThreads:
+    """A thread pool whose threads do not hold the process at exit: ThreadPoolExecutor's
+    are joined then, so Ctrl-C against a hung service waited out every read's timeout."""
+
+    def __init__(self, count: int):
+        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self.count = count
+        for _ in range(count):
+            threading.Thread(target=self._work, daemon=True).start()
+
+    def submit(self, function, *args) -> Future:
+        future: Future = Future()
+        self.tasks.put((future, function, args))
+        return future
+
+    def _work(self) -> None:
+        while (task := self.tasks.get()) is not None:
+            future, function, args = task
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(function(*args))
+                except BaseException as exc:  # noqa: BLE001  handed to whoever waits on it
+                    future.set_exception(exc)
+
+    def shutdown(self) -> None:
+        """Queued tasks cancelled; the threads end once their task in hand does."""
+        while True:
+            try:
+                task = self.tasks.get_nowait()
+            except queue.Empty:
+                break
+            if task is not None:
+                task[0].cancel()
+        for _ in range(self.count):
+            self.tasks.put(None)
+
+
 class RemoteError(RuntimeError):
     """The service could not be used (unreachable after retries, or refused the run)."""
 
@@ -339,27 +408,32 @@ class RemoteRunner:
         limits = httpx.Limits(max_connections=concurrency,
                               max_keepalive_connections=concurrency)
         self.client = httpx.Client(timeout=timeout, limits=limits)
+        self.closed = False
 
     def check(self) -> None:
-        response = self._send("GET", "/readyz")
+        # two tries, not eight: a mistyped host or port took 22 s to be reported
+        response = self._send("GET", "/readyz", retries=2)
         if response.status_code not in (200, 503):
             raise RemoteError(f"{self.url}/readyz answered {response.status_code}")
 
-    def _send(self, method: str, path: str, **kwargs):
+    def _send(self, method: str, path: str, retries: int | None = None, **kwargs):
         import httpx
 
+        retries = self.retries if retries is None else retries
         delay = 0.2
-        for attempt in range(self.retries + 1):
+        for attempt in range(retries + 1):
             try:
                 response = self.client.request(method, f"{self.url}{path}", **kwargs)
             except httpx.TransportError as exc:
-                if attempt == self.retries:
+                if attempt == retries or self.closed:
                     raise RemoteError(f"{self.url}: {type(exc).__name__}: {exc}") from None
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
+            except httpx.HTTPError as exc:  # a body it cannot decode, say: not transient
+                raise RemoteError(f"{self.url}{path}: {type(exc).__name__}: {exc}") from None
             # busy (503), rate-limited (429) or timed out reading the body (408): transient
-            if response.status_code in (408, 429, 503) and attempt < self.retries:
+            if response.status_code in (408, 429, 503) and attempt < retries:
                 retry_after = response.headers.get("retry-after", "")
                 time.sleep(min(float(retry_after), 30.0) if retry_after.isdigit() else delay)
                 delay = min(delay * 2, 5.0)
@@ -378,37 +452,44 @@ class RemoteRunner:
         out: list[list[Row] | None] = [
             [Row.error(p, unreadable[i], UNREADABLE)] if i in unreadable else None
             for i, p in enumerate(paths)]
-        if readable:
-            response = self._post([paths[i] for i in readable], [inputs[i] for i in readable])
-            if response.status_code == 200:
+        if not readable:
+            return out  # type: ignore[return-value]
+        response = self._post([paths[i] for i in readable], [inputs[i] for i in readable])
+        status, body = response.status_code, _error_body(response)
+        if status == 200:
+            try:
                 grouped: dict[int, list[dict]] = {}
-                try:
-                    predictions = response.json()["predictions"]
-                except (ValueError, KeyError, TypeError):
-                    raise RemoteError(f"{self.url}/predict answered 200 but not with "
-                                      f"predictions: {response.text[:120]!r}") from None
-                for prediction in predictions:
+                for prediction in response.json()["predictions"]:
                     grouped.setdefault(int(prediction["filename"]), []).append(prediction)
                 for k, i in enumerate(readable):
                     out[i] = [_row_from_json(paths[i], p) for p in grouped[k]]
-            elif len(readable) > 1 and 400 <= response.status_code < 500:
-                for i in readable:  # one image spoilt the request: find out which, alone
+            except (ValueError, KeyError, TypeError, IndexError):
+                raise RemoteError(f"{self.url}/predict answered 200 but not with "
+                                  f"predictions: {response.text[:120]!r}") from None
+        elif status == 413 or body.get("code") in IMAGE_ERROR_CODES:
+            # one image spoilt the request (too large for the service or a proxy before
+            # it, or not an image): find out which, alone
+            if len(readable) > 1:
+                for i in readable:
                     out[i] = self._classify([paths[i]])[0]
             else:
-                body = _error_body(response)
-                if response.status_code >= 500 or response.status_code == 422:
-                    raise RemoteError(f"{self.url}/predict answered {response.status_code}: "
-                                      f"{body.get('detail', response.text[:200])}")
-                out[readable[0]] = [Row.error(paths[readable[0]], body.get("detail", ""),
-                                              body.get("code", str(response.status_code)))]
+                out[readable[0]] = [Row.error(
+                    paths[readable[0]], body.get("detail") or f"refused with {status}",
+                    body.get("code") or TooManyBytesError.code)]
+        else:  # the service refused the run itself (401, 404, 415, 422, 5xx...): stop
+            raise RemoteError(f"{self.url}/predict answered {status}: "
+                              f"{body.get('detail') or response.text[:200]!r}")
         return out  # type: ignore[return-value]
 
     def run(self, paths: Sequence[str]) -> Iterator[list[list[Row]]]:
+        pool = _DaemonThreads(self.concurrency)
         try:
-            with _Threads(self.concurrency) as pool:
-                yield from _bounded(lambda chunk: pool.submit(self._classify, chunk),
-                                    batches(paths, self.batch_size), 2 * self.concurrency)
-        finally:  # also when the run stops early (an error, Ctrl-C)
+            yield from _bounded(lambda chunk: pool.submit(self._classify, chunk),
+                                batches(paths, self.batch_size), 2 * self.concurrency)
+        finally:  # also when the run stops early (an error, Ctrl-C): queued batches are
+            # dropped, not each sent with its retries, and the process need not wait
+            self.closed = True
+            pool.shutdown()
             self.client.close()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from service.batch import (
@@ -92,6 +93,7 @@ def run_video(args: argparse.Namespace) -> int:
     writable_path(args.out)
     if args.plot is not None:
         writable_path(args.plot, "--plot")
+        plot_format(args.plot)
     if not args.video.is_file():
         raise UsageError(f"{args.video}: no such file")
     if not 0 < args.fps <= MAX_FPS:  # also refuses nan and inf, whose steps never advance
@@ -126,6 +128,16 @@ def run_video(args: argparse.Namespace) -> int:
     print(f"emotion-detect: {frames} frames sampled, {len(every_row)} rows in "
           f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0
+
+
+def plot_format(path: Path) -> None:
+    """Refused before the video is read, not after (matplotlib's own error, a traceback)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix.lower().lstrip(".") not in formats:
+        raise UsageError(f"--plot {path}: its extension names the format, one of "
+                         f"{', '.join(sorted(formats))}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,6 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"emotion-detect: {exc}", file=sys.stderr)
         return 2
+    except BrokenProcessPool:  # a worker killed (out of memory, say): the rows so far stay
+        print("emotion-detect: a worker process died (out of memory?); --resume picks up "
+              "where it stopped", file=sys.stderr)
+        return 1
+    except OSError as exc:  # --out unwritable (a full disk, /proc), a folder unreadable
+        print(f"emotion-detect: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         resume = "; --resume picks up where it stopped" if args.command == "images" else ""
         print(f"emotion-detect: interrupted{resume}", file=sys.stderr)

@@ -356,9 +356,14 @@ def test_a_video_without_pictures_and_impossible_rates_are_one_line_each(tmp_pat
     ["images", "{photo}", "--out", "{tmp}/r.csv", "--url", "http://127.0.0.1:1",
      "--connections", "0"],
     ["images", "{photo}", "--out", "{tmp}/r.csv", "--url", "127.0.0.1:8000"],
+    # matplotlib's own error, after the whole video had been read
+    ["video", "{photo}", "--out", "{tmp}/v.csv", "--plot", "{tmp}/p.xyz"],
+    # a folder of folders, without --recursive: 0 files and exit 0, no hint
+    ["images", "{tmp}/nested", "--out", "{tmp}/r.csv"],
 ])
 def test_output_and_connection_mistakes_are_one_line_before_any_work(tmp_path, argv):
     (tmp_path / "folder.csv").mkdir()
+    (tmp_path / "nested" / "inner").mkdir(parents=True)
     photo = tmp_path / "a.png"
     photo.write_bytes(encode(gray_image(), "PNG"))
     argv = [a.format(photo=photo, tmp=tmp_path) for a in argv]
@@ -438,3 +443,201 @@ def test_url_retries_rate_limits_and_refuses_an_answer_that_is_not_predictions(t
     assert row.values["label"] == "NEUTRAL" and row.values["code"] is None
     with pytest.raises(RemoteError, match="not with predictions"):
         runner._classify([str(photo)])
+
+
+def _runner_answering(*answers):
+    import httpx
+
+    from service.batch import RemoteRunner
+
+    runner = RemoteRunner("http://service.test", None, None, 1, 4)
+    sent = []
+
+    def answer(request):
+        sent.append(request)
+        reply = answers[min(len(sent), len(answers)) - 1]
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    runner.client = httpx.Client(transport=httpx.MockTransport(answer))
+    return runner, sent
+
+
+@pytest.mark.parametrize("answer", [
+    "401 json", "403 html", "404 json", "415 json", "422 too_many_files", "302",
+    "200 null", "200 no filename", "200 empty", "200 bad gzip"])
+def test_url_stops_when_the_service_refuses_the_run_not_the_image(tmp_path, answer):
+    """Each was written as an error row per file with exit 0 (and --resume then skipped
+    those files), or ended in a traceback."""
+    import httpx
+
+    from service.batch import RemoteError
+
+    prediction = {"label": "NEUTRAL", "face": None, "error": None,
+                  "probabilities": {c: 1 / NUM_CLASSES for c in CLASS_NAMES}}
+    reply = {
+        "401 json": httpx.Response(401, json={"detail": "Not authenticated"}),
+        "403 html": httpx.Response(403, text="<html>Forbidden</html>"),
+        "404 json": httpx.Response(404, json={"detail": "Not Found", "code": "not_found"}),
+        "415 json": httpx.Response(415, json={"detail": "no", "code": "unsupported_media_type"}),
+        "422 too_many_files": httpx.Response(422, json={"detail": "at most 2 files",
+                                                        "code": "too_many_files"}),
+        "302": httpx.Response(302, headers={"location": "/login"}),
+        "200 null": httpx.Response(200, json={"predictions": None}),
+        "200 no filename": httpx.Response(200, json={"predictions": [
+            {**prediction, "filename": "a.png"}]}),
+        "200 empty": httpx.Response(200, json={"predictions": []}),
+        "200 bad gzip": httpx.Response(200, stream=httpx.ByteStream(b"not gzip"), headers={
+            "content-encoding": "gzip", "content-type": "application/json"}),
+    }[answer]
+    photos = []
+    for name in ("a.png", "b.png"):
+        photos.append(str(tmp_path / name))
+        (tmp_path / name).write_bytes(encode(gray_image(), "PNG"))
+    runner, _ = _runner_answering(reply)
+    with pytest.raises(RemoteError):
+        runner._classify(photos)
+
+
+def test_url_gives_a_row_to_the_image_the_service_refuses_alone(tmp_path):
+    """A 413 (from the service or a proxy before it, HTML or not) or an image's own error
+    code: the batch is split to find which file it was, and that file gets the row."""
+    import httpx
+
+    good = {"predictions": [{"filename": "0", "label": "HAPPINESS", "face": None,
+                             "error": None,
+                             "probabilities": {c: 1 / NUM_CLASSES for c in CLASS_NAMES}}]}
+    photos = []
+    for name in ("a.png", "b.png", "c.png"):
+        photos.append(str(tmp_path / name))
+        (tmp_path / name).write_bytes(encode(gray_image(), "PNG"))
+    runner, sent = _runner_answering(
+        httpx.Response(413, text="<html>413 Request Entity Too Large</html>"),
+        httpx.Response(200, json=good),
+        httpx.Response(413, text="<html>413 Request Entity Too Large</html>"),
+        httpx.Response(400, json={"detail": "not an image", "code": "not_an_image"}))
+    rows = [row.values for [row] in runner._classify(photos)]
+    assert len(sent) == 4  # the batch, then each file alone
+    assert [(r["label"], r["code"]) for r in rows] == [
+        ("HAPPINESS", None), (None, "too_many_bytes"), (None, "not_an_image")]
+
+
+def test_url_tries_a_mistyped_address_twice_not_eight_times():
+    import httpx
+
+    from service.batch import RemoteError
+
+    runner, sent = _runner_answering(httpx.ConnectError("connection refused"))
+    with pytest.raises(RemoteError, match="ConnectError"):
+        runner.check()
+    assert len(sent) == 3
+
+
+def test_ctrl_c_against_a_hung_service_stops_at_once(tmp_path):
+    """The thread pool's threads were joined at exit, each waiting out its 120 s read."""
+    import signal
+    import socket
+    import threading
+    import time
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    held = []
+
+    def serve():  # /readyz answers; anything else is read and never answered
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            held.append(connection)
+            threading.Thread(target=lambda c=connection: [
+                c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                for data in iter(lambda: c.recv(65536), b"")
+                if data.startswith(b"GET /readyz")], daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    for i in range(12):
+        (tmp_path / f"{i}.png").write_bytes(encode(gray_image(), "PNG"))
+    out = tmp_path / "rows.csv"
+    process = subprocess.Popen([*COMMAND, "images", str(tmp_path), "--out", str(out),
+                                "--url", f"http://127.0.0.1:{port}", "--batch-size", "2"],
+                               cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while len(held) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)  # the readiness check, then the first batches in flight
+        time.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+        listener.close()
+    assert process.returncode == 130, stderr
+    assert "interrupted; --resume picks up where it stopped" in stderr
+
+
+def test_recursive_follows_linked_folders_once_each(tmp_path):
+    from service.batch import expand_paths
+
+    real = tmp_path / "real"
+    (real / "sub").mkdir(parents=True)
+    (real / "a.png").write_bytes(b"a")
+    (real / "sub" / "b.png").write_bytes(b"b")
+    top = tmp_path / "top"
+    top.mkdir()
+    (top / "c.png").write_bytes(b"c")
+    (top / "linked").symlink_to(real)  # rglob skipped what is behind it
+    (real / "sub" / "up").symlink_to(top)  # and a link back up must not loop
+    found = [p.relative_to(top).as_posix() for p in expand_paths([top], recursive=True)]
+    assert found == ["c.png", "linked/a.png", "linked/sub/b.png"]
+
+
+@pytest.mark.parametrize("out", ["full", "proc"])
+def test_an_output_that_cannot_be_written_is_one_line(tmp_path, out):
+    """/dev/full (a full disk) gave three chained tracebacks, /proc one."""
+    photo = tmp_path / "a.png"
+    photo.write_bytes(encode(gray_image(), "PNG"))
+    target = tmp_path / "rows.csv"
+    if out == "full":
+        target.symlink_to("/dev/full")
+    else:
+        target = Path("/proc/rows.csv")
+    result = subprocess.run([*COMMAND, "images", str(photo), "--out", str(target),
+                             "--workers", "1"], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1, result.stderr
+    [line] = result.stderr.strip().splitlines()[-1:]
+    assert line.startswith("emotion-detect: [Errno") and "Traceback" not in result.stderr
+
+
+def test_a_worker_process_killed_mid_run_is_one_line_and_the_rows_stay(tmp_path):
+    import time
+
+    import psutil
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    data = encode(gray_image(), "PNG")
+    for i in range(3000):
+        (folder / f"{i:04d}.png").write_bytes(data)
+    out = tmp_path / "rows.csv"
+    process = subprocess.Popen([*COMMAND, "images", str(folder), "--out", str(out),
+                                "--workers", "2", "--batch-size", "4", "--faces", "none"],
+                               cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (
+                not out.exists() or out.stat().st_size < 2000):
+            time.sleep(0.05)  # rows are coming: the workers are busy
+        workers = psutil.Process(process.pid).children()
+        workers[-1].kill()
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 1, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "emotion-detect: a worker process died (out of memory?); --resume picks up where it "
+        "stopped")
+    assert "Traceback" not in stderr and len(read_rows(out)) > 10
