@@ -70,8 +70,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     page.install_page(app)
     install_error_handlers(app)
     if settings.cors_origins:
+        # exposed, so that a page on another origin can read them (browsers hide the rest)
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
-                           allow_methods=["GET", "POST"], allow_headers=["*"])
+                           allow_methods=["GET", "POST"], allow_headers=["*"],
+                           expose_headers=["X-Request-ID", "Retry-After",
+                                           "Inference-Header-Content-Length"])
     # Metric labels use these paths; anything else is "unmatched", so label sets stay bounded.
     routes = {route.path for router in (*routers, page.router) for route in router.routes}
     routes |= {app.openapi_url, "/docs", "/redoc", "/static/{path}", "/docs-assets/{path}"}

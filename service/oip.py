@@ -240,7 +240,14 @@ def parse_infer_request(body: bytes, header_length: str | None,
                     raise ProtocolError(f"input {name!r}: {len(flat)} values for a shape of "
                                         f"{shape}")
                 try:
-                    array = np.asarray(flat, dtype=dtype)
+                    # JSON numbers only: NumPy also reads "0.5" and true as numbers
+                    inferred = np.asarray(flat)
+                    if inferred.dtype.kind not in ("b" if datatype == "BOOL" else "iuf"):
+                        raise TypeError
+                    # one conversion for floats; integers are cast checked, out of range
+                    # refused
+                    array = (inferred.astype(dtype) if dtype.kind == "f"
+                             else np.asarray(flat, dtype=dtype))
                 except (TypeError, ValueError, OverflowError):
                     raise ProtocolError(f"input {name!r}: the data are not {datatype} "
                                         "numbers") from None
@@ -261,6 +268,8 @@ def parse_infer_request(body: bytes, header_length: str | None,
                for o in outputs]
     parameters = _parameters(header.get("parameters"), "")
     request_id = header.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise ProtocolError("'id' must be a string")  # echoed back as a Python repr before
     return InferRequest(inputs, None if request_id is None else str(request_id), parameters,
                         outputs)
 

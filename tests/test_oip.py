@@ -161,6 +161,12 @@ def app_client():
     (b'{"id": ' + b"1" * 5000 + b', "inputs": []}', {}, "not valid JSON"),
     # 3 MB of empty arrays, refused before they become a million Python lists
     (b'{"inputs": [' + b"[]," * 1_000_000 + b"[]]}", {}, "more values"),
+    # JSON numbers only, and a string id (it was echoed back as a Python repr)
+    (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [2], '
+     b'"data": ["0.5", "0.5"]}]}', {}, "not FP32 numbers"),
+    (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1], "data": [true]}]}',
+     {}, "not FP32 numbers"),
+    (b'{"id": {"a": 1}, "inputs": []}', {}, "'id' must be a string"),
     # shapes NumPy cannot make were 500s
     (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [' + b"1," * 64
      + b'1], "data": [0.5]}]}', {}, "cannot be made"),

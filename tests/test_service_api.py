@@ -310,3 +310,8 @@ def test_cors_is_off_unless_configured(client, settings):
     with TestClient(create_app(allowed)) as cors_client:
         response = cors_client.options("/predict", headers=headers)
         assert response.headers["access-control-allow-origin"] == "https://example.org"
+        # a page on that origin can read the request id (and Retry-After): browsers hide
+        # every header not exposed
+        health = cors_client.get("/healthz", headers={"origin": "https://example.org"})
+        exposed = health.headers["access-control-expose-headers"].lower().split(", ")
+        assert {"x-request-id", "retry-after"} <= set(exposed)
