@@ -84,7 +84,8 @@ def expand_paths(paths: Sequence[str | Path], recursive: bool = False) -> list[P
                                  "them")
         elif path.suffix.lower() in LIST_SUFFIXES and path.is_file():
             # bytes, decoded as the file system does: a name need not be UTF-8
-            for line in path.read_bytes().splitlines():
+            # a byte-order mark, as Windows editors write, is not part of the first name
+            for line in path.read_bytes().removeprefix(b"\xef\xbb\xbf").splitlines():
                 name = os.fsdecode(line.strip())
                 if name and not name.startswith("#"):
                     add(Path(name))

@@ -74,8 +74,8 @@ def run_images(args: argparse.Namespace) -> int:
         progress.close()
         writer.close()
     wall = time.perf_counter() - started
-    print(f"emotion-detect: {len(todo)} files ({len(done)} already in {args.out}), {rows} rows, "
-          f"{errors} files with an error, in {wall:.1f} s "
+    print(f"emotion-detect: {len(todo)} files ({len(paths) - len(todo)} already in {args.out}), "
+          f"{rows} rows, {errors} files with an error, in {wall:.1f} s "
           f"({len(todo) / wall if wall else 0:.1f} images/s)", file=sys.stderr)
     return 1 if unreadable else 0
 
@@ -95,7 +95,8 @@ def run_video(args: argparse.Namespace) -> int:
         writable_path(args.plot, "--plot")
         plot_format(args.plot)
     if not args.video.is_file():
-        raise UsageError(f"{args.video}: no such file")
+        raise UsageError(f"{args.video}: " + ("a folder; name a video file"
+                                               if args.video.is_dir() else "no such file"))
     if not 0 < args.fps <= MAX_FPS:  # also refuses nan and inf, whose steps never advance
         raise UsageError(f"--fps must be above 0 and at most {MAX_FPS:g}")
     settings = load_settings()

@@ -53,6 +53,8 @@ class RequestMiddleware:
         path = scope.get("path", "")
         route = self.route_of(path)
         method = scope.get("method", "")
+        if method == "HEAD":  # as GET without the body (RFC 9110); FastAPI routes GET only
+            scope = {**scope, "method": "GET"}
         status = {"code": 500}
 
         async def send_with_id(message):
@@ -61,6 +63,8 @@ class RequestMiddleware:
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"],
                                       (b"x-request-id", request_id.encode("latin-1"))]
+            elif method == "HEAD" and message.get("body"):
+                message = {**message, "body": b""}
             await send(message)
 
         limited = route in LIMITED_ROUTES

@@ -297,6 +297,16 @@ def test_overload_answers_503_with_retry_after_at_once(settings, monkeypatch):
     assert first["r"].status_code == 200
 
 
+def test_head_answers_as_get_without_a_body(client):
+    """RFC 9110: HEAD wherever GET works; it was 405 on every route, /healthz included."""
+    for path in ("/healthz", "/readyz", "/", "/classes", "/v2/health/ready"):
+        get, head = client.get(path), client.head(path)
+        assert head.status_code == get.status_code == 200, path
+        assert head.content == b"" and head.headers["content-type"] == get.headers[
+            "content-type"]
+    assert client.head("/predict").status_code == 405  # POST only, as for GET
+
+
 def test_request_id_is_returned_and_propagated(client):
     response = client.get("/healthz", headers={"x-request-id": "abc123"})
     assert response.headers["x-request-id"] == "abc123"
