@@ -86,6 +86,7 @@ def run_video(args: argparse.Namespace) -> int:
         VIDEO_COLUMNS,
         NoVideoStreamError,
         classify_video,
+        plot_formats,
         plot_largest_face,
     )
 
@@ -93,7 +94,10 @@ def run_video(args: argparse.Namespace) -> int:
     writable_path(args.out)
     if args.plot is not None:
         writable_path(args.plot, "--plot")
-        plot_format(args.plot)
+        # refused before the video is read, not after it (matplotlib's own traceback)
+        if args.plot.suffix.lower().lstrip(".") not in (formats := plot_formats()):
+            raise UsageError(f"--plot {args.plot}: its extension names the format, one of "
+                             f"{', '.join(formats)}")
     if not args.video.is_file():
         raise UsageError(f"{args.video}: " + ("a folder; name a video file"
                                                if args.video.is_dir() else "no such file"))
@@ -129,16 +133,6 @@ def run_video(args: argparse.Namespace) -> int:
     print(f"emotion-detect: {frames} frames sampled, {len(every_row)} rows in "
           f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0
-
-
-def plot_format(path: Path) -> None:
-    """Refused before the video is read, not after (matplotlib's own error, a traceback)."""
-    from matplotlib.backend_bases import FigureCanvasBase
-
-    formats = FigureCanvasBase.get_supported_filetypes()
-    if path.suffix.lower().lstrip(".") not in formats:
-        raise UsageError(f"--plot {path}: its extension names the format, one of "
-                         f"{', '.join(sorted(formats))}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -73,6 +73,13 @@ def classify_video(predictor: Predictor, path: Path, model: str, mode: FacesMode
         yield flush()
 
 
+def plot_formats() -> list[str]:
+    """The file extensions ``plot_largest_face`` can write, as matplotlib names them."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return sorted(FigureCanvasBase.get_supported_filetypes())
+
+
 def plot_largest_face(rows: list[Row], out: Path, title: str) -> None:
     """The eight probabilities over time for the largest face of each frame (the whole frame
     where none was found), one line per class."""
