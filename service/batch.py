@@ -102,7 +102,11 @@ def _walk(folder: Path) -> Iterator[Path]:
     seen = {folder.resolve()}
     for root, folders, names in os.walk(folder, followlinks=True):
         kept = []
-        for name in folders:
+        # real folders before links to them, then by name: the same files get the same
+        # paths whatever order the file system lists them in; hidden folders not entered
+        for name in sorted(folders, key=lambda n: ((Path(root) / n).is_symlink(), n)):
+            if name.startswith("."):
+                continue
             real = (Path(root) / name).resolve()
             if real not in seen:
                 seen.add(real)
@@ -412,7 +416,7 @@ class RemoteRunner:
         self.closed = False
 
     def check(self) -> None:
-        # two tries, not eight: a mistyped host or port took 22 s to be reported
+        # three tries, not nine: a mistyped host or port took 22 s to be reported
         response = self._send("GET", "/readyz", retries=2)
         if response.status_code not in (200, 503):
             raise RemoteError(f"{self.url}/readyz answered {response.status_code}")

@@ -240,14 +240,12 @@ def parse_infer_request(body: bytes, header_length: str | None,
                     raise ProtocolError(f"input {name!r}: {len(flat)} values for a shape of "
                                         f"{shape}")
                 try:
-                    # JSON numbers only: NumPy also reads "0.5" and true as numbers
-                    inferred = np.asarray(flat)
-                    if inferred.dtype.kind not in ("b" if datatype == "BOOL" else "iuf"):
+                    # JSON numbers only (true and false for BOOL): NumPy also reads "0.5"
+                    # and true as numbers
+                    allowed = {bool} if datatype == "BOOL" else {int, float}
+                    if not set(map(type, flat)) <= allowed:
                         raise TypeError
-                    # one conversion for floats; integers are cast checked, out of range
-                    # refused
-                    array = (inferred.astype(dtype) if dtype.kind == "f"
-                             else np.asarray(flat, dtype=dtype))
+                    array = np.asarray(flat, dtype=dtype)
                 except (TypeError, ValueError, OverflowError):
                     raise ProtocolError(f"input {name!r}: the data are not {datatype} "
                                         "numbers") from None

@@ -44,12 +44,15 @@ async def body_chunks(request: Request, settings: Settings) -> AsyncIterator[byt
         if min_rate:  # when the average falls under the rate, if no more comes
             behind = started + max(idle, received / min_rate) - time.monotonic()
             wait = min(wait, max(behind, 0.0))
+        waiting_since = time.monotonic()
         try:
             chunk = await asyncio.wait_for(anext(chunks), wait)
         except StopAsyncIteration:
             return
         except TimeoutError:
-            if wait < idle:
+            # the rate's deadline can fall with the idle one (a body that stops early):
+            # the idle message then, which says what happened
+            if time.monotonic() - waiting_since < idle * 0.999:
                 raise ApiError(408, "body_timeout", f"the request body came slower than "
                                f"{min_rate:g} bytes/s ({received} bytes in "
                                f"{time.monotonic() - started:.0f} s); send it at once"

@@ -525,7 +525,7 @@ def test_url_gives_a_row_to_the_image_the_service_refuses_alone(tmp_path):
         ("HAPPINESS", None), (None, "too_many_bytes"), (None, "not_an_image")]
 
 
-def test_url_tries_a_mistyped_address_twice_not_eight_times():
+def test_url_tries_a_mistyped_address_three_times_not_nine():
     import httpx
 
     from service.batch import RemoteError
@@ -594,6 +594,14 @@ def test_recursive_follows_linked_folders_once_each(tmp_path):
     (real / "sub" / "up").symlink_to(top)  # and a link back up must not loop
     found = [p.relative_to(top).as_posix() for p in expand_paths([top], recursive=True)]
     assert found == ["c.png", "linked/a.png", "linked/sub/b.png"]
+    # a folder reached both directly and through links: by its own path, whichever the
+    # file system lists first
+    (top / "m_real").mkdir()
+    (top / "m_real" / "x.png").write_bytes(b"x")
+    for name in ("z_link", "a_link", ".hidden_link"):
+        (top / name).symlink_to(top / "m_real")
+    found = [p.relative_to(top).as_posix() for p in expand_paths([top], recursive=True)]
+    assert found == ["c.png", "linked/a.png", "linked/sub/b.png", "m_real/x.png"]
 
 
 @pytest.mark.parametrize("out", ["full", "proc"])

@@ -164,8 +164,8 @@ def app_client():
     # JSON numbers only, and a string id (it was echoed back as a Python repr)
     (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [2], '
      b'"data": ["0.5", "0.5"]}]}', {}, "not FP32 numbers"),
-    (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1], "data": [true]}]}',
-     {}, "not FP32 numbers"),
+    (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [2], '
+     b'"data": [0.5, true]}]}', {}, "not FP32 numbers"),
     (b'{"id": {"a": 1}, "inputs": []}', {}, "'id' must be a string"),
     # shapes NumPy cannot make were 500s
     (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [' + b"1," * 64
@@ -180,6 +180,13 @@ def test_malformed_requests_get_400_and_the_protocols_error_body(app_client, bod
     response = app_client.post("/v2/models/cnn/infer", content=body, headers=headers)
     assert response.status_code == 400, response.text
     assert set(response.json()) == {"error"} and message in response.json()["error"]
+
+
+def test_any_json_number_is_a_number_of_a_float_tensor():
+    body = (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [3], '
+            b'"data": [100000000000000000000, 0.5, 2]}]}')
+    [tensor] = parse_infer_request(body, None).inputs
+    np.testing.assert_array_equal(tensor.value, np.array([1e20, 0.5, 2], dtype=np.float32))
 
 
 def test_binary_bytes_past_the_declared_shape_are_refused_before_they_pile_up():
