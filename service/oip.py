@@ -79,7 +79,7 @@ def _parameters(value, where: str) -> dict:
     return value
 
 
-def _unpack_bytes(raw: bytes, count: int, name: str) -> list[bytes]:
+def _unpack_bytes(raw: memoryview, count: int, name: str) -> list[bytes]:
     """The binary extension's BYTES: each element a 4-byte little-endian length, then data.
     Stops at one element past ``count``: 224 MB of empty elements made 37 million objects."""
     out, offset = [], 0
@@ -90,7 +90,7 @@ def _unpack_bytes(raw: bytes, count: int, name: str) -> list[bytes]:
         offset += 4
         if offset + length > len(raw):
             raise ProtocolError(f"input {name!r}: a BYTES element runs past its data")
-        out.append(raw[offset:offset + length])
+        out.append(bytes(raw[offset:offset + length]))
         offset += length
     if len(out) != count or offset < len(raw):
         found = len(out) if offset == len(raw) else f"more than {count}"
@@ -187,9 +187,10 @@ def parse_infer_request(body: bytes, header_length: str | None,
             raise ProtocolError(f"the {HEADER_LENGTH} header ({header_length!r}) does not fit "
                                 f"the body of {len(body)} bytes")
         split = int(header_length)
-        header_bytes, binary = body[:split], body[split:]
+        # a view: slicing bytes copies, and a body of 160 MB was held three times over
+        header_bytes, binary = body[:split], memoryview(body)[split:]
     else:
-        header_bytes, binary = body, b""
+        header_bytes, binary = body, memoryview(b"")
     if max_values is not None:
         _check_json_size(header_bytes, max_values)
     try:
