@@ -204,13 +204,59 @@ def test_docs_and_redoc_work_with_no_host_but_the_service(browser, server, path,
     page.close()
 
 
-def test_readable_at_phone_width(browser, server):
-    page = browser.new_page(viewport={"width": 375, "height": 740})
+@pytest.mark.parametrize("width", [320, 375])
+def test_readable_at_phone_width(browser, server, width):
+    """four_people.jpg's tag at the right edge made the page scroll sideways at 375 px."""
+    page = browser.new_page(viewport={"width": width, "height": 740})
     page.goto(f"{server}/")
     page.wait_for_selector("body[data-ready=true]")
-    page.set_input_files("#file", str(EXAMPLES / "three_people.jpg"))
-    page.wait_for_selector("#boxes .box")
-    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    for photo in sorted(EXAMPLES.glob("*.jpg")):
+        page.set_input_files("#file", str(photo))
+        page.wait_for_selector(f'#photo[alt^="The image {photo.name}, with"]')
+        assert page.evaluate("document.documentElement.scrollWidth") <= width, photo.name
+    page.close()
+
+
+def test_the_whole_image_is_said_so_and_several_dropped_files_are_named(page, server):
+    page.select_option("#faces", "none")
+    page.set_input_files("#file", str(EXAMPLES / "two_people.jpg"))
+    page.wait_for_selector("#status:has-text('in ')")
+    assert page.inner_text("#status").startswith("The whole image classified by cnn")
+    assert page.get_attribute("#photo", "alt") == "The image two_people.jpg, classified whole"
+    transfer = page.evaluate_handle("""async () => {
+        const blob = await (await fetch("/examples/two_people.jpg")).blob();
+        const transfer = new DataTransfer();
+        for (const name of ["a.jpg", "b.jpg", "c.jpg"]) {
+            transfer.items.add(new File([blob], name, { type: "image/jpeg" }));
+        }
+        return transfer;
+    }""")
+    page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+    page.wait_for_selector("#status:has-text('only the first')")
+    assert "only the first of the 3 files dropped" in page.inner_text("#status")
+
+
+def test_the_page_tries_again_when_the_service_did_not_answer_at_first(browser, server):
+    """A 502 while loading left the page broken for good: no models, and bars for none of
+    the classes on the next upload."""
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    failures = []
+
+    def once_bad_gateway(route):
+        if not failures:
+            failures.append(route.request.url)
+            route.fulfill(status=502, body="<html>Bad Gateway</html>")
+        else:
+            route.continue_()
+
+    page.route("**/models", once_bad_gateway)
+    page.goto(f"{server}/")
+    page.wait_for_selector("#error:has-text('trying again in 1 s')")
+    page.wait_for_selector("body[data-ready=true]", timeout=10000)
+    assert page.is_hidden("#error")
+    page.set_input_files("#file", str(EXAMPLES / "two_people.jpg"))
+    page.wait_for_selector("#faces-list li")
+    assert page.locator("#faces-list li").first.locator("[role=meter]").count() == 8
     page.close()
 
 
@@ -231,3 +277,37 @@ def test_webcam_mode_sends_frames_and_updates_live(page, server):
     assert page.locator("#faces-list li").count() >= 1  # the live answer is on the page
     page.click("#webcam")
     assert page.inner_text("#webcam") == "Start the webcam"
+
+
+def test_a_double_click_opens_one_camera_and_stop_closes_it(browser, server):
+    """Two clicks while the camera opened: two streams, one never stopped (the camera light
+    stayed on), and every later start failed until the page was reloaded."""
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    context.grant_permissions(["camera"], origin=server)
+    context.add_init_script("""
+        const open = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+        window.streamsOpened = [];
+        navigator.mediaDevices.getUserMedia = async (constraints) => {
+            const stream = await open(constraints);
+            window.streamsOpened.push(stream);
+            return stream;
+        };""")
+    page = context.new_page()
+    page.goto(f"{server}/")
+    page.wait_for_selector("body[data-ready=true]")
+    live = ("window.streamsOpened.flatMap(s => s.getTracks())"
+            ".filter(t => t.readyState === 'live').length")
+    page.dblclick("#webcam")
+    page.wait_for_selector('#webcam:text-is("Stop the webcam")', timeout=10000)
+    assert page.evaluate("window.streamsOpened.length") == 1 and page.evaluate(live) == 1
+    assert page.is_hidden("#error"), page.inner_text("#error")
+    page.wait_for_selector("#status[data-fps]", timeout=20000)
+    # The service stops answering: the last frame's boxes go, the error shows.
+    page.route("**/predict*", lambda route: route.fulfill(
+        status=503, content_type="application/json", headers={"Retry-After": "1"},
+        body='{"detail": "too many requests in flight; retry shortly", "code": "overloaded"}'))
+    page.wait_for_selector("#error:has-text('too many requests in flight')", timeout=10000)
+    assert page.locator("#faces-list li").count() == 0
+    page.click("#webcam")
+    assert page.inner_text("#webcam") == "Start the webcam" and page.evaluate(live) == 0
+    context.close()

@@ -8,14 +8,25 @@ const FRAME_WIDTH = 320; // webcam frames are scaled to this width before they a
 const FRAME_TIMEOUT_MS = 10000; // a webcam frame not answered by then is given up
 // generation: bumped by every new file and every webcam start or stop, so a reply to an
 // earlier one (a slow file, a frame in flight) is dropped instead of drawn over a newer one.
+// controller: aborts the request in flight when a newer one replaces it, which frees its
+// place at the service rather than letting it run to an answer nobody reads.
 const state = { classes: [], models: [], examples: [], nextExample: 0, objectUrl: null,
-                stream: null, running: false, sent: [], generation: 0 };
+                stream: null, running: false, starting: false, sent: [], generation: 0,
+                controller: null, initDelay: 1000 };
+
+function newRequestSignal() {
+  if (state.controller) state.controller.abort();
+  state.controller = new AbortController();
+  return state.controller.signal;
+}
 
 async function api(path, options = {}, timeoutMs = 0) {
   let response;
+  const signals = [options.signal, timeoutMs && AbortSignal.timeout(timeoutMs)].filter(Boolean);
   try {
-    response = await fetch(path, timeoutMs ? { ...options, signal: AbortSignal.timeout(timeoutMs) } : options);
+    response = await fetch(path, { ...options, signal: signals.length ? AbortSignal.any(signals) : undefined });
   } catch (err) {
+    if (err.name === "AbortError") return { ok: false, status: 0, aborted: true, detail: "replaced" };
     const why = err.name === "TimeoutError" ? `no answer in ${timeoutMs / 1000} s` : err.message;
     return { ok: false, status: 0, detail: `the server could not be reached (${why})` };
   }
@@ -62,9 +73,14 @@ function describeModel() {
 async function init() {
   const [classes, models, examples] = await Promise.all([api("/classes"), api("/models"), api("/examples")]);
   if (!classes.ok || !models.ok) {
-    showError(`The service did not answer: ${(classes.ok ? models : classes).detail}`);
+    // tried again, more slowly each time: a page that gave up stayed broken until reloaded
+    const seconds = state.initDelay / 1000;
+    showError(`The service did not answer: ${(classes.ok ? models : classes).detail}; trying again in ${seconds} s.`);
+    setTimeout(init, state.initDelay);
+    state.initDelay = Math.min(2 * state.initDelay, 30000);
     return;
   }
+  clearError();
   state.classes = classes.body.map((c) => c.name);
   state.models = models.body;
   const select = $("model");
@@ -90,7 +106,11 @@ function previewable(blob, name) {
   return !/hei[cf]/i.test(blob.type) && !/\.(heic|heif)$/i.test(name || "");
 }
 
-async function classifyFile(blob, name) {
+async function classifyFile(blob, name, note = "") {
+  if (document.body.dataset.ready !== "true") {
+    showError("The page is still waiting for the service; try again in a moment.");
+    return;
+  }
   stopWebcam();
   const generation = state.generation;
   clearError();
@@ -102,7 +122,7 @@ async function classifyFile(blob, name) {
   if (previewable(blob, name)) {
     state.objectUrl = URL.createObjectURL(blob);
     photo.src = state.objectUrl;
-    photo.alt = `The image ${name || "sent"}, with a box around each face found`;
+    photo.alt = `The image ${name || "sent"}`;
     photo.hidden = false;
     try {
       await photo.decode();
@@ -121,7 +141,7 @@ async function classifyFile(blob, name) {
   const form = new FormData();
   form.append("file", blob, name || "image");
   const started = performance.now();
-  const result = await api(`/predict?${query()}`, { method: "POST", body: form });
+  const result = await api(`/predict?${query()}`, { method: "POST", body: form, signal: newRequestSignal() });
   if (generation !== state.generation) return; // another file or the webcam came since
   if (!result.ok) {
     render([], size);
@@ -132,8 +152,11 @@ async function classifyFile(blob, name) {
   const ms = Math.round(performance.now() - started);
   render(result.body.predictions, size);
   const faces = result.body.predictions.filter((p) => p.face).length;
-  $("status").textContent = `${faces} face${faces === 1 ? "" : "s"} found by ${result.body.model} in ${ms} ms` +
-    (size ? "" : " (this browser cannot show this image's format)");
+  const whole = result.body.predictions.length > 0 && faces === 0 && $("faces").value === "none";
+  $("status").textContent = (whole ? `The whole image classified by ${result.body.model}`
+    : `${faces} face${faces === 1 ? "" : "s"} found by ${result.body.model}`) + ` in ${ms} ms` +
+    (size ? "" : " (this browser cannot show this image's format)") + note;
+  photo.alt = `The image ${name || "sent"}` + (whole ? ", classified whole" : faces ? `, with ${faces} face${faces === 1 ? "" : "s"} boxed` : "");
 }
 
 function render(predictions, size) {
@@ -222,21 +245,35 @@ async function startWebcam() {
     showError("This browser offers no camera here (a camera needs https or localhost).");
     return;
   }
+  // One start at a time: a double click opened two cameras and left one on for good.
+  state.starting = true;
+  $("webcam").disabled = true;
+  const generation = ++state.generation; // a file picked meanwhile wins over the camera
+  let stream = null;
   try {
-    state.stream = await navigator.mediaDevices.getUserMedia({ video: { width: 640, height: 480 }, audio: false });
-  } catch (err) {
-    showError(`The camera could not be opened: ${err.message || err.name}`);
-    return;
-  }
-  const video = $("video");
-  video.srcObject = state.stream;
-  try {
+    stream = await navigator.mediaDevices.getUserMedia({ video: { width: 640, height: 480 }, audio: false });
+    const video = $("video");
+    video.srcObject = stream;
     await video.play();
   } catch (err) {
-    stopWebcam(); // the camera must not stay open behind a "Start" button
-    showError(`The camera could not be shown: ${err.message || err.name}`);
+    // the camera must not stay open behind a "Start" button: this stream, not another
+    if (stream) stream.getTracks().forEach((track) => track.stop());
+    $("video").srcObject = null;
+    if (generation === state.generation) {
+      showError(`The camera could not be ${stream ? "shown" : "opened"}: ${err.message || err.name}`);
+    }
+    return;
+  } finally {
+    state.starting = false;
+    $("webcam").disabled = false;
+  }
+  if (generation !== state.generation) { // a file was picked while the camera opened
+    stream.getTracks().forEach((track) => track.stop());
+    $("video").srcObject = null;
     return;
   }
+  state.stream = stream;
+  const video = $("video");
   $("photo").hidden = true;
   video.hidden = false;
   $("stage").hidden = false;
@@ -255,6 +292,7 @@ function stopWebcam() {
   const wasRunning = state.running;
   state.running = false;
   state.generation += 1; // a frame still in flight is dropped when it lands
+  if (wasRunning && state.controller) state.controller.abort();
   if (state.stream) state.stream.getTracks().forEach((track) => track.stop());
   state.stream = null;
   $("video").hidden = true;
@@ -279,22 +317,27 @@ async function tick(generation) {
   canvas.getContext("2d").drawImage(video, 0, 0, canvas.width, canvas.height);
   const frame = await new Promise((resolve) => canvas.toBlob(resolve, "image/jpeg", 0.85));
   const result = await api(`/predict?${query()}`, {
-    method: "POST", headers: { "Content-Type": "image/jpeg" }, body: frame }, FRAME_TIMEOUT_MS);
+    method: "POST", headers: { "Content-Type": "image/jpeg" }, body: frame, signal: newRequestSignal() },
+  FRAME_TIMEOUT_MS);
   if (!state.running || generation !== state.generation) return;
+  const now = performance.now();
   if (result.ok) {
     clearError();
     render(result.body.predictions, { width: canvas.width, height: canvas.height });
+    state.sent = state.sent.filter((t) => now - t < 3000).concat(now); // answered frames only
   } else {
+    render([], { width: canvas.width, height: canvas.height }); // no boxes of an old frame
+    state.sent = state.sent.filter((t) => now - t < 3000);
     showError(result.detail);
   }
-  const now = performance.now();
-  state.sent = state.sent.filter((t) => now - t < 3000).concat(now);
   const fps = state.sent.length > 1 ? (1000 * (state.sent.length - 1)) / (now - state.sent[0]) : 0;
   $("status").textContent = `Webcam: ${fps.toFixed(1)} frames/s, ${canvas.width}x${canvas.height} frames`;
   $("status").dataset.fps = fps.toFixed(2);
   const interval = Math.max(50, Number($("interval").value) || 150);
   // A 503 says when to come back (Retry-After); the webcam waits that long, not the interval.
-  const wait = result.ok ? interval - (now - started) : Math.max(interval, 1000 * (result.retryAfter || 0));
+  // Unreachable: once a second, not every interval.
+  const wait = result.ok ? interval - (now - started)
+    : Math.max(interval, 1000 * (result.retryAfter || (result.status === 0 ? 1 : 0)));
   setTimeout(() => tick(generation), Math.max(0, wait));
 }
 
@@ -321,8 +364,9 @@ function wire() {
   drop.addEventListener("drop", (e) => {
     e.preventDefault();
     drop.classList.remove("over");
-    const file = e.dataTransfer.files[0];
-    if (file) classifyFile(file, file.name);
+    const files = e.dataTransfer.files;
+    const note = files.length > 1 ? ` (only the first of the ${files.length} files dropped; drop one at a time)` : "";
+    if (files[0]) classifyFile(files[0], files[0].name, note);
     else showError("Nothing to classify was dropped: drop an image file.");
   });
   // A file dropped beside the zone must not navigate away from the page.
@@ -341,14 +385,24 @@ function wire() {
     try {
       response = await fetch(`/examples/${encodeURIComponent(name)}`);
     } catch (err) {
-      showError(`The example ${name} could not be loaded: the server could not be reached (${err.message}).`);
+      if (generation === state.generation) { // not over a newer example's result
+        showError(`The example ${name} could not be loaded: the server could not be reached (${err.message}).`);
+      }
       return;
     }
-    if (!response.ok) { showError(`The example ${name} could not be loaded (${response.status}).`); return; }
+    if (!response.ok) {
+      let detail = `${response.status} ${response.statusText}`;
+      try { detail = (await response.json()).detail || detail; } catch (_) { /* not JSON */ }
+      if (generation === state.generation) showError(`The example ${name} could not be loaded: ${detail}`);
+      return;
+    }
     const blob = await response.blob();
     if (generation === state.generation) classifyFile(blob, name);
   });
-  $("webcam").addEventListener("click", () => (state.running ? stopWebcam() : startWebcam()));
+  $("webcam").addEventListener("click", () => {
+    if (state.starting) return;
+    if (state.running) stopWebcam(); else startWebcam();
+  });
   // A hidden tab sends no frames: the camera stops, and the user starts it again.
   document.addEventListener("visibilitychange", () => { if (document.hidden && state.running) stopWebcam(); });
 }
