@@ -604,3 +604,63 @@ def test_a_lever_is_trained_judged_on_both_validation_sets_and_reaches_the_repor
     report = write_levers_report(settings.reports_dir).read_text()
     row = next(line for line in report.splitlines() if line.startswith("| distill_fer_ema |"))
     assert f"{result['flip']['offsets_cross_validated']['criterion']:.3f}" in row
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    # an --out that cannot be made: refused before the training (a traceback after it)
+    (["reproduce", "--profile", "smoke", "--only", "knn", "--out", "/dev/null/x"],
+     "Not a directory"),
+    (["train", "--device", "foo"], "invalid choice: 'foo'"),
+    (["face-geometry", "--limit", "0"], "0 is not a positive count"),  # ZeroDivisionError
+    # a sample's framing wrote the shipped models/face_crop.json
+    (["face-geometry", "--limit", "5"], "--limit needs --out"),
+    (["levers", "--epochs", "0"], "0 is not a positive count"),
+])
+def test_command_mistakes_are_one_line_before_any_work(argv, says):
+    import os
+    import subprocess
+    import sys
+
+    from tests.server import REPO
+
+    result = subprocess.run([sys.executable, "-m", "training", *argv], cwd=REPO,
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "EMOTION_TORCH_THREADS": "1"})
+    assert result.returncode != 0
+    assert says in result.stderr.strip().splitlines()[-1] and "Traceback" not in result.stderr
+
+
+@pytest.mark.dataset
+def test_smoke_runs_never_land_on_the_full_results(data_settings, tmp_path, monkeypatch):
+    """reproduce --profile smoke replaced reports/'s figures, train's the checkpoints that
+    --from refine|finish reuses, and export's the shipped models/."""
+    import training.__main__ as cli
+    from training.reproduce import reproduce
+
+    settings = data_settings.model_copy(update={
+        "reports_dir": tmp_path / "reports", "checkpoints_dir": tmp_path / "checkpoints",
+        "models_dir": tmp_path / "models"})
+    reproduce(settings, ["baseline"], profile="smoke")
+    assert not settings.reports_dir.exists()
+    assert (settings.checkpoints_dir / "reproduce-smoke" / "baseline" / "metrics.json").is_file()
+    exported = []
+    monkeypatch.setattr(cli, "get_training_settings", lambda: settings)
+    monkeypatch.setattr("training.export.export_all", lambda s, checkpoints, out, profile: (
+        exported.append((checkpoints, out)) or type("Manifest", (), {"models": {}})))
+    cli.main(["export", "--profile", "smoke"])
+    assert exported == [(settings.checkpoints_dir / "train-smoke",
+                         settings.checkpoints_dir / "export-smoke")]
+
+
+@pytest.mark.dataset
+def test_a_cache_image_failing_its_checksum_is_one_error_and_leaves_nothing(data_settings,
+                                                                            tmp_path):
+    from training.cache import build_cache
+    from training.dataset import read_clean_table
+    from training.fetch import ChecksumError
+
+    table = read_clean_table(data_settings.clean_table).head(3).copy()
+    table.loc[table.index[1], "sha256"] = "0" * 64
+    with pytest.raises(ChecksumError, match="differs from the clean table's"):
+        build_cache(table, data_settings.images_dir, tmp_path, workers=1)
+    assert list(tmp_path.iterdir()) == []  # no staging folder named by a process id

@@ -64,7 +64,7 @@ def cmd_audit(args: argparse.Namespace) -> None:
     print(f"audit: {report['legend_rows']} rows, {report['kept_images']} kept images, "
           f"{report['identities']} identity groups, class counts match the study: "
           f"{report['class_counts_match_study']} ({time.perf_counter() - started:.1f} s); "
-          "wrote data/audit.md, data/audit.json, data/clean.csv, data/splits/")
+          f"wrote audit.md, audit.json, clean.csv and splits/ in {settings.data_dir}")
     started = time.perf_counter()
     fer = run_fer_audit(settings)
     exact = fer["exact_duplicates"]
@@ -73,7 +73,7 @@ def cmd_audit(args: argparse.Namespace) -> None:
           f"{fer['near_duplicates_within']['pairs']} near-duplicate pairs within, "
           f"{fer['near_duplicates_against_facial_expressions']['pairs']} against this dataset "
           f"({time.perf_counter() - started:.1f} s); "
-          + ("wrote data/fer2013_audit.md and .json" if fer["complete"] else
+          + (f"wrote fer2013_audit.md and .json in {settings.data_dir}" if fer["complete"] else
              "not written: only the full release is audited (`python -m training fetch "
              "fer2013`)"))
 
@@ -102,9 +102,16 @@ def cmd_cache(args: argparse.Namespace) -> None:
               f"{time.perf_counter() - started:.1f} s (pixel sum {checksum})")
 
 
+def make_out(args: argparse.Namespace) -> None:
+    """An --out that cannot be made is refused before the training, not after it."""
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+
+
 def cmd_reproduce(args: argparse.Namespace) -> None:
     from training.reproduce import reproduce
 
+    make_out(args)
     reproduce(get_training_settings(), args.only, args.profile, args.device, args.out)
 
 
@@ -112,6 +119,7 @@ def cmd_levers(args: argparse.Namespace) -> None:
     from training.levers import run_levers, write_levers_report
 
     settings = get_training_settings()
+    make_out(args)
     run_levers(settings, args.only, args.profile, args.device, args.out, args.epochs)
     if args.out is None and args.profile == "full":
         print(f"wrote {write_levers_report(settings.reports_dir)}")
@@ -120,6 +128,7 @@ def cmd_levers(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from training.recipe import train_shipped
 
+    make_out(args)
     started = time.perf_counter()
     train_shipped(get_training_settings(), args.profile, tuple(args.seeds), args.device,
                   args.out, args.start_at)
@@ -134,8 +143,11 @@ def cmd_export(args: argparse.Namespace) -> None:
     from training.export import export_all
 
     settings = get_training_settings()
-    manifest = export_all(settings, args.checkpoints or settings.checkpoints_dir,
-                          args.out or settings.models_dir, args.profile)
+    full = args.profile == "full"  # a smoke export never replaces the shipped models
+    manifest = export_all(settings, args.checkpoints or (
+        settings.checkpoints_dir if full else settings.checkpoints_dir / "train-smoke"),
+        args.out or (settings.models_dir if full else settings.checkpoints_dir / "export-smoke"),
+        args.profile)
     for name, entry in manifest.models.items():
         fer = entry.metrics["fer2013"]
         print(f"{name}: {entry.file} {entry.bytes / 1e6:.1f} MB, macro-F1 identity test "
@@ -147,6 +159,9 @@ def cmd_face_geometry(args: argparse.Namespace) -> None:
     from training.face_geometry import build_face_crop, write_face_crop
     from training.model_card import refresh_face_detector_note
 
+    if args.limit is not None and args.out is None:
+        raise SystemExit("python -m training face-geometry: error: --limit needs --out: a "
+                         "sample's framing must not replace the shipped models' own")
     out = args.out or get_training_settings().models_dir
     spec = build_face_crop(get_training_settings(), out, args.limit)
     path = write_face_crop(spec, out)
@@ -171,6 +186,13 @@ def cmd_examples(args: argparse.Namespace) -> None:
         print(f"{out / photo}: " + ", ".join(f"{p.label} ({p.image})" for p in placed))
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive count")
+    return value
+
+
 def non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -183,7 +205,7 @@ def run_options(command: argparse.ArgumentParser, out_help: str) -> None:
     command.add_argument("--profile", choices=("full", "smoke"), default="full",
                          help="full, or smoke: a small stratified subset, one epoch "
                               "(default: %(default)s)")
-    command.add_argument("--device", default="auto",
+    command.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                          help="auto (a GPU where present, else the CPU), cpu or cuda "
                               "(default: %(default)s)")
     command.add_argument("--out", type=Path, default=None, help=out_help)
@@ -225,17 +247,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "of its dataset only and write reports/")
     rep.add_argument("--only", action="append", metavar="NAME",
                      help="run only this experiment (repeatable; default: all)")
-    run_options(rep, "reports folder (default: reports/ in the repository)")
+    run_options(rep, "reports folder (default: EMOTION_REPORTS_DIR, the repository's reports/; "
+                "with --profile smoke, reproduce-smoke/ in EMOTION_CHECKPOINTS_DIR)")
     rep.set_defaults(func=cmd_reproduce)
 
     levers = commands.add_parser("levers", help="the joint recipe's levers, one at a time, "
                                  "judged on the combined validation -> reports/levers/")
     levers.add_argument("--only", action="append", metavar="NAME",
                         help="run only this lever (repeatable; default: all)")
-    levers.add_argument("--epochs", type=int, default=None,
+    levers.add_argument("--epochs", type=positive, default=None,
                         help="override every lever's schedule (default: each lever's own)")
-    run_options(levers, "results folder (default: reports/levers/; with --profile smoke, "
-                "levers-smoke/ in the checkpoints folder)")
+    run_options(levers, "results folder (default: levers/ in EMOTION_REPORTS_DIR; with "
+                "--profile smoke, levers-smoke/ in EMOTION_CHECKPOINTS_DIR)")
     levers.set_defaults(func=cmd_levers)
 
     train = commands.add_parser("train", help="train the shipped CNN recipe on both datasets "
@@ -247,14 +270,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "of those before it: fit (fitted-seed<N>.pt), refine "
                        "(refined-seed<N>.pt), finish (weight interpolation, decision rule, "
                        "test scores) (default: %(default)s)")
-    run_options(train, "checkpoint folder (default: checkpoints/)")
+    run_options(train, "checkpoint folder (default: EMOTION_CHECKPOINTS_DIR, the repository's "
+                "checkpoints/; with --profile smoke, train-smoke/ in it)")
     train.set_defaults(func=cmd_train)
 
     export = commands.add_parser("export", help="write models/: the ONNX CNN, the kNN "
                                                 "pipeline, manifest.json and README.md")
     export.add_argument("--checkpoints", type=Path, default=None,
-                        help="checkpoint folder (default: checkpoints/)")
-    export.add_argument("--out", type=Path, default=None, help="default: models/")
+                        help="checkpoint folder (default: EMOTION_CHECKPOINTS_DIR; with "
+                        "--profile smoke, train-smoke/ in it)")
+    export.add_argument("--out", type=Path, default=None,
+                        help="default: EMOTION_MODELS_DIR, the shipped models/; with --profile "
+                        "smoke, export-smoke/ in EMOTION_CHECKPOINTS_DIR")
     export.add_argument("--profile", choices=("full", "smoke"), default="full",
                         help="must match the checkpoints' profile (default: %(default)s)")
     export.set_defaults(func=cmd_export)
@@ -263,8 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "sets, write models/face_crop.json")
     geometry.add_argument("--out", type=Path, default=None,
                           help="models folder holding the shipped CNN (default: models/)")
-    geometry.add_argument("--limit", type=int, default=None,
-                          help="use only the first N images of each subset (default: all)")
+    geometry.add_argument("--limit", type=positive, default=None,
+                          help="a quick look: an evenly spaced sample of N images of each "
+                          "subset (default: all validation images, and of the train images "
+                          "all of this dataset's and 4,000 of FER-2013's); needs --out, so "
+                          "that a sample's framing never replaces the shipped one")
     geometry.set_defaults(func=cmd_face_geometry)
     examples = commands.add_parser("examples", help="compose the sample photos in examples/ "
                                    "from identity-split test images")
@@ -283,10 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ChecksumError, FileNotFoundError, subprocess.CalledProcessError,
-            SettingsError) as exc:
-        # Data not where a setting says, or not what its checksums say, a git fetch that
-        # failed, or a refused setting: the user's to fix, so one line, not a traceback.
+    except (ChecksumError, OSError, subprocess.CalledProcessError, SettingsError) as exc:
+        # Data not where a setting says, or not what its checksums say, an output folder
+        # that cannot be written, a git fetch that failed, or a refused setting: the user's
+        # to fix, so one line, not a traceback.
         print(f"python -m training {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -25,6 +25,7 @@ from service.preprocessing import (
     pixels_to_input,
     preprocess_image_uint8,
 )
+from training.fetch import ChecksumError
 
 PIXELS_FILE = "pixels.u8"
 INDEX_FILE = "index.json"
@@ -78,11 +79,16 @@ def build_cache(table: pd.DataFrame, images_dir: Path, cache_dir: Path,
     jobs = [(str(images_dir / name), sha) for name, sha in zip(names, table["sha256"], strict=True)]
     array = np.memmap(staging / PIXELS_FILE, dtype=np.uint8, mode="w+",
                       shape=(len(names), INPUT_SIZE, INPUT_SIZE))
-    with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
-        decoded = pool.map(_decode_verified, jobs, chunksize=64)
-        for row, image in enumerate(tqdm(decoded, total=len(jobs), desc="decode cache",
-                                         unit="img", mininterval=2.0)):
-            array[row] = image
+    try:
+        with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
+            decoded = pool.map(_decode_verified, jobs, chunksize=64)
+            for row, image in enumerate(tqdm(decoded, total=len(jobs), desc="decode cache",
+                                             unit="img", mininterval=2.0)):
+                array[row] = image
+    except BaseException:  # a file that fails its checksum, Ctrl-C: no staging left behind
+        del array
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     array.flush()
     del array
     index = {"key": key, "preprocessing_version": PREPROCESSING_VERSION,
@@ -101,5 +107,6 @@ def _decode_verified(job: tuple[str, str]) -> np.ndarray:
     data = Path(path).read_bytes()
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected:
-        raise ValueError(f"{path}: sha256 {actual} differs from the clean table's {expected}")
+        raise ChecksumError(f"{path}: sha256 {actual} differs from the clean table's "
+                            f"{expected}")
     return preprocess_image_uint8(data)

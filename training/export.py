@@ -31,7 +31,13 @@ from service.preprocessing import INPUT_SIZE, PREPROCESSING_VERSION
 from training.data import SPLIT_NAMES, Workspace
 from training.evaluate import bootstrap_macro_f1, classification_metrics
 from training.experiments import KNN_KS
-from training.fer2013 import FER_CITATION, FER_COMMIT, FER_REPOSITORY, FER_TERMS
+from training.fer2013 import (
+    FER_CITATION,
+    FER_COMMIT,
+    FER_REPOSITORY,
+    FER_TERMS,
+    require_usages,
+)
 from training.fer_backbone import FER_BLOCK_WIDTHS, FER_INPUT_SIZE, FER_VERSION
 from training.fetch import sha256_file
 from training.knn import build_pipeline, sweep_k
@@ -245,7 +251,9 @@ def export_knn(ws: Workspace, sets: dict, path: Path) -> tuple[dict, dict, dict]
 def export_all(settings: TrainingSettings, checkpoints: Path, out_dir: Path,
                profile: str = "full") -> Manifest:
     ws = Workspace(settings, profile)
-    ws.require_fer(("Training", "PrivateTest"))  # the kNN's train set; the test scores
+    # the kNN's train set and the test scores, smoke runs too: without them the manifest
+    # cannot be written, and the ONNX file would be left without one
+    require_usages(ws.fer()[0], settings.fer2013_dir, ("Training", "PrivateTest"))
     best, runs = choose_checkpoint(checkpoints, profile)
     sets = scored_sets(ws)
     created = datetime.now(UTC).isoformat(timespec="seconds")

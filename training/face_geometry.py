@@ -93,7 +93,10 @@ def score_mode(ws: Workspace, model: OnnxClassifier, cropper: FaceCropper | None
         val = ws.subsets(split)["val"]
         images_dir = (ws.settings.images_dir if split == "identity"
                       else ws.settings.fer2013_dir)
-        names, labels = val.names[:limit], val.labels[:limit]
+        # an evenly spaced sample, as for the train images: the first N in name order
+        # were one class of FER-2013's
+        step = max(1, len(val.names) // limit) if limit else 1
+        names, labels = val.names[::step][:limit], val.labels[::step][:limit]
         inputs, faces_found = [], 0
         for image in tqdm(names, desc=f"{name} val, faces={mode}", mininterval=5):
             decoded = decode_grayscale((images_dir / image).read_bytes())

@@ -229,7 +229,10 @@ def train_shipped(settings: TrainingSettings, profile: str = "full", seeds=SEEDS
     smoke = profile != "full"
     train_config = replace(SHIPPED_TRAIN, epochs=1) if smoke else SHIPPED_TRAIN
     refine_config = replace(REFINE_TRAIN, epochs=1) if smoke else REFINE_TRAIN
-    out_dir = out_dir or settings.checkpoints_dir
+    record_after_training = profile == "full" and out_dir is None
+    # a smoke run never replaces the full checkpoints that --from refine|finish reuses
+    out_dir = out_dir or (settings.checkpoints_dir if profile == "full"
+                          else settings.checkpoints_dir / "train-smoke")
     torch_device = resolve_device(device)
     runs = []
     for seed in seeds:
@@ -245,7 +248,7 @@ def train_shipped(settings: TrainingSettings, profile: str = "full", seeds=SEEDS
             refine_one(ws, load_checkpoint(fitted), torch_device, out_dir, refine_config)
         runs.append(finish_one(ws, load_checkpoint(fitted), load_checkpoint(refined),
                                torch_device, out_dir))
-        if profile == "full":  # what chose the steps after training, for reports/levers.md
+        if record_after_training:  # what chose the steps after training, for levers.md
             record = settings.reports_dir / "after_training" / f"seed{seed}.json"
             record.parent.mkdir(parents=True, exist_ok=True)
             record.write_text(json.dumps({

@@ -112,7 +112,9 @@ def run_experiment(exp: Experiment, ws: Workspace, device: torch.device, out_roo
 
 def reproduce(settings: TrainingSettings, names: list[str] | None = None, profile: str = "full",
               device: str = "auto", out_root: Path | None = None) -> dict[str, dict]:
-    out_root = out_root or settings.reports_dir
+    # a smoke run never lands on the full results (it replaced reports/'s figures)
+    out_root = out_root or (settings.reports_dir if profile == "full"
+                            else settings.checkpoints_dir / "reproduce-smoke")
     chosen = names or list(EXPERIMENTS)
     unknown = set(chosen) - set(EXPERIMENTS)
     if unknown:

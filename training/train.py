@@ -88,6 +88,8 @@ def seed_everything(seed: int) -> None:
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device here; use auto or cpu")
     return torch.device(name)
 
 
