@@ -68,6 +68,19 @@ def test_fetch_keeps_only_the_verified_originals(mirror, tmp_path):
         ("test", 1), ("train", 2), ("val", 1)]
 
 
+def test_fetch_replaces_an_earlier_fetch_but_never_a_folder_of_other_files(mirror, tmp_path):
+    """A fetch replaces its destination whole: --dest ~/data wiped that folder."""
+    repo, commit, sums, originals = mirror
+    dest = fetch_fer2013(tmp_path / "fer2013", sums, f"file://{repo}", commit)
+    assert fetch_fer2013(dest, sums, f"file://{repo}", commit) == dest  # again: fine
+    mine = tmp_path / "data"
+    (mine / "train").mkdir(parents=True)
+    (mine / "train" / "thesis.tex").write_text("years of work")
+    with pytest.raises(SystemExit, match="not FER-2013's"):
+        fetch_fer2013(mine, sums, f"file://{repo}", commit)
+    assert (mine / "train" / "thesis.tex").read_text() == "years of work"
+
+
 def test_fetch_refuses_an_image_that_differs_and_leaves_nothing(mirror, tmp_path):
     repo, commit, sums, _ = mirror
     text = sums.read_text()

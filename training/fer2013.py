@@ -81,6 +81,14 @@ def fetch_fer2013(dest: Path, checksums_path: Path, source: str = FER_REPOSITORY
     """Clone ``source`` (a URL or a local repository) at ``commit``, keep only the originals,
     verify them and put them in ``dest``. Nothing else of the repository is kept."""
     wanted = read_checksums(checksums_path)
+    # a fetch replaces dest whole: only ever a folder of FER-2013's own files (an earlier
+    # fetch), never one such as --dest ~/data, which it would have wiped
+    if dest.exists():
+        foreign = next((p for p in sorted(dest.rglob("*")) if not p.is_dir()
+                        and p.relative_to(dest).as_posix() not in wanted), None)
+        if foreign is not None or not dest.is_dir():
+            raise SystemExit(f"{dest} holds files that are not FER-2013's ({foreign or dest}); "
+                             "name a new or empty folder, or an earlier fetch's")
     with tempfile.TemporaryDirectory(prefix="fer2013-") as tmp:
         work = Path(tmp) / "repo"
         work.mkdir()
