@@ -311,3 +311,36 @@ def test_a_double_click_opens_one_camera_and_stop_closes_it(browser, server):
     page.click("#webcam")
     assert page.inner_text("#webcam") == "Start the webcam" and page.evaluate(live) == 0
     context.close()
+
+
+def test_a_failed_camera_start_keeps_the_upload_and_old_browsers_still_send(browser, server):
+    """A camera refused while an upload was in flight dropped that upload's answer (status
+    stuck on "Sending…"); browsers without AbortSignal.any (Safari before 17.4) sent
+    nothing at all; the webcam ran before the page had the classes."""
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    context.add_init_script("""
+        delete AbortSignal.any;
+        const fetchNow = window.fetch.bind(window);
+        window.fetch = (url, options) => String(url).includes("/predict")
+            ? new Promise((done) => setTimeout(() => done(fetchNow(url, options)), 1500))
+            : fetchNow(url, options);
+        navigator.mediaDevices.getUserMedia = () =>
+            Promise.reject(new DOMException("refused here", "NotAllowedError"));""")
+    page = context.new_page()
+    page.goto(f"{server}/")
+    page.wait_for_selector("body[data-ready=true]")
+    page.set_input_files("#file", str(EXAMPLES / "two_people.jpg"))
+    page.click("#webcam")
+    page.wait_for_selector("#error:has-text('could not be opened: refused here')")
+    page.wait_for_selector("#status:has-text('faces found by cnn')", timeout=15000)
+    assert page.locator("#faces-list li").count() == 2
+    context.close()
+
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.route("**/models", lambda route: route.fulfill(status=502, body="Bad Gateway"))
+    page.goto(f"{server}/")
+    page.wait_for_selector("#error:has-text('trying again')")
+    page.click("#webcam")
+    page.wait_for_selector("#error:has-text('still waiting for the service')")
+    assert page.is_hidden("#video") and page.inner_text("#webcam") == "Start the webcam"
+    page.close()

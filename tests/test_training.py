@@ -650,17 +650,3 @@ def test_smoke_runs_never_land_on_the_full_results(data_settings, tmp_path, monk
     cli.main(["export", "--profile", "smoke"])
     assert exported == [(settings.checkpoints_dir / "train-smoke",
                          settings.checkpoints_dir / "export-smoke")]
-
-
-@pytest.mark.dataset
-def test_a_cache_image_failing_its_checksum_is_one_error_and_leaves_nothing(data_settings,
-                                                                            tmp_path):
-    from training.cache import build_cache
-    from training.dataset import read_clean_table
-    from training.fetch import ChecksumError
-
-    table = read_clean_table(data_settings.clean_table).head(3).copy()
-    table.loc[table.index[1], "sha256"] = "0" * 64
-    with pytest.raises(ChecksumError, match="differs from the clean table's"):
-        build_cache(table, data_settings.images_dir, tmp_path, workers=1)
-    assert list(tmp_path.iterdir()) == []  # no staging folder named by a process id

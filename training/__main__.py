@@ -160,8 +160,9 @@ def cmd_face_geometry(args: argparse.Namespace) -> None:
     from training.model_card import refresh_face_detector_note
 
     if args.limit is not None and args.out is None:
-        raise SystemExit("python -m training face-geometry: error: --limit needs --out: a "
-                         "sample's framing must not replace the shipped models' own")
+        raise SystemExit("python -m training face-geometry: error: --limit needs --out, a "
+                         "copy of the models folder (its CNN and manifest.json): a sample's "
+                         "framing must not replace the shipped models' own")
     out = args.out or get_training_settings().models_dir
     spec = build_face_crop(get_training_settings(), out, args.limit)
     path = write_face_crop(spec, out)
@@ -289,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "sets, measure faces=auto against none on both validation "
                                    "sets, write models/face_crop.json")
     geometry.add_argument("--out", type=Path, default=None,
-                          help="models folder holding the shipped CNN (default: models/)")
+                          help="models folder holding the CNN and its manifest.json "
+                          "(default: EMOTION_MODELS_DIR, the shipped models/)")
     geometry.add_argument("--limit", type=positive, default=None,
                           help="a quick look: an evenly spaced sample of N images of each "
                           "subset (default: all validation images, and of the train images "

@@ -46,11 +46,18 @@ from training.settings import TrainingSettings
 FER_GEOMETRY_SAMPLE = 4000
 
 
+def evenly_spaced(count: int, limit: int | None) -> np.ndarray:
+    """Indices of ``limit`` items spread over all ``count`` (all of them without a limit)."""
+    if limit is None or limit >= count:
+        return np.arange(count)
+    return np.linspace(0, count - 1, limit).round().astype(int)
+
+
 def learn_geometry(ws: Workspace, detector: FaceDetector, split: str,
                    limit: int | None = None) -> tuple[CropGeometry, dict]:
     decoded = ws.decoded_for(split)
     names = ws.subsets(split)["train"].names
-    if limit is not None:
+    if limit is not None:  # kept as the shipped face_crop.json was learnt (FER-2013: 4,000)
         names = names[:: max(1, len(names) // limit)][:limit]
     rows = decoded.rows_of(names)
     found, relative = [], []
@@ -93,10 +100,11 @@ def score_mode(ws: Workspace, model: OnnxClassifier, cropper: FaceCropper | None
         val = ws.subsets(split)["val"]
         images_dir = (ws.settings.images_dir if split == "identity"
                       else ws.settings.fer2013_dir)
-        # an evenly spaced sample, as for the train images: the first N in name order
+        # an evenly spaced sample over the whole set (names run by class): the first N
         # were one class of FER-2013's
-        step = max(1, len(val.names) // limit) if limit else 1
-        names, labels = val.names[::step][:limit], val.labels[::step][:limit]
+        picked = evenly_spaced(len(val.names), limit)
+        names = [val.names[i] for i in picked]
+        labels = np.asarray(val.labels)[picked]
         inputs, faces_found = [], 0
         for image in tqdm(names, desc=f"{name} val, faces={mode}", mininterval=5):
             decoded = decode_grayscale((images_dir / image).read_bytes())

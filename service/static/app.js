@@ -24,7 +24,9 @@ async function api(path, options = {}, timeoutMs = 0) {
   let response;
   const signals = [options.signal, timeoutMs && AbortSignal.timeout(timeoutMs)].filter(Boolean);
   try {
-    response = await fetch(path, { ...options, signal: signals.length ? AbortSignal.any(signals) : undefined });
+    // AbortSignal.any is recent (Safari 17.4, Firefox 124): only when both are needed
+    const signal = signals.length > 1 && AbortSignal.any ? AbortSignal.any(signals) : signals[0];
+    response = await fetch(path, { ...options, signal });
   } catch (err) {
     if (err.name === "AbortError") return { ok: false, status: 0, aborted: true, detail: "replaced" };
     const why = err.name === "TimeoutError" ? `no answer in ${timeoutMs / 1000} s` : err.message;
@@ -240,6 +242,10 @@ function highlight(index) {
 // --- webcam -----------------------------------------------------------------------------
 
 async function startWebcam() {
+  if (document.body.dataset.ready !== "true") {
+    showError("The page is still waiting for the service; try again in a moment.");
+    return;
+  }
   clearError();
   if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
     showError("This browser offers no camera here (a camera needs https or localhost).");
@@ -248,7 +254,9 @@ async function startWebcam() {
   // One start at a time: a double click opened two cameras and left one on for good.
   state.starting = true;
   $("webcam").disabled = true;
-  const generation = ++state.generation; // a file picked meanwhile wins over the camera
+  // a file picked meanwhile wins over the camera (its stopWebcam moves the generation on);
+  // not moved here, so a start that fails leaves an upload in flight to land
+  const generation = state.generation;
   let stream = null;
   try {
     stream = await navigator.mediaDevices.getUserMedia({ video: { width: 640, height: 480 }, audio: false });
