@@ -586,6 +586,10 @@ def test_a_lever_is_trained_judged_on_both_validation_sets_and_reaches_the_repor
     assert {p.name for p in smoke.iterdir()} == {"distill_fer_ema.pt", "distill_fer_ema.json"}
     assert not (settings.checkpoints_dir / "levers").exists()
     assert not (settings.reports_dir / "levers").exists()
+    # With --out, the checkpoint goes there too, not over another run's.
+    mine = tmp_path / "mine"
+    run_levers(settings, ["distill_fer_ema"], profile="smoke", out_dir=mine)
+    assert {p.name for p in mine.iterdir()} == {"distill_fer_ema.pt", "distill_fer_ema.json"}
     for flip in ("flip", "no_flip"):
         raw = result[flip]["raw"]
         assert set(raw) == {"criterion", "identity", "fer2013"}

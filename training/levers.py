@@ -126,9 +126,12 @@ def run_levers(settings: TrainingSettings, names: list[str] | None = None, profi
     if unknown:  # before the workspace, which may first build the decode caches
         raise SystemExit(f"unknown lever(s) {sorted(unknown)}; choose from {list(LEVERS)}")
     # A smoke run's results and checkpoints never land where the full runs' are.
+    # With --out, results and checkpoints both go there (the checkpoints went on replacing
+    # the full runs' in checkpoints/levers/).
     smoke_dir = settings.checkpoints_dir / f"levers-{profile}"
+    checkpoint_dir = out_dir or (settings.checkpoints_dir / "levers" if profile == "full"
+                                 else smoke_dir)
     out_dir = out_dir or (settings.reports_dir / "levers" if profile == "full" else smoke_dir)
-    checkpoint_dir = settings.checkpoints_dir / "levers" if profile == "full" else smoke_dir
     ws = Workspace(settings, profile)
     torch_device = resolve_device(device)
     results = []
