@@ -641,6 +641,7 @@ def test_a_worker_process_killed_mid_run_is_one_line_and_the_rows_stay(tmp_path)
         while time.monotonic() < deadline and (
                 not out.exists() or out.stat().st_size < 2000):
             time.sleep(0.05)  # rows are coming: the workers are busy
+        written = len(read_rows(out))
         workers = psutil.Process(process.pid).children()
         workers[-1].kill()
         _, stderr = process.communicate(timeout=120)
@@ -650,4 +651,4 @@ def test_a_worker_process_killed_mid_run_is_one_line_and_the_rows_stay(tmp_path)
     assert stderr.strip().splitlines()[-1] == (
         "emotion-detect: a worker process died (out of memory?); --resume picks up where it "
         "stopped")
-    assert "Traceback" not in stderr and len(read_rows(out)) > 10
+    assert "Traceback" not in stderr and len(read_rows(out)) >= written > 0
