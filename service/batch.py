@@ -461,6 +461,11 @@ class RemoteRunner:
             return out  # type: ignore[return-value]
         response = self._post([paths[i] for i in readable], [inputs[i] for i in readable])
         status, body = response.status_code, _error_body(response)
+        if body.get("code") == "too_many_files" and len(paths) > 1:
+            # --batch-size over the service's EMOTION_MAX_IMAGES_PER_REQUEST: halves, until
+            # they fit (stopping the run here would leave the user to guess the limit)
+            middle = len(paths) // 2
+            return self._classify(paths[:middle]) + self._classify(paths[middle:])
         if status == 200:
             try:
                 grouped: dict[int, list[dict]] = {}

@@ -467,7 +467,7 @@ def _runner_answering(*answers):
 
 
 @pytest.mark.parametrize("answer", [
-    "401 json", "403 html", "404 json", "415 json", "422 too_many_files", "302",
+    "401 json", "403 html", "404 json", "415 json", "302",
     "200 null", "200 no filename", "200 empty", "200 bad gzip"])
 def test_url_stops_when_the_service_refuses_the_run_not_the_image(tmp_path, answer):
     """Each was written as an error row per file with exit 0 (and --resume then skipped
@@ -483,8 +483,6 @@ def test_url_stops_when_the_service_refuses_the_run_not_the_image(tmp_path, answ
         "403 html": httpx.Response(403, text="<html>Forbidden</html>"),
         "404 json": httpx.Response(404, json={"detail": "Not Found", "code": "not_found"}),
         "415 json": httpx.Response(415, json={"detail": "no", "code": "unsupported_media_type"}),
-        "422 too_many_files": httpx.Response(422, json={"detail": "at most 2 files",
-                                                        "code": "too_many_files"}),
         "302": httpx.Response(302, headers={"location": "/login"}),
         "200 null": httpx.Response(200, json={"predictions": None}),
         "200 no filename": httpx.Response(200, json={"predictions": [
@@ -523,6 +521,32 @@ def test_url_gives_a_row_to_the_image_the_service_refuses_alone(tmp_path):
     assert len(sent) == 4  # the batch, then each file alone
     assert [(r["label"], r["code"]) for r in rows] == [
         ("HAPPINESS", None), (None, "too_many_bytes"), (None, "not_an_image")]
+
+
+def test_url_halves_a_batch_the_service_finds_too_large(tmp_path):
+    """--batch-size over the service's limit: the 422 stopped the run."""
+    import httpx
+
+    photos = []
+    for i in range(4):
+        photos.append(str(tmp_path / f"{i}.png"))
+        (tmp_path / f"{i}.png").write_bytes(encode(gray_image(), "PNG"))
+
+    def answer(request):
+        files = request.content.count(b'name="files"')
+        if files > 2:
+            return httpx.Response(422, json={"detail": "at most 2 files per request",
+                                             "code": "too_many_files"})
+        return httpx.Response(200, json={"predictions": [{
+            "filename": str(i), "label": "NEUTRAL", "face": None, "error": None,
+            "probabilities": {c: 1 / NUM_CLASSES for c in CLASS_NAMES}} for i in range(files)]})
+
+    runner, sent = _runner_answering()
+    runner.client = httpx.Client(transport=httpx.MockTransport(
+        lambda request: sent.append(request) or answer(request)))
+    rows = runner._classify(photos)
+    assert [[r.values["path"] for r in file_rows] for file_rows in rows] == [[p] for p in photos]
+    assert len(sent) == 3  # the batch of 4, then two of 2
 
 
 def test_url_tries_a_mistyped_address_three_times_not_nine():
