@@ -145,8 +145,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     settings = get_training_settings()
     full = args.profile == "full"  # a smoke export never replaces the shipped models
     manifest = export_all(settings, args.checkpoints or (
-        settings.checkpoints_dir if full else settings.checkpoints_dir / "train-smoke"),
-        args.out or (settings.models_dir if full else settings.checkpoints_dir / "export-smoke"),
+        settings.checkpoints_dir if full else settings.smoke_dir("train")),
+        args.out or (settings.models_dir if full else settings.smoke_dir("export")),
         args.profile)
     for name, entry in manifest.models.items():
         fer = entry.metrics["fer2013"]

@@ -128,7 +128,7 @@ def run_levers(settings: TrainingSettings, names: list[str] | None = None, profi
     # A smoke run's results and checkpoints never land where the full runs' are.
     # With --out, results and checkpoints both go there (the checkpoints went on replacing
     # the full runs' in checkpoints/levers/).
-    smoke_dir = settings.checkpoints_dir / f"levers-{profile}"
+    smoke_dir = settings.smoke_dir("levers")
     checkpoint_dir = out_dir or (settings.checkpoints_dir / "levers" if profile == "full"
                                  else smoke_dir)
     out_dir = out_dir or (settings.reports_dir / "levers" if profile == "full" else smoke_dir)

@@ -232,7 +232,7 @@ def train_shipped(settings: TrainingSettings, profile: str = "full", seeds=SEEDS
     record_after_training = profile == "full" and out_dir is None
     # a smoke run never replaces the full checkpoints that --from refine|finish reuses
     out_dir = out_dir or (settings.checkpoints_dir if profile == "full"
-                          else settings.checkpoints_dir / "train-smoke")
+                          else settings.smoke_dir("train"))
     torch_device = resolve_device(device)
     runs = []
     for seed in seeds:

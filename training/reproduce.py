@@ -114,7 +114,7 @@ def reproduce(settings: TrainingSettings, names: list[str] | None = None, profil
               device: str = "auto", out_root: Path | None = None) -> dict[str, dict]:
     # a smoke run never lands on the full results (it replaced reports/'s figures)
     out_root = out_root or (settings.reports_dir if profile == "full"
-                            else settings.checkpoints_dir / "reproduce-smoke")
+                            else settings.smoke_dir("reproduce"))
     chosen = names or list(EXPERIMENTS)
     unknown = set(chosen) - set(EXPERIMENTS)
     if unknown:

@@ -97,6 +97,11 @@ class TrainingSettings(BaseSettings):
     def pretrained_dir(self) -> Path:
         return self.cache_dir / "pretrained"
 
+    def smoke_dir(self, command: str) -> Path:
+        """Where ``command --profile smoke`` writes by default: apart from the full runs'
+        results, checkpoints and shipped models, which a smoke run must never replace."""
+        return self.checkpoints_dir / f"{command}-smoke"
+
 
 @lru_cache
 def get_training_settings() -> TrainingSettings:
