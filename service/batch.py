@@ -31,14 +31,7 @@ from pathlib import Path
 
 from service.classes import CLASS_NAMES
 from service.inference import FacesMode, ImageInput, ImagePrediction, Predictor
-from service.preprocessing import (
-    CorruptImageError,
-    ImageLimits,
-    NotAnImageError,
-    PreprocessingError,
-    TooManyBytesError,
-    TooManyPixelsError,
-)
+from service.preprocessing import ImageLimits, PreprocessingError, TooManyBytesError
 
 BOX_COLUMNS = ("face_x", "face_y", "face_width", "face_height")
 COLUMNS = ("path", *BOX_COLUMNS, "label", *CLASS_NAMES, "error", "code")
@@ -46,8 +39,7 @@ LIST_SUFFIXES = (".txt", ".list", ".lst")
 UNREADABLE = "unreadable"
 # what /predict answers about one image (the others are about the request or the service)
 IMAGE_ERROR_CODES = frozenset(error.code for error in (
-    PreprocessingError, NotAnImageError, CorruptImageError, TooManyBytesError,
-    TooManyPixelsError))
+    PreprocessingError, *PreprocessingError.__subclasses__()))
 
 
 class UsageError(ValueError):
@@ -413,7 +405,6 @@ class RemoteRunner:
         limits = httpx.Limits(max_connections=concurrency,
                               max_keepalive_connections=concurrency)
         self.client = httpx.Client(timeout=timeout, limits=limits)
-        self.closed = False
 
     def check(self) -> None:
         # three tries, not nine: a mistyped host or port took 22 s to be reported
@@ -430,7 +421,7 @@ class RemoteRunner:
             try:
                 response = self.client.request(method, f"{self.url}{path}", **kwargs)
             except httpx.TransportError as exc:
-                if attempt == retries or self.closed:
+                if attempt == retries or self.client.is_closed:
                     raise RemoteError(f"{self.url}: {type(exc).__name__}: {exc}") from None
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -498,7 +489,6 @@ class RemoteRunner:
                                 batches(paths, self.batch_size), 2 * self.concurrency)
         finally:  # also when the run stops early (an error, Ctrl-C): queued batches are
             # dropped, not each sent with its retries, and the process need not wait
-            self.closed = True
             pool.shutdown()
             self.client.close()
 

@@ -269,8 +269,7 @@ def parse_infer_request(body: bytes, header_length: str | None,
     request_id = header.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise ProtocolError("'id' must be a string")  # echoed back as a Python repr before
-    return InferRequest(inputs, None if request_id is None else str(request_id), parameters,
-                        outputs)
+    return InferRequest(inputs, request_id, parameters, outputs)
 
 
 def encode_infer_response(model_name: str, model_version: str, request: InferRequest,

@@ -209,14 +209,8 @@ def _to_grayscale(image: Image.Image) -> Image.Image:
     if mode == "L":
         return image
     if mode in _WIDE_INTEGER_MODES:
-        values = np.asarray(image)
-        gray = _from_sixteen_bits(values)
-        key = image.info.get("transparency")
-        if isinstance(key, int):  # a 16-bit PNG's tRNS key: those pixels are transparent
-            flat = np.asarray(gray).copy()
-            flat[values == key] = ALPHA_BACKGROUND
-            return Image.fromarray(flat)
-        return gray
+        key = image.info.get("transparency")  # a 16-bit PNG's tRNS colour key
+        return _from_sixteen_bits(np.asarray(image), key if isinstance(key, int) else None)
     if mode == "F":
         return _from_unit_range(np.asarray(image, dtype=np.float64))
     if mode == "P":
@@ -231,14 +225,18 @@ def _to_grayscale(image: Image.Image) -> Image.Image:
     return image.convert("RGB").convert("L")
 
 
-def _from_sixteen_bits(values: np.ndarray) -> Image.Image:
+def _from_sixteen_bits(values: np.ndarray, transparent: int | None = None) -> Image.Image:
     """0..65535 to 0..255, rounded: round(v / 257) is (v + 128) // 257 (v / 257 is never a
-    half), in integers, since float64 copies of a 7000x7000 image need gigabytes."""
+    half), in integers, since float64 copies of a 7000x7000 image need gigabytes. Pixels of
+    the ``transparent`` value are flattened onto the background, as an alpha's are."""
     wide = (values.astype(np.uint32) if values.dtype == np.uint16
             else np.clip(values, 0, 65535).astype(np.uint32))
     wide += 128
     wide //= 257
-    return Image.fromarray(wide.astype(np.uint8))
+    gray = wide.astype(np.uint8)
+    if transparent is not None:
+        gray[values == transparent] = ALPHA_BACKGROUND
+    return Image.fromarray(gray)
 
 
 def _from_unit_range(values: np.ndarray) -> Image.Image:
