@@ -99,6 +99,13 @@ async function init() {
   document.body.dataset.ready = "true";
 }
 
+function pageReady() {
+  // Before init has the classes and models, an answer could not be drawn (no bars).
+  if (document.body.dataset.ready === "true") return true;
+  showError("The page is still waiting for the service; try again in a moment.");
+  return false;
+}
+
 function query() {
   return `model=${encodeURIComponent($("model").value)}&faces=${encodeURIComponent($("faces").value)}`;
 }
@@ -109,10 +116,7 @@ function previewable(blob, name) {
 }
 
 async function classifyFile(blob, name, note = "") {
-  if (document.body.dataset.ready !== "true") {
-    showError("The page is still waiting for the service; try again in a moment.");
-    return;
-  }
+  if (!pageReady()) return;
   stopWebcam();
   const generation = state.generation;
   clearError();
@@ -242,10 +246,7 @@ function highlight(index) {
 // --- webcam -----------------------------------------------------------------------------
 
 async function startWebcam() {
-  if (document.body.dataset.ready !== "true") {
-    showError("The page is still waiting for the service; try again in a moment.");
-    return;
-  }
+  if (!pageReady()) return;
   clearError();
   if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
     showError("This browser offers no camera here (a camera needs https or localhost).");
