@@ -188,6 +188,13 @@ def test_model_card_has_the_side_by_side_and_the_reliability_diagram(manifest):
     assert f"| FER-2013 PrivateTest, 7 classes | {zero['macro_f1']:.3f} / " in card
     assert f"{cnn.macro_f1:.3f} / {cnn.accuracy:.3f}" in card
     assert "Goodfellow" in card and "Apache License 2.0" in card
+    # the figures over seeds, as the card's own writer words them from the manifest
+    from training.model_card import seeds_sentence
+
+    summary = manifest.models["cnn"].summary
+    assert seeds_sentence(summary["identity_test_macro_f1_over_seeds"],
+                          summary["identity_test_six_large_classes_over_seeds"],
+                          summary["fer2013_test_macro_f1_over_seeds"]) in card
 
 
 def test_model_card_describes_the_shipped_face_detector(tmp_path):

@@ -220,7 +220,8 @@ def offsets_served(manifest: Manifest) -> str:
 
 
 def seeds_sentence(identity: dict, six: dict, fer: dict) -> str:
-    """The recipe's test figures over the seeds trained: mean ± std, or one run's figures."""
+    """The recipe's test figures over the seeds trained: mean ± std, or one run's figures.
+    The std is NumPy's default, the population one (ddof 0), and the sentence says so."""
     n = len(identity["runs"])
     if n == 1:
         return (f"CNN recipe, one seed trained: identity test **{identity['mean']:.3f}** (six "
@@ -228,7 +229,8 @@ def seeds_sentence(identity: dict, six: dict, fer: dict) -> str:
                 "no spread over seeds is measured.")
     return (f"CNN recipe over {n} seeds: identity test **{identity['mean']:.3f} ± "
             f"{identity['std']:.3f}** (six large classes {six['mean']:.3f} ± {six['std']:.3f}), "
-            f"FER-2013 PrivateTest **{fer['mean']:.3f} ± {fer['std']:.3f}**.")
+            f"FER-2013 PrivateTest **{fer['mean']:.3f} ± {fer['std']:.3f}** (± is the "
+            f"population standard deviation over the {n} seeds).")
 
 
 def write_model_card(ws: Workspace, manifest: Manifest, models_dir: Path,
