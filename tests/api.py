@@ -18,6 +18,8 @@ def assert_error(response, status: int, code: str) -> None:
     assert response.status_code == status, response.text
     body = response.json()
     assert body["code"] == code and body["detail"]
+    if status == 503:  # every 503 says when to come back (README)
+        assert int(response.headers["retry-after"]) > 0
     for leak in LEAKS:
         assert leak not in response.text
 

@@ -8,6 +8,7 @@ overlap where the face was pasted, and the label must equal the label of the cro
 
 from __future__ import annotations
 
+import base64
 import io
 from collections.abc import Iterator
 
@@ -19,7 +20,7 @@ from PIL import Image
 from service.app import create_app
 from service.faces import Box, CropGeometry, crop_region, load_face_crop, non_max_suppression
 from service.settings import REPO_MODELS_DIR, Settings
-from tests.api import metric_total, tampered_copy
+from tests.api import assert_error, metric_total, tampered_copy
 from tests.images import encode
 
 PHOTOS = 600
@@ -173,10 +174,14 @@ def test_boxes_are_in_the_uploads_own_pixels_even_when_jpeg_decodes_smaller(
 def test_crop_geometry_round_trips_and_crops_pad_at_the_edges(geometry):
     face = Box(100, 50, 80, 80)
     assert geometry.face_in(geometry.crop_for(face)).iou(face) == pytest.approx(1.0)
-    image = Image.fromarray(np.arange(100, dtype=np.uint8).reshape(10, 10))
-    corner = np.asarray(crop_region(image, Box(-3, -2, 6, 5)))
-    assert corner.shape == (5, 6)
-    assert corner[0, 0] == 0 and corner[-1, -1] == np.asarray(image)[2, 2]
+    pixels = np.arange(100, 200, dtype=np.uint8).reshape(10, 10)  # no pixel is 0
+    image = Image.fromarray(pixels)
+    # Past the top left and past the bottom right: each missing pixel is its nearest edge's.
+    for box, rows, columns in ((Box(-3, -2, 6, 5), range(-2, 3), range(-3, 3)),
+                               (Box(7, 8, 6, 4), range(8, 12), range(7, 13))):
+        expected = [[pixels[min(max(r, 0), 9), min(max(c, 0), 9)] for c in columns]
+                    for r in rows]
+        np.testing.assert_array_equal(np.asarray(crop_region(image, box)), expected)
 
 
 def test_unknown_faces_mode_is_a_422(client):
@@ -219,7 +224,13 @@ def test_without_a_usable_face_file_faces_none_still_serves(tmp_path, content, m
         assert ready.json()["models"] == {"cnn": "ready", "knn": "ready"}
         assert client.get("/v2/health/ready").json() == {"ready": False}  # one rule for both
         auto = client.post("/predict?faces=auto", files={"file": ("a.png", image, "image/png")})
-        assert auto.status_code == 503 and auto.json()["code"] == "faces_unavailable"
+        assert_error(auto, 503, "faces_unavailable")
+        oip = client.post("/v2/models/cnn/infer", json={
+            "inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1],
+                        "data": [base64.b64encode(image).decode()]}],
+            "parameters": {"faces": "auto"}})
+        assert oip.status_code == 503 and oip.json()["error"].startswith("face detection")
+        assert int(oip.headers["retry-after"]) > 0
         none = client.post("/predict?faces=none", files={"file": ("a.png", image, "image/png")})
         assert none.status_code == 200
 
