@@ -17,6 +17,7 @@ import json
 import struct
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -111,8 +112,8 @@ def measure(case: str, args) -> dict:
         started = time.perf_counter()
         with httpx.Client(base_url=base, timeout=900) as client, \
                 ThreadPoolExecutor(len(requests)) as pool:
-            statuses = sorted({r.status_code for r in pool.map(
-                lambda kwargs: client.post(**kwargs), requests)})
+            statuses = dict(sorted(Counter(r.status_code for r in pool.map(
+                lambda kwargs: client.post(**kwargs), requests)).items()))
         wall = time.perf_counter() - started
         with open(f"/proc/{process.pid}/status") as status:
             peak = next(int(line.split()[1]) * 1024 for line in status
@@ -125,13 +126,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     print(f"one worker, EMOTION_ONNX_THREADS=1, {args.images} images per request, "
           f"{args.concurrent} at once")
-    print(f"{'case':<12} {'body MB':>9} {'status':>8} {'idle MB':>8} {'peak MB':>8} "
+    print(f"{'case':<12} {'body MB':>9} {'status':>10} {'idle MB':>8} {'peak MB':>8} "
           f"{'wall s':>7}")
     failed = False
     for case in args.cases.split(","):
         row = measure(case, args)
-        failed |= row["status"] != [200]
-        print(f"{row['case']:<12} {row['body_mb']:>9.1f} {','.join(map(str, row['status'])):>8} "
+        # with several at once, the body budget may answer some 503 (retry shortly)
+        failed |= 200 not in row["status"] or not set(row["status"]) <= {200, 503}
+        statuses = ",".join(f"{code}x{n}" for code, n in row["status"].items())
+        print(f"{row['case']:<12} {row['body_mb']:>9.1f} {statuses:>10} "
               f"{row['idle_mb']:>8.0f} {row['peak_mb']:>8.0f} {row['wall_s']:>7.1f}")
     return 1 if failed else 0
 

@@ -79,5 +79,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     routes = {route.path for router in (*routers, page.router) for route in router.routes}
     routes |= {app.openapi_url, "/docs", "/redoc", "/static/{path}", "/docs-assets/{path}"}
     app.add_middleware(RequestMiddleware, metrics=service_metrics,
-                       max_in_flight=settings.max_in_flight, routes=routes)
+                       max_in_flight=settings.max_in_flight, routes=routes,
+                       max_body_bytes_in_flight=settings.resolved_max_body_bytes_in_flight)
     return app

@@ -10,6 +10,7 @@ import uuid
 
 from starlette.requests import ClientDisconnect
 
+from service.admission import SCOPE_KEY, BodyBudget
 from service.observability import ServiceMetrics
 
 logger = logging.getLogger("service.access")
@@ -24,10 +25,14 @@ def _template(route: str) -> re.Pattern:
 
 
 class RequestMiddleware:
-    def __init__(self, app, metrics: ServiceMetrics, max_in_flight: int, routes: set[str]):
+    def __init__(self, app, metrics: ServiceMetrics, max_in_flight: int, routes: set[str],
+                 max_body_bytes_in_flight: int):
         self.app = app
         self.metrics = metrics
         self.max_in_flight = max_in_flight
+        self.body_budget = BodyBudget(max_body_bytes_in_flight,
+                                      on_change=metrics.body_bytes_in_flight.inc,
+                                      on_refusal=metrics.overloaded.inc)
         self.routes = {r for r in routes if "{" not in r}
         # Routes with path parameters are labelled by their template, so label sets stay
         # bounded whatever model names clients try.
@@ -74,9 +79,12 @@ class RequestMiddleware:
                 self.metrics.overloaded.inc()
                 await self._reject_overload(send_with_id)
                 return
+            ticket = None
             if limited:
                 self.in_flight += 1
                 self.metrics.in_flight.inc()
+                ticket = self.body_budget.ticket()  # the body readers grow it
+                scope = {**scope, SCOPE_KEY: ticket}
             try:
                 await self.app(scope, receive, send_with_id)
             except ClientDisconnect:
@@ -96,6 +104,7 @@ class RequestMiddleware:
                 if limited:
                     self.in_flight -= 1
                     self.metrics.in_flight.dec()
+                    ticket.release()
         finally:
             elapsed = time.perf_counter() - started
             self.metrics.requests.labels(route, method, str(status["code"])).inc()

@@ -89,8 +89,12 @@ class ServiceMetrics:
                                "inference) admitted and not yet answered.", registry=r,
                                multiprocess_mode="livesum")
         self.overloaded = Counter("emotion_overload_rejections",
-                                  "Requests answered 503 because too many were in flight.",
-                                  registry=r)
+                                  "Requests answered 503 because too many requests, or too "
+                                  "many request bytes, were in flight.", registry=r)
+        self.body_bytes_in_flight = Gauge(
+            "emotion_request_body_bytes_in_flight", "Request-body bytes the model requests "
+            "in progress hold (EMOTION_MAX_BODY_BYTES_IN_FLIGHT bounds it per worker).",
+            registry=r, multiprocess_mode="livesum")
         self.faces_found = Counter("emotion_faces_found", "Faces the detector found in "
                                    "uploads (faces=auto counts the one it used).", registry=r)
         self.images_without_face = Counter("emotion_images_without_face",

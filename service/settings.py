@@ -88,6 +88,10 @@ class Settings(BaseSettings):
                                        "ONNX Runtime threads plus one.")
     max_in_flight: int = Field(32, gt=0, description="Predictions in progress per worker; more "
                                                      "get 503 with Retry-After at once.")
+    max_body_bytes_in_flight: int = Field(
+        0, ge=0, description="Request-body bytes the model requests in progress may hold at "
+        "once per worker (a /v2 body counts inflated); past it, 503 with Retry-After, except "
+        "for a request alone. 0: the largest body the limits allow, the /v2 one.")
     body_idle_seconds: float = Field(30.0, gt=0, description="A request body with no byte for "
                                      "this long is answered 408, freeing its in-flight place.")
     body_min_bytes_per_second: float = Field(
@@ -120,6 +124,11 @@ class Settings(BaseSettings):
         # can run; many more only thrash the cores (bench_service: p99 at 16 clients fell
         # from about 100 ms to 20 ms against an unbounded threadpool).
         return self.inference_concurrency or self.resolved_onnx_threads + 1
+
+    @property
+    def resolved_max_body_bytes_in_flight(self) -> int:
+        return self.max_body_bytes_in_flight or max(self.max_body_bytes,
+                                                    self.max_oip_body_bytes)
 
     @property
     def max_body_bytes(self) -> int:

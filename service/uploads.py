@@ -10,6 +10,7 @@ from fastapi import Request
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
+from service.admission import hold_body
 from service.errors import ApiError
 from service.inference import ImageInput
 from service.preprocessing import TooManyBytesError
@@ -26,9 +27,13 @@ def _too_large(limit: int, what: str) -> ApiError:
 
 
 def check_content_length(request: Request, limit: int) -> None:
+    """413 for a declared length past ``limit``; within it, the length is held on the
+    worker's body budget before a byte is read (503 when that is full)."""
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit, f"the request body ({declared} bytes)")
+    if declared and declared.isdigit():
+        if int(declared) > limit:
+            raise _too_large(limit, f"the request body ({declared} bytes)")
+        hold_body(request.scope, int(declared))
 
 
 async def body_chunks(request: Request, settings: Settings) -> AsyncIterator[bytes]:
@@ -72,6 +77,7 @@ async def read_body(request: Request, limit: int, settings: Settings,
         size += len(chunk)
         if size > limit:  # stop reading at once: the rest of the body is never buffered
             raise _too_large(limit, what)
+        hold_body(request.scope, size)  # a body without a length is held as it comes
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -169,6 +175,7 @@ async def read_multipart(request: Request, settings: Settings) -> list[ImageInpu
             size += len(chunk)
             if size > limit:
                 raise _too_large(limit, "the request body")
+            hold_body(request.scope, size)
             parser.write(chunk)
         parser.finalize()
     except FormParserError as exc:  # MultipartParseError and the boundary's own

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import gzip
+import json
 import threading
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
@@ -15,8 +20,8 @@ from service.classes import CLASS_NAMES
 from service.manifest import ManifestError, load_manifest, sha256_bytes
 from service.preprocessing import preprocess_image
 from service.settings import REPO_MODELS_DIR, Settings
-from tests.api import assert_error, tampered_copy
-from tests.images import png_bytes
+from tests.api import assert_error, metric_total, tampered_copy
+from tests.images import encode, png_bytes
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +61,14 @@ def test_health_classes_and_models(client):
     models = {m["name"]: m for m in client.get("/models").json()}
     assert set(models) == {"cnn", "knn"}
     assert all(m["loaded"] and len(m["sha256"]) == 64 for m in models.values())
+    # What a user compares models by is the manifest's own figures, read here as plain JSON.
+    shipped = json.loads((REPO_MODELS_DIR / "manifest.json").read_text())["models"]
+    for name, model in models.items():
+        assert model["sha256"] == shipped[name]["sha256"]
+        assert model["test_macro_f1"] == {
+            dataset: by_subset["test"]["macro_f1"]
+            for dataset, by_subset in shipped[name]["metrics"].items()}
+        assert set(model["test_macro_f1"]) == {"identity", "fer2013"}
 
 
 def test_openapi_documents_the_contract(client):
@@ -250,6 +263,14 @@ def test_a_tampered_artifact_is_refused_and_the_other_model_serves(
         assert sha256_bytes((folder / manifest.models[broken].file).read_bytes()) not in loaded
         assert_error(post_file(client, png_bytes(), model=broken), 503, "model_unavailable")
         assert post_file(client, png_bytes(), model=healthy).status_code == 200
+        # The Open Inference Protocol says the same, in its own error shape.
+        request = {"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1],
+                               "data": [base64.b64encode(png_bytes()).decode()]}]}
+        for oip in (client.get(f"/v2/models/{broken}"),
+                    client.post(f"/v2/models/{broken}/infer", json=request)):
+            assert oip.status_code == 503 and "not available" in oip.json()["error"], oip.text
+            assert int(oip.headers["retry-after"]) > 0
+        assert client.post(f"/v2/models/{healthy}/infer", json=request).status_code == 200
 
 
 @pytest.mark.parametrize("content", [None, "{not json", '{"models": {"cnn": {"file": 1}}}'])
@@ -295,6 +316,103 @@ def test_overload_answers_503_with_retry_after_at_once(settings, monkeypatch):
     assert_error(second, 503, "overloaded")
     assert second.headers["retry-after"] == "1"
     assert first["r"].status_code == 200
+
+
+def noise_png(side: int = 550) -> bytes:
+    """About 300 kB for 550 px: noise does not compress."""
+    return encode(Image.fromarray(np.random.default_rng(side).integers(
+        0, 255, (side, side), dtype=np.uint8)))
+
+
+@contextlib.contextmanager
+def one_request_held(settings, monkeypatch, body: bytes, **updates):
+    """A client on an app whose first model call waits, while ``body`` (sent to /predict)
+    is in flight: what the body budget counts against the requests that follow."""
+    from service.inference import Predictor
+
+    entered, release = threading.Event(), threading.Event()
+    real, calls = Predictor.predict, []
+
+    def first_waits(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            entered.set()
+            release.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(Predictor, "predict", first_waits)
+    with TestClient(create_app(settings.model_copy(update=updates))) as client:
+        held = {}
+        worker = threading.Thread(target=lambda: held.update(r=client.post(
+            "/predict", content=body, headers={"content-type": "image/png"})))
+        worker.start()
+        assert entered.wait(10)
+
+        def answer_it() -> None:
+            release.set()
+            worker.join(10)
+            assert held["r"].status_code == 200
+
+        try:
+            yield client, answer_it
+        finally:
+            release.set()
+            worker.join(10)
+
+
+def body_bytes_in_flight(client) -> float:
+    return metric_total(client.get("/metrics", headers={"accept": "text/plain"}).text,
+                        "emotion_request_body_bytes_in_flight")
+
+
+def test_request_bytes_in_flight_are_bounded_per_worker(settings, monkeypatch):
+    big = noise_png()
+    budget = len(big) + 100_000  # one big body and a small one, not two big ones
+    with one_request_held(settings, monkeypatch, big, max_body_bytes_in_flight=budget) as (
+            client, answer_it):
+        assert body_bytes_in_flight(client) == len(big)
+        second = client.post("/predict", content=big, headers={"content-type": "image/png"})
+        assert_error(second, 503, "overloaded")
+        assert second.headers["retry-after"] == "1"
+        # refused before a byte of it was kept: only the held body counts
+        assert body_bytes_in_flight(client) == len(big)
+        # as multipart, and without a declared length (held as it arrives): refused too
+        assert_error(post_file(client, big), 503, "overloaded")
+        chunked = client.post("/predict", content=iter([big[:100_000], big[100_000:]]),
+                              headers={"content-type": "image/png"})
+        assert "content-length" not in chunked.request.headers
+        assert_error(chunked, 503, "overloaded")
+        assert post_file(client, png_bytes()).status_code == 200  # a small one fits
+        # On /v2, a gzip body counts inflated: 2 kB sent, 650 kB to parse.
+        request = json.dumps({"inputs": [{"name": "image", "datatype": "FP32",
+                                          "shape": [1, 1, 350, 350],
+                                          "data": [0.5] * 350 * 350}]}).encode()
+        packed = gzip.compress(request)
+        assert len(packed) < 10_000 < len(big) + len(request) - budget
+        oip = client.post("/v2/models/cnn/infer", content=packed,
+                          headers={"content-encoding": "gzip"})
+        assert oip.status_code == 503 and "bytes in flight" in oip.json()["error"], oip.text
+        assert oip.headers["retry-after"] == "1"
+        overloaded = metric_total(client.get("/metrics", headers={"accept": "text/plain"}).text,
+                                  "emotion_overload_rejections_total")
+        assert overloaded == 4
+        # once the held one is answered, the same requests pass, and nothing stays counted
+        answer_it()
+        assert client.post("/predict", content=big, headers={"content-type": "image/png"}
+                           ).status_code == 200
+        assert client.post("/v2/models/cnn/infer", content=packed,
+                           headers={"content-encoding": "gzip"}).status_code == 200
+        assert body_bytes_in_flight(client) == 0
+
+
+def test_a_request_alone_may_pass_the_byte_budget(settings):
+    big = noise_png()
+    small_budget = settings.model_copy(update={"max_body_bytes_in_flight": 1000})
+    with TestClient(create_app(small_budget)) as client:
+        # bounded by its own limits, never refused for the budget when nothing else holds any
+        assert client.post("/predict", content=big, headers={"content-type": "image/png"}
+                           ).status_code == 200
+        assert post_file(client, big).status_code == 200
 
 
 def test_head_answers_as_get_without_a_body(client):

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from service.admission import hold_body
 from service.classes import NUM_CLASSES
 from service.deps import ServingDep, SettingsDep
 from service.errors import ApiError, status_of
@@ -220,13 +221,15 @@ async def _infer(request: Request, name: str, version: str | None, settings: Set
     try:
         body = await read_body(request, settings.max_oip_body_bytes, settings)
     except ApiError as exc:
-        return oip_error(exc.status, exc.detail)
+        return oip_error(exc.status, exc.detail, exc.headers)
     encoding = request.headers.get("content-encoding")
     header_length = request.headers.get(HEADER_LENGTH)
     loop = asyncio.get_running_loop()
 
     def work() -> tuple[bytes, dict]:
         plain = decode_content(body, encoding, settings.max_oip_body_bytes)
+        if plain is not body:  # both are held until the parse
+            hold_body(request.scope, len(body) + len(plain))
         # the most values a real request holds: every pixel of the largest batch, as JSON
         parsed = parse_request(plain, header_length, max_values=(
             settings.max_images_per_request * INPUT_SIZE * INPUT_SIZE + 10_000),
@@ -241,6 +244,8 @@ async def _infer(request: Request, name: str, version: str | None, settings: Set
         content, headers = await loop.run_in_executor(serving.executor, work)
     except ProtocolError as exc:
         return oip_error(exc.status, str(exc))
+    except ApiError as exc:  # the body budget's 503
+        return oip_error(exc.status, exc.detail, exc.headers)
     except PreprocessingError as exc:
         return oip_error(status_of(exc), str(exc))
     except FacesUnavailableError as exc:
