@@ -12,6 +12,7 @@ from service.preprocessing import (
     NotAnImageError,
     TooManyBytesError,
     TooManyPixelsError,
+    decode_grayscale,
     pixels_to_input,
     preprocess_image,
     preprocess_image_uint8,
@@ -239,3 +240,30 @@ def test_pixel_limit_is_a_setting():
     with pytest.raises(TooManyPixelsError):
         preprocess_image(data, ImageLimits(max_pixels=100 * 100 - 1))
     assert_contract(preprocess_image(data, ImageLimits(max_pixels=100 * 100)))
+
+
+# What each EXIF orientation does to an upright image, undone (Pillow's exif_transpose
+# applies the inverse): 5 and 7 are their own inverses, 6 and 8 each other's.
+STORED_AS = {1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+             4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+             6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+             8: Image.Transpose.ROTATE_270}
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "PNG", "JPEG", "WEBP"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_orientation_decodes_upright_at_the_upright_size(fmt, orientation):
+    """Face boxes are reported in the upright photo's pixels, so ``original_size`` must be
+    its size in every format (TIFF's 5-8 were turned twice: boxes skewed by 0.6 and 1.6)."""
+    for width, height in ((120, 60), (4000, 2500)):  # the second decodes at reduced scale
+        upright = Image.fromarray(np.tile((np.arange(width) % 256).astype(np.uint8),
+                                          (height, 1)))
+        stored = upright if STORED_AS[orientation] is None else upright.transpose(
+            STORED_AS[orientation])
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        decoded = decode_grayscale(encode(stored, fmt, exif=exif.tobytes()))
+        assert decoded.original_size == (width, height)
+        assert decoded.scale[0] == pytest.approx(decoded.scale[1], rel=0.01)
+        first_row = np.asarray(decoded.gray, dtype=np.int16)[0, :8]
+        assert (np.diff(first_row) >= 0).all() and first_row[-1] > first_row[0]  # not turned
