@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+from PIL import Image
+
 from service.batch import Row, rows_of
 from service.classes import CLASS_NAMES
 from service.inference import FacesMode, Predictor
@@ -31,6 +33,19 @@ class NoVideoStreamError(ValueError):
     """A file PyAV opens that has no picture: audio alone, say."""
 
 
+def upright(frame) -> Image.Image:
+    """The frame as it is shown: phones store portrait video sideways and put the turn in
+    the stream's display matrix, which PyAV reads as ``rotation`` (degrees counterclockwise,
+    as PIL's rotate counts). Sideways, the faces of a portrait video were not found."""
+    image = frame.to_image()
+    turns = round((frame.rotation or 0) / 90) % 4
+    return image.transpose(_TURNS[turns]) if turns else image
+
+
+_TURNS = {1: Image.Transpose.ROTATE_90, 2: Image.Transpose.ROTATE_180,
+          3: Image.Transpose.ROTATE_270}
+
+
 def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, DecodedImage]]:
     """(time in seconds, frame number, the frame in grayscale) at ``fps`` frames a second:
     the first frame at or after each multiple of 1/fps."""
@@ -46,7 +61,7 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
             if frame.time is None:
                 continue
             if frame.time + 1e-6 >= next_time:
-                yield round(frame.time, 4), number, decoded_from_image(frame.to_image())
+                yield round(frame.time, 4), number, decoded_from_image(upright(frame))
                 while next_time <= frame.time + 1e-6:
                     next_time += 1.0 / fps
 

@@ -287,13 +287,16 @@ def test_the_progress_bar_shows_on_a_terminal_and_not_in_a_log(photo_folder, tmp
     assert b"img/s" in seen and b"14/14" in seen
 
 
-def encode_video(path, frames: list[Image.Image], fps: int) -> None:
+def encode_video(path, frames: list[Image.Image], fps: int, rotation: int = 0) -> None:
+    """``rotation``: the display matrix's turn (counterclockwise degrees), as phones write."""
     import av
 
     with av.open(str(path), "w") as container:
         stream = container.add_stream("mpeg4", rate=fps)
         stream.width, stream.height = frames[0].size
         stream.pix_fmt = "yuv420p"
+        if rotation:
+            stream.set_display_rotation(rotation)
         for image in frames:
             frame = av.VideoFrame.from_image(image.convert("RGB"))
             for packet in stream.encode(frame):
@@ -327,6 +330,20 @@ def test_video_rows_per_sampled_frame_and_face_and_the_plot(test_images, tmp_pat
     assert all(r["label"] in CLASS_NAMES and r["face_width"] for r in rows)
     image = Image.open(plot)
     assert image.size[0] > 600 and len(set(image.convert("L").getdata())) > 20
+
+
+@pytest.mark.parametrize("rotation", [90, -90, 180])
+def test_a_video_stored_sideways_is_read_as_it_is_shown(tmp_path, rotation):
+    from service.video import sampled_frames
+
+    shown = Image.fromarray(np.tile(np.linspace(0, 255, 96).astype(np.uint8), (48, 1)))
+    # stored turned back by the display rotation, so that showing it turns it upright
+    stored = shown.rotate(-rotation, expand=True)
+    encode_video(tmp_path / "phone.mp4", [stored] * 3, fps=3, rotation=rotation)
+    [(_, _, decoded), *_] = sampled_frames(tmp_path / "phone.mp4", fps=3)
+    assert decoded.gray.size == decoded.original_size == (96, 48)
+    columns = np.asarray(decoded.gray, dtype=np.float32).mean(axis=0)
+    assert columns[-8:].mean() - columns[:8].mean() > 150  # dark at left, light at right
 
 
 def test_a_video_without_pictures_and_impossible_rates_are_one_line_each(tmp_path, capsys):
