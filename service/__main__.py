@@ -59,7 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     metrics_dir = None
     workers = settings.resolved_workers
     given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if given and os.path.isdir(given):
+    if given and not (os.path.isdir(given) and os.access(given, os.W_OK | os.X_OK)):
+        # every worker would die writing its first metric, and uvicorn start another
+        print(f"emotion service: cannot start: PROMETHEUS_MULTIPROC_DIR={given!r} is not a "
+              "writable folder; create it or unset the variable", file=sys.stderr)
+        return 2
+    if given:
         # A container restarted in the same pod keeps its emptyDir: the dead workers' files
         # would be added up with the new ones.
         for stale in Path(given).glob("*.db"):

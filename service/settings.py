@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.preprocessing import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, INPUT_SIZE, ImageLimits
@@ -101,8 +101,14 @@ class Settings(BaseSettings):
                                  "but keep serving this long, then stop accepting.")
     shutdown_timeout_seconds: float = Field(30.0, gt=0, description="After that: the longest "
                                             "wait for the requests in hand to be answered.")
-    log_level: str = Field("info")
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
+        "info", description="uvicorn's and the service's log level (any case).")
     cors_origins: list[str] = Field(default_factory=list, description="Off when empty.")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _any_case(cls, value):
+        return value.lower() if isinstance(value, str) else value
 
     @property
     def limits(self) -> ImageLimits:

@@ -64,7 +64,7 @@ def test_bad_manifest_is_one_clear_error_not_a_restart_loop(tmp_path, manifest):
     (["-m", "training", "audit"], "python -m training audit: error:")])
 def test_a_refused_setting_is_one_line_naming_it_and_exit_2(tmp_path, command, prefix):
     env = {**os.environ, "EMOTION_WORKERS": "-1", "EMOTION_MAX_PIXELS": "many",
-           "EMOTION_TORCH_THREADS": "two"}
+           "EMOTION_TORCH_THREADS": "two", "EMOTION_LOG_LEVEL": "verbose"}
     result = subprocess.run([sys.executable, *command], cwd=tmp_path, env={
         **env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stderr
@@ -74,6 +74,18 @@ def test_a_refused_setting_is_one_line_naming_it_and_exit_2(tmp_path, command, p
         assert "EMOTION_TORCH_THREADS='two'" in line
     else:
         assert "EMOTION_WORKERS='-1'" in line and "EMOTION_MAX_PIXELS='many'" in line
+        assert "EMOTION_LOG_LEVEL='verbose'" in line  # it was uvicorn's KeyError
+
+
+def test_a_metrics_folder_that_is_missing_is_one_line_not_a_crash_loop(tmp_path):
+    """Each worker died writing its first metric and uvicorn started another, for ever."""
+    env = {**os.environ, "EMOTION_WORKERS": "2", "EMOTION_LOG_LEVEL": "DEBUG",
+           "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "missing")}
+    result = subprocess.run([sys.executable, "-m", "service", "--port", "1"], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("emotion service: cannot start: PROMETHEUS_MULTIPROC_DIR=")
 
 
 @pytest.mark.parametrize("command", [["-m", "service"], ["-m", "service.cli", "images"],
