@@ -57,10 +57,12 @@ class InferRequest:
     outputs: list[dict] = field(default_factory=list)  # the requested outputs, as sent
 
     def binary_output(self, name: str) -> bool:
+        """The output's own ``binary_data`` where it says, else the request's
+        ``binary_data_output`` (Triton's binary extension); JSON true only, not "true"."""
         for output in self.outputs:
-            if output.get("name") == name:
-                return output["parameters"].get("binary_data") is True
-        return self.parameters.get("binary_data_output") is True  # JSON true, not "false"
+            if output.get("name") == name and "binary_data" in output["parameters"]:
+                return output["parameters"]["binary_data"] is True
+        return self.parameters.get("binary_data_output") is True
 
 
 def _shape(value) -> list[int]:

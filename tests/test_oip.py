@@ -288,6 +288,31 @@ def test_oip_predictions_are_counted_and_a_string_false_is_not_true(app_client, 
     assert counted() == before + 2  # as /predict counts its answers
 
 
+@pytest.mark.parametrize(("request_level", "own", "binary"), [
+    (True, None, True), (True, False, False), (None, True, True), (False, None, False)])
+def test_an_output_named_without_binary_data_follows_the_request(
+        app_client, faces, request_level, own, binary):
+    """binary_data_output is the default of every output that does not say for itself."""
+    output = {"name": "probabilities"} if own is None else {
+        "name": "probabilities", "parameters": {"binary_data": own}}
+    request = {"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1],
+                           "data": [base64.b64encode(faces[0]).decode()]}],
+               "outputs": [output]}
+    if request_level is not None:
+        request["parameters"] = {"binary_data_output": request_level}
+    response = app_client.post("/v2/models/cnn/infer", json=request)
+    assert response.status_code == 200, response.text
+    header_length = response.headers.get("inference-header-content-length")
+    if binary:
+        header = json.loads(response.content[:int(header_length)])
+        assert header["outputs"][0]["parameters"]["binary_data_size"] == NUM_CLASSES * 4
+        data = np.frombuffer(response.content[int(header_length):], dtype="<f4")
+        assert data.shape == (NUM_CLASSES,) and data.sum() == pytest.approx(1, abs=1e-5)
+    else:
+        assert header_length is None
+        assert len(response.json()["outputs"][0]["data"]) == NUM_CLASSES
+
+
 def test_faces_parameter_finds_the_face_as_predict_does(app_client, faces):
     photo = gray_image(640, 480, seed=3)
     face = Image.open(io.BytesIO(faces[0])).convert("L").resize((220, 220))
