@@ -16,6 +16,8 @@ from service.observability import ServiceMetrics
 logger = logging.getLogger("service.access")
 CLIENT_CLOSED = 499  # nginx's status for a client that closed the connection first
 # The routes that run models: admission control counts them.
+# The methods a metric label may name; any other a client sends is counted as "other".
+LABELLED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 LIMITED_ROUTES = ("/predict", "/v2/models/{name}/infer",
                   "/v2/models/{name}/versions/{version}/infer")
 
@@ -107,7 +109,8 @@ class RequestMiddleware:
                     ticket.release()
         finally:
             elapsed = time.perf_counter() - started
-            self.metrics.requests.labels(route, method, str(status["code"])).inc()
+            self.metrics.requests.labels(route, method if method in LABELLED_METHODS
+                                         else "other", str(status["code"])).inc()
             self.metrics.request_latency.labels(route).observe(elapsed)
             if logger.isEnabledFor(logging.INFO):
                 logger.info(json.dumps({"request_id": request_id, "method": method,

@@ -231,6 +231,21 @@ def test_metrics_answer_the_format_the_client_ranks_first(client, accept, promet
     assert (kind != "application/json") == prometheus, kind
 
 
+def test_metric_labels_stay_bounded_whatever_clients_send(client):
+    """Paths are their route templates or "unmatched", methods a fixed set or "other"."""
+    for method, path in (("PROPFIND", "/healthz"), ("MKCOL", "/x/y"), ("GET", "/no/such"),
+                         ("POST", "/v2/models/no-such-model/infer"), ("PURGE", "/predict")):
+        assert client.request(method, path).status_code < 500
+    text = client.get("/metrics", headers={"accept": "text/plain"}).text
+    labels = [s.labels for family in text_string_to_metric_families(text)
+              for s in family.samples if s.name == "emotion_http_requests_total"]
+    assert {"PROPFIND", "MKCOL", "PURGE"}.isdisjoint(label["method"] for label in labels)
+    assert metric_total(text, "emotion_http_requests_total", method="other") >= 3
+    routes = {label["route"] for label in labels}
+    assert not routes & {"/x/y", "/no/such"} and "unmatched" in routes
+    assert "/v2/models/{name}/infer" in routes
+
+
 def test_an_unreadable_metrics_version_gets_plain_text_not_a_500(client):
     for accept in ("text/plain; version=abc", "application/openmetrics-text; version=x.y"):
         response = client.get("/metrics", headers={"accept": accept})
