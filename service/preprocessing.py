@@ -44,6 +44,8 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "HEIF", "
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 50_000_000
+# Pillow refuses an image past this when it reads the header, whatever our limit says.
+PILLOW_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 
 _ALPHA_MODES = {"LA", "La", "PA", "RGBA", "RGBa"}
 _WIDE_INTEGER_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}

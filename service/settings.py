@@ -11,7 +11,13 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.preprocessing import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, INPUT_SIZE, ImageLimits
+from service.preprocessing import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    INPUT_SIZE,
+    PILLOW_MAX_PIXELS,
+    ImageLimits,
+)
 
 REPO_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 REPO_EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
@@ -77,7 +83,9 @@ class Settings(BaseSettings):
     max_faces_per_image: int = Field(16, gt=0, description="faces=all classifies at most this "
                                                            "many faces per image, largest first.")
     max_upload_bytes: int = Field(DEFAULT_MAX_BYTES, gt=0, description="Per image.")
-    max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0, description="Per image, from its header.")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0, le=PILLOW_MAX_PIXELS,
+                            description="Per image, from its header; at most Pillow's own "
+                            f"limit, {PILLOW_MAX_PIXELS}.")
     max_images_per_request: int = Field(16, gt=0)
     workers: int = Field(0, ge=0, description="uvicorn worker processes (python -m service); "
                                               "0: one per container CPU.")

@@ -95,3 +95,16 @@ def test_inference_concurrency_bounds_model_calls_and_every_request_is_answered(
             "/predict", files={"file": ("a.png", image, "image/png")}).status_code, range(8)))
     assert statuses == [200] * 8
     assert peak == limit
+
+
+def test_a_pixel_limit_past_pillows_own_is_refused():
+    """Pillow refuses such images when it reads the header, so a larger limit would answer
+    'the limit is 300000000 pixels' for a 182-megapixel image: a refusal that contradicts
+    itself."""
+    from pydantic import ValidationError
+
+    from service.preprocessing import PILLOW_MAX_PIXELS
+
+    assert Settings(max_pixels=PILLOW_MAX_PIXELS).max_pixels == PILLOW_MAX_PIXELS
+    with pytest.raises(ValidationError, match="max_pixels"):
+        Settings(max_pixels=PILLOW_MAX_PIXELS + 1)
