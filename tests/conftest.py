@@ -1,8 +1,18 @@
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from training.settings import TrainingSettings
+
+# Nothing of hypothesis's in the checkout (it wrote .hypothesis/ there), and no example
+# database, which replays earlier runs' failures, so that one run's result depended on the last.
+set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "emotion-detection-hypothesis")
+hypothesis_settings.register_profile("project", database=None)
+hypothesis_settings.load_profile("project")
 
 
 def _require(present: bool, reason: str) -> None:
