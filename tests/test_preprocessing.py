@@ -255,7 +255,8 @@ STORED_AS = {1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROT
 def test_every_orientation_decodes_upright_at_the_upright_size(fmt, orientation):
     """Face boxes are reported in the upright photo's pixels, so ``original_size`` must be
     its size in every format (TIFF's 5-8 were turned twice: boxes skewed by 0.6 and 1.6)."""
-    for width, height in ((120, 60), (4000, 2500)):  # the second decodes at reduced scale
+    # the last two decode at reduced scale, the last to a square (3000 x 2993 at 1/8)
+    for width, height in ((120, 60), (4000, 2500), (3000, 2993)):
         upright = Image.fromarray(np.tile((np.arange(width) % 256).astype(np.uint8),
                                           (height, 1)))
         stored = upright if STORED_AS[orientation] is None else upright.transpose(
