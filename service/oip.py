@@ -13,6 +13,7 @@ import json
 import math
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -149,9 +150,15 @@ def _check_json_size(header: bytes, max_values: int) -> None:
                             "send images as 'image_bytes', or tensors with the binary extension")
 
 
-def decode_content(body: bytes, encoding: str | None, limit: int) -> bytes:
+INFLATE_STEP = 1 << 20  # bytes inflated between two checks of the size and the budget
+
+
+def decode_content(body: bytes, encoding: str | None, limit: int,
+                   hold: Callable[[int], None] = lambda size: None) -> bytes | bytearray:
     """A body sent with ``Content-Encoding`` gzip or deflate (tritonclient's request
-    compression) inflated, refused past ``limit`` bytes the moment it crosses it."""
+    compression) inflated, refused past ``limit`` bytes the moment it crosses it.
+    ``hold(size)`` is told the bytes held (the body and what is inflated, a step ahead)
+    before each step, so that a worker's budget can refuse before the memory is taken."""
     coding = (encoding or "identity").strip().lower()
     if coding == "identity":
         return body
@@ -159,12 +166,19 @@ def decode_content(body: bytes, encoding: str | None, limit: int) -> bytes:
         raise UnsupportedEncodingError(f"Content-Encoding {encoding!r} is not supported; send "
                                        "gzip, deflate or none")
     inflater = zlib.decompressobj(wbits=47)  # 32 + 15: a gzip or a zlib header, either
+    out, pending = bytearray(), body
     try:
-        out = inflater.decompress(body, limit + 1)
+        while not inflater.eof:
+            hold(len(body) + min(len(out) + INFLATE_STEP, limit + 1))
+            step = inflater.decompress(pending, INFLATE_STEP)
+            out += step
+            if len(out) > limit:
+                raise TooLargeError(f"the inflated request is over the limit of {limit} bytes")
+            pending = inflater.unconsumed_tail
+            if not step and not pending:  # nothing left to give and no end: cut short
+                break
     except zlib.error as exc:
         raise ProtocolError(f"the {coding} body could not be inflated ({exc})") from None
-    if len(out) > limit:
-        raise TooLargeError(f"the inflated request is over the limit of {limit} bytes")
     if not inflater.eof:
         raise ProtocolError(f"the {coding} body is cut short")
     if inflater.unused_data:  # a second gzip member, or junk: not what any client sends

@@ -313,6 +313,34 @@ def test_an_output_named_without_binary_data_follows_the_request(
         assert len(response.json()["outputs"][0]["data"]) == NUM_CLASSES
 
 
+def test_an_inflating_body_is_refused_by_the_budget_before_it_is_inflated():
+    """A 200 kB gzip body inflates to 200 MB: the budget is asked before each step, so a
+    refusal costs a step (1 MiB), not the whole inflated body."""
+    import tracemalloc
+
+    from service.oip import INFLATE_STEP, decode_content
+
+    class Full(Exception):
+        pass
+
+    def hold(size: int) -> None:
+        if size > 10_000_000:
+            raise Full(size)
+
+    bomb = gzip.compress(bytes(200_000_000), compresslevel=9)
+    tracemalloc.start()
+    try:
+        with pytest.raises(Full):
+            decode_content(bomb, "gzip", 300_000_000, hold=hold)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10_000_000 + 4 * INFLATE_STEP
+    # and bodies that take many steps inflate whole, to the byte
+    payload = np.random.default_rng(0).integers(0, 4, 5_000_000, dtype=np.uint8).tobytes()
+    assert bytes(decode_content(gzip.compress(payload), "gzip", 6_000_000)) == payload
+
+
 def test_faces_parameter_finds_the_face_as_predict_does(app_client, faces):
     photo = gray_image(640, 480, seed=3)
     face = Image.open(io.BytesIO(faces[0])).convert("L").resize((220, 220))

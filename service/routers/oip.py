@@ -227,9 +227,9 @@ async def _infer(request: Request, name: str, version: str | None, settings: Set
     loop = asyncio.get_running_loop()
 
     def work() -> tuple[bytes, dict]:
-        plain = decode_content(body, encoding, settings.max_oip_body_bytes)
-        if plain is not body:  # both are held until the parse
-            hold_body(request.scope, len(body) + len(plain))
+        # the body and its inflated copy are both held until the parse
+        plain = decode_content(body, encoding, settings.max_oip_body_bytes,
+                               hold=lambda size: hold_body(request.scope, size))
         # the most values a real request holds: every pixel of the largest batch, as JSON
         parsed = parse_request(plain, header_length, max_values=(
             settings.max_images_per_request * INPUT_SIZE * INPUT_SIZE + 10_000),
