@@ -159,11 +159,11 @@ class _MultipartCollector:
 
 async def read_multipart(request: Request, settings: Settings) -> list[ImageInput]:
     limit = settings.max_body_bytes
-    check_content_length(request, limit)
     _, params = parse_options_header(request.headers.get("content-type", ""))
     boundary = params.get(b"boundary")
-    if not boundary:
+    if not boundary:  # before the budget: a client's mistake is told so, not to retry
         raise ApiError(400, "malformed_multipart", "the multipart body has no boundary")
+    check_content_length(request, limit)
     collector = _MultipartCollector(settings)
     callbacks = {name: getattr(collector, name) for name in (
         "on_part_begin", "on_part_data", "on_part_end", "on_header_field", "on_header_value",
