@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     metrics_dir = None
     workers = settings.resolved_workers
     given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if given and not (os.path.isdir(given) and os.access(given, os.W_OK | os.X_OK)):
+    # set at all, even empty, prometheus-client writes its files there (empty: the cwd)
+    if given is not None and not (given and os.path.isdir(given)
+                                  and os.access(given, os.W_OK | os.X_OK)):
         # every worker would die writing its first metric, and uvicorn start another
         print(f"emotion service: cannot start: PROMETHEUS_MULTIPROC_DIR={given!r} is not a "
               "writable folder; create it or unset the variable", file=sys.stderr)

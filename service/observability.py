@@ -20,6 +20,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 PROBABILITY_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 IMAGES_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+TRACE = 5  # uvicorn's TRACE_LOG_LEVEL
 
 
 def configure_logging(level: str) -> None:
@@ -29,7 +30,8 @@ def configure_logging(level: str) -> None:
     dropped. Idempotent, since tests build many apps in one process.
     """
     logger = logging.getLogger("service")
-    logger.setLevel(level.upper())
+    # uvicorn's "trace" (5) is a level the logging module knows only once uvicorn is imported
+    logger.setLevel(TRACE if level.lower() == "trace" else level.upper())
     if not any(getattr(h, "emotion_service", False) for h in logger.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))

@@ -77,10 +77,12 @@ def test_a_refused_setting_is_one_line_naming_it_and_exit_2(tmp_path, command, p
         assert "EMOTION_LOG_LEVEL='verbose'" in line  # it was uvicorn's KeyError
 
 
-def test_a_metrics_folder_that_is_missing_is_one_line_not_a_crash_loop(tmp_path):
-    """Each worker died writing its first metric and uvicorn started another, for ever."""
+@pytest.mark.parametrize("folder", ["missing", ""])
+def test_a_metrics_folder_that_is_missing_is_one_line_not_a_crash_loop(tmp_path, folder):
+    """Each worker died writing its first metric and uvicorn started another, for ever;
+    set but empty, prometheus-client writes into the working folder."""
     env = {**os.environ, "EMOTION_WORKERS": "2", "EMOTION_LOG_LEVEL": "DEBUG",
-           "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "missing")}
+           "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / folder) if folder else ""}
     result = subprocess.run([sys.executable, "-m", "service", "--port", "1"], cwd=REPO,
                             env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stderr
@@ -265,3 +267,13 @@ def test_serve_extra_installs_without_torch_and_serves(tmp_path, data_settings):
                             cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert len((tmp_path / "rows.csv").read_text().splitlines()) == 2
+
+
+def test_the_trace_log_level_needs_no_uvicorn():
+    """Any ASGI server (or a TestClient) may run the app; 'trace' was a ValueError there."""
+    code = ("import logging, sys; from service.observability import configure_logging; "
+            "configure_logging('TRACE'); assert 'uvicorn' not in sys.modules; "
+            "print(logging.getLogger('service').level)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "5", result.stderr
