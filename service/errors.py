@@ -20,6 +20,7 @@ from service.preprocessing import (
     PreprocessingError,
     TooManyBytesError,
     TooManyPixelsError,
+    TooManyScansError,
 )
 
 PREPROCESSING_STATUS = {
@@ -27,6 +28,7 @@ PREPROCESSING_STATUS = {
     CorruptImageError: 400,
     TooManyBytesError: 413,
     TooManyPixelsError: 413,
+    TooManyScansError: 413,
 }
 
 

@@ -81,6 +81,15 @@ class TooManyPixelsError(PreprocessingError):
     code = "too_many_pixels"
 
 
+class TooManyScansError(PreprocessingError):
+    code = "too_many_scans"
+
+
+# A progressive JPEG has about 10 scans; each is a pass over the whole image, and libjpeg
+# decodes a repeated scan again (a review: 1,000 scans of 75 bytes cost 4.6 s of CPU).
+MAX_JPEG_SCANS = 100
+
+
 @dataclass(frozen=True)
 class ImageLimits:
     max_bytes: int = DEFAULT_MAX_BYTES
@@ -127,6 +136,10 @@ def decode_grayscale(data: bytes, limits: ImageLimits = ImageLimits()) -> Decode
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             if image.format in ("JPEG", "MPO"):
+                # a start-of-scan marker cannot occur inside coded data (0xFF is stuffed)
+                if (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+                    raise TooManyScansError(f"the JPEG has {scans} scans; at most "
+                                            f"{MAX_JPEG_SCANS} are decoded")
                 image.draft(None, (INPUT_SIZE, INPUT_SIZE))
             image.load()
             # Read after load: Pillow's TIFF reader turns orientations 5-8 itself and drops

@@ -40,7 +40,8 @@ _ERRORS = {status: {"model": ErrorBody, "description": text} for status, text in
     400: "not an image, corrupt or truncated (`not_an_image`, `corrupt_image`), or a "
          "malformed multipart body",
     408: "the request body stopped arriving (`body_timeout`, EMOTION_BODY_IDLE_SECONDS)",
-    413: "too many bytes or pixels (`too_many_bytes`, `too_many_pixels`)",
+    413: "too many bytes, pixels or JPEG scans (`too_many_bytes`, `too_many_pixels`, "
+         "`too_many_scans`)",
     415: "unsupported content type (`unsupported_media_type`)",
     422: "unknown model, no file, a file field holding text, too many files (`unknown_model`, "
          "`no_file`, `not_a_file`, `too_many_files`)",
