@@ -41,7 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pixels", type=int, default=DEFAULT_MAX_PIXELS - 100_000,
                         help="pixels of each smooth RGB PNG in the 'pixels' case")
     parser.add_argument("--concurrent", type=int, default=1, help="copies sent at once")
-    parser.add_argument("--cases", default=",".join(CASES), help="which cases, in order")
+    parser.add_argument("--cases", default=",".join(CASES), help="which cases, in order; "
+                        "a+b sends one request of each case at once")
     return parser.parse_args(argv)
 
 
@@ -101,7 +102,9 @@ def requests_for(case: str, args) -> list[dict]:
 
 
 def measure(case: str, args) -> dict:
-    requests = requests_for(case, args) * args.concurrent
+    # "a+b": one request of each case, sent together (each --concurrent times)
+    requests = [r for part in case.split("+") for r in requests_for(part, args)
+                ] * args.concurrent
     body_mb = sum(len(r.get("content") or b"") + sum(
         len(f[1][1]) for f in (r["files"].items() if isinstance(r.get("files"), dict)
                                else r.get("files", []))) for r in requests) / 1e6

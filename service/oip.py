@@ -66,10 +66,19 @@ class InferRequest:
         return self.parameters.get("binary_data_output") is True
 
 
+MAX_DIMENSIONS = 32  # NumPy's own limit was 32 until 2.0
+INT64_MAX = 2**63 - 1  # the protocol's shapes are int64
+
+
 def _shape(value) -> list[int]:
+    """Checked before anything multiplies it: a shape of a few hundred 4,299-digit numbers
+    (JSON allows them) held the GIL for seconds in math.prod, and stalled the worker."""
     if not isinstance(value, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value):
-        raise ProtocolError("'shape' must be a list of non-negative integers")
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= INT64_MAX
+            for d in value):
+        raise ProtocolError("'shape' must be a list of non-negative int64 integers")
+    if len(value) > MAX_DIMENSIONS:
+        raise ProtocolError(f"'shape' has {len(value)} dimensions; at most {MAX_DIMENSIONS}")
     return value
 
 

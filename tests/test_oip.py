@@ -169,7 +169,11 @@ def app_client():
     (b'{"id": {"a": 1}, "inputs": []}', {}, "'id' must be a string"),
     # shapes NumPy cannot make were 500s
     (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [' + b"1," * 64
-     + b'1], "data": [0.5]}]}', {}, "cannot be made"),
+     + b'1], "data": [0.5]}]}', {}, "at most 32"),
+    # dimensions past int64 (JSON allows 4,299 digits): refused before they are multiplied,
+    # which held the GIL for seconds
+    (b'{"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": ['
+     + b",".join([b"9" * 4299] * 50) + b'], "data": [""]}]}', {}, "int64"),
     (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [0, 4611686018427387904, 4],'
      b' "data": []}]}', {}, "cannot be made"),
 ])
