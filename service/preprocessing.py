@@ -230,49 +230,70 @@ def _to_grayscale(image: Image.Image) -> Image.Image:
         key = image.info.get("transparency")  # a 16-bit PNG's tRNS colour key
         return _from_sixteen_bits(np.asarray(image), key if isinstance(key, int) else None)
     if mode == "F":
-        return _from_unit_range(np.asarray(image, dtype=np.float64))
+        return _from_unit_range(np.asarray(image))
     if mode == "P":
         has_alpha = "transparency" in image.info or image.palette.mode == "RGBA"
         image = image.convert("RGBA" if has_alpha else "RGB")
         mode = image.mode
     if mode in _ALPHA_MODES or mode == "PA":
-        return _flatten_alpha(image.convert("RGBA").convert("LA"))
+        # LA straight from RGBA and LA: converting to their own mode is a full copy
+        return _flatten_alpha(image if mode == "LA" else (
+            image if mode == "RGBA" else image.convert("RGBA")).convert("LA"))
     if mode in ("1", "RGB"):
         return image.convert("L")
     # CMYK, YCbCr, LAB, HSV, RGBX, I;16 variants Pillow adds later: through RGB.
     return image.convert("RGB").convert("L")
 
 
-def _from_sixteen_bits(values: np.ndarray, transparent: int | None = None) -> Image.Image:
-    """0..65535 to 0..255, rounded: round(v / 257) is (v + 128) // 257 (v / 257 is never a
-    half), in integers, since float64 copies of a 7000x7000 image need gigabytes. Pixels of
-    the ``transparent`` value are flattened onto the background, as an alpha's are."""
-    wide = (values.astype(np.uint32) if values.dtype == np.uint16
-            else np.clip(values, 0, 65535).astype(np.uint32))
-    wide += 128
-    wide //= 257
-    gray = wide.astype(np.uint8)
-    if transparent is not None:
-        gray[values == transparent] = ALPHA_BACKGROUND
+# Wide pixels become bytes a block of rows at a time: whole-image copies of a 50-megapixel
+# float or alpha image took 0.7 to 1.4 GB (a review's 300 kB float TIFF: 1.6 GB).
+BLOCK_ROWS = 256
+
+
+def _by_row_blocks(values: np.ndarray, to_bytes) -> Image.Image:
+    """``to_bytes(block)`` over blocks of rows, into one uint8 image."""
+    gray = np.empty(values.shape[:2], np.uint8)
+    for start in range(0, values.shape[0], BLOCK_ROWS):
+        gray[start:start + BLOCK_ROWS] = to_bytes(values[start:start + BLOCK_ROWS])
     return Image.fromarray(gray)
 
 
+def _from_sixteen_bits(values: np.ndarray, transparent: int | None = None) -> Image.Image:
+    """0..65535 to 0..255, rounded: round(v / 257) is (v + 128) // 257 (v / 257 is never a
+    half), in integers. Pixels of the ``transparent`` value are flattened onto the
+    background, as an alpha's are."""
+    def to_bytes(block: np.ndarray) -> np.ndarray:
+        wide = (block.astype(np.uint32) if block.dtype == np.uint16
+                else np.clip(block, 0, 65535).astype(np.uint32))
+        wide += 128
+        wide //= 257
+        if transparent is not None:
+            wide[block == transparent] = ALPHA_BACKGROUND
+        return wide
+
+    return _by_row_blocks(values, to_bytes)
+
+
 def _from_unit_range(values: np.ndarray) -> Image.Image:
-    values = np.nan_to_num(values, nan=0.0, posinf=1.0, neginf=0.0)
-    scaled = np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
-    return Image.fromarray(scaled)
+    def to_bytes(block: np.ndarray) -> np.ndarray:
+        block = np.nan_to_num(block.astype(np.float64), nan=0.0, posinf=1.0, neginf=0.0)
+        return np.rint(np.clip(block, 0.0, 1.0) * 255.0)
+
+    return _by_row_blocks(values, to_bytes)
 
 
 def _flatten_alpha(image_la: Image.Image) -> Image.Image:
     """Onto the background, rounded: (luma * a + background * (255 - a)) / 255 is never a
     half (255 is odd), so + 127 then // 255 rounds it, in integers, the same byte as in
-    floats for all 65,536 pairs, in 16 bits; float copies of a 7000x7000 image took 1.2 GB."""
-    la = np.asarray(image_la)
-    alpha = la[..., 1].astype(np.uint16)  # every sum below is at most 255 * 255 + 127
-    flat = la[..., 0] * alpha
-    alpha ^= 255  # 255 - alpha, in place
-    alpha *= ALPHA_BACKGROUND
-    flat += alpha
-    flat += 127
-    flat //= 255
-    return Image.fromarray(flat.astype(np.uint8))
+    floats for all 65,536 pairs, in 16 bits."""
+    def to_bytes(la: np.ndarray) -> np.ndarray:
+        alpha = la[..., 1].astype(np.uint16)  # every sum below is at most 255 * 255 + 127
+        flat = la[..., 0] * alpha
+        alpha ^= 255  # 255 - alpha, in place
+        alpha *= ALPHA_BACKGROUND
+        flat += alpha
+        flat += 127
+        flat //= 255
+        return flat
+
+    return _by_row_blocks(np.asarray(image_la), to_bytes)
