@@ -228,9 +228,9 @@ def _to_grayscale(image: Image.Image) -> Image.Image:
         return image
     if mode in _WIDE_INTEGER_MODES:
         key = image.info.get("transparency")  # a 16-bit PNG's tRNS colour key
-        return _from_sixteen_bits(np.asarray(image), key if isinstance(key, int) else None)
+        return _from_sixteen_bits(image, key if isinstance(key, int) else None)
     if mode == "F":
-        return _from_unit_range(np.asarray(image))
+        return _from_unit_range(image)
     if mode == "P":
         has_alpha = "transparency" in image.info or image.palette.mode == "RGBA"
         image = image.convert("RGBA" if has_alpha else "RGB")
@@ -250,15 +250,18 @@ def _to_grayscale(image: Image.Image) -> Image.Image:
 BLOCK_ROWS = 256
 
 
-def _by_row_blocks(values: np.ndarray, to_bytes) -> Image.Image:
-    """``to_bytes(block)`` over blocks of rows, into one uint8 image."""
-    gray = np.empty(values.shape[:2], np.uint8)
-    for start in range(0, values.shape[0], BLOCK_ROWS):
-        gray[start:start + BLOCK_ROWS] = to_bytes(values[start:start + BLOCK_ROWS])
+def _by_row_blocks(image: Image.Image, to_bytes) -> Image.Image:
+    """``to_bytes(pixels)`` over the image's blocks of rows (each cropped, never the whole
+    image as an array), into one uint8 image."""
+    width, height = image.size
+    gray = np.empty((height, width), np.uint8)
+    for top in range(0, height, BLOCK_ROWS):
+        bottom = min(top + BLOCK_ROWS, height)
+        gray[top:bottom] = to_bytes(np.asarray(image.crop((0, top, width, bottom))))
     return Image.fromarray(gray)
 
 
-def _from_sixteen_bits(values: np.ndarray, transparent: int | None = None) -> Image.Image:
+def _from_sixteen_bits(image: Image.Image, transparent: int | None = None) -> Image.Image:
     """0..65535 to 0..255, rounded: round(v / 257) is (v + 128) // 257 (v / 257 is never a
     half), in integers. Pixels of the ``transparent`` value are flattened onto the
     background, as an alpha's are."""
@@ -271,15 +274,15 @@ def _from_sixteen_bits(values: np.ndarray, transparent: int | None = None) -> Im
             wide[block == transparent] = ALPHA_BACKGROUND
         return wide
 
-    return _by_row_blocks(values, to_bytes)
+    return _by_row_blocks(image, to_bytes)
 
 
-def _from_unit_range(values: np.ndarray) -> Image.Image:
+def _from_unit_range(image: Image.Image) -> Image.Image:
     def to_bytes(block: np.ndarray) -> np.ndarray:
         block = np.nan_to_num(block.astype(np.float64), nan=0.0, posinf=1.0, neginf=0.0)
         return np.rint(np.clip(block, 0.0, 1.0) * 255.0)
 
-    return _by_row_blocks(values, to_bytes)
+    return _by_row_blocks(image, to_bytes)
 
 
 def _flatten_alpha(image_la: Image.Image) -> Image.Image:
@@ -296,4 +299,4 @@ def _flatten_alpha(image_la: Image.Image) -> Image.Image:
         flat //= 255
         return flat
 
-    return _by_row_blocks(np.asarray(image_la), to_bytes)
+    return _by_row_blocks(image_la, to_bytes)
