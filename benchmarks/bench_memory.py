@@ -28,7 +28,7 @@ from PIL import Image
 from service.preprocessing import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from tests.server import server_process
 
-CASES = ("idle", "multipart", "pixels", "oip_json", "oip_binary", "oip_tensor")
+CASES = ("idle", "multipart", "pixels", "float_tiff", "oip_json", "oip_binary", "oip_tensor")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bytes", type=int, default=DEFAULT_MAX_BYTES - 1024,
                         help="size of each noise PNG (just under the upload limit)")
     parser.add_argument("--pixels", type=int, default=DEFAULT_MAX_PIXELS - 100_000,
-                        help="pixels of each smooth RGB PNG in the 'pixels' case")
+                        help="pixels of each image in the 'pixels' (smooth RGB PNG) and "
+                        "'float_tiff' cases")
     parser.add_argument("--concurrent", type=int, default=1, help="copies sent at once")
     parser.add_argument("--cases", default=",".join(CASES), help="which cases, in order; "
                         "a+b sends one request of each case at once")
@@ -69,13 +70,23 @@ def smooth_png(pixels: int) -> bytes:
     return png(np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], ramp[None, :]), -1))
 
 
+def float_tiff(pixels: int) -> bytes:
+    """A 32-bit float image of zeros, deflated: a few hundred kB for the pixel limit."""
+    side = int(pixels ** 0.5)
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((side, side), np.float32), "F").save(
+        buffer, "TIFF", compression="tiff_adobe_deflate")
+    return buffer.getvalue()
+
+
 def requests_for(case: str, args) -> list[dict]:
     """httpx.post keyword arguments, one request per entry (a path and its body)."""
     if case == "idle":
         return [{"url": "/predict", "params": {"faces": "none"},
                  "files": {"file": ("a.png", png(np.full((64, 64), 128, np.uint8)))}}]
-    if case in ("multipart", "pixels"):
-        image = noise_png(args.bytes) if case == "multipart" else smooth_png(args.pixels)
+    if case in ("multipart", "pixels", "float_tiff"):
+        image = (noise_png(args.bytes) if case == "multipart" else smooth_png(args.pixels)
+                 if case == "pixels" else float_tiff(args.pixels))
         return [{"url": "/predict", "params": {"faces": "none"},
                  "files": [("files", (f"{i}.png", image)) for i in range(args.images)]}]
     infer = "/v2/models/cnn/infer"
