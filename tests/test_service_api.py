@@ -71,6 +71,16 @@ def test_health_classes_and_models(client):
         assert set(model["test_macro_f1"]) == {"identity", "fer2013"}
 
 
+@pytest.mark.parametrize("path", ["/", "/static/index.html", "/static/app.js"])
+def test_the_page_has_its_headers_wherever_it_is_served(client, path):
+    """The page was also at /static/index.html, without its CSP and framing refusal."""
+    response = client.get(path)
+    assert response.status_code == 200
+    assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+    assert response.headers["x-frame-options"] == "DENY"
+    assert response.headers["x-content-type-options"] == "nosniff"
+
+
 def test_openapi_documents_the_contract(client):
     spec = client.get("/openapi.json").json()
     predict = spec["paths"]["/predict"]["post"]

@@ -33,6 +33,16 @@ DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; "
 router = APIRouter(tags=["page"])
 
 
+class PageFiles(StaticFiles):
+    """The page's files, each with the page's headers: /static/index.html is the page too,
+    and it was served there without them (framable by any site)."""
+
+    async def get_response(self, path: str, scope):
+        response = await super().get_response(path, scope)
+        response.headers.update(PAGE_HEADERS)
+        return response
+
+
 @router.get("/", include_in_schema=False)
 async def page() -> FileResponse:
     return FileResponse(STATIC_DIR / "index.html", media_type="text/html",
@@ -63,7 +73,7 @@ async def get_example(name: str, settings: SettingsDep) -> FileResponse:
 def install_page(app: FastAPI) -> None:
     """The page's router, its static files, and the offline /docs and /redoc."""
     app.include_router(router)
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount("/static", PageFiles(directory=STATIC_DIR), name="static")
     app.mount("/docs-assets", StaticFiles(directory=DOCS_ASSETS), name="docs-assets")
 
     @app.get("/docs", include_in_schema=False)
