@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -45,13 +46,27 @@ def test_real_server_answers_a_real_image_over_http(data_settings, tmp_path):
         assert chunk.decode("latin-1") not in log
 
 
+def run_refused(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """``python *args``, expected to refuse at once. In its own process group, so that if it
+    starts after all (a regression), its workers end with it instead of serving on port 1
+    for the rest of the suite (an orphan did, and another test's probe found it)."""
+    process = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               **kwargs)
+    try:
+        out, err = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
 @pytest.mark.parametrize("manifest", [None, "{broken"])
 def test_bad_manifest_is_one_clear_error_not_a_restart_loop(tmp_path, manifest):
     if manifest is not None:
         (tmp_path / "manifest.json").write_text(manifest)
     env = {**os.environ, "EMOTION_MODELS_DIR": str(tmp_path), "EMOTION_WORKERS": "2"}
-    result = subprocess.run([sys.executable, "-m", "service", "--port", "1"], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = run_refused(["-m", "service", "--port", "1"], cwd=REPO, env=env)
     assert result.returncode == 2
     assert result.stderr.startswith("emotion service: cannot start:")
     assert "manifest" in result.stderr and "Traceback" not in result.stderr
@@ -65,8 +80,7 @@ def test_bad_manifest_is_one_clear_error_not_a_restart_loop(tmp_path, manifest):
 def test_a_refused_setting_is_one_line_naming_it_and_exit_2(tmp_path, command, prefix):
     env = {**os.environ, "EMOTION_WORKERS": "-1", "EMOTION_MAX_PIXELS": "many",
            "EMOTION_TORCH_THREADS": "two", "EMOTION_LOG_LEVEL": "verbose"}
-    result = subprocess.run([sys.executable, *command], cwd=tmp_path, env={
-        **env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
+    result = run_refused(command, cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)})
     assert result.returncode == 2, result.stderr
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(prefix)
@@ -83,8 +97,7 @@ def test_a_metrics_folder_that_is_missing_is_one_line_not_a_crash_loop(tmp_path,
     set but empty, prometheus-client writes into the working folder."""
     env = {**os.environ, "EMOTION_WORKERS": "2", "EMOTION_LOG_LEVEL": "DEBUG",
            "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / folder) if folder else ""}
-    result = subprocess.run([sys.executable, "-m", "service", "--port", "1"], cwd=REPO,
-                            env=env, capture_output=True, text=True, timeout=60)
+    result = run_refused(["-m", "service", "--port", "1"], cwd=REPO, env=env)
     assert result.returncode == 2, result.stderr
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("emotion service: cannot start: PROMETHEUS_MULTIPROC_DIR=")
