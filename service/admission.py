@@ -38,6 +38,7 @@ class BodyTicket:
     def __init__(self, budget: BodyBudget):
         self.budget = budget
         self.held = 0
+        self.released = False  # a thread still inflating after the answer holds nothing
 
     def hold(self, size: int) -> None:
         """Grow this request's share to ``size`` bytes, or answer 503 (retry shortly) when
@@ -46,7 +47,7 @@ class BodyTicket:
         budget = self.budget
         with budget._lock:
             more = size - self.held
-            if more <= 0:
+            if more <= 0 or self.released:
                 return
             refused = budget.held + more > budget.limit and budget.held > self.held
             if not refused:
@@ -60,7 +61,7 @@ class BodyTicket:
 
     def release(self) -> None:
         with self.budget._lock:
-            freed, self.held = self.held, 0
+            freed, self.held, self.released = self.held, 0, True
             self.budget.held -= freed
         if freed:
             self.budget._on_change(-freed)

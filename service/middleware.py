@@ -15,9 +15,9 @@ from service.observability import ServiceMetrics
 
 logger = logging.getLogger("service.access")
 CLIENT_CLOSED = 499  # nginx's status for a client that closed the connection first
-# The routes that run models: admission control counts them.
 # The methods a metric label may name; any other a client sends is counted as "other".
 LABELLED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# The routes that run models: admission control counts them.
 LIMITED_ROUTES = ("/predict", "/v2/models/{name}/infer",
                   "/v2/models/{name}/versions/{version}/infer")
 
