@@ -261,10 +261,11 @@ def model_inputs(decoded: DecodedImage, mode: FacesMode, cropper: FaceCropper | 
     """See :meth:`Predictor.model_inputs` (also what ``face-geometry`` measures)."""
     if mode == "none" or cropper is None:
         return [(resize_to_input(decoded.gray), None)]
-    chosen = cropper.faces(decoded.gray, keep=1 if mode == "auto" else max_faces)
+    faces = cropper.faces(decoded.gray)
+    chosen = faces[:1] if mode == "auto" else faces[:max_faces]
     if hooks is not None:
         hooks.on_faces(len(chosen))
-    if not chosen:
+    if not faces:
         return [(resize_to_input(decoded.gray), None)]
     sx, sy = decoded.scale
     return [(resize_to_input(cropper.crop(decoded.gray, face)), face.scaled(sx, sy))
