@@ -86,8 +86,46 @@ class TooManyScansError(PreprocessingError):
 
 
 # A progressive JPEG has about 10 scans; each is a pass over the whole image, and libjpeg
-# decodes a repeated scan again (a review: 1,000 scans of 75 bytes cost 4.6 s of CPU).
+# decodes a repeated scan again (a review: 1,000 scans of 75 bytes cost 4.6 s of CPU). So
+# scans times pixels is bounded: 20 scans at the pixel limit, at most 100 for any size.
 MAX_JPEG_SCANS = 100
+MAX_JPEG_SCAN_PIXELS = 20 * DEFAULT_MAX_PIXELS
+
+
+def jpeg_scan_limit(pixels: int) -> int:
+    return max(1, min(MAX_JPEG_SCANS, MAX_JPEG_SCAN_PIXELS // max(pixels, 1)))
+
+
+def jpeg_scans(data: bytes) -> int:
+    """The start-of-scan markers of the first picture, up to its end-of-image marker: marker
+    segments are skipped by their lengths and coded data by its byte stuffing, so that bytes
+    in metadata, or in the video a motion photo appends, are not counted."""
+    scans, at, end = 0, 2, len(data)
+    while at + 1 < end:
+        if data[at] != 0xFF:
+            return scans  # not a marker where one must be: the decoder will say
+        marker = data[at + 1]
+        if marker == 0xFF:  # a fill byte
+            at += 1
+            continue
+        if marker == 0xD9:  # end of image
+            return scans
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # no length follows these
+            at += 2
+            continue
+        at += 2 + int.from_bytes(data[at + 2:at + 4], "big")
+        if marker != 0xDA:
+            continue
+        scans += 1
+        while True:  # the scan's coded data: up to a 0xFF that is neither stuffing nor RSTn
+            at = data.find(b"\xff", at)
+            if at < 0 or at + 1 >= end:
+                return scans
+            following = data[at + 1]
+            if following != 0x00 and not 0xD0 <= following <= 0xD7:
+                break
+            at += 2
+    return scans
 
 
 @dataclass(frozen=True)
@@ -136,10 +174,12 @@ def decode_grayscale(data: bytes, limits: ImageLimits = ImageLimits()) -> Decode
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             if image.format in ("JPEG", "MPO"):
-                # a start-of-scan marker cannot occur inside coded data (0xFF is stuffed)
-                if (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
-                    raise TooManyScansError(f"the JPEG has {scans} scans; at most "
-                                            f"{MAX_JPEG_SCANS} are decoded")
+                limit = jpeg_scan_limit(width * height)
+                # a marker cannot occur in coded data (0xFF is stuffed), so the cheap count
+                # is never short; only when it passes the limit are the scans walked
+                if data.count(b"\xff\xda") > limit and (scans := jpeg_scans(data)) > limit:
+                    raise TooManyScansError(f"the JPEG has {scans} scans; at most {limit} "
+                                            f"are decoded at {width}x{height} pixels")
                 image.draft(None, (INPUT_SIZE, INPUT_SIZE))
             image.load()
             # Read after load: Pillow's TIFF reader turns orientations 5-8 itself and drops

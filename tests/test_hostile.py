@@ -76,6 +76,15 @@ def repeated_scans_jpeg(times: int) -> bytes:
     return data[:last] + scan * times + end
 
 
+def motion_photo_jpeg() -> bytes:
+    """A phone's motion photo: a JPEG with its video appended after the end-of-image marker;
+    8 MiB of such bytes hold more than 100 0xFF 0xDA pairs, which are no scans."""
+    video = np.random.default_rng(3).integers(0, 256, 8 * 1024 * 1024, dtype=np.uint8)
+    trailer = video.tobytes()
+    assert trailer.count(b"\xff\xda") > 100
+    return encode(rgb_image(400, 300), "JPEG") + trailer
+
+
 def exif_rotated_jpeg() -> bytes:
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees on display
@@ -127,6 +136,7 @@ UPLOADS: dict[str, tuple[Callable[[bytes], bytes], str, tuple[int, str | None]]]
     "scan-bomb-jpeg": (lambda face: repeated_scans_jpeg(500), "scans.jpg",
                        (413, "too_many_scans")),
     "progressive-jpeg": (lambda face: progressive_jpeg(), "progressive.jpg", OK),
+    "motion-photo-jpeg": (lambda face: motion_photo_jpeg(), "motion.jpg", OK),
     "progressive-jpeg-100-scans": (lambda face: repeated_scans_jpeg(
         100 - progressive_jpeg().count(b"\xff\xda") + 1), "hundred.jpg", OK),
     "50-MB": (lambda face: b"\xff\xd8\xff\xe0" + bytes(50 * 1024 * 1024), "big.jpg",

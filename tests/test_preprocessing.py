@@ -6,6 +6,7 @@ from PIL import Image
 
 from service.preprocessing import (
     ALPHA_BACKGROUND,
+    DEFAULT_MAX_PIXELS,
     INPUT_SIZE,
     CorruptImageError,
     ImageLimits,
@@ -268,3 +269,46 @@ def test_every_orientation_decodes_upright_at_the_upright_size(fmt, orientation)
         assert decoded.scale[0] == pytest.approx(decoded.scale[1], rel=0.01)
         first_row = np.asarray(decoded.gray, dtype=np.int16)[0, :8]
         assert (np.diff(first_row) >= 0).all() and first_row[-1] > first_row[0]  # not turned
+
+
+def test_the_jpeg_scan_limit_falls_as_the_pixels_grow():
+    """Each scan is a pass over every pixel: 100 scans of a 49-megapixel JPEG still cost
+    about 4 s of CPU (a review), where a progressive one has about 10."""
+    from service.preprocessing import jpeg_scan_limit
+
+    assert jpeg_scan_limit(640 * 480) == 100
+    assert jpeg_scan_limit(DEFAULT_MAX_PIXELS) == 20
+    assert jpeg_scan_limit(10 * DEFAULT_MAX_PIXELS) == 2
+
+
+def test_only_the_first_pictures_scans_are_counted():
+    from service.preprocessing import jpeg_scans
+
+    progressive = encode(rgb_image(200, 100), "JPEG", progressive=True)
+    baseline = encode(rgb_image(200, 100), "JPEG")
+    assert jpeg_scans(baseline) == 1
+    assert jpeg_scans(progressive) == progressive.count(b"\xff\xda") > 5
+    # scan-like bytes after the end of the image (a motion photo's video), and a second
+    # picture: neither is the first picture's
+    assert jpeg_scans(baseline + b"\xff\xda" * 500 + progressive) == 1
+
+
+@pytest.mark.parametrize("rows", [1, 255, 256, 257, 700])
+def test_wide_pixels_give_the_same_bytes_in_every_block_of_rows(rows):
+    """Float, 16-bit and alpha images become bytes a block of 256 rows at a time: each row
+    as the whole-image formula gives it, whichever block it falls in."""
+    rng = np.random.default_rng(rows)
+    floats = (rng.random((rows, 7), dtype=np.float32) * 1.4 - 0.2).astype(np.float32)
+    floats[0, 0], floats[-1, -1] = np.nan, np.inf
+    expected = np.rint(np.clip(np.nan_to_num(floats.astype(np.float64), nan=0.0, posinf=1.0,
+                                             neginf=0.0), 0, 1) * 255)
+    decoded = decode_grayscale(encode(Image.fromarray(floats, "F"), "TIFF")).gray
+    np.testing.assert_array_equal(np.asarray(decoded), expected)
+    wide = rng.integers(0, 65536, (rows, 7), dtype=np.uint16)
+    decoded = decode_grayscale(encode(Image.fromarray(wide), "PNG")).gray
+    np.testing.assert_array_equal(np.asarray(decoded), (wide.astype(np.uint32) + 128) // 257)
+    la = rng.integers(0, 256, (rows, 7, 2), dtype=np.uint8)
+    luma, alpha = la[..., 0].astype(np.uint32), la[..., 1].astype(np.uint32)
+    decoded = decode_grayscale(encode(Image.fromarray(la, "LA"), "PNG")).gray
+    np.testing.assert_array_equal(np.asarray(decoded), (
+        luma * alpha + ALPHA_BACKGROUND * (255 - alpha) + 127) // 255)
