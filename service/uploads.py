@@ -161,9 +161,8 @@ async def read_multipart(request: Request, settings: Settings) -> list[ImageInpu
     limit = settings.max_body_bytes
     _, params = parse_options_header(request.headers.get("content-type", ""))
     boundary = params.get(b"boundary")
-    if not boundary:  # before the budget: a client's mistake is told so, not to retry
+    if not boundary:
         raise ApiError(400, "malformed_multipart", "the multipart body has no boundary")
-    check_content_length(request, limit)
     collector = _MultipartCollector(settings)
     callbacks = {name: getattr(collector, name) for name in (
         "on_part_begin", "on_part_data", "on_part_end", "on_header_field", "on_header_value",
@@ -171,6 +170,9 @@ async def read_multipart(request: Request, settings: Settings) -> list[ImageInpu
     size = 0
     try:  # the parser refuses a boundary over 256 bytes when it is made
         parser = MultipartParser(boundary, callbacks, max_header_size=MAX_PART_HEADER_BYTES)
+        # the budget after every check of the headers: a client's mistake is told so (400),
+        # not to retry (503)
+        check_content_length(request, limit)
         async for chunk in body_chunks(request, settings):
             size += len(chunk)
             if size > limit:

@@ -409,9 +409,9 @@ def test_request_bytes_in_flight_are_bounded_per_worker(settings, monkeypatch):
         assert_error(chunked, 503, "overloaded")
         assert post_file(client, png_bytes()).status_code == 200  # a small one fits
         # a client's mistake is told so, not to retry, even while the budget is full
-        no_boundary = client.post("/predict", content=big,
-                                  headers={"content-type": "multipart/form-data"})
-        assert_error(no_boundary, 400, "malformed_multipart")
+        for content_type in ("multipart/form-data", "multipart/form-data; boundary=" + "b" * 300):
+            assert_error(client.post("/predict", content=big, headers={
+                "content-type": content_type}), 400, "malformed_multipart")
         # On /v2, a gzip body counts inflated: 2 kB sent, 650 kB to parse.
         request = json.dumps({"inputs": [{"name": "image", "datatype": "FP32",
                                           "shape": [1, 1, 350, 350],
