@@ -68,18 +68,25 @@ async def body_chunks(request: Request, settings: Settings) -> AsyncIterator[byt
         yield chunk
 
 
-async def read_body(request: Request, limit: int, settings: Settings,
-                    what: str = "the request body") -> bytes:
-    """The whole body, refused (413) the moment it crosses ``limit``."""
+async def limited_chunks(request: Request, limit: int, settings: Settings,
+                         what: str = "the request body") -> AsyncIterator[bytes]:
+    """The body as it arrives, refused (413) the moment it crosses ``limit`` and held on the
+    worker's budget: its declared length when the first chunk is asked for, then what has
+    come (a body without a length is held as it comes)."""
     check_content_length(request, limit)
-    chunks, size = [], 0
+    size = 0
     async for chunk in body_chunks(request, settings):
         size += len(chunk)
         if size > limit:  # stop reading at once: the rest of the body is never buffered
             raise _too_large(limit, what)
-        hold_body(request.scope, size)  # a body without a length is held as it comes
-        chunks.append(chunk)
-    return b"".join(chunks)
+        hold_body(request.scope, size)
+        yield chunk
+
+
+async def read_body(request: Request, limit: int, settings: Settings,
+                    what: str = "the request body") -> bytes:
+    """The whole body, refused (413) the moment it crosses ``limit``."""
+    return b"".join([chunk async for chunk in limited_chunks(request, limit, settings, what)])
 
 
 async def read_raw(request: Request, settings: Settings) -> list[ImageInput]:
@@ -158,7 +165,6 @@ class _MultipartCollector:
 
 
 async def read_multipart(request: Request, settings: Settings) -> list[ImageInput]:
-    limit = settings.max_body_bytes
     _, params = parse_options_header(request.headers.get("content-type", ""))
     boundary = params.get(b"boundary")
     if not boundary:
@@ -167,17 +173,11 @@ async def read_multipart(request: Request, settings: Settings) -> list[ImageInpu
     callbacks = {name: getattr(collector, name) for name in (
         "on_part_begin", "on_part_data", "on_part_end", "on_header_field", "on_header_value",
         "on_header_end", "on_headers_finished")}
-    size = 0
     try:  # the parser refuses a boundary over 256 bytes when it is made
         parser = MultipartParser(boundary, callbacks, max_header_size=MAX_PART_HEADER_BYTES)
-        # the budget after every check of the headers: a client's mistake is told so (400),
-        # not to retry (503)
-        check_content_length(request, limit)
-        async for chunk in body_chunks(request, settings):
-            size += len(chunk)
-            if size > limit:
-                raise _too_large(limit, "the request body")
-            hold_body(request.scope, size)
+        # the length is held only now, after every check of the headers: a client's mistake
+        # is told so (400), not to retry (503)
+        async for chunk in limited_chunks(request, settings.max_body_bytes, settings):
             parser.write(chunk)
         parser.finalize()
     except FormParserError as exc:  # MultipartParseError and the boundary's own
