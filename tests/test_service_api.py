@@ -318,29 +318,12 @@ def test_a_manifest_cannot_point_outside_the_models_folder(tmp_path, settings):
 
 
 def test_overload_answers_503_with_retry_after_at_once(settings, monkeypatch):
-    from service.inference import Predictor
-
-    entered, release = threading.Event(), threading.Event()
-    real = Predictor.predict
-
-    def slow(*args, **kwargs):
-        entered.set()
-        release.wait(10)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(Predictor, "predict", slow)
-    one = settings.model_copy(update={"max_in_flight": 1})
-    with TestClient(create_app(one)) as client:
-        first = {}
-        worker = threading.Thread(target=lambda: first.update(r=post_file(client, png_bytes())))
-        worker.start()
-        assert entered.wait(10)
+    with one_request_held(settings, monkeypatch, png_bytes(), max_in_flight=1) as (
+            client, answer_it):
         second = post_file(client, png_bytes())
-        release.set()
-        worker.join(10)
+        answer_it()  # and the held one is answered 200
     assert_error(second, 503, "overloaded")
     assert second.headers["retry-after"] == "1"
-    assert first["r"].status_code == 200
 
 
 def noise_png(side: int = 550) -> bytes:
