@@ -46,8 +46,9 @@ class Tensor:
     name: str
     datatype: str
     shape: list[int]
-    # numeric tensors: an array of ``shape``; BYTES: a list of bytes, one per element
-    value: np.ndarray | list[bytes]
+    # numeric tensors: an array of ``shape``; BYTES: a list of bytes, one per element, or
+    # None where there are more than the request's max_images (left unread)
+    value: np.ndarray | list[bytes] | None
 
 
 @dataclass
@@ -201,8 +202,9 @@ def parse_infer_request(body: bytes, header_length: str | None,
     """A ``POST .../infer`` body, JSON alone or a JSON header followed by binary tensors.
 
     ``max_values``: the most JSON values a request may hold (see :func:`_check_json_size`);
-    ``max_images``: the most BYTES elements (encoded images) an input may declare; None: no
-    bound.
+    ``max_images``: the most BYTES elements (encoded images) an input is unpacked with; past
+    it the input's value is None, for the router to refuse by what it knows (the input's
+    name, its datatype, the image count); None: no bound.
     """
     if header_length is not None:
         # ASCII digits only: str.isdigit() also accepts '²', which int() refuses; and short,
@@ -236,9 +238,9 @@ def parse_infer_request(body: bytes, header_length: str | None,
                                 "or 'BYTES'")
         shape = _shape(item.get("shape"))
         count = math.prod(shape)  # exact: np.prod wraps around on huge shapes
-        if datatype == "BYTES" and max_images is not None and count > max_images:
-            raise TooLargeError(f"input {name!r}: between 1 and {max_images} images per "
-                                f"request, got shape {shape}")
+        # each element would be a Python object; refusing it here as too many images also
+        # told a client that sent one image under the wrong name or shape to send fewer
+        unread = datatype == "BYTES" and max_images is not None and count > max_images
         parameters = _parameters(item.get("parameters"), f"input {name!r}: ")
         size = parameters.get("binary_data_size")
         if size is not None:
@@ -250,7 +252,9 @@ def parse_infer_request(body: bytes, header_length: str | None,
             offset += size
         elif "data" not in item:
             raise ProtocolError(f"input {name!r} has neither 'data' nor binary data")
-        if datatype == "BYTES":
+        if unread:
+            value = None
+        elif datatype == "BYTES":
             value = (_unpack_bytes(raw, count, name) if size is not None
                      else _json_bytes(item["data"], count, name))
         elif datatype in DATATYPES:

@@ -18,7 +18,7 @@ from tritonclient.utils import InferenceServerException
 
 from service.app import create_app
 from service.classes import NUM_CLASSES
-from service.oip import ProtocolError, TooLargeError, parse_infer_request
+from service.oip import ProtocolError, parse_infer_request
 from service.preprocessing import preprocess_image
 from service.settings import REPO_MODELS_DIR, Settings
 from tests.api import metric_total
@@ -120,6 +120,17 @@ def test_client_mistakes_are_400s_with_a_reason(client, faces):
     error = infer([not_an_image])
     assert error.status() == "400" and "image_bytes[1]" in error.message()
 
+    as_bytes = triton.InferInput("image", [1, 1, 350, 350], "BYTES")
+    as_bytes.set_data_from_numpy(np.zeros((1, 1, 350, 350), np.object_))
+    error = infer([as_bytes])
+    assert error.status() == "400" and "input 'image' is FP32" in error.message()
+
+    top_two = triton.InferInput("image_bytes", [1], "BYTES")
+    top_two.set_data_from_numpy(np.array([faces[0]], dtype=np.object_))
+    error = infer([top_two], outputs=[triton.InferRequestedOutput("probabilities",
+                                                                  class_count=2)])
+    assert error.status() == "400" and "classification" in error.message()
+
     unknown = triton.InferInput("pixels", [1], "BYTES")
     unknown.set_data_from_numpy(np.array([faces[0]], dtype=np.object_))
     assert "exactly one input" in infer([unknown]).message()
@@ -176,6 +187,18 @@ def app_client():
      + b",".join([b"9" * 4299] * 50) + b'], "data": [""]}]}', {}, "int64"),
     (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [0, 4611686018427387904, 4],'
      b' "data": []}]}', {}, "cannot be made"),
+    # one image with more BYTES elements than a request has images: each was 413 "between 1
+    # and 2 images", which sending fewer does not fix
+    (b'{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1, 1, 350, 350], '
+     b'"data": []}]}', {}, "input 'image' is FP32"),
+    (b'{"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1, 3], '
+     b'"data": ["", "", ""]}]}', {}, "is BYTES [N], got BYTES [1, 3]"),
+    (b'{"inputs": [{"name": "images", "datatype": "BYTES", "shape": [3], '
+     b'"data": ["", "", ""]}]}', {}, "exactly one input"),
+    # Triton's top-k strings: answered with the FP32 tensor, which such a client misreads
+    (b'{"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], "data": [""]}],'
+     b' "outputs": [{"name": "probabilities", "parameters": {"classification": 2}}]}', {},
+     "classification extension is not supported"),
 ])
 def test_malformed_requests_get_400_and_the_protocols_error_body(app_client, body, headers,
                                                                   message):
@@ -211,8 +234,8 @@ def test_binary_bytes_past_the_declared_shape_are_refused_before_they_pile_up():
     assert peak < 12e6, f"{peak / 1e6:.0f} MB"  # the body's slices, not a million objects
     huge = json.dumps({"inputs": [{"name": "image_bytes", "datatype": "BYTES",
                                    "shape": [10**9], "data": []}]}).encode()
-    with pytest.raises(TooLargeError, match="between 1 and 16 images"):
-        parse_infer_request(huge, None, max_images=16)
+    # left unread, for the router to refuse by the input's name, datatype or image count
+    assert parse_infer_request(huge, None, max_images=16).inputs[0].value is None
 
 
 @pytest.mark.parametrize(("body", "headers", "status", "message"), [

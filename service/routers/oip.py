@@ -176,10 +176,15 @@ def run_inference(predictor: Predictor, name: str, request: InferRequest,
         if output.get("name") != OUTPUT:
             raise ProtocolError(f"unknown output {output.get('name')!r}; the one output is "
                                 f"{OUTPUT!r}")
+        if "classification" in output["parameters"]:  # Triton's top-k strings: not offered
+            raise ProtocolError(f"output {OUTPUT!r}: the classification extension is not "
+                                "supported; the output is the probabilities tensor")
     if len(request.inputs) != 1 or request.inputs[0].name not in ("image", "image_bytes"):
         raise ProtocolError("send exactly one input: 'image' (FP32 [N, 1, 350, 350], "
                             "preprocessed) or 'image_bytes' (BYTES [N], encoded images); got "
                             f"{[t.name for t in request.inputs]}")
+    # an input the codec left unread (value None: more BYTES elements than any request's
+    # images) is refused below by its count, its datatype or its shape before it is read
     tensor = request.inputs[0]
     count = tensor.shape[0] if tensor.shape else 0
     if not 1 <= count <= settings.max_images_per_request:
