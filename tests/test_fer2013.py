@@ -120,6 +120,23 @@ def test_a_command_that_needs_training_says_how_to_get_it(fer_settings):
 
 
 @pytest.mark.dataset
+def test_face_geometry_says_it_needs_training_before_any_work(fer_settings, tmp_path):
+    """With PublicTest alone (CI's copy) it wrote the detector's files into the models folder
+    and ran the detector over every identity train image, then died of a KeyError."""
+    from training.face_geometry import build_face_crop
+
+    only_public = tmp_path / "fer2013"
+    only_public.mkdir()
+    (only_public / "validation").symlink_to(fer_settings.fer2013_dir / "validation")
+    models = tmp_path / "models"
+    models.mkdir()
+    with pytest.raises(SystemExit, match="Training is not in .*python -m training fetch"):
+        build_face_crop(fer_settings.model_copy(update={"fer2013_dir": only_public}), models,
+                        limit=2)
+    assert not any(models.iterdir())
+
+
+@pytest.mark.dataset
 def test_fer_cache_matches_serving_on_sampled_images(fer_settings):
     from training.cache import load_decoded_images
 

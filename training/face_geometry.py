@@ -132,6 +132,7 @@ def build_face_crop(settings: TrainingSettings, models_dir: Path,
                     limit: int | None = None) -> FaceCropSpec:
     started = time.perf_counter()
     ws = Workspace(settings, "full")
+    ws.require_fer()  # FER-2013 Training's framing; before the detector is written or run
     config = export_detector(settings, models_dir)
     detector = FaceDetector(config, models_dir)
     identity, learned_identity = learn_geometry(ws, detector, "identity", limit)
