@@ -619,6 +619,10 @@ def test_a_lever_is_trained_judged_on_both_validation_sets_and_reaches_the_repor
     # a sample's framing wrote the shipped models/face_crop.json
     (["face-geometry", "--limit", "5"], "--limit needs --out"),
     (["levers", "--epochs", "0"], "0 is not a positive count"),
+    # refusals raised past argparse exited 1, with no prefix
+    (["levers", "--profile", "smoke", "--only", "no_such_lever"], "unknown lever(s)"),
+    (["reproduce", "--profile", "smoke", "--only", "no_such_experiment"],
+     "unknown experiment(s)"),
 ])
 def test_command_mistakes_are_one_line_before_any_work(argv, says):
     import os
@@ -630,8 +634,10 @@ def test_command_mistakes_are_one_line_before_any_work(argv, says):
     result = subprocess.run([sys.executable, "-m", "training", *argv], cwd=REPO,
                             capture_output=True, text=True, timeout=120,
                             env={**os.environ, "EMOTION_TORCH_THREADS": "1"})
-    assert result.returncode != 0
-    assert says in result.stderr.strip().splitlines()[-1] and "Traceback" not in result.stderr
+    assert result.returncode == 2, result.stderr  # argparse's status for a usage mistake
+    last = result.stderr.strip().splitlines()[-1]
+    assert says in last and "Traceback" not in result.stderr
+    assert last.startswith(("python -m training ", "usage: ")), last
 
 
 @pytest.mark.dataset

@@ -160,7 +160,7 @@ def cmd_face_geometry(args: argparse.Namespace) -> None:
     from training.model_card import refresh_face_detector_note
 
     if args.limit is not None and args.out is None:
-        raise SystemExit("python -m training face-geometry: error: --limit needs --out, a "
+        raise SystemExit("--limit needs --out, a "
                          "copy of the models folder (its CNN and manifest.json): a sample's "
                          "framing must not replace the shipped models' own")
     out = args.out or get_training_settings().models_dir
@@ -320,6 +320,14 @@ def main(argv: list[str] | None = None) -> int:
         # that cannot be written, a git fetch that failed, or a refused setting: the user's
         # to fix, so one line, not a traceback.
         print(f"python -m training {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:
+        if not isinstance(exc.code, str):  # an exit status, not a refusal
+            raise
+        # a refusal in one line (an unknown lever, a dataset part that is not here): exit 2,
+        # as argparse does, so that a script can tell a mistake from a failure (Python's
+        # own handling printed it bare and exited 1)
+        print(f"python -m training {args.command}: error: {exc.code}", file=sys.stderr)
         return 2
     return 0
 
