@@ -30,7 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.classes import CLASS_NAMES
-from service.inference import FacesMode, ImageInput, ImagePrediction, Predictor
+from service.inference import (
+    FacesMode,
+    FacesUnavailableError,
+    ImageInput,
+    ImagePrediction,
+    ModelUnavailableError,
+    Predictor,
+)
 from service.preprocessing import ImageLimits, PreprocessingError, TooManyBytesError
 
 BOX_COLUMNS = ("face_x", "face_y", "face_width", "face_height")
@@ -40,6 +47,8 @@ UNREADABLE = "unreadable"
 # what /predict answers about one image (the others are about the request or the service)
 IMAGE_ERROR_CODES = frozenset(error.code for error in (
     PreprocessingError, *PreprocessingError.__subclasses__()))
+REFUSED_AT_START_UP = frozenset(error.code for error in (
+    ModelUnavailableError, FacesUnavailableError))
 
 
 class UsageError(ValueError):
@@ -428,8 +437,11 @@ class RemoteRunner:
                 continue
             except httpx.HTTPError as exc:  # a body it cannot decode, say: not transient
                 raise RemoteError(f"{self.url}{path}: {type(exc).__name__}: {exc}") from None
-            # busy (503), rate-limited (429) or timed out reading the body (408): transient
-            if response.status_code in (408, 429, 503) and attempt < retries:
+            # busy (503), rate-limited (429) or timed out reading the body (408): transient;
+            # not a model or detector the service refused at start-up, which waiting out
+            # its Retry-After of 60 s nine times (4 min, silently) does not mend
+            if response.status_code in (408, 429, 503) and attempt < retries \
+                    and _error_body(response).get("code") not in REFUSED_AT_START_UP:
                 retry_after = response.headers.get("retry-after", "")
                 time.sleep(min(float(retry_after), 30.0) if retry_after.isdigit() else delay)
                 delay = min(delay * 2, 5.0)

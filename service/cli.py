@@ -9,6 +9,7 @@ some could not be read or the service could not be used, 2 for a usage mistake.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from concurrent.futures.process import BrokenProcessPool
@@ -45,7 +46,11 @@ def _progress(total: int, initial: int = 0):
 def run_images(args: argparse.Namespace) -> int:
     output_format(args.out)
     writable_path(args.out)
-    paths = [str(p) for p in expand_paths(args.paths, args.recursive)]
+    # the output itself, in a folder it classifies: read as an image on the next run
+    # (realpath: Path.resolve raises on a looping link, which gets its row like any other)
+    out = os.path.realpath(args.out)
+    paths = [str(p) for p in expand_paths(args.paths, args.recursive)
+             if os.path.realpath(p) != out]
     done = finished_paths(args.out) if args.resume else set()
     todo = [p for p in paths if p not in done]
     settings = load_settings()
@@ -179,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     video = commands.add_parser(
         "video", help="classify the faces of a video over time",
         description="Sample a video's frames and classify every face in them; a row per "
-        "frame and face, with time_s and frame. Needs the video extra (PyAV).")
+        "frame and face, with time_s and frame. Needs the video extra (PyAV; matplotlib "
+        "for --plot).")
     video.add_argument("video", type=Path, metavar="FILE", help="the video")
     common(video, "all")  # a frame is a scene, not a face crop
     video.add_argument("--fps", type=float, default=2.0,

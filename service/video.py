@@ -90,7 +90,11 @@ def classify_video(predictor: Predictor, path: Path, model: str, mode: FacesMode
 
 def plot_formats() -> list[str]:
     """The file extensions ``plot_largest_face`` can write, as matplotlib names them."""
-    from matplotlib.backend_bases import FigureCanvasBase
+    try:  # PyAV installed alone, without the extra: a traceback before
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        raise SystemExit("--plot needs the `video` extra (matplotlib): pip install "
+                         "'emotion-detection[video]'") from None
 
     return sorted(FigureCanvasBase.get_supported_filetypes())
 

@@ -517,6 +517,60 @@ def test_url_stops_when_the_service_refuses_the_run_not_the_image(tmp_path, answ
         runner._classify(photos)
 
 
+def test_url_stops_at_once_on_a_model_the_service_refused_at_start_up(tmp_path, monkeypatch):
+    """Such a 503 carries Retry-After 60: waited out nine times, it took 4 min in silence to
+    say what the in-process run says at once. A busy service's 503 is still waited out."""
+    import httpx
+
+    from service.batch import RemoteError
+
+    monkeypatch.setattr("service.batch.time.sleep", lambda seconds: None)
+    photo = tmp_path / "a.png"
+    photo.write_bytes(encode(gray_image(), "PNG"))
+    for code in ("model_unavailable", "faces_unavailable"):
+        runner, sent = _runner_answering(httpx.Response(503, headers={"retry-after": "60"}, json={
+            "detail": "model 'knn' is not available: it failed verification at start-up",
+            "code": code}))
+        with pytest.raises(RemoteError, match="answered 503: .model 'knn' is not available"):
+            runner._classify([str(photo)])
+        assert len(sent) == 1
+    runner, sent = _runner_answering(
+        httpx.Response(503, headers={"retry-after": "1"},
+                       json={"detail": "busy", "code": "overloaded"}),
+        httpx.Response(200, json={"predictions": [{
+            "filename": "0", "label": "NEUTRAL", "face": None, "error": None,
+            "probabilities": {c: 1 / NUM_CLASSES for c in CLASS_NAMES}}]}))
+    [[row]] = runner._classify([str(photo)])
+    assert row.values["label"] == "NEUTRAL" and len(sent) == 2
+
+
+def test_an_output_inside_the_folder_it_classifies_is_not_an_input(test_images, tmp_path):
+    """The next run, --resume or not, classified the output as an image: a row of
+    not_an_image (or 'the upload is empty') for the rows file itself."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name, data in test_images[:2]:
+        (folder / name).write_bytes(data)
+    out = folder / "rows.csv"
+    for resume in ([], ["--resume"], []):
+        result = subprocess.run([*COMMAND, "images", str(folder), "--out", str(out),
+                                 "--workers", "1", *resume], cwd=REPO, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        rows = read_rows(out)
+        assert sorted(Path(r["path"]).name for r in rows) == sorted(
+            name for name, _ in test_images[:2])
+        assert not any(r["code"] for r in rows)
+
+
+def test_plot_without_matplotlib_is_one_line_before_any_work(tmp_path, monkeypatch):
+    """PyAV installed alone (the help names it): a traceback from matplotlib's import."""
+    monkeypatch.setitem(sys.modules, "matplotlib.backend_bases", None)
+    with pytest.raises(SystemExit, match="--plot needs the `video` extra"):
+        main(["video", str(tmp_path / "talk.mp4"), "--out", str(tmp_path / "talk.csv"),
+              "--plot", str(tmp_path / "talk.png")])
+
+
 def test_url_gives_a_row_to_the_image_the_service_refuses_alone(tmp_path):
     """A 413 (from the service or a proxy before it, HTML or not) or an image's own error
     code: the batch is split to find which file it was, and that file gets the row."""
