@@ -91,8 +91,12 @@ def load_manifest(models_dir: Path) -> Manifest:
         raise ManifestError(f"cannot read the model manifest {path}: {exc.strerror}") from None
     try:
         manifest = Manifest.model_validate(json.loads(raw))
-    except (json.JSONDecodeError, ValidationError) as exc:
+    except json.JSONDecodeError as exc:
         raise ManifestError(f"the model manifest {path} is malformed: {exc}") from None
+    except ValidationError as exc:  # one line, not pydantic's report with its links
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'the top level'}: {e['msg']}"
+                             for e in exc.errors())
+        raise ManifestError(f"the model manifest {path} is malformed: {problems}") from None
     for name, entry in manifest.models.items():
         if entry.classes != list(CLASS_NAMES):
             raise ManifestError(f"model {name!r} has classes {entry.classes}, "

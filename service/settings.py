@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -175,7 +176,11 @@ def read_settings(cls: type[BaseSettings], prefix: str = "EMOTION_"):
                     f"{e['msg']}" for e in exc.errors()]
         raise SettingsError("; ".join(problems)) from None
     except SourceError as exc:  # a list or dict setting whose value is not JSON
-        raise SettingsError(f"{exc}; give {prefix}* lists as JSON, e.g. "
+        # pydantic-settings names the field and its source only: the variable, as above
+        field = re.search(r'field "(\w+)"', str(exc))
+        name = f"{prefix}{field[1].upper()}" if field else f"an {prefix}* variable"
+        value = f"={os.environ[name]!r}" if name in os.environ else ""
+        raise SettingsError(f"{name}{value}: not JSON; give {prefix}* lists as JSON, e.g. "
                             '\'["https://a.example"]\'') from None
 
 

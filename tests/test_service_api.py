@@ -298,13 +298,19 @@ def test_a_tampered_artifact_is_refused_and_the_other_model_serves(
         assert client.post(f"/v2/models/{healthy}/infer", json=request).status_code == 200
 
 
-@pytest.mark.parametrize("content", [None, "{not json", '{"models": {"cnn": {"file": 1}}}'])
-def test_missing_or_malformed_manifest_is_a_clear_startup_error(tmp_path, settings, content):
+@pytest.mark.parametrize(("content", "says"), [
+    (None, "No such file"), ("{not json", "Expecting property name"),
+    # one line naming the field (pydantic's report ran to four, with a link)
+    ('{"models": {"cnn": {"file": 1}}}', "models.cnn.file: Input should be a valid string"),
+    ("{}", "models: Field required")])
+def test_missing_or_malformed_manifest_is_a_clear_startup_error(tmp_path, settings, content,
+                                                               says):
     if content is not None:
         (tmp_path / "manifest.json").write_text(content)
     app = create_app(settings.model_copy(update={"models_dir": tmp_path}))
-    with pytest.raises(ManifestError, match="manifest"), TestClient(app):
+    with pytest.raises(ManifestError, match="manifest") as caught, TestClient(app):
         pass
+    assert says in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_a_manifest_cannot_point_outside_the_models_folder(tmp_path, settings):
