@@ -34,8 +34,12 @@ def install_sigterm_drain(state: DrainState, delay: float) -> bool:
     loop = asyncio.get_running_loop()
 
     def on_sigterm(signum, frame):
-        if state.draining:  # a second SIGTERM: no more waiting
-            previous(signum, frame)
+        # Once is enough: a signal to the whole process group (systemd's control-group kill,
+        # tini -g, kill -TERM -PGID) reaches a worker twice, directly and forwarded by
+        # uvicorn's supervisor, and a second SIGTERM that stopped it at once skipped the
+        # drain. SIGINT, which uvicorn handles, still stops it at once.
+        if state.draining:
+            logger.debug("SIGTERM again: already draining")
             return
         state.draining = True
         logger.info("SIGTERM: draining; not ready, stopping in %.1f s", delay)

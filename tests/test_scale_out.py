@@ -60,6 +60,19 @@ def test_sigterm_answers_every_request_in_flight_and_turns_not_ready(data_settin
             httpx.get(f"{base}/healthz", timeout=2)
 
 
+def test_a_second_sigterm_does_not_cut_the_drain_short():
+    """A signal to the whole process group reaches each worker twice (directly, then from
+    uvicorn's supervisor); the second one stopped it at once, and the drain was skipped."""
+    with server_process(workers=1, env={"EMOTION_DRAIN_SECONDS": "4"}) as (base, process):
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)  # uvicorn stops listening within a poll of its own (0.1 s)
+        ready = httpx.get(f"{base}/readyz", timeout=5)
+        assert ready.status_code == 503 and ready.json()["draining"] is True
+        process.wait(30)  # and then it stops (by the signal uvicorn raises again)
+
+
 @pytest.mark.skipif(shutil.which("nginx") is None and not os.environ.get("CI"),
                     reason="nginx is not installed (.ci/run installs it)")
 def test_nginx_in_front_of_three_replicas_loses_nothing_when_one_is_killed(data_settings,
