@@ -71,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         # would be added up with the new ones.
         for stale in Path(given).glob("*.db"):
             stale.unlink(missing_ok=True)
+    if workers > 1:
+        from service.drain import supervisor_stops_listening_after
+
+        supervisor_stops_listening_after(settings.drain_seconds)
     if workers > 1 and not given:
         # Each worker writes its counters here so that /metrics adds up all of them.
         metrics_dir = tempfile.mkdtemp(prefix="emotion-metrics-")

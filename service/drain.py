@@ -4,14 +4,17 @@ On SIGTERM a worker marks itself draining, so ``/readyz`` answers 503 and a load
 that health-checks it moves new requests elsewhere. It keeps answering for
 ``EMOTION_DRAIN_SECONDS``, then hands the signal to uvicorn, which stops accepting
 connections and waits for every request it holds to be answered (up to
-``EMOTION_SHUTDOWN_TIMEOUT_SECONDS``) before the lifespan ends.
+``EMOTION_SHUTDOWN_TIMEOUT_SECONDS``) before the lifespan ends. With several workers, the
+supervisor stops listening at the same moment (:func:`supervisor_stops_listening_after`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+import socket
 import threading
 from dataclasses import dataclass
 
@@ -47,3 +50,36 @@ def install_sigterm_drain(state: DrainState, delay: float) -> bool:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     return True
+
+
+def supervisor_stops_listening_after(delay: float) -> None:
+    """With several workers, uvicorn's supervisor holds its own copy of the listening socket,
+    so once the workers stopped accepting the kernel still took new connections into a
+    backlog nobody read, until the last worker exited and they were reset. On SIGTERM (or
+    SIGINT) the supervisor now shuts the socket for reading when the drain delay is over:
+    new connections are refused, which a load balancer retries elsewhere at once. Not on
+    SIGHUP or SIGTTOU, which retire single workers while the others go on listening.
+
+    A patch of the supervisor's two handlers, in the launcher's process only: uvicorn offers
+    no hook, and ``handle_term``/``handle_int`` and ``sockets`` are what every version since
+    its own supervisor (0.30) has."""
+    from uvicorn.supervisors.multiprocess import Multiprocess
+
+    def stop_listening(sockets: list[socket.socket]) -> None:
+        for sock in sockets:
+            # not on every platform for a listening socket: there, as before
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RD)  # for every process holding it, not only ours
+
+    def then_stop_listening(handler):
+        def handle(self) -> None:
+            handler(self)
+            timer = threading.Timer(delay, stop_listening, [list(self.sockets)])
+            timer.daemon = True
+            timer.start()
+        return handle
+
+    if not getattr(Multiprocess, "stops_listening", False):
+        Multiprocess.handle_term = then_stop_listening(Multiprocess.handle_term)
+        Multiprocess.handle_int = then_stop_listening(Multiprocess.handle_int)
+        Multiprocess.stops_listening = True

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -71,6 +72,42 @@ def test_a_second_sigterm_does_not_cut_the_drain_short():
         ready = httpx.get(f"{base}/readyz", timeout=5)
         assert ready.status_code == 503 and ready.json()["draining"] is True
         process.wait(30)  # and then it stops (by the signal uvicorn raises again)
+
+
+def test_after_the_drain_several_workers_refuse_new_connections_not_leave_them_hanging(
+        data_settings):
+    """uvicorn's supervisor keeps its own copy of the listening socket: once the workers
+    stopped accepting, new connections went into a backlog nobody read, and hung until the
+    last busy worker had finished (up to EMOTION_SHUTDOWN_TIMEOUT_SECONDS), then were reset.
+    A refused connection is one a load balancer retries elsewhere at once."""
+    [image] = faces(data_settings, 1)
+    part = (b'--b0undary\r\nContent-Disposition: form-data; name="files"; filename="a.jpg"'
+            b"\r\nContent-Type: image/jpeg\r\n\r\n" + image + b"\r\n--b0undary--\r\n")
+    head = (f"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Length: {len(part)}\r\n"
+            "Content-Type: multipart/form-data; boundary=b0undary\r\nConnection: close\r\n"
+            "\r\n").encode()
+    with server_process(workers=2, env={"EMOTION_DRAIN_SECONDS": "1"}) as (base, process):
+        address = ("127.0.0.1", int(base.rsplit(":", 1)[1]))
+        held = socket.create_connection(address, timeout=30)
+        held.sendall(head + part[:100])  # a worker holds it, waiting for the rest
+        time.sleep(0.3)
+        process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                probe = socket.create_connection(address, timeout=2)
+            except ConnectionRefusedError:
+                break
+            probe.close()
+            assert time.monotonic() < deadline, "still taking connections 10 s after SIGTERM"
+            time.sleep(0.2)
+        held.sendall(part[100:])  # and the request it holds is still answered
+        answer = b""
+        while chunk := held.recv(65536):
+            answer += chunk
+        held.close()
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        process.wait(30)
 
 
 @pytest.mark.skipif(shutil.which("nginx") is None and not os.environ.get("CI"),
