@@ -153,6 +153,55 @@ def test_the_example_button_and_the_face_list_by_keyboard(page, server):
     assert ".heic" in chooser.value.element.get_attribute("accept")
     for label in ("Model", "Faces", "Webcam frame every"):
         assert page.get_by_label(label, exact=True).count() == 1
+    # named by its title alone: the help was read twice, in the name and as the description
+    assert page.get_by_role("button", name="Choose, drop or paste an image",
+                            exact=True).count() == 1
+
+
+def test_a_new_image_clears_the_last_answer_while_it_is_sent(page, server):
+    page.set_input_files("#file", str(EXAMPLES / "four_people.jpg"))
+    page.wait_for_selector("#boxes .box")
+    held = []  # the next answer is held back, so the page is seen while it is sent
+    page.route("**/predict*", lambda route: held.append(route))
+    page.set_input_files("#file", str(EXAMPLES / "two_people.jpg"))
+    page.wait_for_selector("#status:has-text('Sending two_people.jpg')")
+    # the four faces of the last photo stayed boxed on this one
+    assert page.locator("#boxes .box").count() == 0
+    assert page.locator("#faces-list li").count() == 0
+    for _ in range(500):  # the request reaches the route once the photo is shown
+        if held:
+            break
+        page.wait_for_timeout(20)
+    held[0].continue_()
+    page.unroute("**/predict*")
+    page.wait_for_selector("#status:has-text('found by')")
+    assert page.locator("#boxes .box").count() == 2
+
+
+def test_another_model_or_faces_mode_classifies_the_image_on_show_again(page, server):
+    page.set_input_files("#file", str(EXAMPLES / "two_people.jpg"))
+    page.wait_for_selector("#status:has-text('2 faces found by cnn')")
+    page.select_option("#model", "knn")  # the answer stayed cnn's, under knn's description
+    page.wait_for_selector("#status:has-text('2 faces found by knn')", timeout=10_000)
+    page.select_option("#faces", "none")
+    page.wait_for_selector("#status:has-text('The whole image classified by knn')",
+                           timeout=10_000)
+    assert page.locator("#faces-list li").count() == 1
+
+
+def test_a_face_box_past_the_photos_edge_is_drawn_inside_it(page, server, data_settings):
+    """The dataset's own crops cut the face at the top: the box began above the photo, and
+    its tag (the face's number and label) was clipped away with it."""
+    path = data_settings.images_dir / "AJ_Cook_0001.jpg"
+    [face] = [p["face"] for p in predicted(server, path)]
+    assert face["y"] < 0  # the case itself
+    page.set_input_files("#file", str(path))
+    page.wait_for_selector("#boxes .box")
+    photo = page.locator("#photo").bounding_box()
+    for element in (page.locator("#boxes .box"), page.locator("#boxes .box span")):
+        shown = element.bounding_box()
+        assert shown["y"] >= photo["y"] - 0.5 and shown["x"] >= photo["x"] - 0.5
+        assert shown["y"] + shown["height"] <= photo["y"] + photo["height"] + 0.5
 
 
 @pytest.mark.parametrize(("name", "data", "code"), [

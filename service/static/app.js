@@ -12,7 +12,7 @@ const FRAME_TIMEOUT_MS = 10000; // a webcam frame not answered by then is given 
 // place at the service rather than letting it run to an answer nobody reads.
 const state = { classes: [], models: [], examples: [], nextExample: 0, objectUrl: null,
                 stream: null, running: false, starting: false, sent: [], generation: 0,
-                controller: null, initDelay: 1000 };
+                controller: null, initDelay: 1000, last: null };
 
 function newRequestSignal() {
   if (state.controller) state.controller.abort();
@@ -120,6 +120,8 @@ async function classifyFile(blob, name, note = "") {
   stopWebcam();
   const generation = state.generation;
   clearError();
+  render([]); // the last image's boxes and faces are not this one's, even while it is sent
+  state.last = { blob, name };
   const photo = $("photo");
   if (state.objectUrl) URL.revokeObjectURL(state.objectUrl);
   state.objectUrl = null;
@@ -147,6 +149,7 @@ async function classifyFile(blob, name, note = "") {
   const form = new FormData();
   form.append("file", blob, name || "image");
   const started = performance.now();
+  const mode = $("faces").value; // as sent: the select may change while the answer comes
   const result = await api(`/predict?${query()}`, { method: "POST", body: form, signal: newRequestSignal() });
   if (generation !== state.generation) return; // another file or the webcam came since
   if (!result.ok) {
@@ -158,7 +161,7 @@ async function classifyFile(blob, name, note = "") {
   const ms = Math.round(performance.now() - started);
   render(result.body.predictions, size);
   const faces = result.body.predictions.filter((p) => p.face).length;
-  const whole = result.body.predictions.length > 0 && faces === 0 && $("faces").value === "none";
+  const whole = result.body.predictions.length > 0 && faces === 0 && mode === "none";
   $("status").textContent = (whole ? `The whole image classified by ${result.body.model}`
     : `${faces} face${faces === 1 ? "" : "s"} found by ${result.body.model}`) + ` in ${ms} ms` +
     (size ? "" : " (this browser cannot show this image's format)") + note;
@@ -219,10 +222,15 @@ function render(predictions, size) {
       const box = document.createElement("div");
       box.className = "box";
       box.dataset.index = String(i);
-      box.style.left = `${(100 * p.face.x) / size.width}%`;
-      box.style.top = `${(100 * p.face.y) / size.height}%`;
-      box.style.width = `${(100 * p.face.width) / size.width}%`;
-      box.style.height = `${(100 * p.face.height) / size.height}%`;
+      // drawn inside the image: past its edge, the border and the tag were clipped away
+      const left = Math.max(0, p.face.x);
+      const top = Math.max(0, p.face.y);
+      const right = Math.min(size.width, p.face.x + p.face.width);
+      const bottom = Math.min(size.height, p.face.y + p.face.height);
+      box.style.left = `${(100 * left) / size.width}%`;
+      box.style.top = `${(100 * top) / size.height}%`;
+      box.style.width = `${(100 * (right - left)) / size.width}%`;
+      box.style.height = `${(100 * (bottom - top)) / size.height}%`;
       const tag = document.createElement("span");
       tag.textContent = `${i + 1} ${p.label}`;
       box.append(tag);
@@ -291,6 +299,7 @@ async function startWebcam() {
   $("webcam").textContent = "Stop the webcam";
   $("webcam").classList.add("running");
   state.running = true;
+  state.last = null; // the camera replaced the image on show: a new choice re-sends no file
   state.sent = [];
   state.generation += 1;
   $("status").setAttribute("aria-live", "off"); // a line per frame is noise to a screen reader
@@ -356,6 +365,13 @@ function pickFile() { $("file").click(); }
 
 function wire() {
   $("model").addEventListener("change", describeModel);
+  // The image on show is classified again with the new choice (the webcam's next frame
+  // takes it by itself); before, the old answer stayed under the new model's name.
+  for (const id of ["model", "faces"]) {
+    $(id).addEventListener("change", () => {
+      if (!state.running && !state.starting && state.last) classifyFile(state.last.blob, state.last.name);
+    });
+  }
   $("file").addEventListener("change", (e) => {
     const file = e.target.files[0];
     if (file) classifyFile(file, file.name);
