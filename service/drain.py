@@ -19,6 +19,7 @@ import threading
 from dataclasses import dataclass
 
 logger = logging.getLogger("service")
+WORKERS_CLOSE_WITHIN = 0.5  # seconds after their drain: uvicorn's tick is 0.1 s
 
 
 @dataclass
@@ -40,7 +41,7 @@ def install_sigterm_drain(state: DrainState, delay: float) -> bool:
         # Once is enough: a signal to the whole process group (systemd's control-group kill,
         # tini -g, kill -TERM -PGID) reaches a worker twice, directly and forwarded by
         # uvicorn's supervisor, and a second SIGTERM that stopped it at once skipped the
-        # drain. SIGINT, which uvicorn handles, still stops it at once.
+        # drain. SIGINT, which uvicorn handles, still skips it (Ctrl+C in a terminal).
         if state.draining:
             logger.debug("SIGTERM again: already draining")
             return
@@ -56,7 +57,7 @@ def supervisor_stops_listening_after(delay: float) -> None:
     """With several workers, uvicorn's supervisor holds its own copy of the listening socket,
     so once the workers stopped accepting the kernel still took new connections into a
     backlog nobody read, until the last worker exited and they were reset. On SIGTERM (or
-    SIGINT) the supervisor now shuts the socket for reading when the drain delay is over:
+    SIGINT) the supervisor now shuts the socket for reading just after the workers' drain:
     new connections are refused, which a load balancer retries elsewhere at once. Not on
     SIGHUP or SIGTTOU, which retire single workers while the others go on listening.
 
@@ -74,7 +75,11 @@ def supervisor_stops_listening_after(delay: float) -> None:
     def then_stop_listening(handler):
         def handle(self) -> None:
             handler(self)
-            timer = threading.Timer(delay, stop_listening, [list(self.sockets)])
+            # after the workers' own close (their SIGTERM comes next, then their delay, then
+            # a tick of their loop): a socket shut while a worker still polled it had that
+            # worker spin on accept() failing with EINVAL until it closed
+            timer = threading.Timer(delay + WORKERS_CLOSE_WITHIN, stop_listening,
+                                    [list(self.sockets)])
             timer.daemon = True
             timer.start()
         return handle

@@ -178,7 +178,9 @@ def read_settings(cls: type[BaseSettings], prefix: str = "EMOTION_"):
     except SourceError as exc:  # a list or dict setting whose value is not JSON
         # pydantic-settings names the field and its source only: the variable, as above
         field = re.search(r'field "(\w+)"', str(exc))
-        name = f"{prefix}{field[1].upper()}" if field else f"an {prefix}* variable"
+        wanted = f"{prefix}{field[1]}".upper() if field else f"an {prefix}* variable"
+        # as set: the names are matched whatever their case
+        name = next((n for n in os.environ if n.upper() == wanted), wanted)
         value = f"={os.environ[name]!r}" if name in os.environ else ""
         raise SettingsError(f"{name}{value}: not JSON; give {prefix}* lists as JSON, e.g. "
                             '\'["https://a.example"]\'') from None

@@ -189,6 +189,28 @@ def test_another_model_or_faces_mode_classifies_the_image_on_show_again(page, se
     assert page.locator("#faces-list li").count() == 1
 
 
+def test_a_new_choice_while_an_example_loads_keeps_the_example(page, server):
+    """The example handler left the last photo as the one a new choice sends again: picking
+    knn while the example loaded sent the old photo, and the example was dropped."""
+    page.set_input_files("#file", str(EXAMPLES / "two_people.jpg"))
+    page.wait_for_selector("#status:has-text('2 faces found by cnn')")
+    held = []
+    page.route("**/examples/*", lambda route: held.append(route))
+    page.click("#example")
+    for _ in range(500):
+        if held:
+            break
+        page.wait_for_timeout(20)
+    page.select_option("#model", "knn")
+    held[0].continue_()
+    page.unroute("**/examples/*")
+    name = held[0].request.url.rsplit("/", 1)[1]
+    assert name != "two_people.jpg"  # the case itself: another photo than the one on show
+    page.wait_for_selector(f"#photo[alt^='The image {name},']")
+    page.wait_for_selector("#status:has-text('found by knn')")
+    assert len(shown_labels(page)) == len(predicted(server, EXAMPLES / name))
+
+
 def test_a_face_box_past_the_photos_edge_is_drawn_inside_it(page, server, data_settings):
     """The dataset's own crops cut the face at the top: the box began above the photo, and
     its tag (the face's number and label) was clipped away with it."""

@@ -108,3 +108,17 @@ def test_a_pixel_limit_past_pillows_own_is_refused():
     assert Settings(max_pixels=PILLOW_MAX_PIXELS).max_pixels == PILLOW_MAX_PIXELS
     with pytest.raises(ValidationError, match="max_pixels"):
         Settings(max_pixels=PILLOW_MAX_PIXELS + 1)
+
+
+@pytest.mark.parametrize("name", ["EMOTION_CORS_ORIGINS", "emotion_cors_origins"])
+def test_a_list_setting_that_is_not_json_is_named_as_it_was_set(monkeypatch, name):
+    """pydantic-settings names the field and its source; the variable is matched whatever its
+    case, so the message names it as the user wrote it, with its value."""
+    from service.settings import SettingsError, read_settings
+
+    for other in [n for n in os.environ if n.upper() == "EMOTION_CORS_ORIGINS"]:
+        monkeypatch.delenv(other)
+    monkeypatch.setenv(name, "https://a.example")
+    with pytest.raises(SettingsError) as caught:
+        read_settings(Settings)
+    assert str(caught.value).startswith(f"{name}='https://a.example': not JSON")

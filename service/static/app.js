@@ -406,6 +406,7 @@ function wire() {
     state.nextExample += 1;
     stopWebcam();
     const generation = ++state.generation; // a later click or file picked while this loads wins
+    state.last = null; // a new choice while it loads must not send the photo it replaces
     let response;
     try {
       response = await fetch(`/examples/${encodeURIComponent(name)}`);
