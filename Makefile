@@ -7,11 +7,12 @@ PORT ?= 8000
 
 .PHONY: serve test lint system-packages
 
-# The serve environment has the `serve` extra only: no torch, as in the container.
+# The serve environment has the `serve` extra only: no torch, as in the container. Editable,
+# as the dev one: its emotion-detect ran the copy installed at first, the server the checkout.
 $(SERVE_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(SERVE_VENV)
 	$(SERVE_VENV)/bin/pip install --quiet --upgrade pip
-	$(SERVE_VENV)/bin/pip install --quiet '.[serve]'
+	$(SERVE_VENV)/bin/pip install --quiet -e '.[serve]'
 	touch $@
 
 $(DEV_VENV)/.installed: pyproject.toml
