@@ -67,6 +67,14 @@ http {{
 """
 
 
+NO_NGINX = "nginx is not installed: apt-get install nginx"
+
+
+def nginx_binary() -> str | None:
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"  # root's PATH lacks /usr/sbin at times
+    return nginx if Path(nginx).exists() else None
+
+
 class Balancer:
     """``replicas`` service processes and nginx in front of them, all on loopback."""
 
@@ -101,9 +109,9 @@ class Balancer:
         process.wait(10)
 
     def __enter__(self) -> Balancer:
-        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-        if not Path(nginx).exists():
-            raise RuntimeError("nginx is not installed: apt-get install nginx")
+        nginx = nginx_binary()
+        if nginx is None:
+            raise RuntimeError(NO_NGINX)
         self.folder.mkdir(parents=True, exist_ok=True)
         for i in range(len(self.ports)):
             self.start(i)

@@ -43,7 +43,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "'float_tiff' cases")
     parser.add_argument("--concurrent", type=int, default=1, help="copies sent at once")
     parser.add_argument("--cases", default=",".join(CASES), help="which cases, in order; "
-                        "a+b sends one request of each case at once")
+                        "a+b sends one request of each case at once, and case:N gives that "
+                        "case N images per request instead of --images")
+    parser.add_argument("--stagger", type=float, default=0.0,
+                        help="seconds between the starts of an a+b case's parts (the worst "
+                        "seen: a float TIFF sent while the largest JSON body is parsed)")
     return parser.parse_args(argv)
 
 
@@ -79,8 +83,13 @@ def float_tiff(pixels: int) -> bytes:
     return buffer.getvalue()
 
 
-def requests_for(case: str, args) -> list[dict]:
+def requests_for(part: str, args) -> list[dict]:
     """httpx.post keyword arguments, one request per entry (a path and its body)."""
+    case, _, images = part.partition(":")
+    if images:
+        if not images.isdigit() or int(images) < 1:
+            raise SystemExit(f"{part!r}: case:N takes a count of images, N at least 1")
+        args = argparse.Namespace(**{**vars(args), "images": int(images)})
     if case == "idle":
         return [{"url": "/predict", "params": {"faces": "none"},
                  "files": {"file": ("a.png", png(np.full((64, 64), 128, np.uint8)))}}]
@@ -124,10 +133,16 @@ def measure(case: str, args) -> dict:
         worker = psutil.Process(process.pid)
         idle = worker.memory_full_info().rss
         started = time.perf_counter()
+        def send(numbered: tuple[int, dict]):
+            i, kwargs = numbered
+            time.sleep(i % parts * args.stagger)  # the k-th part of each copy, k staggers in
+            return client.post(**kwargs)
+
+        parts = len(case.split("+"))
         with httpx.Client(base_url=base, timeout=900) as client, \
                 ThreadPoolExecutor(len(requests)) as pool:
             statuses = dict(sorted(Counter(r.status_code for r in pool.map(
-                lambda kwargs: client.post(**kwargs), requests)).items()))
+                send, enumerate(requests))).items()))
         wall = time.perf_counter() - started
         with open(f"/proc/{process.pid}/status") as status:
             peak = next(int(line.split()[1]) * 1024 for line in status

@@ -19,10 +19,9 @@ from service.settings import REPO_MODELS_DIR
 
 
 def real_images(count: int) -> np.ndarray:
-    from training.settings import get_training_settings
+    from benchmarks.load import study_images_dir
 
-    folder = get_training_settings().images_dir
-    paths = sorted(folder.iterdir())[:count]
+    paths = sorted(study_images_dir().iterdir())[:count]
     return np.stack([preprocess_image(p.read_bytes()) for p in paths])
 
 

@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--webcam-seconds", type=float, default=10,
                         help="length of the fake-camera run")
     args = parser.parse_args(argv)
+    if not Path(CHROMIUM).exists():  # one line, before the server starts
+        raise SystemExit(f"bench_page: no {CHROMIUM}: apt-get install chromium")
     with running_server(env={"EMOTION_LOG_LEVEL": "warning"}) as base, \
             sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)

@@ -21,14 +21,16 @@ import json
 import tempfile
 from pathlib import Path
 
-from benchmarks.balancer import Balancer, run_fault_load, throughput
+from benchmarks.balancer import NO_NGINX, Balancer, nginx_binary, run_fault_load, throughput
 from benchmarks.load import load_faces
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=60, help="length of the fault run")
+    parser.add_argument("--seconds", type=float, default=60,
+                        help="length of the fault run, at the least: it also lasts until 5 s "
+                        "after the restarted replica is ready")
     parser.add_argument("--kill-at", type=float, default=20, help="when a replica is killed")
     parser.add_argument("--restart-after", type=float, default=10,
                         help="how long it stays dead")
@@ -41,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if nginx_binary() is None:  # one line, before the replicas start
+        raise SystemExit(f"bench_scale_out: {NO_NGINX}")
     images = load_faces(args.images)
     with tempfile.TemporaryDirectory(prefix="scale-out-") as folder:
         with Balancer(3, Path(folder) / "fault") as balancer:

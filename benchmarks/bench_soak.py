@@ -47,10 +47,11 @@ def soak_payload(faces: list[bytes]):
     return payload
 
 
-async def soak(base: str, process: psutil.Process, args) -> tuple[list, float, list]:
+async def soak(base: str, process: psutil.Process, args, faces: list[bytes]
+               ) -> tuple[list, float, list]:
     samples: list[tuple[float, int, int]] = []  # (seconds, requests done, rss bytes)
     done: list = []
-    task = asyncio.create_task(post_images(base, soak_payload(load_faces(300)), args.clients,
+    task = asyncio.create_task(post_images(base, soak_payload(faces), args.clients,
                                            requests=args.requests, outcomes=done))
     started = time.perf_counter()
     while not task.done():
@@ -68,10 +69,11 @@ def rss(process: psutil.Process) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    faces = load_faces(300)  # before the server: a missing dataset is one line
     with server_process() as (base, popen):
         process = psutil.Process(popen.pid)
         start_rss = rss(process)
-        outcomes, wall, samples = asyncio.run(soak(base, process, args))
+        outcomes, wall, samples = asyncio.run(soak(base, process, args, faces))
     statuses = Counter(o.status for o in outcomes)
     after_warmup = [r for _, done, r in samples if done >= args.warmup]
     baseline, end, peak = after_warmup[0], samples[-1][2], max(r for _, _, r in samples)

@@ -8,6 +8,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -25,15 +26,26 @@ class Outcome:
     sent_at: float = 0.0   # time.perf_counter() when it was sent
 
 
+def study_images_dir() -> Path:
+    """The study's images, which every benchmark but bench_memory and bench_page sends; one
+    line on how to get them where they are not (a traceback before, after a server start)."""
+    from training.settings import get_training_settings
+
+    settings = get_training_settings()
+    if not settings.images_dir.is_dir():
+        raise SystemExit(f"the study's dataset is not at {settings.dataset_dir}: set "
+                         "EMOTION_DATASET_DIR or run `python -m training fetch`")
+    return settings.images_dir
+
+
 def load_faces(count: int, split: str = "test") -> list[bytes]:
     """Real images of the identity split's ``split`` subset, in a fixed order."""
     from training.settings import get_training_settings
     from training.splits import read_split
 
-    settings = get_training_settings()
-    table = read_split(settings.splits_dir / "identity.csv")
+    images_dir = study_images_dir()
+    table = read_split(get_training_settings().splits_dir / "identity.csv")
     names = table[table["split"] == split]["image"].iloc[:count]
-    images_dir = settings.images_dir
     return [(images_dir / name).read_bytes() for name in names]
 
 
