@@ -5,7 +5,7 @@ that health-checks it moves new requests elsewhere. It keeps answering for
 ``EMOTION_DRAIN_SECONDS``, then hands the signal to uvicorn, which stops accepting
 connections and waits for every request it holds to be answered (up to
 ``EMOTION_SHUTDOWN_TIMEOUT_SECONDS``) before the lifespan ends. With several workers, the
-supervisor stops listening at the same moment (:func:`supervisor_stops_listening_after`).
+supervisor stops listening just after them (:func:`supervisor_stops_listening_after`).
 """
 
 from __future__ import annotations
