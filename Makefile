@@ -8,8 +8,9 @@ PORT ?= 8000
 .PHONY: serve test lint system-packages
 
 # The serve environment has the `serve` extra only: no torch, as in the container. Editable,
-# as the dev one: its emotion-detect ran the copy installed at first, the server the checkout.
-$(SERVE_VENV)/.installed: pyproject.toml
+# as the dev one: its emotion-detect ran the copy installed at first, the server the checkout
+# (and on the Makefile too, so that an environment installed the old way is installed again).
+$(SERVE_VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(SERVE_VENV)
 	$(SERVE_VENV)/bin/pip install --quiet --upgrade pip
 	$(SERVE_VENV)/bin/pip install --quiet -e '.[serve]'

@@ -128,7 +128,9 @@ def measure(case: str, args) -> dict:
     body_mb = sum(len(r.get("content") or b"") + sum(
         len(f[1][1]) for f in (r["files"].items() if isinstance(r.get("files"), dict)
                                else r.get("files", []))) for r in requests) / 1e6
-    env = {"EMOTION_ONNX_THREADS": "1", "EMOTION_MAX_IMAGES_PER_REQUEST": str(args.images)}
+    # the largest request's images: a case:N above --images was refused with 422
+    most = max([args.images] + [int(part.partition(":")[2] or 0) for part in case.split("+")])
+    env = {"EMOTION_ONNX_THREADS": "1", "EMOTION_MAX_IMAGES_PER_REQUEST": str(most)}
     with server_process(env=env) as (base, process):
         worker = psutil.Process(process.pid)
         idle = worker.memory_full_info().rss

@@ -71,7 +71,8 @@ def test_without_the_study_dataset_a_benchmark_says_so_in_one_line(tmp_path, mon
     get_training_settings.cache_clear()
     try:
         for run in (lambda: bench_models.main(["--seconds", "0.1"]),
-                    lambda: bench_load.main(["--seconds", "1"])):
+                    lambda: bench_load.main(["--seconds", "1"]),
+                    lambda: bench_soak.main(["--requests", "10"])):
             with pytest.raises(SystemExit, match=f"dataset is not at {tmp_path}: set "
                                                  "EMOTION_DATASET_DIR"):
                 run()
@@ -96,5 +97,9 @@ def test_bench_memory_prints_each_cases_peak(capsys):
     for row in rows:  # body MB, status, idle MB, peak MB: the peak is at least the idle
         assert float(row[4]) >= float(row[3]) > 50
     assert [row[2] for row in rows] == ["200x1", "200x1", "200x2"]
+    # one TIFF, not --images of them, and sent 0.3 s after the other
+    one_tiff = len(bench_memory.float_tiff(250000)) / 1e6
+    assert float(rows[2][1]) == pytest.approx(float(rows[1][1]) + one_tiff, abs=0.1)
+    assert float(rows[2][5]) >= 0.3
     with pytest.raises(SystemExit, match="case:N takes a count"):
         bench_memory.main(["--cases", "float_tiff:x"])
