@@ -131,16 +131,17 @@ def measure(case: str, args) -> dict:
     # the largest request's images: a case:N above --images was refused with 422
     most = max([args.images] + [int(part.partition(":")[2] or 0) for part in case.split("+")])
     env = {"EMOTION_ONNX_THREADS": "1", "EMOTION_MAX_IMAGES_PER_REQUEST": str(most)}
+    parts = len(case.split("+"))
+
+    def send(numbered: tuple[int, dict]):
+        i, kwargs = numbered
+        time.sleep(i % parts * args.stagger)  # the k-th part of each copy, k staggers in
+        return client.post(**kwargs)
+
     with server_process(env=env) as (base, process):
         worker = psutil.Process(process.pid)
         idle = worker.memory_full_info().rss
         started = time.perf_counter()
-        def send(numbered: tuple[int, dict]):
-            i, kwargs = numbered
-            time.sleep(i % parts * args.stagger)  # the k-th part of each copy, k staggers in
-            return client.post(**kwargs)
-
-        parts = len(case.split("+"))
         with httpx.Client(base_url=base, timeout=900) as client, \
                 ThreadPoolExecutor(len(requests)) as pool:
             statuses = dict(sorted(Counter(r.status_code for r in pool.map(
