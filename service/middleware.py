@@ -55,8 +55,12 @@ class RequestMiddleware:
             return
         started = time.perf_counter()
         headers = dict(scope.get("headers") or [])
-        incoming = headers.get(b"x-request-id", b"").decode("latin-1")[:64]
-        request_id = incoming if incoming.isprintable() and incoming else uuid.uuid4().hex
+        incoming = headers.get(b"x-request-id", b"")[:64]
+        # visible ASCII only, echoed and logged as sent: UTF-8 was echoed as raw bytes but
+        # logged as its Latin-1 reading, so the client's id was not found in the log
+        request_id = (incoming.decode("ascii") if incoming and all(0x21 <= c <= 0x7E
+                                                                   for c in incoming)
+                      else uuid.uuid4().hex)
         path = scope.get("path", "")
         route = self.route_of(path)
         method = scope.get("method", "")
@@ -74,7 +78,8 @@ class RequestMiddleware:
                 message = {**message, "body": b""}
             await send(message)
 
-        limited = route in LIMITED_ROUTES
+        # a POST's model work only: a GET /predict is the client's mistake (405), not load
+        limited = route in LIMITED_ROUTES and method == "POST"
         try:
             if limited and self.in_flight >= self.max_in_flight:
                 # Answer at once instead of queueing without bound; the client retries.

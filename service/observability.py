@@ -78,7 +78,8 @@ class ServiceMetrics:
                                            "Model call latency for one batch.", ["model"],
                                            buckets=LATENCY_BUCKETS, registry=r)
         self.images_per_request = Histogram("emotion_images_per_request",
-                                            "Images in one /predict request.",
+                                            "Images in one answered model request (/predict "
+                                            "or /v2 infer).",
                                             buckets=IMAGES_BUCKETS, registry=r)
         self.predictions = Counter("emotion_predictions", "Predicted class per model.",
                                    ["model", "label"], registry=r)
@@ -97,8 +98,9 @@ class ServiceMetrics:
             "emotion_request_body_bytes_in_flight", "Request-body bytes the model requests "
             "in progress hold (EMOTION_MAX_BODY_BYTES_IN_FLIGHT bounds it per worker).",
             registry=r, multiprocess_mode="livesum")
-        self.faces_found = Counter("emotion_faces_found", "Faces the detector found in "
-                                   "uploads (faces=auto counts the one it used).", registry=r)
+        self.faces_found = Counter("emotion_faces_found", "Faces classified in uploads "
+                                   "(faces=all: at most EMOTION_MAX_FACES_PER_IMAGE an image; "
+                                   "faces=auto: the one it used).", registry=r)
         self.images_without_face = Counter("emotion_images_without_face",
                                            "Uploads searched for a face where none was found.",
                                            registry=r)

@@ -6,6 +6,7 @@ import base64
 import contextlib
 import gzip
 import json
+import re
 import threading
 
 import numpy as np
@@ -332,6 +333,36 @@ def test_overload_answers_503_with_retry_after_at_once(settings, monkeypatch):
     assert second.headers["retry-after"] == "1"
 
 
+def test_a_get_on_a_model_route_is_a_405_even_while_the_worker_is_full(settings,
+                                                                      monkeypatch):
+    """Admission counted any method: GET /predict got 503 'too many requests in flight' and
+    counted as an overload, where it is the client's mistake."""
+    with one_request_held(settings, monkeypatch, png_bytes(), max_in_flight=1) as (
+            client, answer_it):
+        scrape = {"accept": "text/plain"}
+        before = metric_total(client.get("/metrics", headers=scrape).text,
+                              "emotion_overload_rejections_total")
+        assert_error(client.get("/predict"), 405, "method_not_allowed")
+        assert client.get("/v2/models/cnn/infer").status_code == 405
+        after = metric_total(client.get("/metrics", headers=scrape).text,
+                             "emotion_overload_rejections_total")
+        answer_it()
+    assert after == before
+
+
+def test_images_per_request_counts_answered_requests_as_v2_does(client):
+    """A refused single image was counted on /predict and not on /v2."""
+    def count() -> float:
+        return metric_total(client.get("/metrics", headers={"accept": "text/plain"}).text,
+                            "emotion_images_per_request_count")
+
+    before = count()
+    assert post_file(client, b"junk").status_code == 400
+    assert count() == before
+    assert post_file(client, png_bytes()).status_code == 200
+    assert count() == before + 1
+
+
 def noise_png(side: int = 550) -> bytes:
     """About 300 kB for 550 px: noise does not compress."""
     return encode(Image.fromarray(np.random.default_rng(side).integers(
@@ -447,6 +478,10 @@ def test_request_id_is_returned_and_propagated(client):
     response = client.get("/healthz", headers={"x-request-id": "abc123"})
     assert response.headers["x-request-id"] == "abc123"
     assert len(client.get("/healthz").headers["x-request-id"]) == 32
+    # visible ASCII only: UTF-8 was echoed as its bytes but logged as their Latin-1 reading
+    for hostile in ("café-résumé".encode(), b"a b", b"tab\there"):
+        echoed = client.get("/healthz", headers={"x-request-id": hostile}).headers
+        assert re.fullmatch(r"[0-9a-f]{32}", echoed["x-request-id"]), echoed
 
 
 def test_cors_is_off_unless_configured(client, settings):

@@ -98,7 +98,6 @@ async def predict_emotions(
     predictor.require_faces(mode)  # PredictorError: a 4xx or 503 with a reason
     loaded = predictor.model(name)
     uploads = await read_uploads(request, settings)
-    serving.metrics.images_per_request.observe(len(uploads))
     # Off the event loop, and at most inference_concurrency at once: the rest wait in the
     # executor's queue without holding a thread.
     results = await asyncio.get_running_loop().run_in_executor(
@@ -106,6 +105,8 @@ async def predict_emotions(
     if len(results) == 1 and results[0].error is not None:
         error = results[0].error
         raise ApiError(status_of(error), error.code, str(error))
+    # answered requests only, as /v2 counts them: a refused one image was counted too
+    serving.metrics.images_per_request.observe(len(uploads))
     response = to_response(name, loaded.sha256, results, started)
     # pydantic-core writes the JSON in one call; returning the model instead makes FastAPI
     # dump it, validate it again against response_model and encode it with json.dumps.
