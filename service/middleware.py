@@ -55,12 +55,11 @@ class RequestMiddleware:
             return
         started = time.perf_counter()
         headers = dict(scope.get("headers") or [])
-        incoming = headers.get(b"x-request-id", b"")[:64]
+        incoming = headers.get(b"x-request-id", b"")
         # visible ASCII only, echoed and logged as sent: UTF-8 was echoed as raw bytes but
         # logged as its Latin-1 reading, so the client's id was not found in the log
-        request_id = (incoming.decode("ascii") if incoming and all(0x21 <= c <= 0x7E
-                                                                   for c in incoming)
-                      else uuid.uuid4().hex)
+        request_id = (incoming[:64].decode("ascii") if incoming and all(
+            0x21 <= c <= 0x7E for c in incoming) else uuid.uuid4().hex)
         path = scope.get("path", "")
         route = self.route_of(path)
         method = scope.get("method", "")

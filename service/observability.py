@@ -98,9 +98,10 @@ class ServiceMetrics:
             "emotion_request_body_bytes_in_flight", "Request-body bytes the model requests "
             "in progress hold (EMOTION_MAX_BODY_BYTES_IN_FLIGHT bounds it per worker).",
             registry=r, multiprocess_mode="livesum")
-        self.faces_found = Counter("emotion_faces_found", "Faces classified in uploads "
-                                   "(faces=all: at most EMOTION_MAX_FACES_PER_IMAGE an image; "
-                                   "faces=auto: the one it used).", registry=r)
+        self.faces_found = Counter("emotion_faces_found", "Faces the detector found and "
+                                   "cropped in uploads, as they are cropped (faces=all: at most "
+                                   "EMOTION_MAX_FACES_PER_IMAGE an image; faces=auto: the one "
+                                   "it used).", registry=r)
         self.images_without_face = Counter("emotion_images_without_face",
                                            "Uploads searched for a face where none was found.",
                                            registry=r)
