@@ -83,13 +83,20 @@ def float_tiff(pixels: int) -> bytes:
     return buffer.getvalue()
 
 
+def images_of(part: str, default: int) -> int:
+    """The N of ``case:N``, else ``default``."""
+    images = part.partition(":")[2]
+    if not images:
+        return default
+    if not images.isdigit() or int(images) < 1:
+        raise SystemExit(f"{part!r}: case:N takes a count of images, N at least 1")
+    return int(images)
+
+
 def requests_for(part: str, args) -> list[dict]:
     """httpx.post keyword arguments, one request per entry (a path and its body)."""
-    case, _, images = part.partition(":")
-    if images:
-        if not images.isdigit() or int(images) < 1:
-            raise SystemExit(f"{part!r}: case:N takes a count of images, N at least 1")
-        args = argparse.Namespace(**{**vars(args), "images": int(images)})
+    case = part.partition(":")[0]
+    args = argparse.Namespace(**{**vars(args), "images": images_of(part, args.images)})
     if case == "idle":
         return [{"url": "/predict", "params": {"faces": "none"},
                  "files": {"file": ("a.png", png(np.full((64, 64), 128, np.uint8)))}}]
@@ -129,7 +136,7 @@ def measure(case: str, args) -> dict:
         len(f[1][1]) for f in (r["files"].items() if isinstance(r.get("files"), dict)
                                else r.get("files", []))) for r in requests) / 1e6
     # the largest request's images: a case:N above --images was refused with 422
-    most = max([args.images] + [int(part.partition(":")[2] or 0) for part in case.split("+")])
+    most = max(images_of(part, args.images) for part in case.split("+"))
     env = {"EMOTION_ONNX_THREADS": "1", "EMOTION_MAX_IMAGES_PER_REQUEST": str(most)}
     parts = len(case.split("+"))
 

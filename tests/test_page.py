@@ -71,6 +71,15 @@ def predicted(server: str, path: Path, faces: str = "all") -> list[dict]:
     return response.json()["predictions"]
 
 
+def first_held(page, held: list):
+    """The first request a route handler put in ``held``, once it has reached the route."""
+    for _ in range(500):
+        if held:
+            return held[0]
+        page.wait_for_timeout(20)
+    raise AssertionError("no request reached the route in 10 s")
+
+
 def shown_labels(page) -> list[str]:
     return page.eval_on_selector_all("#faces-list li", "els => els.map(e => e.dataset.label)")
 
@@ -168,11 +177,7 @@ def test_a_new_image_clears_the_last_answer_while_it_is_sent(page, server):
     # the four faces of the last photo stayed boxed on this one
     assert page.locator("#boxes .box").count() == 0
     assert page.locator("#faces-list li").count() == 0
-    for _ in range(500):  # the request reaches the route once the photo is shown
-        if held:
-            break
-        page.wait_for_timeout(20)
-    held[0].continue_()
+    first_held(page, held).continue_()  # it reaches the route once the photo is shown
     page.unroute("**/predict*")
     page.wait_for_selector("#status:has-text('found by')")
     assert page.locator("#boxes .box").count() == 2
@@ -197,10 +202,7 @@ def test_a_new_choice_while_an_example_loads_keeps_the_example(page, server):
     held = []
     page.route("**/examples/*", lambda route: held.append(route))
     page.click("#example")
-    for _ in range(500):
-        if held:
-            break
-        page.wait_for_timeout(20)
+    first_held(page, held)
     page.select_option("#model", "knn")
     held[0].continue_()
     page.unroute("**/examples/*")

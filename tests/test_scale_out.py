@@ -4,7 +4,6 @@ replicas loses nothing when one is killed outright and restarted."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import time
@@ -14,6 +13,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.balancer import nginx_binary
+from benchmarks.wire import multipart_request
 from tests.server import server_process
 
 pytestmark = [pytest.mark.dataset, pytest.mark.slow]
@@ -80,16 +81,12 @@ def test_after_the_drain_several_workers_refuse_new_connections_not_leave_them_h
     stopped accepting, new connections went into a backlog nobody read, and hung until the
     last busy worker had finished (up to EMOTION_SHUTDOWN_TIMEOUT_SECONDS), then were reset.
     A refused connection is one a load balancer retries elsewhere at once."""
-    [image] = faces(data_settings, 1)
-    part = (b'--b0undary\r\nContent-Disposition: form-data; name="files"; filename="a.jpg"'
-            b"\r\nContent-Type: image/jpeg\r\n\r\n" + image + b"\r\n--b0undary--\r\n")
-    head = (f"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Length: {len(part)}\r\n"
-            "Content-Type: multipart/form-data; boundary=b0undary\r\nConnection: close\r\n"
-            "\r\n").encode()
+    request = multipart_request("test", "/predict", [("a.jpg", faces(data_settings, 1)[0])])
+    cut = request.index(b"\r\n\r\n") + 100  # the head and a little of the body
     with server_process(workers=2, env={"EMOTION_DRAIN_SECONDS": "1"}) as (base, process):
         address = ("127.0.0.1", int(base.rsplit(":", 1)[1]))
         held = socket.create_connection(address, timeout=30)
-        held.sendall(head + part[:100])  # a worker holds it, waiting for the rest
+        held.sendall(request[:cut])  # a worker holds it, waiting for the rest
         time.sleep(0.3)
         process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 10
@@ -101,16 +98,14 @@ def test_after_the_drain_several_workers_refuse_new_connections_not_leave_them_h
             probe.close()
             assert time.monotonic() < deadline, "still taking connections 10 s after SIGTERM"
             time.sleep(0.2)
-        held.sendall(part[100:])  # and the request it holds is still answered
-        answer = b""
-        while chunk := held.recv(65536):
-            answer += chunk
-        held.close()
-        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        held.sendall(request[cut:])  # and the request it holds is still answered
+        with held, held.makefile("rb") as answer:
+            status_line = answer.readline()
+        assert status_line.startswith(b"HTTP/1.1 200"), status_line
         process.wait(30)
 
 
-@pytest.mark.skipif(shutil.which("nginx") is None and not os.environ.get("CI"),
+@pytest.mark.skipif(nginx_binary() is None and not os.environ.get("CI"),
                     reason="nginx is not installed (.ci/run installs it)")
 def test_nginx_in_front_of_three_replicas_loses_nothing_when_one_is_killed(data_settings,
                                                                           tmp_path):
