@@ -7,7 +7,10 @@ import ast
 import re
 from pathlib import Path
 
+from prometheus_client.metrics import MetricWrapperBase
+
 from service.inference import PredictorError
+from service.observability import ServiceMetrics
 from service.preprocessing import PreprocessingError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,3 +83,17 @@ def test_the_side_by_side_in_the_readme_is_the_manifests():
 
     for line in side_by_side(load_manifest(REPO_MODELS_DIR)):
         assert line in README, line
+
+
+def test_the_metrics_table_names_every_metric_with_its_type_and_labels():
+    table = README.split("**Metrics.**", 1)[1].split("\n\n", 2)[1]
+    rows = [[cell.strip() for cell in line.split("|")[1:4]] for line in table.splitlines()
+            if line.startswith("| `")]
+    documented = {name.strip("`"): (kind, tuple(re.findall(r"`(\w+)`", labels)))
+                  for name, kind, labels in rows}
+    metrics = ServiceMetrics()
+    types = {family.name: family.type for family in metrics.registry.collect()}
+    # prometheus-client keeps a metric's label names only on the metric object
+    labels = {m._name: tuple(m._labelnames) for m in vars(metrics).values()
+              if isinstance(m, MetricWrapperBase)}
+    assert documented == {name: (types[name], labels[name]) for name in types}
