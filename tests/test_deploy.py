@@ -9,10 +9,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.api import metric_total
@@ -141,17 +145,49 @@ def dockerfile_healthcheck() -> list[str]:
     return json.loads(after.split("CMD ", 1)[1].splitlines()[0])
 
 
-def test_metrics_add_up_across_several_workers(data_settings, tmp_path):
-    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
-    requests = 12
-    with running_server(workers=2, env=env) as base, httpx.Client(timeout=30) as client:
-        for _ in range(requests):
-            assert client.post(f"{base}/predict", files={"file": (
-                "f.jpg", real_face(data_settings), "image/jpeg")}).status_code == 200
-        text = client.get(f"{base}/metrics", headers={"accept": "text/plain"}).text
-    pids = {p.name.split("_")[-1] for p in tmp_path.glob("*.db")}
-    assert len(pids) >= 2, "both workers should have written metrics"
-    assert metric_total(text, "emotion_http_requests_total", route="/predict") == requests
+def predictions_per_worker(folder: Path) -> list[float]:
+    """Each worker's own count of answered /predict requests, read from its file alone."""
+    counts = []
+    for worker_file in sorted(folder.glob("counter_*.db")):
+        alone = Path(tempfile.mkdtemp(dir=folder.parent))
+        shutil.copy(worker_file, alone)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(alone))
+        counts.append(sum(s.value for family in registry.collect() for s in family.samples
+                          if s.name == "emotion_http_requests_total"
+                          and s.labels.get("route") == "/predict"))
+    return counts
+
+
+@pytest.mark.parametrize("folder_given", [True, False], ids=["given folder", "launcher's folder"])
+def test_metrics_add_up_across_several_workers(data_settings, tmp_path, folder_given):
+    """Without PROMETHEUS_MULTIPROC_DIR the launcher makes the folder (under TMPDIR here)."""
+    given = tmp_path / "metrics"
+    given.mkdir()
+    env = ({"PROMETHEUS_MULTIPROC_DIR": str(given)} if folder_given
+           else {"TMPDIR": str(given)})
+    face = real_face(data_settings)
+
+    def predict(_) -> int:  # a connection of its own, so that either worker may take it
+        with httpx.Client(timeout=30) as client:
+            return client.post(f"{base}/predict", files={"file": (
+                "f.jpg", face, "image/jpeg")}).status_code
+
+    with running_server(workers=2, env=env) as base:
+        folder = given if folder_given else next(given.glob("emotion-metrics-*"))
+        requests, per_worker = 0, []
+        # The kernel hands connections to either worker as it likes: send until both answered.
+        with ThreadPoolExecutor(4) as pool:
+            while requests < 400 and (len(per_worker) < 2 or min(per_worker) == 0):
+                assert list(pool.map(predict, range(8))) == [200] * 8
+                requests += 8
+                per_worker = predictions_per_worker(folder)
+        scrapes = [metric_total(httpx.get(f"{base}/metrics", headers={"accept": "text/plain"},
+                                          timeout=30).text,
+                                "emotion_http_requests_total", route="/predict")
+                   for _ in range(4)]
+    assert len(per_worker) == 2 and min(per_worker) > 0 and sum(per_worker) == requests
+    assert scrapes == [requests] * 4  # whichever worker answers the scrape
 
 
 def test_a_dead_workers_in_flight_gauge_is_dropped_and_a_live_ones_kept(tmp_path,
