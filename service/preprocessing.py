@@ -54,9 +54,10 @@ _WIDE_INTEGER_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 
 # Pillow and its plugins report truncated and malformed streams with a zoo of exception
 # types (struct.error from EXIF written back by exif_transpose, RuntimeError from the HEIF
-# and AVIF decoders); all of them are the upload's fault.
+# and AVIF decoders, OverflowError from a BigTIFF offset past what a seek takes); all of them
+# are the upload's fault.
 DECODER_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError,
-                  struct.error, RuntimeError, ZeroDivisionError)
+                  struct.error, RuntimeError, ArithmeticError)
 
 
 class PreprocessingError(ValueError):

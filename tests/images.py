@@ -67,3 +67,15 @@ def git_repository(folder: Path, files: dict[str, bytes]) -> str:
         subprocess.run(["git", *args], cwd=folder, check=True, capture_output=True)
     return subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, check=True,
                           capture_output=True, text=True).stdout.strip()
+
+
+def bigtiff_strip_at(offset: int) -> bytes:
+    """A BigTIFF (64-bit offsets) whose one strip is said to start at ``offset``."""
+    data = bytearray(encode(gray_image(8, 8), "TIFF", big_tiff=True))
+    ifd = struct.unpack_from("<Q", data, 8)[0]
+    for entry in range(struct.unpack_from("<Q", data, ifd)[0]):
+        at = ifd + 8 + 20 * entry
+        if struct.unpack_from("<H", data, at)[0] == 273:  # StripOffsets, as one LONG8
+            struct.pack_into("<HHQQ", data, at, 273, 16, 1, offset)
+            return bytes(data)
+    raise AssertionError("Pillow wrote no StripOffsets")

@@ -200,6 +200,7 @@ def seed_images() -> list[bytes]:
     return [encode(gray_image(40, 30), "PNG"), encode(rgb_image(40, 30), "JPEG"),
             encode(gray_image(40, 30).convert("P"), "GIF"), encode(rgb_image(40, 30), "WEBP"),
             encode(gray_image(40, 30), "TIFF"), encode(rgb_image(40, 30), "BMP"),
+            encode(gray_image(40, 30), "TIFF", big_tiff=True),
             encode(rgb_image(40, 30).convert("RGBA"), "PNG"),
             encode(Image.fromarray(np.arange(1200, dtype=np.uint16).reshape(30, 40)), "PNG")]
 

@@ -26,7 +26,14 @@ from service.app import create_app
 from service.classes import CLASS_NAMES
 from service.settings import REPO_MODELS_DIR, Settings
 from tests.api import assert_error
-from tests.images import encode, gray_image, png_bytes, png_declaring, rgb_image
+from tests.images import (
+    bigtiff_strip_at,
+    encode,
+    gray_image,
+    png_bytes,
+    png_declaring,
+    rgb_image,
+)
 from tests.server import running_server
 
 REPO = str(REPO_MODELS_DIR.parent)
@@ -152,6 +159,10 @@ UPLOADS: dict[str, tuple[Callable[[bytes], bytes], str, tuple[int, str | None]]]
     "exif-rotated-jpeg": (lambda face: exif_rotated_jpeg(), "rotated.jpg", OK),
     "webp-as-jpg": (lambda face: encode(rgb_image(), "WEBP"), "face.jpg", OK),
     "tiff-as-jpg": (lambda face: encode(gray_image(), "TIFF"), "face.jpg", OK),
+    "bigtiff": (lambda face: encode(gray_image(), "TIFF", big_tiff=True), "scan.tif", OK),
+    # 64-bit offsets past what a seek takes: OverflowError from the decoder
+    "bigtiff-strip-past-2^63": (lambda face: bigtiff_strip_at(2**64 - 1), "scan.tif",
+                                (400, "corrupt_image")),
     "real-face": (lambda face: face, "face.jpg", OK),
     # Phone photos: iPhones send HEIC, newer Androids and browsers AVIF.
     "heic-photo": (lambda face: phone_photo(face, "HEIF"), "IMG_0001.HEIC", OK),
@@ -402,7 +413,8 @@ def test_a_quote_in_a_file_name_comes_back_as_the_client_encoded_it(client):
 
 
 def test_batch_mixing_every_kind_of_upload_predicts_the_good_ones(client, face, still_ready):
-    cases = ["real-face", "svg", "truncated-png", "1x1", "bomb-30000x30000", "cmyk-jpeg"]
+    cases = ["real-face", "svg", "truncated-png", "1x1", "bomb-30000x30000", "cmyk-jpeg",
+             "bigtiff-strip-past-2^63"]
     files = [("files", (f"{c}.bin", UPLOADS[c][0](face), "image/jpeg")) for c in cases]
     response = client.post("/predict", files=files)
     assert response.status_code == 200
