@@ -89,7 +89,7 @@ def run_video(args: argparse.Namespace) -> int:
     from service.inference import Predictor
     from service.video import (
         VIDEO_COLUMNS,
-        NoVideoStreamError,
+        VideoError,
         classify_video,
         plot_formats,
         plot_largest_face,
@@ -117,25 +117,31 @@ def run_video(args: argparse.Namespace) -> int:
     predictor.require_faces(mode)
     columns = (*VIDEO_COLUMNS, *COLUMNS[1:])
     writer = RowWriter(args.out, columns)
-    started, every_row, frames = time.perf_counter(), [], 0
+    started, written, frames = time.perf_counter(), 0, 0
+    plotted: list = []  # only the plot needs the rows again: a long video's stay on disk
     try:
         for rows in classify_video(predictor, args.video, model, mode, args.fps,
                                    args.batch_size):
             writer.write(rows)
-            every_row += rows
-            frames = len({r.values["frame"] for r in every_row})
-    except Exception as exc:  # PyAV raises its own errors for a file it cannot decode
-        if type(exc).__module__.startswith("av") or isinstance(exc, NoVideoStreamError):
-            print(f"emotion-detect: {args.video}: cannot decode the video: {exc}",
-                  file=sys.stderr)
-            return 1
-        raise
+            written += len(rows)
+            frames += len({r.values["frame"] for r in rows})  # a frame's rows share a batch
+            if args.plot:
+                plotted += rows
+    except Exception as exc:
+        # PyAV raises its own errors for a file it cannot decode
+        if not (isinstance(exc, VideoError) or type(exc).__module__.startswith("av")):
+            raise
+        reason = exc if isinstance(exc, VideoError) else (
+            f"{args.video}: cannot decode the video: {exc}")
+        kept = f"; the {written} rows of the {frames} frames before it are in {args.out}"
+        print(f"emotion-detect: {reason}{kept if frames else ''}", file=sys.stderr)
+        return 1
     finally:
         writer.close()
     if args.plot:
-        plot_largest_face(every_row, args.plot, f"{args.video.name}: {model}, faces={mode}, "
+        plot_largest_face(plotted, args.plot, f"{args.video.name}: {model}, faces={mode}, "
                           f"{args.fps:g} frames/s")
-    print(f"emotion-detect: {frames} frames sampled, {len(every_row)} rows in "
+    print(f"emotion-detect: {frames} frames sampled, {written} rows in "
           f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0
 

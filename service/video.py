@@ -29,8 +29,21 @@ def _av():
     return av
 
 
-class NoVideoStreamError(ValueError):
+class VideoError(ValueError):
+    """A file PyAV opens whose pictures cannot all be read, or read in time."""
+
+
+class NoVideoStreamError(VideoError):
     """A file PyAV opens that has no picture: audio alone, say."""
+
+
+class TruncatedVideoError(VideoError):
+    """The frames stop well before the duration the file's header declares: a cut download
+    or copy. PyAV's frame threads end such a stream quietly rather than raise."""
+
+
+# Shorter than this before the declared end is a normal last frame, not a cut file.
+TRUNCATION_SLACK_SECONDS = 0.5
 
 
 def upright(frame) -> Image.Image:
@@ -48,7 +61,8 @@ _TURNS = {1: Image.Transpose.ROTATE_90, 2: Image.Transpose.ROTATE_180,
 
 def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, DecodedImage]]:
     """(time in seconds, frame number, the frame in grayscale) at ``fps`` frames a second:
-    the first frame at or after each multiple of 1/fps."""
+    the first frame at or after each multiple of 1/fps. Raises :class:`VideoError` after the
+    last frame when the frames stopped short of the declared duration."""
     av = _av()
     with av.open(str(path)) as container:
         if not container.streams.video:
@@ -56,14 +70,41 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
                                      f"({len(container.streams)} other streams)")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        next_time = 0.0
+        # A raw H.264/H.265 stream (camera and CCTV exports) has no timestamps: its frames
+        # are timed by their number and the rate the codec declares.
+        rate = stream.guessed_rate or stream.average_rate
+        next_time, last_time = 0.0, None
         for number, frame in enumerate(container.decode(stream)):
-            if frame.time is None:
-                continue
-            if frame.time + 1e-6 >= next_time:
-                yield round(frame.time, 4), number, decoded_from_image(upright(frame))
-                while next_time <= frame.time + 1e-6:
+            if frame.time is not None:
+                time = frame.time
+            elif rate:
+                time = number / float(rate)
+            else:
+                raise VideoError(f"{path}: its frames carry no timestamps and the stream no "
+                                 "frame rate, so they cannot be placed in time")
+            last_time = time
+            if time + 1e-6 >= next_time:
+                yield round(time, 4), number, decoded_from_image(upright(frame))
+                while next_time <= time + 1e-6:
                     next_time += 1.0 / fps
+        end = declared_end(container, stream, av.time_base)
+        frame_seconds = 1 / float(rate) if rate else 0.0
+        if end is not None and end - (last_time if last_time is not None else 0.0) - (
+                frame_seconds) > TRUNCATION_SLACK_SECONDS:
+            stop = "before its first frame" if last_time is None else f"at {last_time:.1f} s"
+            raise TruncatedVideoError(f"{path}: the frames stop {stop} of the {end:.1f} s "
+                                      "its header declares: the file is cut short")
+
+
+def declared_end(container, stream, container_time_base: int) -> float | None:
+    """When the file's header says the video stream ends, in seconds; None where unsaid."""
+    if stream.duration and stream.time_base:
+        start = stream.start_time * stream.time_base if stream.start_time else 0
+        return float(start + stream.duration * stream.time_base)
+    if container.duration:
+        start = container.start_time or 0
+        return (start + container.duration) / container_time_base
+    return None
 
 
 def classify_video(predictor: Predictor, path: Path, model: str, mode: FacesMode,
@@ -80,7 +121,16 @@ def classify_video(predictor: Predictor, path: Path, model: str, mode: FacesMode
         pending.clear()
         return rows
 
-    for sample in sampled_frames(path, fps):
+    samples = sampled_frames(path, fps)
+    while True:
+        try:
+            sample = next(samples)
+        except StopIteration:
+            break
+        except Exception:  # a decoding error or a cut file: the frames before it still count
+            if pending:
+                yield flush()
+            raise
         pending.append(sample)
         if len(pending) >= batch_size:
             yield flush()

@@ -287,12 +287,14 @@ def test_the_progress_bar_shows_on_a_terminal_and_not_in_a_log(photo_folder, tmp
     assert b"img/s" in seen and b"14/14" in seen
 
 
-def encode_video(path, frames: list[Image.Image], fps: int, rotation: int = 0) -> None:
+def encode_video(path, frames: list[Image.Image], fps: int, rotation: int = 0,
+                 codec: str = "mpeg4", container_format: str | None = None,
+                 options: dict | None = None) -> None:
     """``rotation``: the display matrix's turn (counterclockwise degrees), as phones write."""
     import av
 
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
+    with av.open(str(path), "w", format=container_format, options=options or {}) as container:
+        stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height = frames[0].size
         stream.pix_fmt = "yuv420p"
         if rotation:
@@ -365,6 +367,44 @@ def test_a_video_without_pictures_and_impossible_rates_are_one_line_each(tmp_pat
         assert caught.value.code == 2
         assert "--fps must be above 0 and at most" in capsys.readouterr().err
 
+
+
+def noise_frames(count: int) -> list[Image.Image]:
+    """Frames that compress badly, so that cutting the file cuts the frames."""
+    return [Image.fromarray(np.random.default_rng(i).integers(0, 255, (48, 64), np.uint8))
+            for i in range(count)]
+
+
+def test_a_raw_camera_stream_without_timestamps_is_timed_by_its_frame_rate(tmp_path):
+    """CCTV and dashcam exports are bare H.264: no frame has a time. They gave 0 rows, exit 0."""
+    video, out = tmp_path / "camera.h264", tmp_path / "rows.csv"
+    encode_video(video, noise_frames(30), fps=10, codec="libx264", container_format="h264")
+    assert main(["video", str(video), "--out", str(out), "--fps", "2", "--faces", "none"]) == 0
+    rows = read_rows(out)
+    assert [float(r["time_s"]) for r in rows] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
+    assert [int(r["frame"]) for r in rows] == [0, 5, 10, 15, 20, 25]
+
+
+def test_a_cut_video_says_so_keeps_its_rows_and_exits_1(tmp_path, capsys):
+    """PyAV's frame threads end a cut stream quietly: a cut download gave the rows of its first
+    part, exit 0 and no word. The frames sampled before the cut, fewer than a batch here, are
+    still written."""
+    whole, cut = tmp_path / "whole.mp4", tmp_path / "cut.mp4"
+    # the index first (as web video is), so that the cut file still opens
+    encode_video(whole, noise_frames(40), fps=10, options={"movflags": "faststart"})
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 2 // 3])
+    argv = ["--fps", "2", "--faces", "none", "--batch-size", "16"]
+    assert main(["video", str(whole), "--out", str(tmp_path / "whole.csv"), *argv]) == 0
+    capsys.readouterr()
+    assert main(["video", str(cut), "--out", str(tmp_path / "cut.csv"), *argv]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    cut_rows, whole_rows = read_rows(tmp_path / "cut.csv"), read_rows(tmp_path / "whole.csv")
+    assert 3 <= len(cut_rows) < len(whole_rows) == 8
+    assert [{**r, "path": ""} for r in cut_rows] == [
+        {**r, "path": ""} for r in whole_rows[: len(cut_rows)]]
+    assert "the file is cut short" in line and "of the 4.0 s its header declares" in line
+    assert line.endswith(f"the {len(cut_rows)} rows of the {len(cut_rows)} frames before it "
+                         f"are in {tmp_path / 'cut.csv'}")
 
 
 @pytest.mark.parametrize("argv", [
