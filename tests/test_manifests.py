@@ -75,6 +75,16 @@ def env_of(spec: dict) -> dict[str, str]:
     return {e["name"]: e["value"] for e in spec.get("env", [])}
 
 
+def assert_real_settings(env: dict[str, str]) -> None:
+    """Every EMOTION_ variable names a setting, and the settings take its value. Settings
+    ignore unknown names, so a misspelt one would otherwise pass as the default."""
+    given = {k.removeprefix("EMOTION_").lower(): v for k, v in env.items()
+             if k.startswith("EMOTION_")}
+    assert given and set(given) <= set(Settings.model_fields), set(given) - set(
+        Settings.model_fields)
+    Settings(**given)
+
+
 def test_the_deployment_runs_the_service_as_its_settings_expect():
     deployment = base_resources()["Deployment"]
     pod = deployment["spec"]["template"]["spec"]
@@ -83,8 +93,7 @@ def test_the_deployment_runs_the_service_as_its_settings_expect():
     # Workers matched to the CPU limit; requests equal limits (Guaranteed QoS).
     assert int(env["EMOTION_WORKERS"]) == int(api["resources"]["limits"]["cpu"])
     assert api["resources"]["requests"] == api["resources"]["limits"]
-    Settings(**{k.removeprefix("EMOTION_").lower(): v for k, v in env.items()
-                if k.startswith("EMOTION_")})  # every variable is a real setting
+    assert_real_settings(env)
     # Non-root, read-only root filesystem, the metrics folder on an emptyDir.
     assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == 10001
     assert pod["enableServiceLinks"] is False  # no <SERVICE>_PORT variables among EMOTION_*
@@ -170,6 +179,7 @@ def test_the_kserve_predictor_is_a_valid_pod_on_the_v2_protocol(version):
         assert api[probe]["httpGet"]["path"] in routes
         assert api[probe]["httpGet"]["path"].startswith("/v2/health/")
     env = env_of(api)
+    assert_real_settings(env)
     assert int(env["EMOTION_WORKERS"]) == int(api["resources"]["limits"]["cpu"])
     pause = int(api["lifecycle"]["preStop"]["exec"]["command"][-1])
     drain = float(env["EMOTION_DRAIN_SECONDS"]) + float(env["EMOTION_SHUTDOWN_TIMEOUT_SECONDS"])
