@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from torchvision.transforms import v2
 
 from service.classes import CLASS_NAMES, NUM_CLASSES
 from training.evaluate import classification_metrics, tune_class_bias
@@ -61,6 +62,40 @@ def test_metrics_are_consistent():
     assert matrix.sum(1).tolist() == [m["per_class"][c]["support"] for c in CLASS_NAMES]
     assert m["macro_f1"] == pytest.approx(np.mean([m["per_class"][c]["f1"] for c in CLASS_NAMES]))
     assert m["accuracy"] == pytest.approx(np.trace(matrix) / matrix.sum())
+
+
+def test_metrics_match_a_hand_count():
+    """Counted by hand: ANGER 2 of 3 predicted right, 2 of 3 found; SURPRISE 1 of 2, 1 of 2;
+    NEUTRAL 3 of 5, 3 of 4; CONTEMPT's one image missed; the other four classes absent."""
+    y_true = np.array([0, 0, 0, 1, 1, 4, 4, 4, 4, 7])
+    y_pred = np.array([0, 0, 1, 1, 4, 4, 4, 4, 0, 4])
+    m = classification_metrics(y_true, y_pred)
+    neutral = m["per_class"]["NEUTRAL"]
+    assert (neutral["precision"], neutral["recall"]) == pytest.approx((3 / 5, 3 / 4))
+    assert neutral["f1"] == pytest.approx(2 / 3) and neutral["support"] == 4
+    assert m["per_class"]["ANGER"]["f1"] == pytest.approx(2 / 3)
+    assert m["per_class"]["SURPRISE"]["f1"] == pytest.approx(1 / 2)
+    assert m["per_class"]["CONTEMPT"] == {"precision": 0, "recall": 0, "f1": 0, "support": 1}
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 1 / 2 + 2 / 3) / 8)  # absent classes: 0
+    assert m["macro_f1_six_large_classes"] == pytest.approx((2 / 3 + 1 / 2 + 2 / 3) / 6)
+    assert m["accuracy"] == pytest.approx(6 / 10)
+    assert m["confusion_matrix"][4] == [1, 0, 0, 0, 3, 0, 0, 0]
+
+
+def test_calibration_error_weights_each_bin_by_its_share():
+    """Three answers at 0.9 with one right, one at 0.5 that is right:
+    3/4 * |1/3 - 0.9| + 1/4 * |1 - 0.5|."""
+    def answer(top: float, label: int) -> list[float]:
+        row = [(1 - top) / 7] * 8
+        row[label] = top
+        return row
+
+    probabilities = np.array([answer(0.9, 0), answer(0.9, 1), answer(0.9, 2), answer(0.5, 4)])
+    from training.rule import expected_calibration_error
+
+    ece, table = expected_calibration_error(probabilities, np.array([0, 4, 4, 4]))
+    assert ece == pytest.approx(3 / 4 * (0.9 - 1 / 3) + 1 / 4 * 0.5)
+    assert [(b["n"], b["accuracy"]) for b in table] == [(1, 1.0), (3, pytest.approx(1 / 3))]
 
 
 def test_bias_tuning_only_improves_validation_macro_f1():
@@ -352,10 +387,12 @@ def test_the_low_resolution_augmentation_blurs_only_sometimes():
 
     torch.manual_seed(0)
     image = torch.rand(1, 88, 88)
-    always = augmentation(lowres=1.0)
-    steps = always.transforms
-    assert len(steps) == 4 and augmentation().transforms[-1] is not steps[-1]
+    steps = augmentation(lowres=1.0).transforms
+    # off by default, and at the probability asked for
+    assert not any(isinstance(t, v2.RandomApply) for t in augmentation().transforms)
+    assert augmentation(lowres=0.3).transforms[-1].p == 0.3
     lowres = steps[-1]
+    assert isinstance(lowres, v2.RandomApply) and lowres.p == 1.0
     out = lowres(image)
     assert out.shape == image.shape
     # Down to 56 px or less and back: the finest detail is gone.
