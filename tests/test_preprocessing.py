@@ -126,6 +126,16 @@ def test_resize_is_deterministic_and_already_sized_images_pass_through():
                           preprocess_image_uint8(png_bytes(90, 70)))
 
 
+@pytest.mark.parametrize("size", [(1000, 700), (90, 70)], ids=["down", "up"])
+def test_the_resize_is_the_studys_antialiased_bilinear(size):
+    """The filter is part of the contract the models were trained under: another one (BOX,
+    LANCZOS) would serve slightly different inputs without any other test noticing."""
+    noise = np.random.default_rng(3).integers(0, 256, size[::-1], dtype=np.uint8)
+    expected = Image.fromarray(noise).resize((350, 350), Image.Resampling.BILINEAR)
+    np.testing.assert_array_equal(preprocess_image_uint8(encode(Image.fromarray(noise))),
+                                  np.asarray(expected))
+
+
 def test_model_input_is_pixels_over_255():
     pixels = preprocess_image_uint8(jpeg_bytes())
     np.testing.assert_array_equal(preprocess_image(jpeg_bytes()), pixels_to_input(pixels))
