@@ -204,10 +204,16 @@ def test_prometheus_exposition_and_counters_move(client, faces, accept):
     before = client.get("/metrics", headers={"accept": accept})
     assert before.status_code == 200
     assert before.headers["content-type"].startswith(accept.split(";")[0])
-    post_file(client, next(iter(faces.values())))
+    [answer] = post_file(client, next(iter(faces.values()))).json()["predictions"]
     post_file(client, b"junk")
     after = _samples(client.get("/metrics", headers={"accept": accept}).text)
     first = _samples(before.text)
+    model = (("model", "cnn"),)
+    predicted = ("emotion_predictions_total", (("label", answer["label"]), *model))
+    assert after[predicted] == first.get(predicted, 0) + 1
+    top = ("emotion_top_probability_sum", model)
+    assert after[top] - first.get(top, 0) == pytest.approx(
+        answer["probabilities"][answer["label"]], abs=1e-3)
     key = ("emotion_http_requests_total",
            (("method", "POST"), ("route", "/predict"), ("status", "200")))
     assert after[key] == first.get(key, 0) + 1
