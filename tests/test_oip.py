@@ -100,6 +100,18 @@ def test_both_input_forms_give_predicts_probabilities(client, server, faces, mod
         "versions"][0]
 
 
+def test_inference_on_a_version_runs_only_the_served_one(client, faces):
+    encoded = triton.InferInput("image_bytes", [1], "BYTES")
+    encoded.set_data_from_numpy(np.array(faces[:1], dtype=np.object_), binary_data=True)
+    [version] = client.get_model_metadata("cnn")["versions"]
+    served = client.infer("cnn", [encoded]).as_numpy("probabilities")
+    versioned = client.infer("cnn", [encoded], model_version=version)
+    np.testing.assert_array_equal(versioned.as_numpy("probabilities"), served)
+    with pytest.raises(InferenceServerException, match="has no version '0") as caught:
+        client.infer("cnn", [encoded], model_version="0" + version)
+    assert caught.value.status() == "404"
+
+
 def test_client_mistakes_are_400s_with_a_reason(client, faces):
     def infer(inputs, **kwargs):
         with pytest.raises(InferenceServerException) as caught:
