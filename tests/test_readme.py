@@ -3,10 +3,14 @@ answer, and the commands and files it names exist."""
 
 from __future__ import annotations
 
+import argparse
 import ast
+import importlib.util
 import re
+import shlex
 from pathlib import Path
 
+import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
 from service.inference import PredictorError
@@ -73,6 +77,45 @@ def test_the_files_and_commands_it_names_exist():
     for image in re.findall(r"\(([\w/]+\.png)\)", README):
         assert (REPO / image).is_file(), image
     assert "group_photo.jpg" not in README
+
+
+def command_lines(program: str) -> list[list[str]]:
+    """The arguments of each ``program`` command the README shows, split as a shell would
+    and without their comments."""
+    pattern = rf"(?m)(?:^|`|\$ ){re.escape(program)}(?= |`|$)([^`\n#]*)"
+    return [args for m in re.finditer(pattern, README) if (args := shlex.split(m.group(1)))]
+
+
+def options_of(parser: argparse.ArgumentParser) -> set[str]:
+    found = set(parser._option_string_actions)  # argparse lists a parser's options nowhere else
+    for action in parser._subparsers._group_actions if parser._subparsers else []:
+        for sub in action.choices.values():
+            found |= options_of(sub)
+    return found
+
+
+def test_the_commands_it_shows_are_ones_the_programs_take():
+    from service.cli import build_parser as cli_parser
+    from training.__main__ import build_parser as training_parser
+
+    shown = {"python -m training": (training_parser(), 10), "emotion-detect": (cli_parser(), 2)}
+    for program, (parser, at_least) in shown.items():
+        lines = command_lines(program)
+        assert len(lines) >= at_least, program  # the pattern still finds them
+        for args in lines:
+            try:
+                parser.parse_args(args)
+            except SystemExit:
+                pytest.fail(f"README: {program} {shlex.join(args)}: refused by its parser")
+    section = README.split("## The command line", 1)[1].split("\n## ", 1)[0]
+    assert set(re.findall(r"`(--[a-z-]+)", section)) <= options_of(cli_parser())
+    targets = set(re.findall(r"(?m)^([a-z-]+):", (REPO / "Makefile").read_text()))
+    assert {args[0] for args in command_lines("make")} <= targets
+    for module in set(re.findall(r"python -m ([a-z_]+(?:\.[a-z_]+)*)", README)):
+        assert importlib.util.find_spec(module), module
+    benchmarks = README.split("python -m benchmarks.<name>`:", 1)[1].split("\n", 1)[0]
+    for name in re.findall(r"`(bench_[a-z_]+)`", benchmarks):
+        assert (REPO / "benchmarks" / f"{name}.py").is_file(), name
 
 
 def test_the_side_by_side_in_the_readme_is_the_manifests():
