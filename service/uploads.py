@@ -106,14 +106,17 @@ class _MultipartCollector:
         self.uploads: list[ImageInput] = []
         self.other_fields: dict[str, None] = {}  # an ordered set: names in arrival order
         self._name = self._filename = None
+        self._is_file = False
         self._data = bytearray()
         self._over = False
         self._header_name = self._header_value = b""
-        self._disposition = b""
+        self._disposition = self._content_type = b""
 
     def on_part_begin(self) -> None:
         self._name = self._filename = None
-        self._data, self._over, self._disposition = bytearray(), False, b""
+        self._is_file = False
+        self._data, self._over = bytearray(), False
+        self._disposition = self._content_type = b""
 
     def on_header_field(self, data: bytes, start: int, end: int) -> None:
         self._header_name += data[start:end]
@@ -124,6 +127,8 @@ class _MultipartCollector:
     def on_header_end(self) -> None:
         if self._header_name.lower() == b"content-disposition":
             self._disposition = self._header_value
+        elif self._header_name.lower() == b"content-type":
+            self._content_type = self._header_value
         self._header_name = self._header_value = b""
 
     def on_headers_finished(self) -> None:
@@ -131,7 +136,12 @@ class _MultipartCollector:
         self._name = options.get(b"name", b"").decode("utf-8", "replace")
         filename = options.get(b"filename")
         self._filename = None if filename is None else filename.decode("utf-8", "replace")
-        if self._name in FILE_FIELDS and self._filename is None:
+        media = self._content_type.split(b";", 1)[0].strip().lower()
+        # A client sending bytes with no file name (requests' (None, data, "image/png"),
+        # Spring's ByteArrayResource) still names a type that is not text.
+        self._is_file = self._filename is not None or (
+            bool(media) and not media.startswith(b"text/"))
+        if self._name in FILE_FIELDS and not self._is_file:
             # The classic curl slip: -F file=face.jpg sends the text "face.jpg".
             raise ApiError(422, "not_a_file", f"the field {self._name!r} holds text, not a "
                            f"file; send the image as a file (with curl: -F "
@@ -144,7 +154,7 @@ class _MultipartCollector:
             self.other_fields.setdefault(self._name)
 
     def _is_image_part(self) -> bool:
-        return self._name in FILE_FIELDS and self._filename is not None
+        return self._name in FILE_FIELDS and self._is_file
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         if not self._is_image_part() or self._over:
@@ -198,7 +208,9 @@ def _field_list(names: list[str], shown: int = 10) -> str:
     if not names:
         return "no fields"
     more = f" and {len(names) - shown} more" if len(names) > shown else ""
-    return f"fields {names[:shown]}{more}"
+    # a name can be as long as a part's headers allow: each is cut, not echoed whole
+    named = [n if len(n) <= 64 else n[:64] + "..." for n in names[:shown]]
+    return f"fields {named}{more}"
 
 
 async def read_uploads(request: Request, settings: Settings) -> list[ImageInput]:

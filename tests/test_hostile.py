@@ -486,6 +486,25 @@ def test_thousands_of_text_fields_are_named_briefly(client, still_ready):
     assert "and 19990 more" in detail and len(detail) < 500
 
 
+def test_long_field_names_are_cut_in_the_error(client, still_ready):
+    parts = [f'Content-Disposition: form-data; name="{c * 60_000}"\r\n\r\nx'.encode()
+             for c in "abc"]
+    response = client.post("/predict", content=multipart(parts), headers={
+        "content-type": "multipart/form-data; boundary=XyZ"})
+    assert_error(response, 422, "no_file")
+    detail = response.json()["detail"]
+    assert f"'{'a' * 64}...'" in detail and len(detail) < 500
+
+
+@pytest.mark.parametrize("media_type", ["image/png", "application/octet-stream"])
+def test_a_file_part_without_a_file_name_is_an_image_by_its_type(client, still_ready,
+                                                                 media_type):
+    """requests' (None, data, type) and Spring's ByteArrayResource send no file name; their
+    type says the part is not text (it was refused as 'holds text')."""
+    response = client.post("/predict", files={"file": (None, png_bytes(), media_type)})
+    assert_prediction(response, None)
+
+
 def test_the_part_content_type_does_not_matter_only_the_bytes(client, still_ready):
     response = client.post("/predict", files={"file": ("a.txt", png_bytes(), "text/plain")})
     assert_prediction(response, "a.txt")
