@@ -1,6 +1,7 @@
 """The fetch command's path, against a local repository standing in for upstream."""
 
 import hashlib
+import subprocess
 
 import pytest
 
@@ -31,3 +32,26 @@ def test_fetch_refuses_files_that_differ_from_the_checksums(upstream, tmp_path):
     sums.write_text(sums.read_text().replace(sums.read_text()[:8], "00000000", 1))
     with pytest.raises(ChecksumError, match="differ"):
         fetch_dataset(tmp_path / "clone", sums, f"file://{repo}", commit)
+
+
+def test_a_fetch_that_failed_takes_the_next_runs_source(upstream, tmp_path):
+    """The first try's remote (unreachable) stayed, and a later --source was ignored."""
+    repo, commit, sums = upstream
+    dest = tmp_path / "clone"
+    with pytest.raises(subprocess.CalledProcessError):
+        fetch_dataset(dest, sums, f"file://{tmp_path / 'nowhere'}", commit)
+    assert (dest / ".git").is_dir()
+    fetch_dataset(dest, sums, f"file://{repo}", commit)
+    assert (dest / "images" / "A_0001.png").read_bytes() == (
+        repo / "images" / "A_0001.png").read_bytes()
+
+
+def test_fetch_never_checks_out_over_a_folder_of_other_files(upstream, tmp_path):
+    repo, commit, sums = upstream
+    dest = tmp_path / "mine"
+    dest.mkdir()
+    (dest / "README.md").write_text("my notes")
+    with pytest.raises(SystemExit, match="holds files and is not an earlier fetch"):
+        fetch_dataset(dest, sums, f"file://{repo}", commit)
+    assert [p.name for p in dest.iterdir()] == ["README.md"]
+    assert (dest / "README.md").read_text() == "my notes"

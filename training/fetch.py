@@ -50,11 +50,17 @@ def verify_dataset(dataset_dir: Path, checksums_path: Path, require_all: bool = 
 
 def fetch_dataset(dest: Path, checksums_path: Path, repository: str = UPSTREAM_REPOSITORY,
                   commit: str = UPSTREAM_COMMIT) -> Path:
-    """Shallow-fetch ``repository`` at ``commit`` into ``dest`` and verify it."""
+    """Shallow-fetch ``repository`` at ``commit`` into ``dest`` and verify it. An earlier
+    fetch's checkout is reused (from this ``repository``); a folder of other files is not."""
     if not (dest / ".git").exists():
+        if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+            raise SystemExit(f"{dest} holds files and is not an earlier fetch of the dataset: "
+                             "name a new or empty folder with --dest")
         dest.mkdir(parents=True, exist_ok=True)
         _git(dest, "init", "--quiet")
         _git(dest, "remote", "add", "origin", repository)
+    else:  # a failed fetch left its remote: this run's --source is the one to use
+        _git(dest, "remote", "set-url", "origin", repository)
     _git(dest, "fetch", "--quiet", "--depth", "1", "origin", commit)
     _git(dest, "checkout", "--quiet", "--force", commit)
     verify_dataset(dest, checksums_path)
