@@ -39,6 +39,23 @@ def test_cache_holds_exactly_what_serving_computes(tmp_path):
     np.testing.assert_array_equal(again.pixels, decoded.pixels)
 
 
+def test_a_rebuild_replaces_a_damaged_cache(tmp_path):
+    """The rebuilt folder could not be renamed over the old one, so it was thrown away as if
+    another process had finished first, and the damaged pixels stayed."""
+    from training.cache import PIXELS_FILE, build_cache
+
+    images = tmp_path / "images"
+    images.mkdir()
+    table = synthetic_table(images)
+    good = np.array(load_decoded_images(table, images, tmp_path / "cache", workers=1).pixels)
+    pixels = tmp_path / "cache" / cache_key(table) / PIXELS_FILE
+    pixels.write_bytes(bytes(pixels.stat().st_size))  # zeroed: a damaged disk, say
+    build_cache(table, images, tmp_path / "cache", workers=1, replace=True)
+    np.testing.assert_array_equal(
+        load_decoded_images(table, images, tmp_path / "cache").pixels, good)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [cache_key(table)]
+
+
 def test_cache_key_changes_with_the_data(tmp_path, monkeypatch):
     images = tmp_path / "images"
     images.mkdir()

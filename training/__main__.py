@@ -89,11 +89,14 @@ def cmd_cache(args: argparse.Namespace) -> None:
     fer = fer_table(settings.fer2013_dir, settings.fer2013_checksums)
     if len(fer):
         tables["fer2013"] = (fer, settings.fer2013_dir)
+    else:  # said, not skipped quietly: training would stop on it later
+        print(f"fer2013: no image in {settings.fer2013_dir} (EMOTION_FER2013_DIR) is named "
+              f"in {settings.fer2013_checksums.name}: not cached", file=sys.stderr)
     for name, (table, images_dir) in tables.items():
         folder = settings.cache_dir / cache_key(table)
         if args.rebuild or not folder.exists():
             started = time.perf_counter()
-            build_cache(table, images_dir, settings.cache_dir)
+            build_cache(table, images_dir, settings.cache_dir, replace=args.rebuild)
             print(f"{name}: built {folder} in {time.perf_counter() - started:.1f} s")
         started = time.perf_counter()
         decoded = load_decoded_images(table, images_dir, settings.cache_dir)

@@ -67,7 +67,9 @@ def load_decoded_images(table: pd.DataFrame, images_dir: Path, cache_dir: Path,
 
 
 def build_cache(table: pd.DataFrame, images_dir: Path, cache_dir: Path,
-                workers: int | None = None) -> Path:
+                workers: int | None = None, replace: bool = False) -> Path:
+    """Decode ``table`` into ``cache_dir/<key>``; ``replace`` puts the new build in place of
+    one that exists (``cache --rebuild``), which is otherwise kept."""
     key = cache_key(table)
     cache_dir.mkdir(parents=True, exist_ok=True)
     # Build beside the final folder and rename it into place, so a crash or a concurrent
@@ -95,6 +97,12 @@ def build_cache(table: pd.DataFrame, images_dir: Path, cache_dir: Path,
              "shape": [len(names), INPUT_SIZE, INPUT_SIZE], "names": names}
     (staging / INDEX_FILE).write_text(json.dumps(index))
     final = cache_dir / key
+    if replace and final.exists():
+        # aside first: a rename does not replace a folder that has files; open memory maps
+        # of the old files stay valid until they are closed
+        old = cache_dir / f".{key}.old.{os.getpid()}"
+        final.rename(old)
+        shutil.rmtree(old, ignore_errors=True)
     try:
         staging.rename(final)
     except OSError:  # another process finished the same cache first
