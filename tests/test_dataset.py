@@ -1,11 +1,16 @@
 """The audit, the clean table and the splits, on the real dataset."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
 
 from service.classes import CLASS_NAMES
+from tests.server import REPO
 from training.audit import STUDY_CLASS_COUNTS, run_audit
 from training.dataset import identity_from_filename, read_clean_table
 from training.fetch import read_checksums, verify_dataset
@@ -93,3 +98,34 @@ def test_every_class_is_in_every_subset(data_settings):
         counts = pd.crosstab(split["label"], split["split"])
         assert set(counts.index) == set(CLASS_NAMES)
         assert (counts[list(SUBSETS)] > 0).all().all(), name
+
+
+@pytest.mark.parametrize("broken", ["an image missing", "no FER-2013"])
+def test_the_audit_refuses_data_that_differs_before_it_rewrites_the_splits(
+        data_settings, tmp_path, broken):
+    """It rewrote clean.csv and the splits from a copy missing images (and with a changed
+    byte, recorded the new checksum), and without FER-2013 stopped in a traceback after
+    rewriting them."""
+    data = tmp_path / "data"
+    shutil.copytree(REPO / "data", data)
+    before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    dataset = data_settings.dataset_dir
+    env = {**os.environ, "EMOTION_DATA_DIR": str(data), "EMOTION_DATASET_DIR": str(dataset)}
+    if broken == "an image missing":
+        copy = tmp_path / "dataset"
+        (copy / "images").mkdir(parents=True)
+        for entry in dataset.iterdir():
+            if entry.name != "images":
+                (copy / entry.name).symlink_to(entry)
+        for image in sorted((dataset / "images").iterdir())[1:]:
+            (copy / "images" / image.name).symlink_to(image)
+        env["EMOTION_DATASET_DIR"], expected = str(copy), "1 files missing"
+    else:
+        (tmp_path / "empty").mkdir()
+        env["EMOTION_FER2013_DIR"], expected = str(tmp_path / "empty"), "no image in"
+    result = subprocess.run([sys.executable, "-m", "training", "audit"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert expected in line
+    assert {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == before

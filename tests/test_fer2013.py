@@ -171,3 +171,30 @@ def test_the_audit_agrees_with_the_shared_copy(fer_settings):
     spanning = sum(n for usages, n in audit["exact_duplicates"]["by_usages"].items()
                    if "PublicTest" in usages)
     assert len(groups) == spanning - sum(len(g) == 1 for g in seen)
+
+
+@pytest.mark.parametrize("copy", ["none", "five of PublicTest"])
+def test_verify_fails_on_a_folder_without_fer2013_or_with_a_part_of_a_usage(
+        fer_settings, tmp_path, copy):
+    """Both passed: '0 files match' and '5 files match', exit 0."""
+    import subprocess
+    import sys
+
+    from tests.server import REPO
+    from training.fetch import read_checksums
+
+    folder = tmp_path / "fer2013"
+    folder.mkdir()
+    if copy != "none":
+        names = [n for n in read_checksums(fer_settings.fer2013_checksums)
+                 if (fer_settings.fer2013_dir / n).is_file() and "PublicTest" in n][:5]
+        for name in names:
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).symlink_to(fer_settings.fer2013_dir / name)
+    result = subprocess.run([sys.executable, "-m", "training", "verify", "fer2013"], cwd=REPO,
+                            env={**os.environ, "EMOTION_FER2013_DIR": str(folder)},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.endswith("no file named in fer2013.SHA256SUMS: point EMOTION_FER2013_DIR at "
+                         "FER-2013" if copy == "none" else "PublicTest has 5 of its 3589 images")

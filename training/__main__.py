@@ -45,9 +45,27 @@ def cmd_verify(args: argparse.Namespace) -> None:
     from training.fetch import verify_dataset
 
     if args.dataset == "fer2013":  # the shared copy holds PublicTest only
+        from collections import Counter
+
+        from training.fer2013 import fer_table, parse_original
+        from training.fetch import read_checksums
+
         count = verify_dataset(settings.fer2013_dir, settings.fer2013_checksums,
                                require_all=False)
-        print(f"{settings.fer2013_dir}: {count} files match {settings.fer2013_checksums.name}")
+        where = f"{settings.fer2013_dir}: "
+        if not count:
+            raise SystemExit(where + f"no file named in {settings.fer2013_checksums.name}: "
+                             "point EMOTION_FER2013_DIR at FER-2013")
+        # a part of the release may be absent, but a part that is here is here whole
+        release = Counter(parse_original(name)["usage"]
+                          for name in read_checksums(settings.fer2013_checksums))
+        here = Counter(fer_table(settings.fer2013_dir, settings.fer2013_checksums)["usage"])
+        partial = [f"{usage} has {here[usage]} of its {release[usage]} images"
+                   for usage in sorted(here) if here[usage] < release[usage]]
+        if partial:
+            raise SystemExit(where + "; ".join(partial))
+        print(where + f"{count} files match {settings.fer2013_checksums.name} ("
+              + ", ".join(f"{usage} {n}" for usage, n in sorted(here.items())) + ")")
         return
 
     count = verify_dataset(settings.dataset_dir, settings.checksums_file)
@@ -57,9 +75,17 @@ def cmd_verify(args: argparse.Namespace) -> None:
 def cmd_audit(args: argparse.Namespace) -> None:
     from training.audit import run_audit
     from training.audit_fer2013 import run_fer_audit
+    from training.fer2013 import fer_table
+    from training.fetch import verify_dataset
 
     settings = get_training_settings()
     started = time.perf_counter()
+    # Both datasets are checked before data/ is rewritten: the splits are the contract.
+    verify_dataset(settings.dataset_dir, settings.checksums_file)
+    if not len(fer_table(settings.fer2013_dir, settings.fer2013_checksums)):
+        raise SystemExit(f"no image in {settings.fer2013_dir} is named in "
+                         f"{settings.fer2013_checksums.name}: point EMOTION_FER2013_DIR at "
+                         "FER-2013 (`python -m training fetch fer2013` fetches it)")
     report = run_audit(settings)
     print(f"audit: {report['legend_rows']} rows, {report['kept_images']} kept images, "
           f"{report['identities']} identity groups, class counts match the study: "
