@@ -324,6 +324,35 @@ def test_a_stalled_body_is_408_and_gives_its_in_flight_place_back(path, content_
         assert after.status_code == 200  # ... and given back once it has timed out
 
 
+@pytest.mark.parametrize(("first_byte_after", "message"), [
+    (0.02, "no byte of the request body came for 2 s"),  # a moment late: it stopped
+    (0.5, "came slower than 8192 bytes/s"),  # then the rate is what fell short first
+])
+def test_a_body_that_stops_is_told_so_though_its_first_bytes_came_late(first_byte_after,
+                                                                       message):
+    """Under load the first bytes reach the service a moment after it starts waiting; a body
+    that then stopped was told it came too slowly, not that it stopped."""
+    import asyncio
+
+    from service.errors import ApiError
+    from service.uploads import body_chunks
+
+    class StalledRequest:
+        async def stream(self):
+            await asyncio.sleep(first_byte_after)
+            yield b"--XyZ\r\n"
+            await asyncio.sleep(60)
+
+    async def read() -> ApiError:
+        with pytest.raises(ApiError) as caught:
+            async for _ in body_chunks(StalledRequest(), Settings(body_idle_seconds=2)):
+                pass
+        return caught.value
+
+    refused = asyncio.run(read())
+    assert refused.status == 408 and message in refused.detail
+
+
 def test_a_trickled_body_is_408_and_a_client_gone_mid_upload_is_no_500(tmp_path):
     """A byte every so often (under the idle timeout each time) held an in-flight place for
     ever; a client closing mid-upload was counted and logged as a 500 with a traceback."""
