@@ -73,7 +73,7 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
         # A raw H.264/H.265 stream (camera and CCTV exports) has no timestamps: its frames
         # are timed by their number and the rate the codec declares.
         rate = stream.guessed_rate or stream.average_rate
-        next_time, last_time = 0.0, None
+        next_time, last_time, last_end = 0.0, None, None
         for number, frame in enumerate(container.decode(stream)):
             if frame.time is not None:
                 time = frame.time
@@ -82,29 +82,33 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
             else:
                 raise VideoError(f"{path}: its frames carry no timestamps and the stream no "
                                  "frame rate, so they cannot be placed in time")
-            last_time = time
+            # a slideshow's last frame may be shown for seconds: its own duration, not 1/rate
+            shown = (float(frame.duration * frame.time_base) if frame.duration
+                     and frame.time_base else 1 / float(rate) if rate else 0.0)
+            last_time, last_end = time, time + shown
             if time + 1e-6 >= next_time:
                 yield round(time, 4), number, decoded_from_image(upright(frame))
                 while next_time <= time + 1e-6:
                     next_time += 1.0 / fps
-        end = declared_end(container, stream, av.time_base)
-        frame_seconds = 1 / float(rate) if rate else 0.0
-        if end is not None and end - (last_time if last_time is not None else 0.0) - (
-                frame_seconds) > TRUNCATION_SLACK_SECONDS:
+        end = declared_end(stream)
+        if end is not None and end - (last_end or 0.0) > TRUNCATION_SLACK_SECONDS:
             stop = "before its first frame" if last_time is None else f"at {last_time:.1f} s"
             raise TruncatedVideoError(f"{path}: the frames stop {stop} of the {end:.1f} s "
                                       "its header declares: the file is cut short")
 
 
-def declared_end(container, stream, container_time_base: int) -> float | None:
-    """When the file's header says the video stream ends, in seconds; None where unsaid."""
+def declared_end(stream) -> float | None:
+    """When the file's header says the video stream ends, in seconds; None where unsaid.
+    The container's duration is never used: it covers the audio too, which may run on."""
     if stream.duration and stream.time_base:
-        start = stream.start_time * stream.time_base if stream.start_time else 0
-        return float(start + stream.duration * stream.time_base)
-    if container.duration:
-        start = container.start_time or 0
-        return (start + container.duration) / container_time_base
-    return None
+        return float((stream.start_time or 0) * stream.time_base
+                     + stream.duration * stream.time_base)
+    tag = stream.metadata.get("DURATION")  # Matroska/WebM: the track's end, hh:mm:ss.fraction
+    try:
+        hours, minutes, seconds = tag.split(":")
+        return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    except (AttributeError, ValueError):
+        return None
 
 
 def classify_video(predictor: Predictor, path: Path, model: str, mode: FacesMode,

@@ -407,6 +407,48 @@ def test_a_cut_video_says_so_keeps_its_rows_and_exits_1(tmp_path, capsys):
                          f"are in {tmp_path / 'cut.csv'}")
 
 
+def video_with_longer_sound(path, frames: list[Image.Image], fps: int, seconds: float) -> None:
+    """A Matroska file whose audio track runs ``seconds``, past its pictures."""
+    import fractions
+
+    import av
+
+    with av.open(str(path), "w") as container:
+        video, audio = container.add_stream("mpeg4", rate=fps), container.add_stream("aac",
+                                                                                     rate=44100)
+        video.width, video.height = frames[0].size
+        video.pix_fmt = "yuv420p"
+        for image in frames:
+            for packet in video.encode(av.VideoFrame.from_image(image.convert("RGB"))):
+                container.mux(packet)
+        container.mux(video.encode())
+        for start in range(0, int(seconds * 44100), 1024):
+            sound = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp",
+                                               layout="mono")
+            sound.sample_rate, sound.pts = 44100, start
+            sound.time_base = fractions.Fraction(1, 44100)
+            container.mux(audio.encode(sound))
+        container.mux(audio.encode())
+
+
+@pytest.mark.parametrize("kind", ["last frame held", "sound runs on"])
+def test_a_whole_video_is_not_taken_for_a_cut_one(tmp_path, kind):
+    """Both were 'cut short', exit 1: a GIF or slideshow whose last frame is shown for 2 s
+    (its end is its last frame's time plus its own duration), and a file whose sound outlasts
+    its pictures (the container's duration counts the sound)."""
+    frames = noise_frames(20)
+    if kind == "last frame held":
+        video = tmp_path / "pause.gif"
+        frames[0].save(video, save_all=True, append_images=frames[1:],
+                       duration=[100] * 19 + [2000])
+    else:
+        video = tmp_path / "talk.mkv"
+        video_with_longer_sound(video, frames, fps=10, seconds=5)
+    out = tmp_path / "rows.csv"
+    assert main(["video", str(video), "--out", str(out), "--fps", "2", "--faces", "none"]) == 0
+    assert [float(r["time_s"]) for r in read_rows(out)] == [0.0, 0.5, 1.0, 1.5]
+
+
 @pytest.mark.parametrize("argv", [
     ["images", "{photo}", "--out", "{tmp}/missing/rows.csv"],
     ["images", "{photo}", "--out", "{tmp}/folder.csv"],
