@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -149,13 +150,13 @@ def predictions_per_worker(folder: Path) -> list[float]:
     """Each worker's own count of answered /predict requests, read from its file alone."""
     counts = []
     for worker_file in sorted(folder.glob("counter_*.db")):
-        alone = Path(tempfile.mkdtemp(dir=folder.parent))
-        shutil.copy(worker_file, alone)
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=str(alone))
-        counts.append(sum(s.value for family in registry.collect() for s in family.samples
-                          if s.name == "emotion_http_requests_total"
-                          and s.labels.get("route") == "/predict"))
+        with tempfile.TemporaryDirectory(dir=folder.parent) as alone:
+            shutil.copy(worker_file, alone)
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=alone)
+            counts.append(sum(s.value for family in registry.collect() for s in family.samples
+                              if s.name == "emotion_http_requests_total"
+                              and s.labels.get("route") == "/predict"))
     return counts
 
 
@@ -182,6 +183,11 @@ def test_metrics_add_up_across_several_workers(data_settings, tmp_path, folder_g
                 assert list(pool.map(predict, range(8))) == [200] * 8
                 requests += 8
                 per_worker = predictions_per_worker(folder)
+        # a request is counted once its answer has gone: the last few may trail the client
+        deadline = time.monotonic() + 10
+        while sum(per_worker) < requests and time.monotonic() < deadline:
+            time.sleep(0.05)
+            per_worker = predictions_per_worker(folder)
         scrapes = [metric_total(httpx.get(f"{base}/metrics", headers={"accept": "text/plain"},
                                           timeout=30).text,
                                 "emotion_http_requests_total", route="/predict")
