@@ -249,7 +249,7 @@ def _open_checked(data: bytes, limits: ImageLimits) -> Image.Image:
 
 
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00",
-               b"MM\x00*")
+               b"MM\x00*", b"II+\x00", b"MM\x00+")  # TIFF, then BigTIFF
 # ISO base media files (HEIC, AVIF): 'ftyp' at byte 4, then the brand.
 _FTYP_BRANDS = (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis")
 

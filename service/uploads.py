@@ -17,6 +17,8 @@ from service.preprocessing import TooManyBytesError
 from service.settings import Settings
 
 FILE_FIELDS = ("file", "files")
+# Types whose part is a form field, however the client labels it, unless it names a file.
+TEXT_TYPES = (b"application/json", b"application/xml", b"application/x-www-form-urlencoded")
 # One part header line; python-multipart's 4 KiB default refuses a long (but legal) file name.
 MAX_PART_HEADER_BYTES = 64 * 1024
 
@@ -142,7 +144,7 @@ class _MultipartCollector:
         # A client sending bytes with no file name (requests' (None, data, "image/png"),
         # Spring's ByteArrayResource) still names a type that is not text.
         self._is_file = self._filename is not None or (
-            bool(media) and not media.startswith(b"text/"))
+            bool(media) and not media.startswith(b"text/") and media not in TEXT_TYPES)
         if self._name in FILE_FIELDS and not self._is_file:
             # The classic curl slip: -F file=face.jpg sends the text "face.jpg".
             raise ApiError(422, "not_a_file", f"the field {self._name!r} holds text, not a "
