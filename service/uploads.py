@@ -60,14 +60,14 @@ async def body_chunks(request: Request, settings: Settings) -> AsyncIterator[byt
             silent = time.monotonic() - waiting_since
             # The rate's deadline falls just before the idle one when a body stops early (its
             # first bytes a moment after the start, longer on a loaded machine): the idle
-            # message then, which says what happened.
+            # message then, which says what happened, naming the limit.
             if silent < idle * 0.9:
                 raise ApiError(408, "body_timeout", f"the request body came slower than "
                                f"{min_rate:g} bytes/s ({received} bytes in "
                                f"{time.monotonic() - started:.0f} s); send it at once"
                                ) from None
             raise ApiError(408, "body_timeout", f"no byte of the request body came for "
-                           f"{silent:.0f} s; send the body without pausing") from None
+                           f"{idle:g} s; send the body without pausing") from None
         received += len(chunk)
         yield chunk
 
