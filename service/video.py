@@ -90,25 +90,32 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
                 yield round(time, 4), number, decoded_from_image(upright(frame))
                 while next_time <= time + 1e-6:
                     next_time += 1.0 / fps
-        end = declared_end(stream)
+        end = declared_end(container, stream, av.time_base)
         if end is not None and end - (last_end or 0.0) > TRUNCATION_SLACK_SECONDS:
             stop = "before its first frame" if last_time is None else f"at {last_time:.1f} s"
             raise TruncatedVideoError(f"{path}: the frames stop {stop} of the {end:.1f} s "
                                       "its header declares: the file is cut short")
 
 
-def declared_end(stream) -> float | None:
+def declared_end(container, stream, container_time_base: int) -> float | None:
     """When the file's header says the video stream ends, in seconds; None where unsaid.
-    The container's duration is never used: it covers the audio too, which may run on."""
+    The container's duration counts the sound too, which may run on: it is used only where
+    the video is the file's one stream (FLV declares no other), and without its start, which
+    some formats count in it and some do not (a late cut is missed rather than a whole file
+    called cut)."""
     if stream.duration and stream.time_base:
         return float((stream.start_time or 0) * stream.time_base
                      + stream.duration * stream.time_base)
     tag = stream.metadata.get("DURATION")  # Matroska/WebM: the track's end, hh:mm:ss.fraction
-    try:
-        hours, minutes, seconds = tag.split(":")
-        return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
-    except (AttributeError, ValueError):
-        return None
+    if tag:
+        try:
+            hours, minutes, seconds = tag.split(":")
+            return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+        except ValueError:
+            return None
+    if len(container.streams) == 1 and container.duration:
+        return container.duration / container_time_base
+    return None
 
 
 def classify_video(predictor: Predictor, path: Path, model: str, mode: FacesMode,

@@ -385,13 +385,16 @@ def test_a_raw_camera_stream_without_timestamps_is_timed_by_its_frame_rate(tmp_p
     assert [int(r["frame"]) for r in rows] == [0, 5, 10, 15, 20, 25]
 
 
-def test_a_cut_video_says_so_keeps_its_rows_and_exits_1(tmp_path, capsys):
+@pytest.mark.parametrize("suffix", ["mp4", "flv"])
+def test_a_cut_video_says_so_keeps_its_rows_and_exits_1(tmp_path, capsys, suffix):
     """PyAV's frame threads end a cut stream quietly: a cut download gave the rows of its first
     part, exit 0 and no word. The frames sampled before the cut, fewer than a batch here, are
-    still written."""
-    whole, cut = tmp_path / "whole.mp4", tmp_path / "cut.mp4"
-    # the index first (as web video is), so that the cut file still opens
-    encode_video(whole, noise_frames(40), fps=10, options={"movflags": "faststart"})
+    still written. An FLV declares its duration only for the whole file."""
+    whole, cut = tmp_path / f"whole.{suffix}", tmp_path / f"cut.{suffix}"
+    if suffix == "mp4":  # the index first (as web video is), so that the cut file still opens
+        encode_video(whole, noise_frames(40), fps=10, options={"movflags": "faststart"})
+    else:
+        encode_video(whole, noise_frames(40), fps=10, codec="libx264")
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 2 // 3])
     argv = ["--fps", "2", "--faces", "none", "--batch-size", "16"]
     assert main(["video", str(whole), "--out", str(tmp_path / "whole.csv"), *argv]) == 0
@@ -399,10 +402,10 @@ def test_a_cut_video_says_so_keeps_its_rows_and_exits_1(tmp_path, capsys):
     assert main(["video", str(cut), "--out", str(tmp_path / "cut.csv"), *argv]) == 1
     [line] = capsys.readouterr().err.strip().splitlines()
     cut_rows, whole_rows = read_rows(tmp_path / "cut.csv"), read_rows(tmp_path / "whole.csv")
-    assert 3 <= len(cut_rows) < len(whole_rows) == 8
+    assert 3 <= len(cut_rows) < len(whole_rows) and len(whole_rows) >= 8
     assert [{**r, "path": ""} for r in cut_rows] == [
         {**r, "path": ""} for r in whole_rows[: len(cut_rows)]]
-    assert "the file is cut short" in line and "of the 4.0 s its header declares" in line
+    assert "the file is cut short" in line and "of the 4." in line and "s its header" in line
     assert line.endswith(f"the {len(cut_rows)} rows of the {len(cut_rows)} frames before it "
                          f"are in {tmp_path / 'cut.csv'}")
 
