@@ -55,3 +55,16 @@ def test_fetch_never_checks_out_over_a_folder_of_other_files(upstream, tmp_path)
         fetch_dataset(dest, sums, f"file://{repo}", commit)
     assert [p.name for p in dest.iterdir()] == ["README.md"]
     assert (dest / "README.md").read_text() == "my notes"
+
+
+def test_fetch_never_checks_out_over_a_repository_it_did_not_make(upstream, tmp_path):
+    """`--dest .` in the project: its own repository was taken for an earlier fetch, its
+    remote replaced and the dataset checked out over its files."""
+    repo, commit, sums = upstream
+    project = tmp_path / "project"
+    git_repository(project, {"notes.md": b"committed"})
+    (project / "notes.md").write_text("an edit in progress")
+    with pytest.raises(SystemExit, match="holds files and is not an earlier fetch"):
+        fetch_dataset(project, sums, f"file://{repo}", commit)
+    assert (project / "notes.md").read_text() == "an edit in progress"
+    assert not (project / "images").exists()

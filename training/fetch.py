@@ -10,6 +10,9 @@ from pathlib import Path
 
 from training.settings import UPSTREAM_COMMIT, UPSTREAM_REPOSITORY
 
+# Written into the .git of a folder fetch made: only such a checkout is fetched into again.
+FETCH_MARK = "emotion-detection-fetch"
+
 
 class ChecksumError(RuntimeError):
     pass
@@ -52,15 +55,18 @@ def fetch_dataset(dest: Path, checksums_path: Path, repository: str = UPSTREAM_R
                   commit: str = UPSTREAM_COMMIT) -> Path:
     """Shallow-fetch ``repository`` at ``commit`` into ``dest`` and verify it. An earlier
     fetch's checkout is reused (from this ``repository``); a folder of other files is not."""
-    if not (dest / ".git").exists():
-        if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-            raise SystemExit(f"{dest} holds files and is not an earlier fetch of the dataset: "
-                             "name a new or empty folder with --dest")
+    mark = dest / ".git" / FETCH_MARK
+    if mark.is_file():  # a failed fetch left its remote: this run's --source is the one to use
+        _git(dest, "remote", "set-url", "origin", repository)
+    elif dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        # a folder of other files, or any repository fetch did not make (the project's own)
+        raise SystemExit(f"{dest} holds files and is not an earlier fetch of the dataset: "
+                         "name a new or empty folder with --dest")
+    else:
         dest.mkdir(parents=True, exist_ok=True)
         _git(dest, "init", "--quiet")
+        mark.write_text("made by python -m training fetch\n")
         _git(dest, "remote", "add", "origin", repository)
-    else:  # a failed fetch left its remote: this run's --source is the one to use
-        _git(dest, "remote", "set-url", "origin", repository)
     _git(dest, "fetch", "--quiet", "--depth", "1", "origin", commit)
     _git(dest, "checkout", "--quiet", "--force", commit)
     verify_dataset(dest, checksums_path)
