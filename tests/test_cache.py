@@ -1,5 +1,7 @@
 """The decode cache: built once, keyed by data and preprocessing, identical to serving."""
 
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -50,10 +52,15 @@ def test_a_rebuild_replaces_a_damaged_cache(tmp_path):
     good = np.array(load_decoded_images(table, images, tmp_path / "cache", workers=1).pixels)
     pixels = tmp_path / "cache" / cache_key(table) / PIXELS_FILE
     pixels.write_bytes(bytes(pixels.stat().st_size))  # zeroed: a damaged disk, say
+    # what an earlier rebuild stopped halfway left, under the name this process would use
+    stale = tmp_path / "cache" / f".{cache_key(table)}.old.{os.getpid()}"
+    stale.mkdir()
+    (stale / PIXELS_FILE).write_bytes(b"old")
     build_cache(table, images, tmp_path / "cache", workers=1, replace=True)
     np.testing.assert_array_equal(
         load_decoded_images(table, images, tmp_path / "cache").pixels, good)
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [cache_key(table)]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(
+        [cache_key(table), stale.name])  # the new build in place, and no staging left
 
 
 def test_cache_key_changes_with_the_data(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,11 +99,12 @@ def build_cache(table: pd.DataFrame, images_dir: Path, cache_dir: Path,
     (staging / INDEX_FILE).write_text(json.dumps(index))
     final = cache_dir / key
     if replace and final.exists():
-        # aside first: a rename does not replace a folder that has files; open memory maps
-        # of the old files stay valid until they are closed
-        old = cache_dir / f".{key}.old.{os.getpid()}"
-        final.rename(old)
-        shutil.rmtree(old, ignore_errors=True)
+        # Aside first, as a rename does not replace a folder that has files; open memory maps
+        # of the old files stay valid until they are closed. A name of its own each time: an
+        # earlier rebuild may have been stopped before removing its own.
+        aside = Path(tempfile.mkdtemp(prefix=f".{key}.old.", dir=cache_dir))
+        final.rename(aside)  # onto the empty folder just made
+        shutil.rmtree(aside, ignore_errors=True)
     try:
         staging.rename(final)
     except OSError:  # another process finished the same cache first
