@@ -56,7 +56,7 @@ def fetch_dataset(dest: Path, checksums_path: Path, repository: str = UPSTREAM_R
     """Shallow-fetch ``repository`` at ``commit`` into ``dest`` and verify it. An earlier
     fetch's checkout is reused (from this ``repository``); a folder of other files is not."""
     mark = dest / ".git" / FETCH_MARK
-    if mark.is_file():  # a failed fetch left its remote: this run's --source is the one to use
+    if _made_by_fetch(dest):  # a failed fetch left its remote: use this run's --source
         _git(dest, "remote", "set-url", "origin", repository)
     elif dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         # a folder of other files, or any repository fetch did not make (the project's own)
@@ -85,6 +85,17 @@ def pinned_wheel(requirement: str, filename: str, sha256: str, cache_dir: Path) 
     if digest != sha256:
         raise ChecksumError(f"{wheel} has sha256 {digest}, expected {sha256}")
     return wheel
+
+
+def _made_by_fetch(dest: Path) -> bool:
+    """Marked by fetch, or (fetched before the mark) with the dataset's upstream as origin."""
+    if (dest / ".git" / FETCH_MARK).is_file():
+        return True
+    if not (dest / ".git").is_dir():
+        return False
+    origin = subprocess.run(["git", "remote", "get-url", "origin"], cwd=dest,
+                            capture_output=True, text=True)
+    return origin.returncode == 0 and origin.stdout.strip() == UPSTREAM_REPOSITORY
 
 
 def _git(cwd: Path, *args: str) -> None:
