@@ -30,7 +30,7 @@ def _av():
 
 
 class VideoError(ValueError):
-    """A file PyAV opens whose pictures cannot all be read, or read in time."""
+    """A file PyAV opens whose pictures cannot all be read, or placed in time."""
 
 
 class NoVideoStreamError(VideoError):
@@ -38,8 +38,8 @@ class NoVideoStreamError(VideoError):
 
 
 class TruncatedVideoError(VideoError):
-    """The frames stop well before the duration the file's header declares: a cut download
-    or copy. PyAV's frame threads end such a stream quietly rather than raise."""
+    """The frames stop well before the end the file's header declares for them: a cut
+    download or copy. PyAV's frame threads end such a stream quietly rather than raise."""
 
 
 # Shorter than this before the declared end is a normal last frame, not a cut file.
@@ -62,7 +62,7 @@ _TURNS = {1: Image.Transpose.ROTATE_90, 2: Image.Transpose.ROTATE_180,
 def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, DecodedImage]]:
     """(time in seconds, frame number, the frame in grayscale) at ``fps`` frames a second:
     the first frame at or after each multiple of 1/fps. Raises :class:`VideoError` after the
-    last frame when the frames stopped short of the declared duration."""
+    last frame when the frames stopped short of their declared end."""
     av = _av()
     with av.open(str(path)) as container:
         if not container.streams.video:
