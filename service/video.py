@@ -74,7 +74,15 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
         # are timed by their number and the rate the codec declares.
         rate = stream.guessed_rate or stream.average_rate
         next_time, last_time, last_end = 0.0, None, None
-        for number, frame in enumerate(container.decode(stream)):
+        cut_packet = False
+
+        def frames():  # the stream's frames, noting a packet the file ends inside of
+            nonlocal cut_packet
+            for packet in container.demux(stream):
+                cut_packet |= packet.is_corrupt
+                yield from packet.decode()
+
+        for number, frame in enumerate(frames()):
             if frame.time is not None:
                 time = frame.time
             elif rate:
@@ -90,32 +98,36 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
                 yield round(time, 4), number, decoded_from_image(upright(frame))
                 while next_time <= time + 1e-6:
                     next_time += 1.0 / fps
-        end = declared_end(container, stream, av.time_base)
+        end, of_the_file = declared_end(container, stream, av.time_base)
+        # The file's own duration may count a last frame held longer than its packets say
+        # (a slideshow remuxed to FLV): trusted only where a packet was cut off too.
+        if of_the_file and not cut_packet:
+            end = None
         if end is not None and end - (last_end or 0.0) > TRUNCATION_SLACK_SECONDS:
             stop = "before its first frame" if last_time is None else f"at {last_time:.1f} s"
             raise TruncatedVideoError(f"{path}: the frames stop {stop} of the {end:.1f} s "
                                       "its header declares: the file is cut short")
 
 
-def declared_end(container, stream, container_time_base: int) -> float | None:
-    """When the file's header says the video stream ends, in seconds; None where unsaid.
-    The container's duration counts the sound too, which may run on: it is used only where
-    the video is the file's one stream (FLV declares no other), and without its start, which
-    some formats count in it and some do not (a late cut is missed rather than a whole file
-    called cut)."""
+def declared_end(container, stream, container_time_base: int) -> tuple[float | None, bool]:
+    """When the file's header says the video stream ends, in seconds (None where unsaid), and
+    whether that is the whole file's duration rather than the stream's own. The file's counts
+    the sound too, which may run on: it is used only where the video is the one stream (FLV
+    declares no other), and without its start, which some formats count in it and some do
+    not (a late cut is missed rather than a whole file called cut)."""
     if stream.duration and stream.time_base:
         return float((stream.start_time or 0) * stream.time_base
-                     + stream.duration * stream.time_base)
+                     + stream.duration * stream.time_base), False
     tag = stream.metadata.get("DURATION")  # Matroska/WebM: the track's end, hh:mm:ss.fraction
     if tag:
         try:
             hours, minutes, seconds = tag.split(":")
-            return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+            return int(hours) * 3600 + int(minutes) * 60 + float(seconds), False
         except ValueError:
-            return None
+            return None, False
     if len(container.streams) == 1 and container.duration:
-        return container.duration / container_time_base
-    return None
+        return container.duration / container_time_base, True
+    return None, False
 
 
 def classify_video(predictor: Predictor, path: Path, model: str, mode: FacesMode,

@@ -434,22 +434,46 @@ def video_with_longer_sound(path, frames: list[Image.Image], fps: int, seconds: 
         container.mux(audio.encode())
 
 
-@pytest.mark.parametrize("kind", ["last frame held", "sound runs on"])
+def flv_slideshow(path, frames: list[Image.Image], fps: int, last_seconds: float) -> None:
+    """An FLV whose last picture is held ``last_seconds``: the file's duration counts it, its
+    packets (which carry no duration in FLV) do not."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = frames[0].size
+        stream.pix_fmt = "yuv420p"
+        packets = [p for image in frames
+                   for p in stream.encode(av.VideoFrame.from_image(image.convert("RGB")))]
+        packets += stream.encode()
+        last = max(packets, key=lambda packet: packet.pts)
+        last.duration = int(last_seconds / last.time_base)
+        for packet in packets:
+            container.mux(packet)
+
+
+@pytest.mark.parametrize("kind", ["last frame held", "FLV slideshow", "sound runs on"])
 def test_a_whole_video_is_not_taken_for_a_cut_one(tmp_path, kind):
-    """Both were 'cut short', exit 1: a GIF or slideshow whose last frame is shown for 2 s
-    (its end is its last frame's time plus its own duration), and a file whose sound outlasts
-    its pictures (the container's duration counts the sound)."""
+    """All were 'cut short', exit 1: a GIF whose last frame is shown for 2 s (its end is its
+    last frame's time plus its own duration), an FLV slideshow, whose frames say nothing of
+    the hold its file's duration counts, and a file whose sound outlasts its pictures (the
+    container's duration counts the sound)."""
     frames = noise_frames(20)
     if kind == "last frame held":
         video = tmp_path / "pause.gif"
         frames[0].save(video, save_all=True, append_images=frames[1:],
                        duration=[100] * 19 + [2000])
+    elif kind == "FLV slideshow":
+        video = tmp_path / "slides.flv"
+        flv_slideshow(video, frames, fps=10, last_seconds=3)
     else:
         video = tmp_path / "talk.mkv"
         video_with_longer_sound(video, frames, fps=10, seconds=5)
     out = tmp_path / "rows.csv"
     assert main(["video", str(video), "--out", str(out), "--fps", "2", "--faces", "none"]) == 0
-    assert [float(r["time_s"]) for r in read_rows(out)] == [0.0, 0.5, 1.0, 1.5]
+    times = [float(r["time_s"]) for r in read_rows(out)]
+    assert times == pytest.approx([0.0, 0.5, 1.0, 1.5] if kind != "FLV slideshow" else
+                                  [0.1, 0.6, 1.1, 1.6, 2.0], abs=0.11)
 
 
 @pytest.mark.parametrize("argv", [
