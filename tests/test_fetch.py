@@ -6,7 +6,8 @@ import subprocess
 import pytest
 
 from tests.images import git_repository, png_bytes
-from training.fetch import ChecksumError, fetch_dataset
+from training.fetch import FETCH_MARK, ChecksumError, fetch_dataset
+from training.settings import UPSTREAM_REPOSITORY
 
 
 @pytest.fixture
@@ -57,14 +58,40 @@ def test_fetch_never_checks_out_over_a_folder_of_other_files(upstream, tmp_path)
     assert (dest / "README.md").read_text() == "my notes"
 
 
-def test_fetch_never_checks_out_over_a_repository_it_did_not_make(upstream, tmp_path):
+@pytest.mark.parametrize("origin", ["https://example.invalid/project", UPSTREAM_REPOSITORY])
+def test_fetch_never_checks_out_over_a_repository_it_did_not_make(upstream, tmp_path, origin):
     """`--dest .` in the project: its own repository was taken for an earlier fetch, its
-    remote replaced and the dataset checked out over its files."""
+    remote replaced and the dataset checked out over its files. A user's own clone of the
+    dataset (its origin the upstream's address) is refused too: it is not shallow."""
     repo, commit, sums = upstream
     project = tmp_path / "project"
     git_repository(project, {"notes.md": b"committed"})
+    subprocess.run(["git", "remote", "add", "origin", origin], cwd=project, check=True)
     (project / "notes.md").write_text("an edit in progress")
     with pytest.raises(SystemExit, match="holds files and is not an earlier fetch"):
         fetch_dataset(project, sums, f"file://{repo}", commit)
     assert (project / "notes.md").read_text() == "an edit in progress"
     assert not (project / "images").exists()
+    assert subprocess.run(["git", "remote", "get-url", "origin"], cwd=project, check=True,
+                          capture_output=True, text=True).stdout.strip() == origin
+
+
+@pytest.mark.parametrize("stopped_after", ["git init", "the mark"])
+def test_a_first_fetch_stopped_halfway_is_taken_up_again(upstream, tmp_path, stopped_after):
+    repo, commit, sums = upstream
+    dest = tmp_path / "clone"
+    dest.mkdir()
+    subprocess.run(["git", "init", "--quiet"], cwd=dest, check=True)
+    if stopped_after == "the mark":  # and before its remote was added
+        (dest / ".git" / FETCH_MARK).write_text("made by python -m training fetch\n")
+    fetch_dataset(dest, sums, f"file://{repo}", commit)
+    assert (dest / "images" / "A_0001.png").is_file()
+
+
+def test_a_fetch_never_undoes_changes_to_an_earlier_one(upstream, tmp_path):
+    repo, commit, sums = upstream
+    dest = fetch_dataset(tmp_path / "clone", sums, f"file://{repo}", commit)
+    (dest / "data" / "legend.csv").write_text("my relabelling in progress")
+    with pytest.raises(SystemExit, match="have been changed"):
+        fetch_dataset(dest, sums, f"file://{repo}", commit)
+    assert (dest / "data" / "legend.csv").read_text() == "my relabelling in progress"

@@ -54,18 +54,23 @@ def verify_dataset(dataset_dir: Path, checksums_path: Path, require_all: bool = 
 def fetch_dataset(dest: Path, checksums_path: Path, repository: str = UPSTREAM_REPOSITORY,
                   commit: str = UPSTREAM_COMMIT) -> Path:
     """Shallow-fetch ``repository`` at ``commit`` into ``dest`` and verify it. An earlier
-    fetch's checkout is reused (from this ``repository``); a folder of other files is not."""
-    mark = dest / ".git" / FETCH_MARK
-    if _made_by_fetch(dest):  # a failed fetch left its remote: use this run's --source
-        _git(dest, "remote", "set-url", "origin", repository)
+    fetch's checkout is reused (from this ``repository``); any other folder with files, a
+    repository of the user's above all, is refused: the checkout would overwrite it."""
+    if _earlier_fetch(dest, repository):
+        if _git_output(dest, "status", "--porcelain", "--untracked-files=no"):
+            raise SystemExit(f"{dest}: files of an earlier fetch have been changed (`git -C "
+                             f"{dest} status` lists them), and fetching would undo that: "
+                             "move them away, or name another folder with --dest")
+        # a failed fetch may have left its remote, or none: this run's --source is the one
+        subprocess.run(["git", "remote", "remove", "origin"], cwd=dest, capture_output=True)
+        _git(dest, "remote", "add", "origin", repository)
     elif dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        # a folder of other files, or any repository fetch did not make (the project's own)
         raise SystemExit(f"{dest} holds files and is not an earlier fetch of the dataset: "
                          "name a new or empty folder with --dest")
     else:
         dest.mkdir(parents=True, exist_ok=True)
         _git(dest, "init", "--quiet")
-        mark.write_text("made by python -m training fetch\n")
+        (dest / ".git" / FETCH_MARK).write_text("made by python -m training fetch\n")
         _git(dest, "remote", "add", "origin", repository)
     _git(dest, "fetch", "--quiet", "--depth", "1", "origin", commit)
     _git(dest, "checkout", "--quiet", "--force", commit)
@@ -87,15 +92,26 @@ def pinned_wheel(requirement: str, filename: str, sha256: str, cache_dir: Path) 
     return wheel
 
 
-def _made_by_fetch(dest: Path) -> bool:
-    """Marked by fetch, or (fetched before the mark) with the dataset's upstream as origin."""
-    if (dest / ".git" / FETCH_MARK).is_file():
+def _earlier_fetch(dest: Path, repository: str) -> bool:
+    """Marked by fetch; or stopped right after ``git init`` (nothing else in the folder); or,
+    from before the mark, a shallow checkout whose origin is the dataset's upstream or this
+    run's source. A user's own clone is not shallow."""
+    git = dest / ".git"
+    if (git / FETCH_MARK).is_file():
         return True
-    if not (dest / ".git").is_dir():
+    if not git.is_dir():
         return False
-    origin = subprocess.run(["git", "remote", "get-url", "origin"], cwd=dest,
-                            capture_output=True, text=True)
-    return origin.returncode == 0 and origin.stdout.strip() == UPSTREAM_REPOSITORY
+    if [p.name for p in dest.iterdir()] == [".git"] and not _git_output(
+            dest, "rev-parse", "--verify", "--quiet", "HEAD"):
+        return True
+    return (git / "shallow").is_file() and _git_output(dest, "remote", "get-url", "origin") in (
+        UPSTREAM_REPOSITORY, repository)
+
+
+def _git_output(cwd: Path, *args: str) -> str:
+    """What a git command prints, empty when it fails."""
+    result = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+    return result.stdout.strip() if result.returncode == 0 else ""
 
 
 def _git(cwd: Path, *args: str) -> None:
