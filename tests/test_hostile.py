@@ -327,7 +327,7 @@ def test_a_stalled_body_is_408_and_gives_its_in_flight_place_back(path, content_
 
 
 @pytest.mark.parametrize(("first_byte_after", "message"), [
-    (0.02, "no byte of the request body came for 2 s"),  # a moment late: it stopped
+    (0.02, "no byte of the request body came for 2.5 s"),  # a moment late: it stopped
     (0.5, "came slower than 8192 bytes/s"),  # then the rate is what fell short first
 ])
 def test_a_body_that_stops_is_told_so_though_its_first_bytes_came_late(first_byte_after,
@@ -347,7 +347,7 @@ def test_a_body_that_stops_is_told_so_though_its_first_bytes_came_late(first_byt
 
     async def read() -> ApiError:
         with pytest.raises(ApiError) as caught:
-            async for _ in body_chunks(StalledRequest(), Settings(body_idle_seconds=2)):
+            async for _ in body_chunks(StalledRequest(), Settings(body_idle_seconds=2.5)):
                 pass
         return caught.value
 
