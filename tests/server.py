@@ -15,6 +15,15 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 
 
+def run_training(args: list[str], env: dict[str, str] | None = None,
+                 timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -m training *args`` in the checkout, its output captured as text, with
+    ``env`` over this process's environment."""
+    return subprocess.run([sys.executable, "-m", "training", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -1,16 +1,13 @@
 """The audit, the clean table and the splits, on the real dataset."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
 
 from service.classes import CLASS_NAMES
-from tests.server import REPO
+from tests.server import REPO, run_training
 from training.audit import STUDY_CLASS_COUNTS, run_audit
 from training.dataset import identity_from_filename, read_clean_table
 from training.fetch import read_checksums, verify_dataset
@@ -110,7 +107,7 @@ def test_the_audit_refuses_data_that_differs_before_it_rewrites_the_splits(
     shutil.copytree(REPO / "data", data)
     before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
     dataset = data_settings.dataset_dir
-    env = {**os.environ, "EMOTION_DATA_DIR": str(data), "EMOTION_DATASET_DIR": str(dataset)}
+    env = {"EMOTION_DATA_DIR": str(data), "EMOTION_DATASET_DIR": str(dataset)}
     if broken == "an image missing":
         copy = tmp_path / "dataset"
         (copy / "images").mkdir(parents=True)
@@ -123,8 +120,7 @@ def test_the_audit_refuses_data_that_differs_before_it_rewrites_the_splits(
     else:
         (tmp_path / "empty").mkdir()
         env["EMOTION_FER2013_DIR"], expected = str(tmp_path / "empty"), "no image in"
-    result = subprocess.run([sys.executable, "-m", "training", "audit"], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = run_training(["audit"], env=env, timeout=600)
     assert result.returncode == 2, result.stderr
     [line] = result.stderr.strip().splitlines()
     assert expected in line

@@ -177,10 +177,7 @@ def test_the_audit_agrees_with_the_shared_copy(fer_settings):
 def test_verify_fails_on_a_folder_without_fer2013_or_with_a_part_of_a_usage(
         fer_settings, tmp_path, copy):
     """Both passed: '0 files match' and '5 files match', exit 0."""
-    import subprocess
-    import sys
-
-    from tests.server import REPO
+    from tests.server import run_training
     from training.fetch import read_checksums
 
     folder = tmp_path / "fer2013"
@@ -191,9 +188,7 @@ def test_verify_fails_on_a_folder_without_fer2013_or_with_a_part_of_a_usage(
         for name in names:
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             (folder / name).symlink_to(fer_settings.fer2013_dir / name)
-    result = subprocess.run([sys.executable, "-m", "training", "verify", "fer2013"], cwd=REPO,
-                            env={**os.environ, "EMOTION_FER2013_DIR": str(folder)},
-                            capture_output=True, text=True, timeout=120)
+    result = run_training(["verify", "fer2013"], env={"EMOTION_FER2013_DIR": str(folder)})
     assert result.returncode == 2, result.stdout + result.stderr
     [line] = result.stderr.strip().splitlines()
     assert line.endswith("no file named in fer2013.SHA256SUMS: point EMOTION_FER2013_DIR at "

@@ -368,15 +368,9 @@ def test_export_takes_only_checkpoints_of_its_own_profile(tmp_path):
 
 
 def test_a_dataset_that_is_not_where_the_setting_says_is_one_line_and_exit_2(tmp_path):
-    import os
-    import subprocess
-    import sys
+    from tests.server import run_training
 
-    from tests.server import REPO
-
-    result = subprocess.run([sys.executable, "-m", "training", "verify"], cwd=REPO,
-                            capture_output=True, text=True,
-                            env={**os.environ, "EMOTION_DATASET_DIR": str(tmp_path)})
+    result = run_training(["verify"], env={"EMOTION_DATASET_DIR": str(tmp_path)})
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("python -m training verify: error:") and str(tmp_path) in line
@@ -662,15 +656,9 @@ def test_a_lever_is_trained_judged_on_both_validation_sets_and_reaches_the_repor
      "unknown experiment(s)"),
 ])
 def test_command_mistakes_are_one_line_before_any_work(argv, says):
-    import os
-    import subprocess
-    import sys
+    from tests.server import run_training
 
-    from tests.server import REPO
-
-    result = subprocess.run([sys.executable, "-m", "training", *argv], cwd=REPO,
-                            capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "EMOTION_TORCH_THREADS": "1"})
+    result = run_training(argv, env={"EMOTION_TORCH_THREADS": "1"})
     assert result.returncode == 2, result.stderr  # argparse's status for a usage mistake
     last = result.stderr.strip().splitlines()[-1]
     assert says in last and "Traceback" not in result.stderr
