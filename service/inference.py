@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image
 
 from service.classes import CLASS_NAMES
-from service.faces import Box, FaceCropper, load_face_crop
-from service.manifest import load_manifest
+from service.faces import Box, FaceCropper, load_verified_face_crop
+from service.manifest import FileEntry, load_manifest
 from service.models import LoadedModel, ModelRegistry, load_models
 from service.preprocessing import (
     INPUT_SIZE,
@@ -112,10 +112,12 @@ class NoHooks:
         pass
 
 
-def load_face_cropper(models_dir: Path) -> tuple[FaceCropper | None, str | None]:
-    """The detector and crop geometry, or None and why: faces=none still serves without."""
+def load_face_cropper(models_dir: Path, entry: FileEntry | None
+                      ) -> tuple[FaceCropper | None, str | None]:
+    """The detector and crop geometry that ``entry`` (the manifest's) pins, or None and why:
+    faces=none still serves without."""
     try:
-        cropper = FaceCropper(load_face_crop(models_dir), models_dir)
+        cropper = FaceCropper(load_verified_face_crop(models_dir, entry), models_dir)
         cropper.faces(Image.new("L", (INPUT_SIZE, INPUT_SIZE)))  # warm up
     except Exception as exc:  # a missing or broken file must not stop the models serving
         reason = f"face detection refused: {type(exc).__name__}: {exc}"
@@ -138,8 +140,9 @@ class Predictor:
              max_faces: int = 16, hooks: PredictionHooks | None = None) -> Predictor:
         """Everything from ``models_dir``, each file verified against the manifest first.
         A missing or malformed manifest raises :class:`service.manifest.ManifestError`."""
-        registry = load_models(load_manifest(models_dir), models_dir, threads)
-        cropper, error = load_face_cropper(models_dir)
+        manifest = load_manifest(models_dir)
+        registry = load_models(manifest, models_dir, threads)
+        cropper, error = load_face_cropper(models_dir, manifest.face_detector)
         return cls(registry, limits or ImageLimits(), cropper, error, max_faces,
                    hooks or NoHooks())
 

@@ -78,9 +78,22 @@ class ModelEntry(BaseModel):
     summary: dict = Field(default_factory=dict)
 
 
+class FileEntry(BaseModel):
+    """A shipped file that is not a model, such as the face detector's ``face_crop.json``
+    (which pins its own networks by SHA-256): the manifest pins it in turn."""
+
+    file: SafeFileName
+    sha256: Sha256
+    bytes: int
+    description: str = ""
+    code_commit: str = ""
+    created_at: str = ""
+
+
 class Manifest(BaseModel):
     schema_version: int = 2
     models: dict[str, ModelEntry]
+    face_detector: FileEntry | None = None  # absent: faces=none only
 
 
 def load_manifest(models_dir: Path) -> Manifest:

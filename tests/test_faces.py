@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -190,8 +192,15 @@ def test_unknown_faces_mode_is_a_422(client):
     assert response.status_code == 422 and response.json()["code"] == "invalid_request"
 
 
+def edited_face_crop(folder: Path) -> None:
+    """Valid JSON the service would run: the first stage's threshold lowered."""
+    spec = json.loads((folder / "face_crop.json").read_text())
+    spec["detector"]["thresholds"][0] = 0.1
+    (folder / "face_crop.json").write_text(json.dumps(spec, indent=2) + "\n")
+
+
 @pytest.mark.parametrize("content", [None, '{"detector": {}, "geometry": {"center_x": 7}}',
-                                     "tampered network"])
+                                     "tampered network", "edited settings", "unpinned"])
 def test_without_a_usable_face_file_faces_none_still_serves(tmp_path, content, monkeypatch):
     import shutil
 
@@ -199,7 +208,16 @@ def test_without_a_usable_face_file_faces_none_still_serves(tmp_path, content, m
 
     loaded = []
     folder = tmp_path
-    if content == "tampered network":
+    if content in ("edited settings", "unpinned"):
+        folder = tmp_path / "models"
+        shutil.copytree(REPO_MODELS_DIR, folder)
+        if content == "edited settings":
+            edited_face_crop(folder)
+        else:  # the file as shipped, but the manifest no longer pins it
+            manifest = json.loads((folder / "manifest.json").read_text())
+            del manifest["face_detector"]
+            (folder / "manifest.json").write_text(json.dumps(manifest))
+    elif content == "tampered network":
         rnet = load_face_crop(REPO_MODELS_DIR).detector.networks["rnet"].file
         folder = tampered_copy(tmp_path, rnet)
         tampered = (folder / rnet).read_bytes()
@@ -218,8 +236,11 @@ def test_without_a_usable_face_file_faces_none_still_serves(tmp_path, content, m
     with TestClient(app) as client:
         ready = client.get("/readyz")
         assert ready.status_code == 503 and ready.json()["faces"].startswith("face detection")
+        says = {"tampered network": "face_rnet.onnx", "edited settings": "manifest.json says",
+                "unpinned": "face_crop.json is not in manifest.json"}
+        if content in says:
+            assert says[content] in ready.json()["faces"]
         if content == "tampered network":
-            assert "face_rnet.onnx" in ready.json()["faces"]
             assert loaded and tampered not in loaded  # refused before ONNX Runtime saw it
         assert ready.json()["models"] == {"cnn": "ready", "knn": "ready"}
         assert client.get("/v2/health/ready").json() == {"ready": False}  # one rule for both

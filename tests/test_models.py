@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -53,6 +54,23 @@ def test_manifest_describes_the_files_and_both_datasets(manifest):
         fer_test = entry.metrics["fer2013"]["test"]
         assert set(fer_test.per_class) == {CLASS_NAMES[c] for c in FER_CLASSES}
         assert fer_test.n == 3589
+
+
+def test_every_shipped_file_is_pinned_by_the_manifest(manifest):
+    """Each file the container copies from models/ is either in manifest.json or pinned by a
+    file that is: the face detector's networks by face_crop.json, which the manifest pins."""
+    from service.faces import load_face_crop
+
+    entry = manifest.face_detector
+    data = (REPO_MODELS_DIR / entry.file).read_bytes()
+    assert sha256_bytes(data) == entry.sha256 and len(data) == entry.bytes
+    spec = load_face_crop(REPO_MODELS_DIR)
+    assert entry.code_commit == spec.code_commit
+    pinned = {e.file for e in manifest.models.values()} | {entry.file} | {
+        n.file for n in spec.detector.networks.values()}
+    dockerfile = (REPO_MODELS_DIR.parent / "Dockerfile").read_text()
+    shipped = set(re.findall(r"models/([\w.-]+\.(?:onnx|joblib|json))", dockerfile))
+    assert shipped - {"manifest.json"} == pinned
 
 
 def test_the_cnn_records_its_calibration_seeds_and_fers_own_model(manifest):

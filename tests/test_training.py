@@ -641,6 +641,30 @@ def test_a_lever_is_trained_judged_on_both_validation_sets_and_reaches_the_repor
     assert f"{result['flip']['offsets_cross_validated']['criterion']:.3f}" in row
 
 
+def test_face_geometry_pins_the_file_it_writes_so_the_service_loads_it(tmp_path):
+    """face-geometry rewrites face_crop.json after export: without a new manifest entry the
+    service would refuse its own output."""
+    import shutil
+
+    from service.faces import load_face_crop
+    from service.inference import Predictor
+    from service.manifest import load_manifest, sha256_bytes
+    from service.settings import REPO_MODELS_DIR
+    from training.face_geometry import write_face_crop
+
+    folder = tmp_path / "models"
+    shutil.copytree(REPO_MODELS_DIR, folder)
+    spec = load_face_crop(folder)
+    spec.detector.thresholds = (0.5, 0.7, 0.7)
+    write_face_crop(spec, folder)
+    manifest = load_manifest(folder)
+    assert manifest.face_detector.sha256 == sha256_bytes((folder / "face_crop.json").read_bytes())
+    assert manifest.models == load_manifest(REPO_MODELS_DIR).models  # the models' entries kept
+    predictor = Predictor.load(folder, threads=1)
+    assert predictor.cropper_error is None
+    assert predictor.cropper.spec.detector.thresholds == (0.5, 0.7, 0.7)
+
+
 @pytest.mark.parametrize(("argv", "says"), [
     # an --out that cannot be made: refused before the training (a traceback after it)
     (["reproduce", "--profile", "smoke", "--only", "knn", "--out", "/dev/null/x"],

@@ -25,6 +25,7 @@ import onnxruntime as ort
 import torch
 
 from service.classes import CLASS_NAMES
+from service.faces import face_crop_entry
 from service.manifest import MANIFEST_FILE, DatasetProvenance, Manifest, ModelEntry
 from service.onnx_runtime import ONNX_OPSET
 from service.preprocessing import INPUT_SIZE, PREPROCESSING_VERSION
@@ -322,7 +323,8 @@ def export_all(settings: TrainingSettings, checkpoints: Path, out_dir: Path,
         data=provenance, code_commit=commit, created_at=created,
         metrics=metrics_of(knn_probs, sets), summary=knn_summary)
 
-    manifest = Manifest(models={"cnn": cnn, "knn": knn})
+    # a face_crop.json already here (face-geometry runs after export) stays pinned
+    manifest = Manifest(models={"cnn": cnn, "knn": knn}, face_detector=face_crop_entry(out_dir))
     (out_dir / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=1) + "\n")
     write_model_card(ws, manifest, out_dir, cnn_probs)
     return manifest

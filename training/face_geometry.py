@@ -29,9 +29,10 @@ from service.faces import (
     FaceCropSpec,
     FaceDetector,
     NetworkFile,
+    face_crop_entry,
 )
 from service.inference import model_inputs
-from service.manifest import load_manifest
+from service.manifest import MANIFEST_FILE, load_manifest
 from service.models import OnnxClassifier
 from service.preprocessing import INPUT_SIZE, decode_grayscale, pixels_to_input
 from training.data import Workspace
@@ -177,6 +178,10 @@ def build_face_crop(settings: TrainingSettings, models_dir: Path,
 
 
 def write_face_crop(spec: FaceCropSpec, models_dir: Path) -> Path:
+    """``face_crop.json``, and its entry in ``manifest.json`` (the service refuses it without)."""
     path = models_dir / FACE_CROP_FILE
     path.write_text(json.dumps(spec.model_dump(), indent=2) + "\n")
+    manifest = load_manifest(models_dir)
+    manifest.face_detector = face_crop_entry(models_dir)
+    (models_dir / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=1) + "\n")
     return path

@@ -12,9 +12,11 @@ from service.faces.spec import (
     DetectorConfig,
     FaceCropSpec,
     NetworkFile,
+    face_crop_entry,
     load_face_crop,
+    load_verified_face_crop,
 )
 
 __all__ = ["FACE_CROP_FILE", "STAGES", "Box", "CropGeometry", "DetectorConfig", "FaceCropSpec",
-           "FaceCropper", "FaceDetector", "NetworkFile", "crop_region", "load_face_crop",
-           "non_max_suppression"]
+           "FaceCropper", "FaceDetector", "NetworkFile", "crop_region", "face_crop_entry",
+           "load_face_crop", "load_verified_face_crop", "non_max_suppression"]

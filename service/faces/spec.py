@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, field_validator
 
-from service.manifest import SafeFileName, Sha256
+from service.manifest import FileEntry, SafeFileName, Sha256, sha256_bytes
 from service.preprocessing import INPUT_SIZE
 
 FACE_CROP_FILE = "face_crop.json"
@@ -108,3 +108,33 @@ class FaceCropSpec(BaseModel):
 
 def load_face_crop(models_dir: Path) -> FaceCropSpec:
     return FaceCropSpec.model_validate(json.loads((models_dir / FACE_CROP_FILE).read_text()))
+
+
+def face_crop_entry(models_dir: Path) -> FileEntry | None:
+    """The manifest's entry for the ``face_crop.json`` in ``models_dir``, if there is one."""
+    path = models_dir / FACE_CROP_FILE
+    if not path.is_file():
+        return None
+    data = path.read_bytes()
+    spec = FaceCropSpec.model_validate(json.loads(data))
+    return FileEntry(file=FACE_CROP_FILE, sha256=sha256_bytes(data), bytes=len(data),
+                     description="the face detector for faces=auto|all: MTCNN's settings, its "
+                     "three ONNX networks by SHA-256, and the crop framing learnt on the "
+                     "training crops", code_commit=spec.code_commit, created_at=spec.created_at)
+
+
+def load_verified_face_crop(models_dir: Path, entry: FileEntry | None) -> FaceCropSpec:
+    """The file the manifest pins, parsed from the bytes that were checked; ``ValueError``
+    names what is wrong (no entry, another file's SHA-256)."""
+    if entry is None:
+        if (models_dir / FACE_CROP_FILE).exists():
+            raise ValueError(f"{FACE_CROP_FILE} is not in manifest.json (no face_detector "
+                             "entry pins it): refused")
+        raise ValueError("this models folder ships no face detector (manifest.json has no "
+                         "face_detector entry)")
+    data = (models_dir / entry.file).read_bytes()
+    digest = sha256_bytes(data)
+    if digest != entry.sha256:
+        raise ValueError(f"{entry.file} has sha256 {digest[:12]}…, manifest.json says "
+                         f"{entry.sha256[:12]}…: refused")
+    return FaceCropSpec.model_validate(json.loads(data))
