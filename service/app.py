@@ -6,11 +6,10 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 
 from service.deps import Serving
 from service.drain import DrainState, install_sigterm_drain
-from service.errors import install_error_handlers
+from service.errors import JsonCORSMiddleware, install_error_handlers
 from service.inference import Predictor
 from service.middleware import RequestMiddleware
 from service.observability import ServiceMetrics, configure_logging
@@ -69,16 +68,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     page.install_page(app)
     install_error_handlers(app)
-    if settings.cors_origins:
-        # exposed, so that a page on another origin can read them (browsers hide the rest)
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
-                           allow_methods=["GET", "POST"], allow_headers=["*"],
-                           expose_headers=["X-Request-ID", "Retry-After",
-                                           "Inference-Header-Content-Length"])
     # Metric labels use these paths; anything else is "unmatched", so label sets stay bounded.
     routes = {route.path for router in (*routers, page.router) for route in router.routes}
     routes |= {app.openapi_url, "/docs", "/redoc", "/static/{path}", "/docs-assets/{path}"}
     app.add_middleware(RequestMiddleware, metrics=service_metrics,
                        max_in_flight=settings.max_in_flight, routes=routes,
                        max_body_bytes_in_flight=settings.resolved_max_body_bytes_in_flight)
+    if settings.cors_origins:
+        # Added last, so outermost: the answers RequestMiddleware writes itself (503
+        # overloaded, 500) carry the headers too, or a browser sees only a network error.
+        # Exposed, so that a page on another origin can read them (browsers hide the rest).
+        app.add_middleware(JsonCORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["GET", "POST"], allow_headers=["*"],
+                           expose_headers=["X-Request-ID", "Retry-After",
+                                           "Inference-Header-Content-Length"])
     return app

@@ -6,7 +6,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 
 from service.inference import (
     FacesUnavailableError,
@@ -60,6 +63,20 @@ def predictor_error(error: PredictorError) -> ApiError:
 
 def error_response(status: int, code: str, detail: str, headers: dict | None = None):
     return JSONResponse({"detail": detail, "code": code}, status_code=status, headers=headers)
+
+
+class JsonCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS, with a refused preflight in the service's error shape (its own is
+    plain text: ``Disallowed CORS origin``)."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code < 400:
+            return response
+        headers = {k: v for k, v in response.headers.items()
+                   if k not in ("content-type", "content-length")}
+        return error_response(response.status_code, "cors_refused",
+                              f"CORS preflight refused: {response.body.decode()}", headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

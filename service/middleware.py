@@ -17,6 +17,9 @@ logger = logging.getLogger("service.access")
 CLIENT_CLOSED = 499  # nginx's status for a client that closed the connection first
 # The methods a metric label may name; any other a client sends is counted as "other".
 LABELLED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# On every answer: no content sniffing (answers echo file names), no referrer sent on.
+EVERY_ANSWER_HEADERS = ((b"x-content-type-options", b"nosniff"),
+                        (b"referrer-policy", b"no-referrer"))
 # The routes that run models: admission control counts them.
 LIMITED_ROUTES = ("/predict", "/v2/models/{name}/infer",
                   "/v2/models/{name}/versions/{version}/infer")
@@ -71,8 +74,10 @@ class RequestMiddleware:
             if message["type"] == "http.response.start":
                 status["code"], status["started"] = message["status"], True
                 message.setdefault("headers", [])
+                present = {name.lower() for name, _ in message["headers"]}
                 message["headers"] = [*message["headers"],
-                                      (b"x-request-id", request_id.encode("latin-1"))]
+                                      (b"x-request-id", request_id.encode("latin-1")),
+                                      *(h for h in EVERY_ANSWER_HEADERS if h[0] not in present)]
             elif method == "HEAD" and message.get("body"):
                 message = {**message, "body": b""}
             await send(message)

@@ -13,7 +13,7 @@ import numpy as np
 from service.classes import NUM_CLASSES
 from service.manifest import Manifest, ModelEntry, sha256_bytes
 from service.onnx_runtime import onnx_session
-from service.preprocessing import INPUT_SIZE
+from service.preprocessing import INPUT_SIZE, PREPROCESSING_VERSION
 
 logger = logging.getLogger("service.models")
 
@@ -75,6 +75,12 @@ class ModelRegistry:
 def load_models(manifest: Manifest, models_dir: Path, threads: int) -> ModelRegistry:
     registry = ModelRegistry(manifest)
     for name, entry in manifest.models.items():
+        if entry.preprocessing_version != PREPROCESSING_VERSION:
+            # fed another preprocessing's inputs it would answer, wrongly, without an error
+            registry.failures[name] = (f"{entry.file} was built for preprocessing version "
+                                       f"{entry.preprocessing_version}, this service runs "
+                                       f"{PREPROCESSING_VERSION}; refused")
+            continue
         path = models_dir / entry.file
         try:
             data = path.read_bytes()
@@ -82,6 +88,10 @@ def load_models(manifest: Manifest, models_dir: Path, threads: int) -> ModelRegi
             registry.failures[name] = f"cannot read {entry.file}: {exc.strerror}"
             continue
         actual = sha256_bytes(data)
+        if len(data) != entry.bytes:  # /models publishes the manifest's figure
+            registry.failures[name] = (f"{entry.file} has {len(data)} bytes, the manifest says "
+                                       f"{entry.bytes}; refused without loading")
+            continue
         if actual != entry.sha256:
             # Never deserialise bytes that differ from what was shipped: joblib is pickle.
             registry.failures[name] = (f"{entry.file} has sha256 {actual}, the manifest says "

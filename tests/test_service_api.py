@@ -82,6 +82,19 @@ def test_the_page_has_its_headers_wherever_it_is_served(client, path):
     assert response.headers["x-content-type-options"] == "nosniff"
 
 
+def test_every_answer_refuses_content_sniffing(client):
+    """An error echoes a client's file name; a JSON answer sniffed as HTML would run it."""
+    answers = [client.get("/metrics"), client.get("/static/nope.js"), client.get("/predict"),
+               client.get("/docs"), post_file(client, b"<html><script>x</script>", "a.html")]
+    assert [a.status_code for a in answers] == [200, 404, 405, 200, 400]
+    for answer in answers:
+        assert answer.headers["x-content-type-options"] == "nosniff", answer.url
+        assert answer.headers["referrer-policy"] == "no-referrer"
+    # the page's own values are kept, not doubled
+    page = client.get("/")
+    assert page.headers.get_list("x-content-type-options") == ["nosniff"]
+
+
 def test_openapi_documents_the_contract(client):
     spec = client.get("/openapi.json").json()
     predict = spec["paths"]["/predict"]["post"]
@@ -305,6 +318,26 @@ def test_a_tampered_artifact_is_refused_and_the_other_model_serves(
         assert client.post(f"/v2/models/{healthy}/infer", json=request).status_code == 200
 
 
+@pytest.mark.parametrize(("field", "value", "says"), [
+    # a models folder exported after a preprocessing change, mounted into an older image
+    ("preprocessing_version", "2", "built for preprocessing version 2, this service runs 1"),
+    ("bytes", 1, "bytes, the manifest says 1; refused")])
+def test_a_model_the_manifest_misdescribes_is_refused(tmp_path, settings, field, value, says):
+    import json
+    import shutil
+
+    folder = tmp_path / "models"
+    shutil.copytree(REPO_MODELS_DIR, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["models"]["cnn"][field] = value
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with TestClient(create_app(settings.model_copy(update={"models_dir": folder}))) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        assert says in ready.json()["models"]["cnn"] and ready.json()["models"]["knn"] == "ready"
+        assert_error(post_file(client, png_bytes(), model="cnn"), 503, "model_unavailable")
+
+
 @pytest.mark.parametrize(("content", "says"), [
     (None, "No such file"), ("{not json", "Expecting property name"),
     # one line naming the field (pydantic's report ran to four, with a link)
@@ -504,3 +537,32 @@ def test_cors_is_off_unless_configured(client, settings):
         health = cors_client.get("/healthz", headers={"origin": "https://example.org"})
         exposed = health.headers["access-control-expose-headers"].lower().split(", ")
         assert {"x-request-id", "retry-after"} <= set(exposed)
+
+
+def test_a_page_on_an_allowed_origin_can_read_the_overload_answer(settings, monkeypatch):
+    """The 503 the admission control writes itself, and the preflight before it, carry the
+    CORS headers: without them the browser reports only a network error, no Retry-After."""
+    origin = {"origin": "https://example.org"}
+    with one_request_held(settings, monkeypatch, png_bytes(), max_in_flight=1,
+                          cors_origins=["https://example.org"]) as (client, answer_it):
+        preflight = client.options("/predict", headers={
+            **origin, "access-control-request-method": "POST"})
+        second = client.post("/predict", content=png_bytes(),
+                             headers={**origin, "content-type": "image/png"})
+        answer_it()
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "https://example.org"
+    assert_error(second, 503, "overloaded")
+    assert second.headers["access-control-allow-origin"] == "https://example.org"
+    assert "retry-after" in second.headers["access-control-expose-headers"].lower()
+
+
+@pytest.mark.parametrize(("headers", "says"), [
+    ({"origin": "https://evil.example", "access-control-request-method": "POST"}, "origin"),
+    ({"origin": "https://example.org", "access-control-request-method": "PUT"}, "method")])
+def test_a_refused_cors_preflight_is_a_json_error(settings, headers, says):
+    allowed = settings.model_copy(update={"cors_origins": ["https://example.org"]})
+    with TestClient(create_app(allowed)) as client:
+        refused = client.options("/predict", headers=headers)
+    assert_error(refused, 400, "cors_refused")  # Starlette's was plain text
+    assert refused.json()["detail"].endswith(says)
