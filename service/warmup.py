@@ -23,7 +23,9 @@ def main() -> int:
     from service.app import create_app
     from service.settings import load_settings
 
-    uvicorn.Config("service.main:app").load()  # its protocol, loop and lifespan modules
+    config = uvicorn.Config("service.main:app")
+    config.load()  # its protocol and lifespan modules
+    config.get_loop_factory()  # the event loop's (uvloop), which load() leaves to the server
     buffer = io.BytesIO()
     Image.new("RGB", (400, 300), (128, 128, 128)).save(buffer, "JPEG")
     with TestClient(create_app(load_settings())) as client:
@@ -36,6 +38,8 @@ def main() -> int:
                           f"{response.text[:200]}", file=sys.stderr)
                     return 1
         client.get("/metrics", headers={"accept": "text/plain"})
+        for path in ("/", "/static/app.js", "/docs"):  # files are read through anyio
+            client.get(path)
     return 0
 
 

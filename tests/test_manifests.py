@@ -170,11 +170,19 @@ def test_the_kserve_predictor_is_a_valid_pod_on_the_v2_protocol(version):
     assert pod["spec"]["securityContext"]["runAsUser"] == 10001
     assert pod["spec"]["enableServiceLinks"] is False
     api = predictor["containers"][0]
+    routes = set(create_app(Settings()).openapi()["paths"])
     assert api["name"] == "kserve-container" and api["ports"][0]["containerPort"] == 8080
     assert "args" not in api and env_of(api)["EMOTION_PORT"] == "8080"  # see the Dockerfile
+    # Scraped where it listens: KServe's own switch, on, rewrites the port to its queue-proxy's
+    # (9091; none runs in a RawDeployment), as its pod webhook does (metrics_aggregate_injector).
+    notes = service["metadata"]["annotations"]
+    assert notes["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    assert notes["serving.kserve.io/enable-prometheus-scraping"] == "false"
+    assert notes["prometheus.io/scrape"] == "true"
+    assert notes["prometheus.io/port"] == str(api["ports"][0]["containerPort"])
+    assert notes["prometheus.io/path"] in routes
     assert predictor["minReplicas"] >= 2  # the PDB allows 1
     assert api["resources"]["requests"] == api["resources"]["limits"]  # Guaranteed QoS
-    routes = set(create_app(Settings()).openapi()["paths"])
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert api[probe]["httpGet"]["path"] in routes
         assert api[probe]["httpGet"]["path"].startswith("/v2/health/")
