@@ -66,6 +66,16 @@ class ImagePrediction:
     name: str | None
     predictions: tuple[FacePrediction, ...] = ()
     error: PreprocessingError | None = None
+    faces_found: int | None = None  # by the detector, before the limit; None: not searched
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """The uint8 350x350 inputs one image gives, each with its face box, and how many faces
+    were found in it (None: ``faces=none``, no search)."""
+
+    crops: list[tuple[np.ndarray, Box | None]]
+    faces_found: int | None = None
 
 
 class PredictorError(Exception):
@@ -164,8 +174,7 @@ class Predictor:
             raise FacesUnavailableError("face detection is not available on this server; "
                                         "use faces=none")
 
-    def model_inputs(self, decoded: DecodedImage, mode: FacesMode
-                     ) -> list[tuple[np.ndarray, Box | None]]:
+    def model_inputs(self, decoded: DecodedImage, mode: FacesMode) -> ModelInputs:
         """The uint8 350x350 inputs an image gives, each with its face box (upload pixels).
 
         ``none``: the whole image. ``auto``: the largest face, else the whole image. ``all``:
@@ -181,7 +190,7 @@ class Predictor:
         self.require_faces(mode)
         # Each image becomes its 350x350 inputs as soon as it is decoded, so a batch of large
         # uploads is never held at full size all at once.
-        inputs: list[list[tuple[np.ndarray, Box | None]] | PreprocessingError] = []
+        inputs: list[ModelInputs | PreprocessingError] = []
         for image in images:
             try:
                 if image.error is not None:
@@ -206,7 +215,7 @@ class Predictor:
             for image in images])
 
     def _classify(self, loaded: LoadedModel, names: Sequence[str | None],
-                  inputs: Sequence[list[tuple[np.ndarray, Box | None]] | PreprocessingError]
+                  inputs: Sequence[ModelInputs | PreprocessingError]
                   ) -> list[ImagePrediction]:
         faces: list[list[FacePrediction] | PreprocessingError] = []
         arrays, owners = [], []  # owners[k]: (image index, face box) of arrays[k]
@@ -214,7 +223,7 @@ class Predictor:
             if isinstance(item, PreprocessingError):
                 faces.append(item)
                 continue
-            for pixels, face in item:
+            for pixels, face in item.crops:
                 arrays.append(pixels)
                 owners.append((i, face))
             faces.append([])
@@ -224,8 +233,8 @@ class Predictor:
             for (i, face), row in zip(owners, probabilities, strict=True):
                 faces[i].append(FacePrediction(int(np.argmax(row)), row, face))
         return [ImagePrediction(name, error=result) if isinstance(result, Exception)
-                else ImagePrediction(name, tuple(result))
-                for name, result in zip(names, faces, strict=True)]
+                else ImagePrediction(name, tuple(result), faces_found=item.faces_found)
+                for name, result, item in zip(names, faces, inputs, strict=True)]
 
     def count_predictions(self, model_name: str, probabilities: np.ndarray) -> None:
         """The served labels and their probabilities, for the metrics, whichever protocol
@@ -255,21 +264,20 @@ class Predictor:
         except PreprocessingError as exc:
             self.hooks.on_rejected(exc.code)
             raise
-        return pixels_to_input(self.model_inputs(decoded, mode)[0][0])
+        return pixels_to_input(self.model_inputs(decoded, mode).crops[0][0])
 
 
 def model_inputs(decoded: DecodedImage, mode: FacesMode, cropper: FaceCropper | None,
-                 hooks: PredictionHooks | None = None, max_faces: int = 16
-                 ) -> list[tuple[np.ndarray, Box | None]]:
+                 hooks: PredictionHooks | None = None, max_faces: int = 16) -> ModelInputs:
     """See :meth:`Predictor.model_inputs` (also what ``face-geometry`` measures)."""
     if mode == "none" or cropper is None:
-        return [(resize_to_input(decoded.gray), None)]
+        return ModelInputs([(resize_to_input(decoded.gray), None)])
     faces = cropper.faces(decoded.gray)
     chosen = faces[:1] if mode == "auto" else faces[:max_faces]
     if hooks is not None:
         hooks.on_faces(len(chosen))
     if not faces:
-        return [(resize_to_input(decoded.gray), None)]
+        return ModelInputs([(resize_to_input(decoded.gray), None)], faces_found=0)
     sx, sy = decoded.scale
-    return [(resize_to_input(cropper.crop(decoded.gray, face)), face.scaled(sx, sy))
-            for face in chosen]
+    return ModelInputs([(resize_to_input(cropper.crop(decoded.gray, face)),
+                         face.scaled(sx, sy)) for face in chosen], faces_found=len(faces))

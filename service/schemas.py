@@ -23,6 +23,11 @@ class Prediction(BaseModel):
     label: str | None = Field(None, description="The most probable emotion.")
     label_id: int | None = Field(None, description="Its index in /classes.")
     probabilities: dict[str, float] | None = Field(None, description="All eight classes.")
+    faces_found: int | None = Field(
+        None, description="With faces=auto or all: how many faces the detector found in this "
+        "image (the same on each of its predictions). auto classifies the largest; all at "
+        "most EMOTION_MAX_FACES_PER_IMAGE, largest first, so more found than listed means the "
+        "rest were left out. Null with faces=none.")
     error: str | None = Field(None, description="Why this image was not classified.")
     code: str | None = Field(None, description="Stable error code, with error.")
 

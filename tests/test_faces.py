@@ -136,10 +136,10 @@ def test_auto_uses_the_largest_face_and_all_lists_them_largest_first(client):
 def test_none_and_no_face_use_the_whole_image(client):
     noise = Image.fromarray(np.random.default_rng(3).integers(0, 256, (300, 400), np.uint8))
     [whole] = predict(client, noise, "none")
-    assert whole["face"] is None
+    assert whole["face"] is None and whole["faces_found"] is None  # not searched
     for mode in ("auto", "all"):
         [prediction] = predict(client, noise, mode)
-        assert prediction["face"] is None
+        assert prediction["face"] is None and prediction["faces_found"] == 0
         assert prediction["probabilities"] == pytest.approx(whole["probabilities"], abs=1e-6)
 
 
@@ -263,7 +263,10 @@ def test_all_keeps_only_the_largest_faces_up_to_the_limit(geometry, test_crops):
     big = paste(canvas, test_crops[1][1], 300, (500, 60))
     with TestClient(create_app(settings)) as limited:
         [prediction] = predict(limited, canvas, "all")
+        [largest] = predict(limited, canvas, "auto")
     assert as_box(prediction["face"]).iou(geometry.face_in(big)) >= 0.5
+    # the answer says a face was left out: 2 found, 1 listed (the page says "1 of 2")
+    assert prediction["faces_found"] == 2 and largest["faces_found"] == 2
 
 
 def test_non_max_suppression_keeps_the_best_of_each_overlapping_group():
@@ -274,3 +277,23 @@ def test_non_max_suppression_keeps_the_best_of_each_overlapping_group():
     assert non_max_suppression(boxes, 0.5).tolist() == [3, 1, 2]
     # "min" divides by the smaller box: one inside another counts as the same face.
     assert non_max_suppression(boxes, 0.5, method="min").tolist() == [3, 2]
+
+
+def test_the_example_answer_is_what_the_service_answers(client):
+    """The README's JSON for examples/three_people.jpg: the same fields, faces, labels and
+    (to its three decimals) probabilities as the shipped models give."""
+    readme = (REPO_MODELS_DIR.parent / "README.md").read_text()
+    block = readme.split("The response, with the hash shortened", 1)[1]
+    shown = json.loads(block.split("```json\n", 1)[1].split("```", 1)[0].replace("…", ""))
+    photo = (REPO_MODELS_DIR.parent / "examples" / "three_people.jpg").read_bytes()
+    answer = client.post("/predict?faces=all", files={"file": ("three_people.jpg", photo)})
+    assert answer.status_code == 200, answer.text
+    real = answer.json()
+    assert set(shown) == set(real) and real["model_sha256"].startswith(shown["model_sha256"])
+    assert len(shown["predictions"]) == len(real["predictions"])
+    for said, got in zip(shown["predictions"], real["predictions"], strict=True):
+        assert set(said) == set(got)
+        assert {k: v for k, v in said.items() if k != "probabilities"} == {
+            k: v for k, v in got.items() if k != "probabilities"}
+        for name, value in said["probabilities"].items():
+            assert abs(got["probabilities"][name] - value) <= 0.0005 + 1e-9, name

@@ -213,6 +213,39 @@ def test_a_new_choice_while_an_example_loads_keeps_the_example(page, server):
     assert len(shown_labels(page)) == len(predicted(server, EXAMPLES / name))
 
 
+def test_the_status_says_when_faces_in_the_photo_were_left_out(page, server):
+    """faces=auto classifies the largest face: the line said "1 face found" of a photo of
+    four, as faces=all did "16 faces found" of twenty past the server's limit."""
+    photo = EXAMPLES / "four_people.jpg"
+    found = predicted(server, photo, "auto")[0]["faces_found"]
+    assert found == len(predicted(server, photo))  # every face all finds, under the limit
+    page.select_option("#faces", "auto")
+    page.set_input_files("#file", str(photo))
+    page.wait_for_selector(f"#status:has-text('The largest of {found} faces found, "
+                           "classified by cnn')")
+    assert page.locator("#boxes .box").count() == 1
+
+
+def test_an_example_that_fails_to_load_ends_the_upload_it_replaced(page, server):
+    """A failed example left "Sending two_people.jpg…" on the status line for good, the
+    upload's answer dropped and the upload still running at the service."""
+    held = []
+    page.route("**/predict?*", lambda route: held.append(route))
+    page.set_input_files("#file", str(EXAMPLES / "two_people.jpg"))
+    first_held(page, held)
+    page.wait_for_selector("#status:has-text('Sending two_people.jpg')")
+    page.route("**/examples/*", lambda route: route.fulfill(
+        status=404, content_type="application/json",
+        body='{"detail": "no example photo named so", "code": "not_found"}'))
+    failed = []
+    page.on("requestfailed", lambda request: failed.append(request.url))
+    page.click("#example")
+    page.wait_for_selector("#error:has-text('could not be loaded: no example photo named so')")
+    assert page.inner_text("#status") == ""
+    page.wait_for_timeout(200)
+    assert any("/predict" in url for url in failed)  # the upload was aborted, not left running
+
+
 def test_a_face_box_past_the_photos_edge_is_drawn_inside_it(page, server, data_settings):
     """The dataset's own crops cut the face at the top: the box began above the photo, and
     its tag (the face's number and label) was clipped away with it."""

@@ -109,7 +109,7 @@ def score_mode(ws: Workspace, model: OnnxClassifier, cropper: FaceCropper | None
         inputs, faces_found = [], 0
         for image in tqdm(names, desc=f"{name} val, faces={mode}", mininterval=5):
             decoded = decode_grayscale((images_dir / image).read_bytes())
-            pixels, face = model_inputs(decoded, mode, cropper)[0]
+            pixels, face = model_inputs(decoded, mode, cropper).crops[0]
             inputs.append(pixels)
             faces_found += face is not None
         predicted = np.concatenate([

@@ -75,7 +75,8 @@ def to_response(model: str, sha256: str, results: list[ImagePrediction],
             predictions.append(Prediction(
                 filename=result.name, label=p.label, label_id=p.label_id, face=face,
                 probabilities={n: float(v) for n, v in zip(CLASS_NAMES, p.probabilities,
-                                                           strict=True)}))
+                                                           strict=True)},
+                faces_found=result.faces_found))
     return PredictResponse(model=model, model_sha256=sha256, predictions=predictions,
                            latency_ms=round((time.perf_counter() - started) * 1000, 3))
 

@@ -162,8 +162,15 @@ async function classifyFile(blob, name, note = "") {
   render(result.body.predictions, size);
   const faces = result.body.predictions.filter((p) => p.face).length;
   const whole = result.body.predictions.length > 0 && faces === 0 && mode === "none";
-  $("status").textContent = (whole ? `The whole image classified by ${result.body.model}`
-    : `${faces} face${faces === 1 ? "" : "s"} found by ${result.body.model}`) + ` in ${ms} ms` +
+  // faces_found counts every face the detector found; auto classifies one, all up to the
+  // server's limit, so the line says when faces in the photo were left out
+  const found = Math.max(faces, ...result.body.predictions.map((p) => p.faces_found || 0));
+  const model = result.body.model;
+  const summary = whole ? `The whole image classified by ${model}`
+    : found > faces && faces === 1 ? `The largest of ${found} faces found, classified by ${model}`
+    : found > faces ? `${faces} of ${found} faces found classified by ${model} (the server's limit per photo)`
+    : `${faces} face${faces === 1 ? "" : "s"} found by ${model}`;
+  $("status").textContent = summary + ` in ${ms} ms` +
     (size ? "" : " (this browser cannot show this image's format)") + note;
   photo.alt = `The image ${name || "sent"}` + (whole ? ", classified whole" : faces ? `, with ${faces} face${faces === 1 ? "" : "s"} boxed` : "");
 }
@@ -407,11 +414,15 @@ function wire() {
     stopWebcam();
     const generation = ++state.generation; // a later click or file picked while this loads wins
     state.last = null; // a new choice while it loads must not send the photo it replaces
+    if (state.controller) state.controller.abort(); // an upload's answer would be dropped now
+    clearError();
+    $("status").textContent = `Loading the example ${name}…`;
     let response;
     try {
       response = await fetch(`/examples/${encodeURIComponent(name)}`);
     } catch (err) {
       if (generation === state.generation) { // not over a newer example's result
+        $("status").textContent = "";
         showError(`The example ${name} could not be loaded: the server could not be reached (${err.message}).`);
       }
       return;
@@ -419,7 +430,10 @@ function wire() {
     if (!response.ok) {
       let detail = `${response.status} ${response.statusText}`;
       try { detail = (await response.json()).detail || detail; } catch (_) { /* not JSON */ }
-      if (generation === state.generation) showError(`The example ${name} could not be loaded: ${detail}`);
+      if (generation === state.generation) {
+        $("status").textContent = "";
+        showError(`The example ${name} could not be loaded: ${detail}`);
+      }
       return;
     }
     const blob = await response.blob();
