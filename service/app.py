@@ -11,7 +11,7 @@ from service.deps import Serving
 from service.drain import DrainState, install_sigterm_drain
 from service.errors import JsonCORSMiddleware, install_error_handlers
 from service.inference import Predictor
-from service.middleware import RequestMiddleware
+from service.middleware import AdmissionMiddleware, RequestMiddleware
 from service.observability import ServiceMetrics, configure_logging
 from service.preprocessing import INPUT_SIZE
 from service.routers import health, info, metrics, oip, page, predict
@@ -68,18 +68,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     page.install_page(app)
     install_error_handlers(app)
-    # Metric labels use these paths; anything else is "unmatched", so label sets stay bounded.
-    routes = {route.path for router in (*routers, page.router) for route in router.routes}
-    routes |= {app.openapi_url, "/docs", "/redoc", "/static/{path}", "/docs-assets/{path}"}
-    app.add_middleware(RequestMiddleware, metrics=service_metrics,
-                       max_in_flight=settings.max_in_flight, routes=routes,
+    # Innermost: admission control and the 500, so that CORS (next) adds its headers to them.
+    app.add_middleware(AdmissionMiddleware, metrics=service_metrics,
+                       max_in_flight=settings.max_in_flight,
                        max_body_bytes_in_flight=settings.resolved_max_body_bytes_in_flight)
     if settings.cors_origins:
-        # Added last, so outermost: the answers RequestMiddleware writes itself (503
-        # overloaded, 500) carry the headers too, or a browser sees only a network error.
         # Exposed, so that a page on another origin can read them (browsers hide the rest).
         app.add_middleware(JsonCORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST"], allow_headers=["*"],
                            expose_headers=["X-Request-ID", "Retry-After",
                                            "Inference-Header-Content-Length"])
+    # Outermost: request id, metrics and access log for every answer, preflights included.
+    # Metric labels use these paths; anything else is "unmatched", so label sets stay bounded.
+    routes = {route.path for router in (*routers, page.router) for route in router.routes}
+    routes |= {app.openapi_url, "/docs", "/redoc", "/static/{path}", "/docs-assets/{path}"}
+    app.add_middleware(RequestMiddleware, metrics=service_metrics, routes=routes)
     return app

@@ -1,4 +1,6 @@
-"""One pure ASGI middleware: request id, admission control, metrics and the access log."""
+"""Two pure ASGI middlewares: outermost, the request id, metrics and the access log
+(:class:`RequestMiddleware`); innermost, admission control and the 500 for a fault
+(:class:`AdmissionMiddleware`). CORS, when on, sits between them."""
 
 from __future__ import annotations
 
@@ -20,6 +22,9 @@ LABELLED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "
 # On every answer: no content sniffing (answers echo file names), no referrer sent on.
 EVERY_ANSWER_HEADERS = ((b"x-content-type-options", b"nosniff"),
                         (b"referrer-policy", b"no-referrer"))
+# Where RequestMiddleware leaves the request id and the route's label for the layers below.
+REQUEST_ID_KEY = "emotion.request_id"
+ROUTE_KEY = "emotion.route"
 # The routes that run models: admission control counts them.
 LIMITED_ROUTES = ("/predict", "/v2/models/{name}/infer",
                   "/v2/models/{name}/versions/{version}/infer")
@@ -30,19 +35,16 @@ def _template(route: str) -> re.Pattern:
 
 
 class RequestMiddleware:
-    def __init__(self, app, metrics: ServiceMetrics, max_in_flight: int, routes: set[str],
-                 max_body_bytes_in_flight: int):
+    """The outermost layer: request id, metrics and the access log, for every answer (CORS
+    preflights included), whichever layer below wrote it."""
+
+    def __init__(self, app, metrics: ServiceMetrics, routes: set[str]):
         self.app = app
         self.metrics = metrics
-        self.max_in_flight = max_in_flight
-        self.body_budget = BodyBudget(max_body_bytes_in_flight,
-                                      on_change=metrics.body_bytes_in_flight.inc,
-                                      on_refusal=metrics.overloaded.inc)
         self.routes = {r for r in routes if "{" not in r}
         # Routes with path parameters are labelled by their template, so label sets stay
         # bounded whatever model names clients try.
         self.templates = [(r, _template(r)) for r in sorted(routes) if "{" in r]
-        self.in_flight = 0  # this worker's predictions in progress, for admission only
 
     def route_of(self, path: str) -> str:
         if path in self.routes:
@@ -66,8 +68,9 @@ class RequestMiddleware:
         path = scope.get("path", "")
         route = self.route_of(path)
         method = scope.get("method", "")
+        scope = {**scope, REQUEST_ID_KEY: request_id, ROUTE_KEY: route}
         if method == "HEAD":  # as GET without the body (RFC 9110); FastAPI routes GET only
-            scope = {**scope, "method": "GET"}
+            scope["method"] = "GET"
         status = {"code": 500}
 
         async def send_with_id(message):
@@ -82,40 +85,17 @@ class RequestMiddleware:
                 message = {**message, "body": b""}
             await send(message)
 
-        # a POST's model work only: a GET /predict is the client's mistake (405), not load
-        limited = route in LIMITED_ROUTES and method == "POST"
         try:
-            if limited and self.in_flight >= self.max_in_flight:
-                # Answer at once instead of queueing without bound; the client retries.
-                self.metrics.overloaded.inc()
-                await self._reject_overload(send_with_id)
-                return
-            ticket = None
-            if limited:
-                self.in_flight += 1
-                self.metrics.in_flight.inc()
-                ticket = self.body_budget.ticket()  # the body readers grow it
-                scope = {**scope, SCOPE_KEY: ticket}
-            try:
-                await self.app(scope, receive, send_with_id)
-            except ClientDisconnect:
-                # the client went away mid-upload: nobody to answer, and not the service's
-                # fault (it was counted and logged as a 500 with a traceback)
-                status["code"] = CLIENT_CLOSED
-            except Exception:
-                if status.get("started"):
-                    raise
-                # Answered here, not by Starlette's outermost handler, so that the 500 and
-                # its log line carry the request id like every other answer.
-                logging.getLogger("service").exception("unhandled error on %s (request %s)",
-                                                       path, request_id)
-                await self._reject(send_with_id, 500, "internal_error",
-                                   "internal error; it has been logged")
-            finally:
-                if limited:
-                    self.in_flight -= 1
-                    self.metrics.in_flight.dec()
-                    ticket.release()
+            await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:
+            # the client went away mid-upload: nobody to answer, and not the service's
+            # fault (it was counted and logged as a 500 with a traceback)
+            status["code"] = CLIENT_CLOSED
+        except Exception:
+            if status.get("started"):
+                raise
+            # AdmissionMiddleware answers a route's faults; this is for a layer above it
+            await answer_internal_error(send_with_id, path, request_id)
         finally:
             elapsed = time.perf_counter() - started
             self.metrics.requests.labels(route, method if method in LABELLED_METHODS
@@ -126,16 +106,75 @@ class RequestMiddleware:
                                         "route": route, "status": status["code"],
                                         "latency_ms": round(elapsed * 1000, 2)}))
 
-    @classmethod
-    async def _reject_overload(cls, send):
-        await cls._reject(send, 503, "overloaded", "too many requests in flight; retry shortly",
-                          [(b"retry-after", b"1")])
 
-    @staticmethod
-    async def _reject(send, status: int, code: str, message: str, headers=()):
-        # "error" is the Open Inference Protocol's field; the others are /predict's.
-        body = json.dumps({"detail": message, "code": code, "error": message}).encode()
-        await send({"type": "http.response.start", "status": status, "headers": [
-            (b"content-type", b"application/json"), *headers,
-            (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+class AdmissionMiddleware:
+    """The innermost layer: the in-flight bound and body budget of the routes that run
+    models, and the 500 for an unexpected fault. Inside CORS, so that a page on another
+    origin can read these answers (a browser shows one without CORS headers as a network
+    error, with no Retry-After)."""
+
+    def __init__(self, app, metrics: ServiceMetrics, max_in_flight: int,
+                 max_body_bytes_in_flight: int):
+        self.app = app
+        self.metrics = metrics
+        self.max_in_flight = max_in_flight
+        self.body_budget = BodyBudget(max_body_bytes_in_flight,
+                                      on_change=metrics.body_bytes_in_flight.inc,
+                                      on_refusal=metrics.overloaded.inc)
+        self.in_flight = 0  # this worker's predictions in progress, for admission only
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = {}
+
+        async def send_seen(message):
+            if message["type"] == "http.response.start":
+                started["yes"] = True
+            await send(message)
+
+        # a POST's model work only: a GET /predict is the client's mistake (405), not load
+        limited = scope.get(ROUTE_KEY) in LIMITED_ROUTES and scope.get("method") == "POST"
+        if limited and self.in_flight >= self.max_in_flight:
+            # Answer at once instead of queueing without bound; the client retries.
+            self.metrics.overloaded.inc()
+            await reject(send, 503, "overloaded", "too many requests in flight; retry shortly",
+                         [(b"retry-after", b"1")])
+            return
+        ticket = None
+        if limited:
+            self.in_flight += 1
+            self.metrics.in_flight.inc()
+            ticket = self.body_budget.ticket()  # the body readers grow it
+            scope = {**scope, SCOPE_KEY: ticket}
+        try:
+            await self.app(scope, receive, send_seen)
+        except ClientDisconnect:
+            raise  # RequestMiddleware counts it as 499
+        except Exception:
+            if started:
+                raise
+            # Answered here, not by Starlette's outermost handler, so that the 500 and its
+            # log line carry the request id, and CORS headers, like every other answer.
+            await answer_internal_error(send, scope.get("path", ""), scope.get(REQUEST_ID_KEY))
+        finally:
+            if limited:
+                self.in_flight -= 1
+                self.metrics.in_flight.dec()
+                ticket.release()
+
+
+async def answer_internal_error(send, path: str, request_id: str | None) -> None:
+    logging.getLogger("service").exception("unhandled error on %s (request %s)", path,
+                                           request_id)
+    await reject(send, 500, "internal_error", "internal error; it has been logged")
+
+
+async def reject(send, status: int, code: str, message: str, headers=()) -> None:
+    # "error" is the Open Inference Protocol's field; the others are /predict's.
+    body = json.dumps({"detail": message, "code": code, "error": message}).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), *headers,
+        (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

@@ -25,7 +25,9 @@ def main() -> int:
 
     config = uvicorn.Config("service.main:app")
     config.load()  # its protocol and lifespan modules
-    config.get_loop_factory()  # the event loop's (uvloop), which load() leaves to the server
+    # the event loop's modules (uvloop), which load() leaves to the server; before 0.36,
+    # setup_event_loop imported them
+    (getattr(config, "get_loop_factory", None) or config.setup_event_loop)()
     buffer = io.BytesIO()
     Image.new("RGB", (400, 300), (128, 128, 128)).save(buffer, "JPEG")
     with TestClient(create_app(load_settings())) as client:

@@ -552,13 +552,17 @@ def test_an_internal_failure_is_a_500_without_internals(settings, monkeypatch, c
 
     monkeypatch.setattr(Predictor, "predict", broken)
     monkeypatch.setattr(Predictor, "probabilities", broken)
+    # with CORS on: a page on an allowed origin can read the 500 too
+    settings = settings.model_copy(update={"cors_origins": ["https://example.org"]})
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         response = client.post("/predict", files={"file": ("a.png", png_bytes(), "image/png")},
-                               headers={"x-request-id": "trace-me-42"})
+                               headers={"x-request-id": "trace-me-42",
+                                        "origin": "https://example.org"})
         assert_error(response, 500, "internal_error")
         assert "secret" not in response.text
         # The 500 carries the request id, as its log line does, and the OIP's error field.
         assert response.headers["x-request-id"] == "trace-me-42"
+        assert response.headers["access-control-allow-origin"] == "https://example.org"
         oip = client.post("/v2/models/cnn/infer", content=json.dumps({"inputs": [{
             "name": "image", "datatype": "FP32", "shape": [1, 1, 350, 350],
             "data": [0.5] * 350 * 350}]}))

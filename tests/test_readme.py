@@ -32,7 +32,7 @@ def subclasses(cls: type) -> set[type]:
 
 def codes_in_the_code() -> set[str]:
     """Every error ``code`` the service can write: the typed errors' codes, and the string
-    literals it passes as codes (ApiError, error_response, the middleware's _reject)."""
+    literals it passes as codes (ApiError, error_response, the middleware's reject)."""
     codes = {c.code for base in (PreprocessingError, PredictorError) for c in subclasses(base)}
     for path in (REPO / "service").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -40,7 +40,7 @@ def codes_in_the_code() -> set[str]:
                     "ApiError", "error_response") and len(node.args) >= 2
                     and isinstance(node.args[1], ast.Constant)):
                 codes.add(node.args[1].value)
-            if (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "_reject"
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "reject"
                     and isinstance(node.args[2], ast.Constant)):  # the middleware's answers
                 codes.add(node.args[2].value)
             if isinstance(node, ast.Dict):

@@ -552,6 +552,7 @@ def test_a_page_on_an_allowed_origin_can_read_the_overload_answer(settings, monk
         answer_it()
     assert preflight.status_code == 200
     assert preflight.headers["access-control-allow-origin"] == "https://example.org"
+    assert preflight.headers["x-request-id"]  # counted and logged like every answer
     assert_error(second, 503, "overloaded")
     assert second.headers["access-control-allow-origin"] == "https://example.org"
     assert "retry-after" in second.headers["access-control-expose-headers"].lower()
@@ -564,5 +565,10 @@ def test_a_refused_cors_preflight_is_a_json_error(settings, headers, says):
     allowed = settings.model_copy(update={"cors_origins": ["https://example.org"]})
     with TestClient(create_app(allowed)) as client:
         refused = client.options("/predict", headers=headers)
+        exposition = client.get("/metrics", headers={"accept": "text/plain"}).text
     assert_error(refused, 400, "cors_refused")  # Starlette's was plain text
     assert refused.json()["detail"].endswith(says)
+    # an operator sees refused preflights (a misconfigured origin) in the metrics
+    assert refused.headers["x-request-id"] and refused.headers["x-content-type-options"]
+    assert metric_total(exposition, "emotion_http_requests_total", route="/predict",
+                        method="OPTIONS", status="400") == 1

@@ -129,7 +129,8 @@ def load_verified_face_crop(models_dir: Path, entry: FileEntry | None) -> FaceCr
     if entry is None:
         if (models_dir / FACE_CROP_FILE).exists():
             raise ValueError(f"{FACE_CROP_FILE} is not in manifest.json (no face_detector "
-                             "entry pins it): refused")
+                             "entry pins it; `python -m training face-geometry` writes both): "
+                             "refused")
         raise ValueError("this models folder ships no face detector (manifest.json has no "
                          "face_detector entry)")
     data = (models_dir / entry.file).read_bytes()
