@@ -182,7 +182,9 @@ def decode_grayscale(data: bytes, limits: ImageLimits = ImageLimits()) -> Decode
                     raise TooManyScansError(f"the JPEG has {scans} scans; at most {limit} "
                                             f"are decoded at {width}x{height} pixels")
                 image.draft(None, (INPUT_SIZE, INPUT_SIZE))
+            exif_before_pixels = image.info.get("exif")
             image.load()
+            _keep_only_exif_orientation(image, exif_before_pixels)
             # Read after load: Pillow's TIFF reader turns orientations 5-8 itself and drops
             # the tag then (its header size is already upright); turning those again skewed
             # every face box, x by 0.6 and y by 1.6.
@@ -196,6 +198,21 @@ def decode_grayscale(data: bytes, limits: ImageLimits = ImageLimits()) -> Decode
         raise CorruptImageError(
             f"the {image.format} image is truncated or corrupt and could not be decoded ({exc})"
         ) from None
+
+
+def _keep_only_exif_orientation(image: Image.Image, exif_before_pixels: bytes | None) -> None:
+    """Turn only by what browsers read, so that face boxes land on the photo a page shows:
+    Pillow also takes XMP's tiff:Orientation, ImageMagick's raw EXIF text and a PNG eXIf
+    after the pixels, none of which Chromium or Firefox applies. (A TIFF, which browsers do
+    not show, keeps Pillow's reading: its orientation is a tag of the image itself.)"""
+    if image.format == "TIFF":
+        return
+    dropped = [image.info.pop(key) for key in ("XML:com.adobe.xmp", "xmp", "Raw profile type exif")
+               if key in image.info]
+    if image.format == "PNG" and exif_before_pixels is None and "exif" in image.info:
+        dropped.append(image.info.pop("exif"))
+    if dropped:
+        image._exif = None  # read again from what is left  # noqa: SLF001
 
 
 def decoded_from_image(image: Image.Image) -> DecodedImage:

@@ -386,6 +386,28 @@ def test_webcam_mode_sends_frames_and_updates_live(page, server):
     assert page.inner_text("#webcam") == "Start the webcam"
 
 
+def test_the_webcam_by_keyboard_and_a_new_choice_sent_at_once(page, server):
+    """Starting the webcam by Enter left the focus on the page (the button is disabled while
+    the camera opens), so a second Enter did nothing; after a 503 with Retry-After: 60, the
+    faces choice the error asked for waited out the minute before its first frame."""
+    page.focus("#webcam")
+    page.keyboard.press("Enter")
+    page.wait_for_selector('#webcam:text-is("Stop the webcam")', timeout=10000)
+    assert page.evaluate("document.activeElement.id") == "webcam"
+    page.wait_for_selector("#status[data-fps]", timeout=20000)
+    page.route("**/predict*", lambda route: route.fulfill(
+        status=503, content_type="application/json", headers={"Retry-After": "60"},
+        body='{"detail": "face detection is not available on this server; use faces=none", '
+             '"code": "faces_unavailable"}'))
+    page.wait_for_selector("#error:has-text('use faces=none')", timeout=10000)
+    page.unroute("**/predict*")
+    page.select_option("#faces", "none")
+    page.wait_for_selector("#error", state="hidden", timeout=5000)  # answered, not in 60 s
+    page.focus("#webcam")
+    page.keyboard.press("Enter")
+    assert page.inner_text("#webcam") == "Start the webcam"
+
+
 def test_a_double_click_opens_one_camera_and_stop_closes_it(browser, server):
     """Two clicks while the camera opened: two streams, one never stopped (the camera light
     stayed on), and every later start failed until the page was reloaded."""

@@ -322,3 +322,49 @@ def test_wide_pixels_give_the_same_bytes_in_every_block_of_rows(rows):
     decoded = decode_grayscale(encode(Image.fromarray(la, "LA"), "PNG")).gray
     np.testing.assert_array_equal(np.asarray(decoded), (
         luma * alpha + ALPHA_BACKGROUND * (255 - alpha) + 127) // 255)
+
+
+def _late_exif_png(image: Image.Image, orientation: int) -> bytes:
+    """A PNG whose eXIf chunk comes after its pixels, where browsers do not read it."""
+    import struct
+    import zlib
+
+    data = encode(image, "PNG")
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    payload = exif.tobytes().removeprefix(b"Exif\x00\x00")
+    chunk = (struct.pack(">I", len(payload)) + b"eXIf" + payload
+             + struct.pack(">I", zlib.crc32(b"eXIf" + payload)))
+    end = data.rfind(b"\x00\x00\x00\x00IEND")
+    return data[:end] + chunk + data[end:]
+
+
+def _xmp_png(image: Image.Image) -> bytes:
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", XMP_TURN)
+    return encode(image, "PNG", pnginfo=info)
+
+
+XMP_TURN = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
+            'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description '
+            'xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF>'
+            '</x:xmpmeta>')
+
+
+@pytest.mark.parametrize("make", [
+    lambda image: encode(image, "JPEG", xmp=XMP_TURN.encode()),
+    lambda image: _xmp_png(image),
+    lambda image: encode(image, "WEBP", xmp=XMP_TURN.encode()),
+    lambda image: _late_exif_png(image, 6),
+], ids=["jpeg xmp", "png xmp", "webp xmp", "png exif after the pixels"])
+def test_only_exif_read_as_browsers_read_it_turns_the_image(make):
+    """Pillow also turns by XMP's tiff:Orientation and by a PNG eXIf after the pixels, which
+    Chromium and Firefox do not: the page showed the photo as stored while the service's boxes
+    were for it turned, off the faces."""
+    stored = Image.fromarray(np.tile((np.arange(120) % 256).astype(np.uint8), (60, 1)))
+    decoded = decode_grayscale(make(stored))
+    assert decoded.original_size == (120, 60)
+    first_row = np.asarray(decoded.gray, dtype=np.int16)[0, :8]
+    assert (np.diff(first_row) >= 0).all() and first_row[-1] > first_row[0]  # not turned

@@ -269,6 +269,7 @@ async function startWebcam() {
   }
   // One start at a time: a double click opened two cameras and left one on for good.
   state.starting = true;
+  const focused = document.activeElement === $("webcam"); // disabling drops the focus
   $("webcam").disabled = true;
   // a file picked meanwhile wins over the camera (its stopWebcam moves the generation on);
   // not moved here, so a start that fails leaves an upload in flight to land
@@ -290,6 +291,7 @@ async function startWebcam() {
   } finally {
     state.starting = false;
     $("webcam").disabled = false;
+    if (focused) $("webcam").focus(); // a second Enter stops it, by keyboard alone
   }
   if (generation !== state.generation) { // a file was picked while the camera opened
     stream.getTracks().forEach((track) => track.stop());
@@ -366,6 +368,12 @@ async function tick(generation) {
   setTimeout(() => tick(generation), Math.max(0, wait));
 }
 
+function sendFrameNow() {
+  state.generation += 1; // the frame waiting for its turn, or in flight, is dropped
+  if (state.controller) state.controller.abort();
+  tick(state.generation);
+}
+
 // --- wiring -----------------------------------------------------------------------------
 
 function pickFile() { $("file").click(); }
@@ -376,7 +384,8 @@ function wire() {
   // takes it by itself); before, the old answer stayed under the new model's name.
   for (const id of ["model", "faces"]) {
     $(id).addEventListener("change", () => {
-      if (!state.running && !state.starting && state.last) classifyFile(state.last.blob, state.last.name);
+      if (state.running) sendFrameNow(); // not after a 503's Retry-After for the old choice
+      else if (!state.starting && state.last) classifyFile(state.last.blob, state.last.name);
     });
   }
   $("file").addEventListener("change", (e) => {
