@@ -207,12 +207,23 @@ def _keep_only_exif_orientation(image: Image.Image, exif_before_pixels: bytes | 
     not show, keeps Pillow's reading: its orientation is a tag of the image itself.)"""
     if image.format == "TIFF":
         return
-    dropped = [image.info.pop(key) for key in ("XML:com.adobe.xmp", "xmp", "Raw profile type exif")
-               if key in image.info]
-    if image.format == "PNG" and exif_before_pixels is None and "exif" in image.info:
-        dropped.append(image.info.pop("exif"))
-    if dropped:
-        image._exif = None  # read again from what is left  # noqa: SLF001
+    raw = exif_before_pixels if image.format == "PNG" else image.info.get("exif")
+    wanted = 1
+    if raw:
+        try:
+            exif_only = Image.Exif()
+            exif_only.load(raw)
+            wanted = exif_only.get(_EXIF_ORIENTATION, 1)
+        except DECODER_ERRORS:
+            wanted = 1  # EXIF Pillow cannot parse: it reads no orientation from it either
+    # Pillow's own reading, cached (for a JPEG at open, where a broken EXIF reads as none),
+    # is corrected where it differs, so that exif_transpose follows it
+    exif = image.getexif()
+    if exif.get(_EXIF_ORIENTATION, 1) != wanted:
+        if wanted == 1:
+            del exif[_EXIF_ORIENTATION]
+        else:
+            exif[_EXIF_ORIENTATION] = wanted
 
 
 def decoded_from_image(image: Image.Image) -> DecodedImage:

@@ -408,6 +408,26 @@ def test_the_webcam_by_keyboard_and_a_new_choice_sent_at_once(page, server):
     assert page.inner_text("#webcam") == "Start the webcam"
 
 
+def test_the_focus_the_user_moved_while_the_camera_opened_stays(browser, server):
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    context.grant_permissions(["camera"], origin=server)
+    context.add_init_script("""
+        const open = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+        navigator.mediaDevices.getUserMedia = async (constraints) => {
+            await new Promise((resolve) => setTimeout(resolve, 1500));  // a slow camera
+            return open(constraints);
+        };""")
+    page = context.new_page()
+    page.goto(f"{server}/")
+    page.wait_for_selector("body[data-ready=true]")
+    page.focus("#webcam")
+    page.keyboard.press("Enter")
+    page.focus("#faces")
+    page.wait_for_selector('#webcam:text-is("Stop the webcam")', timeout=10000)
+    assert page.evaluate("document.activeElement.id") == "faces"
+    context.close()
+
+
 def test_a_double_click_opens_one_camera_and_stop_closes_it(browser, server):
     """Two clicks while the camera opened: two streams, one never stopped (the camera light
     stayed on), and every later start failed until the page was reloaded."""

@@ -358,7 +358,10 @@ XMP_TURN = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
     lambda image: _xmp_png(image),
     lambda image: encode(image, "WEBP", xmp=XMP_TURN.encode()),
     lambda image: _late_exif_png(image, 6),
-], ids=["jpeg xmp", "png xmp", "webp xmp", "png exif after the pixels"])
+    # EXIF Pillow cannot parse beside the XMP: read as none, as before (it was a 400)
+    lambda image: encode(image, "JPEG", xmp=XMP_TURN.encode(),
+                         exif=b"Exif\x00\x00" + b"garbage!" * 4),
+], ids=["jpeg xmp", "png xmp", "webp xmp", "png exif after the pixels", "jpeg broken exif"])
 def test_only_exif_read_as_browsers_read_it_turns_the_image(make):
     """Pillow also turns by XMP's tiff:Orientation and by a PNG eXIf after the pixels, which
     Chromium and Firefox do not: the page showed the photo as stored while the service's boxes

@@ -291,7 +291,8 @@ async function startWebcam() {
   } finally {
     state.starting = false;
     $("webcam").disabled = false;
-    if (focused) $("webcam").focus(); // a second Enter stops it, by keyboard alone
+    // a second Enter stops it, by keyboard alone; not if the user has moved on meanwhile
+    if (focused && (!document.activeElement || document.activeElement === document.body)) $("webcam").focus();
   }
   if (generation !== state.generation) { // a file was picked while the camera opened
     stream.getTracks().forEach((track) => track.stop());
