@@ -767,9 +767,15 @@ def test_ctrl_c_against_a_hung_service_stops_at_once(tmp_path):
     for i in range(12):
         (tmp_path / f"{i}.png").write_bytes(encode(gray_image(), "PNG"))
     out = tmp_path / "rows.csv"
-    process = subprocess.Popen([*COMMAND, "images", str(tmp_path), "--out", str(out),
-                                "--url", f"http://127.0.0.1:{port}", "--batch-size", "2"],
-                               cwd=REPO, stderr=subprocess.PIPE, text=True)
+    # The child starts with SIGINT at its default, as under a terminal: a test run started as
+    # a background job (nohup ... &) has it ignored, and every child would inherit that.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen([*COMMAND, "images", str(tmp_path), "--out", str(out),
+                                    "--url", f"http://127.0.0.1:{port}", "--batch-size", "2"],
+                                   cwd=REPO, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     try:
         deadline = time.monotonic() + 30
         while len(held) < 2 and time.monotonic() < deadline:
