@@ -38,7 +38,12 @@ from service.inference import (
     ModelUnavailableError,
     Predictor,
 )
-from service.preprocessing import ImageLimits, PreprocessingError, TooManyBytesError
+from service.preprocessing import (
+    ImageLimits,
+    PreprocessingError,
+    TooManyBytesError,
+    byte_count,
+)
 
 BOX_COLUMNS = ("face_x", "face_y", "face_width", "face_height")
 COLUMNS = ("path", *BOX_COLUMNS, "label", *CLASS_NAMES, "error", "code")
@@ -268,7 +273,7 @@ def read_inputs(paths: Sequence[str], max_bytes: int | None = None
                 data = file.read(-1 if max_bytes is None else max_bytes + 1)
             if max_bytes is not None and len(data) > max_bytes:
                 inputs.append(ImageInput(path, error=TooManyBytesError(
-                    f"the image has more than {max_bytes} bytes, the limit")))
+                    f"the image has more than {byte_count(max_bytes)}, the limit")))
             else:
                 inputs.append(ImageInput(path, data))
         except OSError as exc:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from service.preprocessing import byte_count
+
 HEADER_LENGTH = "inference-header-content-length"
 DATATYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT8": np.int8,
              "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "UINT8": np.uint8,
@@ -183,7 +185,8 @@ def decode_content(body: bytes, encoding: str | None, limit: int,
             step = inflater.decompress(pending, INFLATE_STEP)
             out += step
             if len(out) > limit:
-                raise TooLargeError(f"the inflated request is over the limit of {limit} bytes")
+                raise TooLargeError("the inflated request is over the limit of "
+                                    f"{byte_count(limit)}")
             pending = inflater.unconsumed_tail
             if not step and not pending:  # nothing left to give and no end: cut short
                 break

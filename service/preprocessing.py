@@ -237,12 +237,18 @@ def resize_to_input(gray: Image.Image) -> np.ndarray:
     return np.asarray(resized, dtype=np.uint8).copy()
 
 
+def byte_count(count: int) -> str:
+    """A size as people read it in a message: ``10,485,760 bytes (10 MiB)``."""
+    text = f"{count:,} bytes"
+    return text if count < 1 << 20 else f"{text} ({count / (1 << 20):.3g} MiB)"
+
+
 def _open_checked(data: bytes, limits: ImageLimits) -> Image.Image:
     if len(data) == 0:
         raise NotAnImageError("the upload is empty; send the bytes of a JPEG, PNG or other image")
     if len(data) > limits.max_bytes:
         raise TooManyBytesError(
-            f"the upload has {len(data)} bytes; the limit is {limits.max_bytes} bytes"
+            f"the upload has {byte_count(len(data))}; the limit is {byte_count(limits.max_bytes)}"
         )
     try:
         with warnings.catch_warnings():

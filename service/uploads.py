@@ -13,7 +13,7 @@ from python_multipart.multipart import MultipartParser, MultipartState, parse_op
 from service.admission import hold_body
 from service.errors import ApiError
 from service.inference import ImageInput
-from service.preprocessing import TooManyBytesError
+from service.preprocessing import TooManyBytesError, byte_count
 from service.settings import Settings
 
 FILE_FIELDS = ("file", "files")
@@ -25,7 +25,7 @@ MAX_PART_HEADER_BYTES = 64 * 1024
 
 def _too_large(limit: int, what: str) -> ApiError:
     return ApiError(413, TooManyBytesError.code,
-                    f"{what} is larger than the limit of {limit} bytes")
+                    f"{what} is larger than the limit of {byte_count(limit)}")
 
 
 def check_content_length(request: Request, limit: int) -> None:
@@ -34,7 +34,7 @@ def check_content_length(request: Request, limit: int) -> None:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit():
         if int(declared) > limit:
-            raise _too_large(limit, f"the request body ({declared} bytes)")
+            raise _too_large(limit, f"the request body ({byte_count(int(declared))})")
         hold_body(request.scope, int(declared))
 
 
@@ -172,7 +172,8 @@ class _MultipartCollector:
             return
         if self._over:
             self.uploads.append(ImageInput(self._filename, error=TooManyBytesError(
-                f"the image has more than {self.settings.max_upload_bytes} bytes, the limit")))
+                f"the image has more than {byte_count(self.settings.max_upload_bytes)}, the "
+                "limit")))
         else:
             self.uploads.append(ImageInput(self._filename, bytes(self._data)))
         self._data = bytearray()

@@ -164,6 +164,12 @@ def test_limits_give_413(settings, faces):
         assert_error(post_file(limited, data), 413, "too_many_bytes")
         raw = limited.post("/predict", content=data, headers={"content-type": "image/jpeg"})
         assert_error(raw, 413, "too_many_bytes")
+    # sizes read as people read them: "10485760 bytes" was the default limit's message
+    big = settings.model_copy(update={"max_upload_bytes": 10 * 2**20})
+    with TestClient(create_app(big)) as client:
+        answer = post_file(client, bytes(10 * 2**20 + 1))
+    assert_error(answer, 413, "too_many_bytes")
+    assert "10,485,760 bytes (10 MiB)" in answer.json()["detail"]
     few = settings.model_copy(update={"max_pixels": 100 * 100})
     with TestClient(create_app(few)) as limited:
         assert_error(post_file(limited, png_bytes(101, 100)), 413, "too_many_pixels")
