@@ -86,8 +86,9 @@ class ServiceMetrics:
         self.top_probability = Histogram("emotion_top_probability",
                                          "Probability of the predicted class (drift watch).",
                                          ["model"], buckets=PROBABILITY_BUCKETS, registry=r)
-        self.rejected = Counter("emotion_rejected_inputs", "Inputs refused, by reason.",
-                                ["reason"], registry=r)
+        self.rejected = Counter("emotion_rejected_inputs",
+                                "Images refused one by one, by error code.", ["reason"],
+                                registry=r)
         self.in_flight = Gauge("emotion_predictions_in_flight", "Model requests (/predict and "
                                "inference) admitted and not yet answered.", registry=r,
                                multiprocess_mode="livesum")
