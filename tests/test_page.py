@@ -213,6 +213,25 @@ def test_a_new_choice_while_an_example_loads_keeps_the_example(page, server):
     assert len(shown_labels(page)) == len(predicted(server, EXAMPLES / name))
 
 
+def test_an_animated_gif_is_shown_at_the_frame_the_boxes_belong_to(page, server, tmp_path):
+    """The service classifies a GIF's first frame, but the page played the animation: every
+    other frame, the boxes sat on background (a review)."""
+    from PIL import Image, ImageOps
+
+    first = Image.open(EXAMPLES / "four_people.jpg").convert("RGB").reduce(2)  # < MAX_UPLOAD
+    gif = tmp_path / "animated.gif"
+    first.save(gif, save_all=True, append_images=[ImageOps.mirror(first)], duration=200,
+               loop=0)
+    page.set_input_files("#file", str(gif))
+    page.wait_for_selector("#boxes .box")
+    shots = []
+    for _ in range(4):  # over two cycles of the animation
+        shots.append(page.locator("#photo").screenshot())
+        page.wait_for_timeout(110)
+    assert len(set(shots)) == 1  # one still frame
+    assert page.locator("#boxes .box").count() == len(predicted(server, gif))
+
+
 def test_the_status_says_when_faces_in_the_photo_were_left_out(page, server):
     """faces=auto classifies the largest face: the line said "1 face found" of a photo of
     four, as faces=all did "16 faces found" of twenty past the server's limit."""

@@ -115,6 +115,23 @@ function previewable(blob, name) {
   return !/hei[cf]/i.test(blob.type) && !/\.(heic|heif)$/i.test(name || "");
 }
 
+async function firstFrame(blob, name) {
+  // An animated GIF plays in <img>, but the service classifies its first frame: show that
+  // frame still, so the boxes stay on the faces they were found on.
+  if (!(blob.type === "image/gif" || /\.gif$/i.test(name || "")) || !window.createImageBitmap) return blob;
+  try {
+    const bitmap = await createImageBitmap(blob);
+    const canvas = document.createElement("canvas");
+    canvas.width = bitmap.width;
+    canvas.height = bitmap.height;
+    canvas.getContext("2d").drawImage(bitmap, 0, 0);
+    bitmap.close();
+    return await new Promise((resolve) => canvas.toBlob((still) => resolve(still || blob), "image/png"));
+  } catch (_) {
+    return blob; // shown as the browser shows it; the service may still read it
+  }
+}
+
 async function classifyFile(blob, name, note = "") {
   if (!pageReady()) return;
   stopWebcam();
@@ -128,7 +145,9 @@ async function classifyFile(blob, name, note = "") {
   $("video").hidden = true;
   let size = null;
   if (previewable(blob, name)) {
-    state.objectUrl = URL.createObjectURL(blob);
+    const shown = await firstFrame(blob, name);
+    if (generation !== state.generation) return;
+    state.objectUrl = URL.createObjectURL(shown);
     photo.src = state.objectUrl;
     photo.alt = `The image ${name || "sent"}`;
     photo.hidden = false;
