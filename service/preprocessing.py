@@ -238,9 +238,12 @@ def resize_to_input(gray: Image.Image) -> np.ndarray:
 
 
 def byte_count(count: int) -> str:
-    """A size as people read it in a message: ``10,485,760 bytes (10 MiB)``."""
+    """A size as people read it in a message: ``10,485,760 bytes (10 MiB)``, ``1.5 GiB``."""
     text = f"{count:,} bytes"
-    return text if count < 1 << 20 else f"{text} ({count / (1 << 20):.3g} MiB)"
+    for shift, unit in ((30, "GiB"), (20, "MiB")):
+        if count >= 1 << shift:
+            return f"{text} ({f'{count / (1 << shift):,.1f}'.removesuffix('.0')} {unit})"
+    return text
 
 
 def _open_checked(data: bytes, limits: ImageLimits) -> Image.Image:

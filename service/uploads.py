@@ -32,10 +32,13 @@ def check_content_length(request: Request, limit: int) -> None:
     """413 for a declared length past ``limit``; within it, the length is held on the
     worker's body budget before a byte is read (503 when that is full)."""
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit():
-        if int(declared) > limit:
-            raise _too_large(limit, f"the request body ({byte_count(int(declared))})")
-        hold_body(request.scope, int(declared))
+    if declared and declared.isascii() and declared.isdigit():
+        digits = declared.lstrip("0") or "0"
+        if len(digits) > 20:  # past any limit, and int() refuses 4,300 digits (it was a 500)
+            raise _too_large(limit, f"the request body, declared in {len(digits)} digits,")
+        if int(digits) > limit:
+            raise _too_large(limit, f"the request body of {byte_count(int(digits))}")
+        hold_body(request.scope, int(digits))
 
 
 async def body_chunks(request: Request, settings: Settings) -> AsyncIterator[bytes]:

@@ -170,10 +170,32 @@ def test_limits_give_413(settings, faces):
         answer = post_file(client, bytes(10 * 2**20 + 1))
     assert_error(answer, 413, "too_many_bytes")
     assert "10,485,760 bytes (10 MiB)" in answer.json()["detail"]
+    from service.preprocessing import byte_count
+
+    assert byte_count(1_610_612_736) == "1,610,612,736 bytes (1.5 GiB)"  # was 1.54e+03 MiB
+    assert byte_count(999) == "999 bytes"
     few = settings.model_copy(update={"max_pixels": 100 * 100})
     with TestClient(create_app(few)) as limited:
         assert_error(post_file(limited, png_bytes(101, 100)), 413, "too_many_pixels")
         assert post_file(limited, png_bytes(100, 100)).status_code == 200
+
+
+@pytest.mark.parametrize(("declared", "refused"), [
+    ("0" * 5000 + "5", False),  # 5 bytes: int() of its 5,001 digits raised, a 500
+    ("1" * 5000, True), ("00000000000000000000000020000000", True)])
+def test_a_content_length_of_many_digits_is_read_not_a_500(declared, refused):
+    from starlette.requests import Request
+
+    from service.errors import ApiError
+    from service.uploads import check_content_length
+
+    request = Request({"type": "http", "headers": [(b"content-length", declared.encode())]})
+    if refused:
+        with pytest.raises(ApiError) as caught:
+            check_content_length(request, 10 * 2**20)
+        assert caught.value.status == 413
+    else:
+        check_content_length(request, 10 * 2**20)
 
 
 def test_request_errors(client, settings):
