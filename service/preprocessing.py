@@ -241,8 +241,9 @@ def byte_count(count: int) -> str:
     """A size as people read it in a message: ``10,485,760 bytes (10 MiB)``, ``1.5 GiB``."""
     text = f"{count:,} bytes"
     for shift, unit in ((30, "GiB"), (20, "MiB")):
-        if count >= 1 << shift:
-            return f"{text} ({f'{count / (1 << shift):,.1f}'.removesuffix('.0')} {unit})"
+        value = round(count / (1 << shift), 1)  # the unit after rounding: not "1,024 MiB"
+        if value >= 1:
+            return f"{text} ({f'{value:,.1f}'.removesuffix('.0')} {unit})"
     return text
 
 

@@ -213,14 +213,18 @@ def test_a_new_choice_while_an_example_loads_keeps_the_example(page, server):
     assert len(shown_labels(page)) == len(predicted(server, EXAMPLES / name))
 
 
-def test_an_animated_gif_is_shown_at_the_frame_the_boxes_belong_to(page, server, tmp_path):
-    """The service classifies a GIF's first frame, but the page played the animation: every
-    other frame, the boxes sat on background (a review)."""
+@pytest.mark.parametrize(("fmt", "name"), [
+    ("GIF", "animated.gif"), ("GIF", "named_otherwise.jpg"), ("PNG", "apng.png"),
+    ("WEBP", "animated.webp")])
+def test_an_animated_image_is_shown_at_the_frame_the_boxes_belong_to(page, server, tmp_path,
+                                                                     fmt, name):
+    """The service classifies an animation's first frame, but the page played it: every
+    other frame, the boxes sat on background (a review). Told by the bytes, not the name."""
     from PIL import Image, ImageOps
 
     first = Image.open(EXAMPLES / "four_people.jpg").convert("RGB").reduce(2)  # < MAX_UPLOAD
-    gif = tmp_path / "animated.gif"
-    first.save(gif, save_all=True, append_images=[ImageOps.mirror(first)], duration=200,
+    gif = tmp_path / name
+    first.save(gif, fmt, save_all=True, append_images=[ImageOps.mirror(first)], duration=200,
                loop=0)
     page.set_input_files("#file", str(gif))
     page.wait_for_selector("#boxes .box")

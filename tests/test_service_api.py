@@ -174,6 +174,7 @@ def test_limits_give_413(settings, faces):
 
     assert byte_count(1_610_612_736) == "1,610,612,736 bytes (1.5 GiB)"  # was 1.54e+03 MiB
     assert byte_count(999) == "999 bytes"
+    assert byte_count(2**30 - 1) == "1,073,741,823 bytes (1 GiB)"  # not 1,024 MiB
     few = settings.model_copy(update={"max_pixels": 100 * 100})
     with TestClient(create_app(few)) as limited:
         assert_error(post_file(limited, png_bytes(101, 100)), 413, "too_many_pixels")

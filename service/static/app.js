@@ -115,11 +115,27 @@ function previewable(blob, name) {
   return !/hei[cf]/i.test(blob.type) && !/\.(heic|heif)$/i.test(name || "");
 }
 
-async function firstFrame(blob, name) {
-  // An animated GIF plays in <img>, but the service classifies its first frame: show that
+async function animated(blob) {
+  // From the bytes, not the name: a GIF, an APNG (acTL before the pixels) or an animated
+  // WebP (VP8X with its animation flag), whatever the file is called.
+  const head = new Uint8Array(await blob.slice(0, 65536).arrayBuffer());
+  const text = new TextDecoder("latin1").decode(head); // one character per byte
+  if (text.startsWith("GIF8")) return true;
+  if (text.startsWith("RIFF") && text.slice(8, 12) === "WEBP") return text.slice(12, 16) === "VP8X" && (head[20] & 0x02) !== 0;
+  if (head[0] === 0x89 && text.slice(1, 4) === "PNG") {
+    const actl = text.indexOf("acTL");
+    const idat = text.indexOf("IDAT");
+    return actl >= 0 && (idat < 0 || actl < idat);
+  }
+  return false;
+}
+
+async function firstFrame(blob) {
+  // An animated image plays in <img>, but the service classifies its first frame: show that
   // frame still, so the boxes stay on the faces they were found on.
-  if (!(blob.type === "image/gif" || /\.gif$/i.test(name || "")) || !window.createImageBitmap) return blob;
+  if (!window.createImageBitmap) return blob;
   try {
+    if (!(await animated(blob))) return blob;
     const bitmap = await createImageBitmap(blob);
     const canvas = document.createElement("canvas");
     canvas.width = bitmap.width;
@@ -145,7 +161,7 @@ async function classifyFile(blob, name, note = "") {
   $("video").hidden = true;
   let size = null;
   if (previewable(blob, name)) {
-    const shown = await firstFrame(blob, name);
+    const shown = await firstFrame(blob);
     if (generation !== state.generation) return;
     state.objectUrl = URL.createObjectURL(shown);
     photo.src = state.objectUrl;
