@@ -124,6 +124,7 @@ def _walk(folder: Path) -> Iterator[Path]:
 @dataclass(frozen=True)
 class Row:
     values: dict
+    faces_found: int | None = None  # not a column: the summary says when faces were left out
 
     @classmethod
     def error(cls, path: str, message: str, code: str, **extra) -> Row:
@@ -143,7 +144,7 @@ def rows_of(path: str, result: ImagePrediction, **extra) -> list[Row]:
         rows.append(Row({"path": path, **extra, **box, "label": p.label,
                          **{c: float(v) for c, v in zip(CLASS_NAMES, p.probabilities,
                                                         strict=True)},
-                         "error": None, "code": None}))
+                         "error": None, "code": None}, result.faces_found))
     return rows
 
 
@@ -525,9 +526,10 @@ def _row_from_json(path: str, prediction: dict) -> Row:
     box = (dict.fromkeys(BOX_COLUMNS) if face is None else
            dict(zip(BOX_COLUMNS, (face["x"], face["y"], face["width"], face["height"]),
                     strict=True)))
+    found = prediction.get("faces_found")
     return Row({"path": path, **box, "label": prediction["label"],
                 **{c: prediction["probabilities"][c] for c in CLASS_NAMES},
-                "error": None, "code": None})
+                "error": None, "code": None}, found if isinstance(found, int) else None)
 
 
 def default_workers() -> int:

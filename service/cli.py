@@ -64,7 +64,7 @@ def run_images(args: argparse.Namespace) -> int:
                              args.batch_size, settings.max_faces_per_image, settings.limits)
     runner.check()
     writer = RowWriter(args.out, COLUMNS, append=args.resume)
-    started, rows, unreadable, errors = time.perf_counter(), 0, 0, 0
+    started, rows, unreadable, errors, cut = time.perf_counter(), 0, 0, 0, 0
     progress = _progress(len(paths), len(paths) - len(todo))
     try:
         for batch in runner.run(todo):
@@ -74,6 +74,8 @@ def run_images(args: argparse.Namespace) -> int:
                 codes = [r.values["code"] for r in file_rows if r.values["code"]]
                 errors += bool(codes)
                 unreadable += UNREADABLE in codes
+                # more faces found than classified: auto's largest only, or all's limit
+                cut += any((r.faces_found or 0) > len(file_rows) for r in file_rows)
             progress.update(len(batch))
     finally:
         progress.close()
@@ -82,6 +84,9 @@ def run_images(args: argparse.Namespace) -> int:
     print(f"emotion-detect: {len(todo)} files ({len(paths) - len(todo)} already in {args.out}), "
           f"{rows} rows, {errors} files with an error, in {wall:.1f} s "
           f"({len(todo) / wall if wall else 0:.1f} images/s)", file=sys.stderr)
+    if cut:
+        print(f"emotion-detect: {cut} files had more faces than were classified (faces=auto "
+              "takes the largest; all stops at EMOTION_MAX_FACES_PER_IMAGE)", file=sys.stderr)
     return 1 if unreadable else 0
 
 

@@ -264,6 +264,30 @@ def test_url_gives_the_same_rows_as_in_process_and_as_predict(photo_folder, tmp_
                     first["probabilities"][c] for c in CLASS_NAMES]
 
 
+def test_the_summary_says_when_faces_were_left_out(tmp_path, monkeypatch, capsys, request):
+    """Past EMOTION_MAX_FACES_PER_IMAGE the rows ended with no sign of the faces dropped,
+    where /predict's faces_found and the page say so; in process and with --url."""
+    from service.settings import load_settings
+
+    monkeypatch.setenv("EMOTION_MAX_FACES_PER_IMAGE", "2")
+    load_settings.cache_clear()  # read once per process: read again, and again after
+    request.addfinalizer(load_settings.cache_clear)
+    photo = str(REPO / "examples" / "four_people.jpg")
+    assert main(["images", photo, "--faces", "all", "--out", str(tmp_path / "local.csv"),
+                 "--workers", "1"]) == 0
+    assert len(read_rows(tmp_path / "local.csv")) == 2
+    assert "1 files had more faces than were classified" in capsys.readouterr().err
+    with running_server(env={"EMOTION_ONNX_THREADS": "1"}) as base:
+        assert main(["images", photo, "--faces", "all", "--out", str(tmp_path / "remote.csv"),
+                     "--url", base]) == 0
+    assert "1 files had more faces than were classified" in capsys.readouterr().err
+    monkeypatch.setenv("EMOTION_MAX_FACES_PER_IMAGE", "16")  # all four: nothing to say
+    load_settings.cache_clear()
+    assert main(["images", photo, "--faces", "all", "--out", str(tmp_path / "all.csv"),
+                 "--workers", "1"]) == 0
+    assert "more faces than" not in capsys.readouterr().err
+
+
 def test_the_progress_bar_shows_on_a_terminal_and_not_in_a_log(photo_folder, tmp_path):
     argv = [*COMMAND, "images", str(photo_folder), "--out", str(tmp_path / "r.csv"),
             "--faces", "none", "--workers", "1"]
