@@ -119,3 +119,14 @@ def load_manifest(models_dir: Path) -> Manifest:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def read_pinned(path: Path, sha256: str, pinned_in: str) -> bytes:
+    """The file's bytes if they have the SHA-256 that ``pinned_in`` gives it; else
+    ``ValueError`` naming both, before anything parses them."""
+    data = path.read_bytes()
+    digest = sha256_bytes(data)
+    if digest != sha256:
+        raise ValueError(f"{path.name} has sha256 {digest[:12]}…, {pinned_in} says "
+                         f"{sha256[:12]}…: refused")
+    return data

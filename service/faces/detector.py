@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from service.faces.spec import STAGES, Box, DetectorConfig
-from service.manifest import sha256_bytes
+from service.faces.spec import FACE_CROP_FILE, STAGES, Box, DetectorConfig
+from service.manifest import read_pinned
 from service.onnx_runtime import onnx_session
 
 CELL = 12  # the proposal network's window: the smallest face it sees at scale 1
@@ -73,11 +73,7 @@ class FaceDetector:
         self.sessions = {}
         for stage in STAGES:
             network = config.networks[stage]
-            data = (models_dir / network.file).read_bytes()
-            digest = sha256_bytes(data)
-            if digest != network.sha256:
-                raise ValueError(f"{network.file} has sha256 {digest[:12]}…, expected "
-                                 f"{network.sha256[:12]}…: refused")
+            data = read_pinned(models_dir / network.file, network.sha256, FACE_CROP_FILE)
             self.sessions[stage] = onnx_session(data, threads=1)
 
     def _run(self, stage: str, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, field_validator
 
-from service.manifest import FileEntry, SafeFileName, Sha256, sha256_bytes
+from service.manifest import FileEntry, SafeFileName, Sha256, read_pinned, sha256_bytes
 from service.preprocessing import INPUT_SIZE
 
 FACE_CROP_FILE = "face_crop.json"
@@ -133,9 +133,5 @@ def load_verified_face_crop(models_dir: Path, entry: FileEntry | None) -> FaceCr
                              "refused")
         raise ValueError("this models folder ships no face detector (manifest.json has no "
                          "face_detector entry)")
-    data = (models_dir / entry.file).read_bytes()
-    digest = sha256_bytes(data)
-    if digest != entry.sha256:
-        raise ValueError(f"{entry.file} has sha256 {digest[:12]}…, manifest.json says "
-                         f"{entry.sha256[:12]}…: refused")
+    data = read_pinned(models_dir / entry.file, entry.sha256, "manifest.json")
     return FaceCropSpec.model_validate(json.loads(data))
