@@ -24,10 +24,16 @@ def assert_error(response, status: int, code: str) -> None:
         assert leak not in response.text
 
 
-def tampered_copy(tmp_path: Path, file: str) -> Path:
-    """A copy of the shipped models folder in which one byte of ``file`` is flipped."""
+def models_copy(tmp_path: Path) -> Path:
+    """A copy of the shipped models folder, ``tmp_path / "models"``, for a test to change."""
     folder = tmp_path / "models"
     shutil.copytree(REPO_MODELS_DIR, folder)
+    return folder
+
+
+def tampered_copy(tmp_path: Path, file: str) -> Path:
+    """A copy of the shipped models folder in which one byte of ``file`` is flipped."""
+    folder = models_copy(tmp_path)
     path = folder / file
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF

@@ -22,7 +22,7 @@ from PIL import Image
 from service.app import create_app
 from service.faces import Box, CropGeometry, crop_region, load_face_crop, non_max_suppression
 from service.settings import REPO_MODELS_DIR, Settings
-from tests.api import assert_error, metric_total, tampered_copy
+from tests.api import assert_error, metric_total, models_copy, tampered_copy
 from tests.images import encode
 
 PHOTOS = 600
@@ -209,8 +209,7 @@ def test_without_a_usable_face_file_faces_none_still_serves(tmp_path, content, m
     loaded = []
     folder = tmp_path
     if content in ("edited settings", "unpinned"):
-        folder = tmp_path / "models"
-        shutil.copytree(REPO_MODELS_DIR, folder)
+        folder = models_copy(tmp_path)
         if content == "edited settings":
             edited_face_crop(folder)
         else:  # the file as shipped, but the manifest no longer pins it

@@ -21,7 +21,7 @@ from service.classes import CLASS_NAMES
 from service.manifest import ManifestError, load_manifest, sha256_bytes
 from service.preprocessing import preprocess_image
 from service.settings import REPO_MODELS_DIR, Settings
-from tests.api import assert_error, metric_total, tampered_copy
+from tests.api import assert_error, metric_total, models_copy, tampered_copy
 from tests.images import encode, png_bytes
 
 
@@ -353,10 +353,8 @@ def test_a_tampered_artifact_is_refused_and_the_other_model_serves(
     ("bytes", 1, "bytes, the manifest says 1; refused")])
 def test_a_model_the_manifest_misdescribes_is_refused(tmp_path, settings, field, value, says):
     import json
-    import shutil
 
-    folder = tmp_path / "models"
-    shutil.copytree(REPO_MODELS_DIR, folder)
+    folder = models_copy(tmp_path)
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["models"]["cnn"][field] = value
     (folder / "manifest.json").write_text(json.dumps(manifest))

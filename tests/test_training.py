@@ -644,16 +644,14 @@ def test_a_lever_is_trained_judged_on_both_validation_sets_and_reaches_the_repor
 def test_face_geometry_pins_the_file_it_writes_so_the_service_loads_it(tmp_path):
     """face-geometry rewrites face_crop.json after export: without a new manifest entry the
     service would refuse its own output."""
-    import shutil
-
     from service.faces import load_face_crop
     from service.inference import Predictor
     from service.manifest import load_manifest, sha256_bytes
     from service.settings import REPO_MODELS_DIR
+    from tests.api import models_copy
     from training.face_geometry import write_face_crop
 
-    folder = tmp_path / "models"
-    shutil.copytree(REPO_MODELS_DIR, folder)
+    folder = models_copy(tmp_path)
     spec = load_face_crop(folder)
     spec.detector.thresholds = (0.5, 0.7, 0.7)
     write_face_crop(spec, folder)
