@@ -89,6 +89,24 @@ def test_cache_refuses_a_file_that_changed(tmp_path):
         load_decoded_images(table, images, tmp_path / "cache", workers=1)
     # nor a staging folder named by a process id, which no later run would clean
     assert list((tmp_path / "cache").iterdir()) == []
+    # FER-2013's checksums come from its list, not a clean table: the message says which
+    with pytest.raises(ChecksumError, match="differs from fer2013.SHA256SUMS's"):
+        load_decoded_images(table, images, tmp_path / "cache", workers=1,
+                            listed_in="fer2013.SHA256SUMS")
+
+
+def test_cache_names_the_images_missing_and_how_to_find_them(tmp_path):
+    from training.fetch import DataError
+
+    images = tmp_path / "images"
+    images.mkdir()
+    table = synthetic_table(images)
+    (images / table["image"][1]).unlink()
+    with pytest.raises(DataError, match=f"1 of the {len(table)} images clean.csv names are "
+                       f"missing \\(e.g. \\['{table['image'][1]}'\\]\\); set THIS"):
+        load_decoded_images(table, images, tmp_path / "cache", workers=1,
+                            listed_in="clean.csv", hint="set THIS")
+    assert not (tmp_path / "cache").exists()  # refused before any work
 
 
 @pytest.mark.dataset

@@ -116,7 +116,20 @@ def test_a_command_that_needs_training_says_how_to_get_it(fer_settings):
     table = fer_table(fer_settings.fer2013_dir, fer_settings.fer2013_checksums)
     only_public = table[table["usage"] == "PublicTest"]
     with pytest.raises(SystemExit, match="python -m training fetch fer2013"):
-        require_usages(only_public, fer_settings.fer2013_dir)
+        require_usages(only_public, fer_settings.fer2013_dir, fer_settings.fer2013_checksums)
+
+
+@pytest.mark.dataset
+def test_a_full_run_refuses_part_of_a_usage(fer_settings):
+    """Only a usage with no image at all was refused: a copy stopped half-way trained, and
+    wrote the manifest's figures, on a fraction of the release."""
+    table = fer_table(fer_settings.fer2013_dir, fer_settings.fer2013_checksums)
+    require_usages(table, fer_settings.fer2013_dir, fer_settings.fer2013_checksums,
+                   ("PublicTest",))  # the whole of PublicTest: passes
+    some = table[table["usage"] == "PublicTest"].head(4)
+    with pytest.raises(SystemExit, match="PublicTest has 4 of its 3589 images"):
+        require_usages(some, fer_settings.fer2013_dir, fer_settings.fer2013_checksums,
+                       ("PublicTest",))
 
 
 @pytest.mark.dataset

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -367,13 +368,62 @@ def test_export_takes_only_checkpoints_of_its_own_profile(tmp_path):
         choose_checkpoint(tmp_path, "full")
 
 
-def test_a_dataset_that_is_not_where_the_setting_says_is_one_line_and_exit_2(tmp_path):
+@pytest.mark.parametrize("command", ["verify", "cache"])
+def test_a_dataset_that_is_not_where_the_setting_says_is_one_line_and_exit_2(tmp_path, command):
+    """The line names the setting to fix: cache said only "[Errno 2] No such file" of the
+    first image, verify "13683 files missing"."""
     from tests.server import run_training
 
-    result = run_training(["verify"], env={"EMOTION_DATASET_DIR": str(tmp_path)})
-    assert result.returncode == 2
+    result = run_training([command], env={"EMOTION_DATASET_DIR": str(tmp_path / "dataset"),
+                                          "EMOTION_CACHE_DIR": str(tmp_path / "cache")})
+    assert result.returncode == 2, result.stderr
     [line] = result.stderr.strip().splitlines()
-    assert line.startswith("python -m training verify: error:") and str(tmp_path) in line
+    assert line.startswith(f"python -m training {command}: error:"), line
+    assert str(tmp_path / "dataset") in line
+    assert ("13683 files missing" if command == "verify" else "13681 of the 13681 images") in line
+    assert "set EMOTION_DATASET_DIR" in line and "python -m training fetch" in line
+    assert not list((tmp_path / "cache").glob("*"))  # nothing decoded before the refusal
+
+
+@pytest.mark.parametrize(("file", "damage", "command", "says"), [
+    ("clean.csv", lambda text: "", "cache", "clean.csv: not the clean table"),
+    ("clean.csv", lambda text: text.replace(",HAPPINESS,", ",happy,", 1), "cache",
+     "unknown labels ['happy']"),
+    ("clean.csv", lambda text: text.replace("contributor", "user", 1), "cache",
+     "no column contributor"),
+    # cut in the second line's digest
+    ("SHA256SUMS", lambda text: text[:text.index("\n") + 30], "verify",
+     "SHA256SUMS, line 2: not a sha256sum line"),
+    ("fer2013.SHA256SUMS", lambda text: text[:text.index("\n") + 30], "verify fer2013",
+     "fer2013.SHA256SUMS, line 2: not a sha256sum line"),
+])
+def test_a_damaged_data_file_is_one_line_that_names_it(tmp_path, file, damage, command, says):
+    """A ValueError (or pandas' own) of a damaged file in data/ was a traceback."""
+    from tests.server import REPO, run_training
+
+    data = tmp_path / "data"
+    shutil.copytree(REPO / "data", data)
+    (data / file).write_text(damage((data / file).read_text()))
+    result = run_training(command.split(), env={
+        "EMOTION_DATA_DIR": str(data), "EMOTION_CACHE_DIR": str(tmp_path / "cache"),
+        "EMOTION_CHECKPOINTS_DIR": str(tmp_path / "checkpoints"), "EMOTION_TORCH_THREADS": "1"})
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"python -m training {command.split()[0]}: error:"), last
+    assert says in last
+
+
+def test_a_damaged_split_names_its_file(tmp_path):
+    from training.fetch import DataError
+    from training.splits import read_split
+
+    (tmp_path / "identity.csv").write_text("")
+    with pytest.raises(DataError, match="identity.csv: not a split"):
+        read_split(tmp_path / "identity.csv")
+    (tmp_path / "identity.csv").write_text("image,label\n")
+    with pytest.raises(DataError, match="columns \\['image', 'label'\\], expected"):
+        read_split(tmp_path / "identity.csv")
 
 
 def test_the_low_resolution_augmentation_blurs_only_sometimes():
@@ -617,10 +667,13 @@ def test_a_lever_is_trained_judged_on_both_validation_sets_and_reaches_the_repor
     assert {p.name for p in smoke.iterdir()} == {"distill_fer_ema.pt", "distill_fer_ema.json"}
     assert not (settings.checkpoints_dir / "levers").exists()
     assert not (settings.reports_dir / "levers").exists()
-    # With --out, the checkpoint goes there too, not over another run's.
+    # With --out, the checkpoint goes there too, not over another run's; --epochs wins over
+    # the smoke profile's one epoch (it was set back to 1)
     mine = tmp_path / "mine"
-    run_levers(settings, ["distill_fer_ema"], profile="smoke", out_dir=mine)
+    [longer] = run_levers(settings, ["distill_fer_ema"], profile="smoke", out_dir=mine,
+                          epochs=2)
     assert {p.name for p in mine.iterdir()} == {"distill_fer_ema.pt", "distill_fer_ema.json"}
+    assert longer["train"]["epochs"] == 2 and len(longer["history"]) == 2
     for flip in ("flip", "no_flip"):
         raw = result[flip]["raw"]
         assert set(raw) == {"criterion", "identity", "fer2013"}

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from training.settings import FETCH_DESTINATIONS, get_training_settings
+from training.settings import DATASET_HINT, FETCH_DESTINATIONS, get_training_settings
 
 DATASETS = tuple(FETCH_DESTINATIONS)
 ENV_OF_DATASET = {"facial_expressions": "EMOTION_DATASET_DIR", "fer2013": "EMOTION_FER2013_DIR"}
@@ -47,8 +47,7 @@ def cmd_verify(args: argparse.Namespace) -> None:
     if args.dataset == "fer2013":  # the shared copy holds PublicTest only
         from collections import Counter
 
-        from training.fer2013 import fer_table, parse_original
-        from training.fetch import read_checksums
+        from training.fer2013 import fer_table, partial_usages
 
         count = verify_dataset(settings.fer2013_dir, settings.fer2013_checksums,
                                require_all=False)
@@ -56,19 +55,16 @@ def cmd_verify(args: argparse.Namespace) -> None:
         if not count:
             raise SystemExit(where + f"no file named in {settings.fer2013_checksums.name}: "
                              "point EMOTION_FER2013_DIR at FER-2013")
-        # a part of the release may be absent, but a part that is here is here whole
-        release = Counter(parse_original(name)["usage"]
-                          for name in read_checksums(settings.fer2013_checksums))
-        here = Counter(fer_table(settings.fer2013_dir, settings.fer2013_checksums)["usage"])
-        partial = [f"{usage} has {here[usage]} of its {release[usage]} images"
-                   for usage in sorted(here) if here[usage] < release[usage]]
+        table = fer_table(settings.fer2013_dir, settings.fer2013_checksums)
+        partial = partial_usages(table, settings.fer2013_checksums)
         if partial:
             raise SystemExit(where + "; ".join(partial))
+        here = Counter(table["usage"])
         print(where + f"{count} files match {settings.fer2013_checksums.name} ("
               + ", ".join(f"{usage} {n}" for usage, n in sorted(here.items())) + ")")
         return
 
-    count = verify_dataset(settings.dataset_dir, settings.checksums_file)
+    count = verify_dataset(settings.dataset_dir, settings.checksums_file, hint=DATASET_HINT)
     print(f"{settings.dataset_dir}: {count} files match {settings.checksums_file.name}")
 
 
@@ -81,7 +77,7 @@ def cmd_audit(args: argparse.Namespace) -> None:
     settings = get_training_settings()
     started = time.perf_counter()
     # Both datasets are checked before data/ is rewritten: the splits are the contract.
-    verify_dataset(settings.dataset_dir, settings.checksums_file)
+    verify_dataset(settings.dataset_dir, settings.checksums_file, hint=DATASET_HINT)
     if not len(fer_table(settings.fer2013_dir, settings.fer2013_checksums)):
         raise SystemExit(f"no image in {settings.fer2013_dir} is named in "
                          f"{settings.fer2013_checksums.name}: point EMOTION_FER2013_DIR at "
@@ -110,19 +106,21 @@ def cmd_cache(args: argparse.Namespace) -> None:
     from training.fer2013 import fer_table
 
     settings = get_training_settings()
-    tables = {"facial_expressions": (read_clean_table(settings.clean_table),
-                                     settings.images_dir)}
+    # each table's images, the file naming them (for its errors) and how to find them
+    tables = {"facial_expressions": (read_clean_table(settings.clean_table), settings.images_dir,
+                                     settings.clean_table.name, DATASET_HINT)}
     fer = fer_table(settings.fer2013_dir, settings.fer2013_checksums)
     if len(fer):
-        tables["fer2013"] = (fer, settings.fer2013_dir)
+        tables["fer2013"] = (fer, settings.fer2013_dir, settings.fer2013_checksums.name, "")
     else:  # said, not skipped quietly: training would stop on it later
         print(f"fer2013: no image in {settings.fer2013_dir} (EMOTION_FER2013_DIR) is named "
               f"in {settings.fer2013_checksums.name}: not cached", file=sys.stderr)
-    for name, (table, images_dir) in tables.items():
+    for name, (table, images_dir, listed_in, hint) in tables.items():
         folder = settings.cache_dir / cache_key(table)
         if args.rebuild or not folder.exists():
             started = time.perf_counter()
-            build_cache(table, images_dir, settings.cache_dir, replace=args.rebuild)
+            build_cache(table, images_dir, settings.cache_dir, replace=args.rebuild,
+                        listed_in=listed_in, hint=hint)
             print(f"{name}: built {folder} in {time.perf_counter() - started:.1f} s")
         started = time.perf_counter()
         decoded = load_decoded_images(table, images_dir, settings.cache_dir)
@@ -286,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     levers.add_argument("--only", action="append", metavar="NAME",
                         help="run only this lever (repeatable; default: all)")
     levers.add_argument("--epochs", type=positive, default=None,
-                        help="override every lever's schedule (default: each lever's own)")
+                        help="override every lever's schedule (default: each lever's own; "
+                        "1 with --profile smoke)")
     run_options(levers, "results folder (default: levers/ in EMOTION_REPORTS_DIR; with "
                 "--profile smoke, levers-smoke/ in EMOTION_CHECKPOINTS_DIR)")
     levers.set_defaults(func=cmd_levers)
@@ -339,13 +338,13 @@ def main(argv: list[str] | None = None) -> int:
     import subprocess
 
     from service.settings import SettingsError
-    from training.fetch import ChecksumError
+    from training.fetch import DataError
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ChecksumError, OSError, subprocess.CalledProcessError, SettingsError) as exc:
-        # Data not where a setting says, or not what its checksums say, an output folder
+    except (DataError, OSError, subprocess.CalledProcessError, SettingsError) as exc:
+        # Data not where a setting says, or not what the repository's lists say, an output folder
         # that cannot be written, a git fetch that failed, or a refused setting: the user's
         # to fix, so one line, not a traceback.
         print(f"python -m training {args.command}: error: {exc}", file=sys.stderr)

@@ -35,7 +35,7 @@ from training.fer2013 import (
     pixel_digests,
 )
 from training.fetch import read_checksums
-from training.settings import TrainingSettings
+from training.settings import DATASET_HINT, TrainingSettings
 
 THUMBNAIL = 24
 NEAR_COSINE = 0.98
@@ -106,11 +106,13 @@ def run_fer_audit(settings: TrainingSettings, out_dir: Path | None = None) -> di
 
     exact = exact_duplicate_groups(table, pixel_digests(settings.fer2013_dir,
                                                         list(table["image"])))
-    fer_decoded = load_decoded_images(table, settings.fer2013_dir, settings.cache_dir)
+    fer_decoded = load_decoded_images(table, settings.fer2013_dir, settings.cache_dir,
+                                      listed_in=settings.fer2013_checksums.name)
     fer_thumbs = thumbnails(fer_decoded, np.arange(len(table)))
     within = near_pairs(fer_thumbs, fer_thumbs, same=True)
     ours = read_clean_table(settings.clean_table)
-    ours_decoded = load_decoded_images(ours, settings.images_dir, settings.cache_dir)
+    ours_decoded = load_decoded_images(ours, settings.images_dir, settings.cache_dir,
+                                       listed_in=settings.clean_table.name, hint=DATASET_HINT)
     across = near_pairs(thumbnails(ours_decoded, np.arange(len(ours))), fer_thumbs)
     names = list(table["image"])
     report = {

@@ -26,7 +26,7 @@ from service.preprocessing import (
     pixels_to_input,
     preprocess_image_uint8,
 )
-from training.fetch import ChecksumError
+from training.fetch import ChecksumError, DataError
 
 PIXELS_FILE = "pixels.u8"
 INDEX_FILE = "index.json"
@@ -55,12 +55,14 @@ def cache_key(table: pd.DataFrame) -> str:
 
 
 def load_decoded_images(table: pd.DataFrame, images_dir: Path, cache_dir: Path,
-                        workers: int | None = None) -> DecodedImages:
-    """The cache for ``table``, built first if it does not exist yet."""
+                        workers: int | None = None, *, listed_in: str = "the clean table",
+                        hint: str = "") -> DecodedImages:
+    """The cache for ``table``, built first if it does not exist yet (``listed_in`` and
+    ``hint`` as for :func:`build_cache`)."""
     key = cache_key(table)
     folder = cache_dir / key
     if not (folder / INDEX_FILE).is_file():
-        build_cache(table, images_dir, cache_dir, workers)
+        build_cache(table, images_dir, cache_dir, workers, listed_in=listed_in, hint=hint)
     index = json.loads((folder / INDEX_FILE).read_text())
     pixels = np.memmap(folder / PIXELS_FILE, dtype=np.uint8, mode="r",
                        shape=(len(index["names"]), INPUT_SIZE, INPUT_SIZE))
@@ -68,9 +70,17 @@ def load_decoded_images(table: pd.DataFrame, images_dir: Path, cache_dir: Path,
 
 
 def build_cache(table: pd.DataFrame, images_dir: Path, cache_dir: Path,
-                workers: int | None = None, replace: bool = False) -> Path:
+                workers: int | None = None, replace: bool = False, *,
+                listed_in: str = "the clean table", hint: str = "") -> Path:
     """Decode ``table`` into ``cache_dir/<key>``; ``replace`` puts the new build in place of
-    one that exists (``cache --rebuild``), which is otherwise kept."""
+    one that exists (``cache --rebuild``), which is otherwise kept. ``listed_in`` names the
+    file the table's SHA-256 come from, and ``hint`` how to point the command at the images,
+    for the errors."""
+    missing = [name for name in table["image"] if not (images_dir / name).is_file()]
+    if missing:  # before any work, and in one line: a folder not the dataset, or part of it
+        raise DataError(f"{images_dir}: {len(missing)} of the {len(table)} images "
+                        f"{listed_in} names are missing (e.g. {missing[:3]})"
+                        + (f"; {hint}" if hint else ""))
     key = cache_key(table)
     cache_dir.mkdir(parents=True, exist_ok=True)
     # Build beside the final folder and rename it into place, so a crash or a concurrent
@@ -79,7 +89,8 @@ def build_cache(table: pd.DataFrame, images_dir: Path, cache_dir: Path,
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     names = list(table["image"])
-    jobs = [(str(images_dir / name), sha) for name, sha in zip(names, table["sha256"], strict=True)]
+    jobs = [(str(images_dir / name), sha, listed_in)
+            for name, sha in zip(names, table["sha256"], strict=True)]
     array = np.memmap(staging / PIXELS_FILE, dtype=np.uint8, mode="w+",
                       shape=(len(names), INPUT_SIZE, INPUT_SIZE))
     try:
@@ -112,11 +123,10 @@ def build_cache(table: pd.DataFrame, images_dir: Path, cache_dir: Path,
     return final
 
 
-def _decode_verified(job: tuple[str, str]) -> np.ndarray:
-    path, expected = job
+def _decode_verified(job: tuple[str, str, str]) -> np.ndarray:
+    path, expected, listed_in = job
     data = Path(path).read_bytes()
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected:
-        raise ChecksumError(f"{path}: sha256 {actual} differs from the clean table's "
-                            f"{expected}")
+        raise ChecksumError(f"{path}: sha256 {actual} differs from {listed_in}'s {expected}")
     return preprocess_image_uint8(data)

@@ -18,7 +18,7 @@ from training.cache import DecodedImages, load_decoded_images
 from training.dataset import read_clean_table
 from training.fer2013 import fer_table, require_usages
 from training.models import ModelConfig, make_stem
-from training.settings import TrainingSettings
+from training.settings import DATASET_HINT, TrainingSettings
 from training.splits import SUBSETS, read_split
 
 SPLIT_NAMES = ("identity", "random")
@@ -65,7 +65,8 @@ def read_subsets(settings: TrainingSettings, split_name: str, smoke_per_class: i
 
 def open_cache(settings: TrainingSettings) -> tuple[pd.DataFrame, DecodedImages]:
     table = read_clean_table(settings.clean_table)
-    return table, load_decoded_images(table, settings.images_dir, settings.cache_dir)
+    return table, load_decoded_images(table, settings.images_dir, settings.cache_dir,
+                                      listed_in=settings.clean_table.name, hint=DATASET_HINT)
 
 
 def pooled_images(decoded: DecodedImages, names: list[str], config: ModelConfig,
@@ -140,15 +141,17 @@ class Workspace:
             if table.empty:
                 raise SystemExit(f"no FER-2013 images in {self.settings.fer2013_dir}: set "
                                  "EMOTION_FER2013_DIR or run `python -m training fetch fer2013`")
-            self._fer = table, load_decoded_images(table, self.settings.fer2013_dir,
-                                                   self.settings.cache_dir)
+            self._fer = table, load_decoded_images(
+                table, self.settings.fer2013_dir, self.settings.cache_dir,
+                listed_in=self.settings.fer2013_checksums.name)
         return self._fer
 
     def require_fer(self, usages: tuple[str, ...] = ("Training",)) -> None:
         """One line and exit, before any work, when a full run needs a FER-2013 usage that
         only the full release has (the shared copy holds PublicTest alone)."""
         if self.profile != "smoke":
-            require_usages(self.fer()[0], self.settings.fer2013_dir, usages)
+            require_usages(self.fer()[0], self.settings.fer2013_dir,
+                           self.settings.fer2013_checksums, usages)
 
     def decoded_for(self, split: str) -> DecodedImages:
         return self.fer()[1] if split == "fer2013" else self.decoded

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from service.classes import CLASS_NAMES, parse_label
-from training.fetch import sha256_file
+from training.fetch import DataError, sha256_file
 
 CLEAN_COLUMNS = ["image", "label", "identity", "contributor", "sha256"]
 
@@ -119,8 +119,16 @@ def _join_identities(kept: pd.DataFrame, identical: list[list[str]]) -> list[str
 
 
 def read_clean_table(path: Path) -> pd.DataFrame:
-    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError) as exc:
+        raise DataError(f"{path}: not the clean table `python -m training audit` writes "
+                        f"({exc})") from exc
+    absent = [column for column in CLEAN_COLUMNS if column not in table.columns]
+    if absent:
+        raise DataError(f"{path}: no column {', '.join(absent)}; `python -m training audit` "
+                        "writes the clean table")
     unknown = set(table["label"]) - set(CLASS_NAMES)
     if unknown:
-        raise ValueError(f"{path}: unknown labels {sorted(unknown)}")
+        raise DataError(f"{path}: unknown labels {sorted(unknown)}")
     return table

@@ -254,7 +254,8 @@ def export_all(settings: TrainingSettings, checkpoints: Path, out_dir: Path,
     ws = Workspace(settings, profile)
     # the kNN's train set and the test scores, smoke runs too: without them the manifest
     # cannot be written, and the ONNX file would be left without one
-    require_usages(ws.fer()[0], settings.fer2013_dir, ("Training", "PrivateTest"))
+    require_usages(ws.fer()[0], settings.fer2013_dir, settings.fer2013_checksums,
+                   ("Training", "PrivateTest"))
     best, runs = choose_checkpoint(checkpoints, profile)
     sets = scored_sets(ws)
     created = datetime.now(UTC).isoformat(timespec="seconds")

@@ -13,11 +13,12 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
 
-from training.fetch import read_checksums, verify_dataset
+from training.fetch import DataError, read_checksums, verify_dataset
 
 FER_REPOSITORY = "https://github.com/RecepTahirGunlu/Duygu-Tanima"
 FER_COMMIT = "b98a817d62a3d301f244b16b7a57a86ac0b30c97"
@@ -55,7 +56,7 @@ def fer_table(fer_dir: Path, checksums_path: Path) -> pd.DataFrame:
     for name, digest in read_checksums(checksums_path).items():
         facts = parse_original(name)
         if facts is None:
-            raise ValueError(f"{checksums_path}: {name!r} is not a FER-2013 release path")
+            raise DataError(f"{checksums_path}: {name!r} is not a FER-2013 release path")
         if (fer_dir / name).is_file():
             rows.append({"image": name, **facts, "subset": SUBSET_OF_USAGE[facts["usage"]],
                          "sha256": digest})
@@ -67,13 +68,28 @@ def missing_usages(table: pd.DataFrame, usages=("Training",)) -> list[str]:
     return [u for u in usages if not (table["usage"] == u).any()]
 
 
-def require_usages(table: pd.DataFrame, fer_dir: Path, usages=("Training",)) -> None:
-    """A one-line way out when a command needs a part of FER-2013 that is not here."""
+def partial_usages(table: pd.DataFrame, checksums_path: Path) -> list[str]:
+    """"<Usage> has n of its N images" for each usage only part of which is here: a part of
+    the release may be absent, but a part that is here must be here whole."""
+    release = Counter(parse_original(name)["usage"] for name in read_checksums(checksums_path))
+    here = Counter(table["usage"])
+    return [f"{usage} has {here[usage]} of its {release[usage]} images"
+            for usage in sorted(here) if here[usage] < release[usage]]
+
+
+def require_usages(table: pd.DataFrame, fer_dir: Path, checksums_path: Path,
+                   usages=("Training",)) -> None:
+    """A one-line way out when a command needs a part of FER-2013 that is not here, or
+    would train or score on part of a usage (a copy stopped half-way)."""
     missing = missing_usages(table, usages)
     if missing:
         raise SystemExit(
             f"FER-2013 {', '.join(missing)} is not in {fer_dir}: run `python -m training fetch "
             "fer2013` and point EMOTION_FER2013_DIR at the folder it prints")
+    partial = partial_usages(table, checksums_path)
+    if partial:
+        raise SystemExit(f"{fer_dir}: {'; '.join(partial)}: a full run needs each usage whole "
+                         "(`python -m training verify fer2013` checks a copy)")
 
 
 def fetch_fer2013(dest: Path, checksums_path: Path, source: str = FER_REPOSITORY,

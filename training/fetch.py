@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,17 +15,28 @@ from training.settings import UPSTREAM_COMMIT, UPSTREAM_REPOSITORY
 FETCH_MARK = "emotion-detection-fetch"
 
 
-class ChecksumError(RuntimeError):
+class DataError(RuntimeError):
+    """Data that is not where a setting says, or not what the repository's lists say: the
+    user's to fix, so the command line says it in one line."""
+
+
+class ChecksumError(DataError):
     pass
+
+
+SHA256_LINE = re.compile(r"(?P<digest>[0-9a-f]{64}) [ *](?P<name>.+)")
 
 
 def read_checksums(path: Path) -> dict[str, str]:
     """``relative path -> sha256`` from a ``sha256sum``-format file."""
     checksums: dict[str, str] = {}
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
         if line.strip():
-            digest, name = line.split(maxsplit=1)
-            checksums[name.lstrip("*")] = digest
+            match = SHA256_LINE.fullmatch(line)
+            if match is None:
+                raise DataError(f"{path}, line {number}: not a sha256sum line "
+                                f"('<64 hex digits>  <path>'): {line[:80]!r}")
+            checksums[match["name"]] = match["digest"]
     return checksums
 
 
@@ -32,9 +44,11 @@ def sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def verify_dataset(dataset_dir: Path, checksums_path: Path, require_all: bool = True) -> int:
+def verify_dataset(dataset_dir: Path, checksums_path: Path, require_all: bool = True,
+                   hint: str = "") -> int:
     """Check every file the checksum list names; returns how many were verified. Without
-    ``require_all``, files that are absent are not an error (a partial copy)."""
+    ``require_all``, files that are absent are not an error (a partial copy). ``hint`` ends
+    the error: how to point the command at the data or fetch it."""
     checksums = read_checksums(checksums_path)
     missing, mismatched = [], []
     for name, digest in checksums.items():
@@ -47,6 +61,7 @@ def verify_dataset(dataset_dir: Path, checksums_path: Path, require_all: bool = 
         raise ChecksumError(
             f"{dataset_dir}: {len(missing)} files missing (e.g. {missing[:3]}), "
             f"{len(mismatched)} differ from {checksums_path.name} (e.g. {mismatched[:3]})"
+            + (f"; {hint}" if hint else "")
         )
     return len(checksums) - len(missing)
 

@@ -133,13 +133,14 @@ def run_levers(settings: TrainingSettings, names: list[str] | None = None, profi
                                  else smoke_dir)
     out_dir = out_dir or (settings.reports_dir / "levers" if profile == "full" else smoke_dir)
     ws = Workspace(settings, profile)
+    ws.require_fer()  # a full run trains on FER-2013 Training too: said before any work
     torch_device = resolve_device(device)
     results = []
     for name in chosen:
         config = replace(BASELINE, **LEVERS[name][1])
-        if epochs is not None:
+        if epochs is not None:  # the user's --epochs wins over the smoke profile's one epoch
             config = replace(config, epochs=epochs)
-        if profile == "smoke":
+        elif profile == "smoke":
             config = replace(config, epochs=1)
         result = run_lever(ws, name, config, torch_device, seed, checkpoint_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -242,8 +242,9 @@ def train_shipped(settings: TrainingSettings, profile: str = "full", seeds=SEEDS
         needed = [fitted] + ([refined] if start_at == "finish" else [])
         for path in needed:
             if not path.exists():
-                raise SystemExit(f"{path} is missing: run `python -m training train` with an "
-                                 "earlier --from first")
+                command = "python -m training train" + (" --profile smoke" if smoke else "")
+                raise SystemExit(f"{path} is missing: run `{command}` with an earlier --from "
+                                 "first")
         if start_at in ("fit", "refine"):
             refine_one(ws, load_checkpoint(fitted), torch_device, out_dir, refine_config)
         runs.append(finish_one(ws, load_checkpoint(fitted), load_checkpoint(refined),

@@ -26,6 +26,9 @@ FETCH_DESTINATIONS = {
 
 UPSTREAM_REPOSITORY = "https://github.com/muxspace/facial_expressions"
 UPSTREAM_COMMIT = "5fb9c13afac07c55eae8d25eb6b50af344ad60c9"
+# How a command that did not find the study's dataset says to find it.
+DATASET_HINT = ("set EMOTION_DATASET_DIR to the study's dataset, or fetch it with "
+                "`python -m training fetch`")
 
 
 def _default_dataset_dir() -> Path:

@@ -12,6 +12,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from service.classes import CLASS_NAMES
+from training.fetch import DataError
 
 SPLIT_SEED = 20161215  # the pinned upstream commit's date
 SUBSETS = ("train", "val", "test")
@@ -100,9 +101,12 @@ def write_split(frame: pd.DataFrame, path: Path) -> None:
 
 
 def read_split(path: Path) -> pd.DataFrame:
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError) as exc:
+        raise DataError(f"{path}: not a split `python -m training audit` writes ({exc})") from exc
     if list(frame.columns) != SPLIT_COLUMNS:
-        raise ValueError(f"{path}: columns {list(frame.columns)}, expected {SPLIT_COLUMNS}")
+        raise DataError(f"{path}: columns {list(frame.columns)}, expected {SPLIT_COLUMNS}")
     return frame
 
 
