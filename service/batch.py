@@ -39,6 +39,7 @@ from service.inference import (
     Predictor,
 )
 from service.preprocessing import (
+    DEFAULT_MAX_BYTES,
     ImageLimits,
     PreprocessingError,
     TooManyBytesError,
@@ -270,7 +271,11 @@ def read_inputs(paths: Sequence[str], max_bytes: int | None = None
     inputs, unreadable = [], {}
     for i, path in enumerate(paths):
         try:
-            with open(path, "rb") as file:
+            # O_NONBLOCK only for the open: a named pipe with no writer blocked it for good;
+            # now it reads as empty, and one with a writer (bash's <(...)) as its bytes
+            descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            os.set_blocking(descriptor, True)
+            with open(descriptor, "rb") as file:
                 data = file.read(-1 if max_bytes is None else max_bytes + 1)
             if max_bytes is not None and len(data) > max_bytes:
                 inputs.append(ImageInput(path, error=TooManyBytesError(
@@ -405,16 +410,26 @@ class RemoteRunner:
     """Batches sent to a running service's ``/predict``."""
 
     def __init__(self, url: str, model: str | None, mode: FacesMode | None, concurrency: int,
-                 batch_size: int, retries: int = 8, timeout: float = 120.0):
+                 batch_size: int, retries: int = 8, timeout: float = 120.0,
+                 max_bytes: int = DEFAULT_MAX_BYTES):
         import httpx
 
         try:
-            scheme = httpx.URL(url).scheme
+            parsed = httpx.URL(url)
+            port = parsed.port
         except httpx.InvalidURL as exc:
             raise UsageError(f"--url {url}: {exc}") from None
-        if scheme not in ("http", "https"):
-            raise UsageError(f"--url {url}: give it as http://host:port")
+        # a query or fragment would end up before /predict, and a port past 65535 or no
+        # host failed only at the first request, as a connection error, after three tries
+        if (parsed.scheme not in ("http", "https") or not parsed.host
+                or not (port is None or 0 < port < 65536) or parsed.query or parsed.fragment
+                or url.rstrip().endswith(("?", "#"))):
+            raise UsageError(f"--url {url}: give it as http://host:port (a path after it is "
+                             "kept, as for a proxy)")
         self.url = url.rstrip("/")
+        # read no more than this of a file, as in process: past it, the file's row says so
+        # and it is not sent (a /dev/zero was read until memory ran out)
+        self.max_bytes = max_bytes
         self.params = {k: v for k, v in (("model", model), ("faces", mode)) if v}
         self.concurrency, self.batch_size, self.retries = concurrency, batch_size, retries
         limits = httpx.Limits(max_connections=concurrency,
@@ -461,10 +476,13 @@ class RemoteRunner:
         return self._send("POST", "/predict", params=self.params, files=files)
 
     def _classify(self, paths: Sequence[str]) -> list[list[Row]]:
-        inputs, unreadable = read_inputs(paths)
-        readable = [i for i in range(len(paths)) if i not in unreadable]
+        inputs, unreadable = read_inputs(paths, self.max_bytes)
+        readable = [i for i in range(len(paths))
+                    if i not in unreadable and inputs[i].error is None]
         out: list[list[Row] | None] = [
-            [Row.error(p, unreadable[i], UNREADABLE)] if i in unreadable else None
+            [Row.error(p, unreadable[i], UNREADABLE)] if i in unreadable
+            else [Row.error(p, str(error), error.code)] if (error := inputs[i].error)
+            else None
             for i, p in enumerate(paths)]
         if not readable:
             return out  # type: ignore[return-value]

@@ -56,7 +56,7 @@ def run_images(args: argparse.Namespace) -> int:
     settings = load_settings()
     if args.url:
         runner = RemoteRunner(args.url, args.model, args.faces, args.connections,
-                              args.batch_size)
+                              args.batch_size, max_bytes=settings.max_upload_bytes)
     else:
         runner = LocalRunner(args.models_dir or settings.models_dir,
                              args.model or settings.default_model,

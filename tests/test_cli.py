@@ -507,6 +507,11 @@ def test_a_whole_video_is_not_taken_for_a_cut_one(tmp_path, kind):
     ["images", "{photo}", "--out", "{tmp}/r.csv", "--url", "http://127.0.0.1:1",
      "--connections", "0"],
     ["images", "{photo}", "--out", "{tmp}/r.csv", "--url", "127.0.0.1:8000"],
+    # each was sent three times and then said as a connection error, with exit status 1; the
+    # query took the page at /readyz for the service, then stopped at the 405 of /predict
+    ["images", "{photo}", "--out", "{tmp}/r.csv", "--url", "http://"],
+    ["images", "{photo}", "--out", "{tmp}/r.csv", "--url", "http://127.0.0.1:99999"],
+    ["images", "{photo}", "--out", "{tmp}/r.csv", "--url", "http://127.0.0.1:1?x=1"],
     # matplotlib's own error, after the whole video had been read
     ["video", "{photo}", "--out", "{tmp}/v.csv", "--plot", "{tmp}/p.xyz"],
     # a folder of folders, without --recursive: 0 files and exit 0, no hint
@@ -725,6 +730,54 @@ def test_url_gives_a_row_to_the_image_the_service_refuses_alone(tmp_path):
     assert len(sent) == 4  # the batch, then each file alone
     assert [(r["label"], r["code"]) for r in rows] == [
         ("HAPPINESS", None), (None, "too_many_bytes"), (None, "not_an_image")]
+
+
+def test_url_refuses_a_file_past_the_byte_limit_as_in_process_without_sending_it(tmp_path):
+    """--url read every file whole (a /dev/zero until memory ran out) and sent it, and the
+    row carried the service's whole-request message, not the one in process gives."""
+    import httpx
+
+    from service.batch import RemoteRunner, read_inputs
+
+    big, small = tmp_path / "big.jpg", tmp_path / "small.png"
+    big.write_bytes(b"\xff\xd8\xff" + bytes(3_000_000))
+    small.write_bytes(encode(gray_image(), "PNG"))
+    sent = []
+    runner = RemoteRunner("http://service.test", None, None, 1, 4, max_bytes=1_000_000)
+    runner.client = httpx.Client(transport=httpx.MockTransport(
+        lambda request: sent.append(request) or httpx.Response(200, json={"predictions": [{
+            "filename": "0", "label": "NEUTRAL", "face": None, "error": None,
+            "probabilities": {c: 1 / NUM_CLASSES for c in CLASS_NAMES}}]})))
+    big_row, small_row = [row.values for [row] in runner._classify([str(big), str(small)])]
+    assert len(sent) == 1 and b"\xff\xd8\xff" not in sent[0].content
+    [(in_process, _)] = [read_inputs([str(big)], max_bytes=1_000_000)]
+    assert (big_row["error"], big_row["code"]) == (str(in_process[0].error), "too_many_bytes")
+    assert small_row["label"] == "NEUTRAL"
+
+
+def test_a_named_pipe_with_no_writer_reads_as_empty_not_for_ever(tmp_path):
+    """open() of a FIFO waits for a writer: the run hung before writing any row."""
+    import threading
+
+    from service.batch import read_inputs
+
+    pipe = tmp_path / "pipe.jpg"
+    os.mkfifo(pipe)
+    result = []
+    reader = threading.Thread(target=lambda: result.append(read_inputs([str(pipe)], 1000)),
+                              daemon=True)
+    reader.start()
+    reader.join(10)
+    assert result, "read_inputs still waiting on the pipe"
+    [([image], unreadable)] = result
+    assert image.data == b"" and not unreadable  # then "empty file", like an empty file
+    # a pipe with a writer (as bash's <(...) gives) is read as its bytes
+    writer = threading.Thread(target=lambda: pipe.write_bytes(b"\x89PNG-bytes"), daemon=True)
+    writer.start()
+    time.sleep(0.2)  # the writer waits in open() for the reader
+    [image], _ = read_inputs([str(pipe)], 1000)
+    writer.join(10)
+    assert image.data == b"\x89PNG-bytes"
 
 
 def test_url_halves_a_batch_the_service_finds_too_large(tmp_path):
