@@ -2,8 +2,10 @@
 PYTHON ?= python3
 SERVE_VENV ?= .venv-serve
 DEV_VENV ?= .venv
-HOST ?= 127.0.0.1
-PORT ?= 8000
+# HOST and PORT, when given (make serve PORT=9000), win over EMOTION_HOST and EMOTION_PORT;
+# otherwise those, or the service's own 127.0.0.1:8000.
+HOST ?=
+PORT ?=
 
 .PHONY: serve test lint system-packages
 
@@ -23,7 +25,7 @@ $(DEV_VENV)/.installed: pyproject.toml
 	touch $@
 
 serve: $(SERVE_VENV)/.installed
-	$(SERVE_VENV)/bin/python -m service --host $(HOST) --port $(PORT)
+	$(SERVE_VENV)/bin/python -m service $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
 
 lint: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/ruff check .

@@ -172,8 +172,14 @@ def read_settings(cls: type[BaseSettings], prefix: str = "EMOTION_"):
     try:
         return cls()
     except ValidationError as exc:
-        problems = [f"{prefix}{'_'.join(map(str, e['loc'])).upper()}={e.get('input')!r}: "
-                    f"{e['msg']}" for e in exc.errors()]
+        problems = []
+        for error in exc.errors():
+            field, *inside = error["loc"]  # inside: an item of a list, as [1]
+            wanted = f"{prefix}{field}".upper()
+            name = next((n for n in os.environ if n.upper() == wanted), wanted)
+            value = os.environ[name] if name in os.environ else error.get("input")
+            where = "".join(f"[{part}]" for part in inside)
+            problems.append(f"{name}={value!r}: {where + ' ' if where else ''}{error['msg']}")
         raise SettingsError("; ".join(problems)) from None
     except SourceError as exc:  # a list or dict setting whose value is not JSON
         # pydantic-settings names the field and its source only: the variable, as above

@@ -139,6 +139,25 @@ def test_the_launcher_listens_where_the_settings_say_and_options_override():
     assert (parse_args([], settings).host, parse_args([], settings).port) == ("0.0.0.0", 9123)
     assert parse_args(["--port", "8100"], settings).port == 8100
     assert (parse_args([]).host, parse_args([]).port) == ("127.0.0.1", 8000)
+    # as EMOTION_PORT is checked: one worker listened on 99999 modulo 65536, two died in a
+    # traceback
+    for port in ("99999", "0", "http"):
+        with pytest.raises(SystemExit) as refused:
+            parse_args(["--port", port], settings)
+        assert refused.value.code == 2
+
+
+def test_make_serve_leaves_the_address_to_the_settings_unless_given():
+    """make serve passed --host 127.0.0.1 --port 8000 always, over EMOTION_HOST/PORT."""
+    def serve_command(*args: str) -> str:
+        env = {k: v for k, v in os.environ.items() if k not in ("HOST", "PORT")}
+        result = subprocess.run(["make", "-n", "serve", *args], cwd=REPO, capture_output=True,
+                                text=True, env={**env, "EMOTION_PORT": "9000"}, check=True)
+        return result.stdout.strip().splitlines()[-1]
+
+    assert serve_command().endswith("-m service")
+    assert serve_command("PORT=9100", "HOST=0.0.0.0").endswith(
+        "-m service --host 0.0.0.0 --port 9100")
 
 
 def dockerfile_healthcheck() -> list[str]:

@@ -122,3 +122,16 @@ def test_a_list_setting_that_is_not_json_is_named_as_it_was_set(monkeypatch, nam
     with pytest.raises(SettingsError) as caught:
         read_settings(Settings)
     assert str(caught.value).startswith(f"{name}='https://a.example': not JSON")
+
+
+def test_a_refused_item_of_a_list_setting_names_the_variable_as_set(monkeypatch):
+    """It named EMOTION_CORS_ORIGINS_1, a variable that does not exist."""
+    from service.settings import SettingsError, read_settings
+
+    for other in [n for n in os.environ if n.upper() == "EMOTION_CORS_ORIGINS"]:
+        monkeypatch.delenv(other)
+    monkeypatch.setenv("emotion_cors_origins", '["https://a.example", 1]')
+    with pytest.raises(SettingsError) as caught:
+        read_settings(Settings)
+    assert str(caught.value) == ("emotion_cors_origins='[\"https://a.example\", 1]': [1] Input "
+                                 "should be a valid string")
