@@ -149,7 +149,7 @@ def _flatten(data) -> list:
     return out
 
 
-def _check_json_size(header: bytes, max_values: int) -> None:
+def _check_json_size(header: bytes, max_values: int, max_images: int | None) -> None:
     """Refuse, before parsing, JSON with more values or arrays than a largest real request
     has: parsed, every value and array is a Python object, so 15 MB of ``[],`` took 367 MB
     and a body at the size limit would take gigabytes. Counting bytes overestimates (a comma
@@ -157,8 +157,11 @@ def _check_json_size(header: bytes, max_values: int) -> None:
     values = header.count(b",") + 1
     containers = header.count(b"[") + header.count(b"{")
     if values > max_values or containers > max_values // 64 + 1000:
+        # the batch's size named: the advice alone (the binary extension) sent a client with
+        # too many images to a 413
+        batch = f" ({max_images} images)" if max_images is not None else ""
         raise ProtocolError(f"the request's JSON holds more values ({values}) or arrays "
-                            f"({containers}) than a request of the largest allowed batch; "
+                            f"({containers}) than a request of the largest allowed batch{batch}; "
                             "send images as 'image_bytes', or tensors with the binary extension")
 
 
@@ -222,11 +225,16 @@ def parse_infer_request(body: bytes, header_length: str | None,
     else:
         header_bytes, binary = body, memoryview(b"")
     if max_values is not None:
-        _check_json_size(header_bytes, max_values)
+        _check_json_size(header_bytes, max_values, max_images)
     try:
         header = json.loads(header_bytes)
     except ValueError as exc:  # malformed, not UTF-8, or an integer past Python's digit limit
-        raise ProtocolError(f"the request is not valid JSON: {exc}") from None
+        hint = ""
+        if header_length is None and (isinstance(exc, UnicodeDecodeError)
+                                      or str(exc).startswith("Extra data")):
+            # binary tensors after the JSON, without the header that says where it ends
+            hint = "; binary data after the JSON needs the Inference-Header-Content-Length header"
+        raise ProtocolError(f"the request is not valid JSON: {exc}{hint}") from None
     except RecursionError:
         raise ProtocolError("the request's JSON is nested too deeply") from None
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
@@ -247,8 +255,13 @@ def parse_infer_request(body: bytes, header_length: str | None,
         parameters = _parameters(item.get("parameters"), f"input {name!r}: ")
         size = parameters.get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or isinstance(size, bool) or size < 0 \
-                    or offset + size > len(binary):
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise ProtocolError(f"input {name!r}: binary_data_size must be a "
+                                    f"non-negative integer, not {size!r}")
+            if header_length is None:
+                raise ProtocolError(f"input {name!r} has binary_data_size, but the request "
+                                    "has no Inference-Header-Content-Length header")
+            if offset + size > len(binary):
                 raise ProtocolError(f"input {name!r}: binary_data_size {size!r} runs past "
                                     "the body")
             raw = binary[offset:offset + size]

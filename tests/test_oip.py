@@ -168,6 +168,17 @@ def app_client():
      "runs past the body"),
     (b'{"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [0], '
      b'"data": []}]}', {}, "between 1 and 2 images"),
+    # a binary_data_size of the wrong type, and binary data without the header that says
+    # where the JSON ends: each was "runs past the body", or a UTF-8 decoding error
+    (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 350, 350], '
+     b'"parameters": {"binary_data_size": "8"}}]}', {"Inference-Header-Content-Length": "119"},
+     "binary_data_size must be a non-negative integer, not '8'"),
+    (b'{"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], '
+     b'"parameters": {"binary_data_size": 8}}]}\x04\x00\x00\x00\x89PNG', {},
+     "binary data after the JSON needs the Inference-Header-Content-Length header"),
+    (b'{"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], '
+     b'"parameters": {"binary_data_size": 8}}]}', {},
+     "has binary_data_size, but the request has no Inference-Header-Content-Length header"),
     # int() refuses more than 4,300 digits with a ValueError of its own
     (b'{"inputs": []}', {"Inference-Header-Content-Length": "9" * 5000}, "does not fit"),
     (gzip.compress(b'{"inputs": []}')[:-6], {"Content-Encoding": "gzip"}, "cut short"),
@@ -183,7 +194,7 @@ def app_client():
     (b"[" * 100_000 + b"]" * 100_000, {}, "arrays (100000)"),  # nesting: refused unparsed
     (b'{"id": ' + b"1" * 5000 + b', "inputs": []}', {}, "not valid JSON"),
     # 3 MB of empty arrays, refused before they become a million Python lists
-    (b'{"inputs": [' + b"[]," * 1_000_000 + b"[]]}", {}, "more values"),
+    (b'{"inputs": [' + b"[]," * 1_000_000 + b"[]]}", {}, "largest allowed batch (2 images)"),
     # JSON numbers only, and a string id (it was echoed back as a Python repr)
     (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [2], '
      b'"data": ["0.5", "0.5"]}]}', {}, "not FP32 numbers"),
