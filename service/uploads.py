@@ -149,9 +149,13 @@ class _MultipartCollector:
         self._is_file = self._filename is not None or (
             bool(media) and not media.startswith(b"text/") and media not in TEXT_TYPES)
         if self._name in FILE_FIELDS and not self._is_file:
-            # The classic curl slip: -F file=face.jpg sends the text "face.jpg".
-            raise ApiError(422, "not_a_file", f"the field {self._name!r} holds text, not a "
-                           f"file; send the image as a file (with curl: -F "
+            # The classic curl slip: -F file=face.jpg sends the text "face.jpg". Said by the
+            # headers that decided it: raw image bytes with neither were called "text".
+            sent_as = (f"the type {media.decode('latin-1')!r}" if media
+                       else "no content type")
+            raise ApiError(422, "not_a_file", f"the field {self._name!r} was sent as a text "
+                           f"field (no file name, and {sent_as}); send the image as a file, "
+                           f"with a file name or an image type (with curl: -F "
                            f"{self._name}=@face.jpg)")
         if self._is_image_part():
             if len(self.uploads) >= self.settings.max_images_per_request:

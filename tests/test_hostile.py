@@ -462,6 +462,20 @@ def multipart(body_parts: list[bytes], boundary: bytes = b"XyZ") -> bytes:
         b"--" + boundary + b"--\r\n")
 
 
+@pytest.mark.parametrize(("part", "says"), [
+    ((None, b"face.jpg"), "no file name, and no content type"),
+    # image bytes with neither: decided by the headers, as the README says, and said so (the
+    # message called them text)
+    ((None, b"\x89PNG\r\n\x1a\n"), "no file name, and no content type"),
+    ((None, b"{}", "application/json"), "no file name, and the type 'application/json'"),
+])
+def test_a_file_field_sent_as_text_is_told_by_its_headers(client, part, says):
+    answer = client.post("/predict", files={"file": part})
+    assert answer.status_code == 422 and answer.json()["code"] == "not_a_file"
+    detail = answer.json()["detail"]
+    assert says in detail and "-F file=@face.jpg" in detail and "holds text" not in detail
+
+
 @pytest.mark.parametrize(("make_request", "status", "code"), [
     (lambda c: c.post("/predict", files={"note": (None, "no file here")}), 422, "no_file"),
     (lambda c: c.post("/predict", data={"file": "a.png"}), 415, "unsupported_media_type"),
