@@ -478,6 +478,11 @@ def test_a_file_field_sent_as_text_is_told_by_its_headers(client, part, says):
 
 @pytest.mark.parametrize(("make_request", "status", "code"), [
     (lambda c: c.post("/predict", files={"note": (None, "no file here")}), 422, "no_file"),
+    # a misspelt parameter and an empty model were ignored: the defaults answered 200
+    (lambda c: c.post("/predict?modle=knn", files={"file": ("a.png", png_bytes(), "image/png")}),
+     422, "invalid_request"),
+    (lambda c: c.post("/predict?model=", files={"file": ("a.png", png_bytes(), "image/png")}),
+     422, "unknown_model"),
     (lambda c: c.post("/predict", data={"file": "a.png"}), 415, "unsupported_media_type"),
     (lambda c: c.post("/predict", files={"image": ("a.png", png_bytes(), "image/png")}),
      422, "no_file"),
@@ -511,7 +516,8 @@ def test_a_file_field_sent_as_text_is_told_by_its_headers(client, part, says):
     (lambda c: c.post("/predict", content=gzip.compress(png_bytes()), headers={
         "content-type": "image/png", "content-encoding": "gzip"}),
      415, "unsupported_media_type"),
-], ids=["only-a-text-field", "urlencoded-form", "wrong-field-name", "file-field-holding-text",
+], ids=["only-a-text-field", "misspelt-parameter", "empty-model", "urlencoded-form",
+        "wrong-field-name", "file-field-holding-text",
         "file-field-holding-json",
         "file-and-a-text-files-field",
         "text-plain", "json", "no-content-type", "multipart-without-boundary", "multipart-garbage",

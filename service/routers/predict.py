@@ -15,6 +15,7 @@ from service.schemas import FaceBox, Prediction, PredictResponse
 from service.uploads import read_uploads
 
 router = APIRouter(prefix="/predict", tags=["predict"])
+QUERY_PARAMETERS = frozenset({"model", "faces"})
 
 DESCRIPTION = f"""
 Classify face images into one of eight emotions.
@@ -43,8 +44,9 @@ _ERRORS = {status: {"model": ErrorBody, "description": text} for status, text in
     413: "too many bytes, pixels or JPEG scans (`too_many_bytes`, `too_many_pixels`, "
          "`too_many_scans`)",
     415: "unsupported content type (`unsupported_media_type`)",
-    422: "unknown model, no file, a file field holding text, too many files (`unknown_model`, "
-         "`no_file`, `not_a_file`, `too_many_files`)",
+    422: "unknown model, no file, a file field holding text, too many files, a query "
+         "parameter unknown or out of its choices (`unknown_model`, `no_file`, `not_a_file`, "
+         "`too_many_files`, `invalid_request`)",
     503: "a model or the face detector is unavailable (`model_unavailable`, "
          "`faces_unavailable`), or too many requests are in flight (`overloaded`, with "
          "Retry-After)",
@@ -93,7 +95,12 @@ async def predict_emotions(
                                              "from settings.", examples=["auto"])] = None,
 ) -> Response:
     started = time.perf_counter()
-    name = model or settings.default_model
+    # a misspelt name (modle=knn) was ignored, and the default answered as if asked for
+    unknown = sorted(set(request.query_params) - QUERY_PARAMETERS)
+    if unknown:
+        raise ApiError(422, "invalid_request", f"unknown query parameter(s) {unknown}; "
+                       f"/predict takes {' and '.join(sorted(QUERY_PARAMETERS))}")
+    name = settings.default_model if model is None else model  # model= empty: unknown, as faces=
     mode = faces or settings.default_faces
     predictor = serving.predictor
     predictor.require_faces(mode)  # PredictorError: a 4xx or 503 with a reason
