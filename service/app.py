@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
@@ -53,6 +54,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            # uvicorn cancels the requests past its shutdown timeout just before this: they
+            # answer and log first (the process ended before they ran again)
+            this = asyncio.current_task()
+            cut = [t for t in asyncio.all_tasks() if t is not this and t.cancelling()]
+            if cut:
+                await asyncio.wait(cut, timeout=1.0)
             executor.shutdown(wait=True, cancel_futures=True)
 
     # /docs and /redoc come from install_page: their assets are served here, not by a CDN.

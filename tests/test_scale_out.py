@@ -119,3 +119,36 @@ def test_nginx_in_front_of_three_replicas_loses_nothing_when_one_is_killed(data_
     assert report["failed"] == 0, report["failures"][:5]
     assert report["succeeded"] == report["sent"]
     assert report["served_after_restart"] > 0  # the restarted replica is back in the pool
+
+
+def test_a_request_cut_at_the_shutdown_timeout_is_answered_and_logged(tmp_path):
+    """Past EMOTION_SHUTDOWN_TIMEOUT_SECONDS uvicorn cancels the requests still in hand: the
+    client got its connection closed with no answer, and the log and metrics no line."""
+    import json
+
+    log = tmp_path / "server.log"
+    env = {"EMOTION_SHUTDOWN_TIMEOUT_SECONDS": "1", "EMOTION_DRAIN_SECONDS": "0",
+           "EMOTION_LOG_LEVEL": "info"}
+    with server_process(workers=1, env=env, log_path=log) as (base, process):
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as stalled:
+            # a body that stops arriving: the request stays in hand through the shutdown
+            stalled.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                            b"Content-Length: 100000\r\nX-Request-ID: cut-at-shutdown\r\n\r\n"
+                            b"\x89PNG")
+            deadline = time.monotonic() + 20
+            while in_flight(base) < 1:
+                assert time.monotonic() < deadline, "the request never arrived"
+                time.sleep(0.02)
+            process.send_signal(signal.SIGTERM)
+            answer = b""
+            while chunk := stalled.recv(65536):
+                answer += chunk
+        process.wait(30)
+    assert answer.startswith(b"HTTP/1.1 503"), answer
+    assert b"retry-after" in answer.lower() and b"shutting_down" in answer
+    text = log.read_text()
+    lines = [json.loads(line[line.index("{"):]) for line in text.splitlines()
+             if "cut-at-shutdown" in line and "{" in line]
+    assert [line["status"] for line in lines] == [503], text
+    assert "Traceback" not in text, text
