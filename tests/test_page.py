@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -387,6 +388,26 @@ def test_the_page_tries_again_when_the_service_did_not_answer_at_first(browser, 
     page.set_input_files("#file", str(EXAMPLES / "two_people.jpg"))
     page.wait_for_selector("#faces-list li")
     assert page.locator("#faces-list li").first.locator("[role=meter]").count() == 8
+    page.close()
+
+
+def test_the_page_leaves_out_a_model_it_cannot_name(browser, server):
+    """With no model loaded the choice is empty, and the page sent model=, which the service
+    refuses as an unknown model '' instead of saying that no model is available."""
+    models = httpx.get(f"{server}/models", timeout=10).json()
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.route("**/models", lambda route: route.fulfill(
+        status=200, content_type="application/json",
+        body=json.dumps([{**m, "loaded": False} for m in models])))
+    sent = []
+    page.on("request", lambda request: sent.append(request.url)
+            if "/predict" in request.url else None)
+    page.goto(f"{server}/")
+    page.wait_for_selector("body[data-ready=true]", timeout=10000)
+    assert page.eval_on_selector("#model", "select => select.value") == ""
+    page.set_input_files("#file", str(EXAMPLES / "two_people.jpg"))
+    page.wait_for_selector("#faces-list li")  # this server has its models: the default answers
+    assert sent and "model=" not in sent[0] and "faces=" in sent[0]
     page.close()
 
 

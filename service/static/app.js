@@ -107,7 +107,13 @@ function pageReady() {
 }
 
 function query() {
-  return `model=${encodeURIComponent($("model").value)}&faces=${encodeURIComponent($("faces").value)}`;
+  // An empty choice (no model loaded) is left out: the service then says why none answers,
+  // where model= was refused as an unknown model ''.
+  const params = new URLSearchParams();
+  for (const name of ["model", "faces"]) {
+    if ($(name).value) params.set(name, $(name).value);
+  }
+  return params.toString();
 }
 
 function previewable(blob, name) {
