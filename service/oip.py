@@ -149,6 +149,19 @@ def _flatten(data) -> list:
     return out
 
 
+def _json_then_binary(body: bytes) -> bool:
+    """Whether ``body`` is a JSON request naming binary data, followed by more bytes: binary
+    tensors sent without the header that says where the JSON ends."""
+    try:  # undecodable bytes kept as surrogates: raw_decode stops where the JSON ends
+        request, end = json.JSONDecoder().raw_decode(bytes(body).decode("utf-8", "surrogateescape"))
+    except (ValueError, RecursionError):
+        return False
+    inputs = request.get("inputs") if isinstance(request, dict) else None
+    return end < len(body) and isinstance(inputs, list) and any(
+        isinstance(item, dict) and isinstance(item.get("parameters"), dict)
+        and "binary_data_size" in item["parameters"] for item in inputs)
+
+
 def _check_json_size(header: bytes, max_values: int, max_images: int | None) -> None:
     """Refuse, before parsing, JSON with more values or arrays than a largest real request
     has: parsed, every value and array is a Python object, so 15 MB of ``[],`` took 367 MB
@@ -230,9 +243,7 @@ def parse_infer_request(body: bytes, header_length: str | None,
         header = json.loads(header_bytes)
     except ValueError as exc:  # malformed, not UTF-8, or an integer past Python's digit limit
         hint = ""
-        if header_length is None and (isinstance(exc, UnicodeDecodeError)
-                                      or str(exc).startswith("Extra data")):
-            # binary tensors after the JSON, without the header that says where it ends
+        if header_length is None and _json_then_binary(header_bytes):
             hint = "; binary data after the JSON needs the Inference-Header-Content-Length header"
         raise ProtocolError(f"the request is not valid JSON: {exc}{hint}") from None
     except RecursionError:

@@ -179,6 +179,10 @@ def app_client():
     (b'{"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], '
      b'"parameters": {"binary_data_size": 8}}]}', {},
      "has binary_data_size, but the request has no Inference-Header-Content-Length header"),
+    # ... and that hint only then: not for a body that is no JSON, or JSON that is not UTF-8
+    (b"\x89PNG\r\n\x1a\n", {}, "not valid JSON: 'utf-8' codec can't decode byte 0x89"),
+    (b'{"id": "caf\xe9", "inputs": []}', {}, "codec can't decode byte 0xe9"),
+    (b'{"inputs": []}}', {}, "Extra data"),
     # int() refuses more than 4,300 digits with a ValueError of its own
     (b'{"inputs": []}', {"Inference-Header-Content-Length": "9" * 5000}, "does not fit"),
     (gzip.compress(b'{"inputs": []}')[:-6], {"Content-Encoding": "gzip"}, "cut short"),
@@ -230,6 +234,8 @@ def test_malformed_requests_get_400_and_the_protocols_error_body(app_client, bod
     response = app_client.post("/v2/models/cnn/infer", content=body, headers=headers)
     assert response.status_code == 400, response.text
     assert set(response.json()) == {"error"} and message in response.json()["error"]
+    if "needs the Inference-Header-Content-Length" not in message:
+        assert "needs the Inference-Header-Content-Length" not in response.json()["error"]
 
 
 def test_any_json_number_is_a_number_of_a_float_tensor():
