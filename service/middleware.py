@@ -93,16 +93,6 @@ class RequestMiddleware:
             # the client went away mid-upload: nobody to answer, and not the service's
             # fault (it was counted and logged as a 500 with a traceback)
             status["code"] = CLIENT_CLOSED
-        except asyncio.CancelledError:
-            # uvicorn cancels the requests still in hand past EMOTION_SHUTDOWN_TIMEOUT_SECONDS:
-            # the client is told to retry (elsewhere), and the request counted and logged.
-            # Not raised again: the task is ending anyway, and uvicorn would log a traceback.
-            if not status.get("started"):
-                with contextlib.suppress(Exception):
-                    await reject(send_with_id, 503, "shutting_down", "the service is shutting "
-                                 "down before this request was answered; send it again",
-                                 [(b"retry-after", b"1")])
-            status["code"] = 503
         except Exception:
             if status.get("started"):
                 raise
@@ -164,6 +154,16 @@ class AdmissionMiddleware:
             await self.app(scope, receive, send_seen)
         except ClientDisconnect:
             raise  # RequestMiddleware counts it as 499
+        except asyncio.CancelledError:
+            # uvicorn cancels the requests still in hand past EMOTION_SHUTDOWN_TIMEOUT_SECONDS:
+            # the client is told to retry (elsewhere), inside CORS like every answer, and
+            # RequestMiddleware counts and logs it. Not raised again: the task ends anyway,
+            # and uvicorn would log a traceback and answer a plain-text 500.
+            if not started:
+                with contextlib.suppress(Exception):
+                    await reject(send, 503, "shutting_down", "the service is shutting down "
+                                 "before this request was answered; send it again",
+                                 [(b"retry-after", b"1")])
         except Exception:
             if started:
                 raise

@@ -128,13 +128,14 @@ def test_a_request_cut_at_the_shutdown_timeout_is_answered_and_logged(tmp_path):
 
     log = tmp_path / "server.log"
     env = {"EMOTION_SHUTDOWN_TIMEOUT_SECONDS": "1", "EMOTION_DRAIN_SECONDS": "0",
-           "EMOTION_LOG_LEVEL": "info"}
+           "EMOTION_LOG_LEVEL": "info", "EMOTION_CORS_ORIGINS": '["http://a.example"]'}
     with server_process(workers=1, env=env, log_path=log) as (base, process):
         port = int(base.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=20) as stalled:
             # a body that stops arriving: the request stays in hand through the shutdown
             stalled.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                            b"Content-Length: 100000\r\nX-Request-ID: cut-at-shutdown\r\n\r\n"
+                            b"Content-Length: 100000\r\nX-Request-ID: cut-at-shutdown\r\n"
+                            b"Origin: http://a.example\r\n\r\n"
                             b"\x89PNG")
             deadline = time.monotonic() + 20
             while in_flight(base) < 1:
@@ -147,6 +148,8 @@ def test_a_request_cut_at_the_shutdown_timeout_is_answered_and_logged(tmp_path):
         process.wait(30)
     assert answer.startswith(b"HTTP/1.1 503"), answer
     assert b"retry-after" in answer.lower() and b"shutting_down" in answer
+    # readable by a page on an allowed origin, as every other answer is
+    assert b"access-control-allow-origin: http://a.example" in answer.lower()
     text = log.read_text()
     lines = [json.loads(line[line.index("{"):]) for line in text.splitlines()
              if "cut-at-shutdown" in line and "{" in line]
