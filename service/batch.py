@@ -16,11 +16,14 @@ written as they come, a file's rows at once, so an interrupted run keeps what it
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import itertools
 import json
 import os
 import queue
+import select
+import stat
 import threading
 import time
 from collections import deque
@@ -264,6 +267,30 @@ def finished_paths(path: Path, columns: Sequence[str] = COLUMNS) -> set[str]:
     return {r[0] for r in records}
 
 
+PIPE_WAIT_SECONDS = 30.0  # for a named pipe's first bytes, before its row says none came
+
+
+def _open_for_reading(path: str):
+    """``open(path, "rb")``, except that a named pipe nothing writes to is an error after
+    :data:`PIPE_WAIT_SECONDS`, not a wait for ever (open() blocks until a writer comes)."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(descriptor).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+        if stat.S_ISFIFO(mode):
+            poller = select.poll()
+            poller.register(descriptor, select.POLLIN)
+            if not poller.poll(PIPE_WAIT_SECONDS * 1000):
+                raise TimeoutError(errno.ETIMEDOUT, f"a named pipe that nothing wrote to in "
+                                   f"{PIPE_WAIT_SECONDS:g} s")
+        os.set_blocking(descriptor, True)
+        return open(descriptor, "rb")  # the caller closes it
+    except BaseException:
+        os.close(descriptor)
+        raise
+
+
 def read_inputs(paths: Sequence[str], max_bytes: int | None = None
                 ) -> tuple[list[ImageInput], dict[int, str]]:
     """The files' bytes, and why each one that could not be read was not. Past
@@ -271,11 +298,7 @@ def read_inputs(paths: Sequence[str], max_bytes: int | None = None
     inputs, unreadable = [], {}
     for i, path in enumerate(paths):
         try:
-            # O_NONBLOCK only for the open: a named pipe with no writer blocked it for good;
-            # now it reads as empty, and one with a writer (bash's <(...)) as its bytes
-            descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-            os.set_blocking(descriptor, True)
-            with open(descriptor, "rb") as file:
+            with _open_for_reading(path) as file:
                 data = file.read(-1 if max_bytes is None else max_bytes + 1)
             if max_bytes is not None and len(data) > max_bytes:
                 inputs.append(ImageInput(path, error=TooManyBytesError(

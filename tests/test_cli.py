@@ -755,29 +755,48 @@ def test_url_refuses_a_file_past_the_byte_limit_as_in_process_without_sending_it
     assert small_row["label"] == "NEUTRAL"
 
 
-def test_a_named_pipe_with_no_writer_reads_as_empty_not_for_ever(tmp_path):
-    """open() of a FIFO waits for a writer: the run hung before writing any row."""
+def test_a_named_pipe_is_waited_for_a_while_not_for_ever(tmp_path, monkeypatch):
+    """open() of a FIFO waits for a writer: the run hung before writing any row. It is
+    waited for PIPE_WAIT_SECONDS now, then its row says nothing came."""
     import threading
 
-    from service.batch import read_inputs
+    import service.batch as batch
 
+    monkeypatch.setattr(batch, "PIPE_WAIT_SECONDS", 0.5)
     pipe = tmp_path / "pipe.jpg"
     os.mkfifo(pipe)
     result = []
-    reader = threading.Thread(target=lambda: result.append(read_inputs([str(pipe)], 1000)),
+    reader = threading.Thread(target=lambda: result.append(batch.read_inputs([str(pipe)], 1000)),
                               daemon=True)
     reader.start()
     reader.join(10)
     assert result, "read_inputs still waiting on the pipe"
-    [([image], unreadable)] = result
-    assert image.data == b"" and not unreadable  # then "empty file", like an empty file
-    # a pipe with a writer (as bash's <(...) gives) is read as its bytes
-    writer = threading.Thread(target=lambda: pipe.write_bytes(b"\x89PNG-bytes"), daemon=True)
+    [(_, unreadable)] = result
+    assert unreadable == {0: "cannot read the file: a named pipe that nothing wrote to in 0.5 s"}
+    # a writer that comes within the wait (or bash's <(...), already there) is read whole
+    monkeypatch.setattr(batch, "PIPE_WAIT_SECONDS", 10)
+
+    def write_later():
+        time.sleep(0.3)
+        pipe.write_bytes(b"\x89PNG-bytes")
+
+    writer = threading.Thread(target=write_later, daemon=True)
     writer.start()
-    time.sleep(0.2)  # the writer waits in open() for the reader
-    [image], _ = read_inputs([str(pipe)], 1000)
+    [image], unreadable = batch.read_inputs([str(pipe)], 1000)
     writer.join(10)
-    assert image.data == b"\x89PNG-bytes"
+    assert image.data == b"\x89PNG-bytes" and not unreadable
+
+
+def test_a_folder_in_a_list_gets_its_row_and_holds_no_descriptor(tmp_path):
+    """A folder named in a list file left its descriptor open: past the open-file limit,
+    the images after it were 'Too many open files'."""
+    from service.batch import read_inputs
+
+    (tmp_path / "folder").mkdir()
+    before = len(os.listdir("/proc/self/fd"))
+    _, unreadable = read_inputs([str(tmp_path / "folder")] * 50, 1000)
+    assert unreadable == dict.fromkeys(range(50), "cannot read the file: Is a directory")
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 def test_url_halves_a_batch_the_service_finds_too_large(tmp_path):
