@@ -2,10 +2,6 @@
 PYTHON ?= python3
 SERVE_VENV ?= .venv-serve
 DEV_VENV ?= .venv
-# HOST and PORT, when given (make serve PORT=9000), win over EMOTION_HOST and EMOTION_PORT;
-# otherwise those, or the service's own 127.0.0.1:8000.
-HOST ?=
-PORT ?=
 
 .PHONY: serve test lint system-packages
 
@@ -24,8 +20,13 @@ $(DEV_VENV)/.installed: pyproject.toml
 	$(DEV_VENV)/bin/pip install --quiet -e '.[dev]'
 	touch $@
 
+# HOST and PORT given on make's command line (make serve PORT=9000) win over EMOTION_HOST
+# and EMOTION_PORT; from the environment they do not count (tcsh exports HOST, the machine's
+# name). Otherwise those settings, or the service's own 127.0.0.1:8000.
+given = $(if $(filter command line,$(origin $(1))),$(2) $($(1)))
+
 serve: $(SERVE_VENV)/.installed
-	$(SERVE_VENV)/bin/python -m service $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
+	$(SERVE_VENV)/bin/python -m service $(call given,HOST,--host) $(call given,PORT,--port)
 
 lint: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/ruff check .

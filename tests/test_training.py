@@ -396,6 +396,9 @@ def test_a_dataset_that_is_not_where_the_setting_says_is_one_line_and_exit_2(tmp
      "SHA256SUMS, line 2: not a sha256sum line"),
     ("fer2013.SHA256SUMS", lambda text: text[:text.index("\n") + 30], "verify fer2013",
      "fer2013.SHA256SUMS, line 2: not a sha256sum line"),
+    # UTF-16, as a PowerShell redirect writes: a UnicodeDecodeError's traceback
+    ("clean.csv", lambda text: text.encode("utf-16"), "cache", "clean.csv: not the clean table"),
+    ("SHA256SUMS", lambda text: text.encode("utf-16"), "verify", "SHA256SUMS: not UTF-8 text"),
 ])
 def test_a_damaged_data_file_is_one_line_that_names_it(tmp_path, file, damage, command, says):
     """A ValueError (or pandas' own) of a damaged file in data/ was a traceback."""
@@ -403,7 +406,8 @@ def test_a_damaged_data_file_is_one_line_that_names_it(tmp_path, file, damage, c
 
     data = tmp_path / "data"
     shutil.copytree(REPO / "data", data)
-    (data / file).write_text(damage((data / file).read_text()))
+    damaged = damage((data / file).read_text())
+    (data / file).write_bytes(damaged if isinstance(damaged, bytes) else damaged.encode())
     result = run_training(command.split(), env={
         "EMOTION_DATA_DIR": str(data), "EMOTION_CACHE_DIR": str(tmp_path / "cache"),
         "EMOTION_CHECKPOINTS_DIR": str(tmp_path / "checkpoints"), "EMOTION_TORCH_THREADS": "1"})
@@ -414,11 +418,24 @@ def test_a_damaged_data_file_is_one_line_that_names_it(tmp_path, file, damage, c
     assert says in last
 
 
+def test_checksum_lists_read_as_sha256sum_reads_them(tmp_path):
+    """One space or two, a '*', either case of hex: each is a line `sha256sum -c` takes."""
+    from training.fetch import read_checksums
+
+    digest = "98ea6e4f216f2fb4b69fff9b3a44842c38686ca685f3f55dc48c5d3fb1107be4"
+    listing = tmp_path / "SHA256SUMS"
+    listing.write_text(f"{digest}  a.jpg\n{digest.upper()} b c.jpg\n{digest} *d.jpg\n\n")
+    assert read_checksums(listing) == {"a.jpg": digest, "b c.jpg": digest, "d.jpg": digest}
+
+
 def test_a_damaged_split_names_its_file(tmp_path):
     from training.fetch import DataError
     from training.splits import read_split
 
     (tmp_path / "identity.csv").write_text("")
+    with pytest.raises(DataError, match="identity.csv: not a split"):
+        read_split(tmp_path / "identity.csv")
+    (tmp_path / "identity.csv").write_text("image,label\n", encoding="utf-16")
     with pytest.raises(DataError, match="identity.csv: not a split"):
         read_split(tmp_path / "identity.csv")
     (tmp_path / "identity.csv").write_text("image,label\n")

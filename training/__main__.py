@@ -232,7 +232,7 @@ def run_options(command: argparse.ArgumentParser, out_help: str) -> None:
     """--profile, --device and --out, as every command that trains takes them."""
     command.add_argument("--profile", choices=("full", "smoke"), default="full",
                          help="full, or smoke: a small stratified subset, one epoch "
-                              "(default: %(default)s)")
+                              "unless --epochs says (default: %(default)s)")
     command.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                          help="auto (a GPU where present, else the CPU), cpu or cuda "
                               "(default: %(default)s)")

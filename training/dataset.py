@@ -121,7 +121,7 @@ def _join_identities(kept: pd.DataFrame, identical: list[list[str]]) -> list[str
 def read_clean_table(path: Path) -> pd.DataFrame:
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError) as exc:
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not the clean table `python -m training audit` writes "
                         f"({exc})") from exc
     absent = [column for column in CLEAN_COLUMNS if column not in table.columns]

@@ -24,19 +24,24 @@ class ChecksumError(DataError):
     pass
 
 
-SHA256_LINE = re.compile(r"(?P<digest>[0-9a-f]{64}) [ *](?P<name>.+)")
+# What `sha256sum -c` reads: either case of hex, one or two spaces, or a space and '*'.
+SHA256_LINE = re.compile(r"(?P<digest>[0-9a-fA-F]{64}) [ *]?(?P<name>.+)")
 
 
 def read_checksums(path: Path) -> dict[str, str]:
     """``relative path -> sha256`` from a ``sha256sum``-format file."""
     checksums: dict[str, str] = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:  # UTF-16, as a PowerShell redirect writes it
+        raise DataError(f"{path}: not UTF-8 text ({exc})") from None
+    for number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             match = SHA256_LINE.fullmatch(line)
             if match is None:
                 raise DataError(f"{path}, line {number}: not a sha256sum line "
                                 f"('<64 hex digits>  <path>'): {line[:80]!r}")
-            checksums[match["name"]] = match["digest"]
+            checksums[match["name"]] = match["digest"].lower()
     return checksums
 
 

@@ -103,7 +103,7 @@ def write_split(frame: pd.DataFrame, path: Path) -> None:
 def read_split(path: Path) -> pd.DataFrame:
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError) as exc:
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not a split `python -m training audit` writes ({exc})") from exc
     if list(frame.columns) != SPLIT_COLUMNS:
         raise DataError(f"{path}: columns {list(frame.columns)}, expected {SPLIT_COLUMNS}")
