@@ -151,9 +151,12 @@ def test_make_serve_leaves_the_address_to_the_settings_unless_given():
     """make serve passed --host 127.0.0.1 --port 8000 always, over EMOTION_HOST/PORT; and
     HOST or PORT in the environment (tcsh exports HOST, the machine's name) do not count."""
     def serve_command(*args: str) -> str:
-        env = {**os.environ, "HOST": "machine-name", "PORT": "1234", "EMOTION_PORT": "9000"}
-        result = subprocess.run(["make", "-n", "serve", *args], cwd=REPO, capture_output=True,
-                                text=True, env=env, check=True)
+        # not as a sub-make of `make test` (CI's): that prints the directory it enters
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL",
+                                                               "MFLAGS")}
+        env.update(HOST="machine-name", PORT="1234", EMOTION_PORT="9000")
+        result = subprocess.run(["make", "--no-print-directory", "-n", "serve", *args],
+                                cwd=REPO, capture_output=True, text=True, env=env, check=True)
         return result.stdout.strip().splitlines()[-1]
 
     assert serve_command().endswith("-m service")
