@@ -79,3 +79,19 @@ def bigtiff_strip_at(offset: int) -> bytes:
             struct.pack_into("<HHQQ", data, at, 273, 16, 1, offset)
             return bytes(data)
     raise AssertionError("Pillow wrote no StripOffsets")
+
+
+def upright_marker(width: int, height: int) -> np.ndarray:
+    """Dark at the left and light at the right, and lighter in the top half: every one of
+    the eight orientations changes it (a left-to-right gradient alone hid a vertical flip,
+    so 3 could not be told from 2, nor 8 from 5)."""
+    x = np.arange(width) * 180 // max(width - 1, 1)
+    top = np.where(np.arange(height) < height // 2, 60, 0)
+    return (x[None, :] + top[:, None]).astype(np.uint8)
+
+
+def assert_upright(gray: Image.Image) -> None:
+    pixels = np.asarray(gray, dtype=np.float32)
+    half_width, half_height = pixels.shape[1] // 2, pixels.shape[0] // 2
+    assert pixels[:, half_width:].mean() - pixels[:, :half_width].mean() > 60  # not mirrored
+    assert pixels[:half_height].mean() - pixels[half_height:].mean() > 40  # not upside down

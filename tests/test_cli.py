@@ -26,7 +26,7 @@ from service.app import create_app
 from service.classes import CLASS_NAMES, NUM_CLASSES
 from service.cli import main
 from service.settings import REPO_MODELS_DIR, Settings
-from tests.images import encode, gray_image, jpeg_bytes
+from tests.images import assert_upright, encode, gray_image, jpeg_bytes, upright_marker
 from tests.server import REPO, running_server
 
 pytestmark = pytest.mark.dataset
@@ -362,14 +362,14 @@ def test_video_rows_per_sampled_frame_and_face_and_the_plot(test_images, tmp_pat
 def test_a_video_stored_sideways_is_read_as_it_is_shown(tmp_path, rotation):
     from service.video import sampled_frames
 
-    shown = Image.fromarray(np.tile(np.linspace(0, 255, 96).astype(np.uint8), (48, 1)))
+    # left-right and top-bottom both marked: 180 degrees and a mirror image differ
+    shown = Image.fromarray(upright_marker(96, 48))
     # stored turned back by the display rotation, so that showing it turns it upright
     stored = shown.rotate(-rotation, expand=True)
     encode_video(tmp_path / "phone.mp4", [stored] * 3, fps=3, rotation=rotation)
     [(_, _, decoded), *_] = sampled_frames(tmp_path / "phone.mp4", fps=3)
     assert decoded.gray.size == decoded.original_size == (96, 48)
-    columns = np.asarray(decoded.gray, dtype=np.float32).mean(axis=0)
-    assert columns[-8:].mean() - columns[:8].mean() > 150  # dark at left, light at right
+    assert_upright(decoded.gray)
 
 
 def test_a_video_without_pictures_and_impossible_rates_are_one_line_each(tmp_path, capsys):
