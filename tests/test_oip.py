@@ -123,9 +123,11 @@ def test_client_mistakes_are_400s_with_a_reason(client, faces):
     error = infer([wrong_shape])
     assert error.status() == "400" and "[N, 1, 350, 350]" in error.message()
 
-    out_of_range = triton.InferInput("image", [1, 1, 350, 350], "FP32")
-    out_of_range.set_data_from_numpy(np.full((1, 1, 350, 350), 255, np.float32))
-    assert "[0, 1]" in infer([out_of_range]).message()
+    for value in (255, -0.5, np.nan, np.inf):  # below 0 and not finite too, not only above 1
+        out_of_range = triton.InferInput("image", [1, 1, 350, 350], "FP32")
+        out_of_range.set_data_from_numpy(np.full((1, 1, 350, 350), value, np.float32))
+        error = infer([out_of_range])
+        assert error.status() == "400" and "[0, 1]" in error.message(), value
 
     not_an_image = triton.InferInput("image_bytes", [2], "BYTES")
     not_an_image.set_data_from_numpy(np.array([faces[0], b"hello"], dtype=np.object_))

@@ -5,7 +5,6 @@ import pytest
 from PIL import Image
 
 from service.preprocessing import (
-    ALPHA_BACKGROUND,
     DEFAULT_MAX_PIXELS,
     INPUT_SIZE,
     CorruptImageError,
@@ -77,12 +76,15 @@ def test_wide_modes_scale_to_the_same_gray_as_8_bit(mode):
     assert np.abs(wide.astype(int) - reference.astype(int)).max() <= 1
 
 
+WHITE = 255  # what transparency is flattened onto, as the README says: not the code's constant
+
+
 def test_transparent_pixels_become_the_background():
     image = Image.new("RGBA", (20, 20), (0, 0, 0, 0))
     image.paste((0, 0, 0, 255), (0, 0, 10, 20))  # left half opaque black
     pixels = preprocess_image_uint8(encode(image))
     assert pixels[:, :150].max() == 0
-    assert pixels[:, 200:].min() == ALPHA_BACKGROUND
+    assert pixels[:, 200:].min() == WHITE
 
 
 def test_palette_with_transparency_is_flattened():
@@ -90,7 +92,7 @@ def test_palette_with_transparency_is_flattened():
     image.putpalette([0, 0, 0, 255, 255, 255])
     image.info["transparency"] = 0
     pixels = preprocess_image_uint8(encode(image, "GIF", transparency=0))
-    assert pixels.min() == ALPHA_BACKGROUND
+    assert pixels.min() == WHITE
 
 
 def test_rgb_uses_luma_weights():
@@ -321,7 +323,7 @@ def test_wide_pixels_give_the_same_bytes_in_every_block_of_rows(rows):
     luma, alpha = la[..., 0].astype(np.uint32), la[..., 1].astype(np.uint32)
     decoded = decode_grayscale(encode(Image.fromarray(la, "LA"), "PNG")).gray
     np.testing.assert_array_equal(np.asarray(decoded), (
-        luma * alpha + ALPHA_BACKGROUND * (255 - alpha) + 127) // 255)
+        luma * alpha + WHITE * (255 - alpha) + 127) // 255)
 
 
 def _late_exif_png(image: Image.Image, orientation: int) -> bytes:

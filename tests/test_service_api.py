@@ -417,16 +417,24 @@ def test_a_get_on_a_model_route_is_a_405_even_while_the_worker_is_full(settings,
 
 
 def test_images_per_request_counts_answered_requests_as_v2_does(client):
-    """A refused single image was counted on /predict and not on /v2."""
-    def count() -> float:
+    """A refused single image was counted on /predict and not on /v2; and both protocols
+    count what they answer, and the image they refuse, in the same two metrics."""
+    def count(sample: str = "emotion_images_per_request_count", **labels) -> float:
         return metric_total(client.get("/metrics", headers={"accept": "text/plain"}).text,
-                            "emotion_images_per_request_count")
+                            sample, **labels)
 
-    before = count()
-    assert post_file(client, b"junk").status_code == 400
-    assert count() == before
-    assert post_file(client, png_bytes()).status_code == 200
-    assert count() == before + 1
+    def v2(data: bytes):
+        return client.post("/v2/models/cnn/infer", json={"inputs": [{
+            "name": "image_bytes", "datatype": "BYTES", "shape": [1],
+            "data": [base64.b64encode(data).decode()]}]})
+
+    rejected = {"sample": "emotion_rejected_inputs_total", "reason": "not_an_image"}
+    for send in (post_file, lambda client, data: v2(data)):
+        before, refused = count(), count(**rejected)
+        assert send(client, b"junk").status_code == 400
+        assert count() == before and count(**rejected) == refused + 1
+        assert send(client, png_bytes()).status_code == 200
+        assert count() == before + 1
 
 
 def noise_png(side: int = 550) -> bytes:
@@ -599,3 +607,25 @@ def test_a_refused_cors_preflight_is_a_json_error(settings, headers, says):
     assert refused.headers["x-request-id"] and refused.headers["x-content-type-options"]
     assert metric_total(exposition, "emotion_http_requests_total", route="/predict",
                         method="OPTIONS", status="400") == 1
+
+
+def test_the_default_model_and_faces_settings_answer_a_request_that_names_neither():
+    """EMOTION_DEFAULT_MODEL and EMOTION_DEFAULT_FACES, on /predict and on /v2 (no test set
+    them: a router hard-wired to cnn and none passed)."""
+    photo = (REPO_MODELS_DIR.parent / "examples" / "two_people.jpg").read_bytes()
+
+    def v2(client, parameters: dict) -> list[float]:
+        answer = client.post("/v2/models/knn/infer", json={"parameters": parameters, "inputs": [{
+            "name": "image_bytes", "datatype": "BYTES", "shape": [1],
+            "data": [base64.b64encode(photo).decode()]}]})
+        assert answer.status_code == 200, answer.text
+        return answer.json()["outputs"][0]["data"]
+
+    settings = Settings(models_dir=REPO_MODELS_DIR, onnx_threads=1, default_model="knn",
+                        default_faces="auto")
+    with TestClient(create_app(settings)) as client:
+        answer = client.post("/predict", files={"file": ("two.jpg", photo, "image/jpeg")})
+        assert answer.status_code == 200, answer.text
+        [prediction] = answer.json()["predictions"]
+        assert answer.json()["model"] == "knn" and prediction["face"] is not None
+        assert v2(client, {}) == v2(client, {"faces": "auto"}) != v2(client, {"faces": "none"})

@@ -42,12 +42,14 @@ def test_cgroup_quota_is_read_from_v2_then_v1(tmp_path):
     assert cgroup_cpu_quota(write_v2(tmp_path / "f", "100000 0\n")) is None
 
 
-def test_container_cpus_is_the_affinity_capped_by_the_quota_rounded_up(tmp_path):
+def test_container_cpus_is_the_affinity_capped_by_the_quota_rounded_up(tmp_path, monkeypatch):
     assert container_cpus(tmp_path / "none") == AFFINITY
+    # four CPUs whatever this machine has: on one CPU the rounding went unchecked
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert container_cpus(tmp_path / "none") == 4
     assert container_cpus(write_v2(tmp_path / "half", "50000 100000")) == 1
-    assert container_cpus(write_v2(tmp_path / "big", "6400000 100000")) == AFFINITY
-    if AFFINITY >= 2:
-        assert container_cpus(write_v2(tmp_path / "onehalf", "150000 100000")) == 2
+    assert container_cpus(write_v2(tmp_path / "big", "6400000 100000")) == 4
+    assert container_cpus(write_v2(tmp_path / "onehalf", "150000 100000")) == 2
 
 
 def test_defaults_divide_the_cpus_between_workers():

@@ -81,6 +81,27 @@ def test_metrics_match_a_hand_count():
     assert m["macro_f1_six_large_classes"] == pytest.approx((2 / 3 + 1 / 2 + 2 / 3) / 6)
     assert m["accuracy"] == pytest.approx(6 / 10)
     assert m["confusion_matrix"][4] == [1, 0, 0, 0, 3, 0, 0, 0]
+    # the averages the reports carry: macro over all eight, weighted by support (3, 2, 4, 1)
+    assert (m["macro"]["precision"], m["macro"]["recall"]) == pytest.approx(
+        ((2 / 3 + 1 / 2 + 3 / 5) / 8, (2 / 3 + 1 / 2 + 3 / 4) / 8))
+    assert (m["weighted"]["precision"], m["weighted"]["recall"], m["weighted"]["f1"]) == (
+        pytest.approx(((3 * 2 / 3 + 2 / 2 + 4 * 3 / 5) / 10, 6 / 10,
+                       (3 * 2 / 3 + 2 / 2 + 4 * 2 / 3) / 10)))
+
+
+def test_the_bootstrap_resamples_whole_identities():
+    """The model card's interval: a person's images move together, so one identity alone
+    gives no spread, where the same images as ten identities do."""
+    from training.evaluate import bootstrap_macro_f1, macro_f1
+
+    y_true = np.array([4, 4, 5, 5, 6, 6, 4, 5, 6, 4])
+    y_pred = np.array([4, 5, 5, 5, 6, 4, 4, 5, 6, 6])
+    point = macro_f1(y_true, y_pred)
+    one_person = bootstrap_macro_f1(y_true, y_pred, np.zeros(10), rounds=200)
+    assert one_person == pytest.approx((point, point))
+    low, high = bootstrap_macro_f1(y_true, y_pred, np.arange(10), rounds=200)
+    assert low < point < high
+    assert bootstrap_macro_f1(y_true, y_pred, np.arange(10), rounds=200) == (low, high)
 
 
 def test_calibration_error_weights_each_bin_by_its_share():
