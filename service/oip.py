@@ -149,15 +149,31 @@ def _flatten(data) -> list:
     return out
 
 
-def _json_then_binary(body: bytes) -> bool:
-    """Whether ``body`` is a JSON request naming binary data, followed by more bytes: binary
-    tensors sent without the header that says where the JSON ends."""
-    try:  # undecodable bytes kept as surrogates: raw_decode stops where the JSON ends
-        request, end = json.JSONDecoder().raw_decode(bytes(body).decode("utf-8", "surrogateescape"))
+# A binary request's JSON is a few hundred bytes: a failed parse looks no further than this
+# for it, so that a refused body costs no second copy of itself.
+HINT_SCAN_BYTES = 64 * 1024
+
+
+def _json_then_binary(body, error: ValueError) -> bool:
+    """Whether ``body``, which ``json.loads`` refused with ``error``, is a JSON request
+    naming binary data followed by more bytes: binary tensors sent without the header that
+    says where the JSON ends."""
+    if isinstance(error, UnicodeDecodeError):  # the binary data's first byte not UTF-8
+        try:
+            text = bytes(body[:min(error.start, HINT_SCAN_BYTES)]).decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+    elif isinstance(error, json.JSONDecodeError) and error.msg == "Extra data" \
+            and error.pos <= HINT_SCAN_BYTES:
+        text = error.doc[:error.pos]
+    else:
+        return False
+    try:  # the JSON ends before the bytes that stopped the parse (its BOM, spaces skipped)
+        request, _ = json.JSONDecoder().raw_decode(text.lstrip("\ufeff \t\n\r"))
     except (ValueError, RecursionError):
         return False
     inputs = request.get("inputs") if isinstance(request, dict) else None
-    return end < len(body) and isinstance(inputs, list) and any(
+    return isinstance(inputs, list) and any(
         isinstance(item, dict) and isinstance(item.get("parameters"), dict)
         and "binary_data_size" in item["parameters"] for item in inputs)
 
@@ -243,7 +259,7 @@ def parse_infer_request(body: bytes, header_length: str | None,
         header = json.loads(header_bytes)
     except ValueError as exc:  # malformed, not UTF-8, or an integer past Python's digit limit
         hint = ""
-        if header_length is None and _json_then_binary(header_bytes):
+        if header_length is None and _json_then_binary(header_bytes, exc):
             hint = "; binary data after the JSON needs the Inference-Header-Content-Length header"
         raise ProtocolError(f"the request is not valid JSON: {exc}{hint}") from None
     except RecursionError:

@@ -185,6 +185,13 @@ def app_client():
     (b"\x89PNG\r\n\x1a\n", {}, "not valid JSON: 'utf-8' codec can't decode byte 0x89"),
     (b'{"id": "caf\xe9", "inputs": []}', {}, "codec can't decode byte 0xe9"),
     (b'{"inputs": []}}', {}, "Extra data"),
+    # a byte-order mark and spaces before the JSON, as json.loads takes them: still told
+    (b'\xef\xbb\xbf\n{"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], '
+     b'"parameters": {"binary_data_size": 8}}]}\x04\x00\x00\x00\x89PNG', {},
+     "binary data after the JSON needs the Inference-Header-Content-Length header"),
+    # Latin-1 JSON naming binary data, with nothing after it: not told of a header
+    (b'{"id": "\xc3\xa9\xe9", "inputs": [{"name": "image_bytes", "datatype": "BYTES", '
+     b'"shape": [1], "parameters": {"binary_data_size": 8}}]}', {}, "decode byte 0xe9"),
     # int() refuses more than 4,300 digits with a ValueError of its own
     (b'{"inputs": []}', {"Inference-Header-Content-Length": "9" * 5000}, "does not fit"),
     (gzip.compress(b'{"inputs": []}')[:-6], {"Content-Encoding": "gzip"}, "cut short"),
@@ -238,6 +245,29 @@ def test_malformed_requests_get_400_and_the_protocols_error_body(app_client, bod
     assert set(response.json()) == {"error"} and message in response.json()["error"]
     if "needs the Inference-Header-Content-Length" not in message:
         assert "needs the Inference-Header-Content-Length" not in response.json()["error"]
+
+
+def test_a_refused_body_is_not_copied_to_say_why():
+    """The missing-header hint decoded the whole body again, as text of 2 to 4 bytes per
+    byte, outside the body budget: 200 MB of inflated junk took 600 MB more."""
+    import tracemalloc
+
+    body = (b'{"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], '
+            b'"parameters": {"binary_data_size": 8}}]}' + b"\x80" * 20_000_000)
+    def peak_of(call) -> int:
+        tracemalloc.start()
+        try:
+            with pytest.raises(ValueError):
+                call()
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    refusing = peak_of(lambda: json.loads(body))  # what the parse itself takes to refuse it
+    with pytest.raises(ProtocolError, match="needs the Inference-Header-Content-Length"):
+        parse_infer_request(body, None)
+    telling = peak_of(lambda: parse_infer_request(body, None))
+    assert telling < refusing + 1_000_000, f"{telling / 1e6:.0f} MB, {refusing / 1e6:.0f} MB"
 
 
 def test_any_json_number_is_a_number_of_a_float_tensor():
