@@ -22,8 +22,9 @@ $(DEV_VENV)/.installed: pyproject.toml
 
 # HOST and PORT given on make's command line (make serve PORT=9000) win over EMOTION_HOST
 # and EMOTION_PORT; from the environment they do not count (tcsh exports HOST, the machine's
-# name). Otherwise those settings, or the service's own 127.0.0.1:8000.
-given = $(if $(filter command line,$(origin $(1))),$(2) $($(1)))
+# name), nor given empty (PORT=). Otherwise those settings, or the service's own
+# 127.0.0.1:8000.
+given = $(if $(and $(filter command line,$(origin $(1))),$($(1))),$(2) $($(1)))
 
 serve: $(SERVE_VENV)/.installed
 	$(SERVE_VENV)/bin/python -m service $(call given,HOST,--host) $(call given,PORT,--port)

@@ -160,6 +160,7 @@ def test_make_serve_leaves_the_address_to_the_settings_unless_given():
         return result.stdout.strip().splitlines()[-1]
 
     assert serve_command().endswith("-m service")
+    assert serve_command("PORT=").endswith("-m service")  # a wrapper's unset $PORT
     assert serve_command("PORT=9100", "HOST=0.0.0.0").endswith(
         "-m service --host 0.0.0.0 --port 9100")
 
