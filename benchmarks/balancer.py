@@ -113,18 +113,26 @@ class Balancer:
         if nginx is None:
             raise RuntimeError(NO_NGINX)
         self.folder.mkdir(parents=True, exist_ok=True)
-        for i in range(len(self.ports)):
-            self.start(i)
-        for i, process in enumerate(self.processes):
-            wait_ready(self.replica_url(i), process=process)
-        servers = "\n".join(f"        server 127.0.0.1:{p} max_fails=1 fail_timeout=2s;"
-                            for p in self.ports)
-        conf = self.folder / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(folder=self.folder, servers=servers, port=self.port,
-                                          tries=len(self.ports)))
-        self.nginx = subprocess.Popen([nginx, "-c", str(conf), "-p", str(self.folder)],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        wait_ready(self.url, 20, self.nginx)
+        try:
+            for i in range(len(self.ports)):
+                self.start(i)
+            for i, process in enumerate(self.processes):
+                wait_ready(self.replica_url(i), process=process,
+                           log_path=self.folder / f"replica-{i}.log")
+            servers = "\n".join(f"        server 127.0.0.1:{p} max_fails=1 fail_timeout=2s;"
+                                for p in self.ports)
+            conf = self.folder / "nginx.conf"
+            conf.write_text(NGINX_CONF.format(folder=self.folder, servers=servers,
+                                              port=self.port, tries=len(self.ports)))
+            # its own output kept: a failed start says why, before the folder goes
+            nginx_log = self.folder / "nginx.out"
+            with open(nginx_log, "w") as log:
+                self.nginx = subprocess.Popen([nginx, "-c", str(conf), "-p", str(self.folder)],
+                                              stdout=log, stderr=subprocess.STDOUT)
+            wait_ready(self.url, 20, self.nginx, log_path=nginx_log)
+        except BaseException:  # Ctrl-C or a failed start: no replica left running
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:

@@ -25,6 +25,7 @@ import numpy as np
 import psutil
 from PIL import Image
 
+from benchmarks import count
 from service.preprocessing import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from tests.server import server_process
 
@@ -34,14 +35,14 @@ CASES = ("idle", "multipart", "pixels", "float_tiff", "oip_json", "oip_binary", 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--images", type=int, default=16,
+    parser.add_argument("--images", type=count, default=16,
                         help="images per request (EMOTION_MAX_IMAGES_PER_REQUEST's default)")
     parser.add_argument("--bytes", type=int, default=DEFAULT_MAX_BYTES - 1024,
                         help="size of each noise PNG (just under the upload limit)")
     parser.add_argument("--pixels", type=int, default=DEFAULT_MAX_PIXELS - 100_000,
                         help="pixels of each image in the 'pixels' (smooth RGB PNG) and "
                         "'float_tiff' cases")
-    parser.add_argument("--concurrent", type=int, default=1, help="copies sent at once")
+    parser.add_argument("--concurrent", type=count, default=1, help="copies sent at once")
     parser.add_argument("--cases", default=",".join(CASES), help="which cases, in order; "
                         "a+b sends one request of each case at once, and case:N gives that "
                         "case N images per request instead of --images")
@@ -163,8 +164,8 @@ def measure(case: str, args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    print(f"one worker, EMOTION_ONNX_THREADS=1, {args.images} images per request, "
-          f"{args.concurrent} at once")
+    print(f"one worker, EMOTION_ONNX_THREADS=1, {args.images} images per request unless a "
+          f"case says (multipart:N), {args.concurrent} at once")
     print(f"{'case':<12} {'body MB':>9} {'status':>10} {'idle MB':>8} {'peak MB':>8} "
           f"{'wall s':>7}")
     failed = False

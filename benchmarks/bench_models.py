@@ -1,6 +1,6 @@
 """Model speed: ONNX Runtime per image at batch 1 and 16, and the kNN's predict_proba.
 
-    python -m benchmarks.bench_models [--threads 2] [--seconds 5]
+    python -m benchmarks.bench_models [--threads 1 2] [--seconds 5]
 
 Inputs are real dataset images through the shared preprocessing; prints milliseconds per image.
 """
@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from benchmarks import count
 from service.manifest import load_manifest
 from service.models import OnnxClassifier, SklearnClassifier
 from service.preprocessing import preprocess_image
@@ -42,8 +43,9 @@ def per_image_ms(predict, images: np.ndarray, batch: int, seconds: float) -> tup
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=count, nargs="+", default=[1, 2],
                         help="ONNX Runtime intra-op threads to try (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=5.0,
                         help="time per measurement (default: %(default)s)")

@@ -21,6 +21,7 @@ import time
 import httpx
 import numpy as np
 
+from benchmarks import count
 from benchmarks.load import load_faces
 from service.preprocessing import preprocess_image
 from tests.server import running_server
@@ -59,8 +60,8 @@ def oip_tensor_json(image: bytes) -> tuple[bytes, dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--requests", type=int, default=300, help="requests per kind and round")
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--requests", type=count, default=300, help="requests per kind and round")
+    parser.add_argument("--rounds", type=count, default=3,
                         help="rounds, the kinds interleaved")
     args = parser.parse_args(argv)
     faces = load_faces(50)

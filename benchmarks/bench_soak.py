@@ -19,6 +19,7 @@ from collections import Counter
 
 import psutil
 
+from benchmarks import count
 from benchmarks.load import describe, load_faces, post_images
 from tests.server import server_process
 
@@ -28,12 +29,16 @@ GROWTH_GOAL = 0.05
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--requests", type=int, default=20_000, help="requests in all")
+    parser.add_argument("--requests", type=count, default=20_000, help="requests in all")
     parser.add_argument("--warmup", type=int, default=2_000,
                         help="requests before the baseline RSS is taken")
-    parser.add_argument("--clients", type=int, default=8, help="concurrent connections")
+    parser.add_argument("--clients", type=count, default=8, help="concurrent connections")
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between samples")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 0 <= args.warmup < args.requests:  # the baseline is taken after the warm-up
+        parser.error(f"--warmup {args.warmup} must be at least 0 and below --requests "
+                     f"{args.requests}")
+    return args
 
 
 def soak_payload(faces: list[bytes]):
