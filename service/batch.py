@@ -20,6 +20,7 @@ import errno
 import io
 import itertools
 import json
+import multiprocessing
 import os
 import queue
 import select
@@ -360,6 +361,11 @@ def _bounded(submit, chunks: Iterator[list[str]], in_flight: int) -> Iterator[li
         yield pending.popleft().result()
 
 
+# How worker processes start: "forkserver" forks them from a clean process (Linux), where
+# plain fork copied this one's thread pools mid-use; elsewhere Python's own default.
+WORKER_START = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else None
+
+
 class LocalRunner:
     """Worker processes, each loading the models once."""
 
@@ -380,8 +386,10 @@ class LocalRunner:
             for chunk in batches(paths, self.batch_size):
                 yield _classify(chunk)
             return
-        with ProcessPoolExecutor(self.workers, initializer=_init_worker,
-                                 initargs=self.args) as pool:
+        # Not forked from this process: check() ran the models here, and the kNN's OpenMP
+        # threads, started, left a forked worker waiting in their barrier for ever.
+        with ProcessPoolExecutor(self.workers, initializer=_init_worker, initargs=self.args,
+                                 mp_context=multiprocessing.get_context(WORKER_START)) as pool:
             yield from _bounded(lambda chunk: pool.submit(_classify, chunk),
                                 batches(paths, self.batch_size), 2 * self.workers)
 

@@ -127,7 +127,6 @@ def test_a_balancer_that_fails_to_start_leaves_no_replica_running(tmp_path, monk
     broken.chmod(0o755)
     monkeypatch.setattr(balancer, "nginx_binary", lambda: str(broken))
     pool = balancer.Balancer(1, tmp_path / "run")
-    with pytest.raises(RuntimeError, match="bad configuration"):
-        with pool:
-            pass
+    with pytest.raises(RuntimeError, match="bad configuration"), pool:
+        pass
     assert all(process.poll() is not None for process in pool.processes)

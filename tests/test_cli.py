@@ -9,6 +9,7 @@ import io
 import json
 import os
 import pty
+import shutil
 import signal
 import struct
 import subprocess
@@ -237,6 +238,26 @@ def test_resume_reads_back_paths_holding_any_line_break(tmp_path, suffix):
     writer.close()
     assert finished_paths(out) == set(names[:-1])
     assert [r["path"] for r in read_rows(out)] == names[:-1]
+
+
+def test_the_knn_in_several_workers_gives_the_rows_of_one(tmp_path):
+    """Forked after the kNN had run in the parent (check() loads the models), each worker
+    waited for ever in OpenMP's barrier: emotion-detect --model knn hung at its default
+    --workers on any machine of 2 CPUs or more."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("two_people.jpg", "four_people.jpg", "three_people.jpg"):
+        shutil.copy(REPO / "examples" / name, photos / name)
+    rows = {}
+    for workers in ("1", "2"):
+        out = tmp_path / f"knn-{workers}.csv"
+        result = subprocess.run([*COMMAND, "images", str(photos), "--model", "knn", "--faces",
+                                 "all", "--workers", workers, "--batch-size", "1", "--out",
+                                 str(out)], cwd=REPO, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr
+        rows[workers] = read_rows(out)
+    assert len(rows["1"]) >= 9 and rows["2"] == rows["1"]
 
 
 def test_url_gives_the_same_rows_as_in_process_and_as_predict(photo_folder, tmp_path):
