@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.load import load_faces
+from service.arguments import count
 from service.batch import LocalRunner, RemoteRunner, batches
 from service.manifest import load_manifest
 from service.models import OnnxClassifier
@@ -54,9 +55,9 @@ def consume(runner, paths: list[str]) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--images", type=int, default=1200,
+    parser.add_argument("--images", type=count, default=1200,
                         help="dataset images classified per run")
-    parser.add_argument("--batch-size", type=int, default=8,
+    parser.add_argument("--batch-size", type=count, default=8,
                         help="files per model call")
     parser.add_argument("--faces", default="none", choices=("none", "auto", "all"),
                         help="face mode")

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.load import load_faces
+from service.arguments import count
 from service.faces import FaceCropper, load_face_crop
 from service.preprocessing import decode_grayscale
 from service.settings import REPO_MODELS_DIR
@@ -65,8 +66,8 @@ def predict_p50(base: str, data: bytes, faces: str, requests: int) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=30, help="detector runs per size")
-    parser.add_argument("--requests", type=int, default=100, help="HTTP requests per mode")
+    parser.add_argument("--repeats", type=count, default=30, help="detector runs per size")
+    parser.add_argument("--requests", type=count, default=100, help="HTTP requests per mode")
     args = parser.parse_args(argv)
     cropper = FaceCropper(load_face_crop(REPO_MODELS_DIR), REPO_MODELS_DIR)
     photos = {size: photo(load_faces(1)[0], size) for size in SIZES}

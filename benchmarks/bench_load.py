@@ -18,8 +18,8 @@ import argparse
 import asyncio
 import sys
 
-from benchmarks import count
 from benchmarks.load import describe, latency_ms, load_faces, one_face_each, post_images
+from service.arguments import count
 from tests.server import running_server
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import psutil
 from PIL import Image
 
-from benchmarks import count
+from service.arguments import count
 from service.preprocessing import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from tests.server import server_process
 

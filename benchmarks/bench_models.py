@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from benchmarks import count
+from service.arguments import count
 from service.manifest import load_manifest
 from service.models import OnnxClassifier, SklearnClassifier
 from service.preprocessing import preprocess_image

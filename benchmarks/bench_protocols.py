@@ -21,8 +21,8 @@ import time
 import httpx
 import numpy as np
 
-from benchmarks import count
 from benchmarks.load import load_faces
+from service.arguments import count
 from service.preprocessing import preprocess_image
 from tests.server import running_server
 

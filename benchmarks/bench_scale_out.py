@@ -23,6 +23,7 @@ from pathlib import Path
 
 from benchmarks.balancer import NO_NGINX, Balancer, nginx_binary, run_fault_load, throughput
 from benchmarks.load import load_faces
+from service.arguments import count
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,10 +35,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kill-at", type=float, default=20, help="when a replica is killed")
     parser.add_argument("--restart-after", type=float, default=10,
                         help="how long it stays dead")
-    parser.add_argument("--clients", type=int, default=8, help="concurrent connections")
+    parser.add_argument("--clients", type=count, default=8, help="concurrent connections")
     parser.add_argument("--throughput-seconds", type=float, default=20,
                         help="length of each throughput run (0: skip them)")
-    parser.add_argument("--images", type=int, default=100, help="distinct test images sent")
+    parser.add_argument("--images", type=count, default=100, help="distinct test images sent")
     return parser.parse_args(argv)
 
 

@@ -29,9 +29,9 @@ import time
 
 import numpy as np
 
-from benchmarks import count
 from benchmarks.load import load_faces
 from benchmarks.wire import multipart_request, raw_request, send_requests
+from service.arguments import count
 from service.manifest import load_manifest
 from service.models import OnnxClassifier
 from service.preprocessing import preprocess_image

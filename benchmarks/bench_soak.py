@@ -19,8 +19,8 @@ from collections import Counter
 
 import psutil
 
-from benchmarks import count
 from benchmarks.load import describe, load_faces, post_images
+from service.arguments import count
 from tests.server import server_process
 
 GROWTH_GOAL = 0.05

@@ -16,20 +16,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from service.arguments import port_number
 from service.manifest import ManifestError, load_manifest
 from service.settings import Settings, SettingsError, load_settings
-
-
-def port_number(text: str) -> int:
-    """A TCP port, as EMOTION_PORT takes it: past 65535, one worker listened on the number
-    modulo 65536 and several died in a traceback."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 < port < 65536:
-        raise argparse.ArgumentTypeError(f"{port} is not a port (1 to 65535)")
-    return port
 
 
 def parse_args(argv: list[str] | None = None, settings: Settings | None = None

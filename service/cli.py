@@ -15,6 +15,7 @@ import time
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
+from service.arguments import count
 from service.batch import (
     COLUMNS,
     UNREADABLE,
@@ -165,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                              faces or "EMOTION_DEFAULT_FACES, as the service") + ")")
         sub.add_argument("--model", default=None, help="cnn or knn (default: "
                          "EMOTION_DEFAULT_MODEL, as the service)")
-        sub.add_argument("--batch-size", type=int, default=8,
+        sub.add_argument("--batch-size", type=count, default=8,
                          help="images (or frames) per model call (default: %(default)s)")
         sub.add_argument("--models-dir", type=Path, default=None,
                          help="the models folder (default: EMOTION_MODELS_DIR, else the "
@@ -180,14 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("--recursive", action="store_true",
                         help="look inside sub-folders too")
     common(images, None)
-    images.add_argument("--workers", type=int, default=default_workers(),
+    images.add_argument("--workers", type=count, default=default_workers(),
                         help="worker processes for the models (default: this container's "
                         "CPUs, here %(default)s)")
     images.add_argument("--resume", action="store_true",
                         help="skip paths that already have rows in --out, and append")
     images.add_argument("--url", default=None,
                         help="send the images to a running service at this URL instead")
-    images.add_argument("--connections", type=int, default=8,
+    images.add_argument("--connections", type=count, default=8,
                         help="with --url: concurrent keep-alive connections (default: "
                         "%(default)s)")
     images.set_defaults(func=run_images)
@@ -210,9 +211,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "workers", 1) < 1 or args.batch_size < 1 \
-            or getattr(args, "connections", 1) < 1:
-        parser.error("--workers, --batch-size and --connections must be at least 1")
     try:
         return args.func(args)
     except UsageError as exc:

@@ -73,7 +73,7 @@ def test_without_the_study_dataset_a_benchmark_says_so_in_one_line(tmp_path, mon
     try:
         for run in (lambda: bench_models.main(["--seconds", "0.1"]),
                     lambda: bench_load.main(["--seconds", "1"]),
-                    lambda: bench_soak.main(["--requests", "10"])):
+                    lambda: bench_soak.main(["--requests", "10", "--warmup", "5"])):
             with pytest.raises(SystemExit, match=f"dataset is not at {tmp_path}: set "
                                                  "EMOTION_DATASET_DIR"):
                 run()

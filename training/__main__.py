@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from service.arguments import count, non_negative
 from training.settings import DATASET_HINT, FETCH_DESTINATIONS, get_training_settings
 
 DATASETS = tuple(FETCH_DESTINATIONS)
@@ -214,20 +215,6 @@ def cmd_examples(args: argparse.Namespace) -> None:
         print(f"{out / photo}: " + ", ".join(f"{p.label} ({p.image})" for p in placed))
 
 
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive count")
-    return value
-
-
-def non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative")
-    return value
-
-
 def run_options(command: argparse.ArgumentParser, out_help: str) -> None:
     """--profile, --device and --out, as every command that trains takes them."""
     command.add_argument("--profile", choices=("full", "smoke"), default="full",
@@ -283,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "judged on the combined validation -> reports/levers/")
     levers.add_argument("--only", action="append", metavar="NAME",
                         help="run only this lever (repeatable; default: all)")
-    levers.add_argument("--epochs", type=positive, default=None,
+    levers.add_argument("--epochs", type=count, default=None,
                         help="override every lever's schedule (default: each lever's own; "
                         "1 with --profile smoke)")
     run_options(levers, "results folder (default: levers/ in EMOTION_REPORTS_DIR; with "
@@ -320,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     geometry.add_argument("--out", type=Path, default=None,
                           help="models folder holding the CNN and its manifest.json "
                           "(default: EMOTION_MODELS_DIR, the shipped models/)")
-    geometry.add_argument("--limit", type=positive, default=None,
+    geometry.add_argument("--limit", type=count, default=None,
                           help="a quick look: an evenly spaced sample of N images of each "
                           "subset (default: all validation images, and of the train images "
                           "all of this dataset's and 4,000 of FER-2013's); needs --out, so "
