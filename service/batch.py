@@ -388,10 +388,19 @@ class LocalRunner:
             return
         # Not forked from this process: check() ran the models here, and the kNN's OpenMP
         # threads, started, left a forked worker waiting in their barrier for ever.
-        with ProcessPoolExecutor(self.workers, initializer=_init_worker, initargs=self.args,
-                                 mp_context=multiprocessing.get_context(WORKER_START)) as pool:
+        pool = ProcessPoolExecutor(self.workers, initializer=_init_worker, initargs=self.args,
+                                   mp_context=multiprocessing.get_context(WORKER_START))
+        try:
             yield from _bounded(lambda chunk: pool.submit(_classify, chunk),
                                 batches(paths, self.batch_size), 2 * self.workers)
+        except BaseException:
+            # Ctrl-C or a failure: the batches in hand are dropped, not finished first (a
+            # named pipe's wait made a Ctrl-C take 30 s); --resume does them again
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.terminate()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
 
 
 # --- remote -----------------------------------------------------------------------------
@@ -506,24 +515,31 @@ class RemoteRunner:
                  for i, image in enumerate(inputs)]
         return self._send("POST", "/predict", params=self.params, files=files)
 
-    def _classify(self, paths: Sequence[str]) -> list[list[Row]]:
-        inputs, unreadable = read_inputs(paths, self.max_bytes)
-        readable = [i for i in range(len(paths))
-                    if i not in unreadable and inputs[i].error is None]
+    def _classify(self, paths: Sequence[str],
+                  read: list[tuple[ImageInput, str | None]] | None = None) -> list[list[Row]]:
+        """Rows for ``paths``; ``read``: each file's bytes, or why it could not be read, as
+        read already: a batch sent again in parts is not read twice (a pipe's bytes are
+        gone once read)."""
+        if read is None:
+            inputs, unreadable = read_inputs(paths, self.max_bytes)
+            read = [(image, unreadable.get(i)) for i, image in enumerate(inputs)]
+        readable = [i for i, (image, why) in enumerate(read)
+                    if why is None and image.error is None]
         out: list[list[Row] | None] = [
-            [Row.error(p, unreadable[i], UNREADABLE)] if i in unreadable
-            else [Row.error(p, str(error), error.code)] if (error := inputs[i].error)
+            [Row.error(p, why, UNREADABLE)] if why is not None
+            else [Row.error(p, str(image.error), image.error.code)] if image.error
             else None
-            for i, p in enumerate(paths)]
+            for p, (image, why) in zip(paths, read, strict=True)]
         if not readable:
             return out  # type: ignore[return-value]
-        response = self._post([paths[i] for i in readable], [inputs[i] for i in readable])
+        response = self._post([paths[i] for i in readable], [read[i][0] for i in readable])
         status, body = response.status_code, _error_body(response)
         if body.get("code") == "too_many_files" and len(paths) > 1:
             # --batch-size over the service's EMOTION_MAX_IMAGES_PER_REQUEST: halves, until
             # they fit (stopping the run here would leave the user to guess the limit)
             middle = len(paths) // 2
-            return self._classify(paths[:middle]) + self._classify(paths[middle:])
+            return (self._classify(paths[:middle], read[:middle])
+                    + self._classify(paths[middle:], read[middle:]))
         if status == 200:
             try:
                 grouped: dict[int, list[dict]] = {}
@@ -539,7 +555,7 @@ class RemoteRunner:
             # it, or not an image): find out which, alone
             if len(readable) > 1:
                 for i in readable:
-                    out[i] = self._classify([paths[i]])[0]
+                    out[i] = self._classify([paths[i]], [read[i]])[0]
             else:
                 out[readable[0]] = [Row.error(
                     paths[readable[0]], body.get("detail") or f"refused with {status}",

@@ -3,12 +3,14 @@ behind ``--url``, a video the test encodes itself, and the same answers as ``/pr
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import fcntl
 import io
 import json
 import os
 import pty
+import re
 import shutil
 import signal
 import struct
@@ -548,7 +550,9 @@ def test_output_and_connection_mistakes_are_one_line_before_any_work(tmp_path, a
     result = subprocess.run([*COMMAND, *argv], cwd=REPO, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 2, result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("emotion-detect: error:")
+    # argparse's own line, from the command or its subcommand
+    assert re.match(r"emotion-detect( images| video)?: error:",
+                    result.stderr.strip().splitlines()[-1]), result.stderr
     assert "Traceback" not in result.stderr and "no such file" not in result.stderr
 
 
@@ -820,9 +824,13 @@ def test_a_folder_in_a_list_gets_its_row_and_holds_no_descriptor(tmp_path):
     assert len(os.listdir("/proc/self/fd")) == before
 
 
-def test_url_halves_a_batch_the_service_finds_too_large(tmp_path):
+def test_url_halves_a_batch_the_service_finds_too_large(tmp_path, monkeypatch):
     """--batch-size over the service's limit: the 422 stopped the run."""
     import httpx
+
+    import service.batch as batch
+
+    real_read = batch.read_inputs
 
     photos = []
     for i in range(4):
@@ -841,9 +849,14 @@ def test_url_halves_a_batch_the_service_finds_too_large(tmp_path):
     runner, sent = _runner_answering()
     runner.client = httpx.Client(transport=httpx.MockTransport(
         lambda request: sent.append(request) or answer(request)))
+    reads = []
+    monkeypatch.setattr(batch, "read_inputs", lambda paths, max_bytes=None: (
+        reads.extend(paths) or real_read(paths, max_bytes)))
     rows = runner._classify(photos)
     assert [[r.values["path"] for r in file_rows] for file_rows in rows] == [[p] for p in photos]
     assert len(sent) == 3  # the batch of 4, then two of 2
+    # each file read once: read again for the halves, a pipe (<(...)) gave an empty image
+    assert sorted(reads) == sorted(photos)
 
 
 def test_url_tries_a_mistyped_address_three_times_not_nine():
@@ -905,6 +918,46 @@ def test_ctrl_c_against_a_hung_service_stops_at_once(tmp_path):
         listener.close()
     assert process.returncode == 130, stderr
     assert "interrupted; --resume picks up where it stopped" in stderr
+
+
+def test_ctrl_c_drops_the_workers_batches_in_hand(tmp_path):
+    """With several workers, Ctrl-C waited for the batches already sent to them to finish:
+    each waiting on a named pipe made it take 30 s, each a model call one more."""
+    pipes = [tmp_path / f"{i}.jpg" for i in range(4)]
+    for pipe in pipes:
+        os.mkfifo(pipe)
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{pipe}\n" for pipe in pipes))
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)  # as under a terminal
+    try:
+        process = subprocess.Popen([*COMMAND, "images", str(listing), "--workers", "2",
+                                    "--batch-size", "1", "--out", str(tmp_path / "rows.csv")],
+                                   cwd=REPO, stderr=subprocess.PIPE, text=True,
+                                   start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+    held = []
+    try:
+        # a writer held open without writing keeps a worker waiting on its pipe: opening one
+        # succeeds only once a worker has the pipe open
+        deadline = time.monotonic() + 60
+        while not held:
+            assert time.monotonic() < deadline and process.poll() is None, "no worker read"
+            for pipe in pipes:
+                with contextlib.suppress(OSError):
+                    held.append(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+            time.sleep(0.1)
+        interrupted = time.monotonic()
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground group
+        _, stderr = process.communicate(timeout=60)
+        waited = time.monotonic() - interrupted
+    finally:
+        for descriptor in held:
+            os.close(descriptor)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, stderr
+    assert waited < 15, f"{waited:.0f} s: the pipe's 30 s wait was sat out"
 
 
 def test_recursive_follows_linked_folders_once_each(tmp_path):
@@ -969,7 +1022,10 @@ def test_a_worker_process_killed_mid_run_is_one_line_and_the_rows_stay(tmp_path)
                 not out.exists() or out.stat().st_size < 2000):
             time.sleep(0.05)  # rows are coming: the workers are busy
         written = len(read_rows(out))
-        workers = psutil.Process(process.pid).children()
+        # the workers are the forkserver's children, not the command's own
+        workers = [worker for child in psutil.Process(process.pid).children()
+                   for worker in child.children()]
+        assert len(workers) == 2, workers
         workers[-1].kill()
         _, stderr = process.communicate(timeout=120)
     finally:
