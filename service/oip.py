@@ -152,6 +152,8 @@ def _flatten(data) -> list:
 # A binary request's JSON is a few hundred bytes: a failed parse looks no further than this
 # for it, so that a refused body costs no second copy of itself.
 HINT_SCAN_BYTES = 64 * 1024
+MISSING_HEADER_HINT = ("; binary data after the JSON needs the Inference-Header-Content-Length "
+                       "header")
 
 
 def _json_then_binary(body, error: ValueError) -> bool:
@@ -168,6 +170,11 @@ def _json_then_binary(body, error: ValueError) -> bool:
         text = error.doc[:error.pos]
     else:
         return False
+    return _names_binary_data(text)
+
+
+def _names_binary_data(text: str) -> bool:
+    """Whether ``text`` starts with a whole JSON request with an input of binary data."""
     try:  # the JSON ends before the bytes that stopped the parse (its BOM, spaces skipped)
         request, _ = json.JSONDecoder().raw_decode(text.lstrip("\ufeff \t\n\r"))
     except (ValueError, RecursionError):
@@ -254,13 +261,20 @@ def parse_infer_request(body: bytes, header_length: str | None,
     else:
         header_bytes, binary = body, memoryview(b"")
     if max_values is not None:
-        _check_json_size(header_bytes, max_values, max_images)
+        try:
+            _check_json_size(header_bytes, max_values, max_images)
+        except ProtocolError as exc:
+            # megabytes of binary tensors sent without the header count as JSON values
+            if header_length is None and _names_binary_data(
+                    bytes(header_bytes[:HINT_SCAN_BYTES]).decode("utf-8", "ignore")):
+                raise ProtocolError(f"{exc}{MISSING_HEADER_HINT}") from None
+            raise
     try:
         header = json.loads(header_bytes)
     except ValueError as exc:  # malformed, not UTF-8, or an integer past Python's digit limit
         hint = ""
         if header_length is None and _json_then_binary(header_bytes, exc):
-            hint = "; binary data after the JSON needs the Inference-Header-Content-Length header"
+            hint = MISSING_HEADER_HINT
         raise ProtocolError(f"the request is not valid JSON: {exc}{hint}") from None
     except RecursionError:
         raise ProtocolError("the request's JSON is nested too deeply") from None

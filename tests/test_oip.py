@@ -247,6 +247,21 @@ def test_malformed_requests_get_400_and_the_protocols_error_body(app_client, bod
         assert "needs the Inference-Header-Content-Length" not in response.json()["error"]
 
 
+def test_binary_tensors_without_the_header_are_told_so_past_the_json_size_check(app_client):
+    """A megabyte of binary data counts as JSON values when the header is missing: the size
+    check refused it first, advising the binary extension the client was already using."""
+    pixels = np.random.default_rng(0).random((2, 1, 350, 350), dtype=np.float32).tobytes()
+    header = json.dumps({"inputs": [{"name": "image", "datatype": "FP32",
+                                     "shape": [2, 1, 350, 350],
+                                     "parameters": {"binary_data_size": len(pixels)}}]})
+    response = app_client.post("/v2/models/cnn/infer", content=header.encode() + pixels)
+    assert response.status_code == 400, response.text
+    assert "needs the Inference-Header-Content-Length header" in response.json()["error"]
+    sent_right = app_client.post("/v2/models/cnn/infer", content=header.encode() + pixels,
+                                 headers={"Inference-Header-Content-Length": str(len(header))})
+    assert sent_right.status_code == 200, sent_right.text
+
+
 def test_a_refused_body_is_not_copied_to_say_why():
     """The missing-header hint decoded the whole body again, as text of 2 to 4 bytes per
     byte, outside the body budget: 200 MB of inflated junk took 600 MB more."""
