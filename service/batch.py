@@ -24,6 +24,7 @@ import multiprocessing
 import os
 import queue
 import select
+import signal
 import stat
 import threading
 import time
@@ -391,7 +392,7 @@ class LocalRunner:
         pool = ProcessPoolExecutor(self.workers, initializer=_init_worker, initargs=self.args,
                                    mp_context=multiprocessing.get_context(WORKER_START))
         try:
-            yield from _bounded(lambda chunk: pool.submit(_classify, chunk),
+            yield from _bounded(lambda chunk: _submit_uninterrupted(pool, chunk),
                                 batches(paths, self.batch_size), 2 * self.workers)
         except BaseException:
             # Ctrl-C or a failure: the batches in hand are dropped, not finished first (a
@@ -401,6 +402,24 @@ class LocalRunner:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
         pool.shutdown(wait=True)
+
+
+def _submit_uninterrupted(pool: ProcessPoolExecutor, chunk: Sequence[str]) -> Future:
+    """``pool.submit``, with a Ctrl-C during it taken just after: inside, it could land while
+    a worker or the pool's thread was half started, which shutdown can then neither stop nor
+    join (a worker's traceback, or exit 1 instead of 130). Python runs signal handlers in
+    the main thread whichever thread the signal reaches, so the handler is swapped, not
+    the signal mask."""
+    if threading.current_thread() is not threading.main_thread():
+        return pool.submit(_classify, chunk)
+    interrupted = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: interrupted.append(number))
+    try:
+        return pool.submit(_classify, chunk)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if interrupted:
+            signal.raise_signal(signal.SIGINT)  # as if it came now, to the handler before
 
 
 # --- remote -----------------------------------------------------------------------------
