@@ -48,7 +48,6 @@ from service.preprocessing import (
     ImageLimits,
     PreprocessingError,
     TooManyBytesError,
-    byte_count,
 )
 
 BOX_COLUMNS = ("face_x", "face_y", "face_width", "face_height")
@@ -303,8 +302,7 @@ def read_inputs(paths: Sequence[str], max_bytes: int | None = None
             with _open_for_reading(path) as file:
                 data = file.read(-1 if max_bytes is None else max_bytes + 1)
             if max_bytes is not None and len(data) > max_bytes:
-                inputs.append(ImageInput(path, error=TooManyBytesError(
-                    f"the image has more than {byte_count(max_bytes)}, the limit")))
+                inputs.append(ImageInput(path, error=TooManyBytesError.past(max_bytes)))
             else:
                 inputs.append(ImageInput(path, data))
         except OSError as exc:

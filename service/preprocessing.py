@@ -77,6 +77,12 @@ class CorruptImageError(PreprocessingError):
 class TooManyBytesError(PreprocessingError):
     code = "too_many_bytes"
 
+    @classmethod
+    def past(cls, limit: int) -> TooManyBytesError:
+        """An image refused once it is more than ``limit`` bytes, before it is read whole:
+        the same words from /predict's multipart reader and the command line."""
+        return cls(f"the image has more than {byte_count(limit)}, the limit")
+
 
 class TooManyPixelsError(PreprocessingError):
     code = "too_many_pixels"

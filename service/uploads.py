@@ -178,9 +178,8 @@ class _MultipartCollector:
         if not self._is_image_part():
             return
         if self._over:
-            self.uploads.append(ImageInput(self._filename, error=TooManyBytesError(
-                f"the image has more than {byte_count(self.settings.max_upload_bytes)}, the "
-                "limit")))
+            self.uploads.append(ImageInput(self._filename, error=TooManyBytesError.past(
+                self.settings.max_upload_bytes)))
         else:
             self.uploads.append(ImageInput(self._filename, bytes(self._data)))
         self._data = bytearray()
