@@ -175,8 +175,7 @@ def read_settings(cls: type[BaseSettings], prefix: str = "EMOTION_"):
         problems = []
         for error in exc.errors():
             field, *inside = error["loc"]  # inside: an item of a list, as [1]
-            wanted = f"{prefix}{field}".upper()
-            name = next((n for n in os.environ if n.upper() == wanted), wanted)
+            name = _as_set(f"{prefix}{field}")
             value = os.environ[name] if name in os.environ else error.get("input")
             where = "".join(f"[{part}]" for part in inside)
             problems.append(f"{name}={value!r}: {where + ' ' if where else ''}{error['msg']}")
@@ -184,12 +183,17 @@ def read_settings(cls: type[BaseSettings], prefix: str = "EMOTION_"):
     except SourceError as exc:  # a list or dict setting whose value is not JSON
         # pydantic-settings names the field and its source only: the variable, as above
         field = re.search(r'field "(\w+)"', str(exc))
-        wanted = f"{prefix}{field[1]}".upper() if field else f"an {prefix}* variable"
-        # as set: the names are matched whatever their case
-        name = next((n for n in os.environ if n.upper() == wanted), wanted)
+        name = _as_set(f"{prefix}{field[1]}") if field else f"an {prefix}* variable"
         value = f"={os.environ[name]!r}" if name in os.environ else ""
         raise SettingsError(f"{name}{value}: not JSON; give {prefix}* lists as JSON, e.g. "
                             '\'["https://a.example"]\'') from None
+
+
+def _as_set(variable: str) -> str:
+    """The environment variable's name as the user wrote it (names are matched whatever
+    their case), or the upper-case name when it is not set."""
+    wanted = variable.upper()
+    return next((name for name in os.environ if name.upper() == wanted), wanted)
 
 
 @lru_cache
