@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from service.classes import CLASS_NAMES, parse_label
-from training.fetch import DataError, sha256_file
+from training.fetch import DataError, read_table, sha256_file
 
 CLEAN_COLUMNS = ["image", "label", "identity", "contributor", "sha256"]
 
@@ -119,11 +119,7 @@ def _join_identities(kept: pd.DataFrame, identical: list[list[str]]) -> list[str
 
 
 def read_clean_table(path: Path) -> pd.DataFrame:
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not the clean table `python -m training audit` writes "
-                        f"({exc})") from exc
+    table = read_table(path, "the clean table")
     absent = [column for column in CLEAN_COLUMNS if column not in table.columns]
     if absent:
         raise DataError(f"{path}: no column {', '.join(absent)}; `python -m training audit` "

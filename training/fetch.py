@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 from training.settings import UPSTREAM_COMMIT, UPSTREAM_REPOSITORY
 
 # Written into the .git of a folder fetch made: only such a checkout is fetched into again.
@@ -43,6 +45,15 @@ def read_checksums(path: Path) -> dict[str, str]:
                                 f"('<64 hex digits>  <path>'): {line[:80]!r}")
             checksums[match["name"]] = match["digest"].lower()
     return checksums
+
+
+def read_table(path: Path, what: str):
+    """A CSV of the repository's ``data/`` as strings, or ``DataError`` saying that ``path``
+    is not ``what`` (empty, malformed, not UTF-8), in one line."""
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not {what} `python -m training audit` writes ({exc})") from exc
 
 
 def sha256_file(path: Path) -> str:

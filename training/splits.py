@@ -12,7 +12,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from service.classes import CLASS_NAMES
-from training.fetch import DataError
+from training.fetch import DataError, read_table
 
 SPLIT_SEED = 20161215  # the pinned upstream commit's date
 SUBSETS = ("train", "val", "test")
@@ -101,10 +101,7 @@ def write_split(frame: pd.DataFrame, path: Path) -> None:
 
 
 def read_split(path: Path) -> pd.DataFrame:
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not a split `python -m training audit` writes ({exc})") from exc
+    frame = read_table(path, "a split")
     if list(frame.columns) != SPLIT_COLUMNS:
         raise DataError(f"{path}: columns {list(frame.columns)}, expected {SPLIT_COLUMNS}")
     return frame
