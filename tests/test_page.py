@@ -270,6 +270,70 @@ def test_an_example_that_fails_to_load_ends_the_upload_it_replaced(page, server)
     assert any("/predict" in url for url in failed)  # the upload was aborted, not left running
 
 
+def test_a_failed_example_leaves_the_photo_on_show_to_a_new_choice(page, server):
+    """After an example failed to load, the last photo and its answer stayed on show, but a
+    new model or faces choice sent nothing: cnn's answer sat under knn's name (a review)."""
+    page.set_input_files("#file", str(EXAMPLES / "two_people.jpg"))
+    page.wait_for_selector("#status:has-text('2 faces found by cnn')")
+    page.route("**/examples/*", lambda route: route.fulfill(
+        status=503, content_type="application/json",
+        body='{"detail": "busy", "code": "overloaded"}'))
+    page.click("#example")
+    page.wait_for_selector("#error:has-text('could not be loaded: busy')")
+    page.select_option("#model", "knn")
+    page.wait_for_selector("#status:has-text('2 faces found by knn')", timeout=10_000)
+    assert page.locator("#boxes .box").count() == 2
+
+
+def test_a_photo_with_no_face_says_the_whole_image_was_classified(page, server, tmp_path):
+    """faces=all falls back to the whole image when it finds no face; the line said "0 faces
+    found by cnn" above that answer (a review)."""
+    blank = tmp_path / "blank.png"
+    blank.write_bytes(encode(rgb_image(320, 240)))
+    answer = predicted(server, blank)
+    assert len(answer) == 1 and answer[0]["face"] is None  # the case itself
+    page.set_input_files("#file", str(blank))
+    page.wait_for_selector("#status:has-text('classified by')")
+    assert page.inner_text("#status").startswith("No face found: the whole image classified "
+                                                 "by cnn")
+    assert page.get_attribute("#photo", "alt") == ("The image blank.png, no face found, "
+                                                   "classified whole")
+    assert shown_labels(page) == [answer[0]["label"]]
+
+
+def test_the_last_answers_summary_goes_with_its_boxes(page, server):
+    """A new photo cleared the last one's faces at once, but its summary ("2 faces found")
+    stayed on the line while the new photo was decoded (a review)."""
+    page.set_input_files("#file", str(EXAMPLES / "two_people.jpg"))
+    page.wait_for_selector("#status:has-text('2 faces found by cnn')")
+    page.evaluate("""() => {
+        window.statusWhenCleared = [];
+        new MutationObserver(() => {
+            if (!document.querySelector("#faces-list li")) {
+                window.statusWhenCleared.push(document.querySelector("#status").textContent);
+            }
+        }).observe(document.querySelector("#faces-list"), { childList: true });
+    }""")
+    page.set_input_files("#file", str(EXAMPLES / "four_people.jpg"))
+    page.wait_for_selector("#status:has-text('found by cnn')")
+    seen = page.evaluate("window.statusWhenCleared")
+    assert seen and all("found by" not in text for text in seen), seen
+
+
+def test_several_pasted_files_are_named(page, server):
+    page.evaluate("""async () => {
+        const blob = await (await fetch("/examples/two_people.jpg")).blob();
+        const transfer = new DataTransfer();
+        for (const name of ["a.jpg", "b.jpg"]) {
+            transfer.items.add(new File([blob], name, { type: "image/jpeg" }));
+        }
+        document.dispatchEvent(new ClipboardEvent("paste", { clipboardData: transfer }));
+    }""")
+    page.wait_for_selector("#status:has-text('found by')")
+    assert "only the first of the 2 files pasted" in page.inner_text("#status")
+    assert page.get_attribute("#photo", "alt").startswith("The image a.jpg,")
+
+
 def test_a_face_box_past_the_photos_edge_is_drawn_inside_it(page, server, data_settings):
     """The dataset's own crops cut the face at the top: the box began above the photo, and
     its tag (the face's number and label) was clipped away with it."""

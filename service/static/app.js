@@ -160,6 +160,7 @@ async function classifyFile(blob, name, note = "") {
   const generation = state.generation;
   clearError();
   render([]); // the last image's boxes and faces are not this one's, even while it is sent
+  $("status").textContent = `Loading ${name || "the image"}…`; // nor is the last one's summary
   state.last = { blob, name };
   const photo = $("photo");
   if (state.objectUrl) URL.revokeObjectURL(state.objectUrl);
@@ -202,18 +203,20 @@ async function classifyFile(blob, name, note = "") {
   const ms = Math.round(performance.now() - started);
   render(result.body.predictions, size);
   const faces = result.body.predictions.filter((p) => p.face).length;
-  const whole = result.body.predictions.length > 0 && faces === 0 && mode === "none";
+  // faces=all or auto with no face found falls back to the whole image, as none asks
+  const whole = result.body.predictions.length > 0 && faces === 0;
   // faces_found counts every face the detector found; auto classifies one, all up to the
   // server's limit, so the line says when faces in the photo were left out
   const found = Math.max(faces, ...result.body.predictions.map((p) => p.faces_found || 0));
   const model = result.body.model;
-  const summary = whole ? `The whole image classified by ${model}`
+  const summary = whole && mode === "none" ? `The whole image classified by ${model}`
+    : whole ? `No face found: the whole image classified by ${model}`
     : found > faces && faces === 1 ? `The largest of ${found} faces found, classified by ${model}`
     : found > faces ? `${faces} of ${found} faces found classified by ${model} (the server's limit per photo)`
     : `${faces} face${faces === 1 ? "" : "s"} found by ${model}`;
   $("status").textContent = summary + ` in ${ms} ms` +
     (size ? "" : " (this browser cannot show this image's format)") + note;
-  photo.alt = `The image ${name || "sent"}` + (whole ? ", classified whole" : faces ? `, with ${faces} face${faces === 1 ? "" : "s"} boxed` : "");
+  photo.alt = `The image ${name || "sent"}` + (whole ? (mode === "none" ? "" : ", no face found") + ", classified whole" : faces ? `, with ${faces} face${faces === 1 ? "" : "s"} boxed` : "");
 }
 
 function render(predictions, size) {
@@ -456,38 +459,41 @@ function wire() {
   window.addEventListener("dragover", (e) => e.preventDefault());
   window.addEventListener("drop", (e) => e.preventDefault());
   document.addEventListener("paste", (e) => {
-    const file = [...(e.clipboardData ? e.clipboardData.files : [])][0];
-    if (file) classifyFile(file, file.name || "pasted image");
+    const files = [...(e.clipboardData ? e.clipboardData.files : [])];
+    const note = files.length > 1 ? ` (only the first of the ${files.length} files pasted; paste one at a time)` : "";
+    if (files[0]) classifyFile(files[0], files[0].name || "pasted image", note);
   });
   $("example").addEventListener("click", async () => {
     const name = state.examples[state.nextExample % state.examples.length];
     state.nextExample += 1;
     stopWebcam();
     const generation = ++state.generation; // a later click or file picked while this loads wins
+    const previous = state.last;
     state.last = null; // a new choice while it loads must not send the photo it replaces
     if (state.controller) state.controller.abort(); // an upload's answer would be dropped now
     clearError();
     $("status").textContent = `Loading the example ${name}…`;
-    let response;
+    const failed = (detail) => {
+      if (generation !== state.generation) return; // not over a newer example's result
+      // The photo on show stays, so a new choice classifies it again, not nothing.
+      state.last = previous;
+      $("status").textContent = "";
+      showError(`The example ${name} could not be loaded: ${detail}`);
+    };
+    let blob;
     try {
-      response = await fetch(`/examples/${encodeURIComponent(name)}`);
+      const response = await fetch(`/examples/${encodeURIComponent(name)}`);
+      if (!response.ok) {
+        let detail = `${response.status} ${response.statusText}`;
+        try { detail = (await response.json()).detail || detail; } catch (_) { /* not JSON */ }
+        failed(detail);
+        return;
+      }
+      blob = await response.blob(); // the connection may drop mid-body too
     } catch (err) {
-      if (generation === state.generation) { // not over a newer example's result
-        $("status").textContent = "";
-        showError(`The example ${name} could not be loaded: the server could not be reached (${err.message}).`);
-      }
+      failed(`the server could not be reached (${err.message}).`);
       return;
     }
-    if (!response.ok) {
-      let detail = `${response.status} ${response.statusText}`;
-      try { detail = (await response.json()).detail || detail; } catch (_) { /* not JSON */ }
-      if (generation === state.generation) {
-        $("status").textContent = "";
-        showError(`The example ${name} could not be loaded: ${detail}`);
-      }
-      return;
-    }
-    const blob = await response.blob();
     if (generation === state.generation) classifyFile(blob, name);
   });
   $("webcam").addEventListener("click", () => {
