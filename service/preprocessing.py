@@ -94,13 +94,16 @@ class TooManyScansError(PreprocessingError):
 
 # A progressive JPEG has about 10 scans; each is a pass over the whole image, and libjpeg
 # decodes a repeated scan again (a review: 1,000 scans of 75 bytes cost 4.6 s of CPU). So
-# scans times pixels is bounded: 20 scans at the pixel limit, at most 100 for any size.
+# scans times pixels is bounded: 20 scans at the pixel limit in force, at most 100 for any
+# size. From the limit set, not the default: past 100 megapixels a raised limit refused an
+# ordinary progressive JPEG of 10 scans (a review).
 MAX_JPEG_SCANS = 100
-MAX_JPEG_SCAN_PIXELS = 20 * DEFAULT_MAX_PIXELS
+JPEG_SCANS_AT_PIXEL_LIMIT = 20
 
 
-def jpeg_scan_limit(pixels: int) -> int:
-    return max(1, min(MAX_JPEG_SCANS, MAX_JPEG_SCAN_PIXELS // max(pixels, 1)))
+def jpeg_scan_limit(pixels: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
+    budget = JPEG_SCANS_AT_PIXEL_LIMIT * max_pixels
+    return max(1, min(MAX_JPEG_SCANS, budget // max(pixels, 1)))
 
 
 def jpeg_scans(data: bytes) -> int:
@@ -181,7 +184,7 @@ def decode_grayscale(data: bytes, limits: ImageLimits = ImageLimits()) -> Decode
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             if image.format in ("JPEG", "MPO"):
-                limit = jpeg_scan_limit(width * height)
+                limit = jpeg_scan_limit(width * height, limits.max_pixels)
                 # a marker cannot occur in coded data (0xFF is stuffed), so the cheap count
                 # is never short; only when it passes the limit are the scans walked
                 if data.count(b"\xff\xda") > limit and (scans := jpeg_scans(data)) > limit:

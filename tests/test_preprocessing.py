@@ -291,6 +291,22 @@ def test_the_jpeg_scan_limit_falls_as_the_pixels_grow():
     assert jpeg_scan_limit(640 * 480) == 100
     assert jpeg_scan_limit(DEFAULT_MAX_PIXELS) == 20
     assert jpeg_scan_limit(10 * DEFAULT_MAX_PIXELS) == 2
+    # 20 at the limit in force: a raised one takes a 120-megapixel progressive JPEG's 10
+    assert jpeg_scan_limit(12000 * 10000, max_pixels=178_956_970) == 29
+
+
+def test_the_jpeg_scan_limit_follows_the_pixel_limit_set():
+    """The scans were bounded from the default pixel limit whatever the limit set: 100 at a
+    limit of one megapixel, and at a raised one an ordinary progressive JPEG was refused."""
+    from service.preprocessing import TooManyScansError
+
+    data = encode(rgb_image(1000, 1000), "JPEG", progressive=True)
+    last = data.rindex(b"\xff\xda")  # the last scan, repeated up to 30 in all
+    scans = data.count(b"\xff\xda")
+    data = data[:last] + data[last:-2] * (30 - scans + 1) + data[-2:]
+    assert decode_grayscale(data).original_size == (1000, 1000)  # 30 of 100 at the default
+    with pytest.raises(TooManyScansError, match="the JPEG has 30 scans; at most 20 "):
+        decode_grayscale(data, ImageLimits(max_pixels=1_000_000))
 
 
 def test_only_the_first_pictures_scans_are_counted():
