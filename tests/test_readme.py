@@ -118,6 +118,24 @@ def test_the_commands_it_shows_are_ones_the_programs_take():
         assert (REPO / "benchmarks" / f"{name}.py").is_file(), name
 
 
+def test_each_commands_help_names_only_options_it_takes():
+    """train's and reproduce's --profile help said "one epoch unless --epochs says", an
+    option only levers has (a review)."""
+    from service.cli import build_parser as cli_parser
+    from training.__main__ import build_parser as training_parser
+
+    def parsers(parser):
+        yield parser
+        for action in parser._subparsers._group_actions if parser._subparsers else []:
+            for sub in action.choices.values():
+                yield from parsers(sub)
+
+    for program in (training_parser(), cli_parser()):
+        for parser in parsers(program):
+            named = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", parser.format_help()))
+            assert named <= set(parser._option_string_actions), parser.prog
+
+
 def test_the_side_by_side_in_the_readme_is_the_manifests():
     """The README's model table is the model card's, from models/manifest.json."""
     from service.manifest import load_manifest

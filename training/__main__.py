@@ -215,11 +215,12 @@ def cmd_examples(args: argparse.Namespace) -> None:
         print(f"{out / photo}: " + ", ".join(f"{p.label} ({p.image})" for p in placed))
 
 
-def run_options(command: argparse.ArgumentParser, out_help: str) -> None:
+def run_options(command: argparse.ArgumentParser, out_help: str, smoke_epochs: str = "one "
+                "epoch") -> None:
     """--profile, --device and --out, as every command that trains takes them."""
     command.add_argument("--profile", choices=("full", "smoke"), default="full",
-                         help="full, or smoke: a small stratified subset, one epoch "
-                              "unless --epochs says (default: %(default)s)")
+                         help=f"full, or smoke: a small stratified subset, {smoke_epochs} "
+                              "(default: %(default)s)")
     command.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                          help="auto (a GPU where present, else the CPU), cpu or cuda "
                               "(default: %(default)s)")
@@ -274,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override every lever's schedule (default: each lever's own; "
                         "1 with --profile smoke)")
     run_options(levers, "results folder (default: levers/ in EMOTION_REPORTS_DIR; with "
-                "--profile smoke, levers-smoke/ in EMOTION_CHECKPOINTS_DIR)")
+                "--profile smoke, levers-smoke/ in EMOTION_CHECKPOINTS_DIR)",
+                smoke_epochs="one epoch unless --epochs says")
     levers.set_defaults(func=cmd_levers)
 
     train = commands.add_parser("train", help="train the shipped CNN recipe on both datasets "
