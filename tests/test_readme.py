@@ -133,7 +133,7 @@ def test_each_commands_help_names_only_options_it_takes():
     for program in (training_parser(), cli_parser()):
         for parser in parsers(program):
             named = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", parser.format_help()))
-            assert named <= set(parser._option_string_actions), parser.prog
+            assert named <= options_of(parser), parser.prog  # its own, or its commands'
 
 
 def test_the_side_by_side_in_the_readme_is_the_manifests():
