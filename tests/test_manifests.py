@@ -187,6 +187,7 @@ def test_the_kserve_predictor_is_a_valid_pod_on_the_v2_protocol(version):
         assert api[probe]["httpGet"]["path"] in routes
         assert api[probe]["httpGet"]["path"].startswith("/v2/health/")
     env = env_of(api)
+    assert env["PROTOCOL"] == "v2"  # KServe takes a custom predictor without it for v1
     assert_real_settings(env)
     assert int(env["EMOTION_WORKERS"]) == int(api["resources"]["limits"]["cpu"])
     pause = int(api["lifecycle"]["preStop"]["exec"]["command"][-1])
