@@ -10,11 +10,6 @@ COPY service ./service
 RUN /opt/venv/bin/pip install --no-compile ".[serve]" \
     && find /opt/venv -depth -type d \( -name tests -o -name test \) -exec rm -rf {} + \
     && /opt/venv/bin/python -m pip uninstall --yes --quiet setuptools pip
-COPY models ./models
-# Site-packages are read-only at run time: compile here what a worker imports, by doing once
-# what it does (all of site-packages compiled would pass the install's size budget).
-# -P: the installed service, not the source beside it in /src.
-RUN EMOTION_MODELS_DIR=/src/models /opt/venv/bin/python -P -m service.warmup
 
 FROM python:3.11-slim
 RUN useradd --create-home --uid 10001 app
@@ -24,6 +19,11 @@ COPY models/emotion_cnn.onnx models/emotion_knn.joblib models/manifest.json \
      models/face_crop.json models/face_pnet.onnx models/face_rnet.onnx models/face_onet.onnx \
      ./models/
 COPY examples/*.jpg ./examples/
+# Site-packages and the standard library are read-only at run time: compile what a worker
+# imports, by doing once what it does (all of site-packages compiled would pass the install's
+# size budget). In this stage, since the base image ships the standard library without its
+# bytecode: compiled in the build stage, it stayed there. -P: the installed service only.
+RUN EMOTION_MODELS_DIR=/app/models /opt/venv/bin/python -P -m service.warmup
 # XDG_CACHE_HOME: ONNX Runtime keeps an id there, and under a read-only root filesystem (as
 # deploy/ runs it) only /tmp is writable; in the home it warned at every worker's start.
 ENV PATH=/opt/venv/bin:$PATH \

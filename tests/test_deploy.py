@@ -269,11 +269,22 @@ def test_dockerfile_follows_the_deployment_contract():
     assert ignored.splitlines()[1] == "*"  # everything out, then the few files let back in
 
 
-def dockerfile_build_runs() -> list[str]:
-    """The build stage's RUN commands, continuation lines joined."""
-    stage = DOCKERFILE.read_text().split("\nFROM ", 2)[1]
-    lines = stage.replace("\\\n", " ").splitlines()
-    return [line.removeprefix("RUN ").strip() for line in lines if line.startswith("RUN ")]
+def dockerfile_venv_runs() -> list[str]:
+    """The RUN commands of either stage that use the venv, continuation lines joined."""
+    lines = DOCKERFILE.read_text().replace("\\\n", " ").splitlines()
+    return [line.removeprefix("RUN ").strip() for line in lines
+            if line.startswith("RUN ") and "/opt/venv" in line]
+
+
+def test_the_image_compiles_what_a_worker_imports_in_the_stage_it_ships():
+    """The warm-up ran in the build stage: its bytecode of the standard library, which
+    python:3.11-slim ships without, stayed there, and each worker compiled 222 modules at
+    every start, 0.4 s (a review)."""
+    build, image = DOCKERFILE.read_text().split("\nFROM ")[1:]
+    assert "service.warmup" not in build
+    warmup = image.index("python -P -m service.warmup")
+    assert image.index("COPY --from=build /opt/venv") < warmup < image.index("\nUSER ")
+    assert warmup > image.index("./models/")  # it loads the models the image serves
 
 
 # The venv's modules a worker has imported once it has loaded the models and answered, whose
@@ -306,12 +317,12 @@ def test_serve_extra_installs_without_torch_and_serves(tmp_path, data_settings):
         shutil.copy(REPO / name, build / name)
     shutil.copytree(REPO / "service", build / "service",
                     ignore=shutil.ignore_patterns("__pycache__"))
-    # The build stage's own RUN lines, on this venv and these models; python:3.11-slim
+    # The Dockerfile's RUN lines on the venv, on this one and these models; python:3.11-slim
     # writes bytecode, which this machine's environment may turn off.
     build_env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    for command in dockerfile_build_runs()[1:]:  # the first makes the venv, made above
+    for command in dockerfile_venv_runs()[1:]:  # the first makes the venv, made above
         subprocess.run(command.replace("/opt/venv", str(venv)).replace(
-            "/src/models", str(REPO / "models")), shell=True, cwd=build, check=True,
+            "/app/models", str(REPO / "models")), shell=True, cwd=build, check=True,
             env={**build_env, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
     probe = subprocess.run([python, "-c", "import importlib.util as u; "
                             "print(u.find_spec('torch'), u.find_spec('training'))"],
