@@ -23,6 +23,7 @@ import httpx
 import numpy as np
 
 from benchmarks.load import Outcome, one_face_each, post_images
+from service.settings import Settings
 from tests.server import free_port, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,10 +41,11 @@ http {{
     fastcgi_temp_path {folder}/fastcgi;
     uwsgi_temp_path {folder}/uwsgi;
     scgi_temp_path {folder}/scgi;
-    client_max_body_size 200m;
+    # The largest body a replica takes (its /v2 limit); any larger, nginx's own 413 page
+    client_max_body_size {body_bytes};
     # Bodies and responses stay in memory: nginx's workers run as another user, who cannot
     # write into a test's private temporary folder.
-    client_body_buffer_size 200m;
+    client_body_buffer_size {body_bytes};
     proxy_max_temp_file_size 0;
     upstream emotion {{
 {servers}
@@ -75,6 +77,15 @@ def nginx_binary() -> str | None:
     return nginx if Path(nginx).exists() else None
 
 
+def largest_body(env: dict) -> int:
+    """The largest request body a replica under ``env`` takes: a fixed 200 MB in nginx
+    refused /v2's largest batch, which a replica answers (a review)."""
+    limits = ("max_images_per_request", "max_upload_bytes")
+    settings = Settings(**{name: env[f"EMOTION_{name.upper()}"] for name in limits
+                           if f"EMOTION_{name.upper()}" in env})
+    return max(settings.max_body_bytes, settings.max_oip_body_bytes)
+
+
 class Balancer:
     """``replicas`` service processes and nginx in front of them, all on loopback."""
 
@@ -89,6 +100,7 @@ class Balancer:
         self.nginx: subprocess.Popen | None = None
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.body_bytes = largest_body(self.env)
 
     def replica_url(self, i: int) -> str:
         return f"http://127.0.0.1:{self.ports[i]}"
@@ -123,7 +135,8 @@ class Balancer:
                                 for p in self.ports)
             conf = self.folder / "nginx.conf"
             conf.write_text(NGINX_CONF.format(folder=self.folder, servers=servers,
-                                              port=self.port, tries=len(self.ports)))
+                                              port=self.port, tries=len(self.ports),
+                                              body_bytes=self.body_bytes))
             # its own output kept: a failed start says why, before the folder goes
             nginx_log = self.folder / "nginx.out"
             with open(nginx_log, "w") as log:

@@ -117,6 +117,21 @@ def test_a_benchmark_refuses_a_count_it_cannot_run_before_any_work(module, argv,
     assert refused.value.code == 2 and "error:" in capsys.readouterr().err
 
 
+def test_the_balancer_takes_the_largest_body_a_replica_answers(tmp_path):
+    """nginx took at most 200 MB, and answered its own HTML 413 to a /v2 batch of 16 images
+    at the byte limit in base64 (224 MB), which a replica answers (a review)."""
+    from benchmarks.balancer import Balancer
+    from service.settings import Settings
+
+    for env in ({}, {"EMOTION_MAX_UPLOAD_BYTES": "20000000"},
+                {"EMOTION_MAX_IMAGES_PER_REQUEST": "1"}):
+        settings = Settings(**{k.removeprefix("EMOTION_").lower(): v for k, v in env.items()})
+        base64_batch = -(-4 * settings.max_images_per_request * settings.max_upload_bytes // 3)
+        pool = Balancer(1, tmp_path / "run", env=env)
+        assert pool.body_bytes > base64_batch, env  # with the JSON around it
+        assert pool.body_bytes <= settings.resolved_max_body_bytes_in_flight, env
+
+
 def test_a_balancer_that_fails_to_start_leaves_no_replica_running(tmp_path, monkeypatch):
     """Ctrl-C or an nginx that would not start, while the replicas started: they were left
     running, and nginx's reason was lost with its output."""
