@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from service.arguments import port_number
-from service.manifest import ManifestError, load_manifest
+from service.manifest import ManifestError, load_manifest, require_default_model
 from service.settings import Settings, SettingsError, load_settings
 
 
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, settings)
     try:
         manifest = load_manifest(settings.models_dir)
+        require_default_model(manifest, settings.default_model, settings.models_dir)
     except ManifestError as exc:
         print(f"emotion service: cannot start: {exc}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from service.deps import Serving
 from service.drain import DrainState, install_sigterm_drain
 from service.errors import JsonCORSMiddleware, install_error_handlers
 from service.inference import Predictor
+from service.manifest import require_default_model
 from service.middleware import AdmissionMiddleware, RequestMiddleware
 from service.observability import ServiceMetrics, configure_logging
 from service.preprocessing import INPUT_SIZE
@@ -37,6 +38,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         predictor = Predictor.load(settings.models_dir, settings.resolved_onnx_threads,
                                    settings.limits, settings.max_faces_per_image,
                                    service_metrics)
+        require_default_model(predictor.registry.manifest, settings.default_model,
+                              settings.models_dir)
         registry = predictor.registry
         for name, model in registry.models.items():
             service_metrics.model_info.labels(name, model.sha256).set(1)

@@ -92,7 +92,8 @@ class FileEntry(BaseModel):
 
 class Manifest(BaseModel):
     schema_version: int = 2
-    models: dict[str, ModelEntry]
+    # The names requests and EMOTION_DEFAULT_MODEL take: another was served under any name
+    models: dict[Literal["cnn", "knn"], ModelEntry]
     face_detector: FileEntry | None = None  # absent: faces=none only
 
 
@@ -110,11 +111,22 @@ def load_manifest(models_dir: Path) -> Manifest:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'the top level'}: {e['msg']}"
                              for e in exc.errors())
         raise ManifestError(f"the model manifest {path} is malformed: {problems}") from None
+    if not manifest.models:
+        raise ManifestError(f"the model manifest {path} lists no models")
     for name, entry in manifest.models.items():
         if entry.classes != list(CLASS_NAMES):
             raise ManifestError(f"model {name!r} has classes {entry.classes}, "
                                 f"the service expects {list(CLASS_NAMES)}")
     return manifest
+
+
+def require_default_model(manifest: Manifest, default_model: str, models_dir: Path) -> None:
+    """A default model the manifest lacks refused every request that names none as the
+    client's mistake (422 unknown_model) while the service said it was ready."""
+    if default_model not in manifest.models:
+        raise ManifestError(f"EMOTION_DEFAULT_MODEL is {default_model!r}, which the model "
+                            f"manifest {models_dir / MANIFEST_FILE} does not list (it lists "
+                            f"{sorted(manifest.models)})")
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -10,7 +10,7 @@ from typing import Protocol
 
 import numpy as np
 
-from service.classes import NUM_CLASSES
+from service.classes import CLASS_NAMES, NUM_CLASSES
 from service.manifest import Manifest, ModelEntry, sha256_bytes
 from service.onnx_runtime import onnx_session
 from service.preprocessing import INPUT_SIZE, PREPROCESSING_VERSION
@@ -28,6 +28,28 @@ class OnnxClassifier:
         self.session = onnx_session(data, threads)
         self.input_name = entry.input.name
         self.output_name = entry.output.name
+        self._check_contract()
+
+    def _check_contract(self) -> None:
+        """The file's own declared tensors and metadata are the contract: a batch fixed at
+        1 loaded ready, then answered every request of two images with a 500 (a review)."""
+        tensors = {t.name: t for t in (*self.session.get_inputs(), *self.session.get_outputs())}
+        for name, dims in ((self.input_name, [1, INPUT_SIZE, INPUT_SIZE]),
+                           (self.output_name, [NUM_CLASSES])):
+            tensor = tensors.get(name)
+            if tensor is None:
+                raise ValueError(f"the file has no tensor named {name!r} (it has "
+                                 f"{sorted(tensors)})")
+            if (tensor.type != "tensor(float)" or tensor.shape[1:] != dims
+                    or isinstance(tensor.shape[0], int)):
+                raise ValueError(f"{name} is {tensor.type} {tensor.shape}, the contract is "
+                                 f"tensor(float) ['N', {', '.join(map(str, dims))}]")
+        meta = self.session.get_modelmeta().custom_metadata_map
+        for key, expected in (("classes", ",".join(CLASS_NAMES)),
+                              ("preprocessing_version", PREPROCESSING_VERSION)):
+            if key in meta and meta[key] != expected:
+                raise ValueError(f"its metadata gives {key} {meta[key]!r}, the service "
+                                 f"{expected!r}")
 
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(images[:, None, :, :], dtype=np.float32)
@@ -72,6 +94,28 @@ class ModelRegistry:
         return bool(self.models) and not self.failures
 
 
+# Per kind, the shapes past the batch the manifest must give: the ONNX file takes images,
+# the scikit-learn pipeline their pixels in a row.
+CONTRACT_SHAPES = {"onnx": [[1, INPUT_SIZE, INPUT_SIZE], [NUM_CLASSES]],
+                   "sklearn": [[INPUT_SIZE * INPUT_SIZE], [NUM_CLASSES]]}
+
+
+def check_probabilities(classifier: Classifier) -> None:
+    """A batch of two, answered with probabilities: a network without its softmax answered
+    logits as "probabilities", and one of fixed batch 1 loaded ready (a review)."""
+    warm = classifier.predict_proba(np.stack([np.zeros((INPUT_SIZE, INPUT_SIZE), np.float32),
+                                              np.full((INPUT_SIZE, INPUT_SIZE), 0.5,
+                                                      np.float32)]))
+    if warm.shape != (2, NUM_CLASSES):
+        raise ValueError(f"a batch of 2 gave the shape {warm.shape}, expected "
+                         f"(2, {NUM_CLASSES})")
+    sums = warm.sum(axis=1)
+    if not (np.isfinite(warm).all() and warm.min() >= 0 and warm.max() <= 1
+            and np.allclose(sums, 1, atol=1e-3)):
+        raise ValueError(f"its outputs are not probabilities: from {warm.min():.3g} to "
+                         f"{warm.max():.3g}, rows summing to {np.round(sums, 3).tolist()}")
+
+
 def load_models(manifest: Manifest, models_dir: Path, threads: int) -> ModelRegistry:
     registry = ModelRegistry(manifest)
     for name, entry in manifest.models.items():
@@ -97,14 +141,21 @@ def load_models(manifest: Manifest, models_dir: Path, threads: int) -> ModelRegi
             registry.failures[name] = (f"{entry.file} has sha256 {actual}, the manifest says "
                                        f"{entry.sha256}; refused without loading")
             continue
+        contract = CONTRACT_SHAPES[entry.kind]
+        if [entry.input.shape[1:], entry.output.shape[1:]] != contract:
+            # /models publishes these: a manifest edited to another shape stayed ready
+            registry.failures[name] = (f"the manifest gives {entry.file} the shapes "
+                                       f"{entry.input.shape} -> {entry.output.shape}, the "
+                                       f"service sends N x {contract[0]} and reads N x "
+                                       f"{contract[1]}; refused")
+            continue
         try:
             classifier = (OnnxClassifier(data, entry, threads) if entry.kind == "onnx"
                           else SklearnClassifier(data))
-            warm = classifier.predict_proba(np.zeros((1, INPUT_SIZE, INPUT_SIZE), np.float32))
-            if warm.shape != (1, NUM_CLASSES):
-                raise ValueError(f"output shape {warm.shape}, expected (1, {NUM_CLASSES})")
+            check_probabilities(classifier)
         except Exception as exc:  # a broken artifact must not take the other model down
-            registry.failures[name] = f"{entry.file} failed to load: {exc}"
+            registry.failures[name] = (f"{entry.file} failed to load as {entry.kind}: "
+                                       f"{type(exc).__name__}: {exc}")
             continue
         registry.models[name] = LoadedModel(name, entry, classifier)
     for name, reason in registry.failures.items():

@@ -66,15 +66,29 @@ def run_refused(args: list[str], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
-@pytest.mark.parametrize("manifest", [None, "{broken"])
-def test_bad_manifest_is_one_clear_error_not_a_restart_loop(tmp_path, manifest):
+def shipped_manifest_with(**models) -> str:
+    """The shipped manifest, its models replaced by ``models`` (name -> a shipped name)."""
+    manifest = json.loads((REPO / "models" / "manifest.json").read_text())
+    manifest["models"] = {name: manifest["models"][like] for name, like in models.items()}
+    return json.dumps(manifest)
+
+
+@pytest.mark.parametrize(("manifest", "says"), [
+    (None, "cannot read the model manifest"), ("{broken", "is malformed"),
+    # every request naming no model was a 422 unknown_model while /readyz said ready
+    (shipped_manifest_with(knn="knn"), "EMOTION_DEFAULT_MODEL is 'cnn', which the model "
+                                       "manifest"),
+    (shipped_manifest_with(), "lists no models"),
+    # served as /predict?model=extra, a name no setting or document offers
+    (shipped_manifest_with(cnn="cnn", knn="knn", extra="knn"), "models.extra.[key]")])
+def test_bad_manifest_is_one_clear_error_not_a_restart_loop(tmp_path, manifest, says):
     if manifest is not None:
         (tmp_path / "manifest.json").write_text(manifest)
     env = {**os.environ, "EMOTION_MODELS_DIR": str(tmp_path), "EMOTION_WORKERS": "2"}
     result = run_refused(["-m", "service", "--port", "1"], cwd=REPO, env=env)
     assert result.returncode == 2
-    assert result.stderr.startswith("emotion service: cannot start:")
-    assert "manifest" in result.stderr and "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("emotion service: cannot start:") and says in line
 
 
 @pytest.mark.parametrize(("command", "prefix"), [

@@ -350,7 +350,10 @@ def test_a_tampered_artifact_is_refused_and_the_other_model_serves(
 @pytest.mark.parametrize(("field", "value", "says"), [
     # a models folder exported after a preprocessing change, mounted into an older image
     ("preprocessing_version", "2", "built for preprocessing version 2, this service runs 1"),
-    ("bytes", 1, "bytes, the manifest says 1; refused")])
+    ("bytes", 1, "bytes, the manifest says 1; refused"),
+    # /models publishes these shapes: an edited one stayed ready
+    ("input", {"name": "image", "dtype": "float32", "shape": ["N", 1, 48, 48]},
+     "the service sends N x [1, 350, 350]")])
 def test_a_model_the_manifest_misdescribes_is_refused(tmp_path, settings, field, value, says):
     import json
 
@@ -365,11 +368,60 @@ def test_a_model_the_manifest_misdescribes_is_refused(tmp_path, settings, field,
         assert_error(post_file(client, png_bytes(), model="cnn"), 503, "model_unavailable")
 
 
+def onnx_breaking_the_contract(kind: str) -> bytes:
+    """A CNN file that loads but breaks the contract: the shipped one with its batch fixed
+    at 1, or a network answering logits, not probabilities, under the contract's names."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    if kind == "fixed_batch":
+        model = onnx.load(REPO_MODELS_DIR / "emotion_cnn.onnx")
+        for tensor in (*model.graph.input, *model.graph.output):
+            tensor.type.tensor_type.shape.dim[0].dim_value = 1
+        return model.SerializeToString()
+    weights = helper.make_tensor("weights", TensorProto.FLOAT, [350 * 350, 8],
+                                 np.full(350 * 350 * 8, 1e-3, np.float32))
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["image"], ["flat"]),
+         helper.make_node("MatMul", ["flat", "weights"], ["probabilities"])], "logits",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 350, 350])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 8])],
+        [weights])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]
+                             ).SerializeToString()
+
+
+@pytest.mark.parametrize(("kind", "says"), [
+    # ready, then a 500 for every request of two images
+    ("fixed_batch", "image is tensor(float) [1, 1, 350, 350], the contract is tensor(float) "
+                    "['N', 1, 350, 350]"),
+    # its logits served as "probabilities" of 61.25
+    ("logits", "its outputs are not probabilities")])
+def test_a_pinned_cnn_that_breaks_the_contract_is_refused(tmp_path, settings, kind, says):
+    import json
+
+    folder = models_copy(tmp_path)
+    data = onnx_breaking_the_contract(kind)
+    (folder / "emotion_cnn.onnx").write_bytes(data)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["models"]["cnn"].update(sha256=sha256_bytes(data), bytes=len(data))
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with TestClient(create_app(settings.model_copy(update={"models_dir": folder}))) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        assert says in ready.json()["models"]["cnn"] and ready.json()["models"]["knn"] == "ready"
+        assert_error(post_file(client, png_bytes(), model="cnn"), 503, "model_unavailable")
+
+
 @pytest.mark.parametrize(("content", "says"), [
     (None, "No such file"), ("{not json", "Expecting property name"),
     # one line naming the field (pydantic's report ran to four, with a link)
     ('{"models": {"cnn": {"file": 1}}}', "models.cnn.file: Input should be a valid string"),
-    ("{}", "models: Field required")])
+    ("{}", "models: Field required"),
+    # the default model missing: every request naming none was a 422 while ready
+    (json.dumps({**json.loads((REPO_MODELS_DIR / "manifest.json").read_text()), "models": {
+        "knn": json.loads((REPO_MODELS_DIR / "manifest.json").read_text())["models"]["knn"]}}),
+     "EMOTION_DEFAULT_MODEL is 'cnn', which the model manifest")])
 def test_missing_or_malformed_manifest_is_a_clear_startup_error(tmp_path, settings, content,
                                                                says):
     if content is not None:
