@@ -81,8 +81,9 @@ def largest_body(env: dict) -> int:
     """The largest request body a replica under ``env`` takes: a fixed 200 MB in nginx
     refused /v2's largest batch, which a replica answers (a review)."""
     limits = ("max_images_per_request", "max_upload_bytes")
-    settings = Settings(**{name: env[f"EMOTION_{name.upper()}"] for name in limits
-                           if f"EMOTION_{name.upper()}" in env})
+    given = {key.upper(): value for key, value in env.items()}  # as the settings read them
+    settings = Settings(**{name: given[f"EMOTION_{name.upper()}"] for name in limits
+                           if f"EMOTION_{name.upper()}" in given})
     return max(settings.max_body_bytes, settings.max_oip_body_bytes)
 
 

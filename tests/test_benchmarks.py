@@ -124,8 +124,9 @@ def test_the_balancer_takes_the_largest_body_a_replica_answers(tmp_path):
     from service.settings import Settings
 
     for env in ({}, {"EMOTION_MAX_UPLOAD_BYTES": "20000000"},
+                {"emotion_max_upload_bytes": "300000000"},  # the settings ignore case
                 {"EMOTION_MAX_IMAGES_PER_REQUEST": "1"}):
-        settings = Settings(**{k.removeprefix("EMOTION_").lower(): v for k, v in env.items()})
+        settings = Settings(**{k[len("EMOTION_"):].lower(): v for k, v in env.items()})
         base64_batch = -(-4 * settings.max_images_per_request * settings.max_upload_bytes // 3)
         pool = Balancer(1, tmp_path / "run", env=env)
         assert pool.body_bytes > base64_batch, env  # with the JSON around it

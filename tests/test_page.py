@@ -283,6 +283,20 @@ def test_a_failed_example_leaves_the_photo_on_show_to_a_new_choice(page, server)
     page.select_option("#model", "knn")
     page.wait_for_selector("#status:has-text('2 faces found by knn')", timeout=10_000)
     assert page.locator("#boxes .box").count() == 2
+    # Two quick clicks, the first still loading when the second fails (a diff review).
+    page.unroute("**/examples/*")
+    held = []
+    page.route("**/examples/*", lambda route: held.append(route) if not held else
+               route.fulfill(status=503, content_type="application/json",
+                             body='{"detail": "still busy", "code": "overloaded"}'))
+    page.click("#example")
+    first_held(page, held)
+    page.click("#example")
+    page.wait_for_selector("#error:has-text('could not be loaded: still busy')")
+    page.select_option("#faces", "none")
+    page.wait_for_selector("#status:has-text('The whole image classified by knn')",
+                           timeout=10_000)
+    held[0].abort()
 
 
 def test_a_photo_with_no_face_says_the_whole_image_was_classified(page, server, tmp_path):

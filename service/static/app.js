@@ -12,7 +12,7 @@ const FRAME_TIMEOUT_MS = 10000; // a webcam frame not answered by then is given 
 // place at the service rather than letting it run to an answer nobody reads.
 const state = { classes: [], models: [], examples: [], nextExample: 0, objectUrl: null,
                 stream: null, running: false, starting: false, sent: [], generation: 0,
-                controller: null, initDelay: 1000, last: null };
+                controller: null, initDelay: 1000, last: null, shown: null };
 
 function newRequestSignal() {
   if (state.controller) state.controller.abort();
@@ -161,7 +161,7 @@ async function classifyFile(blob, name, note = "") {
   clearError();
   render([]); // the last image's boxes and faces are not this one's, even while it is sent
   $("status").textContent = `Loading ${name || "the image"}…`; // nor is the last one's summary
-  state.last = { blob, name };
+  state.last = state.shown = { blob, name }; // shown: kept while an example loads
   const photo = $("photo");
   if (state.objectUrl) URL.revokeObjectURL(state.objectUrl);
   state.objectUrl = null;
@@ -353,7 +353,7 @@ async function startWebcam() {
   $("webcam").textContent = "Stop the webcam";
   $("webcam").classList.add("running");
   state.running = true;
-  state.last = null; // the camera replaced the image on show: a new choice re-sends no file
+  state.last = state.shown = null; // the camera replaced the image on show: a new choice re-sends no file
   state.sent = [];
   state.generation += 1;
   $("status").setAttribute("aria-live", "off"); // a line per frame is noise to a screen reader
@@ -468,15 +468,15 @@ function wire() {
     state.nextExample += 1;
     stopWebcam();
     const generation = ++state.generation; // a later click or file picked while this loads wins
-    const previous = state.last;
     state.last = null; // a new choice while it loads must not send the photo it replaces
     if (state.controller) state.controller.abort(); // an upload's answer would be dropped now
     clearError();
     $("status").textContent = `Loading the example ${name}…`;
     const failed = (detail) => {
       if (generation !== state.generation) return; // not over a newer example's result
-      // The photo on show stays, so a new choice classifies it again, not nothing.
-      state.last = previous;
+      // The photo on show stays, so a new choice classifies it again, not nothing; from
+      // state.shown, since an earlier click still loading had cleared state.last too.
+      state.last = state.shown;
       $("status").textContent = "";
       showError(`The example ${name} could not be loaded: ${detail}`);
     };
