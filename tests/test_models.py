@@ -228,6 +228,10 @@ def test_model_card_describes_the_shipped_face_detector(tmp_path):
         assert (f"| {name} val | {val['none']['macro_f1']:.3f} | {val['auto']['macro_f1']:.3f} |"
                 in note)
     assert face_detector_note(tmp_path) == []  # no face_crop.json: no section
+    # said stale when it measured another cnn than the card's (a kept face_crop.json)
+    assert "**Stale:**" not in "\n".join(face_detector_note(REPO_MODELS_DIR,
+                                                            spec.evaluation["model_sha256"]))
+    assert "**Stale:**" in "\n".join(face_detector_note(REPO_MODELS_DIR, "0" * 64))
     # The shipped card carries the section of the shipped face_crop.json ...
     card = (REPO_MODELS_DIR / "README.md").read_text()
     assert note in card

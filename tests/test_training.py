@@ -794,7 +794,31 @@ def test_smoke_runs_never_land_on_the_full_results(data_settings, tmp_path, monk
     exported = []
     monkeypatch.setattr(cli, "get_training_settings", lambda: settings)
     monkeypatch.setattr("training.export.export_all", lambda s, checkpoints, out, profile: (
-        exported.append((checkpoints, out)) or type("Manifest", (), {"models": {}})))
+        exported.append((checkpoints, out)) or type("Manifest", (), {
+            "models": {}, "face_detector": None})))
     cli.main(["export", "--profile", "smoke"])
     assert exported == [(settings.checkpoints_dir / "train-smoke",
                          settings.checkpoints_dir / "export-smoke")]
+
+
+def test_export_says_when_the_face_crop_it_keeps_measured_another_cnn(tmp_path, monkeypatch,
+                                                                       capsys):
+    """An export into a folder holding face_crop.json pins it as it is; its faces=auto
+    measurement and the card's section then were of the old CNN, and nothing said so."""
+    import training.__main__ as cli
+    from service.manifest import load_manifest
+    from service.settings import REPO_MODELS_DIR
+    from tests.api import models_copy
+
+    folder = models_copy(tmp_path)
+    monkeypatch.setattr("training.export.export_all",
+                        lambda s, checkpoints, out, profile: load_manifest(REPO_MODELS_DIR))
+    cli.main(["export", "--out", str(folder)])  # the same cnn that face_crop.json measured
+    assert "warning" not in capsys.readouterr().err
+    crop = json.loads((folder / "face_crop.json").read_text())
+    crop["evaluation"]["model_sha256"] = "0" * 64  # measured with another cnn
+    (folder / "face_crop.json").write_text(json.dumps(crop))
+    cli.main(["export", "--out", str(folder)])
+    err = capsys.readouterr().err
+    assert "measured faces=auto with another cnn" in err
+    assert f"python -m training face-geometry --out {folder}" in err

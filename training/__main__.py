@@ -172,15 +172,24 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     settings = get_training_settings()
     full = args.profile == "full"  # a smoke export never replaces the shipped models
+    out = args.out or (settings.models_dir if full else settings.smoke_dir("export"))
     manifest = export_all(settings, args.checkpoints or (
-        settings.checkpoints_dir if full else settings.smoke_dir("train")),
-        args.out or (settings.models_dir if full else settings.smoke_dir("export")),
-        args.profile)
+        settings.checkpoints_dir if full else settings.smoke_dir("train")), out, args.profile)
     for name, entry in manifest.models.items():
         fer = entry.metrics["fer2013"]
         print(f"{name}: {entry.file} {entry.bytes / 1e6:.1f} MB, macro-F1 identity test "
               f"{entry.metrics['identity']['test'].macro_f1:.3f}, FER-2013 "
               + ", ".join(f"{s} {m.macro_f1:.3f}" for s, m in fer.items()))
+    if manifest.face_detector is not None:
+        from service.faces import FACE_CROP_FILE, load_face_crop
+        from training.model_card import stale
+
+        if stale(load_face_crop(out).evaluation, manifest.models["cnn"].sha256):
+            print(f"warning: {out / FACE_CROP_FILE}, kept from before, measured faces=auto "
+                  "with another cnn: run `python -m training face-geometry"
+                  + ("" if out == settings.models_dir else f" --out {out}")
+                  + "` to measure this one",
+                  file=sys.stderr)
 
 
 def cmd_face_geometry(args: argparse.Namespace) -> None:
