@@ -3,8 +3,8 @@
 The in-flight bound counts requests, not bytes: three of the largest legal ``/v2`` bodies at
 once took one worker past 2.2 GB, past the pod's whole memory limit, and the kernel then
 ended the worker with every request it held. Each model request holds a ticket on its
-worker's budget; the body readers grow it as the size becomes known (the declared
-Content-Length first, then what arrives, then a ``/v2`` body's inflated size).
+worker's budget; the body readers grow it with the bytes held (what arrives, then a ``/v2``
+body's inflated size), not the declared length, which a client need never send.
 """
 
 from __future__ import annotations

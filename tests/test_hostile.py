@@ -404,6 +404,34 @@ def test_a_trickled_body_is_408_and_a_client_gone_mid_upload_is_no_500(tmp_path)
     assert "Traceback" not in log.read_text()
 
 
+def test_bodies_declared_large_but_not_sent_do_not_fill_the_byte_budget():
+    """The declared length was held before a byte came: a few bodies declared near the limit
+    and sent at the least rate kept the worker's budget full, every upload refused, for
+    hours, while they held a few MB (a review). Now what has come is held."""
+    import contextlib
+    import time
+
+    from tests.api import metric_total
+
+    upload = encode(Image.fromarray(np.random.default_rng(0).integers(  # 1.4 MB of noise
+        0, 255, (1200, 1200), dtype=np.uint8)))
+    env = {"EMOTION_MAX_BODY_BYTES_IN_FLIGHT": "4000000", "EMOTION_BODY_IDLE_SECONDS": "30"}
+    head = (b"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\n"
+            b"Content-Length: %d\r\n\r\n")
+    with running_server(env=env) as base:
+        host, port = base.removeprefix("http://").split(":")
+        with contextlib.ExitStack() as stack:
+            for _ in range(3):  # declared 3 x 3.9 MB, sent 4 kB each
+                held = stack.enter_context(socket.create_connection((host, int(port)), 20))
+                held.sendall(head % 3_900_000 + b"\x89PNG" + bytes(4000))
+            time.sleep(0.3)  # their headers and first bytes reach the server
+            metrics = httpx.get(f"{base}/metrics", headers={"accept": "text/plain"}).text
+            assert metric_total(metrics, "emotion_request_body_bytes_in_flight") <= 3 * 4004
+            answer = httpx.post(f"{base}/predict", content=upload, timeout=30,
+                                headers={"content-type": "image/png"})
+            assert answer.status_code == 200, answer.text
+
+
 def test_a_chunked_body_is_cut_at_the_limit_while_it_streams(server, settings):
     mb = b"\xff" * (1024 * 1024)
     chunks = (b"%x\r\n%s\r\n" % (len(mb), mb) for _ in range(50))  # 50 MB, no length given
