@@ -113,5 +113,5 @@ def install_error_handlers(app: FastAPI) -> None:
         # The log has the traceback; the client gets no internals.
         import logging
 
-        logging.getLogger("service").exception("unhandled error on %s", request.url.path)
+        logging.getLogger("service").exception("unhandled error on %r", request.url.path)
         return error_response(500, "internal_error", "internal error; it has been logged")

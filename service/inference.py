@@ -130,8 +130,11 @@ def load_face_cropper(models_dir: Path, entry: FileEntry | None
         cropper = FaceCropper(load_verified_face_crop(models_dir, entry), models_dir)
         cropper.faces(Image.new("L", (INPUT_SIZE, INPUT_SIZE)))  # warm up
     except Exception as exc:  # a missing or broken file must not stop the models serving
-        reason = f"face detection refused: {type(exc).__name__}: {exc}"
-        logging.getLogger("service").error(reason)
+        # /readyz shows it to any client: a file's name, not the server's path to it
+        said = (f"cannot read {Path(exc.filename).name}: {exc.strerror}"
+                if isinstance(exc, OSError) and exc.filename else f"{type(exc).__name__}: {exc}")
+        reason = f"face detection refused: {said}"
+        logging.getLogger("service").error("%s (in %s)", reason, models_dir)
         return None, reason
     return cropper, None
 

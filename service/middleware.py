@@ -178,7 +178,8 @@ class AdmissionMiddleware:
 
 
 async def answer_internal_error(send, path: str, request_id: str | None) -> None:
-    logging.getLogger("service").exception("unhandled error on %s (request %s)", path,
+    # %r: a path is the client's, and a decoded newline in it would start a forged log line
+    logging.getLogger("service").exception("unhandled error on %r (request %s)", path,
                                            request_id)
     await reject(send, 500, "internal_error", "internal error; it has been logged")
 

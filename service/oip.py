@@ -215,7 +215,7 @@ def decode_content(body: bytes, encoding: str | None, limit: int,
         return body
     if coding not in ("gzip", "x-gzip", "deflate"):
         raise UnsupportedEncodingError(f"Content-Encoding {encoding!r} is not supported; send "
-                                       "gzip, deflate or none")
+                                       "gzip, deflate, identity, or no Content-Encoding")
     inflater = zlib.decompressobj(wbits=47)  # 32 + 15: a gzip or a zlib header, either
     out, pending = bytearray(), body
     try:

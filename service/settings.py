@@ -7,9 +7,9 @@ import os
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import AfterValidator, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.preprocessing import (
@@ -66,6 +66,18 @@ def container_cpus(root: Path = CGROUP_ROOT) -> int:
     return cpus
 
 
+ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+")
+
+
+def _an_origin(value: str) -> str:
+    """What a browser sends as Origin: scheme://host[:port], in lower case. One with a
+    path or a trailing slash started the service, then matched no request (a review)."""
+    if value != "*" and not ORIGIN.fullmatch(value.lower()):
+        raise ValueError(f"{value!r} is not an origin; give scheme://host[:port] with no "
+                         "path, as https://app.example, or *")
+    return value.lower()
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EMOTION_", extra="ignore")
 
@@ -112,7 +124,8 @@ class Settings(BaseSettings):
                                             "wait for the requests in hand to be answered.")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
         "info", description="uvicorn's and the service's log level (any case).")
-    cors_origins: list[str] = Field(default_factory=list, description="Off when empty.")
+    cors_origins: list[Annotated[str, AfterValidator(_an_origin)]] = Field(
+        default_factory=list, description="Off when empty.")
 
     @field_validator("log_level", mode="before")
     @classmethod

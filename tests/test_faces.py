@@ -236,9 +236,11 @@ def test_without_a_usable_face_file_faces_none_still_serves(tmp_path, content, m
         ready = client.get("/readyz")
         assert ready.status_code == 503 and ready.json()["faces"].startswith("face detection")
         says = {"tampered network": "face_rnet.onnx", "edited settings": "manifest.json says",
-                "unpinned": "face_crop.json is not in manifest.json"}
+                "unpinned": "face_crop.json is not in manifest.json",
+                None: "cannot read face_crop.json: No such file or directory"}
         if content in says:
             assert says[content] in ready.json()["faces"]
+        assert str(tmp_path) not in ready.text  # the file, not the server's path (a review)
         if content == "tampered network":
             assert loaded and tampered not in loaded  # refused before ONNX Runtime saw it
         assert ready.json()["models"] == {"cnn": "ready", "knn": "ready"}

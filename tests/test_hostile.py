@@ -621,6 +621,24 @@ def test_an_internal_failure_is_a_500_without_internals(settings, monkeypatch, c
     assert "trace-me-42" in caplog.text  # ... with the request id to find it by
 
 
+def test_a_500_on_a_path_with_a_newline_logs_one_line(settings, caplog):
+    """The path was logged decoded with %s: a 500 on /x/a%0a<a log line> wrote a forged
+    line into the operator's log (a review)."""
+    app = create_app(settings)
+
+    async def broken(name: str):
+        raise RuntimeError("broken")
+
+    app.add_api_route("/boom/{name}", broken)  # [^/]+, as /v2/models/{name}: a newline too
+    app.router.routes.insert(0, app.router.routes.pop())  # before the page's catch-all
+    forged = '2026-12-06 15:00:00,000 INFO service.access {"request_id": "forged"}'
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.get("/boom/a%0a" + forged.replace(" ", "%20"))
+        assert_error(response, 500, "internal_error")
+    said = [r.getMessage() for r in caplog.records if "unhandled error" in r.getMessage()]
+    assert said and all("\n" not in message for message in said), said
+
+
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | getattr(os, "O_TMPFILE", 0)
 _OPENED_FOR_WRITING: list[str] | None = None  # a list while a test records; audit hooks stay
 

@@ -82,6 +82,18 @@ def test_the_page_has_its_headers_wherever_it_is_served(client, path):
     assert response.headers["x-content-type-options"] == "nosniff"
 
 
+@pytest.mark.parametrize("path", ["/", "/static/app.js", "/docs-assets/swagger-ui.css",
+                                  "/examples/two_people.jpg"])
+def test_a_file_is_sent_whole_whatever_its_range(client, path):
+    """Starlette answered a malformed or unsatisfiable Range in plain text (400, 416), where
+    every error body here is JSON (a review): these small files are sent whole instead."""
+    whole = client.get(path)
+    assert whole.status_code == 200 and "accept-ranges" not in whole.headers
+    for given in ("bytes=5-1,zz", "bytes=abc", "bytes=99999999-", "bytes=0-10"):
+        answer = client.get(path, headers={"range": given})
+        assert answer.status_code == 200 and answer.content == whole.content, given
+
+
 def test_every_answer_refuses_content_sniffing(client):
     """An error echoes a client's file name; a JSON answer sniffed as HTML would run it."""
     answers = [client.get("/metrics"), client.get("/static/nope.js"), client.get("/predict"),

@@ -3,6 +3,7 @@ the worker, thread and inference-concurrency defaults derived from them."""
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -124,6 +125,23 @@ def test_a_list_setting_that_is_not_json_is_named_as_it_was_set(monkeypatch, nam
     with pytest.raises(SettingsError) as caught:
         read_settings(Settings)
     assert str(caught.value).startswith(f"{name}='https://a.example': not JSON")
+
+
+@pytest.mark.parametrize("origin", ["https://good.example/", "good.example",
+                                    "https://good.example/app", "https://a b.example"])
+def test_a_cors_origin_no_browser_sends_is_refused(monkeypatch, origin):
+    """Taken, it started the service, then every preflight from https://good.example was
+    refused and no answer carried Access-Control-Allow-Origin (a review)."""
+    from service.settings import SettingsError, read_settings
+
+    for other in [n for n in os.environ if n.upper() == "EMOTION_CORS_ORIGINS"]:
+        monkeypatch.delenv(other)
+    monkeypatch.setenv("EMOTION_CORS_ORIGINS", json.dumps(["https://ok.example", origin]))
+    with pytest.raises(SettingsError, match=r"\[1\] Value error, .* is not an origin; give "
+                                            r"scheme://host\[:port\]"):
+        read_settings(Settings)
+    monkeypatch.setenv("EMOTION_CORS_ORIGINS", '["https://Good.example:8443", "*"]')
+    assert read_settings(Settings).cors_origins == ["https://good.example:8443", "*"]
 
 
 def test_a_refused_item_of_a_list_setting_names_the_variable_as_set(monkeypatch):

@@ -33,7 +33,34 @@ DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; "
 router = APIRouter(tags=["page"])
 
 
-class PageFiles(StaticFiles):
+def without_range(scope: dict) -> dict:
+    """The request without its Range header. These files are small and sent whole, as HTTP
+    lets a server do: Starlette answered a malformed or unsatisfiable Range in plain text,
+    where every error body of this service is JSON (a review)."""
+    return {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"range"]}
+
+
+class WholeFileResponse(FileResponse):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        del self.headers["accept-ranges"]
+
+    async def __call__(self, scope, receive, send):
+        await super().__call__(without_range(scope), receive, send)
+
+
+class WholeFiles(StaticFiles):
+    async def __call__(self, scope, receive, send):
+        await super().__call__(without_range(scope), receive, send)
+
+    async def get_response(self, path: str, scope):
+        response = await super().get_response(path, scope)
+        if "accept-ranges" in response.headers:
+            del response.headers["accept-ranges"]
+        return response
+
+
+class PageFiles(WholeFiles):
     """The page's files, each with the page's headers: /static/index.html is the page too,
     and it was served there without them (framable by any site)."""
 
@@ -44,9 +71,9 @@ class PageFiles(StaticFiles):
 
 
 @router.get("/", include_in_schema=False)
-async def page() -> FileResponse:
-    return FileResponse(STATIC_DIR / "index.html", media_type="text/html",
-                        headers=PAGE_HEADERS)
+async def page() -> WholeFileResponse:
+    return WholeFileResponse(STATIC_DIR / "index.html", media_type="text/html",
+                             headers=PAGE_HEADERS)
 
 
 def example_names(folder: Path) -> list[str]:
@@ -64,17 +91,17 @@ async def list_examples(settings: SettingsDep) -> list[str]:
 @router.get("/examples/{name}", summary="One sample photo", responses={
     200: {"content": {"image/jpeg": {}}, "description": "the photo"},
     404: {"model": ErrorBody, "description": "no example of that name (`not_found`)"}})
-async def get_example(name: str, settings: SettingsDep) -> FileResponse:
+async def get_example(name: str, settings: SettingsDep) -> WholeFileResponse:
     if name not in example_names(settings.examples_dir):  # never a path from the client
         raise ApiError(404, "not_found", f"no example named {name!r}")
-    return FileResponse(settings.examples_dir / name)
+    return WholeFileResponse(settings.examples_dir / name)
 
 
 def install_page(app: FastAPI) -> None:
     """The page's router, its static files, and the offline /docs and /redoc."""
     app.include_router(router)
     app.mount("/static", PageFiles(directory=STATIC_DIR), name="static")
-    app.mount("/docs-assets", StaticFiles(directory=DOCS_ASSETS), name="docs-assets")
+    app.mount("/docs-assets", WholeFiles(directory=DOCS_ASSETS), name="docs-assets")
 
     @app.get("/docs", include_in_schema=False)
     async def swagger_ui() -> HTMLResponse:
