@@ -85,12 +85,15 @@ def test_cache_refuses_a_file_that_changed(tmp_path):
     table = synthetic_table(images)
     (images / table["image"][2]).write_bytes(encode(gray_image(10, 10), "PNG"))
     # ChecksumError, which the command line says in one line (a ValueError's traceback)
-    with pytest.raises(ChecksumError, match="differs from the clean table's"):
-        load_decoded_images(table, images, tmp_path / "cache", workers=1)
+    # ... and says how to check the copy, as a missing image's message does (a review)
+    with pytest.raises(ChecksumError, match="differs from the clean table's .*; `python -m "
+                                            "training verify` checks the whole copy; set X"):
+        load_decoded_images(table, images, tmp_path / "cache", workers=1, hint="set X")
     # nor a staging folder named by a process id, which no later run would clean
     assert list((tmp_path / "cache").iterdir()) == []
     # FER-2013's checksums come from its list, not a clean table: the message says which
-    with pytest.raises(ChecksumError, match="differs from fer2013.SHA256SUMS's"):
+    with pytest.raises(ChecksumError, match="differs from fer2013.SHA256SUMS's.*`python -m "
+                                            "training verify fer2013`"):
         load_decoded_images(table, images, tmp_path / "cache", workers=1,
                             listed_in="fer2013.SHA256SUMS")
 

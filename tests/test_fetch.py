@@ -39,7 +39,8 @@ def test_a_fetch_that_failed_takes_the_next_runs_source(upstream, tmp_path):
     """The first try's remote (unreachable) stayed, and a later --source was ignored."""
     repo, commit, sums = upstream
     dest = tmp_path / "clone"
-    with pytest.raises(subprocess.CalledProcessError):
+    with pytest.raises(SystemExit, match="did not give commit .*: --source must be a URL or "
+                                         "a path of a git repository that holds it"):
         fetch_dataset(dest, sums, f"file://{tmp_path / 'nowhere'}", commit)
     assert (dest / ".git").is_dir()
     fetch_dataset(dest, sums, f"file://{repo}", commit)
@@ -92,6 +93,29 @@ def test_a_fetch_never_undoes_changes_to_an_earlier_one(upstream, tmp_path):
     repo, commit, sums = upstream
     dest = fetch_dataset(tmp_path / "clone", sums, f"file://{repo}", commit)
     (dest / "data" / "legend.csv").write_text("my relabelling in progress")
-    with pytest.raises(SystemExit, match="have been changed"):
+    with pytest.raises(SystemExit, match="have been changed") as refused:
         fetch_dataset(dest, sums, f"file://{repo}", commit)
     assert (dest / "data" / "legend.csv").read_text() == "my relabelling in progress"
+    # The way out it names works; "move them away" did not: a moved file is a deleted one.
+    (dest / "images" / "A_0001.png").unlink()
+    restore = str(refused.value).split("`")[3]
+    assert restore == f"git -C {dest} checkout -- ."
+    subprocess.run(restore.split(), check=True)
+    assert fetch_dataset(dest, sums, f"file://{repo}", commit) == dest
+
+
+def test_a_relative_source_is_taken_from_where_the_command_runs(upstream, tmp_path,
+                                                                monkeypatch, capsys):
+    """git ran in --dest, where a relative --source named nothing (a review)."""
+    import training.__main__ as cli
+    from training.settings import TrainingSettings
+
+    repo, commit, sums = upstream
+    data = tmp_path / "data"
+    data.mkdir()
+    sums.rename(data / "SHA256SUMS")
+    monkeypatch.setattr(cli, "get_training_settings", lambda: TrainingSettings(data_dir=data))
+    monkeypatch.setattr(fetch_dataset, "__defaults__", (UPSTREAM_REPOSITORY, commit))  # pin
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["fetch", "--source", "upstream", "--dest", "clone"]) == 0, capsys.readouterr()
+    assert (tmp_path / "clone" / "images" / "A_0001.png").is_file()

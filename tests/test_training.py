@@ -376,7 +376,8 @@ def test_export_takes_only_checkpoints_of_its_own_profile(tmp_path):
     from training.models import save_checkpoint
 
     model = EmotionNet(ModelConfig(arch="baseline", channels=(4,), pool=5, pad=0))
-    metrics = {"identity": {"val": {"macro_f1": 0.3}}, "fer2013": {"val": {"macro_f1": 0.5}}}
+    metrics = {"identity": {"val": {"macro_f1": 0.3}, "test": {"macro_f1": 0.3}},
+               "fer2013": {"val": {"macro_f1": 0.5}, "test": {"macro_f1": 0.5}}}
     for seed, profile in ((0, "full"), (1, "full")):
         save_checkpoint(tmp_path / f"joint-seed{seed}.pt", model, seed=seed, profile=profile,
                         metrics=metrics)
@@ -387,6 +388,22 @@ def test_export_takes_only_checkpoints_of_its_own_profile(tmp_path):
                     metrics={k: {"val": {"macro_f1": 0.9}} for k in metrics})
     with pytest.raises(SystemExit, match="include \\['smoke'\\] runs"):
         choose_checkpoint(tmp_path, "full")
+
+
+def test_export_refuses_checkpoints_trained_without_a_test_set(tmp_path):
+    """Trained where FER-2013 was the shared copy (no PrivateTest), a smoke export wrote the
+    ONNX file and then stopped in a KeyError, leaving no manifest (a review)."""
+    from training.export import choose_checkpoint
+    from training.models import save_checkpoint
+
+    model = EmotionNet(ModelConfig(arch="baseline", channels=(4,), pool=5, pad=0))
+    metrics = {"identity": {"val": {"macro_f1": 0.3}, "test": {"macro_f1": 0.3}},
+               "fer2013": {"val": {"macro_f1": 0.5}}}
+    save_checkpoint(tmp_path / "joint-seed0.pt", model, seed=0, profile="smoke",
+                    metrics=metrics)
+    with pytest.raises(SystemExit, match=r"no test score on \['fer2013'\].* rerun `python -m "
+                                         r"training train --profile smoke`"):
+        choose_checkpoint(tmp_path, "smoke")
 
 
 @pytest.mark.parametrize("command", ["verify", "cache"])

@@ -16,17 +16,20 @@ ENV_OF_DATASET = {"facial_expressions": "EMOTION_DATASET_DIR", "fer2013": "EMOTI
 
 def cmd_fetch(args: argparse.Namespace) -> None:
     settings = get_training_settings()
+    from training.fetch import local_or_url
+
     dest = args.dest or FETCH_DESTINATIONS[args.dataset]
+    source = local_or_url(args.source) if args.source else None
     started = time.perf_counter()
     if args.dataset == "fer2013":
         from training.fer2013 import FER_REPOSITORY, fetch_fer2013
 
-        fetch_fer2013(dest, settings.fer2013_checksums, args.source or FER_REPOSITORY)
+        fetch_fer2013(dest, settings.fer2013_checksums, source or FER_REPOSITORY)
     else:
         from training.fetch import fetch_dataset
         from training.settings import UPSTREAM_REPOSITORY
 
-        fetch_dataset(dest, settings.checksums_file, args.source or UPSTREAM_REPOSITORY)
+        fetch_dataset(dest, settings.checksums_file, source or UPSTREAM_REPOSITORY)
     from service.settings import read_settings
     from training.settings import TrainingSettings
 
@@ -50,8 +53,9 @@ def cmd_verify(args: argparse.Namespace) -> None:
 
         from training.fer2013 import fer_table, partial_usages
 
+        restore = "`python -m training fetch fer2013` restores the release"
         count = verify_dataset(settings.fer2013_dir, settings.fer2013_checksums,
-                               require_all=False)
+                               require_all=False, hint=restore)
         where = f"{settings.fer2013_dir}: "
         if not count:
             raise SystemExit(where + f"no file named in {settings.fer2013_checksums.name}: "
@@ -59,7 +63,7 @@ def cmd_verify(args: argparse.Namespace) -> None:
         table = fer_table(settings.fer2013_dir, settings.fer2013_checksums)
         partial = partial_usages(table, settings.fer2013_checksums)
         if partial:
-            raise SystemExit(where + "; ".join(partial))
+            raise SystemExit(where + "; ".join(partial) + f"; {restore}")
         here = Counter(table["usage"])
         print(where + f"{count} files match {settings.fer2013_checksums.name} ("
               + ", ".join(f"{usage} {n}" for usage, n in sorted(here.items())) + ")")

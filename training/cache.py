@@ -89,7 +89,11 @@ def build_cache(table: pd.DataFrame, images_dir: Path, cache_dir: Path,
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     names = list(table["image"])
-    jobs = [(str(images_dir / name), sha, listed_in)
+    # a changed image: how to check the copy, after which image it was
+    which = " fer2013" if "fer2013" in listed_in else ""  # the list the SHA-256 come from
+    checking = (f"`python -m training verify{which}` checks the whole copy"
+                + (f"; {hint}" if hint else ""))
+    jobs = [(str(images_dir / name), sha, listed_in, checking)
             for name, sha in zip(names, table["sha256"], strict=True)]
     array = np.memmap(staging / PIXELS_FILE, dtype=np.uint8, mode="w+",
                       shape=(len(names), INPUT_SIZE, INPUT_SIZE))
@@ -123,10 +127,11 @@ def build_cache(table: pd.DataFrame, images_dir: Path, cache_dir: Path,
     return final
 
 
-def _decode_verified(job: tuple[str, str, str]) -> np.ndarray:
-    path, expected, listed_in = job
+def _decode_verified(job: tuple[str, str, str, str]) -> np.ndarray:
+    path, expected, listed_in, checking = job
     data = Path(path).read_bytes()
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected:
-        raise ChecksumError(f"{path}: sha256 {actual} differs from {listed_in}'s {expected}")
+        raise ChecksumError(f"{path}: sha256 {actual} differs from {listed_in}'s {expected}; "
+                            + checking)
     return preprocess_image_uint8(data)

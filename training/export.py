@@ -136,6 +136,16 @@ def choose_checkpoint(folder: Path, profile: str = "full") -> tuple[dict, list[d
         raise SystemExit(f"the checkpoints in {folder} include {other} runs, not {profile!r} "
                          f"ones: rerun `python -m training train --profile {profile}`, or "
                          "export from a folder that holds only those")
+    # A run trained where FER-2013 was the shared copy (PublicTest only) has no PrivateTest
+    # score: export went on, wrote the ONNX file and then stopped in a KeyError (a review).
+    unscored = sorted({name for run in runs for name in EVAL_SETS
+                       if "test" not in run["metrics"].get(name, {})})
+    if unscored:
+        raise SystemExit(f"the checkpoints in {folder} have no test score on {unscored}: "
+                         "they were trained without that test set (FER-2013's shared copy "
+                         "holds PublicTest only); rerun `python -m training train"
+                         + ("" if profile == "full" else f" --profile {profile}")
+                         + "` with the full release (`python -m training fetch fer2013`)")
 
     def validation(run: dict) -> float:  # the criterion, with the served rule
         return float(np.mean([run["metrics"][name]["val"]["macro_f1"] for name in EVAL_SETS]))

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 import tempfile
 from collections import Counter
 from pathlib import Path
 
 import pandas as pd
 
-from training.fetch import DataError, read_checksums, verify_dataset
+from training.fetch import DataError, fetch_commit, read_checksums, run_git, verify_dataset
 
 FER_REPOSITORY = "https://github.com/RecepTahirGunlu/Duygu-Tanima"
 FER_COMMIT = "b98a817d62a3d301f244b16b7a57a86ac0b30c97"
@@ -108,9 +107,9 @@ def fetch_fer2013(dest: Path, checksums_path: Path, source: str = FER_REPOSITORY
     with tempfile.TemporaryDirectory(prefix="fer2013-") as tmp:
         work = Path(tmp) / "repo"
         work.mkdir()
-        _git(work, "init", "--quiet")
-        _git(work, "fetch", "--quiet", "--depth", "1", str(source), commit)
-        _git(work, "checkout", "--quiet", "--force", "FETCH_HEAD")
+        run_git(work, "init", "--quiet")
+        fetch_commit(work, str(source), commit, str(source))
+        run_git(work, "checkout", "--quiet", "--force", "FETCH_HEAD")
         staging = dest.parent / f".{dest.name}.partial"
         shutil.rmtree(staging, ignore_errors=True)
         kept = 0
@@ -127,10 +126,6 @@ def fetch_fer2013(dest: Path, checksums_path: Path, source: str = FER_REPOSITORY
         dest.parent.mkdir(parents=True, exist_ok=True)
         staging.rename(dest)
     return dest
-
-
-def _git(cwd: Path, *args: str) -> None:
-    subprocess.run(["git", *args], cwd=cwd, check=True)
 
 
 def pixel_digests(fer_dir: Path, names: list[str]) -> list[str]:

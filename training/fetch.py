@@ -89,22 +89,24 @@ def fetch_dataset(dest: Path, checksums_path: Path, repository: str = UPSTREAM_R
     repository of the user's above all, is refused: the checkout would overwrite it."""
     if _earlier_fetch(dest, repository):
         if _git_output(dest, "status", "--porcelain", "--untracked-files=no"):
-            raise SystemExit(f"{dest}: files of an earlier fetch have been changed (`git -C "
-                             f"{dest} status` lists them), and fetching would undo that: "
-                             "move them away, or name another folder with --dest")
+            # moving them away lists them as deleted: a review found that advice a dead end
+            raise SystemExit(f"{dest}: files of an earlier fetch have been changed or removed "
+                             f"(`git -C {dest} status` lists them), and fetching would undo "
+                             f"that: `git -C {dest} checkout -- .` restores them, or name "
+                             "another folder with --dest")
         # a failed fetch may have left its remote, or none: this run's --source is the one
         subprocess.run(["git", "remote", "remove", "origin"], cwd=dest, capture_output=True)
-        _git(dest, "remote", "add", "origin", repository)
+        run_git(dest, "remote", "add", "origin", repository)
     elif dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise SystemExit(f"{dest} holds files and is not an earlier fetch of the dataset: "
                          "name a new or empty folder with --dest")
     else:
         dest.mkdir(parents=True, exist_ok=True)
-        _git(dest, "init", "--quiet")
+        run_git(dest, "init", "--quiet")
         (dest / ".git" / FETCH_MARK).write_text("made by python -m training fetch\n")
-        _git(dest, "remote", "add", "origin", repository)
-    _git(dest, "fetch", "--quiet", "--depth", "1", "origin", commit)
-    _git(dest, "checkout", "--quiet", "--force", commit)
+        run_git(dest, "remote", "add", "origin", repository)
+    fetch_commit(dest, "origin", commit, repository)
+    run_git(dest, "checkout", "--quiet", "--force", commit)
     verify_dataset(dest, checksums_path)
     return dest
 
@@ -145,5 +147,22 @@ def _git_output(cwd: Path, *args: str) -> str:
     return result.stdout.strip() if result.returncode == 0 else ""
 
 
-def _git(cwd: Path, *args: str) -> None:
+def run_git(cwd: Path, *args: str) -> None:
     subprocess.run(["git", *args], cwd=cwd, check=True)
+
+
+def fetch_commit(cwd: Path, remote: str, commit: str, source: str) -> None:
+    """``git fetch`` of ``commit`` alone, or one line saying what ``--source`` must be (the
+    last line was git's exit status)."""
+    try:
+        run_git(cwd, "fetch", "--quiet", "--depth", "1", remote, commit)
+    except subprocess.CalledProcessError:
+        raise SystemExit(f"{source} did not give commit {commit} (git's reason is above): "
+                         "--source must be a URL or a path of a git repository that holds "
+                         "it") from None
+
+
+def local_or_url(source: str) -> str:
+    """A path as the user typed it, made absolute: git runs in another folder, where a
+    relative one named nothing (a review)."""
+    return str(Path(source).resolve()) if Path(source).exists() else source
