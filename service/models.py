@@ -113,7 +113,8 @@ def check_probabilities(classifier: Classifier) -> None:
     if not (np.isfinite(warm).all() and warm.min() >= 0 and warm.max() <= 1
             and np.allclose(sums, 1, atol=1e-3)):
         raise ValueError(f"its outputs are not probabilities: from {warm.min():.3g} to "
-                         f"{warm.max():.3g}, rows summing to {np.round(sums, 3).tolist()}")
+                         f"{warm.max():.3g}, rows summing to "
+                         f"{', '.join(f'{total:.3g}' for total in sums)}")
 
 
 def load_models(manifest: Manifest, models_dir: Path, threads: int) -> ModelRegistry:

@@ -195,8 +195,8 @@ async def read_multipart(request: Request, settings: Settings) -> list[ImageInpu
         "on_header_end", "on_headers_finished")}
     try:  # the parser refuses a boundary over 256 bytes when it is made
         parser = MultipartParser(boundary, callbacks, max_header_size=MAX_PART_HEADER_BYTES)
-        # the length is held only now, after every check of the headers: a client's mistake
-        # is told so (400), not to retry (503)
+        # bytes are held as they come, only now, after every check of the headers: a
+        # client's mistake is told so (400), not to retry (503)
         async for chunk in limited_chunks(request, settings.max_body_bytes, settings):
             parser.write(chunk)
         parser.finalize()
