@@ -114,7 +114,7 @@ def check_probabilities(classifier: Classifier) -> None:
             and np.allclose(sums, 1, atol=1e-3)):
         raise ValueError(f"its outputs are not probabilities: from {warm.min():.3g} to "
                          f"{warm.max():.3g}, rows summing to "
-                         f"{', '.join(f'{total:.3g}' for total in sums)}")
+                         f"{', '.join(f'{total:.4f}' for total in sums)}")
 
 
 def load_models(manifest: Manifest, models_dir: Path, threads: int) -> ModelRegistry:

@@ -66,15 +66,27 @@ def container_cpus(root: Path = CGROUP_ROOT) -> int:
     return cpus
 
 
-ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+")
+# scheme://host[:port] as a browser serialises it: an ASCII host name (punycode) or an IP
+# literal, and a numeric port
+ORIGIN = re.compile(r"([a-z][a-z0-9+.-]*)://([a-z0-9-]+(?:\.[a-z0-9-]+)*|\[[0-9a-f:.]+\])"
+                    r"(?::(\d{1,5}))?")
+DEFAULT_PORTS = {"http": "80", "https": "443"}
 
 
 def _an_origin(value: str) -> str:
-    """What a browser sends as Origin: scheme://host[:port], in lower case. One with a
-    path or a trailing slash started the service, then matched no request (a review)."""
-    if value != "*" and not ORIGIN.fullmatch(value.lower()):
+    """What a browser sends as Origin, in lower case. One with a path, a trailing slash, a
+    wildcard host or its scheme's default port started the service, then matched no
+    request (reviews)."""
+    if value == "*":
+        return value
+    origin = ORIGIN.fullmatch(value.lower())
+    if origin is None:
         raise ValueError(f"{value!r} is not an origin; give scheme://host[:port] with no "
-                         "path, as https://app.example, or *")
+                         "path, as https://app.example (a host in punycode), or *")
+    scheme, host, port = origin.groups()
+    if port is not None and DEFAULT_PORTS.get(scheme) == port.lstrip("0"):
+        raise ValueError(f"{value!r} names its scheme's default port, which a browser "
+                         f"leaves out of Origin; give {scheme}://{host}")
     return value.lower()
 
 

@@ -97,11 +97,18 @@ def test_a_fetch_never_undoes_changes_to_an_earlier_one(upstream, tmp_path):
         fetch_dataset(dest, sums, f"file://{repo}", commit)
     assert (dest / "data" / "legend.csv").read_text() == "my relabelling in progress"
     # The way out it names works; "move them away" did not: a moved file is a deleted one.
-    (dest / "images" / "A_0001.png").unlink()
+    # Also after a `git mv` of theirs, and pasted into a shell, with a space in the folder.
+    subprocess.run(["git", "mv", "images/A_0001.png", "images/B.png"], cwd=dest, check=True)
     restore = str(refused.value).split("`")[3]
-    assert restore == f"git -C {dest} checkout -- ."
-    subprocess.run(restore.split(), check=True)
+    assert restore.startswith("git -C ") and restore.endswith(" checkout -- .")
+    subprocess.run(restore, shell=True, check=True)
     assert fetch_dataset(dest, sums, f"file://{repo}", commit) == dest
+    spaced = fetch_dataset(tmp_path / "my data" / "clone", sums, f"file://{repo}", commit)
+    (spaced / "images" / "A_0001.png").unlink()
+    with pytest.raises(SystemExit, match="have been changed or removed") as refused:
+        fetch_dataset(spaced, sums, f"file://{repo}", commit)
+    subprocess.run(str(refused.value).split("`")[3], shell=True, check=True)
+    assert fetch_dataset(spaced, sums, f"file://{repo}", commit) == spaced
 
 
 def test_a_relative_source_is_taken_from_where_the_command_runs(upstream, tmp_path,

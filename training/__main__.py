@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -53,7 +54,9 @@ def cmd_verify(args: argparse.Namespace) -> None:
 
         from training.fer2013 import fer_table, partial_usages
 
-        restore = "`python -m training fetch fer2013` restores the release"
+        # into the folder verified: fetch's default --dest may be another
+        restore = ("`python -m training fetch fer2013 --dest "
+                   f"{shlex.quote(str(settings.fer2013_dir))}` restores the release there")
         count = verify_dataset(settings.fer2013_dir, settings.fer2013_checksums,
                                require_all=False, hint=restore)
         where = f"{settings.fer2013_dir}: "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -90,10 +91,12 @@ def fetch_dataset(dest: Path, checksums_path: Path, repository: str = UPSTREAM_R
     if _earlier_fetch(dest, repository):
         if _git_output(dest, "status", "--porcelain", "--untracked-files=no"):
             # moving them away lists them as deleted: a review found that advice a dead end
+            # quoted to paste into a shell; reset first, for a `git rm` or `git mv` of theirs
+            folder = shlex.quote(str(dest))
             raise SystemExit(f"{dest}: files of an earlier fetch have been changed or removed "
-                             f"(`git -C {dest} status` lists them), and fetching would undo "
-                             f"that: `git -C {dest} checkout -- .` restores them, or name "
-                             "another folder with --dest")
+                             f"(`git -C {folder} status` lists them), and fetching would undo "
+                             f"that: `git -C {folder} reset -q && git -C {folder} checkout -- .` "
+                             "restores them, or name another folder with --dest")
         # a failed fetch may have left its remote, or none: this run's --source is the one
         subprocess.run(["git", "remote", "remove", "origin"], cwd=dest, capture_output=True)
         run_git(dest, "remote", "add", "origin", repository)
