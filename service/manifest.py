@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field, ValidationError
 
 from service.classes import CLASS_NAMES
+from service.settings import ModelName
 
 MANIFEST_FILE = "manifest.json"
 
@@ -93,7 +94,7 @@ class FileEntry(BaseModel):
 class Manifest(BaseModel):
     schema_version: int = 2
     # The names requests and EMOTION_DEFAULT_MODEL take: another was served under any name
-    models: dict[Literal["cnn", "knn"], ModelEntry]
+    models: dict[ModelName, ModelEntry]
     face_detector: FileEntry | None = None  # absent: faces=none only
 
 

@@ -34,8 +34,8 @@ class OnnxClassifier:
         """The file's own declared tensors and metadata are the contract: a batch fixed at
         1 loaded ready, then answered every request of two images with a 500 (a review)."""
         tensors = {t.name: t for t in (*self.session.get_inputs(), *self.session.get_outputs())}
-        for name, dims in ((self.input_name, [1, INPUT_SIZE, INPUT_SIZE]),
-                           (self.output_name, [NUM_CLASSES])):
+        for name, dims in zip((self.input_name, self.output_name), CONTRACT_SHAPES["onnx"],
+                              strict=True):
             tensor = tensors.get(name)
             if tensor is None:
                 raise ValueError(f"the file has no tensor named {name!r} (it has "
@@ -94,8 +94,8 @@ class ModelRegistry:
         return bool(self.models) and not self.failures
 
 
-# Per kind, the shapes past the batch the manifest must give: the ONNX file takes images,
-# the scikit-learn pipeline their pixels in a row.
+# Per kind, the shapes past the batch (a name, as N: any size) of the input and the output,
+# both float32: the ONNX file takes images, the scikit-learn pipeline their pixels in a row.
 CONTRACT_SHAPES = {"onnx": [[1, INPUT_SIZE, INPUT_SIZE], [NUM_CLASSES]],
                    "sklearn": [[INPUT_SIZE * INPUT_SIZE], [NUM_CLASSES]]}
 
@@ -143,12 +143,16 @@ def load_models(manifest: Manifest, models_dir: Path, threads: int) -> ModelRegi
                                        f"{entry.sha256}; refused without loading")
             continue
         contract = CONTRACT_SHAPES[entry.kind]
-        if [entry.input.shape[1:], entry.output.shape[1:]] != contract:
+        tensors = (entry.input, entry.output)
+        if any(t.dtype != "float32" or not isinstance(t.shape[0], str) or t.shape[1:] != dims
+               for t, dims in zip(tensors, contract, strict=True)):
             # /models publishes these: a manifest edited to another shape stayed ready
-            registry.failures[name] = (f"the manifest gives {entry.file} the shapes "
-                                       f"{entry.input.shape} -> {entry.output.shape}, the "
-                                       f"service sends N x {contract[0]} and reads N x "
-                                       f"{contract[1]}; refused")
+            registry.failures[name] = (f"the manifest gives {entry.file} "
+                                       + " -> ".join(f"{t.dtype} {t.shape}" for t in tensors)
+                                       + ", the contract is float32 ['N', "
+                                       + "] -> float32 ['N', ".join(
+                                           ", ".join(map(str, dims)) for dims in contract)
+                                       + "]; refused")
             continue
         try:
             classifier = (OnnxClassifier(data, entry, threads) if entry.kind == "onnx"

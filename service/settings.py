@@ -69,8 +69,8 @@ def container_cpus(root: Path = CGROUP_ROOT) -> int:
 # scheme://host[:port] as a browser serialises it: an ASCII host name (punycode) or an IP
 # literal, and a numeric port
 ORIGIN = re.compile(r"([a-z][a-z0-9+.-]*)://([a-z0-9-]+(?:\.[a-z0-9-]+)*|\[[0-9a-f:.]+\])"
-                    r"(?::(\d{1,5}))?")
-DEFAULT_PORTS = {"http": "80", "https": "443"}
+                    r"(?::([1-9][0-9]{0,4}))?", re.ASCII)
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def _an_origin(value: str) -> str:
@@ -80,11 +80,11 @@ def _an_origin(value: str) -> str:
     if value == "*":
         return value
     origin = ORIGIN.fullmatch(value.lower())
-    if origin is None:
+    if origin is None or int(origin[3] or 0) > 65535:
         raise ValueError(f"{value!r} is not an origin; give scheme://host[:port] with no "
                          "path, as https://app.example (a host in punycode), or *")
     scheme, host, port = origin.groups()
-    if port is not None and DEFAULT_PORTS.get(scheme) == port.lstrip("0"):
+    if port is not None and DEFAULT_PORTS.get(scheme) == int(port):
         raise ValueError(f"{value!r} names its scheme's default port, which a browser "
                          f"leaves out of Origin; give {scheme}://{host}")
     return value.lower()

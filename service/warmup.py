@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import sys
+from typing import get_args
 
 from PIL import Image
 
@@ -21,7 +22,7 @@ def main() -> int:
     import service.__main__  # noqa: F401  the launcher
     import service.cli  # noqa: F401
     from service.app import create_app
-    from service.settings import load_settings
+    from service.settings import ModelName, load_settings
 
     config = uvicorn.Config("service.main:app")
     config.load()  # its protocol and lifespan modules
@@ -31,7 +32,7 @@ def main() -> int:
     buffer = io.BytesIO()
     Image.new("RGB", (400, 300), (128, 128, 128)).save(buffer, "JPEG")
     with TestClient(create_app(load_settings())) as client:
-        for model in ("cnn", "knn"):
+        for model in get_args(ModelName):
             for faces in ("none", "auto"):
                 response = client.post("/predict", params={"model": model, "faces": faces},
                                        files={"file": ("warm.jpg", buffer.getvalue())})

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 from tests.images import git_repository, png_bytes
-from training.fetch import FETCH_MARK, ChecksumError, fetch_dataset
+from training.fetch import FETCH_MARK, ChecksumError, fetch_commit, fetch_dataset
 from training.settings import UPSTREAM_REPOSITORY
 
 
@@ -43,6 +43,10 @@ def test_a_fetch_that_failed_takes_the_next_runs_source(upstream, tmp_path):
                                          "a path of a git repository that holds it"):
         fetch_dataset(dest, sums, f"file://{tmp_path / 'nowhere'}", commit)
     assert (dest / ".git").is_dir()
+    # with no --source given, the advice is the upstream's, not --source's (a review)
+    with pytest.raises(SystemExit, match="check this machine reaches it, or give --source"):
+        fetch_commit(dest, f"file://{tmp_path / 'nowhere'}", commit, "the upstream",
+                     given=False)
     fetch_dataset(dest, sums, f"file://{repo}", commit)
     assert (dest / "images" / "A_0001.png").read_bytes() == (
         repo / "images" / "A_0001.png").read_bytes()

@@ -365,7 +365,12 @@ def test_a_tampered_artifact_is_refused_and_the_other_model_serves(
     ("bytes", 1, "bytes, the manifest says 1; refused"),
     # /models publishes these shapes: an edited one stayed ready
     ("input", {"name": "image", "dtype": "float32", "shape": ["N", 1, 48, 48]},
-     "the service sends N x [1, 350, 350]")])
+     "the contract is float32 ['N', 1, 350, 350] -> float32 ['N', 8]; refused"),
+    # the batch fixed, or another type: published as such (the whole-diff review)
+    ("input", {"name": "image", "dtype": "float32", "shape": [1, 1, 350, 350]},
+     "gives emotion_cnn.onnx float32 [1, 1, 350, 350] -> float32 ['N', 8], the contract"),
+    ("output", {"name": "probabilities", "dtype": "uint8", "shape": ["N", 8]},
+     "-> uint8 ['N', 8], the contract")])
 def test_a_model_the_manifest_misdescribes_is_refused(tmp_path, settings, field, value, says):
     import json
 

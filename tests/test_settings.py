@@ -131,7 +131,9 @@ def test_a_list_setting_that_is_not_json_is_named_as_it_was_set(monkeypatch, nam
     "https://good.example/", "good.example", "https://good.example/app", "https://a b.example",
     # from the diff review: each started, then every preflight was refused
     "https://good.example:443", "http://good.example:80", "https://*.example.com",
-    "https://good.example:abc", "https://user@good.example", "https://bücher.example"])
+    "https://good.example:abc", "https://user@good.example", "https://bücher.example",
+    # from the whole-diff review: ports a browser never writes so
+    "http://good.example:08080", "http://good.example:99999", "http://good.example:٨٠٨٠"])
 def test_a_cors_origin_no_browser_sends_is_refused(monkeypatch, origin):
     """Taken, it started the service, then every preflight from https://good.example was
     refused and no answer carried Access-Control-Allow-Origin (a review)."""

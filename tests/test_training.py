@@ -827,7 +827,7 @@ def test_export_says_when_the_face_crop_it_keeps_measured_another_cnn(tmp_path, 
     from service.settings import REPO_MODELS_DIR
     from tests.api import models_copy
 
-    folder = models_copy(tmp_path)
+    folder = models_copy(tmp_path / "my models")  # the command it names, pasted, works
     monkeypatch.setattr("training.export.export_all",
                         lambda s, checkpoints, out, profile: load_manifest(REPO_MODELS_DIR))
     cli.main(["export", "--out", str(folder)])  # the same cnn that face_crop.json measured
@@ -838,4 +838,4 @@ def test_export_says_when_the_face_crop_it_keeps_measured_another_cnn(tmp_path, 
     cli.main(["export", "--out", str(folder)])
     err = capsys.readouterr().err
     assert "measured faces=auto with another cnn" in err
-    assert f"python -m training face-geometry --out {folder}" in err
+    assert f"python -m training face-geometry --out '{folder}'`" in err

@@ -52,11 +52,9 @@ def cmd_verify(args: argparse.Namespace) -> None:
     if args.dataset == "fer2013":  # the shared copy holds PublicTest only
         from collections import Counter
 
-        from training.fer2013 import fer_table, partial_usages
+        from training.fer2013 import FER_FETCH_HINT, fer_table, partial_usages
 
-        # into the folder verified: fetch's default --dest may be another
-        restore = ("`python -m training fetch fer2013 --dest "
-                   f"{shlex.quote(str(settings.fer2013_dir))}` restores the release there")
+        restore = FER_FETCH_HINT
         count = verify_dataset(settings.fer2013_dir, settings.fer2013_checksums,
                                require_all=False, hint=restore)
         where = f"{settings.fer2013_dir}: "
@@ -194,7 +192,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         if stale(load_face_crop(out).evaluation, manifest.models["cnn"].sha256):
             print(f"warning: {out / FACE_CROP_FILE}, kept from before, measured faces=auto "
                   "with another cnn: run `python -m training face-geometry"
-                  + ("" if out == settings.models_dir else f" --out {out}")
+                  + ("" if out == settings.models_dir else f" --out {shlex.quote(str(out))}")
                   + "` to measure this one",
                   file=sys.stderr)
 

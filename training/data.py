@@ -16,7 +16,7 @@ import torch
 from service.classes import CLASS_NAMES
 from training.cache import DecodedImages, load_decoded_images
 from training.dataset import read_clean_table
-from training.fer2013 import fer_table, require_usages
+from training.fer2013 import FER_FETCH_HINT, fer_table, require_usages
 from training.models import ModelConfig, make_stem
 from training.settings import DATASET_HINT, TrainingSettings
 from training.splits import SUBSETS, read_split
@@ -139,8 +139,8 @@ class Workspace:
         if self._fer is None:
             table = fer_table(self.settings.fer2013_dir, self.settings.fer2013_checksums)
             if table.empty:
-                raise SystemExit(f"no FER-2013 images in {self.settings.fer2013_dir}: set "
-                                 "EMOTION_FER2013_DIR or run `python -m training fetch fer2013`")
+                raise SystemExit(f"no FER-2013 images in {self.settings.fer2013_dir}: "
+                                 + FER_FETCH_HINT)
             self._fer = table, load_decoded_images(
                 table, self.settings.fer2013_dir, self.settings.cache_dir,
                 listed_in=self.settings.fer2013_checksums.name)

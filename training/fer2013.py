@@ -76,6 +76,12 @@ def partial_usages(table: pd.DataFrame, checksums_path: Path) -> list[str]:
             for usage in sorted(here) if here[usage] < release[usage]]
 
 
+# How a command without (all of) FER-2013 says to get it: fetch's own --dest is refused when
+# it holds other files, as the shared copy's README does (a review), so its default folder.
+FER_FETCH_HINT = ("run `python -m training fetch fer2013` and point EMOTION_FER2013_DIR at the "
+                  "folder it prints")
+
+
 def require_usages(table: pd.DataFrame, fer_dir: Path, checksums_path: Path,
                    usages=("Training",)) -> None:
     """A one-line way out when a command needs a part of FER-2013 that is not here, or
@@ -83,8 +89,7 @@ def require_usages(table: pd.DataFrame, fer_dir: Path, checksums_path: Path,
     missing = missing_usages(table, usages)
     if missing:
         raise SystemExit(
-            f"FER-2013 {', '.join(missing)} is not in {fer_dir}: run `python -m training fetch "
-            "fer2013` and point EMOTION_FER2013_DIR at the folder it prints")
+            f"FER-2013 {', '.join(missing)} is not in {fer_dir}: {FER_FETCH_HINT}")
     partial = partial_usages(table, checksums_path)
     if partial:
         raise SystemExit(f"{fer_dir}: {'; '.join(partial)}: a full run needs each usage whole "
@@ -108,7 +113,7 @@ def fetch_fer2013(dest: Path, checksums_path: Path, source: str = FER_REPOSITORY
         work = Path(tmp) / "repo"
         work.mkdir()
         run_git(work, "init", "--quiet")
-        fetch_commit(work, str(source), commit, str(source))
+        fetch_commit(work, str(source), commit, str(source), given=source != FER_REPOSITORY)
         run_git(work, "checkout", "--quiet", "--force", "FETCH_HEAD")
         staging = dest.parent / f".{dest.name}.partial"
         shutil.rmtree(staging, ignore_errors=True)

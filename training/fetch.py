@@ -108,7 +108,7 @@ def fetch_dataset(dest: Path, checksums_path: Path, repository: str = UPSTREAM_R
         run_git(dest, "init", "--quiet")
         (dest / ".git" / FETCH_MARK).write_text("made by python -m training fetch\n")
         run_git(dest, "remote", "add", "origin", repository)
-    fetch_commit(dest, "origin", commit, repository)
+    fetch_commit(dest, "origin", commit, repository, given=repository != UPSTREAM_REPOSITORY)
     run_git(dest, "checkout", "--quiet", "--force", commit)
     verify_dataset(dest, checksums_path)
     return dest
@@ -154,15 +154,18 @@ def run_git(cwd: Path, *args: str) -> None:
     subprocess.run(["git", *args], cwd=cwd, check=True)
 
 
-def fetch_commit(cwd: Path, remote: str, commit: str, source: str) -> None:
-    """``git fetch`` of ``commit`` alone, or one line saying what ``--source`` must be (the
-    last line was git's exit status)."""
+def fetch_commit(cwd: Path, remote: str, commit: str, source: str, given: bool = True
+                 ) -> None:
+    """``git fetch`` of ``commit`` alone, or one line saying what to do (the last line was
+    git's exit status): about ``--source`` when it was ``given``, else the upstream's."""
     try:
         run_git(cwd, "fetch", "--quiet", "--depth", "1", remote, commit)
     except subprocess.CalledProcessError:
+        advice = ("--source must be a URL or a path of a git repository that holds it"
+                  if given else "check this machine reaches it, or give --source a copy "
+                  "(a URL or a path of a git repository) that holds the commit")
         raise SystemExit(f"{source} did not give commit {commit} (git's reason is above): "
-                         "--source must be a URL or a path of a git repository that holds "
-                         "it") from None
+                         + advice) from None
 
 
 def local_or_url(source: str) -> str:

@@ -188,7 +188,8 @@ def face_detector_note(models_dir: Path, cnn_sha256: str | None = None) -> list[
             f"on both validation sets. The service's default is `{evaluation['default']}`: "
             f"{evaluation['default_reason']}."
             + (" **Stale:** that is not the cnn this card describes; `python -m training "
-               "face-geometry` measures this one." if stale(evaluation, cnn_sha256) else ""),
+               "face-geometry` (with `--out` naming this folder, unless it is the shipped "
+               "`models/`) measures this one." if stale(evaluation, cnn_sha256) else ""),
             "",
             "| set | faces=none | faces=auto | share with a face found |",
             "|---|---|---|---|",
