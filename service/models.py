@@ -144,7 +144,8 @@ def load_models(manifest: Manifest, models_dir: Path, threads: int) -> ModelRegi
             continue
         contract = CONTRACT_SHAPES[entry.kind]
         tensors = (entry.input, entry.output)
-        if any(t.dtype != "float32" or not isinstance(t.shape[0], str) or t.shape[1:] != dims
+        if any(t.dtype != "float32" or len(t.shape) != len(dims) + 1
+               or not isinstance(t.shape[0], str) or t.shape[1:] != dims
                for t, dims in zip(tensors, contract, strict=True)):
             # /models publishes these: a manifest edited to another shape stayed ready
             registry.failures[name] = (f"the manifest gives {entry.file} "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -66,11 +67,21 @@ def container_cpus(root: Path = CGROUP_ROOT) -> int:
     return cpus
 
 
-# scheme://host[:port] as a browser serialises it: an ASCII host name (punycode) or an IP
-# literal, and a numeric port
-ORIGIN = re.compile(r"([a-z][a-z0-9+.-]*)://([a-z0-9-]+(?:\.[a-z0-9-]+)*|\[[0-9a-f:.]+\])"
+# scheme://host[:port] as a browser serialises it: an ASCII host name (punycode; `_` as in
+# Compose service names) or an IP literal, and a numeric port
+ORIGIN = re.compile(r"([a-z][a-z0-9+.-]*)://([a-z0-9_-]+(?:\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\])"
                     r"(?::([1-9][0-9]{0,4}))?", re.ASCII)
 DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _canonical_ip(host: str) -> str | None:
+    """An IP host as a browser writes it in Origin (``[::1]``, ``127.0.0.1``); None for a
+    name; ValueError for no address (``127.1``). ``[0:0::1]`` matched no request."""
+    if host.startswith("["):
+        return f"[{ipaddress.IPv6Address(host[1:-1]).compressed}]"
+    if re.fullmatch(r"[0-9.]+", host):
+        return str(ipaddress.IPv4Address(host))
+    return None
 
 
 def _an_origin(value: str) -> str:
@@ -80,10 +91,17 @@ def _an_origin(value: str) -> str:
     if value == "*":
         return value
     origin = ORIGIN.fullmatch(value.lower())
-    if origin is None or int(origin[3] or 0) > 65535:
+    try:
+        if origin is None or int(origin[3] or 0) > 65535:
+            raise ValueError
+        scheme, host, port = origin.groups()
+        canonical = _canonical_ip(host)
+    except ValueError:
         raise ValueError(f"{value!r} is not an origin; give scheme://host[:port] with no "
-                         "path, as https://app.example (a host in punycode), or *")
-    scheme, host, port = origin.groups()
+                         "path, as https://app.example (a host in punycode), or *") from None
+    if canonical is not None and canonical != host:
+        raise ValueError(f"{value!r} writes its address as a browser does not; give "
+                         f"{scheme}://{canonical}" + (f":{port}" if port else ""))
     if port is not None and DEFAULT_PORTS.get(scheme) == int(port):
         raise ValueError(f"{value!r} names its scheme's default port, which a browser "
                          f"leaves out of Origin; give {scheme}://{host}")

@@ -370,7 +370,10 @@ def test_a_tampered_artifact_is_refused_and_the_other_model_serves(
     ("input", {"name": "image", "dtype": "float32", "shape": [1, 1, 350, 350]},
      "gives emotion_cnn.onnx float32 [1, 1, 350, 350] -> float32 ['N', 8], the contract"),
     ("output", {"name": "probabilities", "dtype": "uint8", "shape": ["N", 8]},
-     "-> uint8 ['N', 8], the contract")])
+     "-> uint8 ['N', 8], the contract"),
+    # no shape at all: an IndexError that stopped the start-up, the other model too
+    ("output", {"name": "probabilities", "dtype": "float32", "shape": []},
+     "-> float32 [], the contract")])
 def test_a_model_the_manifest_misdescribes_is_refused(tmp_path, settings, field, value, says):
     import json
 

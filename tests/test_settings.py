@@ -133,7 +133,9 @@ def test_a_list_setting_that_is_not_json_is_named_as_it_was_set(monkeypatch, nam
     "https://good.example:443", "http://good.example:80", "https://*.example.com",
     "https://good.example:abc", "https://user@good.example", "https://bücher.example",
     # from the whole-diff review: ports a browser never writes so
-    "http://good.example:08080", "http://good.example:99999", "http://good.example:٨٠٨٠"])
+    "http://good.example:08080", "http://good.example:99999", "http://good.example:٨٠٨٠",
+    # addresses written otherwise than a browser writes them (a fourth review)
+    "http://[0:0:0:0:0:0:0:1]:8080", "http://127.1:3000", "http://[1.2.3.4]"])
 def test_a_cors_origin_no_browser_sends_is_refused(monkeypatch, origin):
     """Taken, it started the service, then every preflight from https://good.example was
     refused and no answer carried Access-Control-Allow-Origin (a review)."""
@@ -144,9 +146,11 @@ def test_a_cors_origin_no_browser_sends_is_refused(monkeypatch, origin):
     monkeypatch.setenv("EMOTION_CORS_ORIGINS", json.dumps(["https://ok.example", origin]))
     with pytest.raises(SettingsError, match=r"\[1\] Value error, .* (is not an origin; give "
                                             r"scheme://host\[:port\]|names its scheme's "
-                                            r"default port)"):
+                                            r"default port|writes its address as a browser "
+                                            r"does not)"):
         read_settings(Settings)
-    taken = ["https://Good.example:8443", "*", "http://[::1]:8080", "https://xn--bcher-kva.example"]
+    taken = ["https://Good.example:8443", "*", "http://[::1]:8080", "https://xn--bcher-kva.example",
+             "http://my_app:8080", "http://127.0.0.1:3000"]  # `_`: a Compose service's name
     monkeypatch.setenv("EMOTION_CORS_ORIGINS", json.dumps(taken))
     assert read_settings(Settings).cors_origins == [o.lower() for o in taken]
 

@@ -390,6 +390,23 @@ def test_export_takes_only_checkpoints_of_its_own_profile(tmp_path):
         choose_checkpoint(tmp_path, "full")
 
 
+def test_export_keeps_the_folders_cnn_unless_the_new_one_matches_pytorch(tmp_path):
+    """The ONNX-against-PyTorch figure was recorded but never judged; judged, a refusal then
+    deleted the cnn already in the folder, which the manifest still named (reviews)."""
+    from training.export import PARITY_TOLERANCE, accept_onnx
+
+    final, candidate = tmp_path / "emotion_cnn.onnx", tmp_path / ".emotion_cnn.onnx.candidate"
+    final.write_bytes(b"the shipped cnn")
+    candidate.write_bytes(b"a new cnn")
+    with pytest.raises(SystemExit, match=r"up to 1\.0e-03 away from PyTorch .* not exported, "
+                                         "emotion_cnn.onnx left as it was"):
+        accept_onnx(candidate, final, 1e-3)
+    assert final.read_bytes() == b"the shipped cnn" and not candidate.exists()
+    candidate.write_bytes(b"a new cnn")
+    accept_onnx(candidate, final, PARITY_TOLERANCE / 10)
+    assert final.read_bytes() == b"a new cnn" and not candidate.exists()
+
+
 def test_export_refuses_checkpoints_trained_without_a_test_set(tmp_path):
     """Trained where FER-2013 was the shared copy (no PrivateTest), a smoke export wrote the
     ONNX file and then stopped in a KeyError, leaving no manifest (a review)."""
