@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import os
 import re
@@ -13,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.origins import browser_origin
 from service.preprocessing import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
@@ -67,47 +67,6 @@ def container_cpus(root: Path = CGROUP_ROOT) -> int:
     return cpus
 
 
-# scheme://host[:port] as a browser serialises it: an ASCII host name (punycode; `_` as in
-# Compose service names) or an IP literal, and a numeric port
-ORIGIN = re.compile(r"([a-z][a-z0-9+.-]*)://([a-z0-9_-]+(?:\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\])"
-                    r"(?::([1-9][0-9]{0,4}))?", re.ASCII)
-DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-def _canonical_ip(host: str) -> str | None:
-    """An IP host as a browser writes it in Origin (``[::1]``, ``127.0.0.1``); None for a
-    name; ValueError for no address (``127.1``). ``[0:0::1]`` matched no request."""
-    if host.startswith("["):
-        return f"[{ipaddress.IPv6Address(host[1:-1]).compressed}]"
-    if re.fullmatch(r"[0-9.]+", host):
-        return str(ipaddress.IPv4Address(host))
-    return None
-
-
-def _an_origin(value: str) -> str:
-    """What a browser sends as Origin, in lower case. One with a path, a trailing slash, a
-    wildcard host or its scheme's default port started the service, then matched no
-    request (reviews)."""
-    if value == "*":
-        return value
-    origin = ORIGIN.fullmatch(value.lower())
-    try:
-        if origin is None or int(origin[3] or 0) > 65535:
-            raise ValueError
-        scheme, host, port = origin.groups()
-        canonical = _canonical_ip(host)
-    except ValueError:
-        raise ValueError(f"{value!r} is not an origin; give scheme://host[:port] with no "
-                         "path, as https://app.example (a host in punycode), or *") from None
-    if canonical is not None and canonical != host:
-        raise ValueError(f"{value!r} writes its address as a browser does not; give "
-                         f"{scheme}://{canonical}" + (f":{port}" if port else ""))
-    if port is not None and DEFAULT_PORTS.get(scheme) == int(port):
-        raise ValueError(f"{value!r} names its scheme's default port, which a browser "
-                         f"leaves out of Origin; give {scheme}://{host}")
-    return value.lower()
-
-
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EMOTION_", extra="ignore")
 
@@ -154,7 +113,7 @@ class Settings(BaseSettings):
                                             "wait for the requests in hand to be answered.")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
         "info", description="uvicorn's and the service's log level (any case).")
-    cors_origins: list[Annotated[str, AfterValidator(_an_origin)]] = Field(
+    cors_origins: list[Annotated[str, AfterValidator(browser_origin)]] = Field(
         default_factory=list, description="Off when empty.")
 
     @field_validator("log_level", mode="before")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -135,7 +136,8 @@ def test_a_list_setting_that_is_not_json_is_named_as_it_was_set(monkeypatch, nam
     # from the whole-diff review: ports a browser never writes so
     "http://good.example:08080", "http://good.example:99999", "http://good.example:٨٠٨٠",
     # addresses written otherwise than a browser writes them (a fourth review)
-    "http://[0:0:0:0:0:0:0:1]:8080", "http://127.1:3000", "http://[1.2.3.4]"])
+    "http://[0:0:0:0:0:0:0:1]:8080", "http://127.1:3000", "http://[1.2.3.4]",
+    "http://0x7f.0.0.1:3000", "http://foo.123"])
 def test_a_cors_origin_no_browser_sends_is_refused(monkeypatch, origin):
     """Taken, it started the service, then every preflight from https://good.example was
     refused and no answer carried Access-Control-Allow-Origin (a review)."""
@@ -150,9 +152,25 @@ def test_a_cors_origin_no_browser_sends_is_refused(monkeypatch, origin):
                                             r"does not)"):
         read_settings(Settings)
     taken = ["https://Good.example:8443", "*", "http://[::1]:8080", "https://xn--bcher-kva.example",
-             "http://my_app:8080", "http://127.0.0.1:3000"]  # `_`: a Compose service's name
+             "http://my_app:8080", "http://127.0.0.1:3000",  # `_`: a Compose service's name
+             "http://[::ffff:7f00:1]:3000"]  # as browsers write it; Python 3.13 writes it dotted
     monkeypatch.setenv("EMOTION_CORS_ORIGINS", json.dumps(taken))
     assert read_settings(Settings).cors_origins == [o.lower() for o in taken]
+
+
+@pytest.mark.parametrize(("given", "sent"), [
+    # what a browser sends in Origin for each (the WHATWG URL parser, as Node's URL gives it)
+    ("http://127.1:3000", "http://127.0.0.1:3000"), ("http://0x7f000001", "http://127.0.0.1"),
+    ("http://01.2.3.4", "http://1.2.3.4"), ("http://1.2.3", "http://1.2.0.3"),
+    ("http://[0:0:0:0:0:0:0:1]:8080", "http://[::1]:8080"),
+    ("http://[::ffff:127.0.0.1]", "http://[::ffff:7f00:1]"),
+    ("http://[1:0:0:2:0:0:3:4]", "http://[1::2:0:0:3:4]")])
+def test_an_address_written_otherwise_names_the_origin_a_browser_sends(given, sent):
+    from service.origins import browser_origin
+
+    with pytest.raises(ValueError, match=f"give {re.escape(sent)}$"):
+        browser_origin(given)
+    assert browser_origin(sent) == sent
 
 
 def test_a_refused_item_of_a_list_setting_names_the_variable_as_set(monkeypatch):

@@ -390,21 +390,38 @@ def test_export_takes_only_checkpoints_of_its_own_profile(tmp_path):
         choose_checkpoint(tmp_path, "full")
 
 
-def test_export_keeps_the_folders_cnn_unless_the_new_one_matches_pytorch(tmp_path):
+def test_export_changes_the_folder_only_once_everything_is_scored(tmp_path):
     """The ONNX-against-PyTorch figure was recorded but never judged; judged, a refusal then
-    deleted the cnn already in the folder, which the manifest still named (reviews)."""
-    from training.export import PARITY_TOLERANCE, accept_onnx
+    deleted the folder's cnn, and a cnn put in place before the scoring was left beside the
+    old manifest by any later failure (reviews). Candidates wait beside the folder's files."""
+    from service.manifest import load_manifest
+    from service.settings import REPO_MODELS_DIR
+    from training.export import (
+        PARITY_TOLERANCE,
+        candidate_path,
+        install_export,
+        refuse_far_onnx,
+    )
 
-    final, candidate = tmp_path / "emotion_cnn.onnx", tmp_path / ".emotion_cnn.onnx.candidate"
-    final.write_bytes(b"the shipped cnn")
-    candidate.write_bytes(b"a new cnn")
+    manifest = load_manifest(REPO_MODELS_DIR)
+    for entry in manifest.models.values():
+        (tmp_path / entry.file).write_bytes(b"the folder's own")
+        candidate_path(tmp_path, entry.file).write_bytes(b"a new " + entry.file.encode())
+    (tmp_path / "manifest.json").write_text("the folder's own manifest")
+    cnn = candidate_path(tmp_path, "emotion_cnn.onnx")
+    refuse_far_onnx(cnn, PARITY_TOLERANCE / 10)  # close enough: nothing happens yet
+    assert (tmp_path / "emotion_cnn.onnx").read_bytes() == b"the folder's own"
     with pytest.raises(SystemExit, match=r"up to 1\.0e-03 away from PyTorch .* not exported, "
-                                         "emotion_cnn.onnx left as it was"):
-        accept_onnx(candidate, final, 1e-3)
-    assert final.read_bytes() == b"the shipped cnn" and not candidate.exists()
-    candidate.write_bytes(b"a new cnn")
-    accept_onnx(candidate, final, PARITY_TOLERANCE / 10)
-    assert final.read_bytes() == b"a new cnn" and not candidate.exists()
+                                         "the folder left as it was"):
+        refuse_far_onnx(cnn, 1e-3)
+    assert not cnn.exists() and (tmp_path / "emotion_cnn.onnx").read_bytes() == b"the folder's own"
+    cnn.write_bytes(b"a new emotion_cnn.onnx")
+    install_export(tmp_path, manifest)
+    for entry in manifest.models.values():
+        assert (tmp_path / entry.file).read_bytes() == b"a new " + entry.file.encode()
+    assert load_manifest(tmp_path) == manifest
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [*(e.file for e in manifest.models.values()), "manifest.json"])  # no candidate left
 
 
 def test_export_refuses_checkpoints_trained_without_a_test_set(tmp_path):

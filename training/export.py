@@ -100,16 +100,31 @@ def onnx_probabilities(path: Path, ws: Workspace, split: str, names: list[str],
 PARITY_TOLERANCE = 1e-4
 
 
-def accept_onnx(candidate: Path, final: Path, parity: float) -> None:
-    """Put ``candidate`` in place of ``final`` if it answers within ``PARITY_TOLERANCE`` of
-    PyTorch; else remove it and stop, leaving the folder's own file as it was. The figure was
-    recorded but never judged, and a first refusal deleted the shipped cnn (reviews)."""
+def candidate_path(out_dir: Path, name: str) -> Path:
+    """Where a new artifact is written and judged beside the folder's own, which the
+    manifest keeps naming until :func:`install_export` (a name no manifest can give)."""
+    return out_dir / f".{name}.candidate"
+
+
+def refuse_far_onnx(candidate: Path, parity: float) -> None:
+    """Stop, removing ``candidate``, if it answers further than ``PARITY_TOLERANCE`` from
+    PyTorch: the figure was recorded but never judged (a review)."""
     if parity > PARITY_TOLERANCE:
         candidate.unlink()
         raise SystemExit(f"the ONNX file answers up to {parity:.1e} away from PyTorch on real "
-                         f"images (at most {PARITY_TOLERANCE:g}): not exported, {final.name} "
+                         f"images (at most {PARITY_TOLERANCE:g}): not exported, the folder "
                          "left as it was")
-    os.replace(candidate, final)
+
+
+def install_export(out_dir: Path, manifest: Manifest) -> None:
+    """Each model's candidate in place of its file, then the manifest, each by a rename: a
+    failure or Ctrl-C before this leaves the folder's models and manifest as they were (the
+    cnn used to be replaced at once, its manifest only after every score; reviews)."""
+    for entry in manifest.models.values():
+        os.replace(candidate_path(out_dir, entry.file), out_dir / entry.file)
+    written = candidate_path(out_dir, MANIFEST_FILE)
+    written.write_text(manifest.model_dump_json(indent=1) + "\n")
+    os.replace(written, out_dir / MANIFEST_FILE)
 
 
 def max_parity_error(wrapped: torch.nn.Module, path: Path, ws: Workspace, split: str,
@@ -290,12 +305,11 @@ def export_all(settings: TrainingSettings, checkpoints: Path, out_dir: Path,
     commit = code_commit()
 
     # --- CNN ---
-    onnx_path = out_dir / ONNX_FILE
-    candidate = out_dir / f".{ONNX_FILE}.candidate"  # the folder's own cnn stays till it passes
-    wrapped = export_onnx(best, candidate)
-    parity = max(max_parity_error(wrapped, candidate, ws, sets[name]["test"][0],
+    onnx_path = candidate_path(out_dir, ONNX_FILE)  # the folder's own cnn stays till the end
+    wrapped = export_onnx(best, onnx_path)
+    parity = max(max_parity_error(wrapped, onnx_path, ws, sets[name]["test"][0],
                                   sets[name]["test"][1][:16]) for name in sets)
-    accept_onnx(candidate, onnx_path, parity)
+    refuse_far_onnx(onnx_path, parity)
     cnn_probs: dict = {}
     for name, by_subset in sets.items():
         for subset, (split, names, _, _) in by_subset.items():
@@ -341,7 +355,7 @@ def export_all(settings: TrainingSettings, checkpoints: Path, out_dir: Path,
         metrics=cnn_metrics, summary=cnn_summary)
 
     # --- kNN ---
-    knn_path = out_dir / KNN_FILE
+    knn_path = candidate_path(out_dir, KNN_FILE)
     knn_probs, best_k, knn_summary = export_knn(ws, sets, knn_path)
     knn = ModelEntry(
         file=KNN_FILE, sha256=sha256_file(knn_path), bytes=knn_path.stat().st_size,
@@ -355,7 +369,7 @@ def export_all(settings: TrainingSettings, checkpoints: Path, out_dir: Path,
 
     # a face_crop.json already here (face-geometry runs after export) stays pinned
     manifest = Manifest(models={"cnn": cnn, "knn": knn}, face_detector=face_crop_entry(out_dir))
-    (out_dir / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=1) + "\n")
+    install_export(out_dir, manifest)
     write_model_card(ws, manifest, out_dir, cnn_probs)
     return manifest
 
