@@ -416,12 +416,51 @@ def test_export_changes_the_folder_only_once_everything_is_scored(tmp_path):
         refuse_far_onnx(cnn, 1e-3)
     assert not cnn.exists() and (tmp_path / "emotion_cnn.onnx").read_bytes() == b"the folder's own"
     cnn.write_bytes(b"a new emotion_cnn.onnx")
+    # a full disk while the manifest is written: nothing renamed yet (the diff review)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("training.export.os.fsync", lambda fd: (_ for _ in ()).throw(
+            OSError(28, "No space left on device")))
+        with pytest.raises(OSError, match="No space"):
+            install_export(tmp_path, manifest)
+    assert (tmp_path / "emotion_cnn.onnx").read_bytes() == b"the folder's own"
+    assert (tmp_path / "manifest.json").read_text() == "the folder's own manifest"
     install_export(tmp_path, manifest)
     for entry in manifest.models.values():
         assert (tmp_path / entry.file).read_bytes() == b"a new " + entry.file.encode()
     assert load_manifest(tmp_path) == manifest
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [*(e.file for e in manifest.models.values()), "manifest.json"])  # no candidate left
+
+
+def test_a_failure_mid_export_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
+    """export_all itself, its heavy steps stubbed: the cnn was written under its own name at
+    once, so a failure while scoring left it beside the old manifest (reviews)."""
+    import training.export as export
+
+    for name in ("emotion_cnn.onnx", "emotion_knn.joblib", "manifest.json"):
+        (tmp_path / name).write_bytes(b"the folder's own " + name.encode())
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    written = []
+    sets = {"identity": {"test": ("test", ["a.jpg"], None, None)}}
+    stubs = {
+        "Workspace": lambda settings, profile: type("Ws", (), {"fer": lambda self: (None,)})(),
+        "require_usages": lambda *a: None, "scored_sets": lambda ws: sets,
+        "choose_checkpoint": lambda folder, profile: ({}, []),
+        "data_provenance": lambda settings: {}, "code_commit": lambda: "0" * 40,
+        "export_onnx": lambda best, path: written.append(path) or path.write_bytes(b"new"),
+        "max_parity_error": lambda *a: 0.0}
+    for name, stub in stubs.items():
+        monkeypatch.setattr(export, name, stub)
+
+    def late_failure(*args):
+        raise RuntimeError("a failure while scoring")
+
+    monkeypatch.setattr(export, "onnx_probabilities", late_failure)
+    with pytest.raises(RuntimeError, match="while scoring"):
+        export.export_all(type("Settings", (), {"fer2013_dir": None, "fer2013_checksums": None}),
+                          tmp_path / "checkpoints", tmp_path)
+    assert written == [tmp_path / ".emotion_cnn.onnx.candidate"]
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name in before} == before
 
 
 def test_export_refuses_checkpoints_trained_without_a_test_set(tmp_path):

@@ -117,13 +117,17 @@ def refuse_far_onnx(candidate: Path, parity: float) -> None:
 
 
 def install_export(out_dir: Path, manifest: Manifest) -> None:
-    """Each model's candidate in place of its file, then the manifest, each by a rename: a
-    failure or Ctrl-C before this leaves the folder's models and manifest as they were (the
-    cnn used to be replaced at once, its manifest only after every score; reviews)."""
+    """Each model's candidate in place of its file, then the manifest, by renames only once
+    the manifest is written: a failure or Ctrl-C before leaves the folder's models and
+    manifest as they were (the cnn used to be replaced at once, its manifest only after
+    every score; reviews)."""
+    written = candidate_path(out_dir, MANIFEST_FILE)  # first: a full disk fails it, not later
+    with open(written, "w") as file:
+        file.write(manifest.model_dump_json(indent=1) + "\n")
+        file.flush()
+        os.fsync(file.fileno())
     for entry in manifest.models.values():
         os.replace(candidate_path(out_dir, entry.file), out_dir / entry.file)
-    written = candidate_path(out_dir, MANIFEST_FILE)
-    written.write_text(manifest.model_dump_json(indent=1) + "\n")
     os.replace(written, out_dir / MANIFEST_FILE)
 
 
