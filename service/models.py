@@ -43,7 +43,7 @@ class OnnxClassifier:
             if (tensor.type != "tensor(float)" or tensor.shape[1:] != dims
                     or isinstance(tensor.shape[0], int)):
                 raise ValueError(f"{name} is {tensor.type} {tensor.shape}, the contract is "
-                                 f"tensor(float) ['N', {', '.join(map(str, dims))}]")
+                                 f"tensor(float) {with_batch(dims)}")
         meta = self.session.get_modelmeta().custom_metadata_map
         for key, expected in (("classes", ",".join(CLASS_NAMES)),
                               ("preprocessing_version", PREPROCESSING_VERSION)):
@@ -100,6 +100,11 @@ CONTRACT_SHAPES = {"onnx": [[1, INPUT_SIZE, INPUT_SIZE], [NUM_CLASSES]],
                    "sklearn": [[INPUT_SIZE * INPUT_SIZE], [NUM_CLASSES]]}
 
 
+def with_batch(dims: list[int]) -> str:
+    """A contract shape as the manifest writes it, its batch named N."""
+    return str(["N", *dims])
+
+
 def check_probabilities(classifier: Classifier) -> None:
     """A batch of two, answered with probabilities: a network without its softmax answered
     logits as "probabilities", and one of fixed batch 1 loaded ready (a review)."""
@@ -148,12 +153,10 @@ def load_models(manifest: Manifest, models_dir: Path, threads: int) -> ModelRegi
                or not isinstance(t.shape[0], str) or t.shape[1:] != dims
                for t, dims in zip(tensors, contract, strict=True)):
             # /models publishes these: a manifest edited to another shape stayed ready
-            registry.failures[name] = (f"the manifest gives {entry.file} "
-                                       + " -> ".join(f"{t.dtype} {t.shape}" for t in tensors)
-                                       + ", the contract is float32 ['N', "
-                                       + "] -> float32 ['N', ".join(
-                                           ", ".join(map(str, dims)) for dims in contract)
-                                       + "]; refused")
+            registry.failures[name] = (
+                f"the manifest gives {entry.file} "
+                + " -> ".join(f"{t.dtype} {t.shape}" for t in tensors) + ", the contract is "
+                + " -> ".join(f"float32 {with_batch(dims)}" for dims in contract) + "; refused")
             continue
         try:
             classifier = (OnnxClassifier(data, entry, threads) if entry.kind == "onnx"
