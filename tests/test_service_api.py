@@ -375,12 +375,22 @@ def test_a_tampered_artifact_is_refused_and_the_other_model_serves(
     ("output", {"name": "probabilities", "dtype": "float32", "shape": []},
      "-> float32 [], the contract")])
 def test_a_model_the_manifest_misdescribes_is_refused(tmp_path, settings, field, value, says):
+    folder = models_copy(tmp_path)
+    edit_cnn_entry(folder, **{field: value})
+    assert_only_the_cnn_refused(settings, folder, says)
+
+
+def edit_cnn_entry(folder, **fields) -> None:
+    """Set ``fields`` of the cnn's entry in ``folder``'s manifest."""
     import json
 
-    folder = models_copy(tmp_path)
     manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["models"]["cnn"][field] = value
+    manifest["models"]["cnn"].update(fields)
     (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def assert_only_the_cnn_refused(settings, folder, says: str) -> None:
+    """Served from ``folder``: the cnn refused for ``says``, the knn ready beside it."""
     with TestClient(create_app(settings.model_copy(update={"models_dir": folder}))) as client:
         ready = client.get("/readyz")
         assert ready.status_code == 503
@@ -418,19 +428,11 @@ def onnx_breaking_the_contract(kind: str) -> bytes:
     # its logits served as "probabilities" of 61.25
     ("logits", "its outputs are not probabilities")])
 def test_a_pinned_cnn_that_breaks_the_contract_is_refused(tmp_path, settings, kind, says):
-    import json
-
     folder = models_copy(tmp_path)
     data = onnx_breaking_the_contract(kind)
     (folder / "emotion_cnn.onnx").write_bytes(data)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["models"]["cnn"].update(sha256=sha256_bytes(data), bytes=len(data))
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    with TestClient(create_app(settings.model_copy(update={"models_dir": folder}))) as client:
-        ready = client.get("/readyz")
-        assert ready.status_code == 503
-        assert says in ready.json()["models"]["cnn"] and ready.json()["models"]["knn"] == "ready"
-        assert_error(post_file(client, png_bytes(), model="cnn"), 503, "model_unavailable")
+    edit_cnn_entry(folder, sha256=sha256_bytes(data), bytes=len(data))
+    assert_only_the_cnn_refused(settings, folder, says)
 
 
 @pytest.mark.parametrize(("content", "says"), [
