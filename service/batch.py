@@ -24,12 +24,13 @@ import multiprocessing
 import os
 import queue
 import select
+import shutil
 import signal
 import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,14 +81,21 @@ def expand_paths(paths: Sequence[str | Path], recursive: bool = False) -> list[P
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = _walk(path) if recursive else path.iterdir()
+            # a folder that cannot be listed gets its unreadable row, as a file does, rather
+            # than stopping the run (named here) or vanishing from it (found by --recursive)
+            unlistable: set[Path] = set()
+            try:
+                found = list(_walk(path, unlistable.add) if recursive else path.iterdir())
+            except OSError:
+                unlistable.add(path)
+                found = []
             files = 0
-            for item in sorted(found):
+            for item in sorted([*found, *unlistable]):
                 hidden = any(part.startswith(".") for part in item.relative_to(path).parts)
                 # a broken or looping link is listed too: it gets its unreadable row, as
                 # it does when named directly, rather than vanishing from the output
-                if (item.is_file() or (item.is_symlink() and not item.exists())) \
-                        and not hidden:
+                if (item.is_file() or (item.is_symlink() and not item.exists())
+                        or item in unlistable) and not hidden:
                     add(item)
                     files += 1
             if not files and not recursive and any(p.is_dir() for p in path.iterdir()):
@@ -107,11 +115,13 @@ def expand_paths(paths: Sequence[str | Path], recursive: bool = False) -> list[P
     return out
 
 
-def _walk(folder: Path) -> Iterator[Path]:
+def _walk(folder: Path, unlistable: Callable[[Path], None]) -> Iterator[Path]:
     """Every entry under ``folder``, through linked folders too (``rglob`` skips them),
-    each real folder once, so that a link back up does not loop."""
+    each real folder once, so that a link back up does not loop; each folder that cannot be
+    listed goes to ``unlistable``."""
     seen = {folder.resolve()}
-    for root, folders, names in os.walk(folder, followlinks=True):
+    for root, folders, names in os.walk(folder, followlinks=True,
+                                        onerror=lambda exc: unlistable(Path(exc.filename))):
         kept = []
         # real folders before links to them, then by name: the same files get the same
         # paths whatever order the file system lists them in; hidden folders not entered
@@ -249,23 +259,37 @@ def _records(text: str, fmt: str, columns: Sequence[str]) -> tuple[list[list], l
     return records, ends
 
 
-def finished_paths(path: Path, columns: Sequence[str] = COLUMNS) -> set[str]:
-    """Paths an earlier run already wrote rows for, for ``--resume``. An interrupted run may
-    have cut its last file's rows short, so that file's rows are removed (the file is cut
-    where they begin, in place: rewriting it lost everything to an interrupt) and it is done
-    again; everything before it is kept. Records, not lines: a path may hold a newline."""
+def finished_paths(path: Path, again: Collection[str] | None = None,
+                   columns: Sequence[str] = COLUMNS) -> set[str]:
+    """Paths an earlier run already wrote rows for, for ``--resume``; ``again``: the paths
+    this run classifies (None: any). Of those, two are done again and their rows removed: the
+    last file's, as an interrupted run may have cut its rows short, and any file that could
+    not be read (a permission since fixed, a pipe that had no writer yet). Everything else is
+    kept, and the rows of a path not in ``again`` are never removed. Records, not lines: a
+    path may hold a newline."""
     if not path.exists():
         return set()
     fmt = output_format(path)
     text = path.read_bytes().decode("utf-8", errors="surrogateescape")
     records, ends = _records(text, fmt, columns)
+    code = list(columns).index("code")
+    redo = {r[0] for r in records if r[code] == UNREADABLE}
     if records:
-        last = records[-1][0]
-        while records and records[-1][0] == last:
-            records.pop()
-    keep = len(text[:ends[len(records)]].encode("utf-8", errors="surrogateescape"))
-    os.truncate(path, keep)
-    return {r[0] for r in records}
+        redo.add(records[-1][0])
+    if again is not None:
+        redo &= set(again)
+    kept = [i for i, record in enumerate(records) if record[0] not in redo]
+    if kept == list(range(len(kept))):
+        # cut in place where the first removed row began: rewriting the whole file lost
+        # every row to an interrupt between emptying and writing it
+        os.truncate(path, len(text[:ends[len(kept)]].encode("utf-8", errors="surrogateescape")))
+    else:  # rows removed from the middle: a whole new file, put in place at once
+        body = text[:ends[0]] + "".join(text[ends[i]:ends[i + 1]] for i in kept)
+        part = path.with_name(f".{path.name}.resume")
+        part.write_bytes(body.encode("utf-8", errors="surrogateescape"))
+        shutil.copymode(path, part)
+        os.replace(part, path)
+    return {records[i][0] for i in kept}
 
 
 PIPE_WAIT_SECONDS = 30.0  # for a named pipe's first bytes, before its row says none came
@@ -307,8 +331,17 @@ def read_inputs(paths: Sequence[str], max_bytes: int | None = None
                 inputs.append(ImageInput(path, data))
         except OSError as exc:
             inputs.append(ImageInput(path, b""))
-            unreadable[i] = f"cannot read the file: {exc.strerror or exc}"
+            unreadable[i] = _why_unreadable(path, exc)
     return inputs, unreadable
+
+
+def _why_unreadable(path: str, exc: OSError) -> str:
+    if os.path.isdir(path):  # a folder in a list file, or one that could not be listed
+        try:
+            os.listdir(path)
+        except OSError as listing:
+            return f"cannot list the folder: {listing.strerror or listing}"
+    return f"cannot read the file: {exc.strerror or exc}"
 
 
 def batch_rows(paths: Sequence[str], results: Sequence[ImagePrediction],

@@ -52,7 +52,7 @@ def run_images(args: argparse.Namespace) -> int:
     out = os.path.realpath(args.out)
     paths = [str(p) for p in expand_paths(args.paths, args.recursive)
              if os.path.realpath(p) != out]
-    done = finished_paths(args.out) if args.resume else set()
+    done = finished_paths(args.out, paths) if args.resume else set()
     todo = [p for p in paths if p not in done]
     settings = load_settings()
     if args.url:
@@ -122,12 +122,14 @@ def run_video(args: argparse.Namespace) -> int:
     predictor.model(model)
     predictor.require_faces(mode)
     columns = (*VIDEO_COLUMNS, *COLUMNS[1:])
-    writer = RowWriter(args.out, columns)
+    # opened at the first rows: a file that is no video leaves an earlier --out as it was
+    writer: RowWriter | None = None
     started, written, frames = time.perf_counter(), 0, 0
     plotted: list = []  # only the plot needs the rows again: a long video's stay on disk
     try:
         for rows in classify_video(predictor, args.video, model, mode, args.fps,
                                    args.batch_size):
+            writer = writer or RowWriter(args.out, columns)
             writer.write(rows)
             written += len(rows)
             frames += len({r.values["frame"] for r in rows})  # a frame's rows share a batch
@@ -143,7 +145,10 @@ def run_video(args: argparse.Namespace) -> int:
         print(f"emotion-detect: {reason}{kept if frames else ''}", file=sys.stderr)
         return 1
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
+    if writer is None:  # no frame sampled: the columns alone
+        RowWriter(args.out, columns).close()
     if args.plot:
         plot_largest_face(plotted, args.plot, f"{args.video.name}: {model}, faces={mode}, "
                           f"{args.fps:g} frames/s")
@@ -157,15 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def common(sub: argparse.ArgumentParser, faces: str | None) -> None:
+    def common(sub: argparse.ArgumentParser, faces: str | None, remote: bool) -> None:
+        served = "; with --url, the service's" if remote else ""
         sub.add_argument("--out", type=Path, required=True, metavar="FILE",
                          help="where the rows go: .csv or .jsonl, by its extension")
         sub.add_argument("--faces", choices=FACES_MODES, default=faces,
                          help="auto: the largest face; all: every face, a row each; none: "
                          "the whole image (default: " + (
-                             faces or "EMOTION_DEFAULT_FACES, as the service") + ")")
-        sub.add_argument("--model", default=None, help="cnn or knn (default: "
-                         "EMOTION_DEFAULT_MODEL, as the service)")
+                             faces or f"EMOTION_DEFAULT_FACES{served}") + ")")
+        sub.add_argument("--model", default=None,
+                         help=f"cnn or knn (default: EMOTION_DEFAULT_MODEL{served})")
         sub.add_argument("--batch-size", type=count, default=8,
                          help="images (or frames) per model call (default: %(default)s)")
         sub.add_argument("--models-dir", type=Path, default=None,
@@ -180,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="an image, a folder, or a .txt/.list/.lst file of paths")
     images.add_argument("--recursive", action="store_true",
                         help="look inside sub-folders too")
-    common(images, None)
+    common(images, None, remote=True)
     images.add_argument("--workers", type=count, default=default_workers(),
                         help="worker processes for the models (default: this container's "
                         "CPUs, here %(default)s)")
@@ -191,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("--connections", type=count, default=8,
                         help="with --url: concurrent keep-alive connections (default: "
                         "%(default)s)")
-    images.set_defaults(func=run_images)
+    images.set_defaults(func=run_images, parser=images)
 
     video = commands.add_parser(
         "video", help="classify the faces of a video over time",
@@ -199,12 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
         "frame and face, with time_s and frame. Needs the video extra (PyAV; matplotlib "
         "for --plot).")
     video.add_argument("video", type=Path, metavar="FILE", help="the video")
-    common(video, "all")  # a frame is a scene, not a face crop
+    common(video, "all", remote=False)  # a frame is a scene, not a face crop
     video.add_argument("--fps", type=float, default=2.0,
                        help="frames sampled per second (default: %(default)s)")
     video.add_argument("--plot", type=Path, default=None, metavar="PNG",
                        help="also draw the probabilities over time of the largest face")
-    video.set_defaults(func=run_video)
+    video.set_defaults(func=run_video, parser=video)
     return parser
 
 
@@ -214,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UsageError as exc:
-        parser.error(str(exc))
+        args.parser.error(str(exc))  # the subcommand's usage line, not the top one
     except (PredictorError, ManifestError, RemoteError) as exc:
         print(f"emotion-detect: {exc}", file=sys.stderr)
         return 1

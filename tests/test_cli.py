@@ -153,7 +153,10 @@ def test_usage_mistakes_exit_2_in_one_line(tmp_path):
                  ["images", str(tmp_path / "missing"), "--out", str(tmp_path / "r.csv")]):
         result = subprocess.run([*COMMAND, *argv], cwd=REPO, capture_output=True, text=True)
         assert result.returncode == 2
-        assert result.stderr.strip().splitlines()[-1].startswith("emotion-detect: error:")
+        # the subcommand's usage line and name, not the top command's
+        assert result.stderr.startswith("usage: emotion-detect images ")
+        assert result.stderr.strip().splitlines()[-1].startswith(
+            "emotion-detect images: error:")
     result = subprocess.run([*COMMAND, "images", str(tmp_path), "--out", str(tmp_path / "r.csv"),
                              "--model", "resnet"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 1 and "unknown model 'resnet'" in result.stderr
@@ -224,6 +227,85 @@ def test_resume_redoes_a_file_whose_rows_were_cut_short(tmp_path, suffix, monkey
         writer.close()
         out.write_bytes(out.read_bytes() + b"\n")
         assert finished_paths(out) == {"a.jpg"}
+
+
+def test_resume_keeps_the_rows_of_files_it_is_not_given(test_images, tmp_path):
+    """--resume cut the last file of the output whatever the run was given, so resuming
+    with other inputs deleted that file's rows for good."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, images in ((first, test_images[:3]), (second, test_images[3:5])):
+        folder.mkdir()
+        for name, data in images:
+            (folder / name).write_bytes(data)
+    out = tmp_path / "rows.csv"
+    argv = ["--out", str(out), "--faces", "none", "--workers", "1"]
+    assert main(["images", str(first), *argv]) == 0
+    before = read_rows(out)
+    assert main(["images", str(second), *argv, "--resume"]) == 0
+    rows = read_rows(out)
+    assert rows[:3] == before
+    assert [r["path"] for r in rows[3:]] == sorted(str(p) for p in second.iterdir())
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_resume_reads_again_a_file_that_could_not_be_read(test_images, tmp_path, suffix):
+    """An unreadable row was taken as done: fixed since (here a link's target that came
+    back), the file was never read again and the run said every file was read."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name, data in test_images[:3]:
+        (folder / name).write_bytes(data)
+    target = tmp_path / "elsewhere.jpg"
+    (folder / "0-link.jpg").symlink_to(target)  # sorts first: its row is not the last
+    out = tmp_path / f"rows{suffix}"
+    argv = ["images", str(folder), "--out", str(out), "--faces", "none", "--workers", "1"]
+    assert main(argv) == 1
+    out.chmod(0o640)
+    before = {r["path"]: r for r in read_rows(out)}
+    assert before[str(folder / "0-link.jpg")]["code"] == "unreadable"
+    target.write_bytes(test_images[5][1])
+    assert main([*argv, "--resume"]) == 0
+    rows = {r["path"]: r for r in read_rows(out)}
+    assert len(read_rows(out)) == len(rows) == 4
+    link = rows.pop(str(folder / "0-link.jpg"))
+    assert link["label"] in CLASS_NAMES and not link["code"]
+    assert rows == {p: r for p, r in before.items() if "0-link" not in p}
+    assert out.stat().st_mode & 0o777 == 0o640  # rewritten, not recreated as another's
+    assert not list(tmp_path.glob(".*.resume"))
+
+
+def run_without_file_permissions(argv: list[str]) -> subprocess.CompletedProcess:
+    """The command as a user whom ``chmod 000`` stops: root, as CI runs, reads anything
+    unless its capabilities to override file permissions are dropped."""
+    drop = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] \
+        if os.geteuid() == 0 else []
+    return subprocess.run([*drop, *COMMAND, *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_a_folder_that_cannot_be_listed_gets_its_row_and_exit_1(test_images, tmp_path):
+    """--recursive skipped a sub-folder it could not list without a word and exited 0; the
+    same folder named on the command line stopped the run with no rows at all."""
+    top = tmp_path / "top"
+    for sub in ("open", "closed"):
+        (top / sub).mkdir(parents=True)
+        (top / sub / test_images[0][0]).write_bytes(test_images[0][1])
+    (top / "closed").chmod(0)
+    try:
+        for argv in (["images", str(top), "--recursive"],
+                     ["images", str(top / "closed"), str(top / "open")]):
+            out = tmp_path / "rows.csv"
+            result = run_without_file_permissions([*argv, "--out", str(out), "--faces",
+                                                   "none", "--workers", "1"])
+            assert result.returncode == 1, result.stderr
+            rows = {r["path"]: r for r in read_rows(out)}
+            assert rows[str(top / "closed")]["error"] == \
+                "cannot list the folder: Permission denied"
+            assert rows[str(top / "closed")]["code"] == "unreadable"
+            assert rows[str(top / "open" / test_images[0][0])]["label"] in CLASS_NAMES
+            assert len(rows) == 2
+    finally:
+        (top / "closed").chmod(0o755)
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
@@ -405,9 +487,11 @@ def test_a_video_without_pictures_and_impossible_rates_are_one_line_each(tmp_pat
         handle.setframerate(8000)
         handle.writeframes(bytes(16000))
     out = tmp_path / "rows.csv"
+    out.write_text("an earlier run's rows\n")
     assert main(["video", str(sound), "--out", str(out)]) == 1
     [line] = capsys.readouterr().err.strip().splitlines()
     assert "no video stream" in line and "Traceback" not in line
+    assert out.read_text() == "an earlier run's rows\n"  # emptied before the refusal, once
     for fps in ("0", "nan", "inf", "1e300"):  # inf and 1e300 once looped forever
         with pytest.raises(SystemExit) as caught:
             main(["video", str(sound), "--out", str(out), "--fps", fps])
@@ -572,13 +656,16 @@ def test_odd_file_names_survive_a_run_and_its_resume(tmp_path):
         argv = ["images", str(folder), str(listing), "--out", str(out), "--faces", "none",
                 "--workers", "1"]
         assert main(argv) == 1  # the broken link is an unreadable row
-        first = out.read_bytes()
-        assert main([*argv, "--resume"]) == 0  # only the last file, z.png, is done again
+        first = read_rows_bytes(out)
+        # done again: the last file, z.png, and the broken link, still unreadable
+        assert main([*argv, "--resume"]) == 1
         rows = read_rows_bytes(out)
         paths = [r["path"] for r in rows]
         assert sorted(paths) == sorted(os.fsdecode(os.fsencode(folder) + b"/" + n)
                                        for n in [*names, b"broken-link.png"])
-        assert out.read_bytes().startswith(first[:first.index(b"z.png")])  # kept, not redone
+        redone = ("broken-link.png", "z.png")
+        kept = [r for r in first if not r["path"].endswith(redone)]
+        assert rows[:len(kept)] == kept  # the odd names read back, and kept as they were
         assert [r["code"] for r in rows if "broken" in r["path"]] == ["unreadable"]
 
 
