@@ -178,6 +178,7 @@ class DecodedImage:
 def decode_grayscale(data: bytes, limits: ImageLimits = ImageLimits()) -> DecodedImage:
     """Decode, orient and grayscale an upload. Raises :class:`PreprocessingError`."""
     image = _open_checked(data, limits)
+    kind = image.format  # exif_transpose's copy has none, and a failure after it names this
     try:
         width, height = image.size  # the header's, before a JPEG's reduced-scale decode
         # Silence Pillow's own bomb warning: our pixel limit has already been applied.
@@ -205,7 +206,7 @@ def decode_grayscale(data: bytes, limits: ImageLimits = ImageLimits()) -> Decode
         raise
     except DECODER_ERRORS as exc:
         raise CorruptImageError(
-            f"the {image.format} image is truncated or corrupt and could not be decoded ({exc})"
+            f"the {kind} image is truncated or corrupt and could not be decoded ({exc})"
         ) from None
 
 
@@ -323,7 +324,9 @@ def _to_grayscale(image: Image.Image) -> Image.Image:
         has_alpha = "transparency" in image.info or image.palette.mode == "RGBA"
         image = image.convert("RGBA" if has_alpha else "RGB")
         mode = image.mode
-    if mode in _ALPHA_MODES or mode == "PA":
+    if mode == "La":  # premultiplied grey (a TIFF's associated alpha): Pillow converts
+        image, mode = image.convert("LA"), "LA"  # it to LA only, undoing the premultiplying
+    if mode in _ALPHA_MODES:
         # LA straight from RGBA and LA: converting to their own mode is a full copy
         return _flatten_alpha(image if mode == "LA" else (
             image if mode == "RGBA" else image.convert("RGBA")).convert("LA"))

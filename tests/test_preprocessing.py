@@ -87,6 +87,34 @@ def test_transparent_pixels_become_the_background():
     assert pixels[:, 200:].min() == WHITE
 
 
+def associated_alpha_tiff(image: Image.Image) -> bytes:
+    """``image`` (LA or RGBA) as a TIFF whose alpha is premultiplied (ExtraSamples 1), as TIFF
+    6.0 allows."""
+    data = bytearray(encode(image, "TIFF"))
+    ifd = int.from_bytes(data[4:8], "little")
+    for entry in range(ifd + 2, ifd + 2 + 12 * int.from_bytes(data[ifd:ifd + 2], "little"), 12):
+        if int.from_bytes(data[entry:entry + 2], "little") == 338:  # ExtraSamples
+            data[entry + 8:entry + 10] = (1).to_bytes(2, "little")
+            return bytes(data)
+    raise AssertionError("no ExtraSamples tag")
+
+
+@pytest.mark.parametrize("mode", ["LA", "RGBA"])
+def test_premultiplied_alpha_is_flattened_as_straight_alpha_is(mode):
+    """A grey TIFF with premultiplied alpha was refused as a truncated or corrupt "None"
+    image: Pillow converts La only to LA."""
+    opaque = Image.fromarray(gradient(80, 60)).convert(mode)
+    clear = Image.new(mode, (40, 60), 0)  # premultiplied by alpha 0: every channel 0
+    image = opaque.copy()
+    image.paste(clear, (40, 0))
+    data = associated_alpha_tiff(image)
+    # Pillow undoes a colour image's premultiplying as it decodes, a grey one's not
+    assert Image.open(io.BytesIO(data)).mode == {"LA": "La", "RGBA": "RGBA"}[mode]
+    pixels = preprocess_image_uint8(data)
+    assert np.array_equal(pixels, preprocess_image_uint8(encode(image, "PNG")))
+    assert pixels[:, 200:].min() == WHITE and pixels[:, :150].std() > 10
+
+
 def test_palette_with_transparency_is_flattened():
     image = Image.new("P", (10, 10), 0)
     image.putpalette([0, 0, 0, 255, 255, 255])
