@@ -24,7 +24,6 @@ import multiprocessing
 import os
 import queue
 import select
-import shutil
 import signal
 import stat
 import threading
@@ -84,18 +83,18 @@ def expand_paths(paths: Sequence[str | Path], recursive: bool = False) -> list[P
             # a folder that cannot be listed gets its unreadable row, as a file does, rather
             # than stopping the run (named here) or vanishing from it (found by --recursive)
             unlistable: set[Path] = set()
-            try:
-                found = list(_walk(path, unlistable.add) if recursive else path.iterdir())
-            except OSError:
-                unlistable.add(path)
-                found = []
+            if recursive:
+                found = list(_walk(path, unlistable.add))
+            else:
+                try:
+                    found = list(path.iterdir())
+                except OSError:
+                    unlistable.add(path)
+                    found = []
             files = 0
             for item in sorted([*found, *unlistable]):
                 hidden = any(part.startswith(".") for part in item.relative_to(path).parts)
-                # a broken or looping link is listed too: it gets its unreadable row, as
-                # it does when named directly, rather than vanishing from the output
-                if (item.is_file() or (item.is_symlink() and not item.exists())
-                        or item in unlistable) and not hidden:
+                if (item in unlistable or _gets_a_row(item)) and not hidden:
                     add(item)
                     files += 1
             if not files and not recursive and any(p.is_dir() for p in path.iterdir()):
@@ -115,6 +114,16 @@ def expand_paths(paths: Sequence[str | Path], recursive: bool = False) -> list[P
     return out
 
 
+def _gets_a_row(entry: Path) -> bool:
+    """A folder's entry is classified if it is a file; one that cannot be looked at (a
+    broken or looping link, an entry of a folder that cannot be searched) gets its unreadable
+    row, as it does when named directly, rather than vanishing from the output."""
+    try:
+        return stat.S_ISREG(entry.stat().st_mode)
+    except OSError:
+        return True
+
+
 def _walk(folder: Path, unlistable: Callable[[Path], None]) -> Iterator[Path]:
     """Every entry under ``folder``, through linked folders too (``rglob`` skips them),
     each real folder once, so that a link back up does not loop; each folder that cannot be
@@ -125,7 +134,7 @@ def _walk(folder: Path, unlistable: Callable[[Path], None]) -> Iterator[Path]:
         kept = []
         # real folders before links to them, then by name: the same files get the same
         # paths whatever order the file system lists them in; hidden folders not entered
-        for name in sorted(folders, key=lambda n: ((Path(root) / n).is_symlink(), n)):
+        for name in sorted(folders, key=lambda n: (os.path.islink(Path(root) / n), n)):
             if name.startswith("."):
                 continue
             real = (Path(root) / name).resolve()
@@ -262,34 +271,49 @@ def _records(text: str, fmt: str, columns: Sequence[str]) -> tuple[list[list], l
 def finished_paths(path: Path, again: Collection[str] | None = None,
                    columns: Sequence[str] = COLUMNS) -> set[str]:
     """Paths an earlier run already wrote rows for, for ``--resume``; ``again``: the paths
-    this run classifies (None: any). Of those, two are done again and their rows removed: the
-    last file's, as an interrupted run may have cut its rows short, and any file that could
-    not be read (a permission since fixed, a pipe that had no writer yet). Everything else is
-    kept, and the rows of a path not in ``again`` are never removed. Records, not lines: a
-    path may hold a newline."""
+    this run classifies (None: any). Of those, two kinds are done again and their rows
+    removed: the last file's, as an interrupted run may have cut its rows short, and any
+    that could not be read (a permission since fixed, a pipe that had no writer yet; a folder
+    that could not be listed, once its files are among ``again``). Every other complete row
+    is kept. Records, not lines: a path may hold a newline."""
     if not path.exists():
         return set()
     fmt = output_format(path)
     text = path.read_bytes().decode("utf-8", errors="surrogateescape")
     records, ends = _records(text, fmt, columns)
+    given = None if again is None else {
+        *again, *(str(folder) for name in again for folder in Path(name).parents)}
     code = list(columns).index("code")
-    redo = {r[0] for r in records if r[code] == UNREADABLE}
-    if records:
+    redo = {r[0] for r in records
+            if r[code] == UNREADABLE and (given is None or r[0] in given)}
+    if records and (again is None or records[-1][0] in again):
         redo.add(records[-1][0])
-    if again is not None:
-        redo &= set(again)
     kept = [i for i, record in enumerate(records) if record[0] not in redo]
-    if kept == list(range(len(kept))):
-        # cut in place where the first removed row began: rewriting the whole file lost
-        # every row to an interrupt between emptying and writing it
-        os.truncate(path, len(text[:ends[len(kept)]].encode("utf-8", errors="surrogateescape")))
-    else:  # rows removed from the middle: a whole new file, put in place at once
-        body = text[:ends[0]] + "".join(text[ends[i]:ends[i + 1]] for i in kept)
-        part = path.with_name(f".{path.name}.resume")
-        part.write_bytes(body.encode("utf-8", errors="surrogateescape"))
-        shutil.copymode(path, part)
-        os.replace(part, path)
+    pieces = [text[ends[i]:ends[i + 1]] for i in kept]
+    same = next((n for n, i in enumerate(kept) if n != i), len(kept))  # rows still in place
+    if pieces and not pieces[-1].endswith(("\n", "\r")):  # a last JSON line without its end
+        pieces[-1] += "\n"
+        same = min(same, len(kept) - 1)
+    _rewrite_from(path, len(text[:ends[same]].encode("utf-8", errors="surrogateescape")),
+                  "".join(pieces[same:]).encode("utf-8", errors="surrogateescape"))
     return {records[i][0] for i in kept}
+
+
+def _rewrite_from(path: Path, offset: int, data: bytes) -> None:
+    """The file from ``offset`` on becomes ``data``, in place, with Ctrl-C and SIGTERM held
+    for the moment it takes: emptying and rewriting the whole file lost every row to an
+    interrupt, and a new file put in its place would replace a link to it with a copy, lose
+    its owner, and need a folder it may write to."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        with path.open("r+b") as file:
+            file.seek(offset)
+            file.write(data)
+            file.truncate()
+            file.flush()
+            os.fsync(file.fileno())
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 PIPE_WAIT_SECONDS = 30.0  # for a named pipe's first bytes, before its row says none came

@@ -257,10 +257,16 @@ def test_resume_reads_again_a_file_that_could_not_be_read(test_images, tmp_path,
         (folder / name).write_bytes(data)
     target = tmp_path / "elsewhere.jpg"
     (folder / "0-link.jpg").symlink_to(target)  # sorts first: its row is not the last
+    # the output through a link, and another's to write in: rewritten in place, not replaced
+    (tmp_path / "store").mkdir()
+    stored = tmp_path / "store" / f"rows{suffix}"
     out = tmp_path / f"rows{suffix}"
+    out.symlink_to(stored)
     argv = ["images", str(folder), "--out", str(out), "--faces", "none", "--workers", "1"]
     assert main(argv) == 1
-    out.chmod(0o640)
+    if os.geteuid() == 0:
+        os.chown(stored, 4321, 4321)
+    owner = stored.stat().st_uid, stored.stat().st_gid
     before = {r["path"]: r for r in read_rows(out)}
     assert before[str(folder / "0-link.jpg")]["code"] == "unreadable"
     target.write_bytes(test_images[5][1])
@@ -270,8 +276,24 @@ def test_resume_reads_again_a_file_that_could_not_be_read(test_images, tmp_path,
     link = rows.pop(str(folder / "0-link.jpg"))
     assert link["label"] in CLASS_NAMES and not link["code"]
     assert rows == {p: r for p, r in before.items() if "0-link" not in p}
-    assert out.stat().st_mode & 0o777 == 0o640  # rewritten, not recreated as another's
-    assert not list(tmp_path.glob(".*.resume"))
+    assert out.is_symlink() and (stored.stat().st_uid, stored.stat().st_gid) == owner
+    assert os.listdir(tmp_path / "store") == [stored.name]
+
+
+def test_resume_ends_a_last_json_line_left_without_its_line_end(test_images, tmp_path):
+    """A last JSON line that had lost only its line end was kept, and the next run's first
+    row was written on the same line: the file was then refused as not this command's."""
+    for folder, images in (("p", test_images[:2]), ("q", test_images[2:3])):
+        (tmp_path / folder).mkdir()
+        for name, data in images:
+            (tmp_path / folder / name).write_bytes(data)
+    out = tmp_path / "rows.jsonl"
+    argv = ["--out", str(out), "--faces", "none", "--workers", "1"]
+    assert main(["images", str(tmp_path / "p"), *argv]) == 0
+    out.write_bytes(out.read_bytes().removesuffix(b"\n"))
+    assert main(["images", str(tmp_path / "q"), *argv, "--resume"]) == 0
+    assert main(["images", str(tmp_path / "q"), *argv, "--resume"]) == 0  # still ours
+    assert [Path(r["path"]).parent.name for r in read_rows(out)] == ["p", "p", "q"]
 
 
 def run_without_file_permissions(argv: list[str]) -> subprocess.CompletedProcess:
@@ -285,27 +307,37 @@ def run_without_file_permissions(argv: list[str]) -> subprocess.CompletedProcess
 
 def test_a_folder_that_cannot_be_listed_gets_its_row_and_exit_1(test_images, tmp_path):
     """--recursive skipped a sub-folder it could not list without a word and exited 0; the
-    same folder named on the command line stopped the run with no rows at all."""
+    same folder named on the command line stopped the run with no rows at all, as did one
+    that could be listed but not searched."""
     top = tmp_path / "top"
-    for sub in ("open", "closed"):
+    for sub in ("open", "closed", "unsearchable/inner"):
         (top / sub).mkdir(parents=True)
         (top / sub / test_images[0][0]).write_bytes(test_images[0][1])
+    (top / "unsearchable" / test_images[1][0]).write_bytes(test_images[1][1])
+    photo = str(top / "open" / test_images[0][0])
+    argv = ["--out", str(tmp_path / "rows.csv"), "--faces", "none", "--workers", "1"]
     (top / "closed").chmod(0)
+    (top / "unsearchable").chmod(0o444)  # its names can be read, not what they are
     try:
-        for argv in (["images", str(top), "--recursive"],
-                     ["images", str(top / "closed"), str(top / "open")]):
-            out = tmp_path / "rows.csv"
-            result = run_without_file_permissions([*argv, "--out", str(out), "--faces",
-                                                   "none", "--workers", "1"])
+        for paths in ([str(top), "--recursive"],
+                      [str(top / "closed"), str(top / "open"), str(top / "unsearchable")]):
+            result = run_without_file_permissions(["images", *paths, *argv])
             assert result.returncode == 1, result.stderr
-            rows = {r["path"]: r for r in read_rows(out)}
-            assert rows[str(top / "closed")]["error"] == \
+            rows = {r["path"]: r for r in read_rows(tmp_path / "rows.csv")}
+            assert rows.pop(photo)["label"] in CLASS_NAMES
+            assert rows.pop(str(top / "closed"))["error"] == \
                 "cannot list the folder: Permission denied"
-            assert rows[str(top / "closed")]["code"] == "unreadable"
-            assert rows[str(top / "open" / test_images[0][0])]["label"] in CLASS_NAMES
-            assert len(rows) == 2
+            assert sorted(rows) == sorted(str(top / "unsearchable" / name)
+                                          for name in ("inner", test_images[1][0]))
+            assert {(r["error"], r["code"]) for r in rows.values()} == {
+                ("cannot read the file: Permission denied", "unreadable")}
     finally:
         (top / "closed").chmod(0o755)
+        (top / "unsearchable").chmod(0o755)
+    # the folder's row goes once its files are read
+    assert main(["images", str(top), "--recursive", *argv, "--resume"]) == 0
+    paths = [r["path"] for r in read_rows(tmp_path / "rows.csv")]
+    assert sorted(paths) == sorted(str(p) for p in top.rglob("*.jpg"))
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
