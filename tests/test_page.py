@@ -508,6 +508,82 @@ def test_webcam_mode_sends_frames_and_updates_live(page, server):
     assert page.inner_text("#webcam") == "Start the webcam"
 
 
+def predict_requests(page) -> int:
+    return len([u for u in page.requests_seen if "/predict" in u])
+
+
+def test_a_face_keeps_the_keyboards_focus_while_the_webcam_runs(page, server):
+    """Each frame rebuilt the face list, so a face reached by Tab lost the focus to the page
+    within a frame, and with it the box it lit (an accessibility review)."""
+    page.fill("#interval", "50")
+    page.click("#webcam")
+    page.wait_for_selector("#status[data-fps]", timeout=20000)
+    page.locator("#faces-list li").first.focus()
+    sent = predict_requests(page)
+    page.wait_for_timeout(1500)
+    assert predict_requests(page) >= sent + 3  # frames answered and drawn meanwhile
+    assert page.evaluate("document.activeElement.matches('#faces-list li.active')")
+    page.click("#webcam")
+
+
+def test_the_webcam_interval_out_of_its_bounds_is_brought_back_and_said(page):
+    for typed, note in (("60000", ": 60000 is not between 50 and 5000, 5000 used"),
+                        ("10", ": 10 is not between 50 and 5000, 50 used"),
+                        ("", ": none given, 150 used"), ("300", "")):
+        page.fill("#interval", typed)
+        page.press("#interval", "Tab")  # the field's change
+        assert page.inner_text("#interval-note") == note
+    assert "interval-note" in page.get_attribute("#interval", "aria-describedby")
+
+
+@pytest.fixture
+def phone(browser, server):
+    context = browser.new_context(viewport={"width": 320, "height": 640})
+    page = context.new_page()
+    page.goto(f"{server}/")
+    page.wait_for_selector("body[data-ready=true]")
+    yield page
+    context.close()
+
+
+def test_every_face_tag_is_whole_at_phone_width(phone):
+    """A narrow box near the photo's right edge had its tag, drawn from the box's left edge,
+    cut by the photo's edge: "2 SURPR" at 320 pixels."""
+    phone.set_input_files("#file", str(EXAMPLES / "four_people.jpg"))
+    phone.wait_for_selector("#boxes .box")
+    stage = phone.locator("#stage").bounding_box()
+    tags = phone.locator("#boxes .box span").all()
+    assert len(tags) >= 4
+    for tag in tags:
+        shown = tag.bounding_box()
+        assert shown["x"] >= stage["x"] - 0.5, tag.inner_text()
+        assert shown["x"] + shown["width"] <= stage["x"] + stage["width"] + 0.5, tag.inner_text()
+
+
+def test_in_forced_colours_the_bars_and_the_lit_box_still_show(page):
+    """Windows high contrast painted the bars' fill as their track (white on white) and the
+    lit box as every other."""
+    page.emulate_media(forced_colors="active")
+    page.set_input_files("#file", str(EXAMPLES / "four_people.jpg"))
+    page.wait_for_selector("#boxes .box")
+    track, fill = page.eval_on_selector(".bar", "b => [b, b.firstElementChild].map("
+                                        "e => getComputedStyle(e).backgroundColor)")
+    assert track != fill
+    page.locator("#faces-list li").nth(1).focus()
+    lit, other = (page.eval_on_selector(f"#boxes .box[data-index='{i}']",
+                                        "b => getComputedStyle(b).borderTopColor")
+                  for i in (1, 0))
+    assert lit != other
+
+
+def test_without_javascript_the_page_says_what_to_use_instead(browser, server):
+    context = browser.new_context(java_script_enabled=False)
+    page = context.new_page()
+    page.goto(f"{server}/")
+    assert "This page needs JavaScript" in page.inner_text("main")
+    context.close()
+
+
 def test_the_webcam_by_keyboard_and_a_new_choice_sent_at_once(page, server):
     """Starting the webcam by Enter left the focus on the page (the button is disabled while
     the camera opens), so a second Enter did nothing; after a 503 with Retry-After: 60, the

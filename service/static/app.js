@@ -223,13 +223,15 @@ function render(predictions, size) {
   const boxes = $("boxes");
   const list = $("faces-list");
   boxes.replaceChildren();
-  list.replaceChildren();
+  // The list's items are kept and refilled, not rebuilt: the webcam renders a frame every
+  // 150 ms, and a rebuilt item took the keyboard's focus with it.
+  while (list.children.length > predictions.length) list.lastElementChild.remove();
   $("stage").dataset.faces = String(predictions.length);
   predictions.forEach((p, i) => {
-    const item = document.createElement("li");
-    item.className = "face";
-    item.tabIndex = 0;
-    item.dataset.index = String(i);
+    const item = list.children[i] || faceItem(list, i);
+    item.replaceChildren();
+    item.removeAttribute("aria-label");
+    delete item.dataset.label;
     const title = document.createElement("h2");
     if (p.error) {
       title.textContent = `${p.filename || "Image"}: not classified`;
@@ -237,7 +239,6 @@ function render(predictions, size) {
       line.className = "error-line";
       line.textContent = p.error;
       item.append(title, line);
-      list.append(item);
       return;
     }
     item.dataset.label = p.label;
@@ -268,7 +269,6 @@ function render(predictions, size) {
       bars.append(label, bar, number);
     }
     item.append(title, bars);
-    list.append(item);
     if (p.face && size) {
       const box = document.createElement("div");
       box.className = "box";
@@ -286,14 +286,27 @@ function render(predictions, size) {
       tag.textContent = `${i + 1} ${p.label}`;
       box.append(tag);
       boxes.append(box);
-      for (const target of [item, box]) {
-        target.addEventListener("mouseenter", () => highlight(i));
-        target.addEventListener("mouseleave", () => highlight(null));
-      }
-      item.addEventListener("focus", () => highlight(i));
-      item.addEventListener("blur", () => highlight(null));
+      // a box in the image's right half has its tag end at the box's right edge: from the
+      // left edge, a narrow box's tag ran past the image and was cut ("2 SURPR" on a phone)
+      tag.classList.toggle("end", left + right > size.width);
+      box.addEventListener("mouseenter", () => highlight(i));
+      box.addEventListener("mouseleave", () => highlight(null));
+      box.classList.toggle("active", item.classList.contains("active")); // lit across frames
     }
   });
+}
+
+function faceItem(list, i) {
+  const item = document.createElement("li");
+  item.className = "face";
+  item.tabIndex = 0;
+  item.dataset.index = String(i);
+  item.addEventListener("mouseenter", () => highlight(i));
+  item.addEventListener("mouseleave", () => highlight(null));
+  item.addEventListener("focus", () => highlight(i));
+  item.addEventListener("blur", () => highlight(null));
+  list.append(item);
+  return item;
 }
 
 function highlight(index) {
@@ -405,12 +418,26 @@ async function tick(generation) {
   const fps = state.sent.length > 1 ? (1000 * (state.sent.length - 1)) / (now - state.sent[0]) : 0;
   $("status").textContent = `Webcam: ${fps.toFixed(1)} frames/s, ${canvas.width}x${canvas.height} frames`;
   $("status").dataset.fps = fps.toFixed(2);
-  const interval = Math.max(50, Number($("interval").value) || 150);
+  const interval = frameInterval();
   // A 503 says when to come back (Retry-After); the webcam waits that long, not the interval.
   // Unreachable: once a second, not every interval.
   const wait = result.ok ? interval - (now - started)
     : Math.max(interval, 1000 * (result.retryAfter || (result.status === 0 ? 1 : 0)));
   setTimeout(() => tick(generation), Math.max(0, wait));
+}
+
+// The field's own bounds; a value past them, or none, is brought back and the field says so.
+function frameInterval() {
+  const field = $("interval");
+  const wanted = Number(field.value);
+  const min = Number(field.min), max = Number(field.max);
+  const used = field.value === "" || !Number.isFinite(wanted) ? Number(field.defaultValue)
+    : Math.min(max, Math.max(min, wanted));
+  const note = used === wanted ? ""
+    : `: ${field.value === "" ? "none given" : `${field.value} is not between ${min} and ${max}`}, ${used} used`;
+  // set only when it changes: every frame asks, and a live region reads each setting out
+  if ($("interval-note").textContent !== note) $("interval-note").textContent = note;
+  return used;
 }
 
 function sendFrameNow() {
@@ -433,6 +460,7 @@ function wire() {
       else if (!state.starting && state.last) classifyFile(state.last.blob, state.last.name);
     });
   }
+  $("interval").addEventListener("change", frameInterval);
   $("file").addEventListener("change", (e) => {
     const file = e.target.files[0];
     if (file) classifyFile(file, file.name);
