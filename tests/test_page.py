@@ -512,28 +512,94 @@ def predict_requests(page) -> int:
     return len([u for u in page.requests_seen if "/predict" in u])
 
 
+def active_element(page) -> str:
+    return page.evaluate("[document.activeElement.tagName, document.activeElement.dataset.index]"
+                         ".join(' ')")
+
+
 def test_a_face_keeps_the_keyboards_focus_while_the_webcam_runs(page, server):
     """Each frame rebuilt the face list, so a face reached by Tab lost the focus to the page
-    within a frame, and with it the box it lit (an accessibility review)."""
+    within a frame, and with it the box it lit; then (the diff review) a frame with fewer
+    faces, or a failed one, still did (an accessibility review)."""
+    answers = {name: json.dumps({"model": "cnn", "predictions": predicted(
+        server, EXAMPLES / name)}) for name in ("four_people.jpg", "two_people.jpg")}
+    frames = {"answer": answers["four_people.jpg"], "status": 200}
+    page.route("**/predict*", lambda route: route.fulfill(
+        status=frames["status"], content_type="application/json", body=frames["answer"],
+        headers={"Retry-After": "1"}))
     page.fill("#interval", "50")
     page.click("#webcam")
-    page.wait_for_selector("#status[data-fps]", timeout=20000)
-    page.locator("#faces-list li").first.focus()
+    page.wait_for_selector("#faces-list li:nth-child(4)", timeout=20000)
+    page.locator("#faces-list li").nth(3).focus()
+
+    def after_frames(count: int = 3) -> str:
+        sent = predict_requests(page)
+        while predict_requests(page) < sent + count:
+            page.wait_for_timeout(50)
+        return active_element(page)
+
+    assert after_frames() == "LI 3"
+    assert page.locator("#boxes .box.active").get_attribute("data-index") == "3"
+    assert page.get_attribute("#faces-list li:nth-child(4)", "aria-label") == "Face 4"
+    frames["answer"] = answers["two_people.jpg"]  # face 4 gone: the nearest face has it
+    assert after_frames() == "LI 1"
+    frames.update(status=503, answer='{"detail": "busy", "code": "overloaded"}')
+    page.wait_for_selector("#error:has-text('busy')")
+    assert active_element(page) == "OL "  # the list holds it while no face is shown
+    frames.update(status=200, answer=answers["four_people.jpg"])
+    assert after_frames() == "LI 1"
+    page.click("#webcam")
+
+
+def test_a_box_under_a_still_pointer_is_not_lit_once_its_face_has_moved(page, server):
+    """The box's mouseleave never came once a frame had replaced it, and the next frames
+    copied its light to every new box (the diff review)."""
+    [face] = predicted(server, EXAMPLES / "two_people.jpg", "auto")
+    frames = {"x": 0}
+
+    def answer(route):
+        moved = {**face, "face": {**face["face"], "x": frames["x"], "y": 0}}
+        route.fulfill(status=200, content_type="application/json",
+                      body=json.dumps({"model": "cnn", "predictions": [moved]}))
+    page.route("**/predict*", answer)
+    page.fill("#interval", "50")
+    page.click("#webcam")
+    page.wait_for_selector("#boxes .box")
+    stage = page.locator("#stage").bounding_box()  # the box, redrawn each frame, is at 0, 0
+    page.mouse.move(stage["x"] + 5, stage["y"] + 5)
+    page.wait_for_selector("#boxes .box.active")
+    frames["x"] = 10_000  # past the frame's right edge: drawn at its edge, away from the pointer
     sent = predict_requests(page)
-    page.wait_for_timeout(1500)
-    assert predict_requests(page) >= sent + 3  # frames answered and drawn meanwhile
-    assert page.evaluate("document.activeElement.matches('#faces-list li.active')")
+    while predict_requests(page) < sent + 3:
+        page.wait_for_timeout(50)
+    assert page.locator(".box.active, .face.active").count() == 0
     page.click("#webcam")
 
 
 def test_the_webcam_interval_out_of_its_bounds_is_brought_back_and_said(page):
     for typed, note in (("60000", ": 60000 is not between 50 and 5000, 5000 used"),
+                        ("", ": none given, 150 used"),
                         ("10", ": 10 is not between 50 and 5000, 50 used"),
-                        ("", ": none given, 150 used"), ("300", "")):
-        page.fill("#interval", typed)
+                        ("1e999", ": not a number, 150 used"), ("300", "")):
+        if typed == "1e999":  # typed over the 10, as fill refuses what is no number
+            page.focus("#interval")
+            page.keyboard.press("Control+a")
+            page.keyboard.type(typed)
+        else:
+            page.fill("#interval", typed)
         page.press("#interval", "Tab")  # the field's change
-        assert page.inner_text("#interval-note") == note
+        assert page.inner_text("#interval-note") == note, typed
     assert "interval-note" in page.get_attribute("#interval", "aria-describedby")
+    # while it is typed, the webcam's frames do not read it out half-typed
+    page.click("#webcam")
+    page.wait_for_selector("#status[data-fps]", timeout=20000)
+    page.fill("#interval", "")
+    page.keyboard.type("3")
+    sent = predict_requests(page)
+    while predict_requests(page) < sent + 2:
+        page.wait_for_timeout(50)
+    assert page.inner_text("#interval-note") == ""
+    page.click("#webcam")
 
 
 @pytest.fixture
@@ -581,6 +647,9 @@ def test_without_javascript_the_page_says_what_to_use_instead(browser, server):
     page = context.new_page()
     page.goto(f"{server}/")
     assert "This page needs JavaScript" in page.inner_text("main")
+    # and nothing that cannot work: no "Loading the models" for ever, no dead buttons
+    assert page.is_hidden("#model-info") and page.is_hidden("#drop")
+    assert page.is_hidden("#webcam")
     context.close()
 
 

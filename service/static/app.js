@@ -12,7 +12,8 @@ const FRAME_TIMEOUT_MS = 10000; // a webcam frame not answered by then is given 
 // place at the service rather than letting it run to an answer nobody reads.
 const state = { classes: [], models: [], examples: [], nextExample: 0, objectUrl: null,
                 stream: null, running: false, starting: false, sent: [], generation: 0,
-                controller: null, initDelay: 1000, last: null, shown: null };
+                controller: null, initDelay: 1000, last: null, shown: null, focusedFace: 0,
+                interval: 150 };
 
 function newRequestSignal() {
   if (state.controller) state.controller.abort();
@@ -224,7 +225,9 @@ function render(predictions, size) {
   const list = $("faces-list");
   boxes.replaceChildren();
   // The list's items are kept and refilled, not rebuilt: the webcam renders a frame every
-  // 150 ms, and a rebuilt item took the keyboard's focus with it.
+  // 150 ms, and a rebuilt item took the keyboard's focus with it. A focused face that a
+  // frame no longer has passes the focus to the list, which hands it back to a face.
+  const hadFocus = list.contains(document.activeElement);
   while (list.children.length > predictions.length) list.lastElementChild.remove();
   $("stage").dataset.faces = String(predictions.length);
   predictions.forEach((p, i) => {
@@ -244,7 +247,9 @@ function render(predictions, size) {
     item.dataset.label = p.label;
     const where = p.face ? `Face ${i + 1}` : "Whole image";
     title.textContent = `${where}: ${p.label} ${percent(p.probabilities[p.label])}`;
-    item.setAttribute("aria-label", `${where}, ${p.label}, ${percent(p.probabilities[p.label])}`);
+    // a face's name, read out when it changes while focused: the webcam's would change with
+    // every frame, so there it is only which face; its answer is in its content
+    item.setAttribute("aria-label", state.running ? where : `${where}, ${p.label}, ${percent(p.probabilities[p.label])}`);
     const bars = document.createElement("div");
     bars.className = "bars";
     for (const name of state.classes) {
@@ -291,9 +296,16 @@ function render(predictions, size) {
       tag.classList.toggle("end", left + right > size.width);
       box.addEventListener("mouseenter", () => highlight(i));
       box.addEventListener("mouseleave", () => highlight(null));
-      box.classList.toggle("active", item.classList.contains("active")); // lit across frames
     }
   });
+  if (hadFocus && (!list.contains(document.activeElement) || document.activeElement === list)) {
+    const face = list.children[Math.min(state.focusedFace, list.children.length - 1)];
+    (face || list).focus({ preventScroll: true });
+  }
+  // lit across frames while its face is pointed at or focused; a box under a still pointer
+  // is a new element each frame, and its mouseleave never came
+  const lit = [...list.children].find((item) => item.matches(":hover, :focus"));
+  highlight(lit ? Number(lit.dataset.index) : null);
 }
 
 function faceItem(list, i) {
@@ -303,7 +315,7 @@ function faceItem(list, i) {
   item.dataset.index = String(i);
   item.addEventListener("mouseenter", () => highlight(i));
   item.addEventListener("mouseleave", () => highlight(null));
-  item.addEventListener("focus", () => highlight(i));
+  item.addEventListener("focus", () => { state.focusedFace = i; highlight(i); });
   item.addEventListener("blur", () => highlight(null));
   list.append(item);
   return item;
@@ -418,7 +430,7 @@ async function tick(generation) {
   const fps = state.sent.length > 1 ? (1000 * (state.sent.length - 1)) / (now - state.sent[0]) : 0;
   $("status").textContent = `Webcam: ${fps.toFixed(1)} frames/s, ${canvas.width}x${canvas.height} frames`;
   $("status").dataset.fps = fps.toFixed(2);
-  const interval = frameInterval();
+  const interval = state.interval;
   // A 503 says when to come back (Retry-After); the webcam waits that long, not the interval.
   // Unreachable: once a second, not every interval.
   const wait = result.ok ? interval - (now - started)
@@ -426,18 +438,16 @@ async function tick(generation) {
   setTimeout(() => tick(generation), Math.max(0, wait));
 }
 
-// The field's own bounds; a value past them, or none, is brought back and the field says so.
-function frameInterval() {
+// Taken when the field changes, not as it is typed (the note is read out): a value past the
+// field's bounds is brought within them, and one that is no number is the default; the note
+// says which.
+function takeInterval() {
   const field = $("interval");
-  const wanted = Number(field.value);
-  const min = Number(field.min), max = Number(field.max);
-  const used = field.value === "" || !Number.isFinite(wanted) ? Number(field.defaultValue)
-    : Math.min(max, Math.max(min, wanted));
-  const note = used === wanted ? ""
-    : `: ${field.value === "" ? "none given" : `${field.value} is not between ${min} and ${max}`}, ${used} used`;
-  // set only when it changes: every frame asks, and a live region reads each setting out
-  if ($("interval-note").textContent !== note) $("interval-note").textContent = note;
-  return used;
+  const min = Number(field.min), max = Number(field.max), wanted = field.valueAsNumber;
+  const given = !field.validity.badInput && field.value !== "" && Number.isFinite(wanted);
+  state.interval = given ? Math.min(max, Math.max(min, wanted)) : Number(field.defaultValue);
+  $("interval-note").textContent = given && state.interval === wanted ? ""
+    : `: ${given ? `${wanted} is not between ${min} and ${max}` : field.validity.badInput ? "not a number" : "none given"}, ${state.interval} used`;
 }
 
 function sendFrameNow() {
@@ -460,7 +470,8 @@ function wire() {
       else if (!state.starting && state.last) classifyFile(state.last.blob, state.last.name);
     });
   }
-  $("interval").addEventListener("change", frameInterval);
+  $("interval").addEventListener("change", takeInterval);
+  takeInterval(); // a value the browser restored on reload
   $("file").addEventListener("change", (e) => {
     const file = e.target.files[0];
     if (file) classifyFile(file, file.name);
@@ -532,5 +543,6 @@ function wire() {
   document.addEventListener("visibilitychange", () => { if (document.hidden && state.running) stopWebcam(); });
 }
 
+document.documentElement.classList.remove("no-js");
 wire();
 init();
