@@ -15,6 +15,7 @@ written as they come, a file's rows at once, so an interrupted run keeps what it
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import io
@@ -281,11 +282,12 @@ def finished_paths(path: Path, again: Collection[str] | None = None,
     fmt = output_format(path)
     text = path.read_bytes().decode("utf-8", errors="surrogateescape")
     records, ends = _records(text, fmt, columns)
-    given = None if again is None else {
-        *again, *(str(folder) for name in again for folder in Path(name).parents)}
+    # a folder that could not be listed: its row goes once it can be and files in it are given
+    within = set() if again is None else {str(folder) for name in again
+                                          for folder in Path(name).parents}
     code = list(columns).index("code")
-    redo = {r[0] for r in records
-            if r[code] == UNREADABLE and (given is None or r[0] in given)}
+    redo = {r[0] for r in records if r[code] == UNREADABLE and (
+        again is None or r[0] in again or (r[0] in within and _listable(r[0])))}
     if records and (again is None or records[-1][0] in again):
         redo.add(records[-1][0])
     kept = [i for i, record in enumerate(records) if record[0] not in redo]
@@ -294,26 +296,54 @@ def finished_paths(path: Path, again: Collection[str] | None = None,
     if pieces and not pieces[-1].endswith(("\n", "\r")):  # a last JSON line without its end
         pieces[-1] += "\n"
         same = min(same, len(kept) - 1)
+    tail = "".join(pieces[same:])
+    if ends[0] and not text[:ends[0]].endswith(("\n", "\r")):
+        tail = "\r\n" + tail  # a CSV header without its line end: rows went onto its line
     _rewrite_from(path, len(text[:ends[same]].encode("utf-8", errors="surrogateescape")),
-                  "".join(pieces[same:]).encode("utf-8", errors="surrogateescape"))
+                  tail.encode("utf-8", errors="surrogateescape"))
     return {records[i][0] for i in kept}
 
 
-def _rewrite_from(path: Path, offset: int, data: bytes) -> None:
-    """The file from ``offset`` on becomes ``data``, in place, with Ctrl-C and SIGTERM held
-    for the moment it takes: emptying and rewriting the whole file lost every row to an
-    interrupt, and a new file put in its place would replace a link to it with a copy, lose
-    its owner, and need a folder it may write to."""
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+def _listable(folder: str) -> bool:
     try:
-        with path.open("r+b") as file:
-            file.seek(offset)
-            file.write(data)
-            file.truncate()
-            file.flush()
-            os.fsync(file.fileno())
+        os.listdir(folder)
+    except OSError:
+        return False
+    return True
+
+
+def _rewrite_from(path: Path, offset: int, data: bytes) -> None:
+    """The file from ``offset`` on becomes ``data``, in place, with Ctrl-C and SIGTERM taken
+    after it: emptying and rewriting the whole file lost every row to an interrupt, and a new
+    file put in its place would replace a link to it with a copy, lose its owner, and need a
+    folder it may write to."""
+    with _signals_held(signal.SIGINT, signal.SIGTERM), path.open("r+b") as file:
+        file.seek(offset)
+        file.write(data)
+        file.truncate()
+        file.flush()
+        os.fsync(file.fileno())
+
+
+@contextlib.contextmanager
+def _signals_held(*numbers: int) -> Iterator[None]:
+    """The signals that arrive inside are raised again just after it, each to the handler it
+    had. Python runs signal handlers in the main thread whichever thread a signal reaches
+    (numpy's start one), so the handlers are swapped, not the signal mask; off the main
+    thread, where handlers cannot be set, nothing is held."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    before = {number: signal.signal(number, lambda number, frame: arrived.append(number))
+              for number in numbers}
+    try:
+        yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        for number, handler in before.items():  # None: set outside Python, as by default
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+        for number in dict.fromkeys(arrived):
+            signal.raise_signal(number)
 
 
 PIPE_WAIT_SECONDS = 30.0  # for a named pipe's first bytes, before its row says none came
@@ -465,16 +495,8 @@ def _submit_uninterrupted(pool: ProcessPoolExecutor, chunk: Sequence[str]) -> Fu
     join (a worker's traceback, or exit 1 instead of 130). Python runs signal handlers in
     the main thread whichever thread the signal reaches, so the handler is swapped, not
     the signal mask."""
-    if threading.current_thread() is not threading.main_thread():
+    with _signals_held(signal.SIGINT):
         return pool.submit(_classify, chunk)
-    interrupted = []
-    previous = signal.signal(signal.SIGINT, lambda number, frame: interrupted.append(number))
-    try:
-        return pool.submit(_classify, chunk)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if interrupted:
-            signal.raise_signal(signal.SIGINT)  # as if it came now, to the handler before
 
 
 # --- remote -----------------------------------------------------------------------------

@@ -340,6 +340,88 @@ def test_a_folder_that_cannot_be_listed_gets_its_row_and_exit_1(test_images, tmp
     assert sorted(paths) == sorted(str(p) for p in top.rglob("*.jpg"))
 
 
+def test_a_ctrl_c_while_resume_rewrites_the_output_comes_after_it(tmp_path, monkeypatch):
+    """The signal mask held SIGINT and SIGTERM in the main thread only: the kernel gave them
+    to numpy's thread, and the rewrite stopped half done, leaving a row no run wrote (or,
+    for SIGTERM, a file --resume refused), (the diff review)."""
+    from service import batch
+    from service.batch import COLUMNS, Row, RowWriter, finished_paths
+
+    out = tmp_path / "rows.csv"
+    writer = RowWriter(out, COLUMNS)
+    names = [f"{n:05}.jpg" for n in range(2000)]
+    writer.write([Row.error(names[0], "cannot read the file: gone", "unreadable")])
+    for name in names[1:]:
+        writer.write([Row({**dict.fromkeys(COLUMNS), "path": name, "label": "NEUTRAL"})])
+    writer.close()
+    opened = batch.Path.open
+
+    class InterruptedAfterWriting:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
+        def write(self, data):
+            written = self.handle.write(data)
+            os.kill(os.getpid(), signal.SIGINT)  # between the write and the truncate
+            time.sleep(0.05)
+            return written
+
+    monkeypatch.setattr(batch.Path, "open", lambda self, mode="r", *args, **kwargs: (
+        InterruptedAfterWriting(opened(self, mode, *args, **kwargs)) if mode == "r+b"
+        else opened(self, mode, *args, **kwargs)))
+    with pytest.raises(KeyboardInterrupt):
+        finished_paths(out, names)
+    monkeypatch.undo()
+    assert [r["path"] for r in read_rows(out)] == names[1:-1]  # whole, and nothing more
+
+
+def test_resume_keeps_the_row_of_a_folder_that_still_cannot_be_listed(test_images, tmp_path):
+    """Given a file inside it, a folder that could still not be listed lost its row (the
+    diff review): only once it can be listed do its files' rows stand for it."""
+    top = tmp_path / "top"
+    (top / "searchable").mkdir(parents=True)
+    photo = top / "searchable" / test_images[0][0]
+    photo.write_bytes(test_images[0][1])
+    out = tmp_path / "rows.csv"
+    argv = ["--out", str(out), "--faces", "none", "--workers", "1"]
+    (top / "searchable").chmod(0o111)  # its files can be opened by name, not listed
+    try:
+        assert run_without_file_permissions(
+            ["images", str(top), "--recursive", *argv]).returncode == 1
+        result = run_without_file_permissions(["images", str(photo), *argv, "--resume"])
+        assert result.returncode == 0, result.stderr
+    finally:
+        (top / "searchable").chmod(0o755)
+    rows = {r["path"]: r for r in read_rows(out)}
+    assert rows.keys() == {str(top / "searchable"), str(photo)}
+    assert rows[str(top / "searchable")]["code"] == "unreadable"
+
+
+def test_resume_ends_a_csv_header_left_without_its_line_end(tmp_path):
+    """Rows were appended onto the header's line, and the next --resume refused the file
+    (the diff review)."""
+    from service.batch import COLUMNS, Row, RowWriter, finished_paths
+
+    out = tmp_path / "rows.csv"
+    RowWriter(out, COLUMNS).close()
+    out.write_bytes(out.read_bytes().removesuffix(b"\r\n"))
+    assert finished_paths(out, ["a.jpg"]) == set()
+    writer = RowWriter(out, COLUMNS, append=True)
+    writer.write([Row({**dict.fromkeys(COLUMNS), "path": "a.jpg", "label": "NEUTRAL"})])
+    writer.close()
+    assert [r["path"] for r in read_rows(out)] == ["a.jpg"]
+    assert finished_paths(out, ["b.jpg"]) == {"a.jpg"}
+
+
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
 def test_resume_reads_back_paths_holding_any_line_break(tmp_path, suffix):
     """A lone carriage return in a file name was written bare to the CSV, which split the
