@@ -1,4 +1,5 @@
-"""Model speed: ONNX Runtime per image at batch 1 and 16, and the kNN's predict_proba.
+"""Model speed: ONNX Runtime per image at batch 1 and 16, and the kNN's predict_proba, alone
+and in a worker per CPU at once.
 
     python -m benchmarks.bench_models [--threads 1 2] [--seconds 5]
 
@@ -8,6 +9,7 @@ Inputs are real dataset images through the shared preprocessing; prints millisec
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import time
 
 import numpy as np
@@ -16,7 +18,7 @@ from service.arguments import count
 from service.manifest import load_manifest
 from service.models import OnnxClassifier, SklearnClassifier
 from service.preprocessing import preprocess_image
-from service.settings import REPO_MODELS_DIR
+from service.settings import REPO_MODELS_DIR, container_cpus
 
 
 def real_images(count: int) -> np.ndarray:
@@ -60,10 +62,42 @@ def main(argv: list[str] | None = None) -> None:
             p50, p99 = per_image_ms(model.predict_proba, images, batch, args.seconds)
             print(f"cnn onnx  threads={threads} batch={batch:2d}: {p50:6.2f} ms/image median, "
                   f"{p99:6.2f} p99")
-    knn = SklearnClassifier((REPO_MODELS_DIR / manifest.models["knn"].file).read_bytes())
-    for batch in (1, 16):
-        p50, p99 = per_image_ms(knn.predict_proba, images, batch, args.seconds)
-        print(f"knn sklearn           batch={batch:2d}: {p50:6.2f} ms/image median, {p99:6.2f} p99")
+    knn_data = (REPO_MODELS_DIR / manifest.models["knn"].file).read_bytes()
+    for threads in (0, *args.threads):
+        knn = SklearnClassifier(knn_data, threads)
+        for batch in (1, 16):
+            p50, p99 = per_image_ms(knn.predict_proba, images, batch, args.seconds)
+            print(f"knn sklearn threads={threads or 'all'} batch={batch:2d}: {p50:6.2f} ms/image "
+                  f"median, {p99:6.2f} p99")
+    # As the service runs it: a worker per CPU, each calling the kNN at batch 1 at once
+    workers, spawn = container_cpus(), multiprocessing.get_context("spawn")
+    for threads in (0, 1):
+        ready, results = spawn.Barrier(workers), spawn.Queue()
+        processes = [spawn.Process(target=_knn_worker, args=(threads, args.seconds, ready,
+                                                              results)) for _ in range(workers)]
+        for process in processes:
+            process.start()
+        times = np.concatenate([results.get() for _ in processes])
+        for process in processes:
+            process.join()
+        print(f"knn sklearn threads={threads or 'all'}, {workers} workers at once: "
+              f"{len(times) / args.seconds / workers:6.1f} images/s each, "
+              f"{np.median(times):6.2f} ms median, {np.percentile(times, 90):6.2f} p90")
+
+
+def _knn_worker(threads: int, seconds: float, ready, results) -> None:
+    manifest = load_manifest(REPO_MODELS_DIR)
+    knn = SklearnClassifier((REPO_MODELS_DIR / manifest.models["knn"].file).read_bytes(),
+                            threads)
+    images = real_images(64)
+    knn.predict_proba(images[:1])
+    ready.wait()  # timed only once every worker has loaded: start-up is not the load
+    times, deadline = [], time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        started = time.perf_counter()
+        knn.predict_proba(images[len(times) % len(images)][None])
+        times.append((time.perf_counter() - started) * 1000)
+    results.put(np.array(times))
 
 
 if __name__ == "__main__":

@@ -57,17 +57,29 @@ class OnnxClassifier:
 
 
 class SklearnClassifier:
-    def __init__(self, data: bytes):
+    def __init__(self, data: bytes, threads: int = 0):
+        """``threads``: the worker's share of the CPUs, as the ONNX model's (0: all of them).
+        scikit-learn's neighbour search runs on OpenMP, which took every CPU in each worker:
+        two workers on two cores then waited on each other (benchmarks/RESULTS.md)."""
         import joblib
+        from threadpoolctl import ThreadpoolController
 
+        self.threads = threads
         self.pipeline = joblib.load(io.BytesIO(data))
+        # the libraries loaded now, scikit-learn's OpenMP among them, found once (a call then
+        # costs about 20 us)
+        self.thread_pools = ThreadpoolController()
         classes = list(getattr(self.pipeline, "classes_", []))
         if classes != list(range(NUM_CLASSES)):
             raise ValueError(f"the pipeline's classes are {classes}, expected 0..7")
 
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
         flat = images.reshape(len(images), -1)
-        return self.pipeline.predict_proba(flat).astype(np.float32)
+        if not self.threads:
+            return self.pipeline.predict_proba(flat).astype(np.float32)
+        # OpenMP's thread count is the calling thread's own: concurrent calls keep theirs
+        with self.thread_pools.limit(limits=self.threads, user_api="openmp"):
+            return self.pipeline.predict_proba(flat).astype(np.float32)
 
 
 @dataclass
@@ -160,7 +172,7 @@ def load_models(manifest: Manifest, models_dir: Path, threads: int) -> ModelRegi
             continue
         try:
             classifier = (OnnxClassifier(data, entry, threads) if entry.kind == "onnx"
-                          else SklearnClassifier(data))
+                          else SklearnClassifier(data, threads))
             check_probabilities(classifier)
         except Exception as exc:  # a broken artifact must not take the other model down
             registry.failures[name] = (f"{entry.file} failed to load as {entry.kind}: "

@@ -53,6 +53,7 @@ def test_bench_service_and_models_print_their_figures(data_settings, capsys):
     assert "HTTP floor" in out and "service overhead at p50" in out
     assert re.search(r"without a framework .*: p50 \d+\.\d+ ms, .*failures 0", out), out
     assert "batch of 16 images, concurrency 1: p50" in out
+    assert re.search(r"knn sklearn threads=1, \d+ workers at once: +\d+\.\d images/s each", out)
 
 
 def test_a_refused_batch_is_a_failure_not_a_fast_figure(data_settings, capsys, monkeypatch):
