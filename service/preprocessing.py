@@ -178,7 +178,7 @@ class DecodedImage:
 def decode_grayscale(data: bytes, limits: ImageLimits = ImageLimits()) -> DecodedImage:
     """Decode, orient and grayscale an upload. Raises :class:`PreprocessingError`."""
     image = _open_checked(data, limits)
-    kind = image.format  # exif_transpose's copy has none, and a failure after it names this
+    kind = image.format  # for the message of a failure at any step
     try:
         width, height = image.size  # the header's, before a JPEG's reduced-scale decode
         # Silence Pillow's own bomb warning: our pixel limit has already been applied.
@@ -200,7 +200,7 @@ def decode_grayscale(data: bytes, limits: ImageLimits = ImageLimits()) -> Decode
             # every face box, x by 0.6 and y by 1.6.
             if image.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
                 width, height = height, width  # these orientations turn the image a quarter
-            image = ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)  # not a copy when nothing turns
             return DecodedImage(_to_grayscale(image), (width, height))
     except PreprocessingError:
         raise

@@ -26,6 +26,8 @@ def crop_region(gray: Image.Image, region: Box) -> Image.Image:
     left, top = round(region.x), round(region.y)
     right, bottom = round(region.x + region.width), round(region.y + region.height)
     width, height = gray.size
+    if 0 <= left < right <= width and 0 <= top < bottom <= height:
+        return gray.crop((left, top, right, bottom))  # inside: no pixel gathered one by one
     rows = np.clip(np.arange(top, bottom), 0, height - 1)  # each row's nearest inside
     columns = np.clip(np.arange(left, right), 0, width - 1)
     if not rows.size or not columns.size:
