@@ -530,7 +530,7 @@ def test_a_face_keeps_the_keyboards_focus_while_the_webcam_runs(page, server):
     page.fill("#interval", "50")
     page.click("#webcam")
     page.wait_for_selector("#faces-list li:nth-child(4)", timeout=20000)
-    page.locator("#faces-list li").nth(3).focus()
+    page.locator("#faces-list li").nth(2).focus()
 
     def after_frames(count: int = 3) -> str:
         sent = predict_requests(page)
@@ -538,17 +538,34 @@ def test_a_face_keeps_the_keyboards_focus_while_the_webcam_runs(page, server):
             page.wait_for_timeout(50)
         return active_element(page)
 
-    assert after_frames() == "LI 3"
+    assert after_frames() == "LI 2"
+    assert page.locator("#boxes .box.active").get_attribute("data-index") == "2"
+    page.locator("#faces-list li").nth(3).hover()  # the pointer's face, over the focused one
+    after_frames()
     assert page.locator("#boxes .box.active").get_attribute("data-index") == "3"
-    assert page.get_attribute("#faces-list li:nth-child(4)", "aria-label") == "Face 4"
-    frames["answer"] = answers["two_people.jpg"]  # face 4 gone: the nearest face has it
+    page.mouse.move(0, 0)
+    assert page.get_attribute("#faces-list li:nth-child(3)", "aria-label") == "Face 3"
+    frames["answer"] = answers["two_people.jpg"]  # face 3 gone: the nearest face has it
     assert after_frames() == "LI 1"
     frames.update(status=503, answer='{"detail": "busy", "code": "overloaded"}')
     page.wait_for_selector("#error:has-text('busy')")
     assert active_element(page) == "OL "  # the list holds it while no face is shown
     frames.update(status=200, answer=answers["four_people.jpg"])
     assert after_frames() == "LI 1"
-    page.click("#webcam")
+    # a click in the list's gaps focuses the list: no face is then lit or given the focus
+    first, second = (page.locator("#faces-list li").nth(i).bounding_box() for i in (0, 1))
+    page.mouse.click(first["x"] + 20, (first["y"] + first["height"] + second["y"]) / 2)
+    page.mouse.move(0, 0)
+    assert after_frames() == "OL "
+    assert page.locator(".box.active, .face.active").count() == 0
+    # the webcam stopped while a face has the focus: the drop zone takes it, not the empty list
+    page.locator("#faces-list li").nth(2).focus()
+    page.evaluate("""() => {
+        Object.defineProperty(document, "hidden", { value: true, configurable: true });
+        document.dispatchEvent(new Event("visibilitychange"));
+    }""")
+    page.wait_for_selector("#webcam:text-is('Start the webcam')")
+    assert page.evaluate("document.activeElement.id") == "drop"
 
 
 def test_a_box_under_a_still_pointer_is_not_lit_once_its_face_has_moved(page, server):
@@ -590,6 +607,17 @@ def test_the_webcam_interval_out_of_its_bounds_is_brought_back_and_said(page):
         page.press("#interval", "Tab")  # the field's change
         assert page.inner_text("#interval-note") == note, typed
     assert "interval-note" in page.get_attribute("#interval", "aria-describedby")
+    # a value the browser restores on Back comes after the script ran: still taken
+    page.fill("#interval", "9000")
+    page.press("#interval", "Tab")
+    page.click("text=API (Swagger UI)")
+    page.wait_for_url("**/docs")
+    page.go_back()
+    page.wait_for_selector("body[data-ready=true]")
+    assert page.input_value("#interval") == "9000"
+    page.wait_for_selector("#interval-note:has-text('9000 is not between 50 and 5000')")
+    page.fill("#interval", "300")
+    page.press("#interval", "Tab")
     # while it is typed, the webcam's frames do not read it out half-typed
     page.click("#webcam")
     page.wait_for_selector("#status[data-fps]", timeout=20000)
@@ -646,11 +674,26 @@ def test_without_javascript_the_page_says_what_to_use_instead(browser, server):
     context = browser.new_context(java_script_enabled=False)
     page = context.new_page()
     page.goto(f"{server}/")
-    assert "This page needs JavaScript" in page.inner_text("main")
+    assert "This page needs its script" in page.inner_text("main")
     # and nothing that cannot work: no "Loading the models" for ever, no dead buttons
     assert page.is_hidden("#model-info") and page.is_hidden("#drop")
     assert page.is_hidden("#webcam")
     context.close()
+
+
+def test_a_script_that_did_not_load_is_said(browser, server):
+    """With the script refused (a proxy, an extension, an old browser), every control was
+    hidden with no word why (the diff review)."""
+    context = browser.new_context()
+    page = context.new_page()
+    page.route("**/static/app.js", lambda route: route.fulfill(status=404, body=""))
+    page.goto(f"{server}/")
+    assert page.is_visible("text=This page needs its script")
+    context.close()
+
+
+def test_a_page_shows_its_own_script_running(page):
+    assert page.is_hidden(".js-needed") and page.is_visible("#drop")
 
 
 def test_the_webcam_by_keyboard_and_a_new_choice_sent_at_once(page, server):

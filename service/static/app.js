@@ -13,7 +13,7 @@ const FRAME_TIMEOUT_MS = 10000; // a webcam frame not answered by then is given 
 const state = { classes: [], models: [], examples: [], nextExample: 0, objectUrl: null,
                 stream: null, running: false, starting: false, sent: [], generation: 0,
                 controller: null, initDelay: 1000, last: null, shown: null, focusedFace: 0,
-                interval: 150 };
+                interval: 150, listHeld: false };
 
 function newRequestSignal() {
   if (state.controller) state.controller.abort();
@@ -160,6 +160,7 @@ async function classifyFile(blob, name, note = "") {
   stopWebcam();
   const generation = state.generation;
   clearError();
+  state.focusedFace = 0; // a new image's faces are read from the first
   render([]); // the last image's boxes and faces are not this one's, even while it is sent
   $("status").textContent = `Loading ${name || "the image"}…`; // nor is the last one's summary
   state.last = state.shown = { blob, name }; // shown: kept while an example loads
@@ -226,8 +227,10 @@ function render(predictions, size) {
   boxes.replaceChildren();
   // The list's items are kept and refilled, not rebuilt: the webcam renders a frame every
   // 150 ms, and a rebuilt item took the keyboard's focus with it. A focused face that a
-  // frame no longer has passes the focus to the list, which hands it back to a face.
-  const hadFocus = list.contains(document.activeElement);
+  // frame no longer has passes the focus to the list, which hands it back to a face (only
+  // what it was given so: a click on the list's gaps focuses it too).
+  const hadFocus = document.activeElement === list ? state.listHeld
+    : list.contains(document.activeElement);
   while (list.children.length > predictions.length) list.lastElementChild.remove();
   $("stage").dataset.faces = String(predictions.length);
   predictions.forEach((p, i) => {
@@ -300,11 +303,15 @@ function render(predictions, size) {
   });
   if (hadFocus && (!list.contains(document.activeElement) || document.activeElement === list)) {
     const face = list.children[Math.min(state.focusedFace, list.children.length - 1)];
-    (face || list).focus({ preventScroll: true });
+    // no face left: the list holds the focus while the webcam runs; else the drop zone has it
+    const holder = face || (state.running ? list : $("drop"));
+    holder.focus({ preventScroll: true });
+    state.listHeld = holder === list;
   }
-  // lit across frames while its face is pointed at or focused; a box under a still pointer
-  // is a new element each frame, and its mouseleave never came
-  const lit = [...list.children].find((item) => item.matches(":hover, :focus"));
+  // lit across frames while its face is pointed at (first) or focused; a box under a still
+  // pointer is a new element each frame, and its mouseleave never came
+  const items = [...list.children];
+  const lit = items.find((item) => item.matches(":hover")) || items.find((item) => item.matches(":focus"));
   highlight(lit ? Number(lit.dataset.index) : null);
 }
 
@@ -332,6 +339,7 @@ function highlight(index) {
 async function startWebcam() {
   if (!pageReady()) return;
   clearError();
+  state.focusedFace = 0;
   if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
     showError("This browser offers no camera here (a camera needs https or localhost).");
     return;
@@ -471,7 +479,9 @@ function wire() {
     });
   }
   $("interval").addEventListener("change", takeInterval);
-  takeInterval(); // a value the browser restored on reload
+  // a value the browser restores (Back, Forward) comes after this script has run
+  window.addEventListener("pageshow", takeInterval);
+  $("faces-list").addEventListener("blur", () => { state.listHeld = false; });
   $("file").addEventListener("change", (e) => {
     const file = e.target.files[0];
     if (file) classifyFile(file, file.name);
