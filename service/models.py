@@ -64,11 +64,14 @@ class SklearnClassifier:
         import joblib
         from threadpoolctl import ThreadpoolController
 
-        self.threads = threads
         self.pipeline = joblib.load(io.BytesIO(data))
         # the libraries loaded now, scikit-learn's OpenMP among them, found once (a call then
         # costs about 20 us)
         self.thread_pools = ThreadpoolController()
+        # a limit sets the count: an OMP_NUM_THREADS below the share must not be raised
+        openmp = [pool["num_threads"] for pool in self.thread_pools.info()
+                  if pool["user_api"] == "openmp"]
+        self.threads = min([threads, *openmp]) if threads else 0
         classes = list(getattr(self.pipeline, "classes_", []))
         if classes != list(range(NUM_CLASSES)):
             raise ValueError(f"the pipeline's classes are {classes}, expected 0..7")

@@ -91,8 +91,9 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(16, gt=0)
     workers: int = Field(0, ge=0, description="uvicorn worker processes (python -m service); "
                                               "0: one per container CPU.")
-    onnx_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0: the "
-                                                   "container's CPUs divided by workers.")
+    onnx_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads, and the "
+                              "most the kNN's search uses; 0: the container's CPUs divided by "
+                              "workers.")
     inference_concurrency: int = Field(0, ge=0, description="Model calls running at once per "
                                        "worker, the rest wait their turn; 0: the worker's "
                                        "ONNX Runtime threads plus one.")
