@@ -489,6 +489,21 @@ def test_the_page_leaves_out_a_model_it_cannot_name(browser, server):
     page.close()
 
 
+def test_the_focused_face_is_lit_again_once_the_pointer_leaves(page):
+    """A hover's mouseleave put out every light, so the focused face stayed dark, and a Tab
+    under a resting pointer lit the focused face over the pointed one (the diff review)."""
+    page.set_input_files("#file", str(EXAMPLES / "four_people.jpg"))
+    page.wait_for_selector("#faces-list li:nth-child(4)")
+    page.locator("#faces-list li").nth(1).focus()
+    page.locator("#faces-list li").nth(3).hover()
+    assert page.locator("#boxes .box.active").get_attribute("data-index") == "3"
+    page.mouse.move(0, 0)
+    assert page.locator("#boxes .box.active").get_attribute("data-index") == "1"
+    page.locator("#faces-list li").nth(3).hover()
+    page.keyboard.press("Tab")  # to face 3, the pointer resting on face 4
+    assert page.locator("#boxes .box.active").get_attribute("data-index") == "3"
+
+
 def test_webcam_mode_sends_frames_and_updates_live(page, server):
     page.fill("#interval", "200")
     page.click("#webcam")
@@ -550,6 +565,8 @@ def test_a_face_keeps_the_keyboards_focus_while_the_webcam_runs(page, server):
     frames.update(status=503, answer='{"detail": "busy", "code": "overloaded"}')
     page.wait_for_selector("#error:has-text('busy')")
     assert active_element(page) == "OL "  # the list holds it while no face is shown
+    # the window losing the focus (another app) blurs the list, which stays the active element
+    page.evaluate("document.querySelector('#faces-list').dispatchEvent(new FocusEvent('blur'))")
     frames.update(status=200, answer=answers["four_people.jpg"])
     assert after_frames() == "LI 1"
     # a click in the list's gaps focuses the list: no face is then lit or given the focus
@@ -674,7 +691,7 @@ def test_without_javascript_the_page_says_what_to_use_instead(browser, server):
     context = browser.new_context(java_script_enabled=False)
     page = context.new_page()
     page.goto(f"{server}/")
-    assert "This page needs its script" in page.inner_text("main")
+    page.wait_for_selector("text=This page needs its script")  # once it had time to run
     # and nothing that cannot work: no "Loading the models" for ever, no dead buttons
     assert page.is_hidden("#model-info") and page.is_hidden("#drop")
     assert page.is_hidden("#webcam")
@@ -688,7 +705,25 @@ def test_a_script_that_did_not_load_is_said(browser, server):
     page = context.new_page()
     page.route("**/static/app.js", lambda route: route.fulfill(status=404, body=""))
     page.goto(f"{server}/")
-    assert page.is_visible("text=This page needs its script")
+    page.wait_for_selector("text=This page needs its script")
+    context.close()
+
+
+def test_a_script_still_on_its_way_is_not_said_to_have_failed(browser, server):
+    """On a slow link the page said its script had not run, with nothing else on it, until
+    the script came (the diff review)."""
+    context = browser.new_context()
+    page = context.new_page()
+
+    def late(route):
+        page.wait_for_timeout(1500)
+        route.continue_()
+    page.route("**/static/app.js", late)
+    page.goto(f"{server}/", wait_until="commit")
+    page.wait_for_timeout(700)
+    assert not page.is_visible("text=This page needs its script")
+    page.wait_for_selector("body[data-ready=true]")
+    assert not page.is_visible("text=This page needs its script")
     context.close()
 
 

@@ -297,8 +297,8 @@ function render(predictions, size) {
       // a box in the image's right half has its tag end at the box's right edge: from the
       // left edge, a narrow box's tag ran past the image and was cut ("2 SURPR" on a phone)
       tag.classList.toggle("end", left + right > size.width);
-      box.addEventListener("mouseenter", () => highlight(i));
-      box.addEventListener("mouseleave", () => highlight(null));
+      box.addEventListener("mouseenter", relight);
+      box.addEventListener("mouseleave", relight);
     }
   });
   if (hadFocus && (!list.contains(document.activeElement) || document.activeElement === list)) {
@@ -308,11 +308,7 @@ function render(predictions, size) {
     holder.focus({ preventScroll: true });
     state.listHeld = holder === list;
   }
-  // lit across frames while its face is pointed at (first) or focused; a box under a still
-  // pointer is a new element each frame, and its mouseleave never came
-  const items = [...list.children];
-  const lit = items.find((item) => item.matches(":hover")) || items.find((item) => item.matches(":focus"));
-  highlight(lit ? Number(lit.dataset.index) : null);
+  relight(); // a box under a still pointer is a new element each frame: no mouseenter came
 }
 
 function faceItem(list, i) {
@@ -320,12 +316,20 @@ function faceItem(list, i) {
   item.className = "face";
   item.tabIndex = 0;
   item.dataset.index = String(i);
-  item.addEventListener("mouseenter", () => highlight(i));
-  item.addEventListener("mouseleave", () => highlight(null));
-  item.addEventListener("focus", () => { state.focusedFace = i; highlight(i); });
-  item.addEventListener("blur", () => highlight(null));
+  item.addEventListener("mouseenter", relight);
+  item.addEventListener("mouseleave", relight);
+  item.addEventListener("focus", () => { state.focusedFace = i; relight(); });
+  item.addEventListener("blur", relight);
   list.append(item);
   return item;
+}
+
+// The face pointed at is lit, else the focused one: so the focused face lights again once the
+// pointer leaves, and a Tab under a resting pointer does not take the light from it.
+function relight() {
+  const lit = document.querySelector("#boxes .box:hover, #faces-list .face:hover")
+    || $("faces-list").querySelector(".face:focus");
+  highlight(lit ? Number(lit.dataset.index) : null);
 }
 
 function highlight(index) {
@@ -481,7 +485,10 @@ function wire() {
   $("interval").addEventListener("change", takeInterval);
   // a value the browser restores (Back, Forward) comes after this script has run
   window.addEventListener("pageshow", takeInterval);
-  $("faces-list").addEventListener("blur", () => { state.listHeld = false; });
+  // a blur of the whole window leaves the list the active element: it still holds the focus
+  $("faces-list").addEventListener("blur", () => {
+    if (document.activeElement !== $("faces-list")) state.listHeld = false;
+  });
   $("file").addEventListener("change", (e) => {
     const file = e.target.files[0];
     if (file) classifyFile(file, file.name);
@@ -554,5 +561,6 @@ function wire() {
 }
 
 document.documentElement.classList.remove("no-js");
+for (const element of document.querySelectorAll(".js-needed")) element.hidden = true; // without its CSS too
 wire();
 init();
