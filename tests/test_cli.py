@@ -17,6 +17,7 @@ import struct
 import subprocess
 import sys
 import termios
+import threading
 import time
 from pathlib import Path
 
@@ -371,15 +372,26 @@ def test_a_ctrl_c_while_resume_rewrites_the_output_comes_after_it(tmp_path, monk
 
         def write(self, data):
             written = self.handle.write(data)
-            os.kill(os.getpid(), signal.SIGINT)  # between the write and the truncate
-            time.sleep(0.05)
+            # between the write and the truncate, to another thread, as the kernel may choose
+            # (a mask on the main thread does not hold it there)
+            signal.pthread_kill(bystander.ident, signal.SIGINT)
+            for _ in range(50):
+                time.sleep(0.01)  # Python runs the handler in the main thread meanwhile
             return written
 
     monkeypatch.setattr(batch.Path, "open", lambda self, mode="r", *args, **kwargs: (
         InterruptedAfterWriting(opened(self, mode, *args, **kwargs)) if mode == "r+b"
         else opened(self, mode, *args, **kwargs)))
-    with pytest.raises(KeyboardInterrupt):
-        finished_paths(out, names)
+    # Python's own handler, as under a terminal: a shell's background job starts with SIGINT
+    # ignored, and then the Ctrl-C, taken after the rewrite, is ignored there too
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    bystander = threading.Thread(target=time.sleep, args=(5,), daemon=True)
+    bystander.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            finished_paths(out, names)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     monkeypatch.undo()
     assert [r["path"] for r in read_rows(out)] == names[1:-1]  # whole, and nothing more
 
