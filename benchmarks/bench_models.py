@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=count, nargs="+", default=[1, 2],
-                        help="ONNX Runtime intra-op threads to try (default: %(default)s)")
+                        help="threads to try: ONNX Runtime's intra-op ones, and the kNN's "
+                        "(default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=5.0,
                         help="time per measurement (default: %(default)s)")
     args = parser.parse_args(argv)

@@ -80,7 +80,7 @@ def expand_paths(paths: Sequence[str | Path], recursive: bool = False) -> list[P
 
     for raw in paths:
         path = Path(raw)
-        if path.is_dir():
+        if os.path.isdir(path):  # Path.is_dir raised for a name in a folder not searchable
             # a folder that cannot be listed gets its unreadable row, as a file does, rather
             # than stopping the run (named here) or vanishing from it (found by --recursive)
             unlistable: set[Path] = set()
@@ -101,18 +101,30 @@ def expand_paths(paths: Sequence[str | Path], recursive: bool = False) -> list[P
             if not files and not recursive and any(p.is_dir() for p in path.iterdir()):
                 raise UsageError(f"{raw}: no files, only folders; add --recursive to read "
                                  "them")
-        elif path.suffix.lower() in LIST_SUFFIXES and path.is_file():
+        elif path.suffix.lower() in LIST_SUFFIXES and os.path.isfile(path):
             # bytes, decoded as the file system does: a name need not be UTF-8
             # a byte-order mark, as Windows editors write, is not part of the first name
             for line in path.read_bytes().removeprefix(b"\xef\xbb\xbf").splitlines():
                 name = os.fsdecode(line.strip())
                 if name and not name.startswith("#"):
                     add(Path(name))
-        elif path.exists() or path.is_symlink():
+        elif _named(path):
             add(path)
         else:
             raise UsageError(f"{raw}: no such file or folder")
     return out
+
+
+def _named(path: Path) -> bool:
+    """Whether a path given is there: one that cannot be looked at (in a folder that cannot
+    be searched) is, and its row says why; a broken link is too."""
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _gets_a_row(entry: Path) -> bool:
@@ -270,18 +282,21 @@ def _records(text: str, fmt: str, columns: Sequence[str]) -> tuple[list[list], l
 
 
 def finished_paths(path: Path, again: Collection[str] | None = None,
-                   columns: Sequence[str] = COLUMNS) -> set[str]:
+                   columns: Sequence[str] = COLUMNS, apply: bool = True) -> set[str]:
     """Paths an earlier run already wrote rows for, for ``--resume``; ``again``: the paths
     this run classifies (None: any). Of those, two kinds are done again and their rows
     removed: the last file's, as an interrupted run may have cut its rows short, and any
     that could not be read (a permission since fixed, a pipe that had no writer yet; a folder
     that could not be listed, once its files are among ``again``). Every other complete row
-    is kept. Records, not lines: a path may hold a newline."""
+    is kept. Records, not lines: a path may hold a newline. ``apply=False`` only reads it
+    (and refuses a file this command did not write): a run that stops before its work
+    leaves its output as it was."""
     if not path.exists():
         return set()
     fmt = output_format(path)
     text = path.read_bytes().decode("utf-8", errors="surrogateescape")
     records, ends = _records(text, fmt, columns)
+    again = None if again is None else set(again)  # looked up once per row
     # a folder that could not be listed: its row goes once it can be and files in it are given
     within = set() if again is None else {str(folder) for name in again
                                           for folder in Path(name).parents}
@@ -296,6 +311,8 @@ def finished_paths(path: Path, again: Collection[str] | None = None,
     if pieces and not pieces[-1].endswith(("\n", "\r")):  # a last JSON line without its end
         pieces[-1] += "\n"
         same = min(same, len(kept) - 1)
+    if not apply:
+        return {records[i][0] for i in kept}
     tail = "".join(pieces[same:])
     if ends[0] and not text[:ends[0]].endswith(("\n", "\r")):
         tail = "\r\n" + tail  # a CSV header without its line end: rows went onto its line

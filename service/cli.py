@@ -52,8 +52,8 @@ def run_images(args: argparse.Namespace) -> int:
     out = os.path.realpath(args.out)
     paths = [str(p) for p in expand_paths(args.paths, args.recursive)
              if os.path.realpath(p) != out]
-    done = finished_paths(args.out, paths) if args.resume else set()
-    todo = [p for p in paths if p not in done]
+    if args.resume:  # a file this command did not write is refused before any work
+        finished_paths(args.out, paths, apply=False)
     settings = load_settings()
     if args.url:
         runner = RemoteRunner(args.url, args.model, args.faces, args.connections,
@@ -64,6 +64,9 @@ def run_images(args: argparse.Namespace) -> int:
                              args.faces or settings.default_faces, args.workers,
                              args.batch_size, settings.max_faces_per_image, settings.limits)
     runner.check()
+    # the output changed only now: a run refused before its work leaves it as it was
+    done = finished_paths(args.out, paths) if args.resume else set()
+    todo = [p for p in paths if p not in done]
     writer = RowWriter(args.out, COLUMNS, append=args.resume)
     started, rows, unreadable, errors, cut = time.perf_counter(), 0, 0, 0, 0
     progress = _progress(len(paths), len(paths) - len(todo))

@@ -13,6 +13,7 @@ import pty
 import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -321,7 +322,11 @@ def test_a_folder_that_cannot_be_listed_gets_its_row_and_exit_1(test_images, tmp
     (top / "unsearchable").chmod(0o444)  # its names can be read, not what they are
     try:
         for paths in ([str(top), "--recursive"],
-                      [str(top / "closed"), str(top / "open"), str(top / "unsearchable")]):
+                      [str(top / "closed"), str(top / "open"), str(top / "unsearchable")],
+                      # named: a name in a folder not searchable stopped the run, no rows
+                      [str(top / "closed"), photo, str(top / "unsearchable" / "inner"),
+                       str(top / "unsearchable" / test_images[1][0])]):
+            (tmp_path / "rows.csv").unlink(missing_ok=True)  # each run's own rows
             result = run_without_file_permissions(["images", *paths, *argv])
             assert result.returncode == 1, result.stderr
             rows = {r["path"]: r for r in read_rows(tmp_path / "rows.csv")}
@@ -394,6 +399,25 @@ def test_a_ctrl_c_while_resume_rewrites_the_output_comes_after_it(tmp_path, monk
         signal.signal(signal.SIGINT, previous)
     monkeypatch.undo()
     assert [r["path"] for r in read_rows(out)] == names[1:-1]  # whole, and nothing more
+
+
+def test_a_resume_refused_before_its_work_leaves_the_output_as_it_was(test_images, tmp_path):
+    """--resume cut the output before the service was checked: each retry against a service
+    that was down removed one more file's rows (the whole-diff review)."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name, data in test_images[:3]:
+        (folder / name).write_bytes(data)
+    out = tmp_path / "rows.csv"
+    argv = ["images", str(folder), "--out", str(out), "--faces", "none"]
+    assert main([*argv, "--workers", "1"]) == 0
+    before = out.read_bytes()
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    for _ in range(2):
+        assert main([*argv, "--resume", "--url", f"http://127.0.0.1:{port}"]) == 1
+        assert out.read_bytes() == before
 
 
 def test_resume_keeps_the_row_of_a_folder_that_still_cannot_be_listed(test_images, tmp_path):

@@ -227,8 +227,9 @@ function render(predictions, size) {
   boxes.replaceChildren();
   // The list's items are kept and refilled, not rebuilt: the webcam renders a frame every
   // 150 ms, and a rebuilt item took the keyboard's focus with it. A focused face that a
-  // frame no longer has passes the focus to the list, which hands it back to a face (only
-  // what it was given so: a click on the list's gaps focuses it too).
+  // frame no longer has passes the focus to the nearest face left, or with none left to the
+  // list, which hands it back once faces come (only what render gave it: a click on the
+  // list's gaps focuses it too).
   const hadFocus = document.activeElement === list ? state.listHeld
     : list.contains(document.activeElement);
   while (list.children.length > predictions.length) list.lastElementChild.remove();
