@@ -24,11 +24,13 @@ import json
 import multiprocessing
 import os
 import queue
+import re
 import select
 import signal
 import stat
 import threading
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -559,6 +561,18 @@ class RemoteError(RuntimeError):
     """The service could not be used (unreachable after retries, or refused the run)."""
 
 
+MAX_ANSWER_BYTES = 64 * 1024 * 1024  # a batch's answer is kilobytes; an endless one is refused
+
+
+def without_credentials(url: str) -> str:
+    """``url`` as messages show it: a password in it (sent as Basic auth) is not printed."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+    except ValueError:
+        return re.sub(r"//[^/@]*@", "//", url)
+
+
 class RemoteRunner:
     """Batches sent to a running service's ``/predict``."""
 
@@ -567,19 +581,21 @@ class RemoteRunner:
                  max_bytes: int = DEFAULT_MAX_BYTES):
         import httpx
 
+        shown = without_credentials(url)
         try:
             parsed = httpx.URL(url)
             port = parsed.port
         except httpx.InvalidURL as exc:
-            raise UsageError(f"--url {url}: {exc}") from None
+            raise UsageError(f"--url {shown}: {exc}") from None
         # a query or fragment would end up before /predict, and a port past 65535 or no
         # host failed only at the first request, as a connection error, after three tries
         if (parsed.scheme not in ("http", "https") or not parsed.host
                 or not (port is None or 0 < port < 65536) or parsed.query or parsed.fragment
                 or url.rstrip().endswith(("?", "#"))):
-            raise UsageError(f"--url {url}: give it as http://host:port (a path after it is "
+            raise UsageError(f"--url {shown}: give it as http://host:port (a path after it is "
                              "kept, as for a proxy)")
-        self.url = url.rstrip("/")
+        self.url, self.shown = url.rstrip("/"), shown.rstrip("/")
+        self.timeout = timeout  # for the whole answer, not each read: a trickle ends too
         # read no more than this of a file, as in process: past it, the file's row says so
         # and it is not sent (a /dev/zero was read until memory ran out)
         self.max_bytes = max_bytes
@@ -593,7 +609,8 @@ class RemoteRunner:
         # three tries, not nine: a mistyped host or port took 22 s to be reported
         response = self._send("GET", "/readyz", retries=2)
         if response.status_code not in (200, 503):
-            raise RemoteError(f"{self.url}/readyz answered {response.status_code}")
+            raise RemoteError(f"{self.shown}/readyz answered {response.status_code}"
+                              + _what_to_change(response))
 
     def _send(self, method: str, path: str, retries: int | None = None, **kwargs):
         import httpx
@@ -602,15 +619,21 @@ class RemoteRunner:
         delay = 0.2
         for attempt in range(retries + 1):
             try:
-                response = self.client.request(method, f"{self.url}{path}", **kwargs)
+                response = self._answer(method, path, **kwargs)
+            except (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout):
+                # accepted and not answered: sending the batch again loads the service more
+                raise RemoteError(f"{self.shown}{path}: no whole answer within "
+                                  f"{self.timeout:g} s (--timeout)") from None
             except httpx.TransportError as exc:
                 if attempt == retries or self.client.is_closed:
-                    raise RemoteError(f"{self.url}: {type(exc).__name__}: {exc}") from None
+                    raise RemoteError(f"{self.shown}: {type(exc).__name__}: "
+                                      f"{str(exc).replace(self.url, self.shown)}") from None
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
             except httpx.HTTPError as exc:  # a body it cannot decode, say: not transient
-                raise RemoteError(f"{self.url}{path}: {type(exc).__name__}: {exc}") from None
+                raise RemoteError(f"{self.shown}{path}: {type(exc).__name__}: "
+                                  f"{str(exc).replace(self.url, self.shown)}") from None
             # busy (503), rate-limited (429) or timed out reading the body (408): transient;
             # not a model or detector the service refused at start-up, which waiting out
             # its Retry-After of 60 s nine times (4 min, silently) does not mend
@@ -622,6 +645,26 @@ class RemoteRunner:
                 continue
             return response
         raise AssertionError("unreachable")
+
+    def _answer(self, method: str, path: str, **kwargs):
+        """The answer, read whole within the timeout and up to :data:`MAX_ANSWER_BYTES`."""
+        import httpx
+
+        deadline = time.monotonic() + self.timeout
+        with self.client.stream(method, f"{self.url}{path}", **kwargs) as response:
+            body = bytearray()
+            for chunk in response.iter_bytes():  # decoded: a compressed bomb is bounded too
+                body += chunk
+                if len(body) > MAX_ANSWER_BYTES:
+                    raise RemoteError(f"{self.shown}{path} answered more than "
+                                      f"{MAX_ANSWER_BYTES:,} bytes; refused")
+                if time.monotonic() > deadline:
+                    raise httpx.ReadTimeout("the whole answer took too long")
+            if time.monotonic() > deadline:
+                raise httpx.ReadTimeout("the whole answer took too long")
+            kept = {k: v for k, v in response.headers.items()
+                    if k in ("content-type", "retry-after", "location", "www-authenticate")}
+            return httpx.Response(response.status_code, headers=kept, content=bytes(body))
 
     def _post(self, paths: Sequence[str], inputs: Sequence[ImageInput]):
         files = [("files", (str(i), image.data, "application/octet-stream"))
@@ -655,13 +698,17 @@ class RemoteRunner:
                     + self._classify(paths[middle:], read[middle:]))
         if status == 200:
             try:
-                grouped: dict[int, list[dict]] = {}
+                sent = [str(k) for k in range(len(readable))]
+                grouped: dict[str, list[dict]] = {}
                 for prediction in response.json()["predictions"]:
-                    grouped.setdefault(int(prediction["filename"]), []).append(prediction)
+                    if prediction["filename"] not in sent:  # an answer for what was not sent
+                        raise ValueError
+                    grouped.setdefault(prediction["filename"], []).append(prediction)
                 for k, i in enumerate(readable):
-                    out[i] = [_row_from_json(paths[i], p) for p in grouped[k]]
-            except (ValueError, KeyError, TypeError, IndexError):
-                raise RemoteError(f"{self.url}/predict answered 200 but not with "
+                    out[i] = [_row_from_json(paths[i], p) for p in grouped[sent[k]]]
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError,
+                    RecursionError):
+                raise RemoteError(f"{self.shown}/predict answered 200 but not with "
                                   f"predictions: {response.text[:120]!r}") from None
         elif status == 413 or body.get("code") in IMAGE_ERROR_CODES:
             # one image spoilt the request (too large for the service or a proxy before
@@ -674,8 +721,9 @@ class RemoteRunner:
                     paths[readable[0]], body.get("detail") or f"refused with {status}",
                     body.get("code") or TooManyBytesError.code)]
         else:  # the service refused the run itself (401, 404, 415, 422, 5xx...): stop
-            raise RemoteError(f"{self.url}/predict answered {status}: "
-                              f"{body.get('detail') or response.text[:200]!r}")
+            raise RemoteError(f"{self.shown}/predict answered {status}: "
+                              f"{body.get('detail') or response.text[:200]!r}"
+                              + _what_to_change(response))
         return out  # type: ignore[return-value]
 
     def run(self, paths: Sequence[str]) -> Iterator[list[list[Row]]]:
@@ -693,13 +741,33 @@ def _error_body(response) -> dict:
     try:
         body = response.json()
         return body if isinstance(body, dict) else {}
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
 
 
+def _what_to_change(response) -> str:
+    """For a redirect or a refused login: what to give instead (redirects are not followed,
+    so the images never go where --url did not say)."""
+    if 300 <= response.status_code < 400 and "location" in response.headers:
+        return (f"; a redirect to {without_credentials(response.headers['location'])}, not "
+                "followed: give that as --url")
+    if response.status_code in (401, 403):
+        return "; credentials go in --url as http://user:password@host (sent as Basic auth)"
+    return ""
+
+
 def _row_from_json(path: str, prediction: dict) -> Row:
+    """A prediction as a row; ValueError for one that is not (a label not in the class list,
+    probabilities that are not one per class in [0, 1] summing to 1)."""
     if prediction.get("error"):
+        if not isinstance(prediction["error"], str) or not isinstance(prediction["code"], str):
+            raise ValueError
         return Row.error(path, prediction["error"], prediction["code"])
+    probabilities = [prediction["probabilities"][c] for c in CLASS_NAMES]
+    if prediction["label"] not in CLASS_NAMES or not all(
+            type(p) in (int, float) and 0 <= p <= 1 for p in probabilities) \
+            or abs(sum(probabilities) - 1) > 1e-3:
+        raise ValueError
     face = prediction.get("face")
     box = (dict.fromkeys(BOX_COLUMNS) if face is None else
            dict(zip(BOX_COLUMNS, (face["x"], face["y"], face["width"], face["height"]),

@@ -56,8 +56,11 @@ def run_images(args: argparse.Namespace) -> int:
         finished_paths(args.out, paths, apply=False)
     settings = load_settings()
     if args.url:
+        if not args.timeout > 0:  # nan too
+            raise UsageError("--timeout must be above 0 seconds")
         runner = RemoteRunner(args.url, args.model, args.faces, args.connections,
-                              args.batch_size, max_bytes=settings.max_upload_bytes)
+                              args.batch_size, timeout=args.timeout,
+                              max_bytes=settings.max_upload_bytes)
     else:
         runner = LocalRunner(args.models_dir or settings.models_dir,
                              args.model or settings.default_model,
@@ -200,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("--connections", type=count, default=8,
                         help="with --url: concurrent keep-alive connections (default: "
                         "%(default)s)")
+    images.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                        help="with --url: the most a batch's whole answer may take; past it "
+                        "the run stops (default: %(default)s)")
     images.set_defaults(func=run_images, parser=images)
 
     video = commands.add_parser(

@@ -885,7 +885,10 @@ def _runner_answering(*answers):
 
 @pytest.mark.parametrize("answer", [
     "401 json", "403 html", "404 json", "415 json", "302",
-    "200 null", "200 no filename", "200 empty", "200 bad gzip"])
+    "200 null", "200 no filename", "200 empty", "200 bad gzip",
+    # written as rows with exit 0, or a traceback (a review of --url)
+    "200 unknown label", "200 probabilities not numbers", "200 a file not sent",
+    "200 infinite filename", "200 deeply nested"])
 def test_url_stops_when_the_service_refuses_the_run_not_the_image(tmp_path, answer):
     """Each was written as an error row per file with exit 0 (and --resume then skipped
     those files), or ended in a traceback."""
@@ -907,6 +910,16 @@ def test_url_stops_when_the_service_refuses_the_run_not_the_image(tmp_path, answ
         "200 empty": httpx.Response(200, json={"predictions": []}),
         "200 bad gzip": httpx.Response(200, stream=httpx.ByteStream(b"not gzip"), headers={
             "content-encoding": "gzip", "content-type": "application/json"}),
+        "200 unknown label": httpx.Response(200, json={"predictions": [
+            {**prediction, "filename": f, "label": "BANANA"} for f in ("0", "1")]}),
+        "200 probabilities not numbers": httpx.Response(200, json={"predictions": [
+            {**prediction, "filename": f, "probabilities": dict.fromkeys(CLASS_NAMES, "lots")}
+            for f in ("0", "1")]}),
+        "200 a file not sent": httpx.Response(200, json={"predictions": [
+            {**prediction, "filename": f} for f in ("0", "1", "7")]}),
+        "200 infinite filename": httpx.Response(200, content=b'{"predictions": [{"filename":'
+                                                b' 1e999}]}'),
+        "200 deeply nested": httpx.Response(200, content=b"[" * 100_000),
     }[answer]
     photos = []
     for name in ("a.png", "b.png"):
@@ -915,6 +928,64 @@ def test_url_stops_when_the_service_refuses_the_run_not_the_image(tmp_path, answ
     runner, _ = _runner_answering(reply)
     with pytest.raises(RemoteError):
         runner._classify(photos)
+
+
+def test_url_never_prints_its_password_and_says_what_to_change(tmp_path, capsys):
+    """The password in --url was printed in every error line (a review of --url); a
+    redirect or a refused login gave a bare status."""
+    import httpx
+
+    from service.batch import RemoteError
+
+    photo = tmp_path / "a.png"
+    photo.write_bytes(encode(gray_image(), "PNG"))
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    for url, status in ((f"http://alice:s3cret@127.0.0.1:{port}", 1),
+                        ("http://alice:s3cret@127.0.0.1:99999/", 2)):
+        with contextlib.suppress(SystemExit):
+            assert main(["images", str(photo), "--out", str(tmp_path / "r.csv"),
+                         "--url", url]) == status
+        error = capsys.readouterr().err
+        assert "alice" not in error and "s3cret" not in error and "127.0.0.1" in error
+    for reply, hint in ((httpx.Response(307, headers={"location": "https://elsewhere/predict"}),
+                         "a redirect to https://elsewhere/predict, not followed"),
+                        (httpx.Response(401, json={"detail": "Not authenticated"}),
+                         "credentials go in --url as http://user:password@host")):
+        runner, _ = _runner_answering(reply)
+        with pytest.raises(RemoteError, match=re.escape(hint)):
+            runner._classify([str(photo)])
+
+
+@pytest.mark.parametrize("answer", ["endless", "trickling"])
+def test_url_bounds_an_answer_in_size_and_time(tmp_path, answer):
+    """An endless 200 was read until memory ran out; a trickle of a byte every few seconds
+    kept the run going for ever, as the timeout was per read (a review of --url)."""
+    import httpx
+
+    from service.batch import RemoteError
+
+    photo = tmp_path / "a.png"
+    photo.write_bytes(encode(gray_image(), "PNG"))
+
+    def endless():  # as good as: 200 MiB, so that a regression fails rather than hangs
+        for _ in range(200):
+            yield b" " * 1024 * 1024
+
+    def trickling():  # a byte every 0.1 s for 10 s
+        for _ in range(100):
+            time.sleep(0.1)
+            yield b" "
+
+    runner, _ = _runner_answering(httpx.Response(
+        200, content={"endless": endless, "trickling": trickling}[answer]()))
+    runner.timeout = 1.0
+    started = time.monotonic()
+    message = "more than 67,108,864 bytes" if answer == "endless" else "no whole answer within 1 s"
+    with pytest.raises(RemoteError, match=message):
+        runner._classify([str(photo)])
+    assert time.monotonic() - started < 30  # once, not retried
 
 
 def test_url_stops_at_once_on_a_model_the_service_refused_at_start_up(tmp_path, monkeypatch):
