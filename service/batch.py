@@ -24,13 +24,11 @@ import json
 import multiprocessing
 import os
 import queue
-import re
 import select
 import signal
 import stat
 import threading
 import time
-import urllib.parse
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -565,12 +563,14 @@ MAX_ANSWER_BYTES = 64 * 1024 * 1024  # a batch's answer is kilobytes; an endless
 
 
 def without_credentials(url: str) -> str:
-    """``url`` as messages show it: a password in it (sent as Basic auth) is not printed."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
-    except ValueError:
-        return re.sub(r"//[^/@]*@", "//", url)
+    """``url`` as messages show it: a password in it (sent as Basic auth) is not printed.
+    Everything before the last ``@`` goes, as a password may hold ``/``, ``#`` or ``?`` typed
+    unencoded, which a URL parser takes for the end of the host."""
+    head, at, rest = url.rpartition("@")
+    if not at:
+        return url
+    scheme, sep, _ = head.partition("://")
+    return f"{scheme}://{rest}" if sep and "/" not in scheme else rest
 
 
 class RemoteRunner:
@@ -585,8 +585,10 @@ class RemoteRunner:
         try:
             parsed = httpx.URL(url)
             port = parsed.port
-        except httpx.InvalidURL as exc:
-            raise UsageError(f"--url {shown}: {exc}") from None
+        except httpx.InvalidURL as exc:  # whose text may quote a piece of the password
+            raise UsageError(f"--url {shown}: " + (
+                "not a URL; a password holding / # ? @ or : must be percent-encoded"
+                if shown != url else str(exc))) from None
         # a query or fragment would end up before /predict, and a port past 65535 or no
         # host failed only at the first request, as a connection error, after three tries
         if (parsed.scheme not in ("http", "https") or not parsed.host
@@ -610,7 +612,7 @@ class RemoteRunner:
         response = self._send("GET", "/readyz", retries=2)
         if response.status_code not in (200, 503):
             raise RemoteError(f"{self.shown}/readyz answered {response.status_code}"
-                              + _what_to_change(response))
+                              + _what_to_change(response, "/readyz"))
 
     def _send(self, method: str, path: str, retries: int | None = None, **kwargs):
         import httpx
@@ -650,8 +652,9 @@ class RemoteRunner:
         """The answer, read whole within the timeout and up to :data:`MAX_ANSWER_BYTES`."""
         import httpx
 
-        deadline = time.monotonic() + self.timeout
         with self.client.stream(method, f"{self.url}{path}", **kwargs) as response:
+            # from the headers on: the upload before them may take long on a slow link
+            deadline = time.monotonic() + self.timeout
             body = bytearray()
             for chunk in response.iter_bytes():  # decoded: a compressed bomb is bounded too
                 body += chunk
@@ -723,7 +726,7 @@ class RemoteRunner:
         else:  # the service refused the run itself (401, 404, 415, 422, 5xx...): stop
             raise RemoteError(f"{self.shown}/predict answered {status}: "
                               f"{body.get('detail') or response.text[:200]!r}"
-                              + _what_to_change(response))
+                              + _what_to_change(response, "/predict"))
         return out  # type: ignore[return-value]
 
     def run(self, paths: Sequence[str]) -> Iterator[list[list[Row]]]:
@@ -745,12 +748,14 @@ def _error_body(response) -> dict:
         return {}
 
 
-def _what_to_change(response) -> str:
+def _what_to_change(response, path: str) -> str:
     """For a redirect or a refused login: what to give instead (redirects are not followed,
     so the images never go where --url did not say)."""
     if 300 <= response.status_code < 400 and "location" in response.headers:
-        return (f"; a redirect to {without_credentials(response.headers['location'])}, not "
-                "followed: give that as --url")
+        where = without_credentials(response.headers["location"]).split("?")[0]
+        advice = (f"give {where.removesuffix(path) or '/'} as --url" if where.endswith(path)
+                  else "--url may need to name it")
+        return f"; a redirect to {where}, not followed: {advice}"
     if response.status_code in (401, 403):
         return "; credentials go in --url as http://user:password@host (sent as Basic auth)"
     return ""

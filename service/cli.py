@@ -34,6 +34,7 @@ from service.inference import FACES_MODES, PredictorError
 from service.manifest import ManifestError
 from service.settings import SettingsError, load_settings
 
+MAX_TIMEOUT = 86400.0  # a day: past it a socket's timeout overflows, and no answer is that slow
 MAX_FPS = 1000.0  # above any camera's frame rate: more than that is every frame anyway
 
 def _progress(total: int, initial: int = 0):
@@ -52,12 +53,12 @@ def run_images(args: argparse.Namespace) -> int:
     out = os.path.realpath(args.out)
     paths = [str(p) for p in expand_paths(args.paths, args.recursive)
              if os.path.realpath(p) != out]
-    if args.resume:  # a file this command did not write is refused before any work
-        finished_paths(args.out, paths, apply=False)
+    # read, not changed yet: a file this command did not write is refused before any work
+    done = finished_paths(args.out, paths, apply=False) if args.resume else set()
     settings = load_settings()
     if args.url:
-        if not args.timeout > 0:  # nan too
-            raise UsageError("--timeout must be above 0 seconds")
+        if not 0 < args.timeout <= MAX_TIMEOUT:  # nan and inf too (a socket takes neither)
+            raise UsageError(f"--timeout must be above 0 and at most {MAX_TIMEOUT:g} seconds")
         runner = RemoteRunner(args.url, args.model, args.faces, args.connections,
                               args.batch_size, timeout=args.timeout,
                               max_bytes=settings.max_upload_bytes)
@@ -67,15 +68,22 @@ def run_images(args: argparse.Namespace) -> int:
                              args.faces or settings.default_faces, args.workers,
                              args.batch_size, settings.max_faces_per_image, settings.limits)
     runner.check()
-    # the output changed only now: a run refused before its work leaves it as it was
-    done = finished_paths(args.out, paths) if args.resume else set()
     todo = [p for p in paths if p not in done]
-    writer = RowWriter(args.out, COLUMNS, append=args.resume)
+
+    def opened() -> RowWriter:
+        # the output changes only with the first rows: a run refused before them (a service
+        # that is down, or that has not the model asked for) leaves it as it was
+        if args.resume:
+            finished_paths(args.out, paths)
+        return RowWriter(args.out, COLUMNS, append=args.resume)
+
+    writer: RowWriter | None = None
     started, rows, unreadable, errors, cut = time.perf_counter(), 0, 0, 0, 0
     progress = _progress(len(paths), len(paths) - len(todo))
     try:
         for batch in runner.run(todo):
             for file_rows in batch:
+                writer = writer or opened()
                 writer.write(file_rows)
                 rows += len(file_rows)
                 codes = [r.values["code"] for r in file_rows if r.values["code"]]
@@ -86,7 +94,10 @@ def run_images(args: argparse.Namespace) -> int:
             progress.update(len(batch))
     finally:
         progress.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
+    if writer is None:  # nothing left to classify: the output as a finished run leaves it
+        opened().close()
     wall = time.perf_counter() - started
     print(f"emotion-detect: {len(todo)} files ({len(paths) - len(todo)} already in {args.out}), "
           f"{rows} rows, {errors} files with an error, in {wall:.1f} s "
@@ -204,8 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --url: concurrent keep-alive connections (default: "
                         "%(default)s)")
     images.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
-                        help="with --url: the most a batch's whole answer may take; past it "
-                        "the run stops (default: %(default)s)")
+                        help="with --url: the most seconds to wait for each part of a batch's "
+                        "answer, and for its whole body once its headers came; past it the "
+                        "run stops (default: %(default)s)")
     images.set_defaults(func=run_images, parser=images)
 
     video = commands.add_parser(

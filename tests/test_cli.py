@@ -943,19 +943,92 @@ def test_url_never_prints_its_password_and_says_what_to_change(tmp_path, capsys)
         unused.bind(("127.0.0.1", 0))
         port = unused.getsockname()[1]
     for url, status in ((f"http://alice:s3cret@127.0.0.1:{port}", 1),
-                        ("http://alice:s3cret@127.0.0.1:99999/", 2)):
+                        ("http://alice:s3cret@127.0.0.1:99999/", 2),
+                        # a password typed with / or #, or no scheme: a URL parser takes
+                        # part of it for the host or port (the diff review)
+                        (f"http://alice:s3c#ret@127.0.0.1:{port}", 2),
+                        (f"http://alice:s3c/ret@127.0.0.1:{port}", 2),
+                        (f"alice:s3cret@127.0.0.1:{port}", 2)):
         with contextlib.suppress(SystemExit):
             assert main(["images", str(photo), "--out", str(tmp_path / "r.csv"),
                          "--url", url]) == status
         error = capsys.readouterr().err
-        assert "alice" not in error and "s3cret" not in error and "127.0.0.1" in error
+        assert "alice" not in error and "s3c" not in error and "127.0.0.1" in error, error
     for reply, hint in ((httpx.Response(307, headers={"location": "https://elsewhere/predict"}),
-                         "a redirect to https://elsewhere/predict, not followed"),
+                         "a redirect to https://elsewhere/predict, not followed: give "
+                         "https://elsewhere as --url"),
                         (httpx.Response(401, json={"detail": "Not authenticated"}),
                          "credentials go in --url as http://user:password@host")):
         runner, _ = _runner_answering(reply)
         with pytest.raises(RemoteError, match=re.escape(hint)):
             runner._classify([str(photo)])
+
+
+def test_url_times_the_answer_from_its_headers_not_the_upload(tmp_path):
+    """The whole-answer deadline began before the upload: a slow link's batch, answered in
+    full, was thrown away as late (the diff review)."""
+    import httpx
+
+    photo = tmp_path / "a.png"
+    photo.write_bytes(encode(gray_image(), "PNG"))
+    prediction = {"filename": "0", "label": "NEUTRAL", "face": None, "error": None,
+                  "probabilities": {c: 1 / NUM_CLASSES for c in CLASS_NAMES}}
+
+    def after_a_slow_upload(request):
+        time.sleep(1.5)  # what came before the answer's headers
+        return httpx.Response(200, json={"predictions": [prediction]})
+
+    runner, _ = _runner_answering()
+    runner.client = httpx.Client(transport=httpx.MockTransport(after_a_slow_upload))
+    runner.timeout = 1.0
+    [[row]] = runner._classify([str(photo)])
+    assert row.values["label"] == "NEUTRAL"
+
+
+def test_url_a_resume_the_service_refuses_leaves_the_output_as_it_was(tmp_path):
+    """The service checked only its /readyz before the output was cut: a /predict refusal
+    (a model it has not) removed one more file's rows at each retry (the diff review)."""
+    import http.server
+
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        def answer(self, status, body):
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):  # noqa: N802, the handler's own name
+            self.answer(200, b'{"status": "ready"}')
+
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.answer(422, b'{"detail": "unknown model \'foo\'", "code": "unknown_model"}')
+
+        def log_message(self, *args):
+            pass
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        (folder / name).write_bytes(encode(gray_image(), "PNG"))
+    out = tmp_path / "rows.csv"
+    argv = ["images", str(folder), "--out", str(out), "--faces", "none"]
+    assert main([*argv, "--workers", "1"]) == 0
+    before = out.read_bytes()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for _ in range(2):
+            assert main([*argv, "--resume", "--model", "foo", "--url",
+                         f"http://127.0.0.1:{server.server_address[1]}"]) == 1
+            assert out.read_bytes() == before
+    finally:
+        server.shutdown()
+    for timeout in ("inf", "1e10", "0"):  # a socket took neither of the first two
+        with pytest.raises(SystemExit) as caught:
+            main([*argv, "--url", "http://127.0.0.1:1", "--timeout", timeout])
+        assert caught.value.code == 2
 
 
 @pytest.mark.parametrize("answer", ["endless", "trickling"])
