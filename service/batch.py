@@ -570,7 +570,12 @@ def without_credentials(url: str) -> str:
     if not at:
         return url
     scheme, sep, _ = head.partition("://")
-    return f"{scheme}://{rest}" if sep and "/" not in scheme else rest
+    return f"{scheme}://{rest}" if sep and scheme.lower() in ("http", "https") else rest
+
+
+def _shown(url) -> str:
+    """A parsed URL as messages show it: no user or password, no query."""
+    return f"{url.scheme}://{url.netloc.decode('ascii')}{url.path}"
 
 
 class RemoteRunner:
@@ -596,7 +601,11 @@ class RemoteRunner:
                 or url.rstrip().endswith(("?", "#"))):
             raise UsageError(f"--url {shown}: give it as http://host:port (a path after it is "
                              "kept, as for a proxy)")
-        self.url, self.shown = url.rstrip("/"), shown.rstrip("/")
+        if "@" in url and not parsed.userinfo:  # the URL's host is then not what it seems
+            raise UsageError(f"--url {shown}: an @ that does not end user:password@ (a "
+                             "password holding / # ? or :, or an @ in the path) must be "
+                             "percent-encoded")
+        self.url, self.shown = url.rstrip("/"), _shown(parsed).rstrip("/")
         self.timeout = timeout  # for the whole answer, not each read: a trickle ends too
         # read no more than this of a file, as in process: past it, the file's row says so
         # and it is not sent (a /dev/zero was read until memory ran out)
@@ -612,7 +621,7 @@ class RemoteRunner:
         response = self._send("GET", "/readyz", retries=2)
         if response.status_code not in (200, 503):
             raise RemoteError(f"{self.shown}/readyz answered {response.status_code}"
-                              + _what_to_change(response, "/readyz"))
+                              + _what_to_change(response, f"{self.url}/readyz"))
 
     def _send(self, method: str, path: str, retries: int | None = None, **kwargs):
         import httpx
@@ -726,7 +735,7 @@ class RemoteRunner:
         else:  # the service refused the run itself (401, 404, 415, 422, 5xx...): stop
             raise RemoteError(f"{self.shown}/predict answered {status}: "
                               f"{body.get('detail') or response.text[:200]!r}"
-                              + _what_to_change(response, "/predict"))
+                              + _what_to_change(response, f"{self.url}/predict"))
         return out  # type: ignore[return-value]
 
     def run(self, paths: Sequence[str]) -> Iterator[list[list[Row]]]:
@@ -748,12 +757,19 @@ def _error_body(response) -> dict:
         return {}
 
 
-def _what_to_change(response, path: str) -> str:
+def _what_to_change(response, requested: str) -> str:
     """For a redirect or a refused login: what to give instead (redirects are not followed,
     so the images never go where --url did not say)."""
+    import httpx
+
     if 300 <= response.status_code < 400 and "location" in response.headers:
-        where = without_credentials(response.headers["location"]).split("?")[0]
-        advice = (f"give {where.removesuffix(path) or '/'} as --url" if where.endswith(path)
+        asked = httpx.URL(requested)
+        try:
+            where = _shown(asked.join(response.headers["location"]))  # a relative one too
+        except httpx.InvalidURL:
+            return "; a redirect, not followed, to a place that is not a URL"
+        endpoint = "/" + asked.path.rpartition("/")[2]  # /readyz or /predict
+        advice = (f"give {where.removesuffix(endpoint)} as --url" if where.endswith(endpoint)
                   else "--url may need to name it")
         return f"; a redirect to {where}, not followed: {advice}"
     if response.status_code in (401, 403):

@@ -71,13 +71,14 @@ def run_images(args: argparse.Namespace) -> int:
     todo = [p for p in paths if p not in done]
 
     def opened() -> RowWriter:
-        # the output changes only with the first rows: a run refused before them (a service
-        # that is down, or that has not the model asked for) leaves it as it was
-        if args.resume:
-            finished_paths(args.out, paths)
-        return RowWriter(args.out, COLUMNS, append=args.resume)
+        # a resumed output changes only with the first rows: a run refused before them (a
+        # service that is down, or that has not the model asked for) leaves it as it was
+        finished_paths(args.out, paths)
+        return RowWriter(args.out, COLUMNS, append=True)
 
-    writer: RowWriter | None = None
+    # a run that starts over empties its output at once: an interrupted one's --resume then
+    # goes on from it, not from an older run's rows
+    writer = None if args.resume else RowWriter(args.out, COLUMNS)
     started, rows, unreadable, errors, cut = time.perf_counter(), 0, 0, 0, 0
     progress = _progress(len(paths), len(paths) - len(todo))
     try:

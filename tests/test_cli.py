@@ -948,7 +948,10 @@ def test_url_never_prints_its_password_and_says_what_to_change(tmp_path, capsys)
                         # part of it for the host or port (the diff review)
                         (f"http://alice:s3c#ret@127.0.0.1:{port}", 2),
                         (f"http://alice:s3c/ret@127.0.0.1:{port}", 2),
-                        (f"alice:s3cret@127.0.0.1:{port}", 2)):
+                        (f"alice:s3cret@127.0.0.1:{port}", 2),
+                        # taken as host alice, port 123: the images went there
+                        (f"http://alice:123/s3c@127.0.0.1:{port}", 2),
+                        (f"alice:s3c://x@127.0.0.1:{port}", 2)):
         with contextlib.suppress(SystemExit):
             assert main(["images", str(photo), "--out", str(tmp_path / "r.csv"),
                          "--url", url]) == status
@@ -957,6 +960,9 @@ def test_url_never_prints_its_password_and_says_what_to_change(tmp_path, capsys)
     for reply, hint in ((httpx.Response(307, headers={"location": "https://elsewhere/predict"}),
                          "a redirect to https://elsewhere/predict, not followed: give "
                          "https://elsewhere as --url"),
+                        (httpx.Response(307, headers={"location": "/svc/predict?u=bob@x.org"}),
+                         "a redirect to http://service.test/svc/predict, not followed: give "
+                         "http://service.test/svc as --url"),
                         (httpx.Response(401, json={"detail": "Not authenticated"}),
                          "credentials go in --url as http://user:password@host")):
         runner, _ = _runner_answering(reply)
@@ -1023,6 +1029,10 @@ def test_url_a_resume_the_service_refuses_leaves_the_output_as_it_was(tmp_path):
             assert main([*argv, "--resume", "--model", "foo", "--url",
                          f"http://127.0.0.1:{server.server_address[1]}"]) == 1
             assert out.read_bytes() == before
+        # a run that starts over empties its output at once, though no row came: a --resume
+        # after it went on from an older run's rows (the diff review)
+        assert main([*argv, "--url", f"http://127.0.0.1:{server.server_address[1]}"]) == 1
+        assert read_rows(out) == []
     finally:
         server.shutdown()
     for timeout in ("inf", "1e10", "0"):  # a socket took neither of the first two
