@@ -564,13 +564,14 @@ MAX_ANSWER_BYTES = 64 * 1024 * 1024  # a batch's answer is kilobytes; an endless
 
 def without_credentials(url: str) -> str:
     """``url`` as messages show it: a password in it (sent as Basic auth) is not printed.
-    Everything before the last ``@`` goes, as a password may hold ``/``, ``#`` or ``?`` typed
-    unencoded, which a URL parser takes for the end of the host."""
+    Everything before the last ``@`` becomes ``***``, as a password may hold ``/``, ``#`` or
+    ``?`` typed unencoded, which a URL parser takes for the end of the host."""
     head, at, rest = url.rpartition("@")
     if not at:
         return url
     scheme, sep, _ = head.partition("://")
-    return f"{scheme}://{rest}" if sep and scheme.lower() in ("http", "https") else rest
+    return f"{scheme}://***@{rest}" if sep and scheme.lower() in ("http", "https") \
+        else f"***@{rest}"
 
 
 def _shown(url) -> str:
@@ -606,7 +607,7 @@ class RemoteRunner:
                              "password holding / # ? or :, or an @ in the path) must be "
                              "percent-encoded")
         self.url, self.shown = url.rstrip("/"), _shown(parsed).rstrip("/")
-        self.timeout = timeout  # for the whole answer, not each read: a trickle ends too
+        self.timeout = timeout  # each read's, and the whole body's from its headers on
         # read no more than this of a file, as in process: past it, the file's row says so
         # and it is not sent (a /dev/zero was read until memory ran out)
         self.max_bytes = max_bytes
