@@ -796,7 +796,7 @@ def _row_from_json(path: str, prediction: dict) -> Row:
                     strict=True)))
     found = prediction.get("faces_found")
     return Row({"path": path, **box, "label": prediction["label"],
-                **{c: prediction["probabilities"][c] for c in CLASS_NAMES},
+                **dict(zip(CLASS_NAMES, probabilities, strict=True)),
                 "error": None, "code": None}, found if isinstance(found, int) else None)
 
 

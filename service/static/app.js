@@ -13,7 +13,7 @@ const FRAME_TIMEOUT_MS = 10000; // a webcam frame not answered by then is given 
 const state = { classes: [], models: [], examples: [], nextExample: 0, objectUrl: null,
                 stream: null, running: false, starting: false, sent: [], generation: 0,
                 controller: null, initDelay: 1000, last: null, shown: null, focusedFace: 0,
-                interval: 150, listHeld: false };
+                interval: null, listHeld: false }; // interval: takeInterval's, from its field
 
 function newRequestSignal() {
   if (state.controller) state.controller.abort();
@@ -330,12 +330,8 @@ function faceItem(list, i) {
 function relight() {
   const lit = document.querySelector("#boxes .box:hover, #faces-list .face:hover")
     || $("faces-list").querySelector(".face:focus");
-  highlight(lit ? Number(lit.dataset.index) : null);
-}
-
-function highlight(index) {
   for (const element of document.querySelectorAll(".box, .face")) {
-    element.classList.toggle("active", element.dataset.index === String(index));
+    element.classList.toggle("active", element.dataset.index === lit?.dataset.index);
   }
 }
 
@@ -484,6 +480,7 @@ function wire() {
     });
   }
   $("interval").addEventListener("change", takeInterval);
+  takeInterval();
   // a value the browser restores (Back, Forward) comes after this script has run
   window.addEventListener("pageshow", takeInterval);
   // a blur of the whole window leaves the list the active element: it still holds the focus
