@@ -150,6 +150,30 @@ def test_client_mistakes_are_400s_with_a_reason(client, faces):
     assert "exactly one input" in infer([unknown]).message()
 
 
+def test_a_misspelt_parameter_is_refused_and_tritonclients_own_pass(client, faces):
+    encoded = triton.InferInput("image_bytes", [1], "BYTES")
+    encoded.set_data_from_numpy(np.array(faces[:1], dtype=np.object_), binary_data=True)
+    # tritonclient adds priority, timeout and binary_data_output itself: they still run
+    result = client.infer("cnn", [encoded], priority=1, timeout=10_000_000,
+                          parameters={"faces": "none"})
+    assert result.as_numpy("probabilities").shape == (1, NUM_CLASSES)
+    # "face" ran the whole image silently, as if faces had not been asked for
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer("cnn", [encoded], parameters={"face": "auto"})
+    assert caught.value.status() == "400" and "['face']" in caught.value.message()
+
+    tensor = triton.InferInput("image", [1, 1, 350, 350], "FP32")
+    tensor.set_data_from_numpy(preprocess_image(faces[0])[None, None])
+    assert client.infer("cnn", [tensor], parameters={"faces": "none"}).as_numpy(
+        "probabilities").shape == (1, NUM_CLASSES)
+    # a preprocessed tensor has no face to find: "auto" (or "bogus") was ignored
+    for mode in ("auto", "bogus"):
+        with pytest.raises(InferenceServerException) as caught:
+            client.infer("cnn", [tensor], parameters={"faces": mode})
+        assert caught.value.status() == "400" and "goes with input 'image_bytes'" in \
+            caught.value.message(), mode
+
+
 @pytest.fixture(scope="module")
 def app_client():
     with TestClient(create_app(Settings(models_dir=REPO_MODELS_DIR, onnx_threads=1,

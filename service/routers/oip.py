@@ -169,6 +169,11 @@ def _readiness(serving, name: str, version: str | None) -> JSONResponse:
     return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 400)
 
 
+# what tritonclient and Triton's protocol set themselves; they ask nothing of this server
+PROTOCOL_PARAMETERS = frozenset({"binary_data_output", "headers", "priority", "timeout",
+                                 "sequence_id", "sequence_start", "sequence_end"})
+
+
 def run_inference(predictor: Predictor, name: str, request: InferRequest,
                   settings: Settings) -> np.ndarray:
     """CPU-bound, on the inference threads: the one input to probabilities ``[N, 8]``."""
@@ -186,6 +191,12 @@ def run_inference(predictor: Predictor, name: str, request: InferRequest,
     # an input the codec left unread (value None: more BYTES elements than any request's
     # images) is refused below by its count, its datatype or its shape before it is read
     tensor = request.inputs[0]
+    # a misspelt name ("face") would otherwise run the default silently, as on /predict
+    unknown = sorted(key for key in request.parameters if key != "faces"
+                     and key not in PROTOCOL_PARAMETERS)
+    if unknown:
+        raise ProtocolError(f"unknown request parameter(s) {unknown}; this server takes "
+                            "'faces' ('none' or 'auto', with input 'image_bytes')")
     count = tensor.shape[0] if tensor.shape else 0
     if not 1 <= count <= settings.max_images_per_request:
         error = TooLargeError if count > settings.max_images_per_request else ProtocolError
@@ -196,6 +207,10 @@ def run_inference(predictor: Predictor, name: str, request: InferRequest,
         if tensor.datatype != "FP32" or tensor.shape[1:] != [1, INPUT_SIZE, INPUT_SIZE]:
             raise ProtocolError(f"input 'image' is FP32 [N, 1, {INPUT_SIZE}, {INPUT_SIZE}], "
                                 f"got {tensor.datatype} {tensor.shape}")
+        if request.parameters.get("faces", "none") != "none":  # no face to find in pixels
+            raise ProtocolError("parameter 'faces' goes with input 'image_bytes': input "
+                                "'image' is already preprocessed, so only 'none' fits it, got "
+                                f"{request.parameters['faces']!r}")
         images = tensor.value[:, 0]
         if not np.isfinite(images).all() or images.min() < 0 or images.max() > 1:
             raise ProtocolError("input 'image' must hold finite values in [0, 1], the "
