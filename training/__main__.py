@@ -135,16 +135,9 @@ def cmd_cache(args: argparse.Namespace) -> None:
               f"{time.perf_counter() - started:.1f} s (pixel sum {checksum})")
 
 
-def make_out(args: argparse.Namespace) -> None:
-    """An --out that cannot be made is refused before the training, not after it."""
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-
-
 def cmd_reproduce(args: argparse.Namespace) -> None:
     from training.reproduce import reproduce
 
-    make_out(args)
     reproduce(get_training_settings(), args.only, args.profile, args.device, args.out)
 
 
@@ -152,7 +145,6 @@ def cmd_levers(args: argparse.Namespace) -> None:
     from training.levers import run_levers, write_levers_report
 
     settings = get_training_settings()
-    make_out(args)
     run_levers(settings, args.only, args.profile, args.device, args.out, args.epochs)
     if args.out is None and args.profile == "full":
         print(f"wrote {write_levers_report(settings.reports_dir)}")
@@ -161,7 +153,6 @@ def cmd_levers(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from training.recipe import train_shipped
 
-    make_out(args)
     started = time.perf_counter()
     train_shipped(get_training_settings(), args.profile, tuple(args.seeds), args.device,
                   args.out, args.start_at)
@@ -352,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
         # to fix, so one line, not a traceback.
         print(f"python -m training {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
+        print(f"python -m training {args.command}: interrupted; what it wrote before "
+              "stays", file=sys.stderr)
+        return 130
     except SystemExit as exc:
         if not isinstance(exc.code, str):  # an exit status, not a refusal
             raise

@@ -53,6 +53,9 @@ def read_table(path: Path, what: str):
     is not ``what`` (empty, malformed, not UTF-8), in one line."""
     try:
         return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:  # the errno line named the file but not where it comes from
+        raise DataError(f"{path}: no such file; EMOTION_DATA_DIR names the folder that holds "
+                        f"{path.name}, and `python -m training audit` writes it") from None
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not {what} `python -m training audit` writes ({exc})") from exc
 

@@ -132,6 +132,8 @@ def run_levers(settings: TrainingSettings, names: list[str] | None = None, profi
     checkpoint_dir = out_dir or (settings.checkpoints_dir / "levers" if profile == "full"
                                  else smoke_dir)
     out_dir = out_dir or (settings.reports_dir / "levers" if profile == "full" else smoke_dir)
+    for folder in (out_dir, checkpoint_dir):  # refused now, not after the first lever's training
+        folder.mkdir(parents=True, exist_ok=True)
     ws = Workspace(settings, profile)
     ws.require_fer()  # a full run trains on FER-2013 Training too: said before any work
     torch_device = resolve_device(device)
@@ -143,7 +145,6 @@ def run_levers(settings: TrainingSettings, names: list[str] | None = None, profi
         elif profile == "smoke":
             config = replace(config, epochs=1)
         result = run_lever(ws, name, config, torch_device, seed, checkpoint_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
         cv = result["flip"]["offsets_cross_validated"]
         print(f"lever {name}: {result['train_wall_time_s']:.0f} s; flip, cross-validated "

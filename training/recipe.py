@@ -225,7 +225,6 @@ def train_shipped(settings: TrainingSettings, profile: str = "full", seeds=SEEDS
                   start_at: str = "fit") -> list[dict]:
     """Per seed: the first fit, its refinement, then what follows (:func:`finish_one`).
     ``start_at`` reuses the checkpoints of the stages before it."""
-    ws = Workspace(settings, profile)
     smoke = profile != "full"
     train_config = replace(SHIPPED_TRAIN, epochs=1) if smoke else SHIPPED_TRAIN
     refine_config = replace(REFINE_TRAIN, epochs=1) if smoke else REFINE_TRAIN
@@ -233,6 +232,11 @@ def train_shipped(settings: TrainingSettings, profile: str = "full", seeds=SEEDS
     # a smoke run never replaces the full checkpoints that --from refine|finish reuses
     out_dir = out_dir or (settings.checkpoints_dir if profile == "full"
                           else settings.smoke_dir("train"))
+    after_training = settings.reports_dir / "after_training"
+    # folders that cannot be made are refused now, not after a seed's half hour of training
+    for folder in (out_dir, *([after_training] if record_after_training else [])):
+        folder.mkdir(parents=True, exist_ok=True)
+    ws = Workspace(settings, profile)
     torch_device = resolve_device(device)
     runs = []
     for seed in seeds:
@@ -250,8 +254,7 @@ def train_shipped(settings: TrainingSettings, profile: str = "full", seeds=SEEDS
         runs.append(finish_one(ws, load_checkpoint(fitted), load_checkpoint(refined),
                                torch_device, out_dir))
         if record_after_training:  # what chose the steps after training, for levers.md
-            record = settings.reports_dir / "after_training" / f"seed{seed}.json"
-            record.parent.mkdir(parents=True, exist_ok=True)
+            record = after_training / f"seed{seed}.json"
             record.write_text(json.dumps({
                 "seed": seed, **runs[-1]["after_training"],
                 "val_macro_f1": {name: runs[-1]["metrics"][name]["val"]["macro_f1"]

@@ -74,7 +74,8 @@ def summarise(per_seed: dict[int, dict]) -> dict:
     return summary
 
 
-def run_experiment(exp: Experiment, ws: Workspace, device: torch.device, out_root: Path) -> dict:
+def run_experiment(exp: Experiment, ws: Workspace, device: torch.device, out_root: Path,
+                   commit: str) -> dict:
     started = time.perf_counter()
     results, extras = {}, {}
     for split in SPLIT_NAMES:
@@ -97,7 +98,7 @@ def run_experiment(exp: Experiment, ws: Workspace, device: torch.device, out_roo
         "model": exp.model.to_dict() if exp.model else None,
         "train": exp.train.to_dict() if exp.train else None,
         "knn_ks": list(exp.knn_ks), "seeds": list(exp.seeds), "device": str(device),
-        "wall_time_s": round(wall, 1), "code_commit": code_commit(), "machine": machine(),
+        "wall_time_s": round(wall, 1), "code_commit": commit, "machine": machine(),
         "results": results, "training": extras,
     }
     folder = out_root / exp.name
@@ -120,16 +121,19 @@ def reproduce(settings: TrainingSettings, names: list[str] | None = None, profil
     if unknown:
         raise SystemExit(f"unknown experiment(s) {sorted(unknown)}; "
                          f"choose from {list(EXPERIMENTS)}")
+    out_root.mkdir(parents=True, exist_ok=True)  # refused now, not after the first training
     ws = Workspace(settings, profile)
     torch_device = resolve_device(device)
+    commit = code_commit()  # the code that starts the run runs all of it, commits meanwhile or not
     started = time.perf_counter()
     reports = {}
     for name in chosen:
         exp = for_profile(EXPERIMENTS[name], profile)
         print(f"{name}: {exp.description}", flush=True)
-        reports[name] = run_experiment(exp, ws, torch_device, out_root)
+        reports[name] = run_experiment(exp, ws, torch_device, out_root, commit)
+        # after each, so that a run stopped part-way leaves a README that matches its metrics
+        write_reports_readme(out_root)
         print(f"{name}: {reports[name]['wall_time_s']:.0f} s", flush=True)
     total = time.perf_counter() - started
     print(f"total wall time {total:.0f} s ({total / 60:.1f} min) on {torch_device}", flush=True)
-    write_reports_readme(out_root)
     return reports
