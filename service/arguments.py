@@ -22,6 +22,18 @@ def count(text: str) -> int:
     return value
 
 
+# images or frames held decoded at once: 100,000 frames of a 640x480 video took 4.2 GB
+MAX_BATCH_SIZE = 256
+
+
+def batch_size(text: str) -> int:
+    value = count(text)
+    if value > MAX_BATCH_SIZE:
+        raise argparse.ArgumentTypeError(f"{value} is more than {MAX_BATCH_SIZE}, the most "
+                                         "images a batch holds in memory at once")
+    return value
+
+
 def non_negative(text: str) -> int:
     value = _whole_number(text)
     if value < 0:

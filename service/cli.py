@@ -15,7 +15,7 @@ import time
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-from service.arguments import count
+from service.arguments import MAX_BATCH_SIZE, batch_size, count
 from service.batch import (
     COLUMNS,
     UNREADABLE,
@@ -130,6 +130,10 @@ def run_video(args: argparse.Namespace) -> int:
     if not args.video.is_file():
         raise UsageError(f"{args.video}: " + ("a folder; name a video file"
                                                if args.video.is_dir() else "no such file"))
+    for option, path in (("--out", args.out), ("--plot", args.plot)):
+        # a GIF's plot named after it replaced the video with the plot
+        if path is not None and os.path.realpath(path) == os.path.realpath(args.video):
+            raise UsageError(f"{option} {path} is the video itself; name another file")
     if not 0 < args.fps <= MAX_FPS:  # also refuses nan and inf, whose steps never advance
         raise UsageError(f"--fps must be above 0 and at most {MAX_FPS:g}")
     settings = load_settings()
@@ -190,8 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
                              faces or f"EMOTION_DEFAULT_FACES{served}") + ")")
         sub.add_argument("--model", default=None,
                          help=f"cnn or knn (default: EMOTION_DEFAULT_MODEL{served})")
-        sub.add_argument("--batch-size", type=count, default=8,
-                         help="images (or frames) per model call (default: %(default)s)")
+        sub.add_argument("--batch-size", type=batch_size, default=8,
+                         help="images (or frames) per model call (default: %(default)s, at "
+                         f"most {MAX_BATCH_SIZE})")
         sub.add_argument("--models-dir", type=Path, default=None,
                          help="the models folder (default: EMOTION_MODELS_DIR, else the "
                          "shipped models)")

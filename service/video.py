@@ -7,6 +7,7 @@ step as an uploaded image, and all the faces of a batch of frames are one model 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
         # A raw H.264/H.265 stream (camera and CCTV exports) has no timestamps: its frames
         # are timed by their number and the rate the codec declares.
         rate = stream.guessed_rate or stream.average_rate
-        next_time, last_time, last_end = 0.0, None, None
+        next_time, last_time, last_end, decoded = 0.0, None, None, 0
         cut_packet = False
 
         def frames():  # the stream's frames, noting a packet the file ends inside of
@@ -93,11 +94,14 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
             # a slideshow's last frame may be shown for seconds: its own duration, not 1/rate
             shown = (float(frame.duration * frame.time_base) if frame.duration
                      and frame.time_base else 1 / float(rate) if rate else 0.0)
-            last_time, last_end = time, time + shown
+            if last_time is not None and time < last_time - 1.0 / fps:
+                next_time = time  # the timestamps start again (clips joined): so does sampling
+            last_time, last_end, decoded = time, time + shown, number + 1
             if time + 1e-6 >= next_time:
                 yield round(time, 4), number, decoded_from_image(upright(frame))
-                while next_time <= time + 1e-6:
-                    next_time += 1.0 / fps
+                # the next multiple of 1/fps in one step: a jump in the timestamps cost a
+                # turn per multiple skipped (hours of them for one wild timestamp)
+                next_time = (math.floor((time + 1e-6) * fps) + 1) / fps
         end, of_the_file = declared_end(container, stream, av.time_base)
         # The file's own duration may count a last frame held longer than its packets say
         # (a slideshow remuxed to FLV): trusted only where a packet was cut off too.
@@ -107,6 +111,14 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
             stop = "before its first frame" if last_time is None else f"at {last_time:.1f} s"
             raise TruncatedVideoError(f"{path}: the frames stop {stop} of the {end:.1f} s "
                                       "its header declares: the file is cut short")
+        # AVI's header counts its frames; its duration is FFmpeg's estimate from what is left
+        # of a cut file, so the count is what tells that the pictures stop early
+        if stream.frames and rate and (stream.frames - decoded) / float(rate) \
+                > TRUNCATION_SLACK_SECONDS:
+            stop = "before its first frame" if last_time is None else f"at {last_time:.1f} s"
+            raise TruncatedVideoError(f"{path}: the frames stop {stop}, after {decoded} of the "
+                                      f"{stream.frames} its header declares: the file is cut "
+                                      "short")
 
 
 def declared_end(container, stream, container_time_base: int) -> tuple[float | None, bool]:

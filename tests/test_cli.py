@@ -568,14 +568,14 @@ def test_the_progress_bar_shows_on_a_terminal_and_not_in_a_log(photo_folder, tmp
 
 def encode_video(path, frames: list[Image.Image], fps: int, rotation: int = 0,
                  codec: str = "mpeg4", container_format: str | None = None,
-                 options: dict | None = None) -> None:
+                 options: dict | None = None, pix_fmt: str = "yuv420p") -> None:
     """``rotation``: the display matrix's turn (counterclockwise degrees), as phones write."""
     import av
 
     with av.open(str(path), "w", format=container_format, options=options or {}) as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height = frames[0].size
-        stream.pix_fmt = "yuv420p"
+        stream.pix_fmt = pix_fmt
         if rotation:
             stream.set_display_rotation(rotation)
         for image in frames:
@@ -666,14 +666,17 @@ def test_a_raw_camera_stream_without_timestamps_is_timed_by_its_frame_rate(tmp_p
     assert [int(r["frame"]) for r in rows] == [0, 5, 10, 15, 20, 25]
 
 
-@pytest.mark.parametrize("suffix", ["mp4", "flv"])
+@pytest.mark.parametrize("suffix", ["mp4", "flv", "avi"])
 def test_a_cut_video_says_so_keeps_its_rows_and_exits_1(tmp_path, capsys, suffix):
     """PyAV's frame threads end a cut stream quietly: a cut download gave the rows of its first
     part, exit 0 and no word. The frames sampled before the cut, fewer than a batch here, are
-    still written. An FLV declares its duration only for the whole file."""
+    still written. An FLV declares its duration only for the whole file; an AVI's duration
+    is FFmpeg's estimate from what is left of it, and only its frame count tells."""
     whole, cut = tmp_path / f"whole.{suffix}", tmp_path / f"cut.{suffix}"
     if suffix == "mp4":  # the index first (as web video is), so that the cut file still opens
         encode_video(whole, noise_frames(40), fps=10, options={"movflags": "faststart"})
+    elif suffix == "avi":  # Motion JPEG, as cameras write
+        encode_video(whole, noise_frames(40), fps=10, codec="mjpeg", pix_fmt="yuvj420p")
     else:
         encode_video(whole, noise_frames(40), fps=10, codec="libx264")
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 2 // 3])
@@ -686,9 +689,51 @@ def test_a_cut_video_says_so_keeps_its_rows_and_exits_1(tmp_path, capsys, suffix
     assert 3 <= len(cut_rows) < len(whole_rows) and len(whole_rows) >= 8
     assert [{**r, "path": ""} for r in cut_rows] == [
         {**r, "path": ""} for r in whole_rows[: len(cut_rows)]]
-    assert "the file is cut short" in line and "of the 4." in line and "s its header" in line
-    assert line.endswith(f"the {len(cut_rows)} rows of the {len(cut_rows)} frames before it "
-                         f"are in {tmp_path / 'cut.csv'}")
+    assert "the file is cut short" in line and (
+        "of the 40 its header declares" if suffix == "avi" else "of the 4.") in line
+    assert "its header" in line and line.endswith(
+        f"the {len(cut_rows)} rows of the {len(cut_rows)} frames before it are in "
+        f"{tmp_path / 'cut.csv'}")
+
+
+def jumping_video(path, frames: list[Image.Image], last_at: float) -> None:
+    """A Matroska file at 10 frames a second whose last frame is stamped ``last_at`` s."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height = frames[0].size
+        stream.pix_fmt = "yuv420p"
+        packets = [p for image in frames
+                   for p in stream.encode(av.VideoFrame.from_image(image.convert("RGB")))]
+        packets += stream.encode()
+        last = max(packets, key=lambda packet: packet.pts)
+        last.pts = last.dts = int(last_at / last.time_base)
+        for packet in packets:
+            container.mux(packet)
+
+
+def test_timestamps_that_jump_or_start_again_are_sampled_where_they_land(tmp_path):
+    """A frame stamped a billion seconds on took a loop turn per 1/fps to reach (the run
+    never ended); clips joined end to end (MPEG-TS, which `cat` joins) restart their times,
+    and every frame after the join was dropped without a word."""
+    jump, out = tmp_path / "jump.mkv", tmp_path / "rows.csv"
+    jumping_video(jump, noise_frames(4), last_at=1e9)
+    result = subprocess.run([*COMMAND, "video", str(jump), "--out", str(out), "--fps", "2",
+                             "--faces", "none"], cwd=REPO, capture_output=True, text=True,
+                            timeout=60)  # a guard against the endless loop, not a speed test
+    assert result.returncode == 0, result.stderr
+    assert [float(r["time_s"]) for r in read_rows(out)] == [0.0, 1e9]
+
+    clip, joined = tmp_path / "clip.ts", tmp_path / "joined.ts"
+    encode_video(clip, noise_frames(20), fps=10, container_format="mpegts")
+    joined.write_bytes(clip.read_bytes() * 2)
+    argv = ["--fps", "2", "--faces", "none"]
+    assert main(["video", str(clip), "--out", str(tmp_path / "clip.csv"), *argv]) == 0
+    assert main(["video", str(joined), "--out", str(tmp_path / "joined.csv"), *argv]) == 0
+    once = [r["time_s"] for r in read_rows(tmp_path / "clip.csv")]
+    assert len(once) >= 4 and [r["time_s"] for r in read_rows(tmp_path / "joined.csv")] == \
+        once * 2
 
 
 def video_with_longer_sound(path, frames: list[Image.Image], fps: int, seconds: float) -> None:
@@ -774,6 +819,10 @@ def test_a_whole_video_is_not_taken_for_a_cut_one(tmp_path, kind):
     # a folder of folders, without --recursive: 0 files and exit 0, no hint
     ["images", "{tmp}/nested", "--out", "{tmp}/r.csv"],
     ["video", "{tmp}/nested", "--out", "{tmp}/v.csv"],  # said "no such file"
+    # the plot was drawn over the video it was read from (an animated GIF's, say)
+    ["video", "{photo}", "--out", "{tmp}/v.csv", "--plot", "{photo}"],
+    # a batch is held whole: 100,000 frames of a small video took 4.2 GB
+    ["video", "{photo}", "--out", "{tmp}/v.csv", "--batch-size", "257"],
 ])
 def test_output_and_connection_mistakes_are_one_line_before_any_work(tmp_path, argv):
     (tmp_path / "folder.csv").mkdir()
