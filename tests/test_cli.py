@@ -346,7 +346,19 @@ def test_a_folder_that_cannot_be_listed_gets_its_row_and_exit_1(test_images, tmp
     assert sorted(paths) == sorted(str(p) for p in top.rglob("*.jpg"))
 
 
-def test_a_ctrl_c_while_resume_rewrites_the_output_comes_after_it(tmp_path, monkeypatch):
+class Terminated(Exception):
+    """What the test's SIGTERM handler raises: the default one would end pytest."""
+
+
+def raise_terminated(number, frame):
+    raise Terminated
+
+
+@pytest.mark.parametrize(("number", "handler", "raised"), [
+    (signal.SIGINT, signal.default_int_handler, KeyboardInterrupt),
+    (signal.SIGTERM, raise_terminated, Terminated)])
+def test_a_ctrl_c_while_resume_rewrites_the_output_comes_after_it(tmp_path, monkeypatch,
+                                                                  number, handler, raised):
     """The signal mask held SIGINT and SIGTERM in the main thread only: the kernel gave them
     to numpy's thread, and the rewrite stopped half done, leaving a row no run wrote (or,
     for SIGTERM, a file --resume refused), (the diff review)."""
@@ -379,7 +391,7 @@ def test_a_ctrl_c_while_resume_rewrites_the_output_comes_after_it(tmp_path, monk
             written = self.handle.write(data)
             # between the write and the truncate, to another thread, as the kernel may choose
             # (a mask on the main thread does not hold it there)
-            signal.pthread_kill(bystander.ident, signal.SIGINT)
+            signal.pthread_kill(bystander.ident, number)
             for _ in range(50):
                 time.sleep(0.01)  # Python runs the handler in the main thread meanwhile
             return written
@@ -389,14 +401,14 @@ def test_a_ctrl_c_while_resume_rewrites_the_output_comes_after_it(tmp_path, monk
         else opened(self, mode, *args, **kwargs)))
     # Python's own handler, as under a terminal: a shell's background job starts with SIGINT
     # ignored, and then the Ctrl-C, taken after the rewrite, is ignored there too
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous = signal.signal(number, handler)
     bystander = threading.Thread(target=time.sleep, args=(5,), daemon=True)
     bystander.start()
     try:
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(raised):
             finished_paths(out, names)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(number, previous)
     monkeypatch.undo()
     assert [r["path"] for r in read_rows(out)] == names[1:-1]  # whole, and nothing more
 
@@ -477,7 +489,9 @@ def test_resume_reads_back_paths_holding_any_line_break(tmp_path, suffix):
 def test_the_knn_in_several_workers_gives_the_rows_of_one(tmp_path):
     """Forked after the kNN had run in the parent (check() loads the models), each worker
     waited for ever in OpenMP's barrier: emotion-detect --model knn hung at its default
-    --workers on any machine of 2 CPUs or more."""
+    --workers on any machine of 2 CPUs or more. Two things keep it off now, and this checks
+    the outcome, not which: the workers start from a forkserver, and every process's kNN
+    runs on one OpenMP thread (its share of the CPUs), which starts no thread team to fork."""
     photos = tmp_path / "photos"
     photos.mkdir()
     for name in ("two_people.jpg", "four_people.jpg", "three_people.jpg"):
@@ -1110,14 +1124,13 @@ def test_url_bounds_an_answer_in_size_and_time(tmp_path, answer):
             time.sleep(0.1)
             yield b" "
 
-    runner, _ = _runner_answering(httpx.Response(
+    runner, sent = _runner_answering(httpx.Response(
         200, content={"endless": endless, "trickling": trickling}[answer]()))
     runner.timeout = 1.0
-    started = time.monotonic()
     message = "more than 67,108,864 bytes" if answer == "endless" else "no whole answer within 1 s"
     with pytest.raises(RemoteError, match=message):
         runner._classify([str(photo)])
-    assert time.monotonic() - started < 30  # once, not retried
+    assert len(sent) == 1  # once, not retried
 
 
 def test_url_stops_at_once_on_a_model_the_service_refused_at_start_up(tmp_path, monkeypatch):
