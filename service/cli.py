@@ -132,7 +132,8 @@ def run_video(args: argparse.Namespace) -> int:
                                                if args.video.is_dir() else "no such file"))
     for option, path in (("--out", args.out), ("--plot", args.plot)):
         # a GIF's plot named after it replaced the video with the plot
-        if path is not None and os.path.realpath(path) == os.path.realpath(args.video):
+        if path is not None and (os.path.realpath(path) == os.path.realpath(args.video) or (
+                path.exists() and path.samefile(args.video))):  # a hard link: another name
             raise UsageError(f"{option} {path} is the video itself; name another file")
     if not 0 < args.fps <= MAX_FPS:  # also refuses nan and inf, whose steps never advance
         raise UsageError(f"--fps must be above 0 and at most {MAX_FPS:g}")

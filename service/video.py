@@ -111,10 +111,11 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
             stop = "before its first frame" if last_time is None else f"at {last_time:.1f} s"
             raise TruncatedVideoError(f"{path}: the frames stop {stop} of the {end:.1f} s "
                                       "its header declares: the file is cut short")
-        # AVI's header counts its frames; its duration is FFmpeg's estimate from what is left
-        # of a cut file, so the count is what tells that the pictures stop early
-        if stream.frames and rate and (stream.frames - decoded) / float(rate) \
-                > TRUNCATION_SLACK_SECONDS:
+        # AVI's header counts its frames (gaps filled with empty ones, so count / rate is its
+        # end); its duration is FFmpeg's estimate from what is left of a cut file. Not MP4's
+        # count: an edit list (a trim without re-encoding) hides frames it still counts.
+        if container.format.name == "avi" and stream.frames and rate and \
+                stream.frames / float(rate) - (last_end or 0.0) > TRUNCATION_SLACK_SECONDS:
             stop = "before its first frame" if last_time is None else f"at {last_time:.1f} s"
             raise TruncatedVideoError(f"{path}: the frames stop {stop}, after {decoded} of the "
                                       f"{stream.frames} its header declares: the file is cut "

@@ -792,14 +792,49 @@ def flv_slideshow(path, frames: list[Image.Image], fps: int, last_seconds: float
             container.mux(packet)
 
 
-@pytest.mark.parametrize("kind", ["last frame held", "FLV slideshow", "sound runs on"])
+def retimed_video(path, frames: list[Image.Image], codec: str, pix_fmt: str, shift: int = 0,
+                  gap_after: int | None = None) -> None:
+    """10 frames a second, every packet moved ``shift`` frames (below 0: an MP4 then trims
+    them with an edit list, as `ffmpeg -ss ... -c copy` writes), and a 2 s gap after frame
+    ``gap_after`` (a camera that records on motion)."""
+    import fractions
+
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=10)
+        stream.width, stream.height = frames[0].size
+        stream.pix_fmt = pix_fmt
+        stream.codec_context.time_base = fractions.Fraction(1, 10)
+        packets = []
+        for number, image in enumerate(frames):
+            frame = av.VideoFrame.from_image(image.convert("RGB"))
+            frame.pts = number + (20 if gap_after is not None and number > gap_after else 0)
+            frame.time_base = stream.codec_context.time_base
+            packets += stream.encode(frame)
+        packets += stream.encode()
+        for packet in packets:
+            packet.pts, packet.dts = packet.pts + shift, packet.dts + shift
+            container.mux(packet)
+
+
+@pytest.mark.parametrize("kind", ["last frame held", "FLV slideshow", "sound runs on",
+                                  "trimmed MP4", "AVI with a gap"])
 def test_a_whole_video_is_not_taken_for_a_cut_one(tmp_path, kind):
     """All were 'cut short', exit 1: a GIF whose last frame is shown for 2 s (its end is its
     last frame's time plus its own duration), an FLV slideshow, whose frames say nothing of
     the hold its file's duration counts, and a file whose sound outlasts its pictures (the
-    container's duration counts the sound)."""
+    container's duration counts the sound). An MP4 trimmed by an edit list still counts the
+    frames it hides, and an AVI fills a gap in time with empty frames that its header counts
+    (the diff review: the first frame-count check took both for cut)."""
     frames = noise_frames(20)
-    if kind == "last frame held":
+    if kind == "trimmed MP4":
+        video = tmp_path / "trimmed.mp4"
+        retimed_video(video, noise_frames(35), "mpeg4", "yuv420p", shift=-15)
+    elif kind == "AVI with a gap":
+        video = tmp_path / "motion.avi"
+        retimed_video(video, frames, "mjpeg", "yuvj420p", gap_after=9)
+    elif kind == "last frame held":
         video = tmp_path / "pause.gif"
         frames[0].save(video, save_all=True, append_images=frames[1:],
                        duration=[100] * 19 + [2000])
@@ -812,8 +847,9 @@ def test_a_whole_video_is_not_taken_for_a_cut_one(tmp_path, kind):
     out = tmp_path / "rows.csv"
     assert main(["video", str(video), "--out", str(out), "--fps", "2", "--faces", "none"]) == 0
     times = [float(r["time_s"]) for r in read_rows(out)]
-    assert times == pytest.approx([0.0, 0.5, 1.0, 1.5] if kind != "FLV slideshow" else
-                                  [0.1, 0.6, 1.1, 1.6, 2.0], abs=0.11)
+    assert times == pytest.approx({"FLV slideshow": [0.1, 0.6, 1.1, 1.6, 2.0],
+                                   "AVI with a gap": [0.0, 0.5, 3.0, 3.5]}.get(
+        kind, [0.0, 0.5, 1.0, 1.5]), abs=0.11)
 
 
 @pytest.mark.parametrize("argv", [
@@ -851,6 +887,22 @@ def test_output_and_connection_mistakes_are_one_line_before_any_work(tmp_path, a
     assert re.match(r"emotion-detect( images| video)?: error:",
                     result.stderr.strip().splitlines()[-1]), result.stderr
     assert "Traceback" not in result.stderr and "no such file" not in result.stderr
+
+
+@pytest.mark.parametrize("link", [os.symlink, os.link])
+def test_a_plot_over_the_video_under_another_name_is_refused(tmp_path, capsys, link):
+    """A hard link passed the first check, which compared paths: the plot replaced the
+    video (the diff review)."""
+    video = tmp_path / "clip.gif"
+    frames = noise_frames(3)
+    frames[0].save(video, save_all=True, append_images=frames[1:], duration=100)
+    before = video.read_bytes()
+    link(video, tmp_path / "other.gif")
+    with pytest.raises(SystemExit) as caught:
+        main(["video", str(video), "--out", str(tmp_path / "v.csv"), "--plot",
+              str(tmp_path / "other.gif")])
+    assert caught.value.code == 2 and "is the video itself" in capsys.readouterr().err
+    assert video.read_bytes() == before
 
 
 def test_odd_file_names_survive_a_run_and_its_resume(tmp_path):

@@ -916,7 +916,8 @@ def test_face_geometry_pins_the_file_it_writes_so_the_service_loads_it(tmp_path)
      "Not a directory"),
     # the errno line named the file, not the setting behind it
     (["reproduce", "--profile", "smoke", "--only", "knn"],
-     {"EMOTION_DATA_DIR": "/nonexistent/data"}, "EMOTION_DATA_DIR names the folder"),
+     {"EMOTION_DATA_DIR": "/nonexistent/data"}, "training audit` writes it under "
+                                                  "EMOTION_DATA_DIR"),
 ])
 def test_settings_that_point_nowhere_are_one_line_before_any_work(argv, env, says):
     from tests.server import run_training

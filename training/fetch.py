@@ -54,8 +54,8 @@ def read_table(path: Path, what: str):
     try:
         return pd.read_csv(path, dtype=str, keep_default_na=False)
     except FileNotFoundError:  # the errno line named the file but not where it comes from
-        raise DataError(f"{path}: no such file; EMOTION_DATA_DIR names the folder that holds "
-                        f"{path.name}, and `python -m training audit` writes it") from None
+        raise DataError(f"{path}: no such file; `python -m training audit` writes it under "
+                        "EMOTION_DATA_DIR (default: the repository's data/)") from None
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not {what} `python -m training audit` writes ({exc})") from exc
 
