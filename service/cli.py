@@ -165,6 +165,10 @@ def run_video(args: argparse.Namespace) -> int:
         reason = exc if isinstance(exc, VideoError) else (
             f"{args.video}: cannot decode the video: {exc}")
         kept = f"; the {written} rows of the {frames} frames before it are in {args.out}"
+        if args.plot and plotted:  # drawn for the rows kept, as they are: nothing read is lost
+            plot_largest_face(plotted, args.plot, f"{args.video.name} (cut short): {model}, "
+                              f"faces={mode}, {args.fps:g} frames/s")
+            kept += f", and their plot in {args.plot}"
         print(f"emotion-detect: {reason}{kept if frames else ''}", file=sys.stderr)
         return 1
     finally:

@@ -697,7 +697,8 @@ def test_a_cut_video_says_so_keeps_its_rows_and_exits_1(tmp_path, capsys, suffix
     argv = ["--fps", "2", "--faces", "none", "--batch-size", "16"]
     assert main(["video", str(whole), "--out", str(tmp_path / "whole.csv"), *argv]) == 0
     capsys.readouterr()
-    assert main(["video", str(cut), "--out", str(tmp_path / "cut.csv"), *argv]) == 1
+    assert main(["video", str(cut), "--out", str(tmp_path / "cut.csv"), *argv, "--plot",
+                 str(tmp_path / "cut.png")]) == 1
     [line] = capsys.readouterr().err.strip().splitlines()
     cut_rows, whole_rows = read_rows(tmp_path / "cut.csv"), read_rows(tmp_path / "whole.csv")
     assert 3 <= len(cut_rows) < len(whole_rows) and len(whole_rows) >= 8
@@ -705,9 +706,11 @@ def test_a_cut_video_says_so_keeps_its_rows_and_exits_1(tmp_path, capsys, suffix
         {**r, "path": ""} for r in whole_rows[: len(cut_rows)]]
     assert "the file is cut short" in line and (
         "of the 40 its header declares" if suffix == "avi" else "of the 4.") in line
+    # the rows kept are plotted too (no plot was drawn, and nothing said so)
     assert "its header" in line and line.endswith(
         f"the {len(cut_rows)} rows of the {len(cut_rows)} frames before it are in "
-        f"{tmp_path / 'cut.csv'}")
+        f"{tmp_path / 'cut.csv'}, and their plot in {tmp_path / 'cut.png'}")
+    assert Image.open(tmp_path / "cut.png").size[0] > 600
 
 
 def jumping_video(path, frames: list[Image.Image], last_at: float) -> None:
