@@ -74,7 +74,7 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
         # A raw H.264/H.265 stream (camera and CCTV exports) has no timestamps: its frames
         # are timed by their number and the rate the codec declares.
         rate = stream.guessed_rate or stream.average_rate
-        next_time, last_time, last_end, decoded = 0.0, None, None, 0
+        next_time, last_time, last_end = 0.0, None, None
         cut_packet = False
 
         def frames():  # the stream's frames, noting a packet the file ends inside of
@@ -96,7 +96,7 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
                      and frame.time_base else 1 / float(rate) if rate else 0.0)
             if last_time is not None and time < last_time - 1.0 / fps:
                 next_time = time  # the timestamps start again (clips joined): so does sampling
-            last_time, last_end, decoded = time, time + shown, number + 1
+            last_time, last_end = time, time + shown
             if time + 1e-6 >= next_time:
                 yield round(time, 4), number, decoded_from_image(upright(frame))
                 # the next multiple of 1/fps in one step: a jump in the timestamps cost a
@@ -111,15 +111,18 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
             stop = "before its first frame" if last_time is None else f"at {last_time:.1f} s"
             raise TruncatedVideoError(f"{path}: the frames stop {stop} of the {end:.1f} s "
                                       "its header declares: the file is cut short")
-        # AVI's header counts its frames (gaps filled with empty ones, so count / rate is its
-        # end); its duration is FFmpeg's estimate from what is left of a cut file. Not MP4's
-        # count: an edit list (a trim without re-encoding) hides frames it still counts.
-        if container.format.name == "avi" and stream.frames and rate and \
-                stream.frames / float(rate) - (last_end or 0.0) > TRUNCATION_SLACK_SECONDS:
-            stop = "before its first frame" if last_time is None else f"at {last_time:.1f} s"
-            raise TruncatedVideoError(f"{path}: the frames stop {stop}, after {decoded} of the "
-                                      f"{stream.frames} its header declares: the file is cut "
-                                      "short")
+        # AVI's header counts its chunks, a tick of its time base each (gaps filled with empty
+        # ones), so count x time base is its end; its duration is FFmpeg's estimate from what
+        # is left of a cut file. Not MP4's count: an edit list (a trim without re-encoding)
+        # hides frames it still counts.
+        if container.format.name == "avi" and stream.frames and stream.time_base:
+            counted_end = float(stream.frames * stream.time_base)
+            if counted_end - (last_end or 0.0) > TRUNCATION_SLACK_SECONDS:
+                stop = ("before its first frame" if last_time is None
+                        else f"at {last_time:.1f} s")
+                raise TruncatedVideoError(f"{path}: the frames stop {stop} of the "
+                                          f"{counted_end:.1f} s its header's count declares: "
+                                          "the file is cut short")
 
 
 def declared_end(container, stream, container_time_base: int) -> tuple[float | None, bool]:

@@ -705,7 +705,7 @@ def test_a_cut_video_says_so_keeps_its_rows_and_exits_1(tmp_path, capsys, suffix
     assert [{**r, "path": ""} for r in cut_rows] == [
         {**r, "path": ""} for r in whole_rows[: len(cut_rows)]]
     assert "the file is cut short" in line and (
-        "of the 40 its header declares" if suffix == "avi" else "of the 4.") in line
+        "of the 4.0 s its header's count declares" if suffix == "avi" else "of the 4.") in line
     # the rows kept are plotted too (no plot was drawn, and nothing said so)
     assert "its header" in line and line.endswith(
         f"the {len(cut_rows)} rows of the {len(cut_rows)} frames before it are in "
@@ -796,10 +796,11 @@ def flv_slideshow(path, frames: list[Image.Image], fps: int, last_seconds: float
 
 
 def retimed_video(path, frames: list[Image.Image], codec: str, pix_fmt: str, shift: int = 0,
-                  gap_after: int | None = None) -> None:
+                  gap_after: int | None = None, ticks: int = 1) -> None:
     """10 frames a second, every packet moved ``shift`` frames (below 0: an MP4 then trims
-    them with an edit list, as `ffmpeg -ss ... -c copy` writes), and a 2 s gap after frame
-    ``gap_after`` (a camera that records on motion)."""
+    them with an edit list, as `ffmpeg -ss ... -c copy` writes), a 2 s gap after frame
+    ``gap_after`` (a camera that records on motion), on a clock of ``ticks`` per frame (a
+    writer with a millisecond clock: 100)."""
     import fractions
 
     import av
@@ -808,28 +809,30 @@ def retimed_video(path, frames: list[Image.Image], codec: str, pix_fmt: str, shi
         stream = container.add_stream(codec, rate=10)
         stream.width, stream.height = frames[0].size
         stream.pix_fmt = pix_fmt
-        stream.codec_context.time_base = fractions.Fraction(1, 10)
+        stream.codec_context.time_base = fractions.Fraction(1, 10 * ticks)
         packets = []
         for number, image in enumerate(frames):
             frame = av.VideoFrame.from_image(image.convert("RGB"))
-            frame.pts = number + (20 if gap_after is not None and number > gap_after else 0)
+            frame.pts = ticks * (number + (20 if gap_after is not None and number > gap_after
+                                           else 0))
             frame.time_base = stream.codec_context.time_base
             packets += stream.encode(frame)
         packets += stream.encode()
         for packet in packets:
-            packet.pts, packet.dts = packet.pts + shift, packet.dts + shift
+            packet.pts, packet.dts = packet.pts + shift * ticks, packet.dts + shift * ticks
             container.mux(packet)
 
 
 @pytest.mark.parametrize("kind", ["last frame held", "FLV slideshow", "sound runs on",
-                                  "trimmed MP4", "AVI with a gap"])
+                                  "trimmed MP4", "AVI with a gap", "AVI on a millisecond clock"])
 def test_a_whole_video_is_not_taken_for_a_cut_one(tmp_path, kind):
     """All were 'cut short', exit 1: a GIF whose last frame is shown for 2 s (its end is its
     last frame's time plus its own duration), an FLV slideshow, whose frames say nothing of
     the hold its file's duration counts, and a file whose sound outlasts its pictures (the
     container's duration counts the sound). An MP4 trimmed by an edit list still counts the
     frames it hides, and an AVI fills a gap in time with empty frames that its header counts
-    (the diff review: the first frame-count check took both for cut)."""
+    (the diff review: the first frame-count check took both for cut); that count is of
+    ticks of its clock, not of frames (the second diff review)."""
     frames = noise_frames(20)
     if kind == "trimmed MP4":
         video = tmp_path / "trimmed.mp4"
@@ -837,6 +840,9 @@ def test_a_whole_video_is_not_taken_for_a_cut_one(tmp_path, kind):
     elif kind == "AVI with a gap":
         video = tmp_path / "motion.avi"
         retimed_video(video, frames, "mjpeg", "yuvj420p", gap_after=9)
+    elif kind == "AVI on a millisecond clock":
+        video = tmp_path / "vfr.avi"
+        retimed_video(video, frames, "mjpeg", "yuvj420p", ticks=100)
     elif kind == "last frame held":
         video = tmp_path / "pause.gif"
         frames[0].save(video, save_all=True, append_images=frames[1:],
