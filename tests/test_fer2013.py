@@ -15,10 +15,11 @@ from training.fer2013 import (
     CLASS_MAP,
     fer_table,
     fetch_fer2013,
+    is_full_release,
     parse_original,
     require_usages,
 )
-from training.fetch import ChecksumError
+from training.fetch import ChecksumError, read_checksums
 
 # The release's PublicTest counts (the shared copy's README), in CLASS_MAP order.
 PUBLIC_TEST = dict(zip(("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"),
@@ -85,9 +86,78 @@ def test_fetch_refuses_an_image_that_differs_and_leaves_nothing(mirror, tmp_path
     repo, commit, sums, _ = mirror
     text = sums.read_text()
     sums.write_text(text.replace(text[:8], "00000000", 1))
-    with pytest.raises(ChecksumError, match="differ"):
+    # named by where the files came from, not by a staging folder that is gone
+    with pytest.raises(ChecksumError, match=f"^file://{repo} at commit {commit[:12]}: 0 "
+                                            "files missing .*, 1 differ"):
         fetch_fer2013(tmp_path / "fer2013", sums, f"file://{repo}", commit)
-    assert not (tmp_path / "fer2013").exists()
+    # nor a hidden .fer2013.partial of up to 35,887 files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fer2013.SHA256SUMS", "mirror"]
+
+
+def test_a_fetch_stopped_while_it_replaces_an_earlier_one_keeps_that_one(
+        mirror, tmp_path, monkeypatch):
+    """The earlier fetch was deleted before the new one was moved in: a Ctrl-C between left
+    it half deleted (the data review: 3,280 of PublicTest's 3,589 images)."""
+    repo, commit, sums, originals = mirror
+    dest = fetch_fer2013(tmp_path / "fer2013", sums, f"file://{repo}", commit)
+    rename = type(dest).rename
+
+    def stopped_moving_in(self, target):
+        if self.name == ".fer2013.partial":
+            raise KeyboardInterrupt
+        return rename(self, target)
+
+    monkeypatch.setattr(type(dest), "rename", stopped_moving_in)
+    with pytest.raises(KeyboardInterrupt):
+        fetch_fer2013(dest, sums, f"file://{repo}", commit)
+    monkeypatch.undo()
+    assert {str(p.relative_to(dest)): p.read_bytes() for p in dest.rglob("*")
+            if p.is_file()} == originals
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fer2013", "fer2013.SHA256SUMS",
+                                                          "mirror"]
+
+
+def test_fetch_resolves_its_destination(mirror, tmp_path, monkeypatch, capsys):
+    """A --dest that was a link to an empty folder: the whole clone ran, then 'Cannot call
+    rmtree on a symbolic link'; a relative one was printed as a setting that worked only
+    from that folder."""
+    import training.__main__ as cli
+    import training.fer2013
+
+    repo, commit, sums, originals = mirror
+    real = training.fer2013.fetch_fer2013
+    monkeypatch.setattr(training.fer2013, "fetch_fer2013",  # the mirror's commit, not the pin
+                        lambda dest, checksums, source: real(dest, sums, source, commit))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    assert cli.main(["fetch", "fer2013", "--source", str(repo), "--dest", "link"]) == 0
+    assert (tmp_path / "link").is_symlink()
+    assert sorted(str(p.relative_to(tmp_path / "target"))
+                  for p in (tmp_path / "target").rglob("*") if p.is_file()) == sorted(originals)
+    assert f"EMOTION_FER2013_DIR={tmp_path / 'target'}" in capsys.readouterr().out
+
+
+@pytest.mark.dataset
+def test_a_usage_only_partly_here_is_not_the_full_release(fer_settings, tmp_path):
+    """The audit wrote data/fer2013_audit.* from a copy with a PublicTest image missing,
+    since each usage had at least one image (the data review)."""
+    shared = [n for n in read_checksums(fer_settings.fer2013_checksums)
+              if (fer_settings.fer2013_dir / n).is_file()][:3]
+    folder, lines = tmp_path / "fer2013", []
+    for name, usage in zip(shared, ("Training", "PublicTest", "PrivateTest"), strict=True):
+        own = {"Training": "train", "PublicTest": "validation", "PrivateTest": "test"}[usage]
+        target = folder / own / name.split("/")[1] / f"{usage}_1.jpg"  # a real image each
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes((fer_settings.fer2013_dir / name).read_bytes())
+        lines.append(f"{hashlib.sha256(target.read_bytes()).hexdigest()}  "
+                     f"{target.relative_to(folder).as_posix()}\n")
+    whole = tmp_path / "whole.SHA256SUMS"
+    whole.write_text("".join(lines))
+    assert is_full_release(fer_table(folder, whole), whole)
+    partly = tmp_path / "partly.SHA256SUMS"  # one PublicTest image more, not here
+    partly.write_text("".join(lines) + "0" * 64 + "  validation/angry/PublicTest_99999.jpg\n")
+    assert not is_full_release(fer_table(folder, partly), partly)
 
 
 @pytest.mark.dataset
@@ -184,6 +254,36 @@ def test_the_audit_agrees_with_the_shared_copy(fer_settings):
     spanning = sum(n for usages, n in audit["exact_duplicates"]["by_usages"].items()
                    if "PublicTest" in usages)
     assert len(groups) == spanning - sum(len(g) == 1 for g in seen)
+
+
+@pytest.mark.dataset
+def test_audit_refuses_a_damaged_fer2013_image_before_it_writes(fer_settings, tmp_path):
+    """A cut image stopped the audit after data/ was rewritten, with Pillow's 'Truncated File
+    Read' and no file named; and a partial copy's one changed byte was told as 32,298
+    files missing (the data review)."""
+    import shutil
+
+    from tests.server import REPO, run_training
+
+    folder = tmp_path / "fer2013"
+    public = [n for n in read_checksums(fer_settings.fer2013_checksums)
+              if (fer_settings.fer2013_dir / n).is_file()]
+    for name in public:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).symlink_to(fer_settings.fer2013_dir / name)
+    damaged = folder / public[7]
+    damaged.unlink()
+    damaged.write_bytes((fer_settings.fer2013_dir / public[7]).read_bytes()[:300])
+    data = tmp_path / "data"
+    shutil.copytree(REPO / "data", data)
+    before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    result = run_training(["audit"], env={"EMOTION_FER2013_DIR": str(folder),
+                                          "EMOTION_DATA_DIR": str(data)}, timeout=300)
+    assert result.returncode == 2, result.stdout + result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert f"1 differ from fer2013.SHA256SUMS (e.g. ['{public[7]}'])" in line, line
+    assert "missing" not in line
+    assert {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.parametrize("copy", ["none", "five of PublicTest"])

@@ -918,6 +918,8 @@ def test_face_geometry_pins_the_file_it_writes_so_the_service_loads_it(tmp_path)
     (["reproduce", "--profile", "smoke", "--only", "knn"],
      {"EMOTION_DATA_DIR": "/nonexistent/data"}, "training audit` writes it under "
                                                   "EMOTION_DATA_DIR"),
+    (["verify", "fer2013"], {"EMOTION_DATA_DIR": "/nonexistent/data"},
+     "which EMOTION_DATA_DIR names"),
 ])
 def test_settings_that_point_nowhere_are_one_line_before_any_work(argv, env, says):
     from tests.server import run_training

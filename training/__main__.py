@@ -19,7 +19,9 @@ def cmd_fetch(args: argparse.Namespace) -> None:
     settings = get_training_settings()
     from training.fetch import local_or_url
 
-    dest = args.dest or FETCH_DESTINATIONS[args.dataset]
+    # absolute and through links: the printed setting works from any folder, and a link is
+    # not the folder replaced
+    dest = (args.dest or FETCH_DESTINATIONS[args.dataset]).resolve()
     source = local_or_url(args.source) if args.source else None
     started = time.perf_counter()
     if args.dataset == "fer2013":
@@ -88,6 +90,10 @@ def cmd_audit(args: argparse.Namespace) -> None:
         raise SystemExit(f"no image in {settings.fer2013_dir} is named in "
                          f"{settings.fer2013_checksums.name}: point EMOTION_FER2013_DIR at "
                          "FER-2013 (`python -m training fetch fer2013` fetches it)")
+    # the FER-2013 images that are here, byte for byte: a damaged one stopped the audit
+    # after data/ was rewritten, with Pillow's "Truncated File Read" and no file named
+    verify_dataset(settings.fer2013_dir, settings.fer2013_checksums, require_all=False,
+                   hint="`python -m training fetch fer2013` fetches it again")
     report = run_audit(settings)
     print(f"audit: {report['legend_rows']} rows, {report['kept_images']} kept images, "
           f"{report['identities']} identity groups, class counts match the study: "

@@ -30,7 +30,7 @@ from training.fer2013 import (
     FER_REPOSITORY,
     USAGE_OF_FOLDER,
     fer_table,
-    missing_usages,
+    is_full_release,
     parse_original,
     pixel_digests,
 )
@@ -117,7 +117,7 @@ def run_fer_audit(settings: TrainingSettings, out_dir: Path | None = None) -> di
     names = list(table["image"])
     report = {
         "repository": FER_REPOSITORY, "commit": FER_COMMIT,
-        "complete": not missing_usages(table, USAGES),
+        "complete": is_full_release(table, settings.fer2013_checksums),
         "release_counts": release, "present_counts": present,
         "exact_duplicates": {
             "rule": "the same decoded pixels",

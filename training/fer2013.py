@@ -17,7 +17,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from training.fetch import DataError, fetch_commit, read_checksums, run_git, verify_dataset
+from training.fetch import (
+    ChecksumError,
+    DataError,
+    fetch_commit,
+    read_checksums,
+    run_git,
+    verify_dataset,
+)
 
 FER_REPOSITORY = "https://github.com/RecepTahirGunlu/Duygu-Tanima"
 FER_COMMIT = "b98a817d62a3d301f244b16b7a57a86ac0b30c97"
@@ -76,6 +83,13 @@ def partial_usages(table: pd.DataFrame, checksums_path: Path) -> list[str]:
             for usage in sorted(here) if here[usage] < release[usage]]
 
 
+def is_full_release(table: pd.DataFrame, checksums_path: Path) -> bool:
+    """Every image of every usage is here: a usage only partly here (a fetch stopped in its
+    copy) was audited and written as the release."""
+    return (not missing_usages(table, tuple(USAGE_OF_FOLDER.values()))
+            and not partial_usages(table, checksums_path))
+
+
 # How a command without (all of) FER-2013 says to get it: fetch's own --dest is refused when
 # it holds other files, as the shared copy's README does (a review), so its default folder.
 FER_FETCH_HINT = ("run `python -m training fetch fer2013` and point EMOTION_FER2013_DIR at the "
@@ -109,27 +123,41 @@ def fetch_fer2013(dest: Path, checksums_path: Path, source: str = FER_REPOSITORY
         if foreign is not None or not dest.is_dir():
             raise SystemExit(f"{dest} holds files that are not FER-2013's ({foreign or dest}); "
                              "name a new or empty folder, or an earlier fetch's")
-    with tempfile.TemporaryDirectory(prefix="fer2013-") as tmp:
-        work = Path(tmp) / "repo"
-        work.mkdir()
-        run_git(work, "init", "--quiet")
-        fetch_commit(work, str(source), commit, str(source), given=source != FER_REPOSITORY)
-        run_git(work, "checkout", "--quiet", "--force", "FETCH_HEAD")
-        staging = dest.parent / f".{dest.name}.partial"
+    staging = dest.parent / f".{dest.name}.partial"
+    earlier = dest.parent / f".{dest.name}.earlier"
+    try:
+        with tempfile.TemporaryDirectory(prefix="fer2013-") as tmp:
+            work = Path(tmp) / "repo"
+            work.mkdir()
+            run_git(work, "init", "--quiet")
+            fetch_commit(work, str(source), commit, str(source), given=source != FER_REPOSITORY)
+            run_git(work, "checkout", "--quiet", "--force", "FETCH_HEAD")
+            shutil.rmtree(staging, ignore_errors=True)
+            for name in wanted:
+                src = work / name
+                if src.is_file():
+                    target = staging / name
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.move(src, target)
+            try:
+                verify_dataset(staging, checksums_path)
+            except ChecksumError as exc:  # named by its source: the staging folder goes
+                raise ChecksumError(str(exc).replace(
+                    str(staging), f"{source} at commit {commit[:12]}", 1)) from None
+            # an earlier fetch is set aside, not deleted, until the new one is in place: a
+            # Ctrl-C during its deletion left it half there
+            shutil.rmtree(earlier, ignore_errors=True)
+            if dest.exists():
+                dest.rename(earlier)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            staging.rename(dest)
+    finally:
+        # a failed or interrupted fetch leaves neither its staging folder (up to 35,887 files)
+        # nor the user without the earlier fetch
         shutil.rmtree(staging, ignore_errors=True)
-        kept = 0
-        for name in wanted:
-            src = work / name
-            if src.is_file():
-                target = staging / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(src, target)
-                kept += 1
-        verify_dataset(staging, checksums_path)
-        if dest.exists():
-            shutil.rmtree(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        staging.rename(dest)
+        if earlier.exists() and not dest.exists():
+            earlier.rename(dest)
+        shutil.rmtree(earlier, ignore_errors=True)
     return dest
 
 
@@ -143,7 +171,11 @@ def pixel_digests(fer_dir: Path, names: list[str]) -> list[str]:
 
     digests = []
     for name in names:
-        with Image.open(fer_dir / name) as image:
-            pixels = np.asarray(image.convert("L"))
+        try:
+            with Image.open(fer_dir / name) as image:
+                pixels = np.asarray(image.convert("L"))
+        except (OSError, SyntaxError) as exc:  # Pillow's own message names no file
+            raise DataError(f"{fer_dir / name}: cannot decode it ({exc}); `python -m training "
+                            "verify fer2013` checks the copy") from None
         digests.append(hashlib.sha256(pixels.tobytes() + bytes(pixels.shape)).hexdigest())
     return digests
