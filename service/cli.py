@@ -166,9 +166,12 @@ def run_video(args: argparse.Namespace) -> int:
             f"{args.video}: cannot decode the video: {exc}")
         kept = f"; the {written} rows of the {frames} frames before it are in {args.out}"
         if args.plot and plotted:  # drawn for the rows kept, as they are: nothing read is lost
-            plot_largest_face(plotted, args.plot, f"{args.video.name} (cut short): {model}, "
-                              f"faces={mode}, {args.fps:g} frames/s")
-            kept += f", and their plot in {args.plot}"
+            try:
+                plot_largest_face(plotted, args.plot, f"{args.video.name} (cut short): "
+                                  f"{model}, faces={mode}, {args.fps:g} frames/s")
+                kept += f", and their plot in {args.plot}"
+            except OSError as plot_error:  # the cut is still the news, not the plot's error
+                kept += f"; their plot could not be written ({plot_error})"
         print(f"emotion-detect: {reason}{kept if frames else ''}", file=sys.stderr)
         return 1
     finally:

@@ -711,6 +711,13 @@ def test_a_cut_video_says_so_keeps_its_rows_and_exits_1(tmp_path, capsys, suffix
         f"the {len(cut_rows)} rows of the {len(cut_rows)} frames before it are in "
         f"{tmp_path / 'cut.csv'}, and their plot in {tmp_path / 'cut.png'}")
     assert Image.open(tmp_path / "cut.png").size[0] > 600
+    # a plot that cannot be written: its error had replaced the news of the cut
+    (tmp_path / "full.png").symlink_to("/dev/full")
+    assert main(["video", str(cut), "--out", str(tmp_path / "cut.csv"), *argv, "--plot",
+                 str(tmp_path / "full.png")]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "the file is cut short" in line and line.endswith(
+        "their plot could not be written ([Errno 28] No space left on device)")
 
 
 def jumping_video(path, frames: list[Image.Image], last_at: float) -> None:

@@ -117,6 +117,83 @@ def test_a_fetch_stopped_while_it_replaces_an_earlier_one_keeps_that_one(
                                                           "mirror"]
 
 
+def test_a_fetch_ended_by_sigterm_cleans_up_as_ctrl_c_does(mirror, tmp_path, monkeypatch):
+    """SIGTERM or a closed terminal ended the process in the middle: its staging folder (up
+    to 35,887 files) and clone stayed, and the earlier fetch could be gone (the diff
+    review)."""
+    import signal
+
+    class Terminated(Exception):
+        pass
+
+    def raise_terminated(number, frame):  # the test's own: the default would end pytest
+        raise Terminated
+
+    repo, commit, sums, originals = mirror
+    dest = fetch_fer2013(tmp_path / "fer2013", sums, f"file://{repo}", commit)
+    rename = type(dest).rename
+
+    def terminated_moving_in(self, target):
+        if self.name == ".fer2013.partial":
+            signal.raise_signal(signal.SIGTERM)
+        return rename(self, target)
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    monkeypatch.setattr(type(dest), "rename", terminated_moving_in)
+    try:
+        with pytest.raises(KeyboardInterrupt):  # as Ctrl-C: the command's one line, exit 130
+            fetch_fer2013(dest, sums, f"file://{repo}", commit)
+        assert signal.getsignal(signal.SIGTERM) is raise_terminated  # handed back
+    finally:
+        monkeypatch.undo()
+        signal.signal(signal.SIGTERM, previous)
+    assert {str(p.relative_to(dest)): p.read_bytes() for p in dest.rglob("*")
+            if p.is_file()} == originals
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fer2013", "fer2013.SHA256SUMS",
+                                                          "mirror"]
+
+
+def test_one_fetch_at_a_time_and_only_where_it_can_write(mirror, tmp_path):
+    """Two fetches into one folder shared a staging folder and deleted each other's files; a
+    folder whose parent could not be written failed after the whole clone (the diff
+    review)."""
+    import fcntl
+    import subprocess
+    import sys
+
+    from tests.server import REPO
+
+    repo, commit, sums, originals = mirror
+    parent = tmp_path / "data"
+    parent.mkdir()
+    held = os.open(parent, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)  # as a fetch running there holds it
+    try:
+        with pytest.raises(SystemExit, match="another fetch into .* is running"):
+            fetch_fer2013(parent / "fer2013", sums, f"file://{repo}", commit)
+    finally:
+        os.close(held)
+    assert fetch_fer2013(parent / "fer2013", sums, f"file://{repo}", commit).is_dir()
+
+    (tmp_path / "shut" / "fer2013").mkdir(parents=True)
+    (tmp_path / "shut").chmod(0o555)
+    drop = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] \
+        if os.geteuid() == 0 else []
+    script = ("import sys; from pathlib import Path; from training.fer2013 import "
+              "fetch_fer2013; fetch_fer2013(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], "
+              "sys.argv[4])")
+    try:
+        result = subprocess.run([*drop, sys.executable, "-c", script,
+                                 str(tmp_path / "shut" / "fer2013"), str(sums),
+                                 f"file://{repo}", commit], cwd=REPO, capture_output=True,
+                                text=True, timeout=60)
+    finally:
+        (tmp_path / "shut").chmod(0o755)
+    assert result.returncode == 1 and result.stderr.strip().endswith(
+        "shut is not writable: a fetch stages its files beside fer2013 and renames them into "
+        "place"), result.stderr
+
+
 def test_fetch_resolves_its_destination(mirror, tmp_path, monkeypatch, capsys):
     """A --dest that was a link to an empty folder: the whole clone ran, then 'Cannot call
     rmtree on a symbolic link'; a relative one was printed as a setting that worked only
@@ -136,6 +213,9 @@ def test_fetch_resolves_its_destination(mirror, tmp_path, monkeypatch, capsys):
     assert sorted(str(p.relative_to(tmp_path / "target"))
                   for p in (tmp_path / "target").rglob("*") if p.is_file()) == sorted(originals)
     assert f"EMOTION_FER2013_DIR={tmp_path / 'target'}" in capsys.readouterr().out
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")  # a traceback from resolve()
+    assert cli.main(["fetch", "fer2013", "--dest", "loop"]) == 2
+    assert "--dest: Symlink loop" in capsys.readouterr().err
 
 
 @pytest.mark.dataset
@@ -158,6 +238,18 @@ def test_a_usage_only_partly_here_is_not_the_full_release(fer_settings, tmp_path
     partly = tmp_path / "partly.SHA256SUMS"  # one PublicTest image more, not here
     partly.write_text("".join(lines) + "0" * 64 + "  validation/angry/PublicTest_99999.jpg\n")
     assert not is_full_release(fer_table(folder, partly), partly)
+    # and the audit of such a copy writes nothing
+    import shutil
+
+    from tests.server import REPO
+    from training.audit_fer2013 import run_fer_audit
+
+    data = tmp_path / "data"
+    shutil.copytree(REPO / "data", data)
+    shutil.copy(partly, data / "fer2013.SHA256SUMS")
+    report = run_fer_audit(fer_settings.model_copy(update={
+        "fer2013_dir": folder, "data_dir": data}), out_dir=tmp_path / "out")
+    assert report["complete"] is False and not (tmp_path / "out").exists()
 
 
 @pytest.mark.dataset

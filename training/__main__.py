@@ -21,7 +21,10 @@ def cmd_fetch(args: argparse.Namespace) -> None:
 
     # absolute and through links: the printed setting works from any folder, and a link is
     # not the folder replaced
-    dest = (args.dest or FETCH_DESTINATIONS[args.dataset]).resolve()
+    try:
+        dest = (args.dest or FETCH_DESTINATIONS[args.dataset]).resolve()
+    except RuntimeError as exc:  # a link loop: Python 3.11 raises this, not an OSError
+        raise SystemExit(f"--dest: {exc}") from None
     source = local_or_url(args.source) if args.source else None
     started = time.perf_counter()
     if args.dataset == "fer2013":

@@ -9,10 +9,16 @@ of all 35,887 originals).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -110,6 +116,42 @@ def require_usages(table: pd.DataFrame, fer_dir: Path, checksums_path: Path,
                          "(`python -m training verify fer2013` checks a copy)")
 
 
+@contextlib.contextmanager
+def _alone_in(folder: Path) -> Iterator[None]:
+    """One fetch at a time into ``folder``: two shared the staging folder and each deleted
+    the other's files."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"another fetch into {folder} is running: wait for it, or name "
+                             "another --dest") from None
+        yield
+    finally:
+        os.close(descriptor)  # and with it the lock
+
+
+@contextlib.contextmanager
+def _ended_as_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP (a closed terminal) clean up as Ctrl-C does: they ended the process
+    with its staging folder and clone left behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(number, frame):
+        raise KeyboardInterrupt
+
+    before = {number: signal.signal(number, interrupt)
+              for number in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for number, handler in before.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+
+
 def fetch_fer2013(dest: Path, checksums_path: Path, source: str = FER_REPOSITORY,
                   commit: str = FER_COMMIT) -> Path:
     """Clone ``source`` (a URL or a local repository) at ``commit``, keep only the originals,
@@ -123,41 +165,46 @@ def fetch_fer2013(dest: Path, checksums_path: Path, source: str = FER_REPOSITORY
         if foreign is not None or not dest.is_dir():
             raise SystemExit(f"{dest} holds files that are not FER-2013's ({foreign or dest}); "
                              "name a new or empty folder, or an earlier fetch's")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(dest.parent, os.W_OK):  # said before the clone, not after it
+        raise SystemExit(f"{dest.parent} is not writable: a fetch stages its files beside "
+                         f"{dest.name} and renames them into place")
     staging = dest.parent / f".{dest.name}.partial"
     earlier = dest.parent / f".{dest.name}.earlier"
-    try:
-        with tempfile.TemporaryDirectory(prefix="fer2013-") as tmp:
-            work = Path(tmp) / "repo"
-            work.mkdir()
-            run_git(work, "init", "--quiet")
-            fetch_commit(work, str(source), commit, str(source), given=source != FER_REPOSITORY)
-            run_git(work, "checkout", "--quiet", "--force", "FETCH_HEAD")
+    with _alone_in(dest.parent), _ended_as_interrupt():
+        try:
+            with tempfile.TemporaryDirectory(prefix="fer2013-") as tmp:
+                work = Path(tmp) / "repo"
+                work.mkdir()
+                run_git(work, "init", "--quiet")
+                fetch_commit(work, str(source), commit, str(source),
+                             given=source != FER_REPOSITORY)
+                run_git(work, "checkout", "--quiet", "--force", "FETCH_HEAD")
+                shutil.rmtree(staging, ignore_errors=True)
+                for name in wanted:
+                    src = work / name
+                    if src.is_file():
+                        target = staging / name
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.move(src, target)
+                try:
+                    verify_dataset(staging, checksums_path)
+                except ChecksumError as exc:  # named by its source: the staging folder goes
+                    raise ChecksumError(str(exc).replace(
+                        str(staging), f"{source} at commit {commit[:12]}", 1)) from None
+                # an earlier fetch is set aside, not deleted, until the new one is in place:
+                # a Ctrl-C during its deletion left it half there
+                shutil.rmtree(earlier, ignore_errors=True)
+                if dest.exists():
+                    dest.rename(earlier)
+                staging.rename(dest)
+        finally:
+            # the earlier fetch back first, then the removals (which a second Ctrl-C may cut
+            # short): a failed or interrupted fetch leaves the user's copy, not its staging
+            if earlier.exists() and not dest.exists():
+                earlier.rename(dest)
             shutil.rmtree(staging, ignore_errors=True)
-            for name in wanted:
-                src = work / name
-                if src.is_file():
-                    target = staging / name
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.move(src, target)
-            try:
-                verify_dataset(staging, checksums_path)
-            except ChecksumError as exc:  # named by its source: the staging folder goes
-                raise ChecksumError(str(exc).replace(
-                    str(staging), f"{source} at commit {commit[:12]}", 1)) from None
-            # an earlier fetch is set aside, not deleted, until the new one is in place: a
-            # Ctrl-C during its deletion left it half there
             shutil.rmtree(earlier, ignore_errors=True)
-            if dest.exists():
-                dest.rename(earlier)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            staging.rename(dest)
-    finally:
-        # a failed or interrupted fetch leaves neither its staging folder (up to 35,887 files)
-        # nor the user without the earlier fetch
-        shutil.rmtree(staging, ignore_errors=True)
-        if earlier.exists() and not dest.exists():
-            earlier.rename(dest)
-        shutil.rmtree(earlier, ignore_errors=True)
     return dest
 
 
