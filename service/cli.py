@@ -170,7 +170,8 @@ def run_video(args: argparse.Namespace) -> int:
                 plot_largest_face(plotted, args.plot, f"{args.video.name} (cut short): "
                                   f"{model}, faces={mode}, {args.fps:g} frames/s")
                 kept += f", and their plot in {args.plot}"
-            except OSError as plot_error:  # the cut is still the news, not the plot's error
+            except Exception as plot_error:  # noqa: BLE001 the cut is the news, not the plot
+                # (matplotlib's writers fail with more than OSError: a full disk under PDF)
                 kept += f"; their plot could not be written ({plot_error})"
         print(f"emotion-detect: {reason}{kept if frames else ''}", file=sys.stderr)
         return 1

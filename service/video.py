@@ -185,7 +185,8 @@ def plot_formats() -> list[str]:
         raise SystemExit("--plot needs the `video` extra (matplotlib): pip install "
                          "'emotion-detection[video]'") from None
 
-    return sorted(FigureCanvasBase.get_supported_filetypes())
+    # pgf is LaTeX source that needs a TeX program to write: it failed after the whole video
+    return sorted(set(FigureCanvasBase.get_supported_filetypes()) - {"pgf"})
 
 
 def plot_largest_face(rows: list[Row], out: Path, title: str) -> None:

@@ -718,6 +718,12 @@ def test_a_cut_video_says_so_keeps_its_rows_and_exits_1(tmp_path, capsys, suffix
     [line] = capsys.readouterr().err.strip().splitlines()
     assert "the file is cut short" in line and line.endswith(
         "their plot could not be written ([Errno 28] No space left on device)")
+    # matplotlib's PDF writer fails on a full disk with an AttributeError of its own
+    (tmp_path / "full.pdf").symlink_to("/dev/full")
+    assert main(["video", str(cut), "--out", str(tmp_path / "cut.csv"), *argv, "--plot",
+                 str(tmp_path / "full.pdf")]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "the file is cut short" in line and "their plot could not be written (" in line
 
 
 def jumping_video(path, frames: list[Image.Image], last_at: float) -> None:
@@ -887,6 +893,8 @@ def test_a_whole_video_is_not_taken_for_a_cut_one(tmp_path, kind):
     ["video", "{tmp}/nested", "--out", "{tmp}/v.csv"],  # said "no such file"
     # the plot was drawn over the video it was read from (an animated GIF's, say)
     ["video", "{photo}", "--out", "{tmp}/v.csv", "--plot", "{photo}"],
+    # LaTeX source, which needs a TeX program: it failed after the whole video was read
+    ["video", "{photo}", "--out", "{tmp}/v.csv", "--plot", "{tmp}/p.pgf"],
     # a batch is held whole: 100,000 frames of a small video took 4.2 GB
     ["video", "{photo}", "--out", "{tmp}/v.csv", "--batch-size", "257"],
 ])

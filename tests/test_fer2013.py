@@ -117,38 +117,55 @@ def test_a_fetch_stopped_while_it_replaces_an_earlier_one_keeps_that_one(
                                                           "mirror"]
 
 
-def test_a_fetch_ended_by_sigterm_cleans_up_as_ctrl_c_does(mirror, tmp_path, monkeypatch):
+FETCH_SIGNALLED = """
+import signal, sys
+from pathlib import Path
+from training.fer2013 import fetch_fer2013
+
+dest, sums, source, commit, name, ignored = sys.argv[1:]
+number = getattr(signal, name)
+if ignored == "ignored":
+    signal.signal(number, signal.SIG_IGN)  # as nohup leaves SIGHUP
+rename = Path.rename
+
+def signalled_moving_in(self, target):
+    if self.name == ".fer2013.partial":
+        signal.raise_signal(number)
+    return rename(self, target)
+
+Path.rename = signalled_moving_in
+try:
+    fetch_fer2013(Path(dest), Path(sums), source, commit)
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+@pytest.mark.parametrize(("name", "ignored"), [("SIGTERM", "default"), ("SIGHUP", "default"),
+                                               ("SIGHUP", "ignored")])
+def test_a_fetch_ended_by_a_signal_cleans_up_as_ctrl_c_does(mirror, tmp_path, name, ignored):
     """SIGTERM or a closed terminal ended the process in the middle: its staging folder (up
     to 35,887 files) and clone stayed, and the earlier fetch could be gone (the diff
-    review)."""
-    import signal
+    review). A signal the caller ignores (nohup's SIGHUP) is left ignored: the fetch goes on
+    (the next diff review: it stopped)."""
+    import subprocess
+    import sys
 
-    class Terminated(Exception):
-        pass
-
-    def raise_terminated(number, frame):  # the test's own: the default would end pytest
-        raise Terminated
+    from tests.server import REPO
 
     repo, commit, sums, originals = mirror
     dest = fetch_fer2013(tmp_path / "fer2013", sums, f"file://{repo}", commit)
-    rename = type(dest).rename
-
-    def terminated_moving_in(self, target):
-        if self.name == ".fer2013.partial":
-            signal.raise_signal(signal.SIGTERM)
-        return rename(self, target)
-
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
-    monkeypatch.setattr(type(dest), "rename", terminated_moving_in)
-    try:
-        with pytest.raises(KeyboardInterrupt):  # as Ctrl-C: the command's one line, exit 130
-            fetch_fer2013(dest, sums, f"file://{repo}", commit)
-        assert signal.getsignal(signal.SIGTERM) is raise_terminated  # handed back
-    finally:
-        monkeypatch.undo()
-        signal.signal(signal.SIGTERM, previous)
-    assert {str(p.relative_to(dest)): p.read_bytes() for p in dest.rglob("*")
-            if p.is_file()} == originals
+    (dest / next(iter(originals))).unlink()  # so that the new fetch can be told from it
+    result = subprocess.run([sys.executable, "-c", FETCH_SIGNALLED, str(dest), str(sums),
+                             f"file://{repo}", commit, name, ignored], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    kept = {str(p.relative_to(dest)): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+    if ignored == "ignored":
+        assert result.returncode == 0, result.stderr
+        assert kept == originals  # the new fetch, whole
+    else:
+        assert result.returncode == 130, result.stderr  # as Ctrl-C, not killed by it
+        assert kept == dict(list(originals.items())[1:])  # the earlier fetch, as it was
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fer2013", "fer2013.SHA256SUMS",
                                                           "mirror"]
 
@@ -166,14 +183,19 @@ def test_one_fetch_at_a_time_and_only_where_it_can_write(mirror, tmp_path):
     repo, commit, sums, originals = mirror
     parent = tmp_path / "data"
     parent.mkdir()
-    held = os.open(parent, os.O_RDONLY)
-    fcntl.flock(held, fcntl.LOCK_EX)  # as a fetch running there holds it
+    held = os.open(parent / ".fer2013.lock", os.O_WRONLY | os.O_CREAT)
+    fcntl.flock(held, fcntl.LOCK_EX)  # as a fetch running into data/fer2013 holds it
     try:
-        with pytest.raises(SystemExit, match="another fetch into .* is running"):
+        with pytest.raises(SystemExit, match=f"another fetch into {parent / 'fer2013'} is "
+                                             "running"):
             fetch_fer2013(parent / "fer2013", sums, f"file://{repo}", commit)
+        # another destination beside it stages apart: it was refused too (the diff review)
+        assert fetch_fer2013(parent / "other", sums, f"file://{repo}", commit).is_dir()
     finally:
         os.close(held)
+    # a lock a killed fetch left is taken over, and removed with the fetch
     assert fetch_fer2013(parent / "fer2013", sums, f"file://{repo}", commit).is_dir()
+    assert sorted(p.name for p in parent.iterdir()) == ["fer2013", "other"]
 
     (tmp_path / "shut" / "fer2013").mkdir(parents=True)
     (tmp_path / "shut").chmod(0o555)
@@ -192,6 +214,33 @@ def test_one_fetch_at_a_time_and_only_where_it_can_write(mirror, tmp_path):
     assert result.returncode == 1 and result.stderr.strip().endswith(
         "shut is not writable: a fetch stages its files beside fer2013 and renames them into "
         "place"), result.stderr
+
+
+def test_a_mount_point_is_refused_before_the_clone(mirror, tmp_path):
+    """A volume mounted where the copy goes (a container's) cannot be set aside: the fetch
+    failed with 'Device or resource busy' after the whole clone (the diff review)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.server import REPO
+
+    if shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs a mount namespace (unshare -m, as root)")
+    repo, commit, sums, _ = mirror
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    script = ("import sys; from pathlib import Path; from training.fer2013 import "
+              "fetch_fer2013; fetch_fer2013(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], "
+              "sys.argv[4])")
+    result = subprocess.run(
+        ["unshare", "-m", "sh", "-c", 'mount -t tmpfs none "$1" && shift && exec "$@"',
+         "sh", str(volume), sys.executable, "-c", script, str(volume), str(sums),
+         f"file://{repo}", commit], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and result.stderr.strip().endswith(
+        "is a mount point, which a fetch cannot replace: name a new folder inside it"), \
+        result.stderr
 
 
 def test_fetch_resolves_its_destination(mirror, tmp_path, monkeypatch, capsys):

@@ -117,19 +117,28 @@ def require_usages(table: pd.DataFrame, fer_dir: Path, checksums_path: Path,
 
 
 @contextlib.contextmanager
-def _alone_in(folder: Path) -> Iterator[None]:
-    """One fetch at a time into ``folder``: two shared the staging folder and each deleted
-    the other's files."""
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
+def _alone_into(dest: Path) -> Iterator[None]:
+    """One fetch at a time into ``dest``: two shared its staging folder and each deleted the
+    other's files. The lock file goes with the fetch; one a killed fetch left is taken over
+    (the lock itself went with its process)."""
+    lock = dest.parent / f".{dest.name}.lock"
+    while True:
+        descriptor = os.open(lock, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise SystemExit(f"another fetch into {folder} is running: wait for it, or name "
-                             "another --dest") from None
+            os.close(descriptor)
+            raise SystemExit(f"another fetch into {dest} is running: wait for it") from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(lock).st_ino == os.fstat(descriptor).st_ino:
+                break
+        os.close(descriptor)  # removed by the fetch that just ended: take a new one
+    try:
         yield
     finally:
-        os.close(descriptor)  # and with it the lock
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+        os.close(descriptor)
 
 
 @contextlib.contextmanager
@@ -143,8 +152,10 @@ def _ended_as_interrupt() -> Iterator[None]:
     def interrupt(number, frame):
         raise KeyboardInterrupt
 
+    # only where they would end the process: one that nohup ignores stays ignored
     before = {number: signal.signal(number, interrupt)
-              for number in (signal.SIGTERM, signal.SIGHUP)}
+              for number in (signal.SIGTERM, signal.SIGHUP)
+              if signal.getsignal(number) == signal.SIG_DFL}
     try:
         yield
     finally:
@@ -165,13 +176,16 @@ def fetch_fer2013(dest: Path, checksums_path: Path, source: str = FER_REPOSITORY
         if foreign is not None or not dest.is_dir():
             raise SystemExit(f"{dest} holds files that are not FER-2013's ({foreign or dest}); "
                              "name a new or empty folder, or an earlier fetch's")
+    if os.path.ismount(dest):  # a volume cannot be set aside: said before the clone
+        raise SystemExit(f"{dest} is a mount point, which a fetch cannot replace: name a new "
+                         "folder inside it")
     dest.parent.mkdir(parents=True, exist_ok=True)
     if not os.access(dest.parent, os.W_OK):  # said before the clone, not after it
         raise SystemExit(f"{dest.parent} is not writable: a fetch stages its files beside "
                          f"{dest.name} and renames them into place")
     staging = dest.parent / f".{dest.name}.partial"
     earlier = dest.parent / f".{dest.name}.earlier"
-    with _alone_in(dest.parent), _ended_as_interrupt():
+    with _alone_into(dest), _ended_as_interrupt():
         try:
             with tempfile.TemporaryDirectory(prefix="fer2013-") as tmp:
                 work = Path(tmp) / "repo"
