@@ -50,6 +50,7 @@ from service.preprocessing import (
     PreprocessingError,
     TooManyBytesError,
 )
+from service.signals import STOPPING_SIGNALS, handlers_swapped
 
 BOX_COLUMNS = ("face_x", "face_y", "face_width", "face_height")
 COLUMNS = ("path", *BOX_COLUMNS, "label", *CLASS_NAMES, "error", "code")
@@ -330,11 +331,11 @@ def _listable(folder: str) -> bool:
 
 
 def _rewrite_from(path: Path, offset: int, data: bytes) -> None:
-    """The file from ``offset`` on becomes ``data``, in place, with Ctrl-C and SIGTERM taken
-    after it: emptying and rewriting the whole file lost every row to an interrupt, and a new
-    file put in its place would replace a link to it with a copy, lose its owner, and need a
-    folder it may write to."""
-    with _signals_held(signal.SIGINT, signal.SIGTERM), path.open("r+b") as file:
+    """The file from ``offset`` on becomes ``data``, in place, with Ctrl-C, SIGTERM and a
+    closed terminal's SIGHUP taken after it: emptying and rewriting the whole file lost
+    every row to an interrupt, and a new file put in its place would replace a link to it
+    with a copy, lose its owner, and need a folder it may write to."""
+    with _signals_held(*STOPPING_SIGNALS), path.open("r+b") as file:
         file.seek(offset)
         file.write(data)
         file.truncate()
@@ -345,20 +346,12 @@ def _rewrite_from(path: Path, offset: int, data: bytes) -> None:
 @contextlib.contextmanager
 def _signals_held(*numbers: int) -> Iterator[None]:
     """The signals that arrive inside are raised again just after it, each to the handler it
-    had. Python runs signal handlers in the main thread whichever thread a signal reaches
-    (numpy's start one), so the handlers are swapped, not the signal mask; off the main
-    thread, where handlers cannot be set, nothing is held."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    had (numpy's threads may take them: see :func:`service.signals.handlers_swapped`)."""
     arrived: list[int] = []
-    before = {number: signal.signal(number, lambda number, frame: arrived.append(number))
-              for number in numbers}
     try:
-        yield
+        with handlers_swapped(numbers, lambda number, frame: arrived.append(number)):
+            yield
     finally:
-        for number, handler in before.items():  # None: set outside Python, as by default
-            signal.signal(number, signal.SIG_DFL if handler is None else handler)
         for number in dict.fromkeys(arrived):
             signal.raise_signal(number)
 

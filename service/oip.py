@@ -152,6 +152,17 @@ def _flatten(data) -> list:
 # A binary request's JSON is a few hundred bytes: a failed parse looks no further than this
 # for it, so that a refused body costs no second copy of itself.
 HINT_SCAN_BYTES = 64 * 1024
+# JSON past this is ASCII (numbers and base64 are): one character past ASCII made Python hold
+# the whole text at 4 bytes a character, 3.9 GB for a 217 KB gzip body (a security review)
+ASCII_BEYOND_BYTES = 64 * 1024
+MAX_NAME_CHARACTERS = 256  # names and ids are quoted in messages and echoed back
+
+
+def _name(text: str, what: str) -> str:
+    if len(text) > MAX_NAME_CHARACTERS:
+        raise ProtocolError(f"{what} is {len(text):,} characters; at most "
+                            f"{MAX_NAME_CHARACTERS}")
+    return text
 MISSING_HEADER_HINT = ("; binary data after the JSON needs the Inference-Header-Content-Length "
                        "header")
 
@@ -269,6 +280,14 @@ def parse_infer_request(body: bytes, header_length: str | None,
                     bytes(header_bytes[:HINT_SCAN_BYTES]).decode("utf-8", "ignore")):
                 raise ProtocolError(f"{exc}{MISSING_HEADER_HINT}") from None
             raise
+    if len(header_bytes) > ASCII_BEYOND_BYTES and not (
+            header_bytes if isinstance(header_bytes, bytes | bytearray)
+            else bytes(header_bytes)).isascii():
+        hint = MISSING_HEADER_HINT if header_length is None and _names_binary_data(
+            bytes(header_bytes[:HINT_SCAN_BYTES]).decode("utf-8", "ignore")) else ""
+        raise ProtocolError(f"the request's JSON holds text that is not ASCII and is larger than "
+                            f"{ASCII_BEYOND_BYTES:,} bytes: numbers and base64 are ASCII, and "
+                            f"other text belongs only in short names{hint}")
     try:
         header = json.loads(header_bytes)
     except ValueError as exc:  # malformed, not UTF-8, or an integer past Python's digit limit
@@ -284,7 +303,7 @@ def parse_infer_request(body: bytes, header_length: str | None,
     for item in header["inputs"]:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise ProtocolError("every input needs a 'name', a 'datatype' and a 'shape'")
-        name, datatype = item["name"], item.get("datatype")
+        name, datatype = _name(item["name"], "an input's name"), item.get("datatype")
         if not isinstance(datatype, str):
             raise ProtocolError(f"input {name!r}: 'datatype' must be a string such as 'FP32' "
                                 "or 'BYTES'")
@@ -349,12 +368,17 @@ def parse_infer_request(body: bytes, header_length: str | None,
     outputs = header.get("outputs") or []
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
         raise ProtocolError("'outputs' must be a list of objects")
+    for output in outputs:
+        if isinstance(output.get("name"), str):
+            _name(output["name"], "an output's name")
     outputs = [{**o, "parameters": _parameters(o.get("parameters"), f"output {o.get('name')!r}: ")}
                for o in outputs]
     parameters = _parameters(header.get("parameters"), "")
     request_id = header.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise ProtocolError("'id' must be a string")  # echoed back as a Python repr before
+    if request_id is not None:
+        _name(request_id, "the request's 'id'")
     return InferRequest(inputs, request_id, parameters, outputs)
 
 

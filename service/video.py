@@ -94,8 +94,10 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
             # a slideshow's last frame may be shown for seconds: its own duration, not 1/rate
             shown = (float(frame.duration * frame.time_base) if frame.duration
                      and frame.time_base else 1 / float(rate) if rate else 0.0)
-            if last_time is not None and time < last_time - 1.0 / fps:
-                next_time = time  # the timestamps start again (clips joined): so does sampling
+            # frames come in the order they are shown, so any step back is a new start (clips
+            # joined); a step of 1/fps missed clips shorter than that
+            if last_time is not None and time < last_time - 1e-3:
+                next_time = time  # the timestamps start again: so does sampling
             last_time, last_end = time, time + shown
             if time + 1e-6 >= next_time:
                 yield round(time, 4), number, decoded_from_image(upright(frame))

@@ -356,7 +356,8 @@ def raise_terminated(number, frame):
 
 @pytest.mark.parametrize(("number", "handler", "raised"), [
     (signal.SIGINT, signal.default_int_handler, KeyboardInterrupt),
-    (signal.SIGTERM, raise_terminated, Terminated)])
+    (signal.SIGTERM, raise_terminated, Terminated),
+    (signal.SIGHUP, raise_terminated, Terminated)])  # a closed terminal (the whole-diff review)
 def test_a_ctrl_c_while_resume_rewrites_the_output_comes_after_it(tmp_path, monkeypatch,
                                                                   number, handler, raised):
     """The signal mask held SIGINT and SIGTERM in the main thread only: the kernel gave them
@@ -757,13 +758,16 @@ def test_timestamps_that_jump_or_start_again_are_sampled_where_they_land(tmp_pat
 
     clip, joined = tmp_path / "clip.ts", tmp_path / "joined.ts"
     encode_video(clip, noise_frames(20), fps=10, container_format="mpegts")
-    joined.write_bytes(clip.read_bytes() * 2)
-    argv = ["--fps", "2", "--faces", "none"]
-    assert main(["video", str(clip), "--out", str(tmp_path / "clip.csv"), *argv]) == 0
-    assert main(["video", str(joined), "--out", str(tmp_path / "joined.csv"), *argv]) == 0
-    once = [r["time_s"] for r in read_rows(tmp_path / "clip.csv")]
-    assert len(once) >= 4 and [r["time_s"] for r in read_rows(tmp_path / "joined.csv")] == \
-        once * 2
+    joined.write_bytes(clip.read_bytes() * 3)
+    # at 2 frames a second, and at one every 4 s, longer than a clip: each clip's first frame
+    # (a restart was taken only for a step back of 1/fps, the whole-diff review)
+    for fps, least in (("2", 4), ("0.25", 1)):
+        argv = ["--fps", fps, "--faces", "none"]
+        assert main(["video", str(clip), "--out", str(tmp_path / "clip.csv"), *argv]) == 0
+        assert main(["video", str(joined), "--out", str(tmp_path / "joined.csv"), *argv]) == 0
+        once = [r["time_s"] for r in read_rows(tmp_path / "clip.csv")]
+        assert len(once) >= least
+        assert [r["time_s"] for r in read_rows(tmp_path / "joined.csv")] == once * 3, fps
 
 
 def video_with_longer_sound(path, frames: list[Image.Image], fps: int, seconds: float) -> None:

@@ -117,14 +117,25 @@ def test_a_fetch_stopped_while_it_replaces_an_earlier_one_keeps_that_one(
                                                           "mirror"]
 
 
-FETCH_SIGNALLED = """
-import signal, sys
+# fetch fer2013 through the command, at the mirror's commit (the command fetches the pinned
+# one): argv is dest, checksums, source, commit, then what the test adds
+FETCH_SCRIPT = """
+import sys
 from pathlib import Path
-from training.fer2013 import fetch_fer2013
+import training.fer2013
+from training.__main__ import main
 
-dest, sums, source, commit, name, ignored = sys.argv[1:]
-number = getattr(signal, name)
-if ignored == "ignored":
+dest, sums, source, commit = sys.argv[1:5]
+real = training.fer2013.fetch_fer2013
+training.fer2013.fetch_fer2013 = lambda d, checksums, s: real(d, Path(sums), s, commit)
+"""
+FETCH = FETCH_SCRIPT + """
+sys.exit(main(["fetch", "fer2013", "--source", source, "--dest", dest]))
+"""
+FETCH_SIGNALLED = FETCH_SCRIPT + """
+import signal
+number = getattr(signal, sys.argv[5])
+if sys.argv[6] == "ignored":
     signal.signal(number, signal.SIG_IGN)  # as nohup leaves SIGHUP
 rename = Path.rename
 
@@ -134,10 +145,7 @@ def signalled_moving_in(self, target):
     return rename(self, target)
 
 Path.rename = signalled_moving_in
-try:
-    fetch_fer2013(Path(dest), Path(sums), source, commit)
-except KeyboardInterrupt:
-    sys.exit(130)
+sys.exit(main(["fetch", "fer2013", "--source", source, "--dest", dest]))
 """
 
 
@@ -148,6 +156,7 @@ def test_a_fetch_ended_by_a_signal_cleans_up_as_ctrl_c_does(mirror, tmp_path, na
     to 35,887 files) and clone stayed, and the earlier fetch could be gone (the diff
     review). A signal the caller ignores (nohup's SIGHUP) is left ignored: the fetch goes on
     (the next diff review: it stopped)."""
+    import signal
     import subprocess
     import sys
 
@@ -163,8 +172,11 @@ def test_a_fetch_ended_by_a_signal_cleans_up_as_ctrl_c_does(mirror, tmp_path, na
     if ignored == "ignored":
         assert result.returncode == 0, result.stderr
         assert kept == originals  # the new fetch, whole
-    else:
-        assert result.returncode == 130, result.stderr  # as Ctrl-C, not killed by it
+    else:  # cleaned up as after Ctrl-C, its status still the signal's (a supervisor's 143)
+        number = getattr(signal, name)
+        assert result.returncode == 128 + number, result.stderr
+        assert result.stderr.strip().splitlines()[-1] == (
+            f"python -m training fetch: stopped by {name}; what it had finished stays")
         assert kept == dict(list(originals.items())[1:])  # the earlier fetch, as it was
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fer2013", "fer2013.SHA256SUMS",
                                                           "mirror"]
@@ -201,17 +213,14 @@ def test_one_fetch_at_a_time_and_only_where_it_can_write(mirror, tmp_path):
     (tmp_path / "shut").chmod(0o555)
     drop = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] \
         if os.geteuid() == 0 else []
-    script = ("import sys; from pathlib import Path; from training.fer2013 import "
-              "fetch_fer2013; fetch_fer2013(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], "
-              "sys.argv[4])")
     try:
-        result = subprocess.run([*drop, sys.executable, "-c", script,
+        result = subprocess.run([*drop, sys.executable, "-c", FETCH,
                                  str(tmp_path / "shut" / "fer2013"), str(sums),
                                  f"file://{repo}", commit], cwd=REPO, capture_output=True,
                                 text=True, timeout=60)
     finally:
         (tmp_path / "shut").chmod(0o755)
-    assert result.returncode == 1 and result.stderr.strip().endswith(
+    assert result.returncode == 2 and result.stderr.strip().endswith(
         "shut is not writable: a fetch stages its files beside fer2013 and renames them into "
         "place"), result.stderr
 
@@ -231,14 +240,11 @@ def test_a_mount_point_is_refused_before_the_clone(mirror, tmp_path):
     repo, commit, sums, _ = mirror
     volume = tmp_path / "volume"
     volume.mkdir()
-    script = ("import sys; from pathlib import Path; from training.fer2013 import "
-              "fetch_fer2013; fetch_fer2013(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], "
-              "sys.argv[4])")
     result = subprocess.run(
         ["unshare", "-m", "sh", "-c", 'mount -t tmpfs none "$1" && shift && exec "$@"',
-         "sh", str(volume), sys.executable, "-c", script, str(volume), str(sums),
+         "sh", str(volume), sys.executable, "-c", FETCH, str(volume), str(sums),
          f"file://{repo}", commit], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 1 and result.stderr.strip().endswith(
+    assert result.returncode == 2 and result.stderr.strip().endswith(
         "is a mount point, which a fetch cannot replace: name a new folder inside it"), \
         result.stderr
 

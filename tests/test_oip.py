@@ -209,6 +209,12 @@ def app_client():
     (b"\x89PNG\r\n\x1a\n", {}, "not valid JSON: 'utf-8' codec can't decode byte 0x89"),
     (b'{"id": "caf\xe9", "inputs": []}', {}, "codec can't decode byte 0xe9"),
     (b'{"inputs": []}}', {}, "Extra data"),
+    # one character past ASCII made Python hold all of a large JSON at 4 bytes a character
+    # (3.9 GB for a gzip body of 217 KB), and a name of 224 MB was quoted back whole
+    ('{"inputs": [{"name": "' + "A" * 70_000 + '\U0001f600"}]}', {}, "not ASCII"),
+    (b'{"inputs": [{"name": "' + b"A" * 300 + b'", "datatype": "BYTES", "shape": [1], '
+     b'"data": [""]}]}', {}, "an input's name is 300 characters; at most 256"),
+    (b'{"id": "' + b"i" * 300 + b'", "inputs": []}', {}, "the request's 'id' is 300 characters"),
     # a byte-order mark and spaces before the JSON, as json.loads takes them: still told
     (b'\xef\xbb\xbf\n{"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], '
      b'"parameters": {"binary_data_size": 8}}]}\x04\x00\x00\x00\x89PNG', {},

@@ -286,8 +286,8 @@ def test_an_interrupted_reproduce_says_so_in_a_line_and_its_readme_matches(
                      "--out", str(tmp_path)])
     assert code == 130
     # one line, not a KeyboardInterrupt traceback; and the README has the finished experiment
-    assert capsys.readouterr().err.strip() == "python -m training reproduce: interrupted; " \
-        "what it wrote before stays"
+    assert capsys.readouterr().err.strip() == "python -m training reproduce: stopped; " \
+        "what it had finished stays"
     readme = (tmp_path / "README.md").read_text()
     assert "| knn |" in readme and "| baseline |" not in readme
 

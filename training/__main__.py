@@ -82,7 +82,7 @@ def cmd_verify(args: argparse.Namespace) -> None:
 def cmd_audit(args: argparse.Namespace) -> None:
     from training.audit import run_audit
     from training.audit_fer2013 import run_fer_audit
-    from training.fer2013 import fer_table
+    from training.fer2013 import FER_FETCH_HINT, fer_table
     from training.fetch import verify_dataset
 
     settings = get_training_settings()
@@ -96,7 +96,7 @@ def cmd_audit(args: argparse.Namespace) -> None:
     # the FER-2013 images that are here, byte for byte: a damaged one stopped the audit
     # after data/ was rewritten, with Pillow's "Truncated File Read" and no file named
     verify_dataset(settings.fer2013_dir, settings.fer2013_checksums, require_all=False,
-                   hint="`python -m training fetch fer2013` fetches it again")
+                   hint=FER_FETCH_HINT)
     report = run_audit(settings)
     print(f"audit: {report['legend_rows']} rows, {report['kept_images']} kept images, "
           f"{report['identities']} identity groups, class counts match the study: "
@@ -338,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import signal
     import subprocess
 
     from service.settings import SettingsError
@@ -352,10 +353,12 @@ def main(argv: list[str] | None = None) -> int:
         # to fix, so one line, not a traceback.
         print(f"python -m training {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
-        print(f"python -m training {args.command}: interrupted; what it wrote before "
+    except KeyboardInterrupt as exc:  # Ctrl-C, or a SIGTERM/SIGHUP taken as one: one line
+        number = getattr(exc, "number", signal.SIGINT)
+        by = "" if number == signal.SIGINT else f" by {signal.Signals(number).name}"
+        print(f"python -m training {args.command}: stopped{by}; what it had finished "
               "stays", file=sys.stderr)
-        return 130
+        return 128 + number
     except SystemExit as exc:
         if not isinstance(exc.code, str):  # an exit status, not a refusal
             raise

@@ -16,13 +16,13 @@ import re
 import shutil
 import signal
 import tempfile
-import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 
+from service.signals import handlers_swapped, raise_stopped
 from training.fetch import (
     ChecksumError,
     DataError,
@@ -141,28 +141,6 @@ def _alone_into(dest: Path) -> Iterator[None]:
         os.close(descriptor)
 
 
-@contextlib.contextmanager
-def _ended_as_interrupt() -> Iterator[None]:
-    """SIGTERM and SIGHUP (a closed terminal) clean up as Ctrl-C does: they ended the process
-    with its staging folder and clone left behind."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(number, frame):
-        raise KeyboardInterrupt
-
-    # only where they would end the process: one that nohup ignores stays ignored
-    before = {number: signal.signal(number, interrupt)
-              for number in (signal.SIGTERM, signal.SIGHUP)
-              if signal.getsignal(number) == signal.SIG_DFL}
-    try:
-        yield
-    finally:
-        for number, handler in before.items():
-            signal.signal(number, signal.SIG_DFL if handler is None else handler)
-
-
 def fetch_fer2013(dest: Path, checksums_path: Path, source: str = FER_REPOSITORY,
                   commit: str = FER_COMMIT) -> Path:
     """Clone ``source`` (a URL or a local repository) at ``commit``, keep only the originals,
@@ -185,7 +163,10 @@ def fetch_fer2013(dest: Path, checksums_path: Path, source: str = FER_REPOSITORY
                          f"{dest.name} and renames them into place")
     staging = dest.parent / f".{dest.name}.partial"
     earlier = dest.parent / f".{dest.name}.earlier"
-    with _alone_into(dest), _ended_as_interrupt():
+    # SIGTERM and SIGHUP (a closed terminal) clean up as Ctrl-C does: they ended the process
+    # with its staging folder and clone left behind
+    with _alone_into(dest), handlers_swapped((signal.SIGTERM, signal.SIGHUP), raise_stopped,
+                                             only_where_default=True):
         try:
             with tempfile.TemporaryDirectory(prefix="fer2013-") as tmp:
                 work = Path(tmp) / "repo"

@@ -1,0 +1,45 @@
+"""Signal handlers swapped for the length of a block, for the command lines' work that must
+not be cut in the middle (an output rewritten in place, a dataset moved into place)."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Callable, Iterator
+
+# What ends a command line's run from outside: Ctrl-C, a supervisor, a closed terminal.
+STOPPING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def handlers_swapped(numbers: tuple[int, ...], handler: Callable,
+                     only_where_default: bool = False) -> Iterator[None]:
+    """``handler`` for each of ``numbers`` inside the block, the earlier ones after it.
+    Python runs handlers in the main thread, whichever thread a signal reaches, so handlers
+    are swapped rather than the signal mask; off the main thread, where handlers cannot be
+    set, nothing changes. ``only_where_default``: leave a signal the caller set otherwise
+    (nohup's ignored SIGHUP stays ignored)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {number: signal.signal(number, handler) for number in numbers
+              if not only_where_default or signal.getsignal(number) == signal.SIG_DFL}
+    try:
+        yield
+    finally:
+        for number, earlier in before.items():  # None: set outside Python, as by default
+            signal.signal(number, signal.SIG_DFL if earlier is None else earlier)
+
+
+class Stopped(KeyboardInterrupt):
+    """A SIGTERM or SIGHUP taken as Ctrl-C is, so that the same clean-up runs; the exit
+    status still says which (128 + its number)."""
+
+    def __init__(self, number: int):
+        super().__init__(signal.Signals(number).name)
+        self.number = number
+
+
+def raise_stopped(number: int, frame) -> None:
+    raise Stopped(number)
