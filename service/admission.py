@@ -54,6 +54,9 @@ class BodyTicket:
                 budget.held += more
                 self.held = size
         if refused:
+            # its share goes with it at once, not when its answer is sent: two large bodies
+            # at once were both refused, the second for the first's bytes (a security review)
+            self.release()
             budget._on_refusal()
             raise ApiError(503, "overloaded", "too many request bytes in flight; retry shortly",
                            headers={"Retry-After": "1"})

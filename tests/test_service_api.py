@@ -703,3 +703,20 @@ def test_the_default_model_and_faces_settings_answer_a_request_that_names_neithe
         [prediction] = answer.json()["predictions"]
         assert answer.json()["model"] == "knn" and prediction["face"] is not None
         assert v2(client, {}) == v2(client, {"faces": "auto"}) != v2(client, {"faces": "none"})
+
+
+def test_a_refused_request_gives_its_share_back_at_once():
+    """Two large /v2 bodies at once were both refused: the first one refused kept its bytes
+    until its answer was sent, and the second was refused for them (a security review)."""
+    from service.admission import BodyBudget
+    from service.errors import ApiError
+
+    budget = BodyBudget(limit=100)
+    first, second = budget.ticket(), budget.ticket()
+    first.hold(60)
+    second.hold(30)
+    with pytest.raises(ApiError) as refused:  # 60 + 30 + 20 more: past the budget
+        first.hold(80)
+    assert refused.value.status == 503 and budget.held == 30
+    second.hold(90)  # the room the refused one left
+    assert budget.held == 90
