@@ -11,9 +11,10 @@ import base64
 import binascii
 import json
 import math
+import re
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -152,17 +153,81 @@ def _flatten(data) -> list:
 # A binary request's JSON is a few hundred bytes: a failed parse looks no further than this
 # for it, so that a refused body costs no second copy of itself.
 HINT_SCAN_BYTES = 64 * 1024
-# JSON past this is ASCII (numbers and base64 are): one character past ASCII made Python hold
-# the whole text at 4 bytes a character, 3.9 GB for a 217 KB gzip body (a security review)
-ASCII_BEYOND_BYTES = 64 * 1024
-MAX_NAME_CHARACTERS = 256  # names and ids are quoted in messages and echoed back
+# In JSON past this size, text beyond ASCII (or a \u escape past U+00FF) only in short
+# strings: one such character made Python hold a whole long string at 4 bytes a character,
+# 3.9 GB for a 217 KB gzip body (a security review). Numbers and base64 are ASCII.
+CHECKED_BEYOND_BYTES = 64 * 1024
+MAX_WIDE_STRING_BYTES = 4096
+_NOT_ASCII = re.compile(rb"[\x80-\xff]")
+_SCAN_CHUNK = 1 << 20  # isascii() skips a megabyte at a time; a regex alone took 2.6 s
+# Every string but the tensors' data: names, ids, datatypes, parameters (keys too) are
+# quoted in messages and echoed back, and one of 224 MB was sent back whole.
+MAX_NAME_CHARACTERS = 256
 
 
-def _name(text: str, what: str) -> str:
-    if len(text) > MAX_NAME_CHARACTERS:
-        raise ProtocolError(f"{what} is {len(text):,} characters; at most "
-                            f"{MAX_NAME_CHARACTERS}")
-    return text
+def _quote_near(data, position: int, step: int) -> int | None:
+    """The nearest unescaped '"' before (step -1) or after (step 1) ``position``; None past
+    64 escaped ones (taken as a long string)."""
+    for _ in range(64):
+        found = (data.rfind(b'"', 0, position) if step < 0
+                 else data.find(b'"', position + 1))
+        if found < 0:
+            return None
+        backslashes = 0
+        while found - backslashes > 0 and data[found - backslashes - 1] == 0x5C:
+            backslashes += 1
+        if backslashes % 2 == 0:
+            return found
+        position = found
+    return None
+
+
+def _wide_positions(data) -> Iterator[int]:
+    """Where text past ASCII is: raw bytes past 0x7F, and \\u escapes past U+00FF."""
+    view = memoryview(data)
+    for offset in range(0, len(data), _SCAN_CHUNK):
+        chunk = bytes(view[offset:offset + _SCAN_CHUNK])
+        if not chunk.isascii():
+            for match in _NOT_ASCII.finditer(chunk):
+                yield offset + match.start()
+    position, seen = data.find(b"\\u"), 0
+    while position >= 0:
+        digits = bytes(data[position + 2:position + 6])
+        seen += 1  # past this many escapes of any kind, each counts (a bound on this loop)
+        if seen > MAX_WIDE_STRING_BYTES or (
+                re.fullmatch(rb"[0-9a-fA-F]{4}", digits) and int(digits, 16) > 0xFF):
+            yield position
+        position = data.find(b"\\u", position + 2)
+
+
+def _wide_text_in_a_long_string(data) -> bool:
+    for count, position in enumerate(_wide_positions(data)):
+        if count >= MAX_WIDE_STRING_BYTES:
+            return True
+        start = _quote_near(data, position, -1)
+        end = _quote_near(data, position, 1)
+        if start is None or end is None:
+            continue  # outside any string: not JSON, which the parser says in its own words
+        if end - start > MAX_WIDE_STRING_BYTES:
+            return True
+    return False
+
+
+def _short_strings(value, where: str, skip_data: bool = False) -> None:
+    """Every string in ``value`` (keys too) at most MAX_NAME_CHARACTERS long; a tensor's
+    'data' is left to its own checks."""
+    if isinstance(value, str):
+        if len(value) > MAX_NAME_CHARACTERS:
+            raise ProtocolError(f"{where} is a string of {len(value):,} characters; at most "
+                                f"{MAX_NAME_CHARACTERS}")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _short_strings(key, f"{where}: a key")
+            if not (skip_data and key == "data"):
+                _short_strings(item, f"{where}.{key[:40]}")
+    elif isinstance(value, list):
+        for item in value:
+            _short_strings(item, where)
 MISSING_HEADER_HINT = ("; binary data after the JSON needs the Inference-Header-Content-Length "
                        "header")
 
@@ -280,14 +345,12 @@ def parse_infer_request(body: bytes, header_length: str | None,
                     bytes(header_bytes[:HINT_SCAN_BYTES]).decode("utf-8", "ignore")):
                 raise ProtocolError(f"{exc}{MISSING_HEADER_HINT}") from None
             raise
-    if len(header_bytes) > ASCII_BEYOND_BYTES and not (
-            header_bytes if isinstance(header_bytes, bytes | bytearray)
-            else bytes(header_bytes)).isascii():
+    if len(header_bytes) > CHECKED_BEYOND_BYTES and _wide_text_in_a_long_string(header_bytes):
         hint = MISSING_HEADER_HINT if header_length is None and _names_binary_data(
             bytes(header_bytes[:HINT_SCAN_BYTES]).decode("utf-8", "ignore")) else ""
-        raise ProtocolError(f"the request's JSON holds text that is not ASCII and is larger than "
-                            f"{ASCII_BEYOND_BYTES:,} bytes: numbers and base64 are ASCII, and "
-                            f"other text belongs only in short names{hint}")
+        raise ProtocolError(f"the request's JSON has a string over {MAX_WIDE_STRING_BYTES:,} "
+                            "bytes with text that is not ASCII: numbers and base64 are "
+                            f"ASCII, and other text belongs only in short strings{hint}")
     try:
         header = json.loads(header_bytes)
     except ValueError as exc:  # malformed, not UTF-8, or an integer past Python's digit limit
@@ -299,11 +362,18 @@ def parse_infer_request(body: bytes, header_length: str | None,
         raise ProtocolError("the request's JSON is nested too deeply") from None
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
         raise ProtocolError("the request must be a JSON object with an 'inputs' list")
+    for key, value in header.items():
+        if key == "inputs":
+            for item in value:
+                _short_strings(item, "an input", skip_data=True)
+        else:
+            _short_strings(value, f"'{key[:40]}'")
+        _short_strings(key, "a key")
     offset, inputs = 0, []
     for item in header["inputs"]:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise ProtocolError("every input needs a 'name', a 'datatype' and a 'shape'")
-        name, datatype = _name(item["name"], "an input's name"), item.get("datatype")
+        name, datatype = item["name"], item.get("datatype")
         if not isinstance(datatype, str):
             raise ProtocolError(f"input {name!r}: 'datatype' must be a string such as 'FP32' "
                                 "or 'BYTES'")
@@ -368,17 +438,12 @@ def parse_infer_request(body: bytes, header_length: str | None,
     outputs = header.get("outputs") or []
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
         raise ProtocolError("'outputs' must be a list of objects")
-    for output in outputs:
-        if isinstance(output.get("name"), str):
-            _name(output["name"], "an output's name")
     outputs = [{**o, "parameters": _parameters(o.get("parameters"), f"output {o.get('name')!r}: ")}
                for o in outputs]
     parameters = _parameters(header.get("parameters"), "")
     request_id = header.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise ProtocolError("'id' must be a string")  # echoed back as a Python repr before
-    if request_id is not None:
-        _name(request_id, "the request's 'id'")
     return InferRequest(inputs, request_id, parameters, outputs)
 
 

@@ -74,7 +74,7 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
         # A raw H.264/H.265 stream (camera and CCTV exports) has no timestamps: its frames
         # are timed by their number and the rate the codec declares.
         rate = stream.guessed_rate or stream.average_rate
-        next_time, last_time, last_end = 0.0, None, None
+        next_time, last_time, last_end, run_start = 0.0, None, None, None
         cut_packet = False
 
         def frames():  # the stream's frames, noting a packet the file ends inside of
@@ -94,10 +94,14 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
             # a slideshow's last frame may be shown for seconds: its own duration, not 1/rate
             shown = (float(frame.duration * frame.time_base) if frame.duration
                      and frame.time_base else 1 / float(rate) if rate else 0.0)
-            # frames come in the order they are shown, so any step back is a new start (clips
-            # joined); a step of 1/fps missed clips shorter than that
-            if last_time is not None and time < last_time - 1e-3:
-                next_time = time  # the timestamps start again: so does sampling
+            # back to where the run began, or before it: the timestamps start again (clips
+            # joined), and so does sampling. Not any step back: an AVI's H.264 gives its
+            # B-frames' times in decode order (a step back each), and a step of 1/fps missed
+            # joined clips shorter than that.
+            if run_start is None:
+                run_start = time
+            elif time < last_time and time <= run_start + 1e-3:
+                run_start = next_time = time
             last_time, last_end = time, time + shown
             if time + 1e-6 >= next_time:
                 yield round(time, 4), number, decoded_from_image(upright(frame))

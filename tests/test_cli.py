@@ -7,6 +7,7 @@ import contextlib
 import csv
 import fcntl
 import io
+import itertools
 import json
 import os
 import pty
@@ -768,6 +769,15 @@ def test_timestamps_that_jump_or_start_again_are_sampled_where_they_land(tmp_pat
         once = [r["time_s"] for r in read_rows(tmp_path / "clip.csv")]
         assert len(once) >= least
         assert [r["time_s"] for r in read_rows(tmp_path / "joined.csv")] == once * 3, fps
+    # H.264 in AVI gives its B-frames' times in decode order, a small step back each: every
+    # one was taken for a restart (5 times the rows, out of time order; the diff review)
+    bframes = tmp_path / "bframes.avi"
+    encode_video(bframes, noise_frames(60), fps=30, codec="libx264")
+    assert main(["video", str(bframes), "--out", str(tmp_path / "b.csv"), "--fps", "2",
+                 "--faces", "none"]) == 0
+    times = [float(r["time_s"]) for r in read_rows(tmp_path / "b.csv")]
+    assert len(times) >= 4 and times[0] < 0.1  # the times are a frame late in decode order
+    assert all(0.45 < later - earlier < 0.55 for earlier, later in itertools.pairwise(times))
 
 
 def video_with_longer_sound(path, frames: list[Image.Image], fps: int, seconds: float) -> None:

@@ -209,12 +209,20 @@ def app_client():
     (b"\x89PNG\r\n\x1a\n", {}, "not valid JSON: 'utf-8' codec can't decode byte 0x89"),
     (b'{"id": "caf\xe9", "inputs": []}', {}, "codec can't decode byte 0xe9"),
     (b'{"inputs": []}}', {}, "Extra data"),
-    # one character past ASCII made Python hold all of a large JSON at 4 bytes a character
-    # (3.9 GB for a gzip body of 217 KB), and a name of 224 MB was quoted back whole
+    # one character past ASCII made Python hold a long string at 4 bytes a character (3.9 GB
+    # for a gzip body of 217 KB), raw or escaped; and a string of 224 MB was quoted back whole
     ('{"inputs": [{"name": "' + "A" * 70_000 + '\U0001f600"}]}', {}, "not ASCII"),
+    ('{"inputs": [{"name": "' + "A" * 70_000 + '\\ud83d\\ude00"}]}', {}, "not ASCII"),
+    ('{"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], "data": ["'
+     + "A" * 70_000 + '\u00e9"]}]}', {}, "not ASCII"),
     (b'{"inputs": [{"name": "' + b"A" * 300 + b'", "datatype": "BYTES", "shape": [1], '
-     b'"data": [""]}]}', {}, "an input's name is 300 characters; at most 256"),
-    (b'{"id": "' + b"i" * 300 + b'", "inputs": []}', {}, "the request's 'id' is 300 characters"),
+     b'"data": [""]}]}', {}, "an input.name is a string of 300 characters; at most 256"),
+    (b'{"id": "' + b"i" * 300 + b'", "inputs": []}', {}, "'id' is a string of 300 characters"),
+    (b'{"inputs": [{"name": "image_bytes", "datatype": "' + b"B" * 300 + b'", "shape": [1]}]}',
+     {}, "an input.datatype is a string of 300"),
+    (b'{"parameters": {"faces": "' + b"x" * 300 + b'"}, "inputs": []}', {},
+     "'parameters'.faces is a string of 300"),
+    (b'{"parameters": {"' + b"k" * 300 + b'": 1}, "inputs": []}', {}, "'parameters': a key is"),
     # a byte-order mark and spaces before the JSON, as json.loads takes them: still told
     (b'\xef\xbb\xbf\n{"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], '
      b'"parameters": {"binary_data_size": 8}}]}\x04\x00\x00\x00\x89PNG', {},
@@ -290,6 +298,18 @@ def test_binary_tensors_without_the_header_are_told_so_past_the_json_size_check(
     sent_right = app_client.post("/v2/models/cnn/infer", content=header.encode() + pixels,
                                  headers={"Inference-Header-Content-Length": str(len(header))})
     assert sent_right.status_code == 200, sent_right.text
+
+
+def test_short_text_beyond_ascii_passes_in_a_large_request(app_client, faces):
+    """A large request with an id such as 'café-1' (httpx's json= sends UTF-8 as it is) was
+    refused by the first rule, which asked that all of a large JSON be ASCII."""
+    body = json.dumps({"id": "café-1", "inputs": [{
+        "name": "image_bytes", "datatype": "BYTES", "shape": [1],
+        "data": [base64.b64encode(faces[0] * 3).decode()]}]}, ensure_ascii=False).encode()
+    assert len(body) > 65_536 and not body.isascii()
+    response = app_client.post("/v2/models/cnn/infer", content=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["id"] == "café-1"
 
 
 def test_a_refused_body_is_not_copied_to_say_why():
