@@ -74,7 +74,10 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
         # A raw H.264/H.265 stream (camera and CCTV exports) has no timestamps: its frames
         # are timed by their number and the rate the codec declares.
         rate = stream.guessed_rate or stream.average_rate
-        next_time, last_time, last_end, run_start = 0.0, None, None, None
+        next_time, last_time, last_end, run_start, run_latest = 0.0, None, 0.0, None, None
+        # how far back a decoder's order may step without a new start: B-frames, in an AVI's
+        # H.264, come with their times in decode order (16, x264's most, frames)
+        reorder = 16 / float(rate) if rate else 0.5
         cut_packet = False
 
         def frames():  # the stream's frames, noting a packet the file ends inside of
@@ -94,15 +97,16 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
             # a slideshow's last frame may be shown for seconds: its own duration, not 1/rate
             shown = (float(frame.duration * frame.time_base) if frame.duration
                      and frame.time_base else 1 / float(rate) if rate else 0.0)
-            # back to where the run began, or before it: the timestamps start again (clips
-            # joined), and so does sampling. Not any step back: an AVI's H.264 gives its
-            # B-frames' times in decode order (a step back each), and a step of 1/fps missed
-            # joined clips shorter than that.
+            # back to where the run began or before, or further back than a decoder reorders:
+            # the timestamps start again (clips joined), and so does sampling. Not any step
+            # back (an AVI's B-frames), nor only one of 1/fps (it missed short clips).
             if run_start is None:
-                run_start = time
-            elif time < last_time and time <= run_start + 1e-3:
-                run_start = next_time = time
-            last_time, last_end = time, time + shown
+                run_start = run_latest = time
+            elif time < last_time and (time <= run_start + 1e-3 or time < run_latest - reorder):
+                run_start = run_latest = next_time = time
+            run_latest = max(run_latest, time)
+            # the latest end seen: a joined file's last clip may end before its first did
+            last_time, last_end = time, max(last_end, time + shown)
             if time + 1e-6 >= next_time:
                 yield round(time, 4), number, decoded_from_image(upright(frame))
                 # the next multiple of 1/fps in one step: a jump in the timestamps cost a
@@ -113,7 +117,7 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
         # (a slideshow remuxed to FLV): trusted only where a packet was cut off too.
         if of_the_file and not cut_packet:
             end = None
-        if end is not None and end - (last_end or 0.0) > TRUNCATION_SLACK_SECONDS:
+        if end is not None and end - last_end > TRUNCATION_SLACK_SECONDS:
             stop = "before its first frame" if last_time is None else f"at {last_time:.1f} s"
             raise TruncatedVideoError(f"{path}: the frames stop {stop} of the {end:.1f} s "
                                       "its header declares: the file is cut short")
@@ -123,7 +127,7 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
         # hides frames it still counts.
         if container.format.name == "avi" and stream.frames and stream.time_base:
             counted_end = float(stream.frames * stream.time_base)
-            if counted_end - (last_end or 0.0) > TRUNCATION_SLACK_SECONDS:
+            if counted_end - last_end > TRUNCATION_SLACK_SECONDS:
                 stop = ("before its first frame" if last_time is None
                         else f"at {last_time:.1f} s")
                 raise TruncatedVideoError(f"{path}: the frames stop {stop} of the "

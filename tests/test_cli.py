@@ -769,6 +769,19 @@ def test_timestamps_that_jump_or_start_again_are_sampled_where_they_land(tmp_pat
         once = [r["time_s"] for r in read_rows(tmp_path / "clip.csv")]
         assert len(once) >= least
         assert [r["time_s"] for r in read_rows(tmp_path / "joined.csv")] == once * 3, fps
+    # a second clip that starts within the first one's times, and ends before it did: its
+    # first seconds were skipped, and the file was then called cut (the sixth diff review)
+    first, second, both = tmp_path / "a.ts", tmp_path / "b.ts", tmp_path / "ab.ts"
+    retimed_video(first, noise_frames(50), "mpeg4", "yuv420p")
+    retimed_video(second, noise_frames(20), "mpeg4", "yuv420p", shift=10)
+    both.write_bytes(first.read_bytes() + second.read_bytes())
+    argv = ["--fps", "2", "--faces", "none"]
+    alone = []
+    for clip in (first, second):
+        assert main(["video", str(clip), "--out", str(tmp_path / "one.csv"), *argv]) == 0
+        alone += [r["time_s"] for r in read_rows(tmp_path / "one.csv")]
+    assert main(["video", str(both), "--out", str(tmp_path / "ab.csv"), *argv]) == 0
+    assert [r["time_s"] for r in read_rows(tmp_path / "ab.csv")] == alone
     # H.264 in AVI gives its B-frames' times in decode order, a small step back each: every
     # one was taken for a restart (5 times the rows, out of time order; the diff review)
     bframes = tmp_path / "bframes.avi"

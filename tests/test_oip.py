@@ -211,10 +211,10 @@ def app_client():
     (b'{"inputs": []}}', {}, "Extra data"),
     # one character past ASCII made Python hold a long string at 4 bytes a character (3.9 GB
     # for a gzip body of 217 KB), raw or escaped; and a string of 224 MB was quoted back whole
-    ('{"inputs": [{"name": "' + "A" * 70_000 + '\U0001f600"}]}', {}, "not ASCII"),
-    ('{"inputs": [{"name": "' + "A" * 70_000 + '\\ud83d\\ude00"}]}', {}, "not ASCII"),
+    ('{"inputs": [{"name": "' + "A" * 70_000 + '\U0001f600"}]}', {}, "text past ASCII"),
+    ('{"inputs": [{"name": "' + "A" * 70_000 + '\\ud83d\\ude00"}]}', {}, "text past ASCII"),
     ('{"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], "data": ["'
-     + "A" * 70_000 + '\u00e9"]}]}', {}, "not ASCII"),
+     + "A" * 70_000 + '\u00e9"]}]}', {}, "text past ASCII"),
     (b'{"inputs": [{"name": "' + b"A" * 300 + b'", "datatype": "BYTES", "shape": [1], '
      b'"data": [""]}]}', {}, "an input.name is a string of 300 characters; at most 256"),
     (b'{"id": "' + b"i" * 300 + b'", "inputs": []}', {}, "'id' is a string of 300 characters"),
@@ -223,6 +223,11 @@ def app_client():
     (b'{"parameters": {"faces": "' + b"x" * 300 + b'"}, "inputs": []}', {},
      "'parameters'.faces is a string of 300"),
     (b'{"parameters": {"' + b"k" * 300 + b'": 1}, "inputs": []}', {}, "'parameters': a key is"),
+    # escaped quotes beside it hid a long string from the search for its ends (2.2 GB), and
+    # text past ASCII with no quote near made each search run the whole body (35 s)
+    ('{"id": "' + '\\"' * 65 + "\U0001f600" + "A" * 70_000 + '", "inputs": []}', {},
+     "text past ASCII outside a string"),
+    ("[" + " " * 40_000 + "é" * 2047 + " " * 40_000 + "]", {}, "text past ASCII outside"),
     # a byte-order mark and spaces before the JSON, as json.loads takes them: still told
     (b'\xef\xbb\xbf\n{"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], '
      b'"parameters": {"binary_data_size": 8}}]}\x04\x00\x00\x00\x89PNG', {},
