@@ -21,6 +21,7 @@ import sys
 import termios
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -728,21 +729,30 @@ def test_a_cut_video_says_so_keeps_its_rows_and_exits_1(tmp_path, capsys, suffix
     assert "the file is cut short" in line and "their plot could not be written (" in line
 
 
-def jumping_video(path, frames: list[Image.Image], last_at: float) -> None:
-    """A Matroska file at 10 frames a second whose last frame is stamped ``last_at`` s."""
+def last_packet_changed(path, frames: list[Image.Image], codec: str, fps: int,
+                        change: Callable) -> None:
+    """The frames encoded, then ``change(packet)`` on the last one shown, then muxed: files
+    whose last frame says something its neighbours do not."""
     import av
 
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=10)
+        stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height = frames[0].size
         stream.pix_fmt = "yuv420p"
         packets = [p for image in frames
                    for p in stream.encode(av.VideoFrame.from_image(image.convert("RGB")))]
         packets += stream.encode()
-        last = max(packets, key=lambda packet: packet.pts)
-        last.pts = last.dts = int(last_at / last.time_base)
+        change(max(packets, key=lambda packet: packet.pts))
         for packet in packets:
             container.mux(packet)
+
+
+def jumping_video(path, frames: list[Image.Image], last_at: float) -> None:
+    """A Matroska file at 10 frames a second whose last frame is stamped ``last_at`` s."""
+    def stamped(last):
+        last.pts = last.dts = int(last_at / last.time_base)
+
+    last_packet_changed(path, frames, "mpeg4", 10, stamped)
 
 
 def test_timestamps_that_jump_or_start_again_are_sampled_where_they_land(tmp_path):
@@ -820,19 +830,10 @@ def video_with_longer_sound(path, frames: list[Image.Image], fps: int, seconds: 
 def flv_slideshow(path, frames: list[Image.Image], fps: int, last_seconds: float) -> None:
     """An FLV whose last picture is held ``last_seconds``: the file's duration counts it, its
     packets (which carry no duration in FLV) do not."""
-    import av
-
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height = frames[0].size
-        stream.pix_fmt = "yuv420p"
-        packets = [p for image in frames
-                   for p in stream.encode(av.VideoFrame.from_image(image.convert("RGB")))]
-        packets += stream.encode()
-        last = max(packets, key=lambda packet: packet.pts)
+    def held(last):
         last.duration = int(last_seconds / last.time_base)
-        for packet in packets:
-            container.mux(packet)
+
+    last_packet_changed(path, frames, "libx264", fps, held)
 
 
 def retimed_video(path, frames: list[Image.Image], codec: str, pix_fmt: str, shift: int = 0,
