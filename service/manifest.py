@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.classes import CLASS_NAMES
 from service.settings import ModelName
@@ -24,21 +24,26 @@ class ManifestError(RuntimeError):
     """The manifest is missing or malformed: the service cannot start."""
 
 
-class TensorSpec(BaseModel):
+class Strict(BaseModel):
+    # json.loads takes NaN and Infinity, which /metrics then failed to send (a 500)
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+class TensorSpec(Strict):
     name: str
     dtype: str = "float32"
     shape: list[int | str]
     range: tuple[float, float] | None = None
 
 
-class ClassMetrics(BaseModel):
+class ClassMetrics(Strict):
     precision: float
     recall: float
     f1: float
     support: int
 
 
-class EvalMetrics(BaseModel):
+class EvalMetrics(Strict):
     n: int
     accuracy: float
     macro_f1: float
@@ -47,7 +52,7 @@ class EvalMetrics(BaseModel):
     confusion_matrix: list[list[int]]
 
 
-class DatasetProvenance(BaseModel):
+class DatasetProvenance(Strict):
     """One dataset a model was trained or scored on, pinned to its commit and checksums."""
 
     repository: str
@@ -60,7 +65,7 @@ class DatasetProvenance(BaseModel):
     terms: str = ""
 
 
-class ModelEntry(BaseModel):
+class ModelEntry(Strict):
     file: SafeFileName
     sha256: Sha256
     bytes: int
@@ -79,7 +84,7 @@ class ModelEntry(BaseModel):
     summary: dict = Field(default_factory=dict)
 
 
-class FileEntry(BaseModel):
+class FileEntry(Strict):
     """A shipped file that is not a model, such as the face detector's ``face_crop.json``
     (which pins its own networks by SHA-256): the manifest pins it in turn."""
 
@@ -91,8 +96,8 @@ class FileEntry(BaseModel):
     created_at: str = ""
 
 
-class Manifest(BaseModel):
-    schema_version: int = 2
+class Manifest(Strict):
+    schema_version: Literal[2] = 2  # another format is refused, not read as this one
     # The names requests and EMOTION_DEFAULT_MODEL take: another was served under any name
     models: dict[ModelName, ModelEntry]
     face_detector: FileEntry | None = None  # absent: faces=none only
@@ -101,17 +106,18 @@ class Manifest(BaseModel):
 def load_manifest(models_dir: Path) -> Manifest:
     path = models_dir / MANIFEST_FILE
     try:
-        raw = path.read_text()
+        raw = path.read_bytes()
     except OSError as exc:
         raise ManifestError(f"cannot read the model manifest {path}: {exc.strerror}") from None
     try:
         manifest = Manifest.model_validate(json.loads(raw))
-    except json.JSONDecodeError as exc:
-        raise ManifestError(f"the model manifest {path} is malformed: {exc}") from None
     except ValidationError as exc:  # one line, not pydantic's report with its links
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'the top level'}: {e['msg']}"
                              for e in exc.errors())
         raise ManifestError(f"the model manifest {path} is malformed: {problems}") from None
+    except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, or nested past Python
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise ManifestError(f"the model manifest {path} is malformed: {reason}") from None
     if not manifest.models:
         raise ManifestError(f"the model manifest {path} lists no models")
     for name, entry in manifest.models.items():
