@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -43,6 +44,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"emotion service: cannot start: {exc}", file=sys.stderr)
         return 2
     args = parse_args(argv, settings)
+    try:  # a name that does not resolve failed only after both models had loaded (exit 3)
+        if not args.host.strip():
+            raise OSError("empty")
+        socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM,
+                           flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        print(f"emotion service: cannot start: --host or EMOTION_HOST {args.host!r}: "
+              f"{exc.strerror or exc}; give an address of this machine, e.g. 127.0.0.1 or "
+              "0.0.0.0", file=sys.stderr)
+        return 2
     try:
         manifest = load_manifest(settings.models_dir)
         require_default_model(manifest, settings.default_model, settings.models_dir)

@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.origins import browser_origin
@@ -31,6 +31,21 @@ def beside_or_here(folder: Path) -> Path:
     in site-packages, with no models beside it."""
     return folder if folder.is_dir() else Path.cwd() / folder.name
 ModelName = Literal["cnn", "knn"]
+
+
+def _not_blank(value):
+    # An empty variable (`EMOTION_HOST=` in an env file, an unset ${HOST}) meant every
+    # interface for the host and the working folder for a path: refused, not guessed.
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("empty; unset it for the default")
+    return value
+
+
+FolderPath = Annotated[Path, BeforeValidator(_not_blank)]
+HostName = Annotated[str, BeforeValidator(_not_blank)]
+# More threads or processes than any machine has: refused here, not by a failure later that
+# names no variable (2**31 threads was ONNX Runtime's TypeError at load).
+Threads = Annotated[int, Field(ge=0, le=1024)]
 
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -70,13 +85,13 @@ def container_cpus(root: Path = CGROUP_ROOT) -> int:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EMOTION_", extra="ignore")
 
-    models_dir: Path = Field(default_factory=lambda: beside_or_here(REPO_MODELS_DIR),
-                             description="manifest.json and the artifacts.")
+    models_dir: FolderPath = Field(default_factory=lambda: beside_or_here(REPO_MODELS_DIR),
+                                   description="manifest.json and the artifacts.")
     # Not beside_or_here: the page serves this folder's photos, so never the working one's.
-    examples_dir: Path = Field(REPO_EXAMPLES_DIR, description="The sample photos the page "
-                               "offers (none where the folder is missing).")
-    host: str = Field("127.0.0.1", description="Interface python -m service listens on; "
-                      "--host overrides it.")
+    examples_dir: FolderPath = Field(REPO_EXAMPLES_DIR, description="The sample photos the "
+                                     "page offers (none where the folder is missing).")
+    host: HostName = Field("127.0.0.1", description="Interface python -m service listens "
+                           "on; --host overrides it.")
     port: int = Field(8000, ge=1, le=65535, description="Port python -m service listens on; "
                       "--port overrides it. The image's HEALTHCHECK probes this one.")
     default_model: ModelName = Field("cnn", description="Model used when a request names none.")
@@ -89,14 +104,14 @@ class Settings(BaseSettings):
                             description="Per image, from its header; at most Pillow's own "
                             f"limit, {PILLOW_MAX_PIXELS}.")
     max_images_per_request: int = Field(16, gt=0)
-    workers: int = Field(0, ge=0, description="uvicorn worker processes (python -m service); "
-                                              "0: one per container CPU.")
-    onnx_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads, and the "
-                              "most the kNN's search uses; 0: the container's CPUs divided by "
-                              "workers.")
-    inference_concurrency: int = Field(0, ge=0, description="Model calls running at once per "
-                                       "worker, the rest wait their turn; 0: the worker's "
-                                       "ONNX Runtime threads plus one.")
+    workers: Threads = Field(0, description="uvicorn worker processes (python -m service); "
+                                                  "0: one per container CPU.")
+    onnx_threads: Threads = Field(0, description="ONNX Runtime intra-op threads, and the "
+                                  "most the kNN's search uses; 0: the container's CPUs "
+                                  "divided by workers.")
+    inference_concurrency: Threads = Field(0, description="Model calls running at once per "
+                                           "worker, the rest wait their turn; 0: the worker's "
+                                           "ONNX Runtime threads plus one.")
     max_in_flight: int = Field(32, gt=0, description="Predictions in progress per worker; more "
                                                      "get 503 with Retry-After at once.")
     max_body_bytes_in_flight: int = Field(

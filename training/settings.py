@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.settings import read_settings
+from service.settings import FolderPath, Threads, read_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO_ROOT.parent / "shared" / "datasets"
@@ -49,28 +49,31 @@ def _default_fer2013_dir() -> Path:
 class TrainingSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EMOTION_", extra="ignore")
 
-    dataset_dir: Path = Field(
+    dataset_dir: FolderPath = Field(
         default_factory=_default_dataset_dir,
         description="The study's dataset in the upstream layout (data/legend.csv, images/).",
     )
-    fer2013_dir: Path = Field(
+    fer2013_dir: FolderPath = Field(
         default_factory=_default_fer2013_dir,
         description="FER-2013 in the release's image-folder layout (train/, validation/, "
         "test/); the shared copy holds validation/ only.",
     )
-    cache_dir: Path = Field(
+    cache_dir: FolderPath = Field(
         default=Path.home() / ".cache" / "emotion-detection",
         description="Decode cache and downloaded wheels, outside the repository; the cache is "
         "rebuilt when the data or the preprocessing change.",
     )
-    data_dir: Path = Field(REPO_ROOT / "data", description="The repository's data/: audit, "
-                           "clean table, splits, checksum lists.")
-    models_dir: Path = Field(REPO_ROOT / "models", description="The shipped artifacts.")
-    reports_dir: Path = Field(REPO_ROOT / "reports", description="Reports of experiments.")
-    checkpoints_dir: Path = Field(REPO_ROOT / "checkpoints",
-                                  description="Training checkpoints (train writes, export reads).")
-    torch_threads: int = Field(0, ge=0, description="torch threads for training; 0: every "
-                               "CPU. Lets runs share the cores without oversubscribing them.")
+    data_dir: FolderPath = Field(REPO_ROOT / "data", description="The repository's data/: "
+                                 "audit, clean table, splits, checksum lists.")
+    models_dir: FolderPath = Field(REPO_ROOT / "models", description="The shipped artifacts.")
+    reports_dir: FolderPath = Field(REPO_ROOT / "reports",
+                                    description="Reports of experiments.")
+    checkpoints_dir: FolderPath = Field(REPO_ROOT / "checkpoints",
+                                        description="Training checkpoints (train writes, "
+                                        "export reads).")
+    torch_threads: Threads = Field(0, description="torch threads for training; 0: every "
+                                   "CPU. Lets runs share the cores without oversubscribing "
+                                   "them.")
 
     @property
     def legend_path(self) -> Path:
