@@ -337,6 +337,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _setting_of(exc: BaseException) -> str:
+    """' (EMOTION_X_DIR=...)' for an OSError on a path inside a folder setting, the one that
+    holds it most closely: the error names only the path, which the user may not have typed."""
+    filename = getattr(exc, "filename", None)
+    if not isinstance(filename, (str, Path)):
+        return ""
+    try:
+        settings = get_training_settings()
+    except ValueError:
+        return ""
+    path = Path(filename).absolute()
+    folders = [(name, value.absolute()) for name, value in settings if isinstance(value, Path)]
+    holding = [(name, folder) for name, folder in folders
+               if folder == path or folder in path.parents]
+    if not holding:
+        return ""
+    name, folder = max(holding, key=lambda pair: len(pair[1].parts))
+    return f" (EMOTION_{name.upper()}={str(folder)!r})"
+
+
 def main(argv: list[str] | None = None) -> int:
     import signal
     import subprocess
@@ -351,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         # Data not where a setting says, or not what the repository's lists say, an output folder
         # that cannot be written, a git fetch that failed, or a refused setting: the user's
         # to fix, so one line, not a traceback.
-        print(f"python -m training {args.command}: error: {exc}", file=sys.stderr)
+        print(f"python -m training {args.command}: error: {exc}{_setting_of(exc)}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # Ctrl-C, or a SIGTERM/SIGHUP taken as one: one line
         number = getattr(exc, "number", signal.SIGINT)
