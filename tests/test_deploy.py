@@ -66,10 +66,15 @@ def run_refused(args: list[str], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
-def shipped_manifest_with(**models) -> str:
-    """The shipped manifest, its models replaced by ``models`` (name -> a shipped name)."""
+def shipped_manifest_with(schema_version: int = 2, metric: float | None = None,
+                          **models) -> str:
+    """The shipped manifest, its models replaced by ``models`` (name -> a shipped name), and
+    its format's version or the CNN's identity test macro-F1 replaced where given."""
     manifest = json.loads((REPO / "models" / "manifest.json").read_text())
     manifest["models"] = {name: manifest["models"][like] for name, like in models.items()}
+    manifest["schema_version"] = schema_version
+    if metric is not None:
+        manifest["models"]["cnn"]["metrics"]["identity"]["test"]["macro_f1"] = metric
     return json.dumps(manifest)
 
 
@@ -80,10 +85,19 @@ def shipped_manifest_with(**models) -> str:
                                        "manifest"),
     (shipped_manifest_with(), "lists no models"),
     # served as /predict?model=extra, a name no setting or document offers
-    (shipped_manifest_with(cnn="cnn", knn="knn", extra="knn"), "models.extra.[key]")])
+    (shipped_manifest_with(cnn="cnn", knn="knn", extra="knn"), "models.extra.[key]"),
+    # tracebacks, exit 1 (a review)
+    (b"\xff" + shipped_manifest_with(cnn="cnn").encode(), "can't decode byte 0xff"),
+    ("[" * 100_000, "is malformed: nested too deeply"),
+    # taken: /readyz said ready, then /metrics was a 500 (NaN is not JSON)
+    (shipped_manifest_with(cnn="cnn", metric=float("nan")),
+     "models.cnn.metrics.identity.test.macro_f1: Input should be a finite number"),
+    # a format this code does not know, read as this one
+    (shipped_manifest_with(cnn="cnn", schema_version=99), "schema_version: Input should be 2")])
 def test_bad_manifest_is_one_clear_error_not_a_restart_loop(tmp_path, manifest, says):
     if manifest is not None:
-        (tmp_path / "manifest.json").write_text(manifest)
+        (tmp_path / "manifest.json").write_bytes(
+            manifest if isinstance(manifest, bytes) else manifest.encode())
     env = {**os.environ, "EMOTION_MODELS_DIR": str(tmp_path), "EMOTION_WORKERS": "2"}
     result = run_refused(["-m", "service", "--port", "1"], cwd=REPO, env=env)
     assert result.returncode == 2
@@ -108,6 +122,25 @@ def test_a_refused_setting_is_one_line_naming_it_and_exit_2(tmp_path, command, p
     else:
         assert "EMOTION_WORKERS='-1'" in line and "EMOTION_MAX_PIXELS='many'" in line
         assert "EMOTION_LOG_LEVEL='verbose'" in line  # it was uvicorn's KeyError
+
+
+@pytest.mark.parametrize(("env", "says"), [
+    # every interface (uvicorn took "" as 0.0.0.0 and [::]), and the working folder's files
+    ({"EMOTION_HOST": ""}, "EMOTION_HOST='': Value error, empty; unset it for the default"),
+    ({"EMOTION_MODELS_DIR": " "}, "EMOTION_MODELS_DIR=' ': Value error, empty"),
+    ({"EMOTION_EXAMPLES_DIR": ""}, "EMOTION_EXAMPLES_DIR='': Value error, empty"),
+    # taken, then ONNX Runtime's TypeError at load named no variable (not ready, not refused)
+    ({"EMOTION_ONNX_THREADS": str(2**31)}, f"EMOTION_ONNX_THREADS='{2**31}': Input should "
+                                           "be less than or equal to 1024"),
+    # a name that does not resolve: uvicorn's errno after both models loaded, exit 3
+    ({"EMOTION_HOST": "no-such-host.invalid"}, "--host or EMOTION_HOST "
+                                               "'no-such-host.invalid': ")])
+def test_a_setting_that_cannot_work_is_refused_before_anything_loads(env, says):
+    result = run_refused(["-m", "service", "--port", "1"], cwd=REPO,
+                         env={**os.environ, "EMOTION_WORKERS": "1", **env})
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("emotion service: cannot start: ") and says in line, line
 
 
 @pytest.mark.parametrize("folder", ["missing", ""])

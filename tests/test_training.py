@@ -907,13 +907,23 @@ def test_face_geometry_pins_the_file_it_writes_so_the_service_loads_it(tmp_path)
 
 
 @pytest.mark.parametrize(("argv", "env", "says"), [
-    # a default output under a folder that cannot be made: refused after the first training
+    # a default output under a folder that cannot be made: refused after the first training;
+    # the errno line names the path, and now the setting it came from
     (["reproduce", "--profile", "smoke", "--only", "knn"],
-     {"EMOTION_CHECKPOINTS_DIR": "/dev/null/x"}, "Not a directory"),
+     {"EMOTION_CHECKPOINTS_DIR": "/dev/null/x"},
+     "Not a directory: '/dev/null/x/reproduce-smoke' (EMOTION_CHECKPOINTS_DIR='/dev/null/x')"),
     # full runs write reports/after_training and reports/levers after each training
-    (["train", "--seeds", "0"], {"EMOTION_REPORTS_DIR": "/dev/null/x"}, "Not a directory"),
+    (["train", "--seeds", "0"], {"EMOTION_REPORTS_DIR": "/dev/null/x"},
+     "Not a directory: '/dev/null/x/after_training' (EMOTION_REPORTS_DIR='/dev/null/x')"),
     (["levers", "--only", "distill_fer"], {"EMOTION_REPORTS_DIR": "/dev/null/x"},
      "Not a directory"),
+    (["cache"], {"EMOTION_CACHE_DIR": "/dev/null/x"},
+     "Not a directory: '/dev/null/x' (EMOTION_CACHE_DIR='/dev/null/x')"),
+    # an empty variable meant the working folder; a count past any machine's threads
+    # overflowed in torch, a traceback after the data had loaded
+    (["cache"], {"EMOTION_CACHE_DIR": ""}, "EMOTION_CACHE_DIR='': Value error, empty"),
+    (["train", "--seeds", "0"], {"EMOTION_TORCH_THREADS": str(10**23)},
+     f"EMOTION_TORCH_THREADS='{10**23}': Input should be less than or equal to 1024"),
     # the errno line named the file, not the setting behind it
     (["reproduce", "--profile", "smoke", "--only", "knn"],
      {"EMOTION_DATA_DIR": "/nonexistent/data"}, "training audit` writes it under "
