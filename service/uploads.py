@@ -23,12 +23,12 @@ TEXT_TYPES = (b"application/json", b"application/xml", b"application/x-www-form-
 MAX_PART_HEADER_BYTES = 64 * 1024
 
 
-def _too_large(limit: int, what: str) -> ApiError:
+def _too_large(limit: int, what: str, hint: str = "") -> ApiError:
     return ApiError(413, TooManyBytesError.code,
-                    f"{what} is larger than the limit of {byte_count(limit)}")
+                    f"{what} is larger than the limit of {byte_count(limit)}{hint}")
 
 
-def check_content_length(request: Request, limit: int) -> None:
+def check_content_length(request: Request, limit: int, hint: str = "") -> None:
     """413 for a declared length past ``limit``, before a byte is read. Within it, nothing is
     held yet: held as declared, a few bodies declared large and sent at the least rate
     (70 kB/s in all) kept a worker's budget full for hours while holding 3 MB (a review)."""
@@ -36,9 +36,10 @@ def check_content_length(request: Request, limit: int) -> None:
     if declared and declared.isascii() and declared.isdigit():
         digits = declared.lstrip("0") or "0"
         if len(digits) > 20:  # past any limit, and int() refuses 4,300 digits (it was a 500)
-            raise _too_large(limit, f"the request body, declared in {len(digits)} digits,")
+            raise _too_large(limit, f"the request body, declared in {len(digits)} digits,",
+                             hint)
         if int(digits) > limit:
-            raise _too_large(limit, f"the request body of {byte_count(int(digits))}")
+            raise _too_large(limit, f"the request body of {byte_count(int(digits))}", hint)
 
 
 async def body_chunks(request: Request, settings: Settings) -> AsyncIterator[bytes]:
@@ -76,15 +77,17 @@ async def body_chunks(request: Request, settings: Settings) -> AsyncIterator[byt
 
 
 async def limited_chunks(request: Request, limit: int, settings: Settings,
-                         what: str = "the request body") -> AsyncIterator[bytes]:
+                         what: str = "the request body", hint: str = ""
+                         ) -> AsyncIterator[bytes]:
     """The body as it arrives, refused (413) the moment it crosses ``limit`` (or at once,
-    declared past it), and held on the worker's budget as it comes: the bytes it holds."""
-    check_content_length(request, limit)
+    declared past it), and held on the worker's budget as it comes: the bytes it holds.
+    ``hint`` follows the limit in the refusal."""
+    check_content_length(request, limit, hint)
     size = 0
     async for chunk in body_chunks(request, settings):
         size += len(chunk)
         if size > limit:  # stop reading at once: the rest of the body is never buffered
-            raise _too_large(limit, what)
+            raise _too_large(limit, what, hint)
         hold_body(request.scope, size)
         yield chunk
 
@@ -197,7 +200,12 @@ async def read_multipart(request: Request, settings: Settings) -> list[ImageInpu
         parser = MultipartParser(boundary, callbacks, max_header_size=MAX_PART_HEADER_BYTES)
         # bytes are held as they come, only now, after every check of the headers: a
         # client's mistake is told so (400), not to retry (503)
-        async for chunk in limited_chunks(request, settings.max_body_bytes, settings):
+        # the limit per image too: told only "160.1 MiB", a user sent 150 MB and was refused
+        # at 10 MiB (a review)
+        per_image = (f": at most {settings.max_images_per_request} images of "
+                     f"{byte_count(settings.max_upload_bytes)} each")
+        async for chunk in limited_chunks(request, settings.max_body_bytes, settings,
+                                          hint=per_image):
             parser.write(chunk)
         parser.finalize()
     except FormParserError as exc:  # MultipartParseError and the boundary's own

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.app import create_app
 from service.classes import CLASS_NAMES
 from service.manifest import ManifestError, load_manifest, sha256_bytes
-from service.preprocessing import preprocess_image
+from service.preprocessing import byte_count, preprocess_image
 from service.settings import REPO_MODELS_DIR, Settings
 from tests.api import assert_error, metric_total, models_copy, tampered_copy
 from tests.images import encode, png_bytes
@@ -80,6 +80,11 @@ def test_the_page_has_its_headers_wherever_it_is_served(client, path):
     assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
     assert response.headers["x-frame-options"] == "DENY"
     assert response.headers["x-content-type-options"] == "nosniff"
+    # revalidated on every load: browsers kept an old app.js under a new page after upgrades
+    assert response.headers["cache-control"] == "no-cache"
+    if path.startswith("/static/"):  # cheaply, by its ETag
+        again = client.get(path, headers={"if-none-match": response.headers["etag"]})
+        assert again.status_code == 304 and again.headers["cache-control"] == "no-cache"
 
 
 @pytest.mark.parametrize("path", ["/", "/static/app.js", "/docs-assets/swagger-ui.css",
@@ -182,8 +187,16 @@ def test_limits_give_413(settings, faces):
         answer = post_file(client, bytes(10 * 2**20 + 1))
     assert_error(answer, 413, "too_many_bytes")
     assert "10,485,760 bytes (10 MiB)" in answer.json()["detail"]
-    from service.preprocessing import byte_count
-
+    # a body past the whole request's limit: told only that limit (160.1 MiB by default), a
+    # user sent 150 MB and was refused again at 10 MiB
+    few_small = settings.model_copy(update={"max_upload_bytes": 1000,
+                                            "max_images_per_request": 2})
+    with TestClient(create_app(few_small)) as client:
+        answer = post_file(client, bytes(few_small.max_body_bytes + 1))
+    assert_error(answer, 413, "too_many_bytes")
+    assert answer.json()["detail"].endswith(
+        f"the limit of {byte_count(few_small.max_body_bytes)}: at most 2 images of 1,000 "
+        "bytes each"), answer.json()["detail"]
     assert byte_count(1_610_612_736) == "1,610,612,736 bytes (1.5 GiB)"  # was 1.54e+03 MiB
     assert byte_count(999) == "999 bytes"
     assert byte_count(2**30 - 1) == "1,073,741,823 bytes (1 GiB)"  # not 1,024 MiB
