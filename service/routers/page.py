@@ -22,8 +22,11 @@ EXAMPLE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; "
             "img-src 'self' blob: data:; media-src 'self' blob: mediastream:; "
             "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+# no-cache: asked again each time (an ETag makes that a 304); with no Cache-Control, browsers
+# kept an old app.js under a new page for days after an upgrade (a review).
 PAGE_HEADERS = {"Content-Security-Policy": PAGE_CSP, "X-Content-Type-Options": "nosniff",
-                "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
+                "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY",
+                "Cache-Control": "no-cache"}
 # Swagger UI and ReDoc start from inline code FastAPI writes, so they need 'unsafe-inline';
 # everything they fetch stays on this host (ReDoc's footer logo would come from its CDN).
 DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; "
