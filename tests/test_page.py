@@ -392,6 +392,8 @@ def test_the_page_asks_no_host_but_the_service_and_runs_under_its_csp(page, serv
     html = head.text
     assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>", html)  # no inline script
     assert " style=" not in html and "<style" not in html
+    # valid HTML: an <img> needs a src (the Nu checker refused the photo's, a review)
+    assert all(re.search(r"\bsrc=\S", tag) for tag in re.findall(r"<img\b[^>]*>", html))
     assert "http://" not in html and "https://" not in html
 
 
@@ -467,6 +469,35 @@ def test_the_page_tries_again_when_the_service_did_not_answer_at_first(browser, 
     page.wait_for_selector("#faces-list li")
     assert page.locator("#faces-list li").first.locator("[role=meter]").count() == 8
     page.close()
+
+
+@pytest.mark.parametrize(("status", "said"), [
+    (413, "the request is larger than the server, or a proxy in front of it, takes (HTTP 413)"),
+    (502, "the service behind the proxy is not answering (HTTP 502)")])
+def test_a_proxys_answer_without_json_is_said_in_words(page, server, status, said):
+    """Behind an HTTP/2 proxy, which sends no reason phrase, the page showed "413 " (a
+    review)."""
+    page.route("**/predict*", lambda route: route.fulfill(status=status, body="<html></html>",
+                                                           headers={"content-type": "text/html"}))
+    page.set_input_files("#file", str(EXAMPLES / "two_people.jpg"))
+    page.wait_for_selector("#error:not([hidden])")
+    assert page.inner_text("#error") == said
+
+
+def test_a_file_that_cannot_be_read_is_said_so_not_the_server(page, server, tmp_path):
+    """A dropped folder, or a file deleted after it was chosen, was "the server could not be
+    reached (Failed to fetch)" while the server was up (a review)."""
+    photo = tmp_path / "moved.jpg"
+    shutil.copy(EXAMPLES / "two_people.jpg", photo)
+    page.set_input_files("#file", str(photo))
+    page.wait_for_selector("#status:has-text('2 faces found by cnn')")
+    photo.unlink()
+    page.select_option("#faces", "none")  # sends the file on show again
+    page.wait_for_selector("#error:not([hidden])")
+    assert page.inner_text("#error") == (
+        "moved.jpg could not be read (a folder, or a file moved or deleted since it was "
+        "chosen): choose an image file.")
+    assert page.inner_text("#status") == "" and page.is_hidden("#stage")
 
 
 def test_the_page_leaves_out_a_model_it_cannot_name(browser, server):

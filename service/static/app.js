@@ -21,6 +21,20 @@ function newRequestSignal() {
   return state.controller.signal;
 }
 
+// What an answer without a JSON detail (a proxy's, or the service's gone) says in words:
+// HTTP/2 has no reason phrase, so a bare "413 " or "502 " was all the page showed.
+const STATUS_WORDS = {
+  400: "the request was refused as malformed", 404: "not found on this server",
+  408: "the request took too long to arrive", 413: "the request is larger than the server, or a proxy in front of it, takes",
+  429: "too many requests at once; try again shortly", 500: "the server failed on this request",
+  502: "the service behind the proxy is not answering", 503: "the service is busy or not ready; try again shortly",
+  504: "the service behind the proxy did not answer in time" };
+
+function statusInWords(response) {
+  const words = STATUS_WORDS[response.status] || response.statusText || "the server refused the request";
+  return `${words} (HTTP ${response.status})`;
+}
+
 async function api(path, options = {}, timeoutMs = 0) {
   let response;
   const signals = [options.signal, timeoutMs && AbortSignal.timeout(timeoutMs)].filter(Boolean);
@@ -39,7 +53,7 @@ async function api(path, options = {}, timeoutMs = 0) {
     return { ok: false, status: response.status, detail: `the answer (${response.status}) could not be read` };
   }
   if (!response.ok) {
-    const detail = (body && (body.detail || body.error)) || `${response.status} ${response.statusText}`;
+    const detail = (body && (body.detail || body.error)) || statusInWords(response);
     const retryAfter = Number(response.headers.get("Retry-After")) || 0; // seconds
     return { ok: false, status: response.status, detail, code: body && body.code, retryAfter };
   }
@@ -164,6 +178,18 @@ async function classifyFile(blob, name, note = "") {
   render([]); // the last image's boxes and faces are not this one's, even while it is sent
   $("status").textContent = `Loading ${name || "the image"}…`; // nor is the last one's summary
   state.last = state.shown = { blob, name }; // shown: kept while an example loads
+  try {
+    // a dropped folder, or a file moved since it was chosen: fetch said "the server could not
+    // be reached" for it, while the server was up
+    await blob.slice(0, 1).arrayBuffer();
+  } catch (_) {
+    if (generation !== state.generation) return;
+    $("status").textContent = "";
+    $("stage").hidden = true;
+    showError(`${name || "The file"} could not be read (a folder, or a file moved or deleted since it was chosen): choose an image file.`);
+    return;
+  }
+  if (generation !== state.generation) return;
   const photo = $("photo");
   if (state.objectUrl) URL.revokeObjectURL(state.objectUrl);
   state.objectUrl = null;
