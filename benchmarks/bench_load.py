@@ -3,7 +3,7 @@
     python -m benchmarks.bench_load [--clients 32] [--seconds 60] [--overload-in-flight 4]
 
 Load: ``--clients`` connections post real test-split images for ``--seconds`` to a server
-with the default settings. Goal: no request fails.
+with the default settings but one worker. Goal: no request fails.
 
 Overload: the same clients against a server whose ``EMOTION_MAX_IN_FLIGHT`` is
 ``--overload-in-flight``. Requests past that limit must get 503 with Retry-After at once
@@ -19,7 +19,7 @@ import asyncio
 import sys
 
 from benchmarks.load import describe, latency_ms, load_faces, one_face_each, post_images
-from service.arguments import count
+from service.arguments import count, positive_seconds
 from tests.server import running_server
 
 
@@ -27,8 +27,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--clients", type=count, default=32, help="concurrent connections")
-    parser.add_argument("--seconds", type=float, default=60, help="length of the load run")
-    parser.add_argument("--overload-seconds", type=float, default=15,
+    parser.add_argument("--seconds", type=positive_seconds, default=60,
+                        help="length of the load run")
+    parser.add_argument("--overload-seconds", type=positive_seconds, default=15,
                         help="length of the overload run")
     parser.add_argument("--overload-in-flight", type=count, default=4,
                         help="EMOTION_MAX_IN_FLIGHT of the overloaded server")

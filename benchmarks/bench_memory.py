@@ -25,7 +25,7 @@ import numpy as np
 import psutil
 from PIL import Image
 
-from service.arguments import count
+from service.arguments import count, non_negative_seconds
 from service.preprocessing import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from tests.server import server_process
 
@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cases", default=",".join(CASES), help="which cases, in order; "
                         "a+b sends one request of each case at once, and case:N gives that "
                         "case N images per request instead of --images")
-    parser.add_argument("--stagger", type=float, default=0.0,
+    parser.add_argument("--stagger", type=non_negative_seconds, default=0.0,
                         help="seconds between the starts of an a+b case's parts (the worst "
                         "seen: a float TIFF sent while the largest JSON body is parsed)")
     return parser.parse_args(argv)

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from service.arguments import count
+from service.arguments import count, positive_seconds
 from service.manifest import load_manifest
 from service.models import OnnxClassifier, SklearnClassifier
 from service.preprocessing import preprocess_image
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=count, nargs="+", default=[1, 2],
                         help="threads to try: ONNX Runtime's intra-op ones, and the kNN's "
                         "(default: %(default)s)")
-    parser.add_argument("--seconds", type=float, default=5.0,
+    parser.add_argument("--seconds", type=positive_seconds, default=5.0,
                         help="time per measurement (default: %(default)s)")
     args = parser.parse_args(argv)
     manifest = load_manifest(REPO_MODELS_DIR)

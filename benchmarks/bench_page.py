@@ -16,6 +16,7 @@ import argparse
 import statistics
 from pathlib import Path
 
+from service.arguments import positive_seconds
 from tests.server import REPO, running_server
 from tests.test_page import CHROMIUM, CHROMIUM_ARGS
 
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--screenshot", type=Path, default=REPO / "docs" / "page.png",
                         help="where the screenshot goes")
-    parser.add_argument("--webcam-seconds", type=float, default=10,
+    parser.add_argument("--webcam-seconds", type=positive_seconds, default=10,
                         help="length of the fake-camera run")
     args = parser.parse_args(argv)
     if not Path(CHROMIUM).exists():  # one line, before the server starts

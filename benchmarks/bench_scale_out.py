@@ -23,20 +23,21 @@ from pathlib import Path
 
 from benchmarks.balancer import NO_NGINX, Balancer, nginx_binary, run_fault_load, throughput
 from benchmarks.load import load_faces
-from service.arguments import count
+from service.arguments import count, non_negative_seconds, positive_seconds
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=60,
+    parser.add_argument("--seconds", type=positive_seconds, default=60,
                         help="length of the fault run, at the least: it also lasts until 5 s "
                         "after the restarted replica is ready")
-    parser.add_argument("--kill-at", type=float, default=20, help="when a replica is killed")
-    parser.add_argument("--restart-after", type=float, default=10,
+    parser.add_argument("--kill-at", type=non_negative_seconds, default=20,
+                        help="when a replica is killed")
+    parser.add_argument("--restart-after", type=non_negative_seconds, default=10,
                         help="how long it stays dead")
     parser.add_argument("--clients", type=count, default=8, help="concurrent connections")
-    parser.add_argument("--throughput-seconds", type=float, default=20,
+    parser.add_argument("--throughput-seconds", type=non_negative_seconds, default=20,
                         help="length of each throughput run (0: skip them)")
     parser.add_argument("--images", type=count, default=100, help="distinct test images sent")
     return parser.parse_args(argv)

@@ -20,7 +20,7 @@ from collections import Counter
 import psutil
 
 from benchmarks.load import describe, load_faces, post_images
-from service.arguments import count
+from service.arguments import count, positive_seconds
 from tests.server import server_process
 
 GROWTH_GOAL = 0.05
@@ -33,7 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2_000,
                         help="requests before the baseline RSS is taken")
     parser.add_argument("--clients", type=count, default=8, help="concurrent connections")
-    parser.add_argument("--interval", type=float, default=0.5, help="seconds between samples")
+    parser.add_argument("--interval", type=positive_seconds, default=0.5,
+                        help="seconds between samples")
     args = parser.parse_args(argv)
     if not 0 <= args.warmup < args.requests:  # the baseline is taken after the warm-up
         parser.error(f"--warmup {args.warmup} must be at least 0 and below --requests "

@@ -66,7 +66,7 @@ async def post_images(base: str, payload: Payload, clients: int, requests: int |
     numbers = itertools.count()
     outcomes = [] if outcomes is None else outcomes
     started = time.perf_counter()
-    deadline = started + seconds if seconds else float("inf")
+    deadline = started + seconds if seconds is not None else float("inf")
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
 
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:

@@ -41,6 +41,31 @@ def non_negative(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    """More than 0: a load run of 0 s ran for ever, a measurement of 0 s divided by zero."""
+    value = _seconds(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value:g} is not a positive number of seconds")
+    return value
+
+
+def non_negative_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value:g} seconds is negative")
+    return value
+
+
 def port_number(text: str) -> int:
     """A TCP port, as EMOTION_PORT takes it: past 65535, one worker listened on the number
     modulo 65536 and several died in a traceback."""

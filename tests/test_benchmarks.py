@@ -111,6 +111,11 @@ def test_bench_memory_prints_each_cases_peak(capsys):
     (bench_memory, ["--concurrent", "0"]),  # a traceback after a server had started
     (bench_soak, ["--requests", "20", "--warmup", "50"]),  # an IndexError after every request
     (bench_load, ["--clients", "x"]),
+    # a load run of 0 s ran for ever; a measurement of 0 s divided by zero after 6 s; a
+    # negative stagger was sleep()'s traceback (a review)
+    (bench_load, ["--seconds", "0"]), (bench_load, ["--overload-seconds", "0"]),
+    (bench_models, ["--seconds", "0"]), (bench_memory, ["--stagger", "-1"]),
+    (bench_soak, ["--interval", "nan"]),
 ])
 def test_a_benchmark_refuses_a_count_it_cannot_run_before_any_work(module, argv, capsys):
     with pytest.raises(SystemExit) as refused:
