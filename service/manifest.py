@@ -103,6 +103,26 @@ class Manifest(Strict):
     face_detector: FileEntry | None = None  # absent: faces=none only
 
 
+# Past any manifest's nesting (the shipped one: 10 levels); past Python's stack it was a
+# traceback, and a 900-level list in the free-form summary made /models a 500.
+MAX_DEPTH = 32
+
+
+def _refuse_constant(name: str):
+    # json.loads takes NaN and Infinity anywhere, the free-form summary too: /metrics and
+    # /models then failed to send them (a 500)
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _depth(value) -> int:
+    depth, level = 0, [value]
+    while level:
+        depth += 1
+        level = [item for node in level if isinstance(node, (dict, list))
+                 for item in (node.values() if isinstance(node, dict) else node)]
+    return depth - 1
+
+
 def load_manifest(models_dir: Path) -> Manifest:
     path = models_dir / MANIFEST_FILE
     try:
@@ -110,13 +130,17 @@ def load_manifest(models_dir: Path) -> Manifest:
     except OSError as exc:
         raise ManifestError(f"cannot read the model manifest {path}: {exc.strerror}") from None
     try:
-        manifest = Manifest.model_validate(json.loads(raw))
+        parsed = json.loads(raw, parse_constant=_refuse_constant)
+        if _depth(parsed) > MAX_DEPTH:
+            raise RecursionError
+        manifest = Manifest.model_validate(parsed)
     except ValidationError as exc:  # one line, not pydantic's report with its links
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'the top level'}: {e['msg']}"
                              for e in exc.errors())
         raise ManifestError(f"the model manifest {path} is malformed: {problems}") from None
     except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, or nested past Python
-        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        reason = (f"nested deeper than {MAX_DEPTH} levels" if isinstance(exc, RecursionError)
+                  else exc)
         raise ManifestError(f"the model manifest {path} is malformed: {reason}") from None
     if not manifest.models:
         raise ManifestError(f"the model manifest {path} lists no models")
