@@ -36,6 +36,27 @@ def parse_args(argv: list[str] | None = None, settings: Settings | None = None
     return parser.parse_args(argv)
 
 
+def unlistenable(host: str) -> str | None:
+    """Why nothing can listen on ``host``, or None. Found by uvicorn, it came after both
+    models had loaded (exit 3): empty (every interface, to uvicorn), a name that does not
+    resolve, an address of another machine."""
+    if not host.strip():
+        return "empty; unset it for the default"
+    try:
+        found = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    reason = "no address"
+    for family, kind, protocol, _, address in found:
+        try:  # on a free port: the chosen one may be taken, which uvicorn says itself
+            with socket.socket(family, kind, protocol) as probe:
+                probe.bind(address)
+            return None
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+    return reason
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings()
@@ -44,15 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"emotion service: cannot start: {exc}", file=sys.stderr)
         return 2
     args = parse_args(argv, settings)
-    try:  # a name that does not resolve failed only after both models had loaded (exit 3)
-        if not args.host.strip():
-            raise OSError("empty")
-        socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM,
-                           flags=socket.AI_PASSIVE)
-    except OSError as exc:
+    unusable = unlistenable(args.host)
+    if unusable:
         print(f"emotion service: cannot start: --host or EMOTION_HOST {args.host!r}: "
-              f"{exc.strerror or exc}; give an address of this machine, e.g. 127.0.0.1 or "
-              "0.0.0.0", file=sys.stderr)
+              f"{unusable}; give an address of this machine, e.g. 127.0.0.1 or 0.0.0.0",
+              file=sys.stderr)
         return 2
     try:
         manifest = load_manifest(settings.models_dir)

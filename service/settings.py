@@ -34,15 +34,15 @@ ModelName = Literal["cnn", "knn"]
 
 
 def _not_blank(value):
-    # An empty variable (`EMOTION_HOST=` in an env file, an unset ${HOST}) meant every
-    # interface for the host and the working folder for a path: refused, not guessed.
+    # An empty variable (`EMOTION_MODELS_DIR=` in an env file, an unset ${MODELS}) meant the
+    # working folder: refused, not guessed. (An empty host is the launcher's to refuse:
+    # --host overrides it, and the command line never listens.)
     if isinstance(value, str) and not value.strip():
         raise ValueError("empty; unset it for the default")
     return value
 
 
 FolderPath = Annotated[Path, BeforeValidator(_not_blank)]
-HostName = Annotated[str, BeforeValidator(_not_blank)]
 # More threads or processes than any machine has: refused here, not by a failure later that
 # names no variable (2**31 threads was ONNX Runtime's TypeError at load).
 Threads = Annotated[int, Field(ge=0, le=1024)]
@@ -90,8 +90,8 @@ class Settings(BaseSettings):
     # Not beside_or_here: the page serves this folder's photos, so never the working one's.
     examples_dir: FolderPath = Field(REPO_EXAMPLES_DIR, description="The sample photos the "
                                      "page offers (none where the folder is missing).")
-    host: HostName = Field("127.0.0.1", description="Interface python -m service listens "
-                           "on; --host overrides it.")
+    host: str = Field("127.0.0.1", description="Interface python -m service listens on; "
+                      "--host overrides it.")
     port: int = Field(8000, ge=1, le=65535, description="Port python -m service listens on; "
                       "--port overrides it. The image's HEALTHCHECK probes this one.")
     default_model: ModelName = Field("cnn", description="Model used when a request names none.")
@@ -193,7 +193,7 @@ def read_settings(cls: type[BaseSettings], prefix: str = "EMOTION_"):
         problems = []
         for error in exc.errors():
             field, *inside = error["loc"]  # inside: an item of a list, as [1]
-            name = _as_set(f"{prefix}{field}")
+            name = variable_as_set(f"{prefix}{field}")
             value = os.environ[name] if name in os.environ else error.get("input")
             where = "".join(f"[{part}]" for part in inside)
             problems.append(f"{name}={value!r}: {where + ' ' if where else ''}{error['msg']}")
@@ -201,13 +201,13 @@ def read_settings(cls: type[BaseSettings], prefix: str = "EMOTION_"):
     except SourceError as exc:  # a list or dict setting whose value is not JSON
         # pydantic-settings names the field and its source only: the variable, as above
         field = re.search(r'field "(\w+)"', str(exc))
-        name = _as_set(f"{prefix}{field[1]}") if field else f"an {prefix}* variable"
+        name = variable_as_set(f"{prefix}{field[1]}") if field else f"an {prefix}* variable"
         value = f"={os.environ[name]!r}" if name in os.environ else ""
         raise SettingsError(f"{name}{value}: not JSON; give {prefix}* lists as JSON, e.g. "
                             '\'["https://a.example"]\'') from None
 
 
-def _as_set(variable: str) -> str:
+def variable_as_set(variable: str) -> str:
     """The environment variable's name as the user wrote it (names are matched whatever
     their case), or the upper-case name when it is not set."""
     wanted = variable.upper()
