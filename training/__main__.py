@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -338,8 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setting_of(exc: BaseException) -> str:
-    """' (EMOTION_X_DIR=...)' for an OSError on a path inside a folder setting, the one that
-    holds it most closely: the error names only the path, which the user may not have typed."""
+    """' (EMOTION_X_DIR=...)' for an OSError on a path inside a folder that a variable set in
+    the environment names, the one that holds it most closely: the error names only the path,
+    which the user may not have typed. Defaults are not named: a path given on the command
+    line may lie under one by chance."""
+    from service.settings import variable_as_set
+
     filename = getattr(exc, "filename", None)
     if not isinstance(filename, (str, Path)):
         return ""
@@ -348,13 +353,16 @@ def _setting_of(exc: BaseException) -> str:
     except ValueError:
         return ""
     path = Path(filename).absolute()
-    folders = [(name, value.absolute()) for name, value in settings if isinstance(value, Path)]
-    holding = [(name, folder) for name, folder in folders
-               if folder == path or folder in path.parents]
+    holding = []
+    for name, value in settings:
+        variable = variable_as_set(f"EMOTION_{name}")
+        if isinstance(value, Path) and variable in os.environ and (
+                value.absolute() == path or value.absolute() in path.parents):
+            holding.append((len(value.absolute().parts), variable))
     if not holding:
         return ""
-    name, folder = max(holding, key=lambda pair: len(pair[1].parts))
-    return f" (EMOTION_{name.upper()}={str(folder)!r})"
+    variable = max(holding)[1]
+    return f" ({variable}={os.environ[variable]!r})"
 
 
 def main(argv: list[str] | None = None) -> int:
