@@ -67,14 +67,17 @@ def run_refused(args: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 
 def shipped_manifest_with(schema_version: int = 2, metric: float | None = None,
-                          **models) -> str:
+                          summary=None, **models) -> str:
     """The shipped manifest, its models replaced by ``models`` (name -> a shipped name), and
-    its format's version or the CNN's identity test macro-F1 replaced where given."""
+    its format's version, the CNN's identity test macro-F1 or a value in the CNN's free-form
+    summary replaced where given."""
     manifest = json.loads((REPO / "models" / "manifest.json").read_text())
     manifest["models"] = {name: manifest["models"][like] for name, like in models.items()}
     manifest["schema_version"] = schema_version
     if metric is not None:
         manifest["models"]["cnn"]["metrics"]["identity"]["test"]["macro_f1"] = metric
+    if summary is not None:
+        manifest["models"]["cnn"]["summary"]["given"] = summary
     return json.dumps(manifest)
 
 
@@ -88,10 +91,13 @@ def shipped_manifest_with(schema_version: int = 2, metric: float | None = None,
     (shipped_manifest_with(cnn="cnn", knn="knn", extra="knn"), "models.extra.[key]"),
     # tracebacks, exit 1 (a review)
     (b"\xff" + shipped_manifest_with(cnn="cnn").encode(), "can't decode byte 0xff"),
-    ("[" * 100_000, "is malformed: nested too deeply"),
-    # taken: /readyz said ready, then /metrics was a 500 (NaN is not JSON)
-    (shipped_manifest_with(cnn="cnn", metric=float("nan")),
-     "models.cnn.metrics.identity.test.macro_f1: Input should be a finite number"),
+    ("[" * 100_000, "is malformed: nested deeper than 32 levels"),
+    # taken: /readyz said ready, then /metrics or /models was a 500 (NaN is not JSON, nor a
+    # list past the serializer's depth), in the typed metrics and the free-form summary alike
+    (shipped_manifest_with(cnn="cnn", metric=float("nan")), "NaN is not a JSON number"),
+    (shipped_manifest_with(cnn="cnn", summary=float("-inf")), "-Infinity is not a JSON number"),
+    (shipped_manifest_with(cnn="cnn", summary="DEEP").replace('"DEEP"', "[" * 900 + "]" * 900),
+     "is malformed: nested deeper than 32 levels"),
     # a format this code does not know, read as this one
     (shipped_manifest_with(cnn="cnn", schema_version=99), "schema_version: Input should be 2")])
 def test_bad_manifest_is_one_clear_error_not_a_restart_loop(tmp_path, manifest, says):
@@ -126,15 +132,18 @@ def test_a_refused_setting_is_one_line_naming_it_and_exit_2(tmp_path, command, p
 
 @pytest.mark.parametrize(("env", "says"), [
     # every interface (uvicorn took "" as 0.0.0.0 and [::]), and the working folder's files
-    ({"EMOTION_HOST": ""}, "EMOTION_HOST='': Value error, empty; unset it for the default"),
+    ({"EMOTION_HOST": ""}, "--host or EMOTION_HOST '': empty; unset it for the default"),
     ({"EMOTION_MODELS_DIR": " "}, "EMOTION_MODELS_DIR=' ': Value error, empty"),
     ({"EMOTION_EXAMPLES_DIR": ""}, "EMOTION_EXAMPLES_DIR='': Value error, empty"),
     # taken, then ONNX Runtime's TypeError at load named no variable (not ready, not refused)
     ({"EMOTION_ONNX_THREADS": str(2**31)}, f"EMOTION_ONNX_THREADS='{2**31}': Input should "
                                            "be less than or equal to 1024"),
-    # a name that does not resolve: uvicorn's errno after both models loaded, exit 3
+    # a name that does not resolve, or an address of another machine: uvicorn's errno after
+    # both models loaded, exit 3
     ({"EMOTION_HOST": "no-such-host.invalid"}, "--host or EMOTION_HOST "
-                                               "'no-such-host.invalid': ")])
+                                               "'no-such-host.invalid': "),
+    ({"EMOTION_HOST": "192.0.2.1"}, "--host or EMOTION_HOST '192.0.2.1': Cannot assign "
+                                    "requested address")])
 def test_a_setting_that_cannot_work_is_refused_before_anything_loads(env, says):
     result = run_refused(["-m", "service", "--port", "1"], cwd=REPO,
                          env={**os.environ, "EMOTION_WORKERS": "1", **env})
@@ -165,6 +174,28 @@ def test_help_answers_even_when_a_setting_is_refused(tmp_path, command):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage:") and "--help" in result.stdout
+
+
+def test_an_empty_host_setting_is_only_refused_where_it_is_used(tmp_path, monkeypatch):
+    """--host overrides it, and the command line never listens: both ran with an env file's
+    `EMOTION_HOST=` before the launcher refused it, and should still (a review)."""
+    env = {**os.environ, "EMOTION_HOST": "", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "service.cli", "images", "--faces", "none",
+                           "--out", str(tmp_path / "rows.csv"),
+                           str(REPO / "examples" / "two_people.jpg")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert len((tmp_path / "rows.csv").read_text().splitlines()) == 2
+    from service.__main__ import parse_args, unlistenable
+    from service.settings import Settings, read_settings
+
+    for name in [n for n in os.environ if n.upper() == "EMOTION_HOST"]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("EMOTION_HOST", "")
+    settings = read_settings(Settings)  # the variable read, not refused
+    args = parse_args(["--host", "127.0.0.1"], settings)
+    assert args.host == "127.0.0.1" and unlistenable(args.host) is None
+    assert unlistenable(parse_args([], settings).host) == "empty; unset it for the default"
 
 
 def test_a_list_setting_that_is_not_json_is_one_line_too():

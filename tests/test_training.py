@@ -941,6 +941,18 @@ def test_settings_that_point_nowhere_are_one_line_before_any_work(argv, env, say
     assert result.stdout == "", result.stdout  # nothing trained, nothing said of training
 
 
+def test_a_path_given_on_the_command_line_is_not_credited_to_a_setting():
+    """An --out under the repository's data/ by chance was said to come from EMOTION_DATA_DIR,
+    set nowhere, with its default as the value (a review): only variables set are named."""
+    from tests.server import REPO, run_training
+
+    out = REPO / "data" / "audit.md" / "x"
+    result = run_training(["examples", "--out", str(out)], env={"EMOTION_TORCH_THREADS": "1"})
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.endswith(f"Not a directory: '{out}'"), last
+
+
 @pytest.mark.parametrize(("argv", "says"), [
     # an --out that cannot be made: refused before the training (a traceback after it)
     (["reproduce", "--profile", "smoke", "--only", "knn", "--out", "/dev/null/x"],
