@@ -3,13 +3,15 @@
 The same preprocessing, models, face cropper and decision rule as the service, through the
 same predictor (``service/inference.py``), in worker processes here or, with ``--url``,
 through a running service. Exit status: 0 when every file was read (whatever it held), 1 when
-some could not be read or the service could not be used, 2 for a usage mistake.
+some could not be read or the service could not be used, 2 for a usage mistake, 128 plus the
+signal's number when stopped by Ctrl-C (130), SIGTERM (143) or SIGHUP (129).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from concurrent.futures.process import BrokenProcessPool
@@ -33,6 +35,7 @@ from service.batch import (
 from service.inference import FACES_MODES, PredictorError
 from service.manifest import ManifestError
 from service.settings import SettingsError, load_settings
+from service.signals import STOPPING_SIGNALS, handlers_swapped, raise_stopped
 
 MAX_TIMEOUT = 86400.0  # a day: past it a socket's timeout overflows, and no answer is that slow
 MAX_FPS = 1000.0  # above any camera's frame rate: more than that is every frame anyway
@@ -254,7 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        # SIGTERM and SIGHUP clean up as Ctrl-C does: a `kill` of this process alone left
+        # its worker processes waiting for ever, 230 MB each (a review)
+        with handlers_swapped(STOPPING_SIGNALS[1:], raise_stopped, only_where_default=True):
+            return args.func(args)
     except UsageError as exc:
         args.parser.error(str(exc))  # the subcommand's usage line, not the top one
     except (PredictorError, ManifestError, RemoteError) as exc:
@@ -270,10 +276,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # --out unwritable (a full disk, /proc), a folder unreadable
         print(f"emotion-detect: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        number = getattr(exc, "number", signal.SIGINT)
+        how = "interrupted" if number == signal.SIGINT else \
+            f"stopped by {signal.Signals(number).name}"
         resume = "; --resume picks up where it stopped" if args.command == "images" else ""
-        print(f"emotion-detect: interrupted{resume}", file=sys.stderr)
-        return 130
+        print(f"emotion-detect: {how}{resume}", file=sys.stderr)
+        return 128 + number
     return 0
 
 

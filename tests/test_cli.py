@@ -997,6 +997,9 @@ def read_rows_bytes(path) -> list[dict]:
     (".jsonl", b'{"id": 1}\n{"id": 2}\n'),
     (".csv", b"time_s,frame,path,face_x\n0.0,0,v.mp4,1\n"),  # a video's rows
     (".csv", b"a,b\n1,2\n"),
+    # one line with no line end was taken for a row of ours cut short, and erased (a review)
+    (".jsonl", b'{"id": 1, "note": "my own results"}'),
+    (".jsonl", b"[" * 3000 + b"\n"),  # a RecursionError's traceback
 ])
 def test_resume_refuses_an_output_it_did_not_write_and_leaves_it_alone(tmp_path, suffix,
                                                                         content):
@@ -1515,6 +1518,54 @@ def test_ctrl_c_drops_the_workers_batches_in_hand(tmp_path):
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 130, stderr
     assert waited < 15, f"{waited:.0f} s: the pipe's 30 s wait was sat out"
+
+
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_or_sighup_to_the_command_alone_ends_its_workers_too(tmp_path, number):
+    """Only Ctrl-C was caught: a SIGTERM or SIGHUP to the command's own process (a `kill`,
+    a supervisor that signals one pid) left its forkserver and workers waiting for ever,
+    230 MB each (a review). They now end as with Ctrl-C, and the status names the signal."""
+    pipes = [tmp_path / f"{i}.jpg" for i in range(4)]
+    for pipe in pipes:
+        os.mkfifo(pipe)
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{pipe}\n" for pipe in pipes))
+
+    def as_under_a_terminal():  # a test run under nohup ignores SIGHUP, and children inherit
+        signal.signal(number, signal.SIG_DFL)
+
+    process = subprocess.Popen([*COMMAND, "images", str(listing), "--workers", "2",
+                                "--batch-size", "1", "--out", str(tmp_path / "rows.csv")],
+                               cwd=REPO, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, preexec_fn=as_under_a_terminal)
+    held = []
+    try:
+        deadline = time.monotonic() + 60
+        while not held:  # a worker has a pipe open: the workers are running
+            assert time.monotonic() < deadline and process.poll() is None, "no worker read"
+            for pipe in pipes:
+                with contextlib.suppress(OSError):
+                    held.append(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+            time.sleep(0.1)
+        process.send_signal(number)  # the command's own process only, not its group
+        _, stderr = process.communicate(timeout=60)
+        deadline = time.monotonic() + 20
+        left = True
+        while left and time.monotonic() < deadline:
+            try:
+                os.killpg(process.pid, 0)  # anything of the command's still running?
+                time.sleep(0.2)
+            except ProcessLookupError:
+                left = False
+    finally:
+        for descriptor in held:
+            os.close(descriptor)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 128 + number, stderr
+    name = signal.Signals(number).name
+    assert f"emotion-detect: stopped by {name}; --resume picks up where it stopped" in stderr
+    assert not left, "its workers outlived it"
 
 
 def test_recursive_follows_linked_folders_once_each(tmp_path):
