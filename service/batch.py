@@ -271,14 +271,15 @@ def _records(text: str, fmt: str, columns: Sequence[str]) -> tuple[list[list], l
                 continue
             try:
                 record = json.loads(line)
-                if not isinstance(record, dict) or list(record) != list(columns):
-                    raise ValueError
             except (ValueError, RecursionError):  # RecursionError: 2 KB of "[" (a traceback)
                 ours = json.dumps({columns[0]: ""})[:-2]  # how each row of ours begins
                 if number == len(lines) - 1 and not line.endswith("\n") and (
                         line.startswith(ours) or ours.startswith(line)):
                     break  # the last line, cut mid-way (a user's own one line was erased)
                 raise foreign from None
+            # whole JSON, but not a row of ours: refused, with its line end or without
+            if not isinstance(record, dict) or list(record) != list(columns):
+                raise foreign
             records.append([record[c] for c in columns])
             ends.append(line_ends[number + 1])
     return records, ends
@@ -507,7 +508,7 @@ def _submit_uninterrupted(pool: ProcessPoolExecutor, chunk: Sequence[str]) -> Fu
     join (a worker's traceback, or exit 1 instead of 130). Python runs signal handlers in
     the main thread whichever thread the signal reaches, so the handler is swapped, not
     the signal mask."""
-    with _signals_held(signal.SIGINT):
+    with _signals_held(*STOPPING_SIGNALS):  # SIGTERM and SIGHUP stop a run as Ctrl-C does
         return pool.submit(_classify, chunk)
 
 
