@@ -36,19 +36,27 @@ def parse_args(argv: list[str] | None = None, settings: Settings | None = None
     return parser.parse_args(argv)
 
 
-def unlistenable(host: str) -> str | None:
+def unlistenable(host: str, workers: int = 1) -> str | None:
     """Why nothing can listen on ``host``, or None. Found by uvicorn, it came after both
     models had loaded (exit 3): empty (every interface, to uvicorn), a name that does not
-    resolve, an address of another machine."""
+    resolve, an address of another machine. Probed as uvicorn binds, on a free port (the
+    chosen one may be taken, which uvicorn says itself): one worker binds each address the
+    name resolves to; several share one socket bound to ``(host, port)``, which drops an
+    IPv6 scope (a link-local address then fails)."""
     if not host.strip():
         return "empty; unset it for the default"
     try:
-        found = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        if workers > 1:  # uvicorn's Config.bind_socket
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            found = [(family, socket.SOCK_STREAM, 0, "", (host, 0))]
+        else:
+            found = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
     except OSError as exc:
         return exc.strerror or str(exc)
     reason = "no address"
     for family, kind, protocol, _, address in found:
-        try:  # on a free port: the chosen one may be taken, which uvicorn says itself
+        try:
             with socket.socket(family, kind, protocol) as probe:
                 probe.bind(address)
             return None
@@ -65,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"emotion service: cannot start: {exc}", file=sys.stderr)
         return 2
     args = parse_args(argv, settings)
-    unusable = unlistenable(args.host)
+    unusable = unlistenable(args.host, settings.resolved_workers)
     if unusable:
         print(f"emotion service: cannot start: --host or EMOTION_HOST {args.host!r}: "
               f"{unusable}; give an address of this machine, e.g. 127.0.0.1 or 0.0.0.0",
