@@ -1000,6 +1000,8 @@ def read_rows_bytes(path) -> list[dict]:
     # one line with no line end was taken for a row of ours cut short, and erased (a review)
     (".jsonl", b'{"id": 1, "note": "my own results"}'),
     (".jsonl", b"[" * 3000 + b"\n"),  # a RecursionError's traceback
+    # whole JSON beginning as ours do, with other columns: erased too (the second diff review)
+    (".jsonl", b'{"path": "imgs/a.jpg", "label": "my own note"}'),
 ])
 def test_resume_refuses_an_output_it_did_not_write_and_leaves_it_alone(tmp_path, suffix,
                                                                         content):
@@ -1566,6 +1568,29 @@ def test_sigterm_or_sighup_to_the_command_alone_ends_its_workers_too(tmp_path, n
     name = signal.Signals(number).name
     assert f"emotion-detect: stopped by {name}; --resume picks up where it stopped" in stderr
     assert not left, "its workers outlived it"
+
+
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_stopping_signal_during_a_submit_is_taken_just_after_it(number):
+    """Inside pool.submit a stop could land while a worker was half started (a worker's
+    traceback); SIGTERM and SIGHUP stop a run as Ctrl-C does, so they wait too (the second
+    diff review reproduced the traceback with SIGTERM)."""
+    from service.batch import _submit_uninterrupted
+    from service.signals import STOPPING_SIGNALS, Stopped, handlers_swapped, raise_stopped
+
+    finished = []
+
+    class SignalledPool:
+        def submit(self, function, chunk):
+            signal.raise_signal(number)  # as if it came while the worker started
+            finished.append(chunk)
+            return "future"
+
+    with handlers_swapped(STOPPING_SIGNALS, raise_stopped), \
+            pytest.raises(KeyboardInterrupt) as stopped:
+        _submit_uninterrupted(SignalledPool(), ["a.jpg"])
+    assert finished == [["a.jpg"]]  # the submit ran to its end first
+    assert isinstance(stopped.value, Stopped) and stopped.value.number == number
 
 
 def test_recursive_follows_linked_folders_once_each(tmp_path):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import ipaddress
 import json
 import os
 import shutil
@@ -196,6 +198,50 @@ def test_an_empty_host_setting_is_only_refused_where_it_is_used(tmp_path, monkey
     args = parse_args(["--host", "127.0.0.1"], settings)
     assert args.host == "127.0.0.1" and unlistenable(args.host) is None
     assert unlistenable(parse_args([], settings).host) == "empty; unset it for the default"
+
+
+def link_local_addresses() -> list[str]:
+    """This machine's IPv6 link-local addresses with their scope, as `fe80::1%eth0`."""
+    try:
+        lines = Path("/proc/net/if_inet6").read_text().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        digits, *_, interface = line.split()
+        if digits.startswith("fe80"):
+            address = ipaddress.IPv6Address(bytes.fromhex(digits))
+            found.append(f"{address}%{interface}")
+    return found
+
+
+async def bind_and_close(host: str) -> None:
+    server = await asyncio.start_server(lambda reader, writer: None, host, 0)
+    server.close()
+    await server.wait_closed()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_launchers_host_check_agrees_with_uvicorns_own_bind(workers):
+    """Several workers share one socket that uvicorn binds to (host, port), which drops an
+    IPv6 scope: a link-local address passed the launcher's check, then uvicorn failed after
+    the models had loaded ("Invalid argument", exit 3; the second diff review)."""
+    import uvicorn
+
+    from service.__main__ import unlistenable
+
+    hosts = ["127.0.0.1", "localhost", "::1", "0.0.0.0", "192.0.2.1", *link_local_addresses()]
+    for host in hosts:
+        config = uvicorn.Config("service.main:app", host=host, port=0, workers=workers)
+        try:
+            if workers > 1:
+                config.bind_socket().close()
+            else:  # one worker: asyncio binds every address the name resolves to
+                asyncio.run(bind_and_close(host))
+            binds = True
+        except (SystemExit, OSError):
+            binds = False
+        assert (unlistenable(host, workers) is None) == binds, host
 
 
 def test_a_list_setting_that_is_not_json_is_one_line_too():
