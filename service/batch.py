@@ -248,6 +248,9 @@ def _records(text: str, fmt: str, columns: Sequence[str]) -> tuple[list[list], l
         io.StringIO(text, newline="").readlines()
     line_ends = list(itertools.accumulate(map(len, lines), initial=0))
     records, ends = [], [0]
+    header = ",".join(columns)
+    if fmt == "csv" and len(text) < len(header) and header.startswith(text):
+        return records, ends  # cut inside the header: no row of ours was written yet
     if fmt == "csv":
         reader = csv.reader(lines)
         try:
@@ -274,7 +277,8 @@ def _records(text: str, fmt: str, columns: Sequence[str]) -> tuple[list[list], l
             except (ValueError, RecursionError):  # RecursionError: 2 KB of "[" (a traceback)
                 ours = json.dumps({columns[0]: ""})[:-2]  # how each row of ours begins
                 if number == len(lines) - 1 and not line.endswith("\n") and (
-                        line.startswith(ours) or ours.startswith(line)):
+                        line.startswith(ours) or ours.startswith(line)) and not _whole_json(
+                        line):
                     break  # the last line, cut mid-way (a user's own one line was erased)
                 raise foreign from None
             # whole JSON, but not a row of ours: refused, with its line end or without
@@ -283,6 +287,16 @@ def _records(text: str, fmt: str, columns: Sequence[str]) -> tuple[list[list], l
             records.append([record[c] for c in columns])
             ends.append(line_ends[number + 1])
     return records, ends
+
+
+def _whole_json(line: str) -> bool:
+    """Whether ``line`` begins with a whole JSON value (text after it, as in a user's own
+    note, is not a row of ours cut short)."""
+    try:
+        json.JSONDecoder().raw_decode(line)
+    except (ValueError, RecursionError):
+        return False
+    return True
 
 
 def finished_paths(path: Path, again: Collection[str] | None = None,
@@ -351,6 +365,9 @@ def _signals_held(*numbers: int) -> Iterator[None]:
     """The signals that arrive inside are raised again just after it, each to the handler it
     had (numpy's threads may take them: see :func:`service.signals.handlers_swapped`)."""
     arrived: list[int] = []
+    # An ignored signal stays ignored: handled, it is reset to its default in the processes
+    # started inside (a forkserver and its workers under nohup died at a closed terminal).
+    numbers = tuple(n for n in numbers if signal.getsignal(n) != signal.SIG_IGN)
     try:
         with handlers_swapped(numbers, lambda number, frame: arrived.append(number)):
             yield
@@ -503,12 +520,12 @@ class LocalRunner:
 
 
 def _submit_uninterrupted(pool: ProcessPoolExecutor, chunk: Sequence[str]) -> Future:
-    """``pool.submit``, with a Ctrl-C during it taken just after: inside, it could land while
-    a worker or the pool's thread was half started, which shutdown can then neither stop nor
-    join (a worker's traceback, or exit 1 instead of 130). Python runs signal handlers in
-    the main thread whichever thread the signal reaches, so the handler is swapped, not
-    the signal mask."""
-    with _signals_held(*STOPPING_SIGNALS):  # SIGTERM and SIGHUP stop a run as Ctrl-C does
+    """``pool.submit``, with a Ctrl-C, SIGTERM or SIGHUP during it taken just after: inside,
+    it could land while a worker or the pool's thread was half started, which shutdown can
+    then neither stop nor join (a worker's traceback, or exit 1 instead of 130). Python runs
+    signal handlers in the main thread whichever thread the signal reaches, so the handler
+    is swapped, not the signal mask."""
+    with _signals_held(*STOPPING_SIGNALS):
         return pool.submit(_classify, chunk)
 
 
