@@ -40,9 +40,10 @@ def unlistenable(host: str, workers: int = 1) -> str | None:
     """Why nothing can listen on ``host``, or None. Found by uvicorn, it came after both
     models had loaded (exit 3): empty (every interface, to uvicorn), a name that does not
     resolve, an address of another machine. Probed as uvicorn binds, on a free port (the
-    chosen one may be taken, which uvicorn says itself): one worker binds each address the
-    name resolves to; several share one socket bound to ``(host, port)``, which drops an
-    IPv6 scope (a link-local address then fails)."""
+    chosen one may be taken, which uvicorn says itself): one worker binds every address the
+    name resolves to (`::1 localhost` on a machine without IPv6 fails); several share one
+    socket bound to ``(host, port)``, which drops an IPv6 scope (a link-local address then
+    fails)."""
     if not host.strip():
         return "empty; unset it for the default"
     try:
@@ -54,15 +55,14 @@ def unlistenable(host: str, workers: int = 1) -> str | None:
                                        flags=socket.AI_PASSIVE)
     except OSError as exc:
         return exc.strerror or str(exc)
-    reason = "no address"
-    for family, kind, protocol, _, address in found:
+    for family, kind, protocol, _, address in found:  # asyncio fails at the first that fails
         try:
             with socket.socket(family, kind, protocol) as probe:
                 probe.bind(address)
-            return None
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
-    return reason
+        except OSError as exc:  # the address, where the name stands for several
+            where = f"{address[0]}: " if address[0] != host else ""
+            return f"{where}{exc.strerror or exc}"
+    return None if found else "no address"
 
 
 def main(argv: list[str] | None = None) -> int:
