@@ -473,6 +473,25 @@ def test_resume_ends_a_csv_header_left_without_its_line_end(tmp_path):
     assert finished_paths(out, ["b.jpg"]) == {"a.jpg"}
 
 
+def test_resume_starts_again_a_csv_cut_inside_its_header(tmp_path):
+    """Cut at any of its first 120 bytes, the file was refused as not written by this command
+    (a JSON Lines file cut inside its first row was taken): the third diff review."""
+    from service.batch import COLUMNS, Row, RowWriter, finished_paths
+
+    out = tmp_path / "rows.csv"
+    RowWriter(out, COLUMNS).close()
+    header = out.read_bytes()
+    for cut in range(1, len(header) - 2):  # a whole header is tested above
+        out.write_bytes(header[:cut])
+        assert finished_paths(out, ["a.jpg"]) == set(), cut
+        assert out.read_bytes() == b""  # written afresh, header first
+    writer = RowWriter(out, COLUMNS, append=True)
+    writer.write([Row({**dict.fromkeys(COLUMNS), "path": "a.jpg", "label": "NEUTRAL"})])
+    writer.close()
+    assert out.read_bytes().startswith(header)
+    assert [r["path"] for r in read_rows(out)] == ["a.jpg"]
+
+
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
 def test_resume_reads_back_paths_holding_any_line_break(tmp_path, suffix):
     """A lone carriage return in a file name was written bare to the CSV, which split the
@@ -1002,6 +1021,7 @@ def read_rows_bytes(path) -> list[dict]:
     (".jsonl", b"[" * 3000 + b"\n"),  # a RecursionError's traceback
     # whole JSON beginning as ours do, with other columns: erased too (the second diff review)
     (".jsonl", b'{"path": "imgs/a.jpg", "label": "my own note"}'),
+    (".jsonl", b'{"path": "a"} and then my notes'),  # whole, then text (the third)
 ])
 def test_resume_refuses_an_output_it_did_not_write_and_leaves_it_alone(tmp_path, suffix,
                                                                         content):
@@ -1568,6 +1588,24 @@ def test_sigterm_or_sighup_to_the_command_alone_ends_its_workers_too(tmp_path, n
     name = signal.Signals(number).name
     assert f"emotion-detect: stopped by {name}; --resume picks up where it stopped" in stderr
     assert not left, "its workers outlived it"
+
+
+def test_an_ignored_signal_stays_ignored_while_signals_are_held():
+    """Held, nohup's ignored SIGHUP had a handler while the forkserver started, so it and
+    every worker were reset to the default and died at a closed terminal (the third diff
+    review); an ignored signal needs no holding."""
+    from service.batch import _signals_held
+    from service.signals import STOPPING_SIGNALS
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with _signals_held(*STOPPING_SIGNALS):
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_IGN, signal.SIG_DFL)
+            signal.raise_signal(signal.SIGHUP)  # still nothing
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
 
 
 @pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])

@@ -215,6 +215,24 @@ def link_local_addresses() -> list[str]:
     return found
 
 
+def test_the_launcher_checks_the_host_for_the_workers_it_starts(monkeypatch):
+    """The host probe differs by worker count; the launcher must give it the count uvicorn
+    gets (a call without it passed every other test: the third diff review)."""
+    import service.__main__ as launcher
+    from service.settings import load_settings
+
+    asked = []
+    monkeypatch.setattr(launcher, "unlistenable",
+                        lambda host, workers=1: asked.append((host, workers)) or "refused")
+    monkeypatch.setenv("EMOTION_WORKERS", "3")
+    load_settings.cache_clear()
+    try:
+        assert launcher.main(["--host", "somewhere"]) == 2
+    finally:
+        load_settings.cache_clear()
+    assert asked == [("somewhere", 3)]
+
+
 async def bind_and_close(host: str) -> None:
     server = await asyncio.start_server(lambda reader, writer: None, host, 0)
     server.close()
@@ -222,15 +240,28 @@ async def bind_and_close(host: str) -> None:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_the_launchers_host_check_agrees_with_uvicorns_own_bind(workers):
+def test_the_launchers_host_check_agrees_with_uvicorns_own_bind(workers, monkeypatch):
     """Several workers share one socket that uvicorn binds to (host, port), which drops an
     IPv6 scope: a link-local address passed the launcher's check, then uvicorn failed after
-    the models had loaded ("Invalid argument", exit 3; the second diff review)."""
+    the models had loaded ("Invalid argument", exit 3; the second diff review). One worker
+    binds every address a name resolves to, and fails at the first that does not bind: a
+    name for this machine and another passed a check that wanted any (the third)."""
+    import socket
+
     import uvicorn
 
     from service.__main__ import unlistenable
 
-    hosts = ["127.0.0.1", "localhost", "::1", "0.0.0.0", "192.0.2.1", *link_local_addresses()]
+    resolve = socket.getaddrinfo
+
+    def with_a_name_for_two(host, *args, **kwargs):  # as /etc/hosts could have it
+        if host != "dual.test":
+            return resolve(host, *args, **kwargs)
+        return [*resolve("127.0.0.1", *args, **kwargs), *resolve("192.0.2.1", *args, **kwargs)]
+
+    monkeypatch.setattr(socket, "getaddrinfo", with_a_name_for_two)
+    hosts = ["127.0.0.1", "localhost", "::1", "0.0.0.0", "192.0.2.1", "dual.test",
+             *link_local_addresses()]
     for host in hosts:
         config = uvicorn.Config("service.main:app", host=host, port=0, workers=workers)
         try:
