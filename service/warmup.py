@@ -43,6 +43,14 @@ def main() -> int:
         client.get("/metrics", headers={"accept": "text/plain"})
         for path in ("/", "/static/app.js", "/docs"):  # files are read through anyio
             client.get(path)
+    # Every format's plugin, which Pillow loads all at once for the first upload that is
+    # not JPEG, PNG, GIF or BMP (about 150 ms per worker at each start, compiled from source),
+    # and the modules the launcher's and the command line's worker processes start with.
+    Image.init()
+    import multiprocessing.forkserver  # noqa: F401
+    import multiprocessing.popen_fork  # noqa: F401
+    import multiprocessing.popen_forkserver  # noqa: F401
+    import multiprocessing.popen_spawn_posix  # noqa: F401
     return 0
 
 
