@@ -10,6 +10,7 @@ ONNX Runtime thread pools, and several workers get a shared Prometheus folder by
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import socket
@@ -50,18 +51,26 @@ def unlistenable(host: str, workers: int = 1) -> str | None:
         if workers > 1:  # uvicorn's Config.bind_socket
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             found = [(family, socket.SOCK_STREAM, 0, "", (host, 0))]
-        else:
-            found = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM,
-                                       flags=socket.AI_PASSIVE)
+        else:  # asyncio's create_server: each address once
+            found = list(dict.fromkeys(socket.getaddrinfo(
+                host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)))
     except OSError as exc:
         return exc.strerror or str(exc)
-    for family, kind, protocol, _, address in found:  # asyncio fails at the first that fails
-        try:
-            with socket.socket(family, kind, protocol) as probe:
-                probe.bind(address)
-        except OSError as exc:  # the address, where the name stands for several
-            where = f"{address[0]}: " if address[0] != host else ""
-            return f"{where}{exc.strerror or exc}"
+    port = 0
+    with contextlib.ExitStack() as held:  # all at once on one port, as asyncio binds them
+        for family, kind, protocol, _, address in found:
+            try:
+                probe = held.enter_context(socket.socket(family, kind, protocol))
+                if workers == 1:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if family == socket.AF_INET6:  # asyncio's; refuses ::ffff:127.0.0.1
+                        probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.bind((address[0], port, *address[2:]))
+                probe.listen(1)  # 0.0.0.0 and 127.0.0.1 both bind one port, not both listen
+                port = probe.getsockname()[1]
+            except OSError as exc:  # the address, where the name stands for several
+                where = f"{address[0]}: " if address[0] != host else ""
+                return f"{where}{exc.strerror or exc}"
     return None if found else "no address"
 
 

@@ -25,7 +25,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.api import metric_total
-from tests.server import REPO, running_server
+from tests.server import REPO, free_port, running_server
 
 DOCKERFILE = REPO / "Dockerfile"
 
@@ -235,8 +235,8 @@ def test_the_launcher_checks_the_host_for_the_workers_it_starts(monkeypatch):
     assert asked == [("somewhere", 3)]
 
 
-async def bind_and_close(host: str) -> None:
-    server = await asyncio.start_server(lambda reader, writer: None, host, 0)
+async def bind_and_close(host: str, port: int) -> None:
+    server = await asyncio.start_server(lambda reader, writer: None, host, port)
     server.close()
     await server.wait_closed()
 
@@ -246,8 +246,10 @@ def test_the_launchers_host_check_agrees_with_uvicorns_own_bind(workers, monkeyp
     """Several workers share one socket that uvicorn binds to (host, port), which drops an
     IPv6 scope: a link-local address passed the launcher's check, then uvicorn failed after
     the models had loaded ("Invalid argument", exit 3; the second diff review). One worker
-    binds every address a name resolves to, and fails at the first that does not bind: a
-    name for this machine and another passed a check that wanted any (the third)."""
+    binds every address a name resolves to, on one port, IPv6 ones only for IPv6, and fails
+    at the first that does not bind or listen: a name for this machine and another passed a
+    check that wanted any (the third), and so did ::ffff:127.0.0.1 and a name for 0.0.0.0
+    and 127.0.0.1 (the fourth)."""
     import socket
 
     import uvicorn
@@ -256,21 +258,24 @@ def test_the_launchers_host_check_agrees_with_uvicorns_own_bind(workers, monkeyp
 
     resolve = socket.getaddrinfo
 
-    def with_a_name_for_two(host, *args, **kwargs):  # as /etc/hosts could have it
-        if host != "dual.test":
-            return resolve(host, *args, **kwargs)
-        return [*resolve("127.0.0.1", *args, **kwargs), *resolve("192.0.2.1", *args, **kwargs)]
+    names = {"dual.test": ("127.0.0.1", "192.0.2.1"), "all.test": ("0.0.0.0", "127.0.0.1")}
 
-    monkeypatch.setattr(socket, "getaddrinfo", with_a_name_for_two)
-    hosts = ["127.0.0.1", "localhost", "::1", "0.0.0.0", "192.0.2.1", "dual.test",
-             *link_local_addresses()]
+    def with_names_for_two(host, *args, **kwargs):  # as /etc/hosts could have them
+        if host not in names:
+            return resolve(host, *args, **kwargs)
+        return [found for address in names[host] for found in resolve(address, *args, **kwargs)]
+
+    monkeypatch.setattr(socket, "getaddrinfo", with_names_for_two)
+    hosts = ["127.0.0.1", "localhost", "::1", "0.0.0.0", "::", "::ffff:127.0.0.1", "192.0.2.1",
+             *names, *link_local_addresses()]
     for host in hosts:
-        config = uvicorn.Config("service.main:app", host=host, port=0, workers=workers)
+        port = free_port()  # a port of its own: port 0 would give each address another
+        config = uvicorn.Config("service.main:app", host=host, port=port, workers=workers)
         try:
             if workers > 1:
                 config.bind_socket().close()
             else:  # one worker: asyncio binds every address the name resolves to
-                asyncio.run(bind_and_close(host))
+                asyncio.run(bind_and_close(host, port))
             binds = True
         except (SystemExit, OSError):
             binds = False
