@@ -502,6 +502,7 @@ class LocalRunner:
             for chunk in batches(paths, self.batch_size):
                 yield _classify(chunk)
             return
+        _start_resource_tracker()
         # Not forked from this process: check() ran the models here, and the kNN's OpenMP
         # threads, started, left a forked worker waiting in their barrier for ever.
         pool = ProcessPoolExecutor(self.workers, initializer=_init_worker, initargs=self.args,
@@ -517,6 +518,20 @@ class LocalRunner:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
         pool.shutdown(wait=True)
+
+
+def _start_resource_tracker() -> None:
+    """multiprocessing's resource tracker, started with SIGHUP blocked, which it keeps: it
+    ignores SIGINT and SIGTERM but not SIGHUP, so a closed terminal killed it, and its
+    relaunch wrote a warning and five tracebacks (a review). Blocked, not ignored, here: a
+    SIGHUP meanwhile reaches this process once the mask is restored."""
+    from multiprocessing import resource_tracker
+
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def _submit_uninterrupted(pool: ProcessPoolExecutor, chunk: Sequence[str]) -> Future:
