@@ -523,8 +523,9 @@ class LocalRunner:
 def _start_resource_tracker() -> None:
     """multiprocessing's resource tracker, started with SIGHUP blocked, which it keeps: it
     ignores SIGINT and SIGTERM but not SIGHUP, so a closed terminal killed it, and its
-    relaunch wrote a warning and five tracebacks (a review). Blocked, not ignored, here: a
-    SIGHUP meanwhile reaches this process once the mask is restored."""
+    relaunch wrote a warning and five tracebacks (a review). Blocked in this thread only,
+    not ignored: a SIGHUP meanwhile still stops the command (another thread may take it at
+    once, or this one once the mask is restored)."""
     from multiprocessing import resource_tracker
 
     before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})

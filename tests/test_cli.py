@@ -1542,6 +1542,20 @@ def test_ctrl_c_drops_the_workers_batches_in_hand(tmp_path):
     assert waited < 15, f"{waited:.0f} s: the pipe's 30 s wait was sat out"
 
 
+def resource_tracker_blocks_sighup(parent: int) -> bool:
+    """Whether the multiprocessing resource tracker started by ``parent`` blocks SIGHUP."""
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines()
+                          if ":\t" in line)
+            command = (status.parent / "cmdline").read_bytes()
+        except OSError:  # a process that ended meanwhile
+            continue
+        if int(fields["PPid"]) == parent and b"resource_tracker" in command:
+            return bool(int(fields["SigBlk"], 16) & 1 << (signal.SIGHUP - 1))
+    raise AssertionError(f"no resource tracker started by {parent}")
+
+
 @pytest.mark.parametrize(("number", "to_group"), [
     (signal.SIGTERM, False), (signal.SIGHUP, False), (signal.SIGHUP, True)])
 def test_sigterm_or_sighup_to_the_command_alone_ends_its_workers_too(tmp_path, number,
@@ -1575,6 +1589,9 @@ def test_sigterm_or_sighup_to_the_command_alone_ends_its_workers_too(tmp_path, n
                     held.append(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
             time.sleep(0.1)
         if to_group:
+            # the tracker must keep SIGHUP blocked: whether it dies of the group's signal
+            # depends on when the signal comes, so its mask is what is checked
+            assert resource_tracker_blocks_sighup(process.pid)
             os.killpg(process.pid, number)
         else:
             process.send_signal(number)  # the command's own process only, not its group
