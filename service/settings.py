@@ -105,7 +105,7 @@ class Settings(BaseSettings):
                             f"limit, {PILLOW_MAX_PIXELS}.")
     max_images_per_request: int = Field(16, gt=0)
     workers: Threads = Field(0, description="uvicorn worker processes (python -m service); "
-                                                  "0: one per container CPU.")
+                             "0: one per container CPU.")
     onnx_threads: Threads = Field(0, description="ONNX Runtime intra-op threads, and the "
                                   "most the kNN's search uses; 0: the container's CPUs "
                                   "divided by workers.")
