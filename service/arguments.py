@@ -5,6 +5,7 @@ or a run that does nothing."""
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def _whole_number(text: str) -> int:
@@ -46,7 +47,7 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if value != value or value in (float("inf"), float("-inf")):
+    if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
     return value
 
