@@ -22,6 +22,12 @@ from service.arguments import port_number
 from service.manifest import ManifestError, load_manifest, require_default_model
 from service.settings import Settings, SettingsError, load_settings
 
+# uvicorn's options beside the settings', shared with the image's warm-up. The service writes
+# its own JSON access log. No WebSocket handshake: the service has no WebSocket route, and
+# with one uvicorn answered an upgrade request itself (403, no request id, no access line, not
+# counted); without one, it reaches the service as the plain HTTP request it also is.
+SERVER_OPTIONS = {"access_log": False, "ws": "none"}
+
 
 def parse_args(argv: list[str] | None = None, settings: Settings | None = None
                ) -> argparse.Namespace:
@@ -130,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         uvicorn.run("service.main:app", host=args.host, port=args.port,
                     workers=workers, log_level=settings.log_level.lower(),
                     timeout_graceful_shutdown=settings.shutdown_timeout_seconds,
-                    access_log=False)  # the service writes its own JSON access log
+                    **SERVER_OPTIONS)
     finally:
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)

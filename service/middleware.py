@@ -1,6 +1,7 @@
 """Two pure ASGI middlewares: outermost, the request id, metrics and the access log
-(:class:`RequestMiddleware`); innermost, admission control and the 500 for a fault
-(:class:`AdmissionMiddleware`). CORS, when on, sits between them."""
+(:class:`RequestMiddleware`); innermost, admission control, the refusal of a body the server
+dropped, and the 500 for a fault (:class:`AdmissionMiddleware`). CORS, when on, sits between
+them."""
 
 from __future__ import annotations
 
@@ -111,9 +112,9 @@ class RequestMiddleware:
 
 class AdmissionMiddleware:
     """The innermost layer: the in-flight bound and body budget of the routes that run
-    models, and the 500 for an unexpected fault. Inside CORS, so that a page on another
-    origin can read these answers (a browser shows one without CORS headers as a network
-    error, with no Retry-After)."""
+    models, the refusal of a body the server dropped, and the 500 for an unexpected fault.
+    Inside CORS, so that a page on another origin can read these answers (a browser shows one
+    without CORS headers as a network error, with no Retry-After)."""
 
     def __init__(self, app, metrics: ServiceMetrics, max_in_flight: int,
                  max_body_bytes_in_flight: int):
@@ -128,6 +129,13 @@ class AdmissionMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if body_dropped_by_upgrade(scope.get("headers") or ()):
+            # closed: the parser would read the body's bytes still to come as new requests
+            await reject(send, 400, "upgrade_not_supported", "the service does not switch "
+                         "protocols, and a request that asks to (Upgrade: h2c) loses its "
+                         "body on the way in; send it as plain HTTP/1.1 (curl: --http1.1)",
+                         [(b"connection", b"close")])
             return
         started = {}
 
@@ -175,6 +183,20 @@ class AdmissionMiddleware:
                 self.in_flight -= 1
                 self.metrics.in_flight.dec()
                 ticket.release()
+
+
+def body_dropped_by_upgrade(headers) -> bool:
+    """Whether uvicorn's parser (httptools) dropped this request's body: it takes a request
+    that asks to switch protocols (``Upgrade`` named in ``Connection``, as ``curl --http2`` and
+    Java's HttpClient can send on ``http://``) to end at its head, and the service would read a
+    declared body as empty (uvicorn#2722). Without a body, such a request is served."""
+    connection = {token.strip().lower() for name, value in headers if name == b"connection"
+                  for token in value.split(b",")}
+    upgrade = any(name == b"upgrade" and value.strip() for name, value in headers)
+    body = any(name == b"transfer-encoding" or (name == b"content-length"
+                                                and value.strip().lstrip(b"0"))
+               for name, value in headers)
+    return b"upgrade" in connection and upgrade and body
 
 
 async def answer_internal_error(send, path: str, request_id: str | None) -> None:

@@ -19,12 +19,12 @@ def main() -> int:
     import uvicorn
     from starlette.testclient import TestClient
 
-    import service.__main__  # noqa: F401  the launcher
     import service.cli  # noqa: F401
+    from service.__main__ import SERVER_OPTIONS  # the launcher
     from service.app import create_app
     from service.settings import ModelName, load_settings
 
-    config = uvicorn.Config("service.main:app")
+    config = uvicorn.Config("service.main:app", **SERVER_OPTIONS)
     config.load()  # its protocol and lifespan modules
     # the event loop's modules (uvloop), which load() leaves to the server; before 0.36,
     # setup_event_loop imported them

@@ -6,6 +6,7 @@ service must still be ready, and no response may carry a traceback or an interna
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
@@ -408,7 +409,6 @@ def test_bodies_declared_large_but_not_sent_do_not_fill_the_byte_budget():
     """The declared length was held before a byte came: a few bodies declared near the limit
     and sent at the least rate kept the worker's budget full, every upload refused, for
     hours, while they held a few MB (a review). Now what has come is held."""
-    import contextlib
     import time
 
     from tests.api import metric_total
@@ -451,6 +451,74 @@ def test_a_declared_length_over_the_limit_is_refused_before_the_body(server):
             b"Content-Length: 60000000\r\n\r\n")
     answer, sent = send_until_answered(server, head, iter([]))
     assert sent == 0 and answer.startswith(b"HTTP/1.1 413"), answer[:200]
+
+
+UPGRADE_HEADS = {  # the request's headers besides Host and its body's Content-Length
+    "h2c, as curl --http2 sends": b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                                  b"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n",
+    "websocket, token cased and padded": b"Connection: keep-alive,  UPGRADE \r\n"
+                                         b"Upgrade: websocket\r\n",
+    "upgrade named in a second Connection": b"Connection: keep-alive\r\n"
+                                            b"Connection: upgrade\r\nUpgrade: foo\r\n",
+    "Upgrade without Connection": b"Upgrade: h2c\r\n",
+    "Connection without Upgrade": b"Connection: upgrade\r\n",
+    "empty Upgrade": b"Connection: upgrade\r\nUpgrade:\r\n",
+    "another Connection token": b"Connection: upgrades\r\nUpgrade: h2c\r\n",
+}
+
+
+@pytest.mark.parametrize("head", UPGRADE_HEADS.values(), ids=UPGRADE_HEADS.keys())
+@pytest.mark.parametrize("length", [5, 0])
+def test_the_service_knows_which_bodies_uvicorns_parser_drops(head, length):
+    """The refusal below must name exactly the requests whose body httptools drops: one it
+    misses reads as empty, one it names too is refused for nothing."""
+    import httptools
+
+    from service.middleware import body_dropped_by_upgrade
+
+    class Request:
+        def __init__(self):
+            self.headers, self.body = [], b""
+
+        def on_header(self, name, value):
+            self.headers.append((name.lower(), value))
+
+        def on_body(self, body):
+            self.body += body
+
+    request = Request()
+    parser = httptools.HttpRequestParser(request)
+    with contextlib.suppress(httptools.HttpParserUpgrade):
+        parser.feed_data(b"POST /predict HTTP/1.1\r\nHost: t\r\n" + head
+                         + b"Content-Length: %d\r\n\r\n" % length + b"hello"[:length])
+    assert len(request.headers) == head.count(b"\r\n") + 2
+    assert body_dropped_by_upgrade(request.headers) == (len(request.body) < length)
+
+
+def test_a_body_asking_to_switch_protocols_is_told_why_it_cannot_be_read(server):
+    """``curl --http2 -F file=@face.jpg http://...`` got "the upload is empty": uvicorn's parser
+    drops the body of a request asking to upgrade (a review). And a WebSocket handshake was
+    answered by uvicorn itself (403, no request id, not counted or logged): the service has no
+    WebSocket route, so it is now the plain request it also is."""
+    upload = png_bytes()
+    with socket.create_connection(server, timeout=10) as sock:
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\n"
+                     + UPGRADE_HEADS["h2c, as curl --http2 sends"]
+                     + b"Content-Length: %d\r\n\r\n" % len(upload) + upload)
+        answer = read_response(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), answer[:300]
+    assert b"\r\nconnection: close" in head.lower()
+    assert json.loads(body)["code"] == "upgrade_not_supported"
+    base = f"http://{server[0]}:{server[1]}"
+    assert httpx.post(f"{base}/predict", timeout=30, headers={  # no body: served
+        "content-type": "image/png", "connection": "upgrade", "upgrade": "h2c",
+        "content-length": "0"}).json()["code"] == "not_an_image"
+    handshake = httpx.get(f"{base}/healthz", headers={
+        "connection": "upgrade", "upgrade": "websocket", "sec-websocket-version": "13",
+        "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==", "x-request-id": "handshake-1"})
+    assert handshake.status_code == 200, handshake.text
+    assert handshake.headers["x-request-id"] == "handshake-1"
 
 
 @pytest.mark.parametrize("filename", [
