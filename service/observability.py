@@ -37,6 +37,17 @@ def configure_logging(level: str) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
         handler.emotion_service = True
         logger.addHandler(handler)
+    uvicorn_errors = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _NoWebSocketAdvice) for f in uvicorn_errors.filters):
+        uvicorn_errors.addFilter(_NoWebSocketAdvice())
+
+
+class _NoWebSocketAdvice(logging.Filter):
+    """uvicorn advises installing a WebSocket library at every upgrade request when its
+    WebSocket support is off, which the launcher does on purpose (``SERVER_OPTIONS``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No supported WebSocket library")
 
 
 def multiprocess_dir() -> str | None:

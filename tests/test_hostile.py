@@ -495,30 +495,47 @@ def test_the_service_knows_which_bodies_uvicorns_parser_drops(head, length):
     assert body_dropped_by_upgrade(request.headers) == (len(request.body) < length)
 
 
-def test_a_body_asking_to_switch_protocols_is_told_why_it_cannot_be_read(server):
+def test_a_body_asking_to_switch_protocols_is_told_why_it_cannot_be_read(tmp_path):
     """``curl --http2 -F file=@face.jpg http://...`` got "the upload is empty": uvicorn's parser
     drops the body of a request asking to upgrade (a review). And a WebSocket handshake was
     answered by uvicorn itself (403, no request id, not counted or logged): the service has no
     WebSocket route, so it is now the plain request it also is."""
+    from tests.api import metric_total
+
     upload = png_bytes()
-    with socket.create_connection(server, timeout=10) as sock:
-        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\n"
-                     + UPGRADE_HEADS["h2c, as curl --http2 sends"]
-                     + b"Content-Length: %d\r\n\r\n" % len(upload) + upload)
-        answer = read_response(sock)
-    head, _, body = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 400"), answer[:300]
-    assert b"\r\nconnection: close" in head.lower()
-    assert json.loads(body)["code"] == "upgrade_not_supported"
-    base = f"http://{server[0]}:{server[1]}"
-    assert httpx.post(f"{base}/predict", timeout=30, headers={  # no body: served
-        "content-type": "image/png", "connection": "upgrade", "upgrade": "h2c",
-        "content-length": "0"}).json()["code"] == "not_an_image"
-    handshake = httpx.get(f"{base}/healthz", headers={
-        "connection": "upgrade", "upgrade": "websocket", "sec-websocket-version": "13",
-        "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==", "x-request-id": "handshake-1"})
-    assert handshake.status_code == 200, handshake.text
-    assert handshake.headers["x-request-id"] == "handshake-1"
+    log = tmp_path / "server.log"
+    with running_server(env={"EMOTION_LOG_LEVEL": "info"}, log_path=log) as base:
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\n"
+                         + UPGRADE_HEADS["h2c, as curl --http2 sends"]
+                         + b"Content-Length: %d\r\n\r\n" % len(upload) + upload)
+            answer = read_response(sock)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400"), answer[:300]
+        assert b"\r\nconnection: close" in head.lower()
+        assert json.loads(body)["code"] == "upgrade_not_supported"
+        assert httpx.post(f"{base}/predict", timeout=30, headers={  # no body: served
+            "content-type": "image/png", "connection": "upgrade", "upgrade": "h2c",
+            "content-length": "0"}).json()["code"] == "not_an_image"
+        handshake = httpx.get(f"{base}/healthz", headers={
+            "connection": "upgrade", "upgrade": "websocket", "sec-websocket-version": "13",
+            "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==", "x-request-id": "handshake-1"})
+        assert handshake.status_code == 200, handshake.text
+        assert handshake.headers["x-request-id"] == "handshake-1"
+        metrics = httpx.get(f"{base}/metrics", headers={"accept": "text/plain"}).text
+    assert metric_total(metrics, "emotion_http_requests_total", route="/predict",
+                        status="400") == 2
+    assert metric_total(metrics, "emotion_http_requests_total", route="/healthz",
+                        status="200") == 1
+    written = log.read_text()
+    access = [json.loads(line[line.index("{"):]) for line in written.splitlines()
+              if "service.access" in line]
+    assert [(a["route"], a["status"]) for a in access
+            if a["request_id"] == "handshake-1"] == [("/healthz", 200)]
+    assert "Unsupported upgrade request" in written
+    # uvicorn's advice to install a WebSocket library, wrong where it is off on purpose
+    assert "WebSocket library" not in written
 
 
 @pytest.mark.parametrize("filename", [
