@@ -27,7 +27,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 try:  # phone photos: HEIC/HEIF through pillow-heif (AVIF is Pillow's own)
     from pillow_heif import register_heif_opener
@@ -48,12 +48,17 @@ DEFAULT_MAX_PIXELS = 50_000_000
 PILLOW_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 
 _EXIF_ORIENTATION = 0x0112
+# What turns each EXIF orientation upright, as Pillow's ImageOps.exif_transpose does
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+            4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+            6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
 _ALPHA_MODES = {"LA", "La", "PA", "RGBA", "RGBa"}
 _WIDE_INTEGER_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 
 
 # Pillow and its plugins report truncated and malformed streams with a zoo of exception
-# types (struct.error from EXIF written back by exif_transpose, RuntimeError from the HEIF
+# types (struct.error from a malformed EXIF block, RuntimeError from the HEIF
 # and AVIF decoders, OverflowError from a BigTIFF offset past what a seek takes); all of them
 # are the upload's fault.
 DECODER_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError,
@@ -198,9 +203,13 @@ def decode_grayscale(data: bytes, limits: ImageLimits = ImageLimits()) -> Decode
             # Read after load: Pillow's TIFF reader turns orientations 5-8 itself and drops
             # the tag then (its header size is already upright); turning those again skewed
             # every face box, x by 0.6 and y by 1.6.
-            if image.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
+            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+            if orientation in (5, 6, 7, 8):
                 width, height = height, width  # these orientations turn the image a quarter
-            ImageOps.exif_transpose(image, in_place=True)  # not a copy when nothing turns
+            # Not ImageOps.exif_transpose: it also writes the EXIF back, which nothing here
+            # reads, and which failed on a mistyped tag beside the orientation (a 500)
+            if orientation in _UPRIGHT:
+                image = image.transpose(_UPRIGHT[orientation])
             return DecodedImage(_to_grayscale(image), (width, height))
     except PreprocessingError:
         raise
@@ -227,7 +236,7 @@ def _keep_only_exif_orientation(image: Image.Image, exif_before_pixels: bytes | 
         except DECODER_ERRORS:
             wanted = 1  # EXIF Pillow cannot parse: it reads no orientation from it either
     # Pillow's own reading, cached (for a JPEG at open, where a broken EXIF reads as none),
-    # is corrected where it differs, so that exif_transpose follows it
+    # is corrected where it differs, so that the turn upright follows it
     exif = image.getexif()
     if exif.get(_EXIF_ORIENTATION, 1) != wanted:
         if wanted == 1:

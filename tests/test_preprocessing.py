@@ -1,4 +1,5 @@
 import io
+import struct
 
 import numpy as np
 import pytest
@@ -285,8 +286,8 @@ def test_pixel_limit_is_a_setting():
     assert_contract(preprocess_image(data, ImageLimits(max_pixels=100 * 100)))
 
 
-# What each EXIF orientation does to an upright image, undone (Pillow's exif_transpose
-# applies the inverse): 5 and 7 are their own inverses, 6 and 8 each other's.
+# What each EXIF orientation does to an upright image, undone (decoding applies the
+# inverse): 5 and 7 are their own inverses, 6 and 8 each other's.
 STORED_AS = {1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
              4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
              6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
@@ -309,6 +310,46 @@ def test_every_orientation_decodes_upright_at_the_upright_size(fmt, orientation)
         assert decoded.original_size == (width, height)
         assert decoded.scale[0] == pytest.approx(decoded.scale[1], rel=0.01)
         assert_upright(decoded.gray)
+
+
+def exif_block(*entries: tuple[int, int, int, bytes]) -> bytes:
+    """Raw big-endian EXIF of one IFD, each entry (tag, TIFF type, count, value bytes) as
+    written, mistyped or not: Pillow's own writer would refuse a mistyped one."""
+    extra_at = 8 + 2 + 12 * len(entries) + 4
+    table, extra = b"", b""
+    for tag, kind, count, value in entries:
+        if len(value) <= 4:
+            table += struct.pack(">HHI", tag, kind, count) + value.ljust(4, b"\0")
+        else:
+            table += struct.pack(">HHII", tag, kind, count, extra_at + len(extra))
+            extra += value
+    return (b"Exif\0\0MM\0*" + struct.pack(">IH", 8, len(entries)) + table + b"\0\0\0\0"
+            + extra)
+
+
+ORIENTATION_6 = (0x0112, 3, 1, struct.pack(">H", 6))
+MISTYPED_TAGS = {  # each beside orientation 6, from a review's fuzzing of camera EXIF
+    "ImageDescription as a DOUBLE": (0x010E, 12, 1, struct.pack(">d", 1.5)),  # AttributeError
+    "Make as a RATIONAL": (0x010F, 5, 1, struct.pack(">II", 3, 2)),  # AttributeError
+    "XResolution as text": (0x011A, 2, 4, b"72x\0"),  # TypeError, abs() of a str
+}
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+@pytest.mark.parametrize("mistyped", MISTYPED_TAGS.values(), ids=MISTYPED_TAGS.keys())
+def test_a_mistyped_tag_beside_the_orientation_still_decodes_upright(fmt, mistyped):
+    """Turning upright with Pillow's exif_transpose wrote the EXIF back: a text tag holding a
+    number was a 500 (AttributeError) that lost its whole batch and stopped the command line,
+    a number tag holding text a 400, for photos a browser shows (a review)."""
+    sideways = Image.fromarray(upright_marker(120, 60)).transpose(Image.Transpose.ROTATE_90)
+    decoded = decode_grayscale(encode(sideways, fmt, lossless=True,
+                                      exif=exif_block(mistyped, ORIENTATION_6)))
+    assert decoded.original_size == (120, 60)
+    assert_upright(decoded.gray)
+    np.testing.assert_array_equal(  # the same pixels as with the orientation alone
+        np.asarray(decoded.gray),
+        np.asarray(decode_grayscale(encode(sideways, fmt, lossless=True,
+                                           exif=exif_block(ORIENTATION_6))).gray))
 
 
 def test_the_jpeg_scan_limit_falls_as_the_pixels_grow():
