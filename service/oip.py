@@ -165,6 +165,13 @@ _SCAN_CHUNK = 1 << 20  # isascii() skips a megabyte at a time; a regex alone too
 MAX_NAME_CHARACTERS = 256
 
 
+def shown(value) -> str:
+    """A client's value as a message quotes it: a string within the limit above whole, a list
+    or object cut (an error body echoed 21 MB of one)."""
+    text = repr(value)
+    return text if len(text) <= MAX_NAME_CHARACTERS + 2 else text[:MAX_NAME_CHARACTERS] + "..."
+
+
 def _quote_near(data, position: int, step: int) -> int | None:
     """The nearest unescaped '"' within MAX_WIDE_STRING_BYTES before (step -1) or after
     (step 1) ``position``; None when there is none that near (a long string, or none), or
@@ -388,7 +395,7 @@ def parse_infer_request(body: bytes, header_length: str | None,
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise ProtocolError(f"input {name!r}: binary_data_size must be a "
-                                    f"non-negative integer, not {size!r}")
+                                    f"non-negative integer, not {shown(size)}")
             if header_length is None:
                 raise ProtocolError(f"input {name!r} has binary_data_size, but the request "
                                     "has no Inference-Header-Content-Length header")
@@ -439,7 +446,8 @@ def parse_infer_request(body: bytes, header_length: str | None,
     outputs = header.get("outputs") or []
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
         raise ProtocolError("'outputs' must be a list of objects")
-    outputs = [{**o, "parameters": _parameters(o.get("parameters"), f"output {o.get('name')!r}: ")}
+    outputs = [{**o, "parameters": _parameters(o.get("parameters"),
+                                               f"output {shown(o.get('name'))}: ")}
                for o in outputs]
     parameters = _parameters(header.get("parameters"), "")
     request_id = header.get("id")

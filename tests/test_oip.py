@@ -290,6 +290,35 @@ def test_malformed_requests_get_400_and_the_protocols_error_body(app_client, bod
         assert "needs the Inference-Header-Content-Length" not in response.json()["error"]
 
 
+BYTES_INPUT = b'{"name": "image_bytes", "datatype": "BYTES", "shape": [1], "data": [""]}'
+BIG_LIST = b"[" + b",".join([b"123456789012"] * 100_000) + b"]"  # 1.3 MB
+
+
+@pytest.mark.parametrize(("body", "headers", "message"), [
+    (b'{"parameters": {"faces": ' + BIG_LIST + b'}, "inputs": [' + BYTES_INPUT + b"]}", {},
+     "parameter 'faces' is 'none' or 'auto'"),
+    (b'{"inputs": [' + BYTES_INPUT + b'], "outputs": [{"name": ' + BIG_LIST + b"}]}", {},
+     "unknown output"),
+    (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1], "parameters": '
+     b'{"binary_data_size": ' + BIG_LIST + b"}}]}", {"Inference-Header-Content-Length": "whole"},
+     "binary_data_size must be a non-negative integer"),
+    (b'{"inputs": [' + b",".join([b'{"name": "' + b"x" * 250 + b'", "datatype": "FP32", '
+                                  b'"shape": [1], "data": [0]}'] * 30) + b"]}", {},
+     "exactly one input"),
+    (b'{"parameters": {' + b",".join(b'"k%d": 1' % i for i in range(50_000)) + b'}, '
+     b'"inputs": [' + BYTES_INPUT + b"]}", {}, "unknown request parameter(s)"),
+])
+def test_a_value_quoted_in_an_error_is_cut(app_client, body, headers, message):
+    """Strings are bounded where they are read, but a list or object quoted in a message came
+    back whole: a 1.3 MB list of faces, a 21 MB error body (a review)."""
+    if headers:
+        headers = {"Inference-Header-Content-Length": str(len(body))}
+    response = app_client.post("/v2/models/cnn/infer", content=body, headers=headers)
+    assert response.status_code == 400, response.text[:300]
+    assert message in response.json()["error"]
+    assert len(response.content) < 1000, response.text[:300]
+
+
 def test_binary_tensors_without_the_header_are_told_so_past_the_json_size_check(app_client):
     """A megabyte of binary data counts as JSON values when the header is missing: the size
     check refused it first, advising the binary extension the client was already using."""

@@ -37,6 +37,7 @@ from service.oip import (
     TooLargeError,
     decode_content,
     encode_infer_response,
+    shown,
 )
 from service.oip import parse_infer_request as parse_request
 from service.preprocessing import INPUT_SIZE, PreprocessingError
@@ -179,7 +180,7 @@ def run_inference(predictor: Predictor, name: str, request: InferRequest,
     """CPU-bound, on the inference threads: the one input to probabilities ``[N, 8]``."""
     for output in request.outputs:
         if output.get("name") != OUTPUT:
-            raise ProtocolError(f"unknown output {output.get('name')!r}; the one output is "
+            raise ProtocolError(f"unknown output {shown(output.get('name'))}; the one output is "
                                 f"{OUTPUT!r}")
         if "classification" in output["parameters"]:  # Triton's top-k strings: not offered
             raise ProtocolError(f"output {OUTPUT!r}: the classification extension is not "
@@ -187,7 +188,7 @@ def run_inference(predictor: Predictor, name: str, request: InferRequest,
     if len(request.inputs) != 1 or request.inputs[0].name not in ("image", "image_bytes"):
         raise ProtocolError("send exactly one input: 'image' (FP32 [N, 1, 350, 350], "
                             "preprocessed) or 'image_bytes' (BYTES [N], encoded images); got "
-                            f"{[t.name for t in request.inputs]}")
+                            f"{shown([t.name for t in request.inputs])}")
     # an input the codec left unread (value None: more BYTES elements than any request's
     # images) is refused below by its count, its datatype or its shape before it is read
     tensor = request.inputs[0]
@@ -195,7 +196,7 @@ def run_inference(predictor: Predictor, name: str, request: InferRequest,
     unknown = sorted(key for key in request.parameters if key != "faces"
                      and key not in PROTOCOL_PARAMETERS)
     if unknown:
-        raise ProtocolError(f"unknown request parameter(s) {unknown}; this server takes "
+        raise ProtocolError(f"unknown request parameter(s) {shown(unknown)}; this server takes "
                             "'faces' ('none' or 'auto', with input 'image_bytes')")
     count = tensor.shape[0] if tensor.shape else 0
     if not 1 <= count <= settings.max_images_per_request:
@@ -210,7 +211,7 @@ def run_inference(predictor: Predictor, name: str, request: InferRequest,
         if request.parameters.get("faces", "none") != "none":  # no face to find in pixels
             raise ProtocolError("parameter 'faces' goes with input 'image_bytes': input "
                                 "'image' is already preprocessed, so only 'none' fits it, got "
-                                f"{request.parameters['faces']!r}")
+                                f"{shown(request.parameters['faces'])}")
         images = tensor.value[:, 0]
         if not np.isfinite(images).all() or images.min() < 0 or images.max() > 1:
             raise ProtocolError("input 'image' must hold finite values in [0, 1], the "
@@ -222,7 +223,7 @@ def run_inference(predictor: Predictor, name: str, request: InferRequest,
     mode = request.parameters.get("faces", settings.default_faces)
     if mode not in ("none", "auto"):
         raise ProtocolError(f"parameter 'faces' is 'none' or 'auto' (one face per image), got "
-                            f"{mode!r}")
+                            f"{shown(mode)}")
     batch = []
     for i, data in enumerate(tensor.value):
         try:
