@@ -21,8 +21,11 @@ Stated choices (changing any of them changes :data:`PREPROCESSING_VERSION`):
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import io
 import struct
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -44,6 +47,15 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "HEIF", "
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 50_000_000
+# Decodes past this many pixels take turns within a process: each holds several full-size
+# copies (a lossless WebP of 50 megapixels and 19 KB took 830 MB), and the inference threads
+# decoded three at once, 2.6 GB in one worker (a review). A JPEG decodes at a reduced scale,
+# far below it.
+LARGE_DECODE_PIXELS = 16_000_000
+_LARGE_DECODE = threading.Lock()
+# glibc keeps what a thread frees in that thread's arena: decodes taking turns on three
+# threads still held 1.9 GB, against 1.1 GB once given back (None where there is no glibc).
+_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)
 # Pillow refuses an image past this when it reads the header, whatever our limit says.
 PILLOW_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 
@@ -198,19 +210,26 @@ def decode_grayscale(data: bytes, limits: ImageLimits = ImageLimits()) -> Decode
                                             f"are decoded at {width}x{height} pixels")
                 image.draft(None, (INPUT_SIZE, INPUT_SIZE))
             exif_before_pixels = image.info.get("exif")
-            image.load()
-            _keep_only_exif_orientation(image, exif_before_pixels)
-            # Read after load: Pillow's TIFF reader turns orientations 5-8 itself and drops
-            # the tag then (its header size is already upright); turning those again skewed
-            # every face box, x by 0.6 and y by 1.6.
-            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-            if orientation in (5, 6, 7, 8):
-                width, height = height, width  # these orientations turn the image a quarter
-            # Not ImageOps.exif_transpose: it also writes the EXIF back, which nothing here
-            # reads, and which failed on a mistyped tag beside the orientation (a 500)
-            if orientation in _UPRIGHT:
-                image = image.transpose(_UPRIGHT[orientation])
-            return DecodedImage(_to_grayscale(image), (width, height))
+            large = image.width * image.height > LARGE_DECODE_PIXELS  # after a JPEG's draft
+            with _LARGE_DECODE if large else contextlib.nullcontext():
+                image.load()
+                _keep_only_exif_orientation(image, exif_before_pixels)
+                # Read after load: Pillow's TIFF reader turns orientations 5-8 itself and
+                # drops the tag then (its header size is already upright); turning those
+                # again skewed every face box, x by 0.6 and y by 1.6.
+                orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+                if orientation in (5, 6, 7, 8):
+                    width, height = height, width  # these turn the image a quarter
+                # Not ImageOps.exif_transpose: it also writes the EXIF back, which nothing
+                # here reads, and which failed on a mistyped tag beside the orientation
+                if orientation in _UPRIGHT:
+                    image = image.transpose(_UPRIGHT[orientation])
+                gray = _to_grayscale(image)
+                if large:  # its full-size copies go before the next large decode starts
+                    del image
+                    if _MALLOC_TRIM is not None:
+                        _MALLOC_TRIM(0)
+            return DecodedImage(gray, (width, height))
     except PreprocessingError:
         raise
     except DECODER_ERRORS as exc:

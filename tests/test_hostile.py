@@ -35,7 +35,7 @@ from tests.images import (
     png_declaring,
     rgb_image,
 )
-from tests.server import running_server
+from tests.server import running_server, server_process
 
 REPO = str(REPO_MODELS_DIR.parent)
 OK = (200, None)
@@ -430,6 +430,43 @@ def test_bodies_declared_large_but_not_sent_do_not_fill_the_byte_budget():
             answer = httpx.post(f"{base}/predict", content=upload, timeout=30,
                                 headers={"content-type": "image/png"})
             assert answer.status_code == 200, answer.text
+
+
+def test_large_decodes_take_turns_and_give_their_memory_back():
+    """A lossless WebP of 50 megapixels is 2 KB, and decoding it holds about 760 MB: the
+    inference threads decoded three at once, and glibc kept what each thread freed, so four
+    such uploads took one worker to 2.6 GB, past a pod's limit (a review). Now several at
+    once peak about as one alone."""
+    import concurrent.futures
+
+    buffer = io.BytesIO()
+    Image.new("RGBA", (8000, 6250), (90, 120, 150, 255)).save(buffer, "WEBP", lossless=True)
+
+    def peak_kib(pid: int, uploads: int) -> int:
+        """The worker's peak resident memory above its own while ``uploads`` are served."""
+        with open(f"/proc/{pid}/clear_refs", "w") as refs:
+            refs.write("5")  # the peak (VmHWM) starts again from now
+        before = _status_kib(pid, "VmHWM")
+        with concurrent.futures.ThreadPoolExecutor(uploads) as pool:
+            answers = list(pool.map(lambda i: httpx.post(
+                f"{base}/predict?faces=none", timeout=120,
+                files={"file": (f"{i}.webp", buffer.getvalue(), "image/webp")}),
+                range(uploads)))
+        assert all(a.status_code == 200 for a in answers), answers[0].text
+        return _status_kib(pid, "VmHWM") - before
+
+    with server_process() as (base, process):  # one worker: the launcher serves
+        # several first: what an inference thread kept from an earlier decode would be in
+        # the starting point of the next measure, not in its rise
+        several = peak_kib(process.pid, 4)
+        alone = peak_kib(process.pid, 1)
+    assert alone > 400_000  # the case still costs what it did: a lighter decode hides nothing
+    assert several < alone * 1.3, (alone, several)
+
+
+def _status_kib(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
 
 
 def test_a_chunked_body_is_cut_at_the_limit_while_it_streams(server, settings):
