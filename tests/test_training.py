@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -431,6 +432,39 @@ def test_a_checkpoint_rebuilds_its_network_from_the_config_it_carries(tmp_path):
     x = torch.rand(2, 1, 350, 350)
     with torch.no_grad():
         assert torch.equal(rebuilt(x), model(x))
+
+
+def test_a_checkpoint_cut_short_is_one_line_naming_it_and_a_stopped_save_cuts_none(
+        tmp_path, monkeypatch):
+    """A cut checkpoint was torch's traceback, or "[Errno 22] Invalid argument" naming no
+    file; and saving wrote straight to the file, so a run stopped while saving left exactly
+    such a file for the next stage (a review)."""
+    from training.fetch import DataError
+    from training.models import load_checkpoint, save_checkpoint
+
+    model = EmotionNet(ModelConfig(arch="baseline", channels=(4,), pool=5, pad=0))
+    whole = tmp_path / "fitted-seed0.pt"
+    save_checkpoint(whole, model, seed=0)
+    data = whole.read_bytes()
+    for cut in (b"", data[:100], data[:len(data) // 2], b"not a checkpoint"):
+        (tmp_path / "cut.pt").write_bytes(cut)
+        with pytest.raises(DataError, match=f"^{tmp_path / 'cut.pt'} is not a readable "
+                                            "checkpoint .*; run the stage that writes it"):
+            load_checkpoint(tmp_path / "cut.pt")
+    torch.save({"weights": 1}, tmp_path / "foreign.pt")
+    with pytest.raises(DataError, match="not a checkpoint of this project"):
+        load_checkpoint(tmp_path / "foreign.pt")
+
+    def stopped_while_saving(checkpoint, path):
+        Path(path).write_bytes(data[:100])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", stopped_while_saving)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(whole, model, seed=1)
+    assert load_checkpoint(whole)["seed"] == 0  # the one before, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.pt", "fitted-seed0.pt",
+                                                         "foreign.pt"]
 
 
 def test_export_takes_only_checkpoints_of_its_own_profile(tmp_path):

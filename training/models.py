@@ -11,6 +11,7 @@ Because the stem has no parameters, training feeds the pooled images straight to
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -162,16 +163,38 @@ class WithSoftmax(nn.Module):
 
 
 def save_checkpoint(path: Path, model: EmotionNet, **extra) -> dict:
-    """Weights with the config that rebuilds the network, plus whatever the run records."""
+    """Weights with the config that rebuilds the network, plus whatever the run records.
+    Written beside and moved into place: a run stopped while saving leaves the previous file
+    or none, never a cut one that a later stage would read."""
     checkpoint = {"model_config": model.config.to_dict(), "state_dict": model.state_dict(),
                   **extra}
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, path)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        torch.save(checkpoint, partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return checkpoint
 
 
 def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A checkpoint, or a one-line :class:`~training.fetch.DataError` naming a file that is
+    cut short or not one (torch's own errors name no file, or were a traceback)."""
+    from training.fetch import DataError
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001  torch raises a zoo: RuntimeError, EOFError, ...
+        raise DataError(f"{path} is not a readable checkpoint ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); run "
+                        "the stage that writes it again") from None
+    if not isinstance(checkpoint, dict) or not {"model_config", "state_dict"} <= set(checkpoint):
+        raise DataError(f"{path} is not a checkpoint of this project (no model_config and "
+                        "state_dict); run the stage that writes it again")
+    return checkpoint
 
 
 def model_from_checkpoint(checkpoint: dict) -> EmotionNet:
