@@ -1009,6 +1009,8 @@ def test_command_mistakes_are_one_line_before_any_work(argv, says):
     last = result.stderr.strip().splitlines()[-1]
     assert says in last and "Traceback" not in result.stderr
     assert last.startswith(("python -m training ", "usage: ")), last
+    # before any work: the --out case passed with its folder made only after the training
+    assert result.stdout == "", result.stdout
 
 
 @pytest.mark.dataset
