@@ -467,6 +467,32 @@ def test_a_checkpoint_cut_short_is_one_line_naming_it_and_a_stopped_save_cuts_no
                                                          "foreign.pt"]
 
 
+def test_face_geometry_into_a_folder_without_models_writes_nothing_and_is_one_line(
+        tmp_path, monkeypatch, capsys):
+    """face-geometry --out on a folder without a manifest wrote the detector's three ONNX
+    files and ran it over both train sets, then stopped in a ManifestError traceback (a
+    review). FER-2013 Training, which it needs first, is taken as present here."""
+    from service.manifest import ManifestError
+    from training import __main__ as cli
+    from training import face_geometry
+
+    class Present:
+        def __init__(self, settings, profile):
+            pass
+
+        def require_fer(self):
+            pass
+
+    monkeypatch.setattr(face_geometry, "Workspace", Present)
+    with pytest.raises(ManifestError, match="cannot read the model manifest"):
+        face_geometry.build_face_crop(cli.get_training_settings(), tmp_path, limit=2)
+    assert list(tmp_path.iterdir()) == []
+    assert cli.main(["face-geometry", "--out", str(tmp_path), "--limit", "2"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("python -m training face-geometry: error: cannot read the model "
+                           f"manifest {tmp_path / 'manifest.json'}"), line
+
+
 def test_export_takes_only_checkpoints_of_its_own_profile(tmp_path):
     from training.export import choose_checkpoint
     from training.models import save_checkpoint

@@ -369,16 +369,18 @@ def main(argv: list[str] | None = None) -> int:
     import signal
     import subprocess
 
+    from service.manifest import ManifestError
     from service.settings import SettingsError
     from training.fetch import DataError
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (DataError, OSError, subprocess.CalledProcessError, SettingsError) as exc:
+    except (DataError, OSError, subprocess.CalledProcessError, SettingsError,
+            ManifestError) as exc:
         # Data not where a setting says, or not what the repository's lists say, an output folder
-        # that cannot be written, a git fetch that failed, or a refused setting: the user's
-        # to fix, so one line, not a traceback.
+        # that cannot be written, a git fetch that failed, a refused setting, or a models
+        # folder without a readable manifest: the user's to fix, so one line, not a traceback.
         print(f"python -m training {args.command}: error: {exc}{_setting_of(exc)}",
               file=sys.stderr)
         return 2

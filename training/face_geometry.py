@@ -134,15 +134,16 @@ def build_face_crop(settings: TrainingSettings, models_dir: Path,
     started = time.perf_counter()
     ws = Workspace(settings, "full")
     ws.require_fer()  # FER-2013 Training's framing; before the detector is written or run
+    # the CNN that scores the framings too: a folder without one was a traceback after the
+    # detector was written and run over both train sets (a review)
+    manifest = load_manifest(models_dir)
+    entry = manifest.models["cnn"]
+    model = OnnxClassifier((models_dir / entry.file).read_bytes(), entry, threads=0)
     config = export_detector(settings, models_dir)
     detector = FaceDetector(config, models_dir)
     identity, learned_identity = learn_geometry(ws, detector, "identity", limit)
     fer, learned_fer = learn_geometry(ws, detector, "fer2013", limit or FER_GEOMETRY_SAMPLE)
     candidates = {"identity": identity, "fer2013": fer, "midpoint": midpoint(identity, fer)}
-
-    manifest = load_manifest(models_dir)
-    entry = manifest.models["cnn"]
-    model = OnnxClassifier((models_dir / entry.file).read_bytes(), entry, threads=0)
     scores = {"none": score_mode(ws, model, None, "none", limit)}
     specs = {}
     for name, geometry in candidates.items():
