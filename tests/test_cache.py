@@ -1,6 +1,11 @@
 """The decode cache: built once, keyed by data and preprocessing, identical to serving."""
 
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -96,6 +101,64 @@ def test_cache_refuses_a_file_that_changed(tmp_path):
                                             "training verify fer2013`"):
         load_decoded_images(table, images, tmp_path / "cache", workers=1,
                             listed_in="fer2013.SHA256SUMS")
+
+
+STOPPED_BUILD = """
+import sys, time
+from pathlib import Path
+import training.cache as cache
+from tests.test_cache import synthetic_table
+
+decode = cache._decode_verified
+def slowly(job):
+    time.sleep(0.1)
+    return decode(job)
+cache._decode_verified = slowly  # the pool's forked workers take it too
+folder = Path(sys.argv[1])
+table = synthetic_table(folder / "images", count=60)
+try:
+    cache.build_cache(table, folder / "images", folder / "cache", workers=1)
+except KeyboardInterrupt as stopped:
+    sys.exit(128 + getattr(stopped, "number", 2))
+"""
+
+
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGHUP])
+def test_a_build_stopped_by_a_signal_leaves_no_staging(tmp_path, number):
+    """Stopped by SIGTERM, a cache build left its 1.6 GB staging folder for good: only Ctrl-C
+    removed it, and later builds removed only the one named by their own process id (a
+    review)."""
+    (tmp_path / "images").mkdir()
+    build = subprocess.Popen([sys.executable, "-c", STOPPED_BUILD, str(tmp_path)],
+                             cwd=Path(__file__).resolve().parents[1], start_new_session=True,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list((tmp_path / "cache").glob(".*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # well into the decoding
+    os.killpg(build.pid, number)  # the whole group, as a supervisor or a closed terminal
+    assert build.wait(60) == 128 + number, build.stderr.read()
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_build_removes_the_staging_a_killed_one_left(tmp_path):
+    """A build killed outright (SIGKILL, out of memory) cannot clean up: the next one does,
+    leaving a staging folder whose process still runs."""
+    from training.cache import build_cache
+
+    images = tmp_path / "images"
+    images.mkdir()
+    table = synthetic_table(images)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    killed = tmp_path / "cache" / f".{cache_key(table)}.{dead}"
+    running = tmp_path / "cache" / f".{cache_key(table)}.{os.getppid()}"
+    for staging in (killed, running):
+        staging.mkdir(parents=True)
+        (staging / "pixels.u8").write_bytes(bytes(100))
+    build_cache(table, images, tmp_path / "cache", workers=1)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(
+        [cache_key(table), running.name])
 
 
 def test_cache_names_the_images_missing_and_how_to_find_them(tmp_path):

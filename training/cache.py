@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from service.preprocessing import (
     pixels_to_input,
     preprocess_image_uint8,
 )
+from service.signals import handlers_swapped, process_alive, raise_stopped
 from training.fetch import ChecksumError, DataError
 
 PIXELS_FILE = "pixels.u8"
@@ -86,7 +88,11 @@ def build_cache(table: pd.DataFrame, images_dir: Path, cache_dir: Path,
     # Build beside the final folder and rename it into place, so a crash or a concurrent
     # builder never leaves a half-written cache that looks complete.
     staging = cache_dir / f".{key}.{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    for left in [staging, *cache_dir.glob(f".{key}.*")]:
+        # a build killed outright (SIGKILL, out of memory) left its staging: 1.6 GB each
+        pid = left.name.rsplit(".", 1)[-1]
+        if left == staging or (pid.isdigit() and not process_alive(int(pid))):
+            shutil.rmtree(left, ignore_errors=True)
     staging.mkdir()
     names = list(table["image"])
     # a changed image: how to check the copy, after which image it was
@@ -97,8 +103,10 @@ def build_cache(table: pd.DataFrame, images_dir: Path, cache_dir: Path,
             for name, sha in zip(names, table["sha256"], strict=True)]
     array = np.memmap(staging / PIXELS_FILE, dtype=np.uint8, mode="w+",
                       shape=(len(names), INPUT_SIZE, INPUT_SIZE))
-    try:
-        with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
+    try:  # a SIGTERM or a closed terminal as Ctrl-C, so that the staging goes here too
+        with handlers_swapped((signal.SIGTERM, signal.SIGHUP), raise_stopped,
+                              only_where_default=True), \
+                ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
             decoded = pool.map(_decode_verified, jobs, chunksize=64)
             for row, image in enumerate(tqdm(decoded, total=len(jobs), desc="decode cache",
                                              unit="img", mininterval=2.0)):
