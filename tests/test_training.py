@@ -293,6 +293,33 @@ def test_an_interrupted_reproduce_says_so_in_a_line_and_its_readme_matches(
     assert "| knn |" in readme and "| baseline |" not in readme
 
 
+def test_train_into_a_new_reports_folder_ends_well_without_the_levers_report(
+        tmp_path, monkeypatch, capsys):
+    """levers.md compares the levers with the shipped seeds' records: into a new reports
+    folder, `train --seeds 0` failed with a missing seed1.json after all its training (a
+    review). The report is rewritten where those records are all there, and said where not."""
+    import training.recipe
+    from training import __main__ as cli
+    from training.settings import TrainingSettings
+
+    shipped = TrainingSettings().reports_dir
+    settings = TrainingSettings(reports_dir=tmp_path / "reports")
+    monkeypatch.setattr(cli, "get_training_settings", lambda: settings)
+    monkeypatch.setattr(training.recipe, "train_shipped", lambda *args: None)  # trained
+    (tmp_path / "reports" / "after_training").mkdir(parents=True)
+    shutil.copy(shipped / "after_training" / "seed0.json", tmp_path / "reports" / "after_training")
+    assert cli.main(["train", "--seeds", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "levers.md not rewritten" in err and "lacks seed1.json, seed2.json" in err, err
+    assert not (tmp_path / "reports" / "levers.md").exists()
+    for seed in (1, 2):
+        shutil.copy(shipped / "after_training" / f"seed{seed}.json",
+                    tmp_path / "reports" / "after_training")
+    assert cli.main(["train", "--seeds", "0"]) == 0
+    assert "wrote " in capsys.readouterr().out
+    assert (tmp_path / "reports" / "levers.md").read_text().startswith("# The joint recipe")
+
+
 def test_committed_reports_are_from_a_full_run_of_every_experiment():
     from training.settings import TrainingSettings
 

@@ -304,6 +304,9 @@ WIDTH_DECISION = ("not adopted: over both seeds the criterion is 0.004 lower; th
                   "took 63 and 66 min with two sharing the cores")
 
 
+SHIPPED_SEEDS = (0, 1, 2)  # whose records in reports/after_training the report reads
+
+
 def shipped_rows(folder: Path, seeds) -> dict[int, tuple[float, float, float, float]]:
     """The shipped recipe's (raw criterion, identity val, FER-2013 val, beta) for ``seeds``,
     from what ``python -m training train`` recorded after each seed's first fit."""
