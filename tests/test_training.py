@@ -550,11 +550,17 @@ def test_export_changes_the_folder_only_once_everything_is_scored(tmp_path):
         install_export,
         refuse_far_onnx,
     )
+    from training.model_card import CARD_FILES
 
     manifest = load_manifest(REPO_MODELS_DIR)
     for entry in manifest.models.values():
         (tmp_path / entry.file).write_bytes(b"the folder's own")
         candidate_path(tmp_path, entry.file).write_bytes(b"a new " + entry.file.encode())
+    # the card waits too: written after the models were in place, a Ctrl-C then left new
+    # models beside the old card (a review)
+    for name in CARD_FILES:
+        (tmp_path / name).write_text("the folder's own card")
+        candidate_path(tmp_path, name).write_text("a new card")
     (tmp_path / "manifest.json").write_text("the folder's own manifest")
     cnn = candidate_path(tmp_path, "emotion_cnn.onnx")
     refuse_far_onnx(cnn, 1e-5)  # close enough: nothing happens yet
@@ -570,15 +576,17 @@ def test_export_changes_the_folder_only_once_everything_is_scored(tmp_path):
         patch.setattr("training.export.os.fsync", lambda fd: (_ for _ in ()).throw(
             OSError(28, "No space left on device")))
         with pytest.raises(OSError, match="No space"):
-            install_export(tmp_path, manifest)
+            install_export(tmp_path, manifest, also=CARD_FILES)
     assert (tmp_path / "emotion_cnn.onnx").read_bytes() == b"the folder's own"
+    assert (tmp_path / "README.md").read_text() == "the folder's own card"
     assert (tmp_path / "manifest.json").read_text() == "the folder's own manifest"
-    install_export(tmp_path, manifest)
+    install_export(tmp_path, manifest, also=CARD_FILES)
     for entry in manifest.models.values():
         assert (tmp_path / entry.file).read_bytes() == b"a new " + entry.file.encode()
+    assert all((tmp_path / name).read_text() == "a new card" for name in CARD_FILES)
     assert load_manifest(tmp_path) == manifest
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [*(e.file for e in manifest.models.values()), "manifest.json"])  # no candidate left
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(  # no candidate left
+        [*(e.file for e in manifest.models.values()), *CARD_FILES, "manifest.json"])
 
 
 def test_a_failure_mid_export_leaves_the_folder_as_it_was(tmp_path, monkeypatch):

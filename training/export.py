@@ -43,7 +43,7 @@ from training.fer2013 import (
 from training.fer_backbone import FER_BLOCK_WIDTHS, FER_INPUT_SIZE, FER_VERSION
 from training.fetch import sha256_file
 from training.knn import build_pipeline, sweep_k
-from training.model_card import write_model_card
+from training.model_card import CARD_FILES, write_model_card
 from training.models import WithSoftmax, load_checkpoint, model_from_checkpoint
 from training.provenance import code_commit
 from training.recipe import EVAL_SETS
@@ -116,18 +116,18 @@ def refuse_far_onnx(candidate: Path, parity: float) -> None:
                          "left as it was")
 
 
-def install_export(out_dir: Path, manifest: Manifest) -> None:
-    """Each model's candidate in place of its file, then the manifest, by renames only once
-    the manifest is written: a failure or Ctrl-C before leaves the folder's models and
-    manifest as they were (the cnn used to be replaced at once, its manifest only after
-    every score; reviews)."""
+def install_export(out_dir: Path, manifest: Manifest, also: tuple[str, ...] = ()) -> None:
+    """Each model's candidate in place of its file, and those of the files named in ``also``
+    (the model card's), then the manifest, by renames only once the manifest is written: a
+    failure or Ctrl-C before leaves the folder's models, card and manifest as they were (the
+    cnn used to be replaced at once, its manifest only after every score; reviews)."""
     written = candidate_path(out_dir, MANIFEST_FILE)  # first: a full disk fails it, not later
     with open(written, "w") as file:
         file.write(manifest.model_dump_json(indent=1) + "\n")
         file.flush()
         os.fsync(file.fileno())
-    for entry in manifest.models.values():
-        os.replace(candidate_path(out_dir, entry.file), out_dir / entry.file)
+    for name in [entry.file for entry in manifest.models.values()] + list(also):
+        os.replace(candidate_path(out_dir, name), out_dir / name)
     os.replace(written, out_dir / MANIFEST_FILE)
 
 
@@ -373,7 +373,10 @@ def export_all(settings: TrainingSettings, checkpoints: Path, out_dir: Path,
 
     # a face_crop.json already here (face-geometry runs after export) stays pinned
     manifest = Manifest(models={"cnn": cnn, "knn": knn}, face_detector=face_crop_entry(out_dir))
-    install_export(out_dir, manifest)
-    write_model_card(ws, manifest, out_dir, cnn_probs)
+    # the card too waits beside the folder's own: it was written after the models were put
+    # in place, so a Ctrl-C then left new models beside the old card (a review)
+    write_model_card(ws, manifest, out_dir, cnn_probs,
+                     path_of=lambda name: candidate_path(out_dir, name))
+    install_export(out_dir, manifest, also=CARD_FILES)
     return manifest
 

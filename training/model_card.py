@@ -3,6 +3,7 @@ misclassified examples."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -246,14 +247,21 @@ def seeds_sentence(identity: dict, six: dict, fer: dict) -> str:
             f"population standard deviation over the {n} seeds).")
 
 
+# The model card's files, each named in the card as it is here
+CARD_FILES = ("README.md", "confusion_test.png", "reliability.png", "misclassified.png")
+
+
 def write_model_card(ws: Workspace, manifest: Manifest, models_dir: Path,
-                     cnn_probabilities: dict[str, dict[str, np.ndarray]]) -> Path:
-    """``cnn_probabilities``: the shipped CNN's outputs per set and subset."""
+                     cnn_probabilities: dict[str, dict[str, np.ndarray]],
+                     path_of: Callable[[str], Path] | None = None) -> Path:
+    """``cnn_probabilities``: the shipped CNN's outputs per set and subset. ``path_of``: where
+    each of :data:`CARD_FILES` is written (by default in ``models_dir``, under its name)."""
+    path_of = path_of or (lambda name: models_dir / name)
     profile = ws.profile
-    plot_confusions(manifest, models_dir / "confusion_test.png")
-    plot_reliability(manifest, models_dir / "reliability.png")
+    plot_confusions(manifest, path_of("confusion_test.png"))
+    plot_reliability(manifest, path_of("reliability.png"))
     plot_misclassified(ws, cnn_probabilities["identity"]["test"].argmax(1),
-                       models_dir / "misclassified.png")
+                       path_of("misclassified.png"))
     cnn, knn = manifest.models["cnn"], manifest.models["knn"]
     s = cnn.summary
     identity = s["identity_test_macro_f1_over_seeds"]
@@ -349,6 +357,6 @@ def write_model_card(ws: Workspace, manifest: Manifest, models_dir: Path,
         "training train && python -m training export && python -m training face-geometry`.",
         "",
     ]
-    path = models_dir / "README.md"
+    path = path_of("README.md")
     path.write_text("\n".join(text))
     return path
