@@ -65,8 +65,8 @@ def cmd_verify(args: argparse.Namespace) -> None:
                                require_all=False, hint=restore)
         where = f"{settings.fer2013_dir}: "
         if not count:
-            raise SystemExit(where + f"no file named in {settings.fer2013_checksums.name}: "
-                             "point EMOTION_FER2013_DIR at FER-2013")
+            raise SystemExit(where + f"no file named in {settings.fer2013_checksums.name}; "
+                             + restore)
         table = fer_table(settings.fer2013_dir, settings.fer2013_checksums)
         partial = partial_usages(table, settings.fer2013_checksums)
         if partial:
