@@ -589,6 +589,22 @@ def test_export_changes_the_folder_only_once_everything_is_scored(tmp_path):
         [*(e.file for e in manifest.models.values()), *CARD_FILES, "manifest.json"])
 
 
+def test_the_card_figures_are_drawn_under_a_candidates_name(tmp_path):
+    """Written as candidates (``.confusion_test.png.candidate``), the figures were refused by
+    matplotlib, which took the format from the name: export then failed after all its
+    scoring (a smoke export run end to end)."""
+    from service.manifest import load_manifest
+    from service.settings import REPO_MODELS_DIR
+    from training.export import candidate_path
+    from training.model_card import plot_confusions, plot_reliability
+
+    manifest = load_manifest(REPO_MODELS_DIR)
+    for plot, name in ((plot_confusions, "confusion_test.png"),
+                       (plot_reliability, "reliability.png")):
+        plot(manifest, candidate_path(tmp_path, name))
+        assert candidate_path(tmp_path, name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
 def test_a_failure_mid_export_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
     """export_all itself, its heavy steps stubbed: the cnn was written under its own name at
     once, so a failure while scoring left it beside the old manifest (reviews)."""

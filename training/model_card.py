@@ -73,7 +73,7 @@ def plot_confusions(manifest: Manifest, path: Path) -> None:
             draw_confusion(axes[row, col], test.confusion_matrix,
                            f"{model}: {title}\nmacro-F1 {test.macro_f1:.3f}")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=80, format="png")  # a candidate's name has no .png
     plt.close(fig)
 
 
@@ -99,7 +99,7 @@ def plot_reliability(manifest: Manifest, path: Path) -> None:
                      fontsize=9)
         ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=80, format="png")  # a candidate's name has no .png
     plt.close(fig)
 
 
@@ -120,7 +120,7 @@ def plot_misclassified(ws: Workspace, predicted: np.ndarray, path: Path,
                 ax.set_title(f"{name[:8]} -> {CLASS_NAMES[predicted[i]][:8]}", fontsize=6)
     fig.suptitle("Misclassified identity-test images (true -> predicted)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=70)
+    fig.savefig(path, dpi=70, format="png")  # a candidate's name has no .png
     plt.close(fig)
 
 
