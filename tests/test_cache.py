@@ -68,6 +68,33 @@ def test_a_rebuild_replaces_a_damaged_cache(tmp_path):
         [cache_key(table), stale.name])  # the new build in place, and no staging left
 
 
+@pytest.mark.parametrize("damage", ["index cut", "index not JSON", "pixels cut",
+                                    "pixels gone"])
+def test_a_damaged_cache_is_one_line_saying_a_rebuild_repairs_it(tmp_path, damage):
+    """A cut index.json or pixels.u8 was a JSONDecodeError or mmap's ValueError traceback in
+    every command that read the cache (a review)."""
+    from training.cache import INDEX_FILE, PIXELS_FILE
+    from training.fetch import DataError
+
+    images = tmp_path / "images"
+    images.mkdir()
+    table = synthetic_table(images)
+    load_decoded_images(table, images, tmp_path / "cache", workers=1)
+    folder = tmp_path / "cache" / cache_key(table)
+    index, pixels = folder / INDEX_FILE, folder / PIXELS_FILE
+    if damage == "index cut":
+        index.write_text(index.read_text()[:40])
+    elif damage == "index not JSON":
+        index.write_text("[1, 2]")
+    elif damage == "pixels cut":
+        pixels.write_bytes(pixels.read_bytes()[:1000])
+    else:
+        pixels.unlink()
+    with pytest.raises(DataError, match=f"the decode cache {folder} is damaged .*; `python -m "
+                                        "training cache --rebuild` builds it again"):
+        load_decoded_images(table, images, tmp_path / "cache")
+
+
 def test_cache_key_changes_with_the_data(tmp_path, monkeypatch):
     images = tmp_path / "images"
     images.mkdir()

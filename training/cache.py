@@ -65,9 +65,15 @@ def load_decoded_images(table: pd.DataFrame, images_dir: Path, cache_dir: Path,
     folder = cache_dir / key
     if not (folder / INDEX_FILE).is_file():
         build_cache(table, images_dir, cache_dir, workers, listed_in=listed_in, hint=hint)
-    index = json.loads((folder / INDEX_FILE).read_text())
-    pixels = np.memmap(folder / PIXELS_FILE, dtype=np.uint8, mode="r",
-                       shape=(len(index["names"]), INPUT_SIZE, INPUT_SIZE))
+    try:
+        index = json.loads((folder / INDEX_FILE).read_text())
+        pixels = np.memmap(folder / PIXELS_FILE, dtype=np.uint8, mode="r",
+                           shape=(len(index["names"]), INPUT_SIZE, INPUT_SIZE))
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as exc:
+        # a cut index or pixel file (a full disk, a copy stopped half-way) was a traceback in
+        # every command that reads it, and nothing said that a rebuild repairs it (a review)
+        raise DataError(f"the decode cache {folder} is damaged ({type(exc).__name__}: {exc}); "
+                        "`python -m training cache --rebuild` builds it again") from None
     return DecodedImages(tuple(index["names"]), pixels, key)
 
 
