@@ -130,7 +130,7 @@ class AdmissionMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if body_dropped_by_upgrade(scope.get("headers") or ()):
+        if body_dropped_by_upgrade(scope.get("headers") or (), scope.get("method", "")):
             # closed: the parser would read the body's bytes still to come as new requests
             await reject(send, 400, "upgrade_not_supported", "the service does not switch "
                          "protocols, and a request that asks to (Upgrade: h2c) loses its "
@@ -185,18 +185,19 @@ class AdmissionMiddleware:
                 ticket.release()
 
 
-def body_dropped_by_upgrade(headers) -> bool:
+def body_dropped_by_upgrade(headers, method: str) -> bool:
     """Whether uvicorn's parser (httptools) dropped this request's body: it takes a request
     that asks to switch protocols (``Upgrade`` named in ``Connection``, as ``curl --http2`` and
-    Java's HttpClient can send on ``http://``) to end at its head, and the service would read a
-    declared body as empty (uvicorn#2722). Without a body, such a request is served."""
+    Java's HttpClient can send on ``http://``), and every CONNECT, to end at its head, and the
+    service would read a declared body as empty (uvicorn#2722). Without a body, such a
+    request is served."""
     connection = {token.strip().lower() for name, value in headers if name == b"connection"
                   for token in value.split(b",")}
     upgrade = any(name == b"upgrade" and value.strip() for name, value in headers)
     body = any(name == b"transfer-encoding" or (name == b"content-length"
                                                 and value.strip().lstrip(b"0"))
                for name, value in headers)
-    return b"upgrade" in connection and upgrade and body
+    return body and (method == "CONNECT" or (b"upgrade" in connection and upgrade))
 
 
 async def answer_internal_error(send, path: str, request_id: str | None) -> None:

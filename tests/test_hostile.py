@@ -506,9 +506,11 @@ UPGRADE_HEADS = {  # the request's headers besides Host and its body's Content-L
 
 @pytest.mark.parametrize("head", UPGRADE_HEADS.values(), ids=UPGRADE_HEADS.keys())
 @pytest.mark.parametrize("length", [5, 0])
-def test_the_service_knows_which_bodies_uvicorns_parser_drops(head, length):
+@pytest.mark.parametrize("method", ["POST", "CONNECT"])
+def test_the_service_knows_which_bodies_uvicorns_parser_drops(head, length, method):
     """The refusal below must name exactly the requests whose body httptools drops: one it
-    misses reads as empty, one it names too is refused for nothing."""
+    misses reads as empty, one it names too is refused for nothing. A CONNECT's body went
+    on to be served as a request of its own (the diff review)."""
     import httptools
 
     from service.middleware import body_dropped_by_upgrade
@@ -526,10 +528,10 @@ def test_the_service_knows_which_bodies_uvicorns_parser_drops(head, length):
     request = Request()
     parser = httptools.HttpRequestParser(request)
     with contextlib.suppress(httptools.HttpParserUpgrade):
-        parser.feed_data(b"POST /predict HTTP/1.1\r\nHost: t\r\n" + head
+        parser.feed_data(method.encode() + b" /predict HTTP/1.1\r\nHost: t\r\n" + head
                          + b"Content-Length: %d\r\n\r\n" % length + b"hello"[:length])
     assert len(request.headers) == head.count(b"\r\n") + 2
-    assert body_dropped_by_upgrade(request.headers) == (len(request.body) < length)
+    assert body_dropped_by_upgrade(request.headers, method) == (len(request.body) < length)
 
 
 def test_a_body_asking_to_switch_protocols_is_told_why_it_cannot_be_read(tmp_path):
