@@ -31,6 +31,7 @@ from service.preprocessing import (
     decode_grayscale,
     pixels_to_input,
     resize_to_input,
+    shown,
 )
 
 FacesMode = Literal["auto", "all", "none"]
@@ -165,7 +166,8 @@ class Predictor:
 
     def model(self, name: str) -> LoadedModel:
         if name not in self.registry.manifest.models:
-            raise UnknownModelError(f"unknown model {name!r}; choose from {self.model_names}")
+            raise UnknownModelError(f"unknown model {shown(name)}; choose from "
+                                    f"{self.model_names}")
         loaded = self.registry.models.get(name)
         if loaded is None:
             raise ModelUnavailableError(f"model {name!r} is not available: it failed "

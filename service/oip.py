@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.preprocessing import byte_count
+from service.preprocessing import QUOTED_CHARACTERS, byte_count, shown
 
 HEADER_LENGTH = "inference-header-content-length"
 DATATYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT8": np.int8,
@@ -162,14 +162,7 @@ _NOT_ASCII = re.compile(rb"[\x80-\xff]")
 _SCAN_CHUNK = 1 << 20  # isascii() skips a megabyte at a time; a regex alone took 2.6 s
 # Every string but the tensors' data: names, ids, datatypes, parameters (keys too) are
 # quoted in messages and echoed back, and one of 224 MB was sent back whole.
-MAX_NAME_CHARACTERS = 256
-
-
-def shown(value) -> str:
-    """A client's value as a message quotes it: a string within the limit above whole, a list
-    or object cut (an error body echoed 21 MB of one)."""
-    text = repr(value)
-    return text if len(text) <= MAX_NAME_CHARACTERS + 2 else text[:MAX_NAME_CHARACTERS] + "..."
+MAX_NAME_CHARACTERS = QUOTED_CHARACTERS
 
 
 def _quote_near(data, position: int, step: int) -> int | None:
@@ -298,7 +291,7 @@ def decode_content(body: bytes, encoding: str | None, limit: int,
     if coding == "identity":
         return body
     if coding not in ("gzip", "x-gzip", "deflate"):
-        raise UnsupportedEncodingError(f"Content-Encoding {encoding!r} is not supported; send "
+        raise UnsupportedEncodingError(f"Content-Encoding {shown(encoding)} is not supported; send "
                                        "gzip, deflate, identity, or no Content-Encoding")
     inflater = zlib.decompressobj(wbits=47)  # 32 + 15: a gzip or a zlib header, either
     out, pending = bytearray(), body
@@ -337,7 +330,7 @@ def parse_infer_request(body: bytes, header_length: str | None,
         # since int() refuses more than 4,300 digits
         if not (header_length.isascii() and header_length.isdigit()) \
                 or len(header_length) > 20 or int(header_length) > len(body):
-            raise ProtocolError(f"the {HEADER_LENGTH} header ({header_length!r}) does not fit "
+            raise ProtocolError(f"the {HEADER_LENGTH} header ({shown(header_length)}) does not fit "
                                 f"the body of {len(body)} bytes")
         split = int(header_length)
         # a view: slicing bytes copies, and a body of 160 MB was held three times over

@@ -280,6 +280,17 @@ def resize_to_input(gray: Image.Image) -> np.ndarray:
     return np.asarray(resized, dtype=np.uint8).copy()
 
 
+# A client's value quoted in a message whole up to this long (a name the protocols allow),
+# cut past it: error bodies echoed 21 MB of a list, and 5 MB of a header (reviews)
+QUOTED_CHARACTERS = 256
+
+
+def shown(value) -> str:
+    """A client's value as a message quotes it, its repr cut past QUOTED_CHARACTERS."""
+    text = repr(value)
+    return text if len(text) <= QUOTED_CHARACTERS + 2 else text[:QUOTED_CHARACTERS] + "..."
+
+
 def byte_count(count: int) -> str:
     """A size as people read it in a message: ``10,485,760 bytes (10 MiB)``, ``1.5 GiB``."""
     text = f"{count:,} bytes"

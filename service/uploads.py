@@ -13,7 +13,7 @@ from python_multipart.multipart import MultipartParser, MultipartState, parse_op
 from service.admission import hold_body
 from service.errors import ApiError
 from service.inference import ImageInput
-from service.preprocessing import TooManyBytesError, byte_count
+from service.preprocessing import TooManyBytesError, byte_count, shown
 from service.settings import Settings
 
 FILE_FIELDS = ("file", "files")
@@ -243,7 +243,7 @@ def _field_list(names: list[str], shown: int = 10) -> str:
 async def read_uploads(request: Request, settings: Settings) -> list[ImageInput]:
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding != "identity":  # a gzip body was read as a broken image, a 'br' one as plain
-        raise ApiError(415, "unsupported_media_type", f"Content-Encoding {encoding!r} is not "
+        raise ApiError(415, "unsupported_media_type", f"Content-Encoding {shown(encoding)} is not "
                        "supported on /predict: send the image bytes as they are (images are "
                        "compressed already)")
     content_type = request.headers.get("content-type", "")
@@ -253,5 +253,6 @@ async def read_uploads(request: Request, settings: Settings) -> list[ImageInput]
     if mime.startswith("image/"):
         return await read_raw(request, settings)
     raise ApiError(415, "unsupported_media_type",
-                   f"content type {mime or 'none'!r} is not supported: send multipart/form-data "
-                   "with a 'file' field, or the image itself with an image/* content type")
+                   f"content type {shown(mime or 'none')} is not supported: send "
+                   "multipart/form-data with a 'file' field, or the image itself with an "
+                   "image/* content type")

@@ -319,6 +319,25 @@ def test_a_value_quoted_in_an_error_is_cut(app_client, body, headers, message):
     assert len(response.content) < 1000, response.text[:300]
 
 
+def test_a_header_or_path_quoted_in_an_error_is_cut(app_client):
+    """Headers and path segments were quoted whole: a 5 MB Inference-Header-Content-Length
+    came back as a 5 MB error body (the diff review)."""
+    long = "9" * 5000 + "x" * 1_000_000
+    body = b'{"inputs": []}'
+    for response, status, says in [
+        (app_client.post("/v2/models/cnn/infer", content=body,
+                         headers={"Inference-Header-Content-Length": long}), 400, "does not fit"),
+        (app_client.post("/v2/models/cnn/infer", content=body,
+                         headers={"Content-Encoding": "x" * 300_000}), 415, "Content-Encoding"),
+        (app_client.post(f"/v2/models/cnn/versions/{'v' * 30_000}/infer", content=body), 404,
+         "has no version"),
+        (app_client.post(f"/v2/models/{'m' * 30_000}/infer", content=body), 404,
+         "unknown model")]:
+        assert response.status_code == status, response.text[:300]
+        assert says in response.json()["error"]
+        assert len(response.content) < 1000, response.text[:300]
+
+
 def test_binary_tensors_without_the_header_are_told_so_past_the_json_size_check(app_client):
     """A megabyte of binary data counts as JSON values when the header is missing: the size
     check refused it first, advising the binary extension the client was already using."""

@@ -245,6 +245,16 @@ def test_request_errors(client, settings):
                  "too_many_fields")
     assert_error(client.get("/nowhere"), 404, "not_found")
     assert_error(client.delete("/predict"), 405, "method_not_allowed")
+    # a client's value is quoted cut: a 5 MB content type came back as a 5 MB 415 (a review)
+    for response in (
+            client.post("/predict", content=image, headers={"content-type": "x" * 5_000_000}),
+            client.post("/predict", content=image, headers={"content-type": "image/png",
+                                                            "content-encoding": "x" * 300_000}),
+            client.post("/predict", params={f"p{i}": "" for i in range(5000)}, content=image,
+                        headers={"content-type": "image/png"}),
+            post_file(client, image, model="m" * 30_000)):
+        assert response.status_code in (415, 422), response.text[:300]
+        assert len(response.content) < 1000, response.text[:300]
 
 
 def test_metrics_json_has_evaluation_and_live_counters(client, faces):

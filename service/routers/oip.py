@@ -37,10 +37,9 @@ from service.oip import (
     TooLargeError,
     decode_content,
     encode_infer_response,
-    shown,
 )
 from service.oip import parse_infer_request as parse_request
-from service.preprocessing import INPUT_SIZE, PreprocessingError
+from service.preprocessing import INPUT_SIZE, PreprocessingError, shown
 from service.settings import Settings
 from service.uploads import read_body
 
@@ -99,7 +98,7 @@ def _check_model(predictor: Predictor, name: str, version: str | None) -> JSONRe
     except ModelUnavailableError as exc:
         return oip_error(503, str(exc), {"Retry-After": "60"})
     if version is not None and version != model_version(predictor, name):
-        return oip_error(404, f"model {name!r} has no version {version!r}; it has "
+        return oip_error(404, f"model {name!r} has no version {shown(version)}; it has "
                          f"{model_version(predictor, name)!r}")
     return None
 

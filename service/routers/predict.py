@@ -10,7 +10,7 @@ from service.classes import CLASS_NAMES
 from service.deps import ServingDep, SettingsDep
 from service.errors import ApiError, ErrorBody, status_of
 from service.inference import FacesMode, ImagePrediction
-from service.preprocessing import ALLOWED_FORMATS, INPUT_SIZE
+from service.preprocessing import ALLOWED_FORMATS, INPUT_SIZE, shown
 from service.schemas import FaceBox, Prediction, PredictResponse
 from service.uploads import read_uploads
 
@@ -98,7 +98,7 @@ async def predict_emotions(
     # a misspelt name (modle=knn) was ignored, and the default answered as if asked for
     unknown = sorted(set(request.query_params) - QUERY_PARAMETERS)
     if unknown:
-        raise ApiError(422, "invalid_request", f"unknown query parameter(s) {unknown}; "
+        raise ApiError(422, "invalid_request", f"unknown query parameter(s) {shown(unknown)}; "
                        f"/predict takes {' and '.join(sorted(QUERY_PARAMETERS))}")
     name = settings.default_model if model is None else model  # model= empty: unknown, as faces=
     mode = faces or settings.default_faces
