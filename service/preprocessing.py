@@ -50,7 +50,7 @@ DEFAULT_MAX_PIXELS = 50_000_000
 # Decodes past this many pixels take turns within a process: each holds several full-size
 # copies (a lossless WebP of 50 megapixels and 19 KB took 830 MB), and the inference threads
 # decoded three at once, 2.6 GB in one worker (a review). A JPEG decodes at a reduced scale,
-# far below it.
+# below it unless very long and thin; the size after that reduction is what counts.
 LARGE_DECODE_PIXELS = 16_000_000
 _LARGE_DECODE = threading.Lock()
 # glibc keeps what a thread frees in that thread's arena: decodes taking turns on three
