@@ -131,10 +131,12 @@ def test_cache_refuses_a_file_that_changed(tmp_path):
 
 
 STOPPED_BUILD = """
-import sys, time
+import signal, sys, time
 from pathlib import Path
 import training.cache as cache
 from tests.test_cache import synthetic_table
+
+signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as at a terminal, whatever ran the tests (nohup)
 
 decode = cache._decode_verified
 def slowly(job):
