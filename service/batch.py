@@ -15,7 +15,6 @@ written as they come, a file's rows at once, so an interrupted run keeps what it
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import errno
 import io
@@ -50,7 +49,7 @@ from service.preprocessing import (
     PreprocessingError,
     TooManyBytesError,
 )
-from service.signals import STOPPING_SIGNALS, handlers_swapped
+from service.signals import STOPPING_SIGNALS, signals_held
 
 BOX_COLUMNS = ("face_x", "face_y", "face_width", "face_height")
 COLUMNS = ("path", *BOX_COLUMNS, "label", *CLASS_NAMES, "error", "code")
@@ -352,28 +351,12 @@ def _rewrite_from(path: Path, offset: int, data: bytes) -> None:
     closed terminal's SIGHUP taken after it: emptying and rewriting the whole file lost
     every row to an interrupt, and a new file put in its place would replace a link to it
     with a copy, lose its owner, and need a folder it may write to."""
-    with _signals_held(*STOPPING_SIGNALS), path.open("r+b") as file:
+    with signals_held(*STOPPING_SIGNALS), path.open("r+b") as file:
         file.seek(offset)
         file.write(data)
         file.truncate()
         file.flush()
         os.fsync(file.fileno())
-
-
-@contextlib.contextmanager
-def _signals_held(*numbers: int) -> Iterator[None]:
-    """The signals that arrive inside are raised again just after it, each to the handler it
-    had (numpy's threads may take them: see :func:`service.signals.handlers_swapped`)."""
-    arrived: list[int] = []
-    # An ignored signal stays ignored: handled, it is reset to its default in the processes
-    # started inside (a forkserver and its workers under nohup died at a closed terminal).
-    numbers = tuple(n for n in numbers if signal.getsignal(n) != signal.SIG_IGN)
-    try:
-        with handlers_swapped(numbers, lambda number, frame: arrived.append(number)):
-            yield
-    finally:
-        for number in dict.fromkeys(arrived):
-            signal.raise_signal(number)
 
 
 PIPE_WAIT_SECONDS = 30.0  # for a named pipe's first bytes, before its row says none came
@@ -541,7 +524,7 @@ def _submit_uninterrupted(pool: ProcessPoolExecutor, chunk: Sequence[str]) -> Fu
     then neither stop nor join (a worker's traceback, or exit 1 instead of 130). Python runs
     signal handlers in the main thread whichever thread the signal reaches, so the handler
     is swapped, not the signal mask."""
-    with _signals_held(*STOPPING_SIGNALS):
+    with signals_held(*STOPPING_SIGNALS):
         return pool.submit(_classify, chunk)
 
 

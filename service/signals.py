@@ -33,6 +33,22 @@ def handlers_swapped(numbers: tuple[int, ...], handler: Callable,
             signal.signal(number, signal.SIG_DFL if earlier is None else earlier)
 
 
+@contextlib.contextmanager
+def signals_held(*numbers: int) -> Iterator[None]:
+    """The signals that arrive inside are raised again just after it, each to the handler it
+    had (numpy's threads may take them: see :func:`handlers_swapped`)."""
+    arrived: list[int] = []
+    # An ignored signal stays ignored: handled, it is reset to its default in the processes
+    # started inside (a forkserver and its workers under nohup died at a closed terminal).
+    numbers = tuple(n for n in numbers if signal.getsignal(n) != signal.SIG_IGN)
+    try:
+        with handlers_swapped(numbers, lambda number, frame: arrived.append(number)):
+            yield
+    finally:
+        for number in dict.fromkeys(arrived):
+            signal.raise_signal(number)
+
+
 class Stopped(KeyboardInterrupt):
     """A SIGTERM or SIGHUP taken as Ctrl-C is, so that the same clean-up runs; the exit
     status still says which (128 + its number)."""
@@ -40,6 +56,9 @@ class Stopped(KeyboardInterrupt):
     def __init__(self, number: int):
         super().__init__(signal.Signals(number).name)
         self.number = number
+
+    def __reduce__(self):  # rebuilt from its number, not its name, in another process
+        return Stopped, (self.number,)
 
 
 def raise_stopped(number: int, frame) -> None:

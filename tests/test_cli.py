@@ -1620,12 +1620,11 @@ def test_an_ignored_signal_stays_ignored_while_signals_are_held():
     """Held, nohup's ignored SIGHUP had a handler while the forkserver started, so it and
     every worker were reset to the default and died at a closed terminal (the third diff
     review); an ignored signal needs no holding."""
-    from service.batch import _signals_held
-    from service.signals import STOPPING_SIGNALS
+    from service.signals import STOPPING_SIGNALS, signals_held
 
     before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        with _signals_held(*STOPPING_SIGNALS):
+        with signals_held(*STOPPING_SIGNALS):
             assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
             assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_IGN, signal.SIG_DFL)
             signal.raise_signal(signal.SIGHUP)  # still nothing

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -580,7 +582,19 @@ def test_export_changes_the_folder_only_once_everything_is_scored(tmp_path):
     assert (tmp_path / "emotion_cnn.onnx").read_bytes() == b"the folder's own"
     assert (tmp_path / "README.md").read_text() == "the folder's own card"
     assert (tmp_path / "manifest.json").read_text() == "the folder's own manifest"
-    install_export(tmp_path, manifest, also=CARD_FILES)
+    # a Ctrl-C among the renames left new models beside the old manifest (the diff review):
+    # it is taken once they are all done
+    replace = os.replace
+
+    def interrupted_at_the_first(source, target):
+        if "onnx" in str(target):
+            signal.raise_signal(signal.SIGINT)
+        replace(source, target)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("training.export.os.replace", interrupted_at_the_first)
+        with pytest.raises(KeyboardInterrupt):
+            install_export(tmp_path, manifest, also=CARD_FILES)
     for entry in manifest.models.values():
         assert (tmp_path / entry.file).read_bytes() == b"a new " + entry.file.encode()
     assert all((tmp_path / name).read_text() == "a new card" for name in CARD_FILES)

@@ -109,18 +109,21 @@ def build_cache(table: pd.DataFrame, images_dir: Path, cache_dir: Path,
             for name, sha in zip(names, table["sha256"], strict=True)]
     array = np.memmap(staging / PIXELS_FILE, dtype=np.uint8, mode="w+",
                       shape=(len(names), INPUT_SIZE, INPUT_SIZE))
+    pool = ProcessPoolExecutor(max_workers=workers or os.cpu_count(),
+                               initializer=_stopping_left_to_the_parent)
     try:  # a SIGTERM or a closed terminal as Ctrl-C, so that the staging goes here too
         with handlers_swapped((signal.SIGTERM, signal.SIGHUP), raise_stopped,
-                              only_where_default=True), \
-                ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
+                              only_where_default=True):
             decoded = pool.map(_decode_verified, jobs, chunksize=64)
             for row, image in enumerate(tqdm(decoded, total=len(jobs), desc="decode cache",
                                              unit="img", mininterval=2.0)):
                 array[row] = image
     except BaseException:  # a file that fails its checksum, Ctrl-C: no staging left behind
+        pool.shutdown(wait=True, cancel_futures=True)  # not the decodes still queued
         del array
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    pool.shutdown()
     array.flush()
     del array
     index = {"key": key, "preprocessing_version": PREPROCESSING_VERSION,
@@ -139,6 +142,14 @@ def build_cache(table: pd.DataFrame, images_dir: Path, cache_dir: Path,
     except OSError:  # another process finished the same cache first
         shutil.rmtree(staging, ignore_errors=True)
     return final
+
+
+def _stopping_left_to_the_parent() -> None:
+    """In each decode worker: a SIGTERM or SIGHUP to the whole group stops the parent, which
+    then ends the pool. Taken in the workers too, it went back to the parent as an error
+    that broke the pool's own thread, and the command never exited (a diff review)."""
+    for number in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, signal.SIG_IGN)
 
 
 def _decode_verified(job: tuple[str, str, str, str]) -> np.ndarray:

@@ -30,6 +30,7 @@ from service.faces import face_crop_entry
 from service.manifest import MANIFEST_FILE, DatasetProvenance, Manifest, ModelEntry
 from service.onnx_runtime import ONNX_OPSET
 from service.preprocessing import INPUT_SIZE, PREPROCESSING_VERSION
+from service.signals import STOPPING_SIGNALS, signals_held
 from training.data import SPLIT_NAMES, Workspace
 from training.evaluate import bootstrap_macro_f1, classification_metrics
 from training.experiments import KNN_KS
@@ -126,9 +127,12 @@ def install_export(out_dir: Path, manifest: Manifest, also: tuple[str, ...] = ()
         file.write(manifest.model_dump_json(indent=1) + "\n")
         file.flush()
         os.fsync(file.fileno())
-    for name in [entry.file for entry in manifest.models.values()] + list(also):
-        os.replace(candidate_path(out_dir, name), out_dir / name)
-    os.replace(written, out_dir / MANIFEST_FILE)
+    # a Ctrl-C among the renames left new models beside the old manifest, which the service
+    # then refused (a review): a stop that arrives here is taken once they are all done
+    with signals_held(*STOPPING_SIGNALS):
+        for name in [entry.file for entry in manifest.models.values()] + list(also):
+            os.replace(candidate_path(out_dir, name), out_dir / name)
+        os.replace(written, out_dir / MANIFEST_FILE)
 
 
 def max_parity_error(wrapped: torch.nn.Module, path: Path, ws: Workspace, split: str,
