@@ -179,23 +179,29 @@ def test_a_build_stopped_by_a_signal_leaves_no_staging(tmp_path, number):
 
 
 def test_a_build_removes_the_staging_a_killed_one_left(tmp_path):
-    """A build killed outright (SIGKILL, out of memory) cannot clean up: the next one does,
-    leaving a staging folder whose process still runs."""
-    from training.cache import build_cache
+    """A build killed outright (SIGKILL, out of memory) cannot clean up: the next one does.
+    It leaves a staging folder whose build still runs, whatever its name says: one in
+    another pid namespace (a container sharing the cache) looked dead by its process id (the
+    diff review). A build's claim is a lock it holds, which the kernel drops with it."""
+    import fcntl
+
+    from training.cache import BUILDING_FILE, build_cache
 
     images = tmp_path / "images"
     images.mkdir()
     table = synthetic_table(images)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    killed = tmp_path / "cache" / f".{cache_key(table)}.{dead}"
-    running = tmp_path / "cache" / f".{cache_key(table)}.{os.getppid()}"
+    killed = tmp_path / "cache" / f".{cache_key(table)}.build.killed"
+    running = tmp_path / "cache" / f".{cache_key(table)}.build.running"
     for staging in (killed, running):
         staging.mkdir(parents=True)
         (staging / "pixels.u8").write_bytes(bytes(100))
-    build_cache(table, images, tmp_path / "cache", workers=1)
+        (staging / BUILDING_FILE).touch()
+    with open(running / BUILDING_FILE) as claim:
+        fcntl.flock(claim, fcntl.LOCK_EX)  # as the running build holds it
+        build_cache(table, images, tmp_path / "cache", workers=1)
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(
         [cache_key(table), running.name])
+    assert not (tmp_path / "cache" / cache_key(table) / BUILDING_FILE).exists()
 
 
 def test_cache_names_the_images_missing_and_how_to_find_them(tmp_path):

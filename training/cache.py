@@ -7,6 +7,7 @@ version and the clean table's file checksums, so a change to either builds a new
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -27,11 +28,12 @@ from service.preprocessing import (
     pixels_to_input,
     preprocess_image_uint8,
 )
-from service.signals import handlers_swapped, process_alive, raise_stopped
+from service.signals import handlers_swapped, raise_stopped
 from training.fetch import ChecksumError, DataError
 
 PIXELS_FILE = "pixels.u8"
 INDEX_FILE = "index.json"
+BUILDING_FILE = ".building"  # a claim on a staging folder, locked while its build runs
 
 
 @dataclass(frozen=True)
@@ -93,13 +95,17 @@ def build_cache(table: pd.DataFrame, images_dir: Path, cache_dir: Path,
     cache_dir.mkdir(parents=True, exist_ok=True)
     # Build beside the final folder and rename it into place, so a crash or a concurrent
     # builder never leaves a half-written cache that looks complete.
-    staging = cache_dir / f".{key}.{os.getpid()}"
-    for left in [staging, *cache_dir.glob(f".{key}.*")]:
+    for left in cache_dir.glob(f".{key}.*"):
         # a build killed outright (SIGKILL, out of memory) left its staging: 1.6 GB each
-        pid = left.name.rsplit(".", 1)[-1]
-        if left == staging or (pid.isdigit() and not process_alive(int(pid))):
+        if _abandoned(left):
             shutil.rmtree(left, ignore_errors=True)
-    staging.mkdir()
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}.build.", dir=cache_dir))
+    # Claimed by a lock held while this build runs, not by a process id, which says nothing
+    # from another pid namespace (a container sharing the cache took a live build's staging
+    # for a dead one's; a diff review). Locked before it is in place: never seen unlocked.
+    claim = open(staging / f"{BUILDING_FILE}.new", "w")  # noqa: SIM115  closed at the end
+    fcntl.flock(claim, fcntl.LOCK_EX)
+    os.rename(staging / f"{BUILDING_FILE}.new", staging / BUILDING_FILE)
     names = list(table["image"])
     # a changed image: how to check the copy, after which image it was
     which = " fer2013" if "fer2013" in listed_in else ""  # the list the SHA-256 come from
@@ -122,6 +128,7 @@ def build_cache(table: pd.DataFrame, images_dir: Path, cache_dir: Path,
         pool.shutdown(wait=True, cancel_futures=True)  # not the decodes still queued
         del array
         shutil.rmtree(staging, ignore_errors=True)
+        claim.close()
         raise
     pool.shutdown()
     array.flush()
@@ -137,11 +144,30 @@ def build_cache(table: pd.DataFrame, images_dir: Path, cache_dir: Path,
         aside = Path(tempfile.mkdtemp(prefix=f".{key}.old.", dir=cache_dir))
         final.rename(aside)  # onto the empty folder just made
         shutil.rmtree(aside, ignore_errors=True)
+    (staging / BUILDING_FILE).unlink()  # not part of the cache
     try:
         staging.rename(final)
     except OSError:  # another process finished the same cache first
         shutil.rmtree(staging, ignore_errors=True)
+    finally:
+        claim.close()
     return final
+
+
+def _abandoned(staging: Path) -> bool:
+    """Whether a build's staging folder has lost its builder: its claim is held by no one.
+    Without a claim (an aside folder of a rebuild, or a build finishing), it is left."""
+    try:
+        descriptor = os.open(staging / BUILDING_FILE, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(descriptor)
+    return True
 
 
 def _stopping_left_to_the_parent() -> None:
