@@ -483,6 +483,12 @@ def test_a_checkpoint_cut_short_is_one_line_naming_it_and_a_stopped_save_cuts_no
     torch.save({"weights": 1}, tmp_path / "foreign.pt")
     with pytest.raises(DataError, match="not a checkpoint of this project"):
         load_checkpoint(tmp_path / "foreign.pt")
+    # memory running out is the machine's, not the file's: not "run the stage again"
+    for short in (MemoryError(), RuntimeError("DefaultCPUAllocator: can't allocate memory")):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(torch, "load", lambda *a, short=short, **k: (_ for _ in ()).throw(short))
+            with pytest.raises(type(short)):
+                load_checkpoint(whole)
 
     def stopped_while_saving(checkpoint, path):
         Path(path).write_bytes(data[:100])

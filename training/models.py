@@ -185,9 +185,11 @@ def load_checkpoint(path: Path) -> dict:
 
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
+    except (FileNotFoundError, MemoryError):
         raise
     except Exception as exc:  # noqa: BLE001  torch raises a zoo: RuntimeError, EOFError, ...
+        if "allocate memory" in str(exc):  # torch's allocator: the machine's, not the file's
+            raise
         raise DataError(f"{path} is not a readable checkpoint ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); run "
                         "the stage that writes it again") from None
