@@ -66,8 +66,8 @@ def raise_stopped(number: int, frame) -> None:
 
 
 def process_alive(pid: int) -> bool:
-    """Whether a process of that id runs: the owner of files named by pid (a dead worker's
-    metrics, a killed build's staging) is gone when it does not."""
+    """Whether a process of that id runs: a worker's metrics files, named by its pid, are a
+    dead worker's when it does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
