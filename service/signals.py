@@ -4,7 +4,6 @@ not be cut in the middle (an output rewritten in place, a dataset moved into pla
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -63,15 +62,3 @@ class Stopped(KeyboardInterrupt):
 
 def raise_stopped(number: int, frame) -> None:
     raise Stopped(number)
-
-
-def process_alive(pid: int) -> bool:
-    """Whether a process of that id runs: a worker's metrics files, named by its pid, are a
-    dead worker's when it does not."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
