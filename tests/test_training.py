@@ -597,10 +597,15 @@ def test_export_changes_the_folder_only_once_everything_is_scored(tmp_path):
             signal.raise_signal(signal.SIGINT)
         replace(source, target)
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("training.export.os.replace", interrupted_at_the_first)
-        with pytest.raises(KeyboardInterrupt):
-            install_export(tmp_path, manifest, also=CARD_FILES)
+    # Python's own Ctrl-C handler, whatever ran the tests (a background job ignores SIGINT)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr("training.export.os.replace", interrupted_at_the_first)
+            with pytest.raises(KeyboardInterrupt):
+                install_export(tmp_path, manifest, also=CARD_FILES)
+    finally:
+        signal.signal(signal.SIGINT, before)
     for entry in manifest.models.values():
         assert (tmp_path / entry.file).read_bytes() == b"a new " + entry.file.encode()
     assert all((tmp_path / name).read_text() == "a new card" for name in CARD_FILES)
