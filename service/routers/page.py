@@ -14,6 +14,7 @@ from fastapi.staticfiles import StaticFiles
 
 from service.deps import SettingsDep
 from service.errors import ApiError, ErrorBody
+from service.preprocessing import shown
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 DOCS_ASSETS = Path(fastapi_offline.__file__).parent / "static"
@@ -96,7 +97,7 @@ async def list_examples(settings: SettingsDep) -> list[str]:
     404: {"model": ErrorBody, "description": "no example of that name (`not_found`)"}})
 async def get_example(name: str, settings: SettingsDep) -> WholeFileResponse:
     if name not in example_names(settings.examples_dir):  # never a path from the client
-        raise ApiError(404, "not_found", f"no example named {name!r}")
+        raise ApiError(404, "not_found", f"no example named {shown(name)}")
     return WholeFileResponse(settings.examples_dir / name)
 
 
