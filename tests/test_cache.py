@@ -183,8 +183,6 @@ def test_a_build_removes_the_staging_a_killed_one_left(tmp_path):
     It leaves a staging folder whose build still runs, whatever its name says: one in
     another pid namespace (a container sharing the cache) looked dead by its process id (the
     diff review). A build's claim is a lock it holds, which the kernel drops with it."""
-    import fcntl
-
     from training.cache import BUILDING_FILE, build_cache
 
     images = tmp_path / "images"
@@ -196,12 +194,45 @@ def test_a_build_removes_the_staging_a_killed_one_left(tmp_path):
         staging.mkdir(parents=True)
         (staging / "pixels.u8").write_bytes(bytes(100))
         (staging / BUILDING_FILE).touch()
-    with open(running / BUILDING_FILE) as claim:
-        fcntl.flock(claim, fcntl.LOCK_EX)  # as the running build holds it
+    holder = subprocess.Popen(  # another process holds it, as the running build does
+        [sys.executable, "-c", "import fcntl, sys, time; claim = open(sys.argv[1], 'r+'); "
+         "fcntl.lockf(claim, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)",
+         str(running / BUILDING_FILE)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
         build_cache(table, images, tmp_path / "cache", workers=1)
+    finally:
+        holder.kill()
+        holder.wait()
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(
         [cache_key(table), running.name])
     assert not (tmp_path / "cache" / cache_key(table) / BUILDING_FILE).exists()
+    assert (tmp_path / "cache" / cache_key(table)).stat().st_mode & 0o055  # others may read
+
+
+def test_a_build_killed_outright_leaves_no_claim_in_its_workers(tmp_path):
+    """The claim was an flock, which the forked decode workers shared: orphaned by a SIGKILL
+    to their build, they held it, and its staging was never removed (the diff review)."""
+    from training.cache import build_cache
+
+    (tmp_path / "images").mkdir()
+    build = subprocess.Popen([sys.executable, "-c", STOPPED_BUILD, str(tmp_path)],
+                             cwd=Path(__file__).resolve().parents[1], start_new_session=True,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not list((tmp_path / "cache").glob(".*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # its workers are decoding
+        os.kill(build.pid, signal.SIGKILL)  # the build alone: its workers live on a while
+        build.wait(30)
+        (tmp_path / "again").mkdir()
+        table = synthetic_table(tmp_path / "again", count=200)  # the same images
+        build_cache(table, tmp_path / "images", tmp_path / "cache", workers=1)
+        assert [p.name for p in (tmp_path / "cache").iterdir()] == [cache_key(table)]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(build.pid, signal.SIGKILL)
 
 
 def test_cache_names_the_images_missing_and_how_to_find_them(tmp_path):

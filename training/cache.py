@@ -28,7 +28,7 @@ from service.preprocessing import (
     pixels_to_input,
     preprocess_image_uint8,
 )
-from service.signals import handlers_swapped, raise_stopped
+from service.signals import STOPPING_SIGNALS, handlers_swapped, raise_stopped, signals_held
 from training.fetch import ChecksumError, DataError
 
 PIXELS_FILE = "pixels.u8"
@@ -100,11 +100,16 @@ def build_cache(table: pd.DataFrame, images_dir: Path, cache_dir: Path,
         if _abandoned(left):
             shutil.rmtree(left, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{key}.build.", dir=cache_dir))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 kept other users out of the cache
     # Claimed by a lock held while this build runs, not by a process id, which says nothing
     # from another pid namespace (a container sharing the cache took a live build's staging
-    # for a dead one's; a diff review). Locked before it is in place: never seen unlocked.
+    # for a dead one's; a diff review). Locked before it is in place: never seen unlocked. A
+    # POSIX record lock, which forked decode workers do not inherit: an flock they shared
+    # outlived a build killed outright (the diff review).
     claim = open(staging / f"{BUILDING_FILE}.new", "w")  # noqa: SIM115  closed at the end
-    fcntl.flock(claim, fcntl.LOCK_EX)
+    fcntl.lockf(claim, fcntl.LOCK_EX)
     os.rename(staging / f"{BUILDING_FILE}.new", staging / BUILDING_FILE)
     names = list(table["image"])
     # a changed image: how to check the copy, after which image it was
@@ -125,10 +130,13 @@ def build_cache(table: pd.DataFrame, images_dir: Path, cache_dir: Path,
                                              unit="img", mininterval=2.0)):
                 array[row] = image
     except BaseException:  # a file that fails its checksum, Ctrl-C: no staging left behind
-        pool.shutdown(wait=True, cancel_futures=True)  # not the decodes still queued
-        del array
-        shutil.rmtree(staging, ignore_errors=True)
-        claim.close()
+        # a second stop waits for the clean-up: one that cut it left the staging and the
+        # workers, or hung (the diff review)
+        with signals_held(*STOPPING_SIGNALS):
+            pool.shutdown(wait=True, cancel_futures=True)  # not the decodes still queued
+            del array
+            shutil.rmtree(staging, ignore_errors=True)
+            claim.close()
         raise
     pool.shutdown()
     array.flush()
@@ -158,12 +166,12 @@ def _abandoned(staging: Path) -> bool:
     """Whether a build's staging folder has lost its builder: its claim is held by no one.
     Without a claim (an aside folder of a rebuild, or a build finishing), it is left."""
     try:
-        descriptor = os.open(staging / BUILDING_FILE, os.O_RDONLY)
+        descriptor = os.open(staging / BUILDING_FILE, os.O_RDWR)
     except OSError:
         return False
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held (EAGAIN or EACCES, by system)
         return False
     finally:
         os.close(descriptor)
