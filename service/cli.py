@@ -35,7 +35,7 @@ from service.batch import (
 from service.inference import FACES_MODES, PredictorError
 from service.manifest import ManifestError
 from service.settings import SettingsError, load_settings
-from service.signals import handlers_swapped, raise_stopped
+from service.signals import stops_taken_as_ctrl_c
 
 MAX_TIMEOUT = 86400.0  # a day: past it a socket's timeout overflows, and no answer is that slow
 MAX_FPS = 1000.0  # above any camera's frame rate: more than that is every frame anyway
@@ -259,8 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # SIGTERM and SIGHUP clean up as Ctrl-C does: a `kill` of this process alone left
         # its worker processes waiting for ever, 230 MB each (a review)
-        with handlers_swapped((signal.SIGTERM, signal.SIGHUP), raise_stopped,
-                              only_where_default=True):
+        with stops_taken_as_ctrl_c():
             return args.func(args)
     except UsageError as exc:
         args.parser.error(str(exc))  # the subcommand's usage line, not the top one

@@ -62,3 +62,10 @@ class Stopped(KeyboardInterrupt):
 
 def raise_stopped(number: int, frame) -> None:
     raise Stopped(number)
+
+
+def stops_taken_as_ctrl_c() -> contextlib.AbstractContextManager[None]:
+    """SIGTERM and SIGHUP raise :class:`Stopped` inside the block, so that Ctrl-C's clean-up
+    runs for them too; one the caller set otherwise (nohup's ignored SIGHUP) stays as it is."""
+    return handlers_swapped((signal.SIGTERM, signal.SIGHUP), raise_stopped,
+                            only_where_default=True)

@@ -28,7 +28,7 @@ from service.preprocessing import (
     pixels_to_input,
     preprocess_image_uint8,
 )
-from service.signals import STOPPING_SIGNALS, handlers_swapped, raise_stopped, signals_held
+from service.signals import STOPPING_SIGNALS, signals_held, stops_taken_as_ctrl_c
 from training.fetch import ChecksumError, DataError
 
 PIXELS_FILE = "pixels.u8"
@@ -123,8 +123,7 @@ def build_cache(table: pd.DataFrame, images_dir: Path, cache_dir: Path,
     pool = ProcessPoolExecutor(max_workers=workers or os.cpu_count(),
                                initializer=_stopping_left_to_the_parent)
     try:  # a SIGTERM or a closed terminal as Ctrl-C, so that the staging goes here too
-        with handlers_swapped((signal.SIGTERM, signal.SIGHUP), raise_stopped,
-                              only_where_default=True):
+        with stops_taken_as_ctrl_c():
             decoded = pool.map(_decode_verified, jobs, chunksize=64)
             for row, image in enumerate(tqdm(decoded, total=len(jobs), desc="decode cache",
                                              unit="img", mininterval=2.0)):

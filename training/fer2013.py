@@ -14,7 +14,6 @@ import fcntl
 import os
 import re
 import shutil
-import signal
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from service.signals import handlers_swapped, raise_stopped
+from service.signals import stops_taken_as_ctrl_c
 from training.fetch import (
     ChecksumError,
     DataError,
@@ -165,8 +164,7 @@ def fetch_fer2013(dest: Path, checksums_path: Path, source: str = FER_REPOSITORY
     earlier = dest.parent / f".{dest.name}.earlier"
     # SIGTERM and SIGHUP (a closed terminal) clean up as Ctrl-C does: they ended the process
     # with its staging folder and clone left behind
-    with _alone_into(dest), handlers_swapped((signal.SIGTERM, signal.SIGHUP), raise_stopped,
-                                             only_where_default=True):
+    with _alone_into(dest), stops_taken_as_ctrl_c():
         try:
             with tempfile.TemporaryDirectory(prefix="fer2013-") as tmp:
                 work = Path(tmp) / "repo"
