@@ -47,3 +47,10 @@ def metric_total(exposition: str, sample: str, **labels: str) -> float:
     return sum(s.value for family in text_string_to_metric_families(exposition)
                for s in family.samples
                if s.name == sample and labels.items() <= s.labels.items())
+
+
+def status_kib(pid: int, field: str) -> int:
+    """A memory figure of ``/proc/<pid>/status`` in KiB: ``VmRSS`` now, ``VmHWM`` its peak
+    (reset by writing 5 to ``/proc/<pid>/clear_refs``)."""
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))

@@ -153,21 +153,27 @@ except KeyboardInterrupt as stopped:
 """
 
 
+def _decoding_build(tmp_path, stderr) -> subprocess.Popen:
+    """STOPPED_BUILD in a process group of its own, returned once its workers are decoding."""
+    (tmp_path / "images").mkdir()
+    build = subprocess.Popen([sys.executable, "-c", STOPPED_BUILD, str(tmp_path)],
+                             cwd=Path(__file__).resolve().parents[1], start_new_session=True,
+                             stderr=stderr, text=True)
+    deadline = time.monotonic() + 60
+    while not list((tmp_path / "cache").glob(".*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # well into the decoding
+    return build
+
+
 @pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGHUP])
 def test_a_build_stopped_by_a_signal_leaves_no_staging(tmp_path, number):
     """Stopped by SIGTERM, a cache build left its 1.6 GB staging folder for good: only Ctrl-C
     removed it, and later builds removed only the one named by their own process id (a
     review). Taken in the decode workers too, the stop broke the pool's thread and the build
     never exited (the diff review): two workers here, and the group signalled."""
-    (tmp_path / "images").mkdir()
-    build = subprocess.Popen([sys.executable, "-c", STOPPED_BUILD, str(tmp_path)],
-                             cwd=Path(__file__).resolve().parents[1], start_new_session=True,
-                             stderr=subprocess.PIPE, text=True)
+    build = _decoding_build(tmp_path, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 60
-        while not list((tmp_path / "cache").glob(".*")) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.5)  # well into the decoding
         os.killpg(build.pid, number)  # the whole group, as a supervisor or a closed terminal
         _, err = build.communicate(timeout=30)
     finally:
@@ -215,15 +221,8 @@ def test_a_build_killed_outright_leaves_no_claim_in_its_workers(tmp_path):
     to their build, they held it, and its staging was never removed (the diff review)."""
     from training.cache import build_cache
 
-    (tmp_path / "images").mkdir()
-    build = subprocess.Popen([sys.executable, "-c", STOPPED_BUILD, str(tmp_path)],
-                             cwd=Path(__file__).resolve().parents[1], start_new_session=True,
-                             stderr=subprocess.DEVNULL)
+    build = _decoding_build(tmp_path, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
-        while not list((tmp_path / "cache").glob(".*")) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.5)  # its workers are decoding
         os.kill(build.pid, signal.SIGKILL)  # the build alone: its workers live on a while
         build.wait(30)
         (tmp_path / "again").mkdir()

@@ -26,7 +26,7 @@ from PIL import Image
 from service.app import create_app
 from service.classes import CLASS_NAMES
 from service.settings import REPO_MODELS_DIR, Settings
-from tests.api import assert_error
+from tests.api import assert_error, status_kib
 from tests.images import (
     bigtiff_strip_at,
     encode,
@@ -446,14 +446,14 @@ def test_large_decodes_take_turns_and_give_their_memory_back():
         """The worker's peak resident memory above its own while ``uploads`` are served."""
         with open(f"/proc/{pid}/clear_refs", "w") as refs:
             refs.write("5")  # the peak (VmHWM) starts again from now
-        before = _status_kib(pid, "VmHWM")
+        before = status_kib(pid, "VmHWM")
         with concurrent.futures.ThreadPoolExecutor(uploads) as pool:
             answers = list(pool.map(lambda i: httpx.post(
                 f"{base}/predict?faces=none", timeout=120,
                 files={"file": (f"{i}.webp", buffer.getvalue(), "image/webp")}),
                 range(uploads)))
         assert all(a.status_code == 200 for a in answers), answers[0].text
-        return _status_kib(pid, "VmHWM") - before
+        return status_kib(pid, "VmHWM") - before
 
     with server_process() as (base, process):  # one worker: the launcher serves
         # several first: what an inference thread kept from an earlier decode would be in
@@ -462,11 +462,6 @@ def test_large_decodes_take_turns_and_give_their_memory_back():
         alone = peak_kib(process.pid, 1)
     assert alone > 400_000  # the case still costs what it did: a lighter decode hides nothing
     assert several < alone * 1.3, (alone, several)
-
-
-def _status_kib(pid: int, field: str) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
 
 
 def test_a_chunked_body_is_cut_at_the_limit_while_it_streams(server, settings):

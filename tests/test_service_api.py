@@ -6,6 +6,7 @@ import base64
 import contextlib
 import gzip
 import json
+import os
 import re
 import threading
 
@@ -266,9 +267,7 @@ def test_a_rejected_image_does_not_hold_its_requests_uploads(client):
     bad image now grows memory as one without does (other cycles of the test client's)."""
     import gc
 
-    def resident_kib():
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
+    from tests.api import status_kib
 
     good = png_bytes() + bytes(9_000_000)  # a PNG with 9 MB after its end still decodes
     bad = b"\x89PNG\r\n\x1a\n" + bytes(9_000_000)
@@ -279,10 +278,10 @@ def test_a_rejected_image_does_not_hold_its_requests_uploads(client):
         gc.collect()
         gc.disable()
         try:
-            before = resident_kib()
+            before = status_kib(os.getpid(), "VmRSS")
             for _ in range(8):
                 assert client.post("/predict", files=files).status_code == 200
-            grown[last is bad] = resident_kib() - before
+            grown[last is bad] = status_kib(os.getpid(), "VmRSS") - before
         finally:
             gc.enable()
             gc.collect()
