@@ -32,7 +32,7 @@ from service.batch import (
     output_format,
     writable_path,
 )
-from service.inference import FACES_MODES, PredictorError
+from service.inference import FACES_MODES, PredictorError, UnknownModelError
 from service.manifest import ManifestError
 from service.settings import SettingsError, load_settings
 from service.signals import stops_taken_as_ctrl_c
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         # its worker processes waiting for ever, 230 MB each (a review)
         with stops_taken_as_ctrl_c():
             return args.func(args)
-    except UsageError as exc:
+    except (UsageError, UnknownModelError) as exc:  # --model names no model of the folder
         args.parser.error(str(exc))  # the subcommand's usage line, not the top one
     except (PredictorError, ManifestError, RemoteError) as exc:
         print(f"emotion-detect: {exc}", file=sys.stderr)

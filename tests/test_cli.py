@@ -163,7 +163,8 @@ def test_usage_mistakes_exit_2_in_one_line(tmp_path):
             "emotion-detect images: error:")
     result = subprocess.run([*COMMAND, "images", str(tmp_path), "--out", str(tmp_path / "r.csv"),
                              "--model", "resnet"], cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 1 and "unknown model 'resnet'" in result.stderr
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(
+        "emotion-detect images: error: unknown model 'resnet'")
 
 
 def test_resume_after_an_interrupted_run_finishes_the_rest_once(test_images, tmp_path):
