@@ -20,10 +20,11 @@ from service.routers import health, info, metrics, oip, page, predict
 from service.settings import Settings, get_settings, load_settings
 
 DESCRIPTION = f"""
-Facial-emotion detection. POST a face crop to `/predict` and get one of eight emotions with
-the probability of each. Images of any common format are converted to grayscale and resized
-to {INPUT_SIZE}x{INPUT_SIZE}; the models were trained on tight face crops of celebrities and
-actors, so they are meant for such crops.
+Facial-emotion detection. POST a photo to `/predict` and get, for its faces, one of eight
+emotions with the probability of each. Images of any common format are converted to
+grayscale, and each face (or, with `faces=none`, the whole image) is resized to
+{INPUT_SIZE}x{INPUT_SIZE}; the models were trained on face crops of the Emotion Detection
+dataset (press photos of public figures) and of FER-2013 (web-search faces).
 """
 
 

@@ -79,7 +79,30 @@ class JsonCORSMiddleware(CORSMiddleware):
                               f"CORS preflight refused: {response.body.decode()}", headers)
 
 
+def openapi_without_unsent_422(app: FastAPI) -> dict:
+    """The OpenAPI document, less the 422 FastAPI declares on its own for any route with a
+    parameter: on a route whose only parameters are path strings, validation cannot fail,
+    and this service's 422 is ``ErrorBody``, declared where it can be sent."""
+    if app.openapi_schema is None:
+        spec = FastAPI.openapi(app)  # FastAPI's own document, which it caches on the app
+        for operations in spec["paths"].values():
+            for operation in operations.values():
+                unsent = operation.get("responses", {}).get("422", {})
+                strings_in_path = all(p["in"] == "path" and p["schema"].get("type") == "string"
+                                      for p in operation.get("parameters", ()))
+                if "HTTPValidationError" in str(unsent) and strings_in_path \
+                        and "requestBody" not in operation:
+                    del operation["responses"]["422"]
+        if "HTTPValidationError" not in str(spec["paths"]):
+            schemas = spec.get("components", {}).get("schemas", {})
+            schemas.pop("HTTPValidationError", None)
+            schemas.pop("ValidationError", None)
+    return app.openapi_schema
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    app.openapi = lambda: openapi_without_unsent_422(app)
+
     @app.exception_handler(ApiError)
     async def handle_api_error(request: Request, exc: ApiError):
         return error_response(exc.status, exc.code, exc.detail, exc.headers)

@@ -38,15 +38,16 @@ while the others are predicted; a request with a single image that is bad gets a
 """
 
 _ERRORS = {status: {"model": ErrorBody, "description": text} for status, text in {
-    400: "not an image, corrupt or truncated (`not_an_image`, `corrupt_image`), or a "
-         "malformed multipart body",
+    400: "not an image, corrupt or truncated (`not_an_image`, `corrupt_image`), a "
+         "malformed multipart body (`malformed_multipart`), or a body with a protocol "
+         "upgrade (`upgrade_not_supported`)",
     408: "the request body stopped arriving (`body_timeout`, EMOTION_BODY_IDLE_SECONDS)",
     413: "too many bytes, pixels or JPEG scans (`too_many_bytes`, `too_many_pixels`, "
          "`too_many_scans`)",
     415: "unsupported content type (`unsupported_media_type`)",
-    422: "unknown model, no file, a file field holding text, too many files, a query "
-         "parameter unknown or out of its choices (`unknown_model`, `no_file`, `not_a_file`, "
-         "`too_many_files`, `invalid_request`)",
+    422: "unknown model, no file, a file field holding text, too many files or other "
+         "fields, a query parameter unknown or out of its choices (`unknown_model`, `no_file`, "
+         "`not_a_file`, `too_many_files`, `too_many_fields`, `invalid_request`)",
     503: "a model or the face detector is unavailable (`model_unavailable`, "
          "`faces_unavailable`), or too many requests are in flight (`overloaded`, with "
          "Retry-After)",
