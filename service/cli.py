@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+from collections import Counter
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -116,6 +117,7 @@ def run_video(args: argparse.Namespace) -> int:
     from service.inference import Predictor
     from service.video import (
         VIDEO_COLUMNS,
+        DamagedVideoError,
         VideoError,
         classify_video,
         plot_formats,
@@ -130,9 +132,11 @@ def run_video(args: argparse.Namespace) -> int:
         if args.plot.suffix.lower().lstrip(".") not in (formats := plot_formats()):
             raise UsageError(f"--plot {args.plot}: its extension names the format, one of "
                              f"{', '.join(formats)}")
-    if not args.video.is_file():
-        raise UsageError(f"{args.video}: " + ("a folder; name a video file"
-                                               if args.video.is_dir() else "no such file"))
+    if not args.video.is_file():  # a pipe too: FFmpeg seeks in most files (an MP4's index)
+        raise UsageError(f"{args.video}: " + (
+            "a folder; name a video file" if args.video.is_dir() else
+            "not a regular file (a pipe or a device); name a video file" if args.video.exists()
+            else "no such file"))
     for option, path in (("--out", args.out), ("--plot", args.plot)):
         # a GIF's plot named after it replaced the video with the plot
         if path is not None and (os.path.realpath(path) == os.path.realpath(args.video) or (
@@ -150,7 +154,7 @@ def run_video(args: argparse.Namespace) -> int:
     columns = (*VIDEO_COLUMNS, *COLUMNS[1:])
     # opened at the first rows: a file that is no video leaves an earlier --out as it was
     writer: RowWriter | None = None
-    started, written, frames = time.perf_counter(), 0, 0
+    started, written, frames, cut = time.perf_counter(), 0, 0, 0
     plotted: list = []  # only the plot needs the rows again: a long video's stay on disk
     try:
         for rows in classify_video(predictor, args.video, model, mode, args.fps,
@@ -158,7 +162,11 @@ def run_video(args: argparse.Namespace) -> int:
             writer = writer or RowWriter(args.out, columns)
             writer.write(rows)
             written += len(rows)
-            frames += len({r.values["frame"] for r in rows})  # a frame's rows share a batch
+            classified = Counter(r.values["frame"] for r in rows)  # a frame's rows share a batch
+            found = {r.values["frame"]: r.faces_found or 0 for r in rows}
+            frames += len(classified)
+            # more faces found than classified: auto's largest only, or all's limit
+            cut += sum(found[frame] > n for frame, n in classified.items())
             if args.plot:
                 plotted += rows
     except Exception as exc:
@@ -167,7 +175,8 @@ def run_video(args: argparse.Namespace) -> int:
             raise
         reason = exc if isinstance(exc, VideoError) else (
             f"{args.video}: cannot decode the video: {exc}")
-        kept = f"; the {written} rows of the {frames} frames before it are in {args.out}"
+        where = "read" if isinstance(exc, DamagedVideoError) else "before it"  # all, or some
+        kept = f"; the {written} rows of the {frames} frames {where} are in {args.out}"
         if args.plot and plotted:  # drawn for the rows kept, as they are: nothing read is lost
             try:
                 plot_largest_face(plotted, args.plot, f"{args.video.name} (cut short): "
@@ -183,12 +192,21 @@ def run_video(args: argparse.Namespace) -> int:
             writer.close()
     if writer is None:  # no frame sampled: the columns alone
         RowWriter(args.out, columns).close()
+    summary = (f"emotion-detect: {frames} frames sampled, {written} rows in "
+               f"{time.perf_counter() - started:.1f} s")
+    plot_error = None
     if args.plot:
-        plot_largest_face(plotted, args.plot, f"{args.video.name}: {model}, faces={mode}, "
-                          f"{args.fps:g} frames/s")
-    print(f"emotion-detect: {frames} frames sampled, {written} rows in "
-          f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
-    return 0
+        try:
+            plot_largest_face(plotted, args.plot, f"{args.video.name}: {model}, faces={mode}, "
+                              f"{args.fps:g} frames/s")
+        except Exception as exc:  # noqa: BLE001 as above: a traceback after the whole video
+            plot_error = exc
+            summary += f", in {args.out}; their plot could not be written ({exc})"
+    print(summary, file=sys.stderr)
+    if cut:
+        print(f"emotion-detect: {cut} frames had more faces than were classified (faces=auto "
+              "takes the largest; all stops at EMOTION_MAX_FACES_PER_IMAGE)", file=sys.stderr)
+    return 1 if plot_error else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

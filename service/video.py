@@ -8,6 +8,7 @@ step as an uploaded image, and all the faces of a batch of frames are one model 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,6 +39,11 @@ class NoVideoStreamError(VideoError):
     """A file PyAV opens that has no picture: audio alone, say."""
 
 
+class DamagedVideoError(VideoError):
+    """Packets the decoder refused (bytes overwritten on a disk or in a transfer): skipped,
+    as ffmpeg does, and counted after the last frame."""
+
+
 class TruncatedVideoError(VideoError):
     """The frames stop well before the end the file's header declares for them: a cut
     download or copy. PyAV's frame threads end such a stream quietly rather than raise."""
@@ -51,7 +57,10 @@ def upright(frame) -> Image.Image:
     """The frame as it is shown: phones store portrait video sideways and put the turn in
     the stream's display matrix, which PyAV reads as ``rotation`` (degrees counterclockwise,
     as PIL's rotate counts). Sideways, the faces of a portrait video were not found."""
-    image = frame.to_image()
+    # to_image is RGB alone: a transparent video (PNG or QuickTime Animation) is flattened
+    # onto white as an uploaded image is, not shown by the colours under its transparency
+    image = (Image.fromarray(frame.to_ndarray(format="rgba"), "RGBA")
+             if any(c.is_alpha for c in frame.format.components) else frame.to_image())
     turns = round((frame.rotation or 0) / 90) % 4
     return image.transpose(_TURNS[turns]) if turns else image
 
@@ -65,11 +74,17 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
     the first frame at or after each multiple of 1/fps. Raises :class:`VideoError` after the
     last frame when the frames stopped short of their declared end."""
     av = _av()
-    with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise NoVideoStreamError(f"{path}: the file holds no video stream "
-                                     f"({len(container.streams)} other streams)")
-        stream = container.streams.video[0]
+    # absolute: FFmpeg takes a name's text before a colon for a protocol (a time in a file
+    # name, "12:30.mp4", failed; "file:a.mp4" read a.mp4)
+    with av.open(os.path.abspath(path)) as container:
+        # an audio file's cover art is a one-picture "video" stream: not a video
+        pictures = [s for s in container.streams.video
+                    if not s.disposition & av.stream.Disposition.attached_pic]
+        if not pictures:
+            others = (f"its {len(container.streams)} streams are sound, data or a cover "
+                      "picture" if container.streams else "nor any other")
+            raise NoVideoStreamError(f"{path}: the file holds no video stream ({others})")
+        stream = pictures[0]
         stream.thread_type = "AUTO"
         # A raw H.264/H.265 stream (camera and CCTV exports) has no timestamps: its frames
         # are timed by their number and the rate the codec declares.
@@ -78,15 +93,25 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
         # how far back a decoder's order may step without a new start: B-frames, in an AVI's
         # H.264, come with their times in decode order (16, x264's most, frames)
         reorder = 16 / float(rate) if rate else 0.5
-        cut_packet = False
+        cut_packet, damaged, packets = False, 0, 0
 
-        def frames():  # the stream's frames, noting a packet the file ends inside of
-            nonlocal cut_packet
+        def frames():  # (number, frame) of the stream, noting a packet the file ends inside of
+            nonlocal cut_packet, damaged, packets
+            number = 0
             for packet in container.demux(stream):
                 cut_packet |= packet.is_corrupt
-                yield from packet.decode()
+                packets += bool(packet.size)  # not the empty one that ends the stream
+                try:
+                    decoded = packet.decode()
+                except av.error.InvalidDataError:  # one bad packet ended the whole run
+                    damaged += 1
+                    number += 1  # a video packet is a frame: the numbers after it stay true
+                    continue
+                for frame in decoded:
+                    yield number, frame
+                    number += 1
 
-        for number, frame in enumerate(frames()):
+        for number, frame in frames():
             if frame.time is not None:
                 time = frame.time
             elif rate:
@@ -133,6 +158,10 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
                 raise TruncatedVideoError(f"{path}: the frames stop {stop} of the "
                                           f"{counted_end:.1f} s its header's count declares: "
                                           "the file is cut short")
+        if damaged:
+            raise DamagedVideoError(f"{path}: {damaged} of its {packets} packets "
+                                    f"{'is' if damaged == 1 else 'are'} damaged: skipped, "
+                                    "with the frames in them")
 
 
 def declared_end(container, stream, container_time_base: int) -> tuple[float | None, bool]:

@@ -693,6 +693,116 @@ def noise_frames(count: int) -> list[Image.Image]:
             for i in range(count)]
 
 
+def test_a_video_named_like_a_protocol_is_that_file(tmp_path, monkeypatch, capsys):
+    """FFmpeg took a name's text before a colon for a protocol: "12:30.mp4" failed with
+    "Protocol not found", and "file:one.mp4" read one.mp4 with no word (the video review)."""
+    monkeypatch.chdir(tmp_path)
+    encode_video(tmp_path / "five.mp4", noise_frames(5), fps=5)
+    encode_video(tmp_path / "one.mp4", noise_frames(1), fps=5)
+    for name in ("12:30.mp4", "file:one.mp4"):
+        os.link(tmp_path / "five.mp4", tmp_path / name)
+        assert main(["video", name, "--out", "rows.csv", "--fps", "5", "--faces", "none"]) == 0
+        assert [int(r["frame"]) for r in read_rows(tmp_path / "rows.csv")] == [0, 1, 2, 3, 4]
+        assert "5 frames sampled" in capsys.readouterr().err
+
+
+def test_an_audio_files_cover_picture_is_no_video(tmp_path, capsys):
+    """Music and podcast files carry their artwork as a one-picture stream: it was classified,
+    and the file called cut short, exit 1, as that stream lasts the whole song."""
+    import av
+
+    song = tmp_path / "song.mp3"
+    with av.open(str(song), "w") as container:
+        sound = container.add_stream("mp3", rate=8000, layout="mono")
+        cover = container.add_stream("mjpeg")
+        cover.width, cover.height, cover.pix_fmt = 64, 64, "yuvj420p"
+        cover.disposition = av.stream.Disposition.attached_pic
+        picture = av.VideoFrame.from_image(Image.new("RGB", (64, 64), "red"))
+        for packet in [*cover.encode(picture), *cover.encode()]:
+            container.mux(packet)
+        for i in range(20):  # 3 s of silence
+            samples = np.zeros((1, 1152), {"s16p": np.int16, "s32p": np.int32,
+                                           "fltp": np.float32}[sound.format.name])
+            frame = av.AudioFrame.from_ndarray(samples, format=sound.format.name,
+                                               layout="mono")
+            frame.sample_rate, frame.pts = 8000, i * 1152
+            for packet in sound.encode(frame):
+                container.mux(packet)
+        for packet in sound.encode():
+            container.mux(packet)
+    out = tmp_path / "rows.csv"
+    assert main(["video", str(song), "--out", str(out)]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.endswith("the file holds no video stream (its 2 streams are sound, data or a "
+                         "cover picture)")
+    assert not out.exists()
+
+
+def test_damaged_packets_are_skipped_and_counted_and_the_rest_classified(tmp_path, capsys):
+    """Bytes overwritten in one frame's packet ended the run there, rows of the rest of the
+    file lost, where ffmpeg decodes on (the video review)."""
+    whole, damaged = tmp_path / "whole.mp4", tmp_path / "damaged.mp4"
+    encode_video(whole, noise_frames(40), fps=10)
+    data = bytearray(whole.read_bytes())
+    at = len(data) // 5  # inside the sixth frame's packet
+    data[at:at + 2000] = np.random.default_rng(0).integers(0, 256, 2000, np.uint8).tobytes()
+    damaged.write_bytes(bytes(data))
+    argv = ["--fps", "10", "--faces", "none"]
+    assert main(["video", str(whole), "--out", str(tmp_path / "whole.csv"), *argv]) == 0
+    capsys.readouterr()
+    assert main(["video", str(damaged), "--out", str(tmp_path / "damaged.csv"), *argv]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    rows, whole_rows = read_rows(tmp_path / "damaged.csv"), read_rows(tmp_path / "whole.csv")
+    # every frame but the damaged one, under its own number and time
+    assert [int(r["frame"]) for r in rows] == [n for n in range(40) if n != 5]
+    assert [float(r["time_s"]) for r in rows] == [
+        float(r["time_s"]) for r in whole_rows if r["frame"] != "5"]
+    assert [{**r, "path": ""} for r in rows[:4]] == [{**r, "path": ""} for r in whole_rows[:4]]
+    assert line == (f"emotion-detect: {damaged}: 1 of its 40 packets is damaged: skipped, with "
+                    f"the frames in them; the 39 rows of the 39 frames read are in "
+                    f"{tmp_path / 'damaged.csv'}")
+
+
+def test_a_transparent_video_is_flattened_onto_white_as_an_image_is(tmp_path):
+    """PyAV's to_image drops alpha: a transparent frame was classified by the colours under
+    its transparency, unlike the same picture sent as an image (the video review)."""
+    face = Image.open(REPO / "examples" / "three_people.jpg").convert("RGBA").resize((320, 180))
+    pixels = np.array(face)
+    pixels[40:140, :, 3] = 0  # a transparent band, over the colours still stored under it
+    picture = tmp_path / "band.png"  # FFmpeg reads a PNG as a video of one frame
+    Image.fromarray(pixels, "RGBA").save(picture)
+    assert main(["video", str(picture), "--out", str(tmp_path / "video.csv"),
+                 "--faces", "none"]) == 0
+    assert main(["images", str(picture), "--out", str(tmp_path / "image.csv"),
+                 "--faces", "none", "--workers", "1"]) == 0
+    [image_row], [video_row] = read_rows(tmp_path / "image.csv"), read_rows(tmp_path / "video.csv")
+    assert [video_row[c] for c in CLASS_NAMES] == [image_row[c] for c in CLASS_NAMES]
+
+
+def test_a_video_that_is_no_regular_file_and_a_plot_that_fails_after_it(tmp_path, capsys):
+    """A pipe was "no such file"; a plot the disk refused after a whole video was a traceback
+    of matplotlib's, and faces=auto's faces left out went unsaid (the video review)."""
+    pipe = tmp_path / "pipe.mp4"
+    os.mkfifo(pipe)
+    with pytest.raises(SystemExit) as caught:
+        main(["video", str(pipe), "--out", str(tmp_path / "rows.csv")])
+    assert caught.value.code == 2
+    assert "pipe.mp4: not a regular file (a pipe or a device)" in capsys.readouterr().err
+    faces = Image.open(REPO / "examples" / "two_people.jpg")
+    video = tmp_path / "two.mp4"
+    encode_video(video, [faces.resize((faces.width // 2 * 2, faces.height // 2 * 2))] * 4, fps=2)
+    (tmp_path / "full.pdf").symlink_to("/dev/full")  # PDF's writer fails with AttributeError
+    out = tmp_path / "rows.csv"
+    assert main(["video", str(video), "--out", str(out), "--faces", "auto", "--plot",
+                 str(tmp_path / "full.pdf")]) == 1
+    summary, left_out = capsys.readouterr().err.strip().splitlines()
+    assert summary.startswith("emotion-detect: 4 frames sampled, 4 rows in ") and \
+        summary.endswith(f"s, in {out}; their plot could not be written ('Stream' object has "
+                         "no attribute 'pos')")
+    assert left_out.startswith("emotion-detect: 4 frames had more faces than were classified")
+    assert len(read_rows(out)) == 4
+
+
 def test_a_raw_camera_stream_without_timestamps_is_timed_by_its_frame_rate(tmp_path):
     """CCTV and dashcam exports are bare H.264: no frame has a time. They gave 0 rows, exit 0."""
     video, out = tmp_path / "camera.h264", tmp_path / "rows.csv"
