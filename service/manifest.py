@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -22,6 +24,32 @@ Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 class ManifestError(RuntimeError):
     """The manifest is missing or malformed: the service cannot start."""
+
+
+# Far past the shipped files (manifest 52 kB; the largest artifact, the kNN, 9.5 MB)
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+MAX_PINNED_BYTES = 256 * 1024 * 1024
+
+
+class FileTooLargeError(ValueError):
+    def __init__(self, path: Path, size: int, most: int):
+        super().__init__(f"{path.name} has {size} bytes, more than the {most} it may have")
+        self.size = size
+
+
+def read_regular_file(path: Path, most: int) -> bytes:
+    """``path``'s bytes when it is a regular file of at most ``most`` bytes, told from its
+    metadata before a byte is read; else ``ValueError`` (``OSError`` where it cannot be
+    opened). A FIFO under a model's name held start-up for ever, and /dev/zero or a stray
+    multi-GB file was read whole before its size was checked."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO's open waits for a writer
+    with open(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"{path.name} is not a regular file")
+        if info.st_size > most:
+            raise FileTooLargeError(path, info.st_size, most)
+        return handle.read(most + 1)  # a file that grew since: more than most, refused later
 
 
 class Strict(BaseModel):
@@ -126,9 +154,11 @@ def _depth(value) -> int:
 def load_manifest(models_dir: Path) -> Manifest:
     path = models_dir / MANIFEST_FILE
     try:
-        raw = path.read_bytes()
+        raw = read_regular_file(path, MAX_MANIFEST_BYTES)
     except OSError as exc:
         raise ManifestError(f"cannot read the model manifest {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ManifestError(f"cannot read the model manifest {path}: {exc}") from None
     try:
         parsed = json.loads(raw, parse_constant=_refuse_constant)
         if _depth(parsed) > MAX_DEPTH:
@@ -167,7 +197,7 @@ def sha256_bytes(data: bytes) -> str:
 def read_pinned(path: Path, sha256: str, pinned_in: str) -> bytes:
     """The file's bytes if they have the SHA-256 that ``pinned_in`` gives it; else
     ``ValueError`` naming both, before anything parses them."""
-    data = path.read_bytes()
+    data = read_regular_file(path, MAX_PINNED_BYTES)
     digest = sha256_bytes(data)
     if digest != sha256:
         raise ValueError(f"{path.name} has sha256 {digest[:12]}…, {pinned_in} says "

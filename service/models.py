@@ -11,7 +11,13 @@ from typing import Protocol
 import numpy as np
 
 from service.classes import CLASS_NAMES, NUM_CLASSES
-from service.manifest import Manifest, ModelEntry, sha256_bytes
+from service.manifest import (
+    FileTooLargeError,
+    Manifest,
+    ModelEntry,
+    read_regular_file,
+    sha256_bytes,
+)
 from service.onnx_runtime import onnx_session
 from service.preprocessing import INPUT_SIZE, PREPROCESSING_VERSION
 
@@ -148,15 +154,21 @@ def load_models(manifest: Manifest, models_dir: Path, threads: int) -> ModelRegi
             continue
         path = models_dir / entry.file
         try:
-            data = path.read_bytes()
+            data = read_regular_file(path, max(entry.bytes, 0))
+            size = len(data)
         except OSError as exc:
             registry.failures[name] = f"cannot read {entry.file}: {exc.strerror}"
             continue
-        actual = sha256_bytes(data)
-        if len(data) != entry.bytes:  # /models publishes the manifest's figure
-            registry.failures[name] = (f"{entry.file} has {len(data)} bytes, the manifest says "
+        except FileTooLargeError as exc:
+            data, size = b"", exc.size
+        except ValueError as exc:  # a FIFO or a device under the model's name
+            registry.failures[name] = f"{exc}; refused without loading"
+            continue
+        if size != entry.bytes:  # /models publishes the manifest's figure
+            registry.failures[name] = (f"{entry.file} has {size} bytes, the manifest says "
                                        f"{entry.bytes}; refused without loading")
             continue
+        actual = sha256_bytes(data)
         if actual != entry.sha256:
             # Never deserialise bytes that differ from what was shipped: joblib is pickle.
             registry.failures[name] = (f"{entry.file} has sha256 {actual}, the manifest says "

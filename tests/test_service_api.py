@@ -464,6 +464,38 @@ def assert_only_the_cnn_refused(settings, folder, says: str) -> None:
         assert_error(post_file(client, png_bytes(), model="cnn"), 503, "model_unavailable")
 
 
+@pytest.mark.parametrize("kind", ["huge", "fifo", "device"])
+def test_what_is_no_model_file_is_refused_from_its_metadata(tmp_path, settings, kind):
+    """A stray file was read whole before its size was checked (a terabyte: MemoryError, the
+    start-up and the other model gone), a FIFO under the model's name held the start-up for
+    ever, and /dev/zero read until memory ran out (the model-loading review)."""
+    folder = models_copy(tmp_path)
+    cnn = folder / "emotion_cnn.onnx"
+    cnn.unlink()
+    if kind == "huge":
+        with cnn.open("wb") as handle:
+            handle.truncate(1 << 40)  # sparse: no disk
+        says = f"has {1 << 40} bytes, the manifest says 330770; refused without loading"
+    else:
+        os.mkfifo(cnn) if kind == "fifo" else cnn.symlink_to("/dev/zero")
+        says = "emotion_cnn.onnx is not a regular file; refused without loading"
+    assert_only_the_cnn_refused(settings, folder, says)
+
+
+def test_a_manifest_or_detector_that_is_no_regular_file_is_one_line(tmp_path, settings):
+    folder = models_copy(tmp_path)
+    (folder / "face_pnet.onnx").unlink()
+    os.mkfifo(folder / "face_pnet.onnx")
+    with TestClient(create_app(settings.model_copy(update={"models_dir": folder}))) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        assert "face_pnet.onnx is not a regular file" in ready.json()["faces"]
+    (folder / "manifest.json").unlink()
+    os.mkfifo(folder / "manifest.json")
+    with pytest.raises(ManifestError, match="manifest.json is not a regular file"):
+        load_manifest(folder)
+
+
 def onnx_breaking_the_contract(kind: str) -> bytes:
     """A CNN file that loads but breaks the contract: the shipped one with its batch fixed
     at 1, or a network answering logits, not probabilities, under the contract's names."""
