@@ -46,7 +46,7 @@ class DamagedVideoError(VideoError):
 
 class TruncatedVideoError(VideoError):
     """The frames stop well before the end the file's header declares for them: a cut
-    download or copy. PyAV's frame threads end such a stream quietly rather than raise."""
+    download or copy. FFmpeg ends such a stream quietly rather than raise."""
 
 
 # Shorter than this before the declared end is a normal last frame, not a cut file.
@@ -59,8 +59,10 @@ def upright(frame) -> Image.Image:
     as PIL's rotate counts). Sideways, the faces of a portrait video were not found."""
     # to_image is RGB alone: a transparent video (PNG or QuickTime Animation) is flattened
     # onto white as an uploaded image is, not shown by the colours under its transparency
+    # (a palette's transparency is in its colours: PNG's tRNS)
     image = (Image.fromarray(frame.to_ndarray(format="rgba"), "RGBA")
-             if any(c.is_alpha for c in frame.format.components) else frame.to_image())
+             if frame.format.has_palette or any(c.is_alpha for c in frame.format.components)
+             else frame.to_image())
     turns = round((frame.rotation or 0) / 90) % 4
     return image.transpose(_TURNS[turns]) if turns else image
 
@@ -85,7 +87,9 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
                       "picture" if container.streams else "nor any other")
             raise NoVideoStreamError(f"{path}: the file holds no video stream ({others})")
         stream = pictures[0]
-        stream.thread_type = "AUTO"
+        # not frame threads: they tell of a damaged packet some packets later, or (the last
+        # ones) not at all; decoding is a small part of a run (0.34 s of a 60 s 360p clip)
+        stream.thread_type = "SLICE"
         # A raw H.264/H.265 stream (camera and CCTV exports) has no timestamps: its frames
         # are timed by their number and the rate the codec declares.
         rate = stream.guessed_rate or stream.average_rate
@@ -93,19 +97,25 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
         # how far back a decoder's order may step without a new start: B-frames, in an AVI's
         # H.264, come with their times in decode order (16, x264's most, frames)
         reorder = 16 / float(rate) if rate else 0.5
-        cut_packet, damaged, packets = False, 0, 0
+        cut_packet, damaged, packets, packets_end = False, 0, 0, 0.0
+        decoder = _decoder(av, stream)
 
         def frames():  # (number, frame) of the stream, noting a packet the file ends inside of
-            nonlocal cut_packet, damaged, packets
+            nonlocal cut_packet, damaged, packets, packets_end
             number = 0
             for packet in container.demux(stream):
                 cut_packet |= packet.is_corrupt
                 packets += bool(packet.size)  # not the empty one that ends the stream
+                if packet.pts is not None and packet.time_base:
+                    packets_end = max(packets_end, float(
+                        (packet.pts + (packet.duration or 0)) * packet.time_base))
                 try:
-                    decoded = packet.decode()
+                    decoded = decoder.decode(packet)
                 except av.error.InvalidDataError:  # one bad packet ended the whole run
                     damaged += 1
-                    number += 1  # a video packet is a frame: the numbers after it stay true
+                    # its frame is not shown, but numbered: the decoder's threads tell of it
+                    # a few packets late, so near it (B-frames) numbers may be off by a few
+                    number += 1
                     continue
                 for frame in decoded:
                     yield number, frame
@@ -142,6 +152,8 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
         # (a slideshow remuxed to FLV): trusted only where a packet was cut off too.
         if of_the_file and not cut_packet:
             end = None
+        if damaged:  # damaged packets at the end are the file's time, not a cut
+            last_end = max(last_end, packets_end)
         if end is not None and end - last_end > TRUNCATION_SLACK_SECONDS:
             stop = "before its first frame" if last_time is None else f"at {last_time:.1f} s"
             raise TruncatedVideoError(f"{path}: the frames stop {stop} of the {end:.1f} s "
@@ -162,6 +174,23 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
             raise DamagedVideoError(f"{path}: {damaged} of its {packets} packets "
                                     f"{'is' if damaged == 1 else 'are'} damaged: skipped, "
                                     "with the frames in them")
+
+
+# FFmpeg's own VP8/VP9 decoders drop the alpha a transparent WebM carries beside its
+# picture (alpha_mode 1); libvpx's keep it
+_ALPHA_DECODERS = {"vp8": "libvpx", "vp9": "libvpx-vp9"}
+
+
+def _decoder(av, stream):
+    """The codec context to decode ``stream`` with: its own, or libvpx's for a WebM with
+    transparency."""
+    name = _ALPHA_DECODERS.get(stream.codec_context.name)
+    if name and stream.metadata.get("alpha_mode") == "1":
+        try:
+            return av.CodecContext.create(name, "r")
+        except (av.error.FFmpegError, ValueError):  # a PyAV built without libvpx
+            pass
+    return stream.codec_context
 
 
 def declared_end(container, stream, container_time_base: int) -> tuple[float | None, bool]:

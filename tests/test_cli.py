@@ -761,22 +761,69 @@ def test_damaged_packets_are_skipped_and_counted_and_the_rest_classified(tmp_pat
     assert line == (f"emotion-detect: {damaged}: 1 of its 40 packets is damaged: skipped, with "
                     f"the frames in them; the 39 rows of the 39 frames read are in "
                     f"{tmp_path / 'damaged.csv'}")
+    # the last packets damaged in place: the file is whole, not cut short (the diff review)
+    import av
+
+    with av.open(str(whole)) as container:
+        spans = [(p.pos, p.size) for p in container.demux(video=0) if p.size]
+    data = bytearray(whole.read_bytes())
+    for position, size in spans[-8:]:
+        data[position:position + size] = b"\xff" * size
+    damaged.write_bytes(bytes(data))
+    assert main(["video", str(damaged), "--out", str(tmp_path / "damaged.csv"), *argv]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert ": 8 of its 40 packets are damaged" in line and "cut short" not in line
+    assert len(read_rows(tmp_path / "damaged.csv")) == 32
 
 
-def test_a_transparent_video_is_flattened_onto_white_as_an_image_is(tmp_path):
+@pytest.mark.parametrize("kind", ["rgba", "palette"])
+def test_a_transparent_video_is_flattened_onto_white_as_an_image_is(tmp_path, kind):
     """PyAV's to_image drops alpha: a transparent frame was classified by the colours under
-    its transparency, unlike the same picture sent as an image (the video review)."""
+    its transparency, unlike the same picture sent as an image (the video review); a
+    palette's transparency is in its colours (the diff review)."""
     face = Image.open(REPO / "examples" / "three_people.jpg").convert("RGBA").resize((320, 180))
     pixels = np.array(face)
     pixels[40:140, :, 3] = 0  # a transparent band, over the colours still stored under it
+    band = Image.fromarray(pixels, "RGBA")
     picture = tmp_path / "band.png"  # FFmpeg reads a PNG as a video of one frame
-    Image.fromarray(pixels, "RGBA").save(picture)
+    if kind == "palette":
+        quantized = band.convert("RGB").quantize(255)
+        paletted = quantized.point(lambda index: index + 1)  # index 0: transparent
+        paletted.putpalette([0, 0, 0, *quantized.getpalette()[:765]])
+        paletted.paste(0, (0, 40, 320, 140))
+        paletted.save(picture, transparency=0)
+    else:
+        band.save(picture)
     assert main(["video", str(picture), "--out", str(tmp_path / "video.csv"),
                  "--faces", "none"]) == 0
     assert main(["images", str(picture), "--out", str(tmp_path / "image.csv"),
                  "--faces", "none", "--workers", "1"]) == 0
     [image_row], [video_row] = read_rows(tmp_path / "image.csv"), read_rows(tmp_path / "video.csv")
     assert [video_row[c] for c in CLASS_NAMES] == [image_row[c] for c in CLASS_NAMES]
+
+
+def test_a_transparent_webm_keeps_its_alpha(tmp_path):
+    """FFmpeg's own VP9 decoder drops the alpha of a transparent WebM, the usual transparent
+    web video: the band came out grey, not white (the diff review)."""
+    import av
+
+    from service.video import sampled_frames
+
+    frame = np.full((96, 128, 4), 40, np.uint8)
+    frame[..., 3] = 255
+    frame[32:64, :, 3] = 0  # transparent, over dark colours
+    video = tmp_path / "band.webm"
+    with av.open(str(video), "w") as container:
+        stream = container.add_stream("libvpx-vp9", rate=2, options={"lossless": "1"})
+        stream.width, stream.height, stream.pix_fmt = 128, 96, "yuva420p"
+        for image in [av.VideoFrame.from_ndarray(frame, format="rgba")] * 2:
+            for packet in stream.encode(image):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    [(_, _, first), *_] = sampled_frames(video, fps=2)
+    gray = np.asarray(first.gray)
+    assert gray[36:60].min() >= 250 and gray[:28].max() <= 45
 
 
 def test_a_video_that_is_no_regular_file_and_a_plot_that_fails_after_it(tmp_path, capsys):

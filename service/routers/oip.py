@@ -78,7 +78,8 @@ _INFER_ERRORS = _errors({
     408: "the request body stopped arriving (EMOTION_BODY_IDLE_SECONDS)",
     413: "too many bytes, pixels or images",
     415: "a Content-Encoding other than gzip, deflate or identity (or none given)",
-    503: _UNAVAILABLE + ", the face detector is missing, or too many requests are in flight",
+    503: _UNAVAILABLE + ", the face detector is missing, too many requests are in flight, or "
+         "the worker stopped at its shutdown timeout",
 })
 
 

@@ -49,8 +49,8 @@ _ERRORS = {status: {"model": ErrorBody, "description": text} for status, text in
          "fields, a query parameter unknown or out of its choices (`unknown_model`, `no_file`, "
          "`not_a_file`, `too_many_files`, `too_many_fields`, `invalid_request`)",
     503: "a model or the face detector is unavailable (`model_unavailable`, "
-         "`faces_unavailable`), or too many requests are in flight (`overloaded`, with "
-         "Retry-After)",
+         "`faces_unavailable`), too many requests are in flight (`overloaded`), or the worker "
+         "stopped at its shutdown timeout (`shutting_down`); all with Retry-After",
 }.items()}
 
 _REQUEST_BODY = {"requestBody": {"required": True, "content": {
