@@ -243,6 +243,25 @@ def decode_grayscale(data: bytes, limits: ImageLimits = ImageLimits()) -> Decode
         f"the {kind} image is truncated or corrupt and could not be decoded ({failure})")
 
 
+def _orientation_as_browsers_read(raw: bytes) -> int:
+    """The first IFD's orientation where it is one SHORT, as Chromium and Firefox read it;
+    stored otherwise (a LONG, an SSHORT, a count of 2) they ignore it, and Pillow did not:
+    the face boxes were drawn on a photo turned another way (the page review). Read by hand,
+    as those browsers do: Pillow gives neither the count nor, past a warning, the excess."""
+    tiff = raw[6:] if raw.startswith(b"Exif\x00\x00") else raw
+    order = {b"II": "<", b"MM": ">"}[tiff[:2]]  # KeyError: not TIFF, read as no orientation
+    magic, first = struct.unpack_from(order + "HI", tiff, 2)
+    if magic != 42:
+        return 1
+    (entries,) = struct.unpack_from(order + "H", tiff, first)
+    for at in range(first + 2, first + 2 + 12 * entries, 12):
+        tag, kind, count = struct.unpack_from(order + "HHI", tiff, at)
+        if tag == _EXIF_ORIENTATION:
+            return struct.unpack_from(order + "H", tiff, at + 8)[0] if (kind, count) == (3, 1) \
+                else 1
+    return 1
+
+
 def _keep_only_exif_orientation(image: Image.Image, exif_before_pixels: bytes | None) -> None:
     """Turn only by what browsers read, so that face boxes land on the photo a page shows:
     Pillow also takes XMP's tiff:Orientation, ImageMagick's raw EXIF text and a PNG eXIf
@@ -254,9 +273,7 @@ def _keep_only_exif_orientation(image: Image.Image, exif_before_pixels: bytes | 
     wanted = 1
     if raw:
         try:
-            exif_only = Image.Exif()
-            exif_only.load(raw)
-            wanted = exif_only.get(_EXIF_ORIENTATION, 1)
+            wanted = _orientation_as_browsers_read(raw)
         except DECODER_ERRORS:
             wanted = 1  # EXIF Pillow cannot parse: it reads no orientation from it either
     # Pillow's own reading, cached (for a JPEG at open, where a broken EXIF reads as none),

@@ -481,6 +481,31 @@ XMP_TURN = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
             '</x:xmpmeta>')
 
 
+def _exif_orientation(kind: int, count: int, value: int) -> bytes:
+    """EXIF whose one tag is the orientation, stored as TIFF type ``kind`` (3 SHORT, 4 LONG,
+    8 SSHORT) with ``count`` values, written by hand: Pillow writes only the standard form."""
+    entry = struct.pack(">HHI", 0x0112, kind, count)
+    entry += (struct.pack(">I", value) if kind == 4
+              else struct.pack(">HH", value, value if count > 1 else 0))
+    return b"Exif\x00\x00MM\x00*" + struct.pack(">I", 8) + struct.pack(">H", 1) + entry + bytes(4)
+
+
+@pytest.mark.parametrize(("kind", "count", "turned"), [
+    (3, 1, True), (4, 1, False), (3, 2, False), (8, 1, False)],
+    ids=["short", "long", "two shorts", "signed short"])
+def test_only_an_orientation_stored_as_browsers_read_it_turns_the_image(kind, count, turned):
+    """Chromium and Firefox take the orientation only as one SHORT; Pillow took a LONG, a
+    signed one or a count of 2 too, and the page's boxes fell off the faces (the page review)."""
+    shown = Image.fromarray(upright_marker(96, 48))
+    stored = shown.transpose(Image.Transpose.ROTATE_90)  # what orientation 6 turns upright
+    decoded = decode_grayscale(encode(stored, "JPEG", exif=_exif_orientation(kind, count, 6)))
+    if turned:
+        assert decoded.original_size == (96, 48)
+        assert_upright(decoded.gray)
+    else:
+        assert decoded.original_size == (48, 96)  # as stored, as the browser shows it
+
+
 @pytest.mark.parametrize("make", [
     lambda image: encode(image, "JPEG", xmp=XMP_TURN.encode()),
     lambda image: _xmp_png(image),
