@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.images import encode, png_declaring, rgb_image
@@ -447,6 +449,117 @@ def test_the_whole_image_is_said_so_and_several_dropped_files_are_named(page, se
     assert "only the first of the 3 files dropped" in page.inner_text("#status")
 
 
+@pytest.mark.parametrize("orientation", [6, 3, 8])
+def test_a_webp_is_shown_turned_as_the_service_turns_it(page, server, tmp_path, orientation):
+    """Chromium ignores a WebP's EXIF orientation, which the service applies: the photo showed
+    sideways under boxes for it upright, one of them 6 pixels wide (the page review)."""
+    from PIL import Image
+
+    upright = Image.open(EXAMPLES / "four_people.jpg").convert("RGB").reduce(2)
+    turned_back = {6: Image.Transpose.ROTATE_90, 3: Image.Transpose.ROTATE_180,
+                   8: Image.Transpose.ROTATE_270}[orientation]
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "turned.webp"
+    upright.transpose(turned_back).save(path, "WEBP", exif=exif.tobytes(), quality=85)
+    page.select_option("#faces", "all")
+    page.set_input_files("#file", str(path))
+    page.wait_for_selector("#boxes .box")
+    natural = page.evaluate("[$('photo').naturalWidth, $('photo').naturalHeight]")
+    assert natural == list(upright.size)
+    photo = page.locator("#photo").bounding_box()
+    scale = photo["width"] / upright.width
+    faces = [p["face"] for p in predicted(server, path)]
+    boxes = page.locator("#boxes .box").all()
+    assert len(boxes) == len(faces) == 4
+    for face, box in zip(faces, boxes, strict=True):
+        shown = box.bounding_box()
+        assert shown["x"] == pytest.approx(photo["x"] + scale * face["x"], abs=2)
+        assert shown["y"] == pytest.approx(photo["y"] + scale * face["y"], abs=2)
+        assert shown["width"] == pytest.approx(scale * face["width"], abs=2)
+    # and the pixels are the upright ones: the photo's left half is the upright's left half
+    shot = Image.open(io.BytesIO(page.locator("#photo").screenshot())).convert("L")
+    shown_left = np.asarray(shot.resize((40, 25)), dtype=np.float32)
+    expected = np.asarray(upright.convert("L").resize((40, 25)), dtype=np.float32)
+    assert np.abs(shown_left - expected).mean() < 12
+
+
+def test_a_file_dropped_on_the_photo_and_text_pasted_are_answered(page, server):
+    """Dropped on the photo rather than the zone, a new file did nothing and the last answer
+    stayed as if it were the new one's; text pasted did nothing either (the page review)."""
+    page.set_input_files("#file", str(EXAMPLES / "two_people.jpg"))
+    page.wait_for_selector("#status:has-text('2 faces found by cnn')")
+    transfer = page.evaluate_handle("""async () => {
+        const blob = await (await fetch("/examples/four_people.jpg")).blob();
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([blob], "four.jpg", { type: "image/jpeg" }));
+        return transfer;
+    }""")
+    page.dispatch_event("#photo", "drop", {"dataTransfer": transfer})
+    page.wait_for_selector("#status:has-text('4 faces found by cnn')")
+    assert page.get_attribute("#photo", "alt").startswith("The image four.jpg,")
+    page.evaluate("""() => {
+        const transfer = new DataTransfer();
+        transfer.setData("text/plain", "/home/me/photo.jpg");
+        document.body.dispatchEvent(new ClipboardEvent("paste", { clipboardData: transfer,
+                                                                  bubbles: true }));
+    }""")
+    assert page.inner_text("#error").startswith("Nothing to classify was pasted")
+    page.evaluate("""() => {  // into a field: the field's, not an error
+        document.querySelector("#error").hidden = true;
+        const transfer = new DataTransfer();
+        transfer.setData("text/plain", "2");
+        document.querySelector("#interval").dispatchEvent(new ClipboardEvent("paste", {
+            clipboardData: transfer, bubbles: true }));
+    }""")
+    assert page.is_hidden("#error")
+
+
+def test_an_upload_refused_as_busy_is_sent_again_after_retry_after(page, server):
+    """The page said "retry shortly" and stopped: the person had to choose the file again
+    (the page review). Sent again after the Retry-After, it is answered."""
+    refused = []
+
+    def busy_once(route):
+        if refused:
+            route.continue_()
+            return
+        refused.append(route.request.url)
+        route.fulfill(status=503, content_type="application/json", headers={"Retry-After": "1"},
+                      body='{"detail": "too many requests in flight", "code": "overloaded"}')
+
+    page.route("**/predict*", busy_once)
+    page.set_input_files("#file", str(EXAMPLES / "two_people.jpg"))
+    page.wait_for_selector("#status:has-text('The service is busy; sending two_people.jpg "
+                           "again in 1 s')")
+    page.wait_for_selector("#status:has-text('2 faces found by cnn')", timeout=10_000)
+    assert page.is_hidden("#error") and len(refused) == 1
+
+
+def test_a_small_photo_is_shown_large_enough_for_its_tags(page, server, tmp_path):
+    """A 96-pixel face crop was shown at 96 pixels, its face's tag wider than the photo and
+    cut at its edge (the page review)."""
+    from PIL import Image
+
+    face = predicted(server, EXAMPLES / "two_people.jpg")[0]["face"]
+    margin = face["width"] // 4
+    crop = tmp_path / "crop.png"
+    Image.open(EXAMPLES / "two_people.jpg").crop((
+        face["x"] - margin, face["y"] - margin, face["x"] + face["width"] + margin,
+        face["y"] + face["height"] + margin)).resize((96, 116)).save(crop)
+    page.set_input_files("#file", str(crop))
+    page.wait_for_selector("#status:has-text('1 face found by cnn')")
+    photo = page.locator("#photo").bounding_box()
+    assert photo["width"] == pytest.approx(320, abs=1)
+    assert photo["height"] == pytest.approx(320 * 116 / 96, abs=2)
+    tags = page.locator("#boxes .box span").all()
+    assert len(tags) == 1
+    for tag in tags:
+        shown = tag.bounding_box()
+        assert photo["x"] - 0.5 <= shown["x"] and \
+            shown["x"] + shown["width"] <= photo["x"] + photo["width"] + 0.5
+
+
 def test_the_page_tries_again_when_the_service_did_not_answer_at_first(browser, server):
     """A 502 while loading left the page broken for good: no models, and bars for none of
     the classes on the next upload."""
@@ -700,6 +813,15 @@ def test_every_face_tag_is_whole_at_phone_width(phone):
         shown = tag.bounding_box()
         assert shown["x"] >= stage["x"] - 0.5, tag.inner_text()
         assert shown["x"] + shown["width"] <= stage["x"] + stage["width"] + 0.5, tag.inner_text()
+
+
+def test_a_long_name_in_an_error_stays_within_a_phones_width(phone):
+    """A file name of 70 characters in an error ran out of its box and made the page scroll
+    sideways at 320 pixels (the page review)."""
+    name = "PXL_20240612_183355123_MP_PORTRAIT_ORIGINAL_family_picnic_grandma.jpg"
+    phone.evaluate(f"showError('{name} could not be read: choose an image file.')")
+    assert phone.is_visible("#error")
+    assert phone.evaluate("document.documentElement.scrollWidth") <= 320
 
 
 def test_in_forced_colours_the_bars_and_the_lit_box_still_show(page):

@@ -6,6 +6,8 @@
 const $ = (id) => document.getElementById(id);
 const FRAME_WIDTH = 320; // webcam frames are scaled to this width before they are sent
 const FRAME_TIMEOUT_MS = 10000; // a webcam frame not answered by then is given up
+const BUSY_TRIES = 3; // an upload refused as overloaded is sent again this many times
+const MIN_SHOWN = { width: 320, height: 480 }; // a smaller image is shown larger, its tags legible
 // generation: bumped by every new file and every webcam start or stop, so a reply to an
 // earlier one (a slow file, a frame in flight) is dropped instead of drawn over a newer one.
 // controller: aborts the request in flight when a newer one replaces it, which frees its
@@ -151,17 +153,65 @@ async function animated(blob) {
   return false;
 }
 
-async function firstFrame(blob) {
-  // An animated image plays in <img>, but the service classifies its first frame: show that
-  // frame still, so the boxes stay on the faces they were found on.
+async function webpOrientation(blob) {
+  // A WebP's EXIF orientation, which the service applies and Chromium ignores: 1 where none.
+  // Read as browsers read a JPEG's: the first IFD's tag 0x0112, one SHORT.
+  const bytes = async (from, to) => new DataView(await blob.slice(from, to).arrayBuffer());
+  const head = await bytes(0, 21);
+  const fourcc = (view, at) => String.fromCharCode(...[0, 1, 2, 3].map((i) => view.getUint8(at + i)));
+  if (head.byteLength < 21 || fourcc(head, 0) !== "RIFF" || fourcc(head, 8) !== "WEBP"
+      || fourcc(head, 12) !== "VP8X" || !(head.getUint8(20) & 0x08)) return 1; // no EXIF flag
+  // the EXIF chunk follows the pixels (and an animation's every frame): walked to, header by
+  // header, at most so many
+  for (let at = 12, chunks = 0; at + 8 <= blob.size && chunks < 100000; chunks += 1) {
+    const chunk = await bytes(at, at + 8);
+    const size = chunk.getUint32(4, true);
+    if (fourcc(chunk, 0) === "EXIF") {
+      let tiff = await bytes(at + 8, at + 8 + Math.min(size, 65536));
+      if (tiff.byteLength >= 6 && fourcc(tiff, 0) === "Exif") tiff = new DataView(tiff.buffer, 6);
+      const little = tiff.getUint16(0) === 0x4949; // "II"
+      const first = tiff.getUint32(4, little);
+      const entries = tiff.getUint16(first, little);
+      for (let i = 0; i < entries; i += 1) {
+        const entry = first + 2 + 12 * i;
+        if (tiff.getUint16(entry, little) !== 0x0112) continue;
+        const one = tiff.getUint16(entry + 2, little) === 3 && tiff.getUint32(entry + 4, little) === 1;
+        return one ? tiff.getUint16(entry + 8, little) : 1;
+      }
+      return 1;
+    }
+    at += 8 + size + (size % 2); // chunks are padded to an even size
+  }
+  return 1;
+}
+
+// The canvas transform that turns stored pixels upright, per EXIF orientation (2 to 8).
+const UPRIGHT = { 2: [-1, 0, 0, 1, 1, 0], 3: [-1, 0, 0, -1, 1, 1], 4: [1, 0, 0, -1, 0, 1],
+                  5: [0, 1, 1, 0, 0, 0], 6: [0, 1, -1, 0, 1, 0], 7: [0, -1, -1, 0, 1, 1],
+                  8: [0, -1, 1, 0, 0, 1] };
+
+async function shownAsClassified(blob) {
+  // The image as the service classifies it, for the boxes to sit on its faces: an
+  // animation's first frame, still (it played in <img>), and a WebP turned upright by its
+  // EXIF orientation, which Chromium ignores (the service applies it, as Safari does).
   if (!window.createImageBitmap) return blob;
   try {
-    if (!(await animated(blob))) return blob;
-    const bitmap = await createImageBitmap(blob);
+    const orientation = await webpOrientation(blob).catch(() => 1);
+    const turn = UPRIGHT[orientation];
+    if (!turn && !(await animated(blob))) return blob;
+    // the stored pixels, turned here: the same in a browser that would turn them itself
+    const bitmap = await createImageBitmap(blob, turn ? { imageOrientation: "none" } : {});
+    const [width, height] = [bitmap.width, bitmap.height];
+    const quarter = orientation >= 5;
     const canvas = document.createElement("canvas");
-    canvas.width = bitmap.width;
-    canvas.height = bitmap.height;
-    canvas.getContext("2d").drawImage(bitmap, 0, 0);
+    canvas.width = quarter ? height : width;
+    canvas.height = quarter ? width : height;
+    const context = canvas.getContext("2d");
+    if (turn) {
+      const [a, b, c, d, e, f] = turn; // e, f: in units of the stored width or height
+      context.setTransform(a, b, c, d, e * (quarter ? height : width), f * (quarter ? width : height));
+    }
+    context.drawImage(bitmap, 0, 0);
     bitmap.close();
     return await new Promise((resolve) => canvas.toBlob((still) => resolve(still || blob), "image/png"));
   } catch (_) {
@@ -196,7 +246,7 @@ async function classifyFile(blob, name, note = "") {
   $("video").hidden = true;
   let size = null;
   if (previewable(blob, name)) {
-    const shown = await firstFrame(blob);
+    const shown = await shownAsClassified(blob);
     if (generation !== state.generation) return;
     state.objectUrl = URL.createObjectURL(shown);
     photo.src = state.objectUrl;
@@ -205,6 +255,9 @@ async function classifyFile(blob, name, note = "") {
     try {
       await photo.decode();
       size = { width: photo.naturalWidth, height: photo.naturalHeight };
+      // a face crop of 96 pixels was shown at that, its face's tag wider than the photo
+      const larger = Math.min(MIN_SHOWN.width / size.width, MIN_SHOWN.height / size.height);
+      photo.style.width = larger > 1 ? `${Math.round(size.width * larger)}px` : "";
     } catch (_) {
       // A newer image replacing this one also rejects the decode: leave the photo to it.
       if (generation !== state.generation) return;
@@ -220,7 +273,17 @@ async function classifyFile(blob, name, note = "") {
   form.append("file", blob, name || "image");
   const started = performance.now();
   const mode = $("faces").value; // as sent: the select may change while the answer comes
-  const result = await api(`/predict?${query()}`, { method: "POST", body: form, signal: newRequestSignal() });
+  let result = await api(`/predict?${query()}`, { method: "POST", body: form, signal: newRequestSignal() });
+  // Busy: sent again after the Retry-After the service gave, a few times, as the webcam
+  // does; the message to retry left no way to but choosing the file again
+  for (let tries = 1; tries <= BUSY_TRIES && result.code === "overloaded"; tries += 1) {
+    if (generation !== state.generation) return;
+    const seconds = Math.min(result.retryAfter || 1, 10);
+    $("status").textContent = `The service is busy; sending ${name || "the image"} again in ${seconds} s…`;
+    await new Promise((resolve) => setTimeout(resolve, 1000 * seconds));
+    if (generation !== state.generation) return;
+    result = await api(`/predict?${query()}`, { method: "POST", body: form, signal: newRequestSignal() });
+  }
   if (generation !== state.generation) return; // another file or the webcam came since
   if (!result.ok) {
     render([], size);
@@ -527,7 +590,10 @@ function wire() {
     drop.addEventListener(name, (e) => { e.preventDefault(); drop.classList.add("over"); });
   }
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
-  drop.addEventListener("drop", (e) => {
+  // A file dropped anywhere on the page is taken, not only on the zone: dropped on the photo,
+  // nothing happened, and the last answer stayed as if it were the new photo's.
+  window.addEventListener("dragover", (e) => e.preventDefault()); // nor navigates away
+  window.addEventListener("drop", (e) => {
     e.preventDefault();
     drop.classList.remove("over");
     const files = e.dataTransfer.files;
@@ -535,13 +601,14 @@ function wire() {
     if (files[0]) classifyFile(files[0], files[0].name, note);
     else showError("Nothing to classify was dropped: drop an image file.");
   });
-  // A file dropped beside the zone must not navigate away from the page.
-  window.addEventListener("dragover", (e) => e.preventDefault());
-  window.addEventListener("drop", (e) => e.preventDefault());
   document.addEventListener("paste", (e) => {
     const files = [...(e.clipboardData ? e.clipboardData.files : [])];
     const note = files.length > 1 ? ` (only the first of the ${files.length} files pasted; paste one at a time)` : "";
     if (files[0]) classifyFile(files[0], files[0].name || "pasted image", note);
+    // text pasted into a field is the field's; pasted elsewhere, it was taken in silence
+    else if (!e.target.closest("input, textarea, select, [contenteditable]")) {
+      showError("Nothing to classify was pasted: copy the image itself (not its name or address) and paste it here.");
+    }
   });
   $("example").addEventListener("click", async () => {
     const name = state.examples[state.nextExample % state.examples.length];
