@@ -758,9 +758,9 @@ def test_damaged_packets_are_skipped_and_counted_and_the_rest_classified(tmp_pat
     assert [float(r["time_s"]) for r in rows] == [
         float(r["time_s"]) for r in whole_rows if r["frame"] != "5"]
     assert [{**r, "path": ""} for r in rows[:4]] == [{**r, "path": ""} for r in whole_rows[:4]]
-    assert line == (f"emotion-detect: {damaged}: 1 of its 40 packets is damaged: skipped, with "
-                    f"the frames in them; the 39 rows of the 39 frames read are in "
-                    f"{tmp_path / 'damaged.csv'}")
+    assert line == (f"emotion-detect: {damaged}: 1 of its 40 packets could not be decoded "
+                    "(damaged, or needing a damaged one): skipped, with their frames; the 39 "
+                    f"rows of the 39 frames read are in {tmp_path / 'damaged.csv'}")
     # the last packets damaged in place: the file is whole, not cut short (the diff review)
     import av
 
@@ -772,8 +772,45 @@ def test_damaged_packets_are_skipped_and_counted_and_the_rest_classified(tmp_pat
     damaged.write_bytes(bytes(data))
     assert main(["video", str(damaged), "--out", str(tmp_path / "damaged.csv"), *argv]) == 1
     [line] = capsys.readouterr().err.strip().splitlines()
-    assert ": 8 of its 40 packets are damaged" in line and "cut short" not in line
+    assert ": 8 of its 40 packets could not be decoded" in line and "cut short" not in line
     assert len(read_rows(tmp_path / "damaged.csv")) == 32
+
+
+def test_frames_lost_after_a_damaged_keyframe_keep_the_numbers_true(tmp_path, capsys):
+    """H.264 waits, without an error, for the keyframe after a damaged one: every frame number
+    after it was 8 too low; and a file also cut said only the cut (the diff review)."""
+    import av
+
+    whole, damaged, both = (tmp_path / f"{n}.mp4" for n in ("whole", "damaged", "both"))
+    with av.open(str(whole), "w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=10,
+                                      options={"g": "10", "preset": "ultrafast"})
+        stream.width, stream.height, stream.pix_fmt = 128, 96, "yuv420p"
+        noise = np.random.default_rng(2)
+        for _ in range(60):
+            pixels = noise.integers(0, 255, (96, 128, 3), dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with av.open(str(whole)) as container:
+        spans = [(p.pos, p.size) for p in container.demux(video=0) if p.size]
+    data = bytearray(whole.read_bytes())
+    position, size = spans[10]  # the second keyframe
+    data[position:position + size] = b"\xff" * size
+    damaged.write_bytes(bytes(data))
+    both.write_bytes(bytes(data[:spans[40][0] + 7]))
+    argv = ["--fps", "1", "--faces", "none"]
+    assert main(["video", str(damaged), "--out", str(tmp_path / "rows.csv"), *argv]) == 1
+    line = capsys.readouterr().err.strip()
+    rows = read_rows(tmp_path / "rows.csv")
+    assert [(float(r["time_s"]), int(r["frame"])) for r in rows] == [
+        (0.0, 0), (1.9, 19), (2.0, 20), (3.0, 30), (4.0, 40), (5.0, 50)]
+    assert ": 9 of its 60 packets could not be decoded (damaged, or needing a damaged one)" \
+        in line
+    assert main(["video", str(both), "--out", str(tmp_path / "rows.csv"), *argv]) == 1
+    line = capsys.readouterr().err.strip()
+    assert "the file is cut short; before that, 9 of its 41 packets could not be decoded" in line
 
 
 @pytest.mark.parametrize("kind", ["rgba", "palette"])
@@ -802,9 +839,11 @@ def test_a_transparent_video_is_flattened_onto_white_as_an_image_is(tmp_path, ki
     assert [video_row[c] for c in CLASS_NAMES] == [image_row[c] for c in CLASS_NAMES]
 
 
-def test_a_transparent_webm_keeps_its_alpha(tmp_path):
+@pytest.mark.parametrize("rotation", [0, 90])
+def test_a_transparent_webm_keeps_its_alpha(tmp_path, rotation):
     """FFmpeg's own VP9 decoder drops the alpha of a transparent WebM, the usual transparent
-    web video: the band came out grey, not white (the diff review)."""
+    web video: the band came out grey, not white (the diff review); libvpx's frames lack the
+    stream's turn, and a turned one was classified sideways (the second diff review)."""
     import av
 
     from service.video import sampled_frames
@@ -816,6 +855,8 @@ def test_a_transparent_webm_keeps_its_alpha(tmp_path):
     with av.open(str(video), "w") as container:
         stream = container.add_stream("libvpx-vp9", rate=2, options={"lossless": "1"})
         stream.width, stream.height, stream.pix_fmt = 128, 96, "yuva420p"
+        if rotation:
+            stream.set_display_rotation(rotation)
         for image in [av.VideoFrame.from_ndarray(frame, format="rgba")] * 2:
             for packet in stream.encode(image):
                 container.mux(packet)
@@ -823,6 +864,9 @@ def test_a_transparent_webm_keeps_its_alpha(tmp_path):
             container.mux(packet)
     [(_, _, first), *_] = sampled_frames(video, fps=2)
     gray = np.asarray(first.gray)
+    if rotation:  # a quarter turn: the band runs down the frame
+        assert first.original_size == (96, 128)
+        gray = gray.T
     assert gray[36:60].min() >= 250 and gray[:28].max() <= 45
 
 
