@@ -217,7 +217,8 @@ def decode_grayscale(data: bytes, limits: ImageLimits = ImageLimits()) -> Decode
                 # Read after load: Pillow's TIFF reader turns orientations 5-8 itself and
                 # drops the tag then (its header size is already upright); turning those
                 # again skewed every face box, x by 0.6 and y by 1.6.
-                orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+                exif = _pillow_exif(image)
+                orientation = 1 if exif is None else exif.get(_EXIF_ORIENTATION, 1)
                 if orientation in (5, 6, 7, 8):
                     width, height = height, width  # these turn the image a quarter
                 # Not ImageOps.exif_transpose: it also writes the EXIF back, which nothing
@@ -256,9 +257,8 @@ def _orientation_as_browsers_read(raw: bytes) -> int:
     (entries,) = struct.unpack_from(order + "H", tiff, first)
     for at in range(first + 2, first + 2 + 12 * entries, 12):
         tag, kind, count = struct.unpack_from(order + "HHI", tiff, at)
-        if tag == _EXIF_ORIENTATION:
-            return struct.unpack_from(order + "H", tiff, at + 8)[0] if (kind, count) == (3, 1) \
-                else 1
+        if tag == _EXIF_ORIENTATION and (kind, count) == (3, 1):  # else on, as Chromium
+            return struct.unpack_from(order + "H", tiff, at + 8)[0]
     return 1
 
 
@@ -266,8 +266,9 @@ def _keep_only_exif_orientation(image: Image.Image, exif_before_pixels: bytes | 
     """Turn only by what browsers read, so that face boxes land on the photo a page shows:
     Pillow also takes XMP's tiff:Orientation, ImageMagick's raw EXIF text and a PNG eXIf
     after the pixels, none of which Chromium or Firefox applies. (A TIFF, which browsers do
-    not show, keeps Pillow's reading: its orientation is a tag of the image itself.)"""
-    if image.format == "TIFF":
+    not show, keeps Pillow's reading: its orientation is a tag of the image itself. An AVIF
+    too: Pillow writes its irot/imir, which browsers follow, into the EXIF it gives.)"""
+    if image.format in ("TIFF", "AVIF"):
         return
     raw = exif_before_pixels if image.format == "PNG" else image.info.get("exif")
     wanted = 1
@@ -278,12 +279,23 @@ def _keep_only_exif_orientation(image: Image.Image, exif_before_pixels: bytes | 
             wanted = 1  # EXIF Pillow cannot parse: it reads no orientation from it either
     # Pillow's own reading, cached (for a JPEG at open, where a broken EXIF reads as none),
     # is corrected where it differs, so that the turn upright follows it
-    exif = image.getexif()
+    exif = _pillow_exif(image)
+    if exif is None:  # nothing Pillow can read: it turns by nothing
+        return
     if exif.get(_EXIF_ORIENTATION, 1) != wanted:
         if wanted == 1:
             del exif[_EXIF_ORIENTATION]
         else:
             exif[_EXIF_ORIENTATION] = wanted
+
+
+def _pillow_exif(image: Image.Image) -> Image.Exif | None:
+    """Pillow's EXIF of ``image``; None where it is no TIFF (an eXIf chunk of other bytes
+    was a 400 for an image browsers show, the orientation read as none already)."""
+    try:
+        return image.getexif()
+    except DECODER_ERRORS:
+        return None
 
 
 def decoded_from_image(image: Image.Image) -> DecodedImage:

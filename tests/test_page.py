@@ -484,6 +484,58 @@ def test_a_webp_is_shown_turned_as_the_service_turns_it(page, server, tmp_path, 
     assert np.abs(shown_left - expected).mean() < 12
 
 
+def _webp_with_exif(tiff: bytes, prefix: bytes = b"") -> bytes:
+    """A lossless WebP in the extended format, its EXIF chunk after the pixels."""
+    import struct
+
+    from PIL import Image
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return kind + struct.pack("<I", len(data)) + data + b"\x00" * (len(data) % 2)
+
+    simple = io.BytesIO()
+    Image.new("RGB", (12, 8), "gray").save(simple, "WEBP", lossless=True)
+    extended = b"WEBP" + chunk(b"VP8X", bytes([0x08, 0, 0, 0]) + (11).to_bytes(3, "little")
+                               + (7).to_bytes(3, "little"))
+    extended += simple.getvalue()[12:] + chunk(b"EXIF", prefix + tiff)
+    return b"RIFF" + struct.pack("<I", len(extended)) + extended
+
+
+def _tiff(order: str = ">", kind: int = 3, magic: int = 42, head: bytes | None = None,
+          pad: int = 0, long_first: bool = False) -> bytes:
+    import struct
+
+    entries = [struct.pack(order + "HHII", 0x0112, 4, 1, 3)] if long_first else []
+    value = struct.pack(order + "I", 6) if kind == 4 else struct.pack(order + "HH", 6, 0)
+    entries.append(struct.pack(order + "HHI", 0x0112, kind, 1) + value)
+    header = (head or (b"MM" if order == ">" else b"II")) + struct.pack(order + "HI", magic,
+                                                                       8 + pad)
+    return header + bytes(pad) + struct.pack(order + "H", len(entries)) + b"".join(entries) \
+        + bytes(4)
+
+
+@pytest.mark.parametrize(("tiff", "prefix"), [
+    (_tiff(), b""), (_tiff("<"), b"Exif\x00\x00"), (_tiff(kind=4), b""),
+    (_tiff(magic=43), b""), (_tiff(head=b"XX"), b""), (_tiff(), b"Exif\x01\x02"),
+    (_tiff(pad=70_000), b""), (_tiff(long_first=True), b"")],
+    ids=["big-endian", "little-endian, prefixed", "a long", "magic 43", "no byte order",
+         "another prefix", "its IFD 70 kB in", "a long, then a short"])
+def test_the_page_reads_a_webps_orientation_as_the_service_does(page, tiff, prefix):
+    """The page turns a WebP itself: where it read the EXIF otherwise than the service, the
+    photo was turned and the boxes were not, or the other way round (the diff review)."""
+    import base64
+
+    from service.preprocessing import decode_grayscale
+
+    data = _webp_with_exif(tiff, prefix)
+    service_turns = decode_grayscale(data).original_size == (8, 12)
+    orientation = page.evaluate("""async (b64) => {
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        return await webpOrientation(new Blob([bytes], { type: "image/webp" })).catch(() => 1);
+    }""", base64.b64encode(data).decode())
+    assert (orientation == 6) == service_turns
+
+
 def test_a_file_dropped_on_the_photo_and_text_pasted_are_answered(page, server):
     """Dropped on the photo rather than the zone, a new file did nothing and the last answer
     stayed as if it were the new one's; text pasted did nothing either (the page review)."""
@@ -513,6 +565,16 @@ def test_a_file_dropped_on_the_photo_and_text_pasted_are_answered(page, server):
             clipboardData: transfer, bubbles: true }));
     }""")
     assert page.is_hidden("#error")
+    # nor a drop of text into a field: it goes into the field, as the browser has it
+    prevented = page.evaluate("""() => {
+        const transfer = new DataTransfer();
+        transfer.setData("text/plain", "2");
+        const drop = new DragEvent("drop", { dataTransfer: transfer, bubbles: true,
+                                             cancelable: true });
+        document.querySelector("#interval").dispatchEvent(drop);
+        return drop.defaultPrevented;
+    }""")
+    assert not prevented and page.is_hidden("#error")
 
 
 def test_an_upload_refused_as_busy_is_sent_again_after_retry_after(page, server):

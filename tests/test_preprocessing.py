@@ -2,6 +2,7 @@ import io
 import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -490,20 +491,61 @@ def _exif_orientation(kind: int, count: int, value: int) -> bytes:
     return b"Exif\x00\x00MM\x00*" + struct.pack(">I", 8) + struct.pack(">H", 1) + entry + bytes(4)
 
 
-@pytest.mark.parametrize(("kind", "count", "turned"), [
-    (3, 1, True), (4, 1, False), (3, 2, False), (8, 1, False)],
-    ids=["short", "long", "two shorts", "signed short"])
-def test_only_an_orientation_stored_as_browsers_read_it_turns_the_image(kind, count, turned):
+def _long_then_short_orientation() -> bytes:
+    """Two orientation entries, a LONG 3 and then a SHORT 6: Chromium skips the first."""
+    entries = (struct.pack(">HHII", 0x0112, 4, 1, 3)
+               + struct.pack(">HHIHH", 0x0112, 3, 1, 6, 0))
+    return b"Exif\x00\x00MM\x00*" + struct.pack(">IH", 8, 2) + entries + bytes(4)
+
+
+@pytest.mark.parametrize(("exif", "turned"), [
+    (_exif_orientation(3, 1, 6), True), (_exif_orientation(4, 1, 6), False),
+    (_exif_orientation(3, 2, 6), False), (_exif_orientation(8, 1, 6), False),
+    (_long_then_short_orientation(), True)],
+    ids=["short", "long", "two shorts", "signed short", "a long, then a short"])
+def test_only_an_orientation_stored_as_browsers_read_it_turns_the_image(exif, turned):
     """Chromium and Firefox take the orientation only as one SHORT; Pillow took a LONG, a
-    signed one or a count of 2 too, and the page's boxes fell off the faces (the page review)."""
+    signed one or a count of 2 too, and the page's boxes fell off the faces (the page review).
+    Chromium passes over an orientation stored otherwise to the next (the diff review)."""
     shown = Image.fromarray(upright_marker(96, 48))
     stored = shown.transpose(Image.Transpose.ROTATE_90)  # what orientation 6 turns upright
-    decoded = decode_grayscale(encode(stored, "JPEG", exif=_exif_orientation(kind, count, 6)))
+    decoded = decode_grayscale(encode(stored, "JPEG", exif=exif))
     if turned:
         assert decoded.original_size == (96, 48)
         assert_upright(decoded.gray)
     else:
         assert decoded.original_size == (48, 96)  # as stored, as the browser shows it
+
+
+def test_an_avif_is_turned_by_its_irot_whatever_its_exif_says():
+    """Browsers turn an AVIF by its irot, which Pillow writes into the EXIF it gives; read as
+    a JPEG's, a LONG orientation there undid the turn (the diff review)."""
+    shown = Image.fromarray(upright_marker(96, 48))
+    exif = Image.Exif()
+    exif[0x0112], exif[0x0113] = 6, 6  # 0x0113: a place for the LONG written below
+    data = bytearray(encode(shown.transpose(Image.Transpose.ROTATE_90), "AVIF", exif=exif))
+    placeholder = bytes.fromhex("0113 0003 00000001 00060000")
+    assert data.count(placeholder) == 1
+    at = data.find(placeholder)
+    data[at:at + 12] = bytes.fromhex("0112 0004 00000001 00000006")
+    decoded = decode_grayscale(bytes(data))
+    assert decoded.original_size == (96, 48)
+    assert_upright(decoded.gray)
+
+
+@pytest.mark.parametrize("payload", [b"XX\x00*\x00\x00\x00\x08", b"Exif\x01\x02MM\x00*"],
+                         ids=["no tiff", "another prefix"])
+def test_exif_that_is_no_tiff_reads_as_no_orientation(payload):
+    """An eXIf chunk Pillow cannot read was a 400 corrupt_image for a PNG browsers show
+    (the diff review)."""
+    stored = Image.fromarray(upright_marker(96, 48))
+    with_exif = bytearray(encode(stored, "PNG"))
+    chunk = struct.pack(">I", len(payload)) + b"eXIf" + payload
+    chunk += struct.pack(">I", zlib.crc32(b"eXIf" + payload))
+    at = 8 + 25  # after IHDR
+    decoded = decode_grayscale(bytes(with_exif[:at] + chunk + with_exif[at:]))
+    assert decoded.original_size == (96, 48)
+    assert_upright(decoded.gray)
 
 
 @pytest.mark.parametrize("make", [
