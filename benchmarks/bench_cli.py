@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import run, shipped_model_bytes
 from benchmarks.load import load_faces
 from service.arguments import count
 from service.batch import (
@@ -36,7 +37,6 @@ from service.batch import (
     batches,
     finished_paths,
 )
-from service.manifest import load_manifest
 from service.models import OnnxClassifier
 from service.preprocessing import preprocess_image
 from service.settings import REPO_MODELS_DIR
@@ -44,8 +44,8 @@ from tests.server import running_server
 
 
 def bare(paths: list[str], batch_size: int) -> float:
-    entry = load_manifest(REPO_MODELS_DIR).models["cnn"]
-    model = OnnxClassifier((REPO_MODELS_DIR / entry.file).read_bytes(), entry, threads=1)
+    entry, data = shipped_model_bytes("cnn")
+    model = OnnxClassifier(data, entry, threads=1)
     started = time.perf_counter()
     for chunk in batches(paths, batch_size):
         model.predict_proba(np.stack([preprocess_image(Path(p).read_bytes()) for p in chunk]))
@@ -127,4 +127,4 @@ def resume_figure(out: Path, rows: int) -> str:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run(main))

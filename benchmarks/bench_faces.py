@@ -18,6 +18,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from benchmarks import run
 from benchmarks.load import load_faces
 from service.arguments import count
 from service.faces import FaceCropper, load_face_crop
@@ -86,4 +87,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run(main))

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 
+from benchmarks import run
 from benchmarks.load import describe, latency_ms, load_faces, one_face_each, post_images
 from service.arguments import count, positive_seconds
 from tests.server import running_server
@@ -76,4 +76,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(run(main))

@@ -15,7 +15,6 @@ import base64
 import io
 import json
 import struct
-import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +24,7 @@ import numpy as np
 import psutil
 from PIL import Image
 
+from benchmarks import run
 from service.arguments import count, non_negative_seconds
 from service.preprocessing import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from tests.server import server_process
@@ -37,9 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--images", type=count, default=16,
                         help="images per request (EMOTION_MAX_IMAGES_PER_REQUEST's default)")
-    parser.add_argument("--bytes", type=int, default=DEFAULT_MAX_BYTES - 1024,
+    parser.add_argument("--bytes", type=count, default=DEFAULT_MAX_BYTES - 1024,
                         help="size of each noise PNG (just under the upload limit)")
-    parser.add_argument("--pixels", type=int, default=DEFAULT_MAX_PIXELS - 100_000,
+    parser.add_argument("--pixels", type=count, default=DEFAULT_MAX_PIXELS - 100_000,
                         help="pixels of each image in the 'pixels' (smooth RGB PNG) and "
                         "'float_tiff' cases")
     parser.add_argument("--concurrent", type=count, default=1, help="copies sent at once")
@@ -49,7 +49,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stagger", type=non_negative_seconds, default=0.0,
                         help="seconds between the starts of an a+b case's parts (the worst "
                         "seen: a float TIFF sent while the largest JSON body is parsed)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # every case named before the first is run: a typo in the last cost all the others
+    for part in (p for case in args.cases.split(",") for p in case.split("+")):
+        if part.partition(":")[0] not in CASES:
+            parser.error(f"unknown case {part!r}; the cases are {', '.join(CASES)}")
+        images_of(part, args.images)
+    return args
 
 
 def png(array: np.ndarray) -> bytes:
@@ -150,10 +156,17 @@ def measure(case: str, args) -> dict:
         worker = psutil.Process(process.pid)
         idle = worker.memory_full_info().rss
         started = time.perf_counter()
-        with httpx.Client(base_url=base, timeout=900) as client, \
-                ThreadPoolExecutor(len(requests)) as pool:
-            statuses = dict(sorted(Counter(r.status_code for r in pool.map(
-                send, enumerate(requests))).items()))
+        try:
+            with httpx.Client(base_url=base, timeout=900) as client, \
+                    ThreadPoolExecutor(len(requests)) as pool:
+                statuses = dict(sorted(Counter(r.status_code for r in pool.map(
+                    send, enumerate(requests))).items()))
+        except httpx.TransportError:  # the worker died (the kernel's OOM killer, say)
+            code = process.wait(10)
+            return {"case": case, "requests": len(requests), "body_mb": body_mb,
+                    "status": {f"killed:{-code}" if code < 0 else f"exit:{code}": 1},
+                    "idle_mb": idle / 1e6, "peak_mb": float("nan"),
+                    "wall_s": time.perf_counter() - started}
         wall = time.perf_counter() - started
         with open(f"/proc/{process.pid}/status") as status:
             peak = next(int(line.split()[1]) * 1024 for line in status
@@ -180,4 +193,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(run(main))

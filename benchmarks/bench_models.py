@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import queue
 import time
 
 import numpy as np
 
+from benchmarks import run, shipped_model_bytes
 from service.arguments import count, positive_seconds
-from service.manifest import load_manifest
 from service.models import OnnxClassifier, SklearnClassifier
 from service.preprocessing import preprocess_image
-from service.settings import REPO_MODELS_DIR, container_cpus
+from service.settings import container_cpus
 
 
 def real_images(count: int) -> np.ndarray:
@@ -53,17 +54,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=positive_seconds, default=5.0,
                         help="time per measurement (default: %(default)s)")
     args = parser.parse_args(argv)
-    manifest = load_manifest(REPO_MODELS_DIR)
     images = real_images(64)
-    cnn = manifest.models["cnn"]
-    data = (REPO_MODELS_DIR / cnn.file).read_bytes()
+    cnn, data = shipped_model_bytes("cnn")
     for threads in args.threads:
         model = OnnxClassifier(data, cnn, threads)
         for batch in (1, 16):
             p50, p99 = per_image_ms(model.predict_proba, images, batch, args.seconds)
             print(f"cnn onnx  threads={threads} batch={batch:2d}: {p50:6.2f} ms/image median, "
                   f"{p99:6.2f} p99")
-    knn_data = (REPO_MODELS_DIR / manifest.models["knn"].file).read_bytes()
+    _, knn_data = shipped_model_bytes("knn")
     for threads in (0, *args.threads):
         knn = SklearnClassifier(knn_data, threads)
         for batch in (1, 16):
@@ -75,21 +74,36 @@ def main(argv: list[str] | None = None) -> None:
     for threads in (0, 1):
         ready, results = spawn.Barrier(workers), spawn.Queue()
         processes = [spawn.Process(target=_knn_worker, args=(threads, args.seconds, ready,
-                                                              results)) for _ in range(workers)]
-        for process in processes:
-            process.start()
-        times = np.concatenate([results.get() for _ in processes])
-        for process in processes:
-            process.join()
+                                                              results), daemon=True)
+                     for _ in range(workers)]
+        try:
+            for process in processes:
+                process.start()
+            times = np.concatenate([_next_result(results, processes) for _ in processes])
+        finally:  # a worker that died left the others at the barrier, and the run waiting
+            for process in processes:
+                if process.is_alive():
+                    process.terminate()
+                process.join()
         print(f"knn sklearn threads={threads or 'all'}, {workers} workers at once: "
               f"{len(times) / args.seconds / workers:6.1f} images/s each, "
               f"{np.median(times):6.2f} ms median, {np.percentile(times, 90):6.2f} p90")
 
 
+def _next_result(results, processes) -> np.ndarray:
+    """A worker's timings, or SystemExit once one of them has died without sending them."""
+    while True:
+        try:
+            return results.get(timeout=1)
+        except queue.Empty:
+            died = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
+            if died:
+                raise SystemExit(f"a kNN worker died (exit status {died[0]}); no figure for "
+                                 "the workers at once") from None
+
+
 def _knn_worker(threads: int, seconds: float, ready, results) -> None:
-    manifest = load_manifest(REPO_MODELS_DIR)
-    knn = SklearnClassifier((REPO_MODELS_DIR / manifest.models["knn"].file).read_bytes(),
-                            threads)
+    knn = SklearnClassifier(shipped_model_bytes("knn")[1], threads)
     images = real_images(64)
     knn.predict_proba(images[:1])
     ready.wait()  # timed only once every worker has loaded: start-up is not the load
@@ -102,4 +116,4 @@ def _knn_worker(threads: int, seconds: float, ready, results) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run(main))

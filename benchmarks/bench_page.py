@@ -16,6 +16,7 @@ import argparse
 import statistics
 from pathlib import Path
 
+from benchmarks import run
 from service.arguments import positive_seconds
 from tests.server import REPO, running_server
 from tests.test_page import CHROMIUM, CHROMIUM_ARGS
@@ -83,4 +84,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run(main))

@@ -21,6 +21,7 @@ import time
 import httpx
 import numpy as np
 
+from benchmarks import run
 from benchmarks.load import load_faces
 from service.arguments import count
 from service.preprocessing import preprocess_image
@@ -107,4 +108,4 @@ def _split(prepared: tuple[bytes, dict]) -> tuple[bytes, dict]:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run(main))

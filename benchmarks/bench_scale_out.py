@@ -21,6 +21,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from benchmarks import run
 from benchmarks.balancer import NO_NGINX, Balancer, nginx_binary, run_fault_load, throughput
 from benchmarks.load import load_faces
 from service.arguments import count, non_negative_seconds, positive_seconds
@@ -70,4 +71,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run(main))

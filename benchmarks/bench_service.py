@@ -29,13 +29,13 @@ import time
 
 import numpy as np
 
+from benchmarks import run, shipped_model_bytes
 from benchmarks.load import load_faces
 from benchmarks.wire import multipart_request, raw_request, send_requests
-from service.arguments import count
-from service.manifest import load_manifest
+from service.arguments import count, non_negative
 from service.models import OnnxClassifier
 from service.preprocessing import preprocess_image
-from service.settings import REPO_MODELS_DIR, Settings
+from service.settings import Settings
 from tests.server import running_server
 
 
@@ -43,9 +43,8 @@ class BarePath:
     """The shipped CNN without HTTP: what the service would cost with nothing around it."""
 
     def __init__(self, threads: int):
-        entry = load_manifest(REPO_MODELS_DIR).models["cnn"]
-        self.model = OnnxClassifier((REPO_MODELS_DIR / entry.file).read_bytes(), entry,
-                                    threads)
+        entry, data = shipped_model_bytes("cnn")
+        self.model = OnnxClassifier(data, entry, threads)
 
     def times(self, faces: list[bytes], requests: int) -> list[float]:
         out = []
@@ -78,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="alternating bare/service rounds (default: %(default)s)")
     parser.add_argument("--concurrency", type=count, default=16,
                         help="connections in the throughput run (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=0,
+    parser.add_argument("--workers", type=non_negative, default=0,
                         help="uvicorn workers of the service; 0: one per CPU, the service's "
                              "default (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -170,4 +169,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run(main))

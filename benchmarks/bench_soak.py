@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import time
 from collections import Counter
 
 import psutil
 
+from benchmarks import run
 from benchmarks.load import describe, load_faces, post_images
 from service.arguments import count, positive_seconds
 from tests.server import server_process
@@ -101,4 +101,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(run(main))

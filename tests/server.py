@@ -32,7 +32,9 @@ def free_port() -> int:
 
 def wait_ready(base: str, timeout: float = 90.0, process: subprocess.Popen | None = None,
                log_path: Path | None = None) -> None:
-    """Until ``base``/readyz answers 200; a process that exits first is an error."""
+    """Until ``base``/readyz answers 200; a process that exits first is an error, and so is
+    one that answers with a model or the face detector refused (it never loads them later:
+    a 90 s wait ended in a timeout that did not say why)."""
     deadline = time.monotonic() + timeout
     while True:
         if process is not None and process.poll() is not None:
@@ -40,9 +42,14 @@ def wait_ready(base: str, timeout: float = 90.0, process: subprocess.Popen | Non
                       else log_path.read_text() if log_path else "")
             raise RuntimeError(f"server exited with {process.returncode}: {output}")
         try:
-            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+            answer = httpx.get(f"{base}/readyz", timeout=1)
+            if answer.status_code == 200:
                 return
-        except httpx.HTTPError:
+            body = answer.json()
+            states = [*body.get("models", {}).values(), body.get("faces", "ready")]
+            if not body.get("draining") and any(state != "ready" for state in states):
+                raise RuntimeError(f"{base} is up but will not be ready: {answer.text}")
+        except (httpx.HTTPError, ValueError, AttributeError):
             pass
         if time.monotonic() > deadline:
             raise TimeoutError(f"{base} not ready after {timeout} s")

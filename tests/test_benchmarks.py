@@ -116,6 +116,9 @@ def test_bench_memory_prints_each_cases_peak(capsys):
     (bench_load, ["--seconds", "0"]), (bench_load, ["--overload-seconds", "0"]),
     (bench_models, ["--seconds", "0"]), (bench_memory, ["--stagger", "-1"]),
     (bench_soak, ["--interval", "nan"]),
+    # caught after the cases before it had run, or a traceback from PIL or pydantic (a review)
+    (bench_memory, ["--cases", "idle,bogus"]), (bench_memory, ["--bytes", "0"]),
+    (bench_memory, ["--pixels", "0"]), (bench_service, ["--workers", "-1"]),
 ])
 def test_a_benchmark_refuses_a_count_it_cannot_run_before_any_work(module, argv, capsys):
     with pytest.raises(SystemExit) as refused:
@@ -152,3 +155,82 @@ def test_a_balancer_that_fails_to_start_leaves_no_replica_running(tmp_path, monk
     with pytest.raises(RuntimeError, match="bad configuration"), pool:
         pass
     assert all(process.poll() is not None for process in pool.processes)
+
+
+def test_a_benchmark_loads_only_models_the_manifest_pins(tmp_path, monkeypatch):
+    """The kNN is a pickle: a file put in its place ran its code when bench_models loaded it,
+    where the service refuses it by its size and SHA-256 first (a review)."""
+    import pickle
+    import shutil
+
+    import service.settings
+    from benchmarks import shipped_model_bytes
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (marker.write_text, ("ran",))
+
+    folder = tmp_path / "models"
+    shutil.copytree(service.settings.REPO_MODELS_DIR, folder)
+    (folder / "emotion_knn.joblib").write_bytes(pickle.dumps(Payload()))
+    monkeypatch.setattr(service.settings, "REPO_MODELS_DIR", folder)
+    with pytest.raises(ValueError, match="emotion_knn.joblib has sha256 .* refused"):
+        bench_models.SklearnClassifier(shipped_model_bytes("knn")[1], 1)
+    assert not marker.exists()
+    entry, data = shipped_model_bytes("cnn")  # the pinned one is read as it is
+    assert len(data) == entry.bytes
+
+
+def test_a_server_refusing_a_model_is_said_at_once_not_after_the_wait(tmp_path):
+    """A benchmark's server that came up with a model refused was waited for 90 s, then a
+    timeout that said nothing of why (a review)."""
+    import shutil
+    import time
+
+    from service.settings import REPO_MODELS_DIR
+    from tests.server import running_server
+
+    folder = tmp_path / "models"
+    shutil.copytree(REPO_MODELS_DIR, folder)
+    (folder / "emotion_cnn.onnx").write_bytes(b"abcdefg")
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="emotion_cnn.onnx has 7 bytes, the manifest says"), \
+            running_server(env={"EMOTION_MODELS_DIR": str(folder)}):
+        pass
+    assert time.monotonic() - started < 60
+
+
+def test_a_benchmark_stopped_by_sigterm_stops_its_server(data_settings):
+    """`kill` of a benchmark's own process left the servers it had started running, for
+    good (only Ctrl-C cleaned up; a review)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from tests.server import REPO
+
+    run = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_load", "--seconds", "60",
+                            "--clients", "2"], cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline, servers = time.monotonic() + 60, []
+        while not servers and time.monotonic() < deadline:
+            time.sleep(0.5)
+            servers = [c for c in psutil.Process(run.pid).children(recursive=True)
+                       if "service" in " ".join(c.cmdline())]
+        assert servers, "no server started"
+        time.sleep(2)  # under load
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(30) == 143
+        assert "benchmark stopped by signal 15" in run.stderr.read()
+        gone, alive = psutil.wait_procs(servers, timeout=15)
+        assert not alive
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
