@@ -8,6 +8,7 @@ step as an uploaded image, and all the faces of a batch of frames are one model 
 from __future__ import annotations
 
 import contextlib
+import heapq
 import math
 import os
 from collections.abc import Iterator
@@ -99,22 +100,30 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
         # how far back a decoder's order may step without a new start: B-frames, in an AVI's
         # H.264, come with their times in decode order (16, x264's most, frames)
         reorder = 16 / float(rate) if rate else 0.5
-        cut_packet, lost, packets, packets_end = False, 0, 0, 0.0
+        cut_packet, refused, cut_refused, packets, packets_end = False, 0, 0, 0, 0.0
+        shown_frames, times = 0, _PacketTimes()
         decoder = _decoder(av, stream)
         # libvpx's frames lack the stream's display matrix: its turn is read from the
-        # stream's own decoder, for the first frames
+        # stream's own decoder, at its first frame
         rotation = None if decoder is stream.codec_context else 0.0
-        turn_tries = 0 if decoder is stream.codec_context else 5
+        turn_tries = 0 if decoder is stream.codec_context else 1000
 
         def frames():  # (number, frame) of the stream, noting a packet the file ends inside of
-            nonlocal cut_packet, lost, packets, packets_end, rotation, turn_tries
+            nonlocal cut_packet, refused, cut_refused, packets, packets_end, shown_frames
+            nonlocal rotation, turn_tries
+            # After a refused packet a frame's number is its time's rank among the packets':
+            # the frames lost with it (H.264 waits, silently, for its next keyframe; B-frames
+            # and AV1 hold frames back) are counted where they belong. Before, the count of
+            # frames shown.
             number = 0
             for packet in container.demux(stream):
                 cut_packet |= packet.is_corrupt
                 packets += bool(packet.size)  # not the empty one that ends the stream
-                if packet.pts is not None and packet.time_base:
-                    packets_end = max(packets_end, float(
-                        (packet.pts + (packet.duration or 0)) * packet.time_base))
+                if packet.size and packet.pts is not None:
+                    times.add(packet.pts)
+                    if packet.time_base:
+                        packets_end = max(packets_end, float(
+                            (packet.pts + (packet.duration or 0)) * packet.time_base))
                 if turn_tries and packet.size:
                     turn_tries -= 1
                     with contextlib.suppress(av.error.FFmpegError):
@@ -123,17 +132,14 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
                 try:
                     decoded = decoder.decode(packet)
                 except av.error.InvalidDataError:  # one bad packet ended the whole run
-                    decoded = None
-                # A frame not shown is numbered all the same: a packet refused, or after one
-                # (H.264 waits for its next keyframe, silently) one that gave no frame where
-                # the decoder holds none back. Where it does (B-frames), numbers near the
-                # damage may be off by a few.
-                if decoded is None or (lost and not decoded and packet.size
-                                       and not decoder.has_b_frames):
-                    lost += not packet.is_corrupt  # the one a cut file ends inside of: the cut
-                    number += 1
+                    refused += 1
+                    cut_refused += packet.is_corrupt  # the one a cut file ends inside of
                     continue
                 for frame in decoded:
+                    shown_frames += 1
+                    rank = None if frame.pts is None else times.rank(frame.pts)
+                    if rank is not None and refused > cut_refused:
+                        number = rank
                     yield number, frame
                     number += 1
 
@@ -168,10 +174,14 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
         # (a slideshow remuxed to FLV): trusted only where a packet was cut off too.
         if of_the_file and not cut_packet:
             end = None
+        damaged = refused > cut_refused
+        # every frame is out once the decoder is flushed: those missing were lost with the
+        # damage (a healthy VP8 has invisible packets too, so only where damage was seen)
+        lost = max(refused - cut_refused, times.count() - cut_refused - shown_frames)
         damage = (f"{lost} of its {packets} packets could not be decoded (damaged, or needing "
                   "a damaged one)")
-        also = f"; before that, {damage}" if lost else ""
-        if lost:  # packets lost at the end are the file's time, not a cut
+        also = f"; before that, {damage}" if damaged else ""
+        if damaged:  # packets lost at the end are the file's time, not a cut
             last_end = max(last_end, packets_end)
         if end is not None and end - last_end > TRUNCATION_SLACK_SECONDS:
             stop = "before its first frame" if last_time is None else f"at {last_time:.1f} s"
@@ -189,8 +199,35 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
                 raise TruncatedVideoError(f"{path}: the frames stop {stop} of the "
                                           f"{counted_end:.1f} s its header's count declares: "
                                           f"the file is cut short{also}")
-        if lost:
+        if damaged:
             raise DamagedVideoError(f"{path}: {damage}: skipped, with their frames")
+
+
+class _PacketTimes:
+    """A stream's packet times, passed in order by the frames shown. A time counts once: an
+    invisible packet (VP8's alt-ref) may share its frame's."""
+
+    def __init__(self):
+        self.waiting: list[int] = []  # a heap: packets are demuxed in decode order
+        self.passed, self.last = 0, None
+
+    def add(self, pts: int) -> None:
+        heapq.heappush(self.waiting, pts)
+
+    def rank(self, pts: int) -> int | None:
+        """``pts``'s rank among the packet times, which is its frame's number; None where
+        no packet has it. The times up to it are passed."""
+        own = False
+        while self.waiting and self.waiting[0] <= pts:
+            time = heapq.heappop(self.waiting)
+            own |= time == pts
+            if time != self.last:
+                self.passed, self.last = self.passed + 1, time
+        return self.passed - 1 if own else None
+
+    def count(self) -> int:
+        """The distinct packet times in all."""
+        return self.passed + len(set(self.waiting) - {self.last})
 
 
 # FFmpeg's own VP8/VP9 decoders drop the alpha a transparent WebM carries beside its
