@@ -258,7 +258,9 @@ def _orientation_as_browsers_read(raw: bytes) -> int:
     for at in range(first + 2, first + 2 + 12 * entries, 12):
         tag, kind, count = struct.unpack_from(order + "HHI", tiff, at)
         if tag == _EXIF_ORIENTATION and (kind, count) == (3, 1):  # else on, as Chromium
-            return struct.unpack_from(order + "H", tiff, at + 8)[0]
+            value = struct.unpack_from(order + "H", tiff, at + 8)[0]
+            if 1 <= value <= 8:
+                return value
     return 1
 
 
@@ -267,14 +269,20 @@ def _keep_only_exif_orientation(image: Image.Image, exif_before_pixels: bytes | 
     Pillow also takes XMP's tiff:Orientation, ImageMagick's raw EXIF text and a PNG eXIf
     after the pixels, none of which Chromium or Firefox applies. (A TIFF, which browsers do
     not show, keeps Pillow's reading: its orientation is a tag of the image itself. An AVIF
-    too: Pillow writes its irot/imir, which browsers follow, into the EXIF it gives.)"""
-    if image.format in ("TIFF", "AVIF"):
+    keeps the orientation Pillow writes into the EXIF it gives from its irot/imir, which
+    browsers follow, whatever its type; not one from XMP.)"""
+    if image.format == "TIFF":
         return
     raw = exif_before_pixels if image.format == "PNG" else image.info.get("exif")
     wanted = 1
     if raw:
         try:
-            wanted = _orientation_as_browsers_read(raw)
+            if image.format == "AVIF":
+                exif_only = Image.Exif()
+                exif_only.load(raw)
+                wanted = exif_only.get(_EXIF_ORIENTATION, 1)
+            else:
+                wanted = _orientation_as_browsers_read(raw)
         except DECODER_ERRORS:
             wanted = 1  # EXIF Pillow cannot parse: it reads no orientation from it either
     # Pillow's own reading, cached (for a JPEG at open, where a broken EXIF reads as none),

@@ -484,8 +484,9 @@ def test_a_webp_is_shown_turned_as_the_service_turns_it(page, server, tmp_path, 
     assert np.abs(shown_left - expected).mean() < 12
 
 
-def _webp_with_exif(tiff: bytes, prefix: bytes = b"") -> bytes:
-    """A lossless WebP in the extended format, its EXIF chunk after the pixels."""
+def _webp_with_exif(tiff: bytes, prefix: bytes = b"", outside: bool = False) -> bytes:
+    """A lossless WebP in the extended format, its EXIF chunk after the pixels (``outside``:
+    after the end its RIFF header gives, where libwebp does not read)."""
     import struct
 
     from PIL import Image
@@ -497,7 +498,11 @@ def _webp_with_exif(tiff: bytes, prefix: bytes = b"") -> bytes:
     Image.new("RGB", (12, 8), "gray").save(simple, "WEBP", lossless=True)
     extended = b"WEBP" + chunk(b"VP8X", bytes([0x08, 0, 0, 0]) + (11).to_bytes(3, "little")
                                + (7).to_bytes(3, "little"))
-    extended += simple.getvalue()[12:] + chunk(b"EXIF", prefix + tiff)
+    extended += simple.getvalue()[12:]
+    exif = chunk(b"EXIF", prefix + tiff)
+    if outside:
+        return b"RIFF" + struct.pack("<I", len(extended)) + extended + exif
+    extended += exif
     return b"RIFF" + struct.pack("<I", len(extended)) + extended
 
 
@@ -514,20 +519,21 @@ def _tiff(order: str = ">", kind: int = 3, magic: int = 42, head: bytes | None =
         + bytes(4)
 
 
-@pytest.mark.parametrize(("tiff", "prefix"), [
-    (_tiff(), b""), (_tiff("<"), b"Exif\x00\x00"), (_tiff(kind=4), b""),
-    (_tiff(magic=43), b""), (_tiff(head=b"XX"), b""), (_tiff(), b"Exif\x01\x02"),
-    (_tiff(pad=70_000), b""), (_tiff(long_first=True), b"")],
+@pytest.mark.parametrize(("tiff", "prefix", "outside"), [
+    (_tiff(), b"", False), (_tiff("<"), b"Exif\x00\x00", False), (_tiff(kind=4), b"", False),
+    (_tiff(magic=43), b"", False), (_tiff(head=b"XX"), b"", False),
+    (_tiff(), b"Exif\x01\x02", False), (_tiff(pad=70_000), b"", False),
+    (_tiff(long_first=True), b"", False), (_tiff(), b"", True)],
     ids=["big-endian", "little-endian, prefixed", "a long", "magic 43", "no byte order",
-         "another prefix", "its IFD 70 kB in", "a long, then a short"])
-def test_the_page_reads_a_webps_orientation_as_the_service_does(page, tiff, prefix):
+         "another prefix", "its IFD 70 kB in", "a long, then a short", "past the RIFF end"])
+def test_the_page_reads_a_webps_orientation_as_the_service_does(page, tiff, prefix, outside):
     """The page turns a WebP itself: where it read the EXIF otherwise than the service, the
     photo was turned and the boxes were not, or the other way round (the diff review)."""
     import base64
 
     from service.preprocessing import decode_grayscale
 
-    data = _webp_with_exif(tiff, prefix)
+    data = _webp_with_exif(tiff, prefix, outside)
     service_turns = decode_grayscale(data).original_size == (8, 12)
     orientation = page.evaluate("""async (b64) => {
         const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));

@@ -491,9 +491,12 @@ def _exif_orientation(kind: int, count: int, value: int) -> bytes:
     return b"Exif\x00\x00MM\x00*" + struct.pack(">I", 8) + struct.pack(">H", 1) + entry + bytes(4)
 
 
-def _long_then_short_orientation() -> bytes:
-    """Two orientation entries, a LONG 3 and then a SHORT 6: Chromium skips the first."""
-    entries = (struct.pack(">HHII", 0x0112, 4, 1, 3)
+def _long_then_short_orientation(first: tuple[int, int] = (4, 3)) -> bytes:
+    """Two orientation entries, ``first`` (its type and value: a LONG 3) and then a SHORT 6:
+    Chromium skips the first, as it skips a SHORT outside 1 to 8."""
+    kind, value = first
+    entries = ((struct.pack(">HHII", 0x0112, 4, 1, value) if kind == 4
+                else struct.pack(">HHIHH", 0x0112, kind, 1, value, 0))
                + struct.pack(">HHIHH", 0x0112, 3, 1, 6, 0))
     return b"Exif\x00\x00MM\x00*" + struct.pack(">IH", 8, 2) + entries + bytes(4)
 
@@ -501,8 +504,9 @@ def _long_then_short_orientation() -> bytes:
 @pytest.mark.parametrize(("exif", "turned"), [
     (_exif_orientation(3, 1, 6), True), (_exif_orientation(4, 1, 6), False),
     (_exif_orientation(3, 2, 6), False), (_exif_orientation(8, 1, 6), False),
-    (_long_then_short_orientation(), True)],
-    ids=["short", "long", "two shorts", "signed short", "a long, then a short"])
+    (_long_then_short_orientation(), True), (_long_then_short_orientation(first=(3, 9)), True)],
+    ids=["short", "long", "two shorts", "signed short", "a long, then a short",
+         "a short of 9, then a short"])
 def test_only_an_orientation_stored_as_browsers_read_it_turns_the_image(exif, turned):
     """Chromium and Firefox take the orientation only as one SHORT; Pillow took a LONG, a
     signed one or a count of 2 too, and the page's boxes fell off the faces (the page review).
@@ -529,6 +533,15 @@ def test_an_avif_is_turned_by_its_irot_whatever_its_exif_says():
     at = data.find(placeholder)
     data[at:at + 12] = bytes.fromhex("0112 0004 00000001 00000006")
     decoded = decode_grayscale(bytes(data))
+    assert decoded.original_size == (96, 48)
+    assert_upright(decoded.gray)
+
+
+def test_an_avif_is_not_turned_by_an_orientation_in_xmp_alone():
+    """Browsers take an AVIF's turn from its irot; Pillow falls back to XMP's tiff:Orientation,
+    which the AVIF exception let through (the third diff review)."""
+    stored = Image.fromarray(upright_marker(96, 48))
+    decoded = decode_grayscale(encode(stored, "AVIF", quality=100, xmp=XMP_TURN.encode()))
     assert decoded.original_size == (96, 48)
     assert_upright(decoded.gray)
 

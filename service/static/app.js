@@ -167,7 +167,8 @@ async function webpOrientation(blob) {
   // the EXIF chunk follows the pixels (an animation's every frame): the file is read once
   // and walked in memory (a read per chunk took 98 s for 100,000 chunks)
   const file = new DataView(await blob.arrayBuffer());
-  for (let at = 12; at + 8 <= file.byteLength;) {
+  const end = Math.min(file.byteLength, 8 + file.getUint32(4, true)); // libwebp stops there
+  for (let at = 12; at + 8 <= end;) {
     const size = file.getUint32(at + 4, true);
     if (fourcc(file, at) === "EXIF") {
       let start = at + 8;
@@ -182,8 +183,10 @@ async function webpOrientation(blob) {
       const entries = tiff.getUint16(first, little);
       for (let i = 0; i < entries; i += 1) {
         const entry = first + 2 + 12 * i;
-        if (tiff.getUint16(entry, little) === 0x0112 && tiff.getUint16(entry + 2, little) === 3
-            && tiff.getUint32(entry + 4, little) === 1) return tiff.getUint16(entry + 8, little);
+        if (tiff.getUint16(entry, little) !== 0x0112 || tiff.getUint16(entry + 2, little) !== 3
+            || tiff.getUint32(entry + 4, little) !== 1) continue; // as Chromium: on to the next
+        const value = tiff.getUint16(entry + 8, little);
+        if (value >= 1 && value <= 8) return value;
       }
       return 1;
     }
