@@ -29,6 +29,7 @@ from service.arguments import count, non_negative_seconds
 from service.preprocessing import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from tests.server import server_process
 
+MIN_NOISE_BYTES = 1024
 CASES = ("idle", "multipart", "pixels", "float_tiff", "oip_json", "oip_binary", "oip_tensor")
 
 
@@ -50,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds between the starts of an a+b case's parts (the worst "
                         "seen: a float TIFF sent while the largest JSON body is parsed)")
     args = parser.parse_args(argv)
+    if args.bytes < MIN_NOISE_BYTES:  # a PNG's own bytes: smaller failed after other cases
+        parser.error(f"argument --bytes: at least {MIN_NOISE_BYTES}")
     # every case named before the first is run: a typo in the last cost all the others
     for part in (p for case in args.cases.split(",") for p in case.split("+")):
         if part.partition(":")[0] not in CASES:

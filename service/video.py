@@ -7,6 +7,7 @@ step as an uploaded image, and all the faces of a batch of frames are one model 
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import heapq
 import math
@@ -102,6 +103,8 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
         reorder = 16 / float(rate) if rate else 0.5
         cut_packet, refused, cut_refused, packets, packets_end = False, 0, 0, 0, 0.0
         shown_frames, times = 0, _PacketTimes()
+        # an AVI's times are in decode order (above): its frames are numbered as shown
+        ranked = container.format.name != "avi"
         decoder = _decoder(av, stream)
         # libvpx's frames lack the stream's display matrix: its turn is read from the
         # stream's own decoder, at its first frame
@@ -119,7 +122,8 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
             for packet in container.demux(stream):
                 cut_packet |= packet.is_corrupt
                 packets += bool(packet.size)  # not the empty one that ends the stream
-                if packet.size and packet.pts is not None:
+                # not the lead-in an edit list (a trim) has the decoder drop
+                if packet.size and packet.pts is not None and not packet.is_discard:
                     times.add(packet.pts)
                     if packet.time_base:
                         packets_end = max(packets_end, float(
@@ -134,11 +138,12 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
                 except av.error.InvalidDataError:  # one bad packet ended the whole run
                     refused += 1
                     cut_refused += packet.is_corrupt  # the one a cut file ends inside of
+                    number += not ranked  # numbered as shown: its frame is not, but counts
                     continue
                 for frame in decoded:
                     shown_frames += 1
                     rank = None if frame.pts is None else times.rank(frame.pts)
-                    if rank is not None and refused > cut_refused:
+                    if rank is not None and refused > cut_refused and ranked:
                         number = rank
                     yield number, frame
                     number += 1
@@ -209,25 +214,25 @@ class _PacketTimes:
 
     def __init__(self):
         self.waiting: list[int] = []  # a heap: packets are demuxed in decode order
-        self.passed, self.last = 0, None
+        self.passed: list[int] = []  # the distinct times passed, in order
 
     def add(self, pts: int) -> None:
         heapq.heappush(self.waiting, pts)
 
     def rank(self, pts: int) -> int | None:
         """``pts``'s rank among the packet times, which is its frame's number; None where
-        no packet has it. The times up to it are passed."""
-        own = False
+        no packet has it. The times up to it are passed (a frame the decoder gives late, as
+        after a damaged keyframe, is found among them)."""
         while self.waiting and self.waiting[0] <= pts:
             time = heapq.heappop(self.waiting)
-            own |= time == pts
-            if time != self.last:
-                self.passed, self.last = self.passed + 1, time
-        return self.passed - 1 if own else None
+            if not self.passed or time != self.passed[-1]:
+                self.passed.append(time)
+        at = bisect.bisect_left(self.passed, pts)
+        return at if at < len(self.passed) and self.passed[at] == pts else None
 
     def count(self) -> int:
         """The distinct packet times in all."""
-        return self.passed + len(set(self.waiting) - {self.last})
+        return len(self.passed) + len(set(self.waiting) - set(self.passed[-1:]))
 
 
 # FFmpeg's own VP8/VP9 decoders drop the alpha a transparent WebM carries beside its

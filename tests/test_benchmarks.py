@@ -117,7 +117,7 @@ def test_bench_memory_prints_each_cases_peak(capsys):
     (bench_models, ["--seconds", "0"]), (bench_memory, ["--stagger", "-1"]),
     (bench_soak, ["--interval", "nan"]),
     # caught after the cases before it had run, or a traceback from PIL or pydantic (a review)
-    (bench_memory, ["--cases", "idle,bogus"]), (bench_memory, ["--bytes", "0"]),
+    (bench_memory, ["--cases", "idle,bogus"]), (bench_memory, ["--bytes", "600"]),
     (bench_memory, ["--pixels", "0"]), (bench_service, ["--workers", "-1"]),
 ])
 def test_a_benchmark_refuses_a_count_it_cannot_run_before_any_work(module, argv, capsys):

@@ -891,6 +891,57 @@ def test_a_transparent_webm_keeps_its_alpha(tmp_path, rotation, damaged_first):
     assert gray[36:60].min() >= 250 and gray[:28].max() <= 45
 
 
+@pytest.mark.parametrize(("kind", "damaged"), [
+    ("trimmed mp4", 23),  # an edit list: 5 lead-in frames the decoder drops
+    ("avi", 13),  # a B-frame of H.264 in AVI, whose times are in decode order
+    ("30 fps", 20),  # a keyframe, after which a reordered frame comes out late
+])
+def test_frame_numbers_after_damage_are_the_undamaged_files(tmp_path, kind, damaged):
+    """After a damaged packet, numbers came from the packets' times: a trim's dropped lead-in
+    made every later one 5 too high, an AVI's decode-order times renumbered its frames, and
+    a frame given late took its neighbour's number (the fourth diff review)."""
+    from fractions import Fraction
+
+    import av
+
+    from service.video import DamagedVideoError, sampled_frames
+
+    rate, count = (30, 80) if kind == "30 fps" else (10, 60)
+    whole = tmp_path / ("whole.avi" if kind == "avi" else "whole.mp4")
+    noise = np.random.default_rng(2)
+    with av.open(str(whole), "w") as container:
+        stream = container.add_stream("libx264", rate=rate, options={
+            "g": "20" if kind == "30 fps" else "10", "preset": "ultrafast",
+            "x264-params": "b-adapt=0:bframes=3:scenecut=0"})
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(count):
+            frame = av.VideoFrame.from_ndarray(
+                noise.integers(0, 255, (48, 64, 3), dtype=np.uint8), format="rgb24")
+            if kind == "trimmed mp4":
+                frame.pts, frame.time_base = i - 5, Fraction(1, rate)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with av.open(str(whole)) as container:
+        payload = [bytes(p) for p in container.demux(video=0) if p.size][damaged]
+    data = bytearray(whole.read_bytes())
+    at = data.find(payload)
+    data[at:at + len(payload)] = b"\xff" * len(payload)
+    broken = tmp_path / f"damaged{whole.suffix}"
+    broken.write_bytes(bytes(data))
+    number_at = {time: number for time, number, _ in sampled_frames(whole, fps=rate)}
+    rows = []
+    with pytest.raises(DamagedVideoError):
+        rows.extend((time, number) for time, number, _ in sampled_frames(broken, fps=rate))
+    assert len(rows) >= len(number_at) - 20
+    # the AVI's sampling, by decode-order times, may take a neighbour of the lost B-frame
+    # at that frame's time: one row
+    others = [(time, number) for time, number in rows if number_at.get(time) != number]
+    assert len(others) <= (kind == "avi"), others
+    assert len({number for _, number in rows}) == len(rows)
+
+
 def test_a_video_that_is_no_regular_file_and_a_plot_that_fails_after_it(tmp_path, capsys):
     """A pipe was "no such file"; a plot the disk refused after a whole video was a traceback
     of matplotlib's, and faces=auto's faces left out went unsaid (the video review)."""
