@@ -735,6 +735,39 @@ def test_webcam_mode_sends_frames_and_updates_live(page, server):
     assert page.inner_text("#webcam") == "Start the webcam"
 
 
+def test_a_message_about_a_paste_stays_while_the_webcam_runs(page, server):
+    """The webcam's next good frame cleared it within 150 ms, unread (a review)."""
+    page.click("#webcam")
+    page.wait_for_selector("#status[data-fps]", timeout=20000)
+    page.evaluate("""() => {
+        const transfer = new DataTransfer();
+        transfer.setData("text/plain", "hello");
+        document.body.dispatchEvent(new ClipboardEvent("paste", { clipboardData: transfer,
+                                                                  bubbles: true }));
+    }""")
+    page.wait_for_timeout(1500)  # some ten frames answered since
+    assert page.inner_text("#error").startswith("Nothing to classify was pasted")
+    page.click("#webcam")
+
+
+def test_a_negative_retry_after_waits_as_none_given(page, server):
+    """A proxy's negative Retry-After sent the three retries at once (a review)."""
+    refused = []
+
+    def busy_once(route):
+        if refused:
+            route.continue_()
+            return
+        refused.append(route.request.url)
+        route.fulfill(status=503, content_type="application/json", headers={"Retry-After": "-5"},
+                      body='{"detail": "busy", "code": "overloaded"}')
+
+    page.route("**/predict*", busy_once)
+    page.set_input_files("#file", str(EXAMPLES / "two_people.jpg"))
+    page.wait_for_selector("#status:has-text('sending two_people.jpg again in 1 s')")
+    page.wait_for_selector("#status:has-text('2 faces found by cnn')", timeout=10_000)
+
+
 def predict_requests(page) -> int:
     return len([u for u in page.requests_seen if "/predict" in u])
 

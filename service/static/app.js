@@ -15,7 +15,8 @@ const MIN_SHOWN = { width: 320, height: 480 }; // a smaller image is shown large
 const state = { classes: [], models: [], examples: [], nextExample: 0, objectUrl: null,
                 stream: null, running: false, starting: false, sent: [], generation: 0,
                 controller: null, initDelay: 1000, last: null, shown: null, focusedFace: 0,
-                interval: null, listHeld: false }; // interval: takeInterval's, from its field
+                interval: null, listHeld: false, noteUntil: 0 }; // interval: takeInterval's, from its field
+const NOTE_MS = 5000; // a message about a drop or paste stays this long while webcam frames come
 
 function newRequestSignal() {
   if (state.controller) state.controller.abort();
@@ -56,7 +57,8 @@ async function api(path, options = {}, timeoutMs = 0) {
   }
   if (!response.ok) {
     const detail = (body && (body.detail || body.error)) || statusInWords(response);
-    const retryAfter = Number(response.headers.get("Retry-After")) || 0; // seconds
+    // seconds; a proxy's negative value sent the retries at once
+    const retryAfter = Math.max(0, Number(response.headers.get("Retry-After"))) || 0;
     return { ok: false, status: response.status, detail, code: body && body.code, retryAfter };
   }
   return { ok: true, status: response.status, body };
@@ -67,6 +69,12 @@ function showError(message) {
   if (!box.hidden && box.textContent === message) return; // the alert speaks once, not per frame
   box.textContent = message;
   box.hidden = false;
+}
+
+function showKept(message) {
+  // shown as an error, but kept: the webcam's next good frame cleared it in 150 ms
+  showError(message);
+  state.noteUntil = performance.now() + NOTE_MS;
 }
 
 function clearError() {
@@ -527,7 +535,7 @@ async function tick(generation) {
   if (!state.running || generation !== state.generation) return;
   const now = performance.now();
   if (result.ok) {
-    clearError();
+    if (now > state.noteUntil) clearError(); // not a message to the person, still to be read
     render(result.body.predictions, { width: canvas.width, height: canvas.height });
     state.sent = state.sent.filter((t) => now - t < 3000).concat(now); // answered frames only
   } else {
@@ -611,7 +619,7 @@ function wire() {
     drop.classList.remove("over");
     const note = files.length > 1 ? ` (only the first of the ${files.length} files dropped; drop one at a time)` : "";
     if (files[0]) classifyFile(files[0], files[0].name, note);
-    else showError("Nothing to classify was dropped: drop an image file.");
+    else showKept("Nothing to classify was dropped: drop an image file.");
   });
   document.addEventListener("paste", (e) => {
     const files = [...(e.clipboardData ? e.clipboardData.files : [])];
@@ -619,7 +627,7 @@ function wire() {
     if (files[0]) classifyFile(files[0], files[0].name || "pasted image", note);
     // text pasted into a field is the field's; pasted elsewhere, it was taken in silence
     else if (!e.target.closest("input, textarea, select, [contenteditable]")) {
-      showError("Nothing to classify was pasted: copy the image itself (not its name or address) and paste it here.");
+      showKept("Nothing to classify was pasted: copy the image itself (not its name or address) and paste it here.");
     }
   });
   $("example").addEventListener("click", async () => {
