@@ -687,6 +687,22 @@ def test_a_video_without_pictures_and_impossible_rates_are_one_line_each(tmp_pat
 
 
 
+def overwritten_packets(video: Path, numbers) -> tuple[bytes, list[int]]:
+    """The video's bytes with the payloads of its packets ``numbers`` (indexes among those
+    holding data) overwritten with 0xFF, as a disk or a transfer damages them; and where each
+    packet's payload starts (after its container's own header: a WebM's block, say)."""
+    import av
+
+    with av.open(str(video)) as container:
+        packets = [(max(p.pos, 0), bytes(p)) for p in container.demux(video=0) if p.size]
+    data = bytearray(video.read_bytes())
+    starts = [data.find(payload, position) for position, payload in packets]
+    for number in numbers:
+        size = len(packets[number][1])
+        data[starts[number]:starts[number] + size] = b"\xff" * size
+    return bytes(data), starts
+
+
 def noise_frames(count: int) -> list[Image.Image]:
     """Frames that compress badly, so that cutting the file cuts the frames."""
     return [Image.fromarray(np.random.default_rng(i).integers(0, 255, (48, 64), np.uint8))
@@ -762,14 +778,7 @@ def test_damaged_packets_are_skipped_and_counted_and_the_rest_classified(tmp_pat
                     "(damaged, or needing a damaged one): skipped, with their frames; the 39 "
                     f"rows of the 39 frames read are in {tmp_path / 'damaged.csv'}")
     # the last packets damaged in place: the file is whole, not cut short (the diff review)
-    import av
-
-    with av.open(str(whole)) as container:
-        spans = [(p.pos, p.size) for p in container.demux(video=0) if p.size]
-    data = bytearray(whole.read_bytes())
-    for position, size in spans[-8:]:
-        data[position:position + size] = b"\xff" * size
-    damaged.write_bytes(bytes(data))
+    damaged.write_bytes(overwritten_packets(whole, range(-8, 0))[0])
     assert main(["video", str(damaged), "--out", str(tmp_path / "damaged.csv"), *argv]) == 1
     [line] = capsys.readouterr().err.strip().splitlines()
     assert ": 8 of its 40 packets could not be decoded" in line and "cut short" not in line
@@ -797,13 +806,9 @@ def test_frames_lost_after_a_damaged_keyframe_keep_the_numbers_true(tmp_path, ca
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    with av.open(str(whole)) as container:
-        spans = [(p.pos, p.size) for p in container.demux(video=0) if p.size]
-    data = bytearray(whole.read_bytes())
-    position, size = spans[10]  # the second keyframe
-    data[position:position + size] = b"\xff" * size
-    damaged.write_bytes(bytes(data))
-    both.write_bytes(bytes(data[:spans[40][0] + 7]))
+    data, starts = overwritten_packets(whole, [10])  # the second keyframe
+    damaged.write_bytes(data)
+    both.write_bytes(data[:starts[40] + 7])
     argv = ["--fps", "10", "--faces", "none"]
     assert main(["video", str(whole), "--out", str(tmp_path / "whole.csv"), *argv]) == 0
     frame_at = {r["time_s"]: r["frame"] for r in read_rows(tmp_path / "whole.csv")}
@@ -872,12 +877,7 @@ def test_a_transparent_webm_keeps_its_alpha(tmp_path, rotation, damaged_first):
             container.mux(packet)
     samples = []
     if damaged_first:  # its first keyframe: libvpx refuses the frames up to the next one
-        with av.open(str(video)) as container:
-            first = bytes(next(p for p in container.demux(video=0) if p.size))
-        data = bytearray(video.read_bytes())
-        at = data.find(first)
-        data[at:at + len(first)] = b"\xff" * len(first)
-        video.write_bytes(bytes(data))
+        video.write_bytes(overwritten_packets(video, [0])[0])
         with pytest.raises(VideoError):
             samples.extend(sampled_frames(video, fps=2))
         assert samples
@@ -923,13 +923,8 @@ def test_frame_numbers_after_damage_are_the_undamaged_files(tmp_path, kind, dama
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    with av.open(str(whole)) as container:
-        payload = [bytes(p) for p in container.demux(video=0) if p.size][damaged]
-    data = bytearray(whole.read_bytes())
-    at = data.find(payload)
-    data[at:at + len(payload)] = b"\xff" * len(payload)
     broken = tmp_path / f"damaged{whole.suffix}"
-    broken.write_bytes(bytes(data))
+    broken.write_bytes(overwritten_packets(whole, [damaged])[0])
     number_at = {time: number for time, number, _ in sampled_frames(whole, fps=rate)}
     rows = []
     with pytest.raises(DamagedVideoError):

@@ -542,6 +542,16 @@ def test_the_page_reads_a_webps_orientation_as_the_service_does(page, tiff, pref
     assert (orientation == 6) == service_turns
 
 
+def paste_text(page, text: str, into: str = "body") -> None:
+    """A paste of ``text`` (no file) into the element ``into``, as Ctrl+V there sends it."""
+    page.evaluate("""([text, into]) => {
+        const transfer = new DataTransfer();
+        transfer.setData("text/plain", text);
+        document.querySelector(into).dispatchEvent(new ClipboardEvent("paste", {
+            clipboardData: transfer, bubbles: true }));
+    }""", [text, into])
+
+
 def test_a_file_dropped_on_the_photo_and_text_pasted_are_answered(page, server):
     """Dropped on the photo rather than the zone, a new file did nothing and the last answer
     stayed as if it were the new one's; text pasted did nothing either (the page review)."""
@@ -556,20 +566,10 @@ def test_a_file_dropped_on_the_photo_and_text_pasted_are_answered(page, server):
     page.dispatch_event("#photo", "drop", {"dataTransfer": transfer})
     page.wait_for_selector("#status:has-text('4 faces found by cnn')")
     assert page.get_attribute("#photo", "alt").startswith("The image four.jpg,")
-    page.evaluate("""() => {
-        const transfer = new DataTransfer();
-        transfer.setData("text/plain", "/home/me/photo.jpg");
-        document.body.dispatchEvent(new ClipboardEvent("paste", { clipboardData: transfer,
-                                                                  bubbles: true }));
-    }""")
+    paste_text(page, "/home/me/photo.jpg")
     assert page.inner_text("#error").startswith("Nothing to classify was pasted")
-    page.evaluate("""() => {  // into a field: the field's, not an error
-        document.querySelector("#error").hidden = true;
-        const transfer = new DataTransfer();
-        transfer.setData("text/plain", "2");
-        document.querySelector("#interval").dispatchEvent(new ClipboardEvent("paste", {
-            clipboardData: transfer, bubbles: true }));
-    }""")
+    page.evaluate('document.querySelector("#error").hidden = true')
+    paste_text(page, "2", into="#interval")  # into a field: the field's, not an error
     assert page.is_hidden("#error")
     # nor a drop of text into a field: it goes into the field, as the browser has it
     prevented = page.evaluate("""() => {
@@ -583,9 +583,9 @@ def test_a_file_dropped_on_the_photo_and_text_pasted_are_answered(page, server):
     assert not prevented and page.is_hidden("#error")
 
 
-def test_an_upload_refused_as_busy_is_sent_again_after_retry_after(page, server):
-    """The page said "retry shortly" and stopped: the person had to choose the file again
-    (the page review). Sent again after the Retry-After, it is answered."""
+def refused_once_as_busy(page, retry_after: str) -> list[str]:
+    """The first /predict answered 503 overloaded with ``retry_after``, the rest passed on to
+    the service; the URLs refused are listed in the list returned."""
     refused = []
 
     def busy_once(route):
@@ -593,10 +593,18 @@ def test_an_upload_refused_as_busy_is_sent_again_after_retry_after(page, server)
             route.continue_()
             return
         refused.append(route.request.url)
-        route.fulfill(status=503, content_type="application/json", headers={"Retry-After": "1"},
+        route.fulfill(status=503, content_type="application/json",
+                      headers={"Retry-After": retry_after},
                       body='{"detail": "too many requests in flight", "code": "overloaded"}')
 
     page.route("**/predict*", busy_once)
+    return refused
+
+
+def test_an_upload_refused_as_busy_is_sent_again_after_retry_after(page, server):
+    """The page said "retry shortly" and stopped: the person had to choose the file again
+    (the page review). Sent again after the Retry-After, it is answered."""
+    refused = refused_once_as_busy(page, retry_after="1")
     page.set_input_files("#file", str(EXAMPLES / "two_people.jpg"))
     page.wait_for_selector("#status:has-text('The service is busy; sending two_people.jpg "
                            "again in 1 s')")
@@ -739,12 +747,7 @@ def test_a_message_about_a_paste_stays_while_the_webcam_runs(page, server):
     """The webcam's next good frame cleared it within 150 ms, unread (a review)."""
     page.click("#webcam")
     page.wait_for_selector("#status[data-fps]", timeout=20000)
-    page.evaluate("""() => {
-        const transfer = new DataTransfer();
-        transfer.setData("text/plain", "hello");
-        document.body.dispatchEvent(new ClipboardEvent("paste", { clipboardData: transfer,
-                                                                  bubbles: true }));
-    }""")
+    paste_text(page, "hello")
     page.wait_for_timeout(1500)  # some ten frames answered since
     assert page.inner_text("#error").startswith("Nothing to classify was pasted")
     page.click("#webcam")
@@ -752,17 +755,7 @@ def test_a_message_about_a_paste_stays_while_the_webcam_runs(page, server):
 
 def test_a_negative_retry_after_waits_as_none_given(page, server):
     """A proxy's negative Retry-After sent the three retries at once (a review)."""
-    refused = []
-
-    def busy_once(route):
-        if refused:
-            route.continue_()
-            return
-        refused.append(route.request.url)
-        route.fulfill(status=503, content_type="application/json", headers={"Retry-After": "-5"},
-                      body='{"detail": "busy", "code": "overloaded"}')
-
-    page.route("**/predict*", busy_once)
+    refused_once_as_busy(page, retry_after="-5")
     page.set_input_files("#file", str(EXAMPLES / "two_people.jpg"))
     page.wait_for_selector("#status:has-text('sending two_people.jpg again in 1 s')")
     page.wait_for_selector("#status:has-text('2 faces found by cnn')", timeout=10_000)
