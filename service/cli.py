@@ -209,6 +209,13 @@ def run_video(args: argparse.Namespace) -> int:
     return 1 if plot_error else 0
 
 
+def model_name(text: str) -> str:
+    """Not empty: `--model ''` (an unset shell variable) quietly ran the default model."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty; name a model, such as cnn or knn")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emotion-detect", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -222,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="auto: the largest face; all: every face, a row each; none: "
                          "the whole image (default: " + (
                              faces or f"EMOTION_DEFAULT_FACES{served}") + ")")
-        sub.add_argument("--model", default=None,
+        sub.add_argument("--model", type=model_name, default=None,
                          help=f"cnn or knn (default: EMOTION_DEFAULT_MODEL{served})")
         sub.add_argument("--batch-size", type=batch_size, default=8,
                          help="images (or frames) per model call (default: %(default)s, at "

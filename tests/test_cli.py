@@ -165,6 +165,12 @@ def test_usage_mistakes_exit_2_in_one_line(tmp_path):
                              "--model", "resnet"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(
         "emotion-detect images: error: unknown model 'resnet'")
+    for command in (["images", str(tmp_path)], ["video", str(tmp_path / "clip.mp4")]):
+        result = subprocess.run([*COMMAND, *command, "--out", str(tmp_path / "r.csv"),
+                                 "--model", ""], cwd=REPO, capture_output=True, text=True)
+        assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
+            f"emotion-detect {command[0]}: error: argument --model: empty; name a model, "
+            "such as cnn or knn")
 
 
 def test_resume_after_an_interrupted_run_finishes_the_rest_once(test_images, tmp_path):
