@@ -92,15 +92,20 @@ def model_version(predictor: Predictor, name: str) -> str:
 
 
 def _check_model(predictor: Predictor, name: str, version: str | None) -> JSONResponse | None:
+    unavailable = None
     try:
         predictor.model(name)
     except UnknownModelError as exc:
         return oip_error(404, str(exc))
     except ModelUnavailableError as exc:
-        return oip_error(503, str(exc), {"Retry-After": "60"})
+        unavailable = exc
+    # the manifest knows the version of a refused model too: a version that never exists
+    # is a 404, not a 503 to retry
     if version is not None and version != model_version(predictor, name):
         return oip_error(404, f"model {name!r} has no version {shown(version)}; it has "
                          f"{model_version(predictor, name)!r}")
+    if unavailable is not None:
+        return oip_error(503, str(unavailable), {"Retry-After": "60"})
     return None
 
 
