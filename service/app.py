@@ -68,7 +68,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # /docs and /redoc come from install_page: their assets are served here, not by a CDN.
     app = FastAPI(title="Emotion detection", version="0.1.0", description=DESCRIPTION,
-                  lifespan=lifespan, docs_url=None, redoc_url=None)
+                  lifespan=lifespan, docs_url=None, redoc_url=None,
+                  # a 307 to the path without its slash had no error body, and named http://
+                  # behind a proxy ending TLS: a client re-sent its photo in the clear
+                  redirect_slashes=False)
     if settings is not load_settings():
         async def these_settings() -> Settings:
             return settings

@@ -10,6 +10,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
+from starlette.routing import Match
 
 from service.inference import (
     FacesUnavailableError,
@@ -24,6 +25,7 @@ from service.preprocessing import (
     TooManyBytesError,
     TooManyPixelsError,
     TooManyScansError,
+    shown,
 )
 
 PREPROCESSING_STATUS = {
@@ -100,6 +102,18 @@ def openapi_without_unsent_422(app: FastAPI) -> dict:
     return app.openapi_schema
 
 
+def _without_its_slash(request: Request) -> str | None:
+    """The path less its trailing slash, where a route serves that (slashes are not
+    redirected)."""
+    path = request.url.path
+    if len(path) < 2 or not path.endswith("/"):
+        return None
+    bare = path.rstrip("/") or "/"
+    scope = {"type": "http", "path": bare, "method": request.method}
+    routes = request.app.router.routes
+    return bare if any(route.matches(scope)[0] != Match.NONE for route in routes) else None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.openapi = lambda: openapi_without_unsent_422(app)
 
@@ -125,7 +139,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def handle_http_error(request: Request, exc: StarletteHTTPException):
         codes = {404: "not_found", 405: "method_not_allowed"}
-        body = {"detail": str(exc.detail), "code": codes.get(exc.status_code, "http_error")}
+        detail = str(exc.detail)
+        if exc.status_code == 404 and (bare := _without_its_slash(request)):
+            detail += f"; this service's paths end without a slash: {shown(bare)}"
+        body = {"detail": detail, "code": codes.get(exc.status_code, "http_error")}
         if request.url.path.startswith("/v2"):  # the Open Inference Protocol's error field
             body["error"] = body["detail"]
         return JSONResponse(body, status_code=exc.status_code,

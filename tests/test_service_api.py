@@ -368,6 +368,22 @@ def test_metrics_answer_the_format_the_client_ranks_first(client, accept, promet
     assert (kind != "application/json") == prometheus, kind
 
 
+def test_a_trailing_slash_is_a_json_404_naming_the_path_without_it(client):
+    """Starlette redirected it, 307 with no body, to an http:// Location built from Host:
+    behind a proxy ending TLS, a client was sent to post its photo in the clear (a review)."""
+    for method, path, body in (("POST", "/predict/", None), ("GET", "/healthz/", None),
+                               ("POST", "/v2/models/cnn/infer/", b"{}"), ("GET", "/v2//", None)):
+        answer = client.request(method, path, content=body, follow_redirects=False,
+                                headers={"host": "emotion.example", "x-forwarded-proto": "https"})
+        assert_error(answer, 404, "not_found")
+        assert "location" not in answer.headers
+        assert answer.json()["detail"].endswith(
+            f"paths end without a slash: {path.rstrip('/')!r}")
+        assert path.startswith("/v2") == ("error" in answer.json())  # the protocol's field
+    # no hint where the path without its slash is no route either
+    assert client.get("/no/such/").json()["detail"] == "Not Found"
+
+
 def test_metric_labels_stay_bounded_whatever_clients_send(client):
     """Paths are their route templates or "unmatched", methods a fixed set or "other"."""
     for method, path in (("PROPFIND", "/healthz"), ("MKCOL", "/x/y"), ("GET", "/no/such"),
@@ -422,6 +438,11 @@ def test_a_tampered_artifact_is_refused_and_the_other_model_serves(
                     client.post(f"/v2/models/{broken}/infer", json=request)):
             assert oip.status_code == 503 and "not available" in oip.json()["error"], oip.text
             assert int(oip.headers["retry-after"]) > 0
+        # a version it never had is no reason to retry, refused or not
+        for oip in (client.get(f"/v2/models/{broken}/versions/nosuch"),
+                    client.get(f"/v2/models/{broken}/versions/nosuch/ready"),
+                    client.post(f"/v2/models/{broken}/versions/nosuch/infer", json=request)):
+            assert oip.status_code == 404 and "has no version 'nosuch'" in oip.json()["error"]
         assert client.post(f"/v2/models/{healthy}/infer", json=request).status_code == 200
 
 
