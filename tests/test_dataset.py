@@ -125,3 +125,30 @@ def test_the_audit_refuses_data_that_differs_before_it_rewrites_the_splits(
     [line] = result.stderr.strip().splitlines()
     assert expected in line
     assert {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == before
+
+
+def test_a_split_written_on_a_full_disk_leaves_the_one_before(tmp_path):
+    """The audit wrote its tables in place: a full disk cut clean.csv mid-row, and a cut on a
+    line end was read later as a table of 5,372 of its 13,681 rows (a review). A file-size
+    limit stands in for the full disk."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "identity.csv"
+    shutil.copy(REPO / "data" / "splits" / "identity.csv", path)
+    before = path.read_bytes()
+    script = """
+import resource, sys
+from pathlib import Path
+from training.splits import read_split, write_split
+path = Path(sys.argv[1])
+frame = read_split(path)
+frame["split"] = "train"  # a new split, as large as the old one
+resource.setrlimit(resource.RLIMIT_FSIZE, (len(path.read_bytes()) // 2,) * 2)
+write_split(frame, path)
+"""
+    result = subprocess.run([sys.executable, "-c", script, str(path)], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and "File too large" in result.stderr, result.stderr
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [path.name]
+

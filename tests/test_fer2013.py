@@ -362,7 +362,7 @@ def test_face_geometry_says_it_needs_training_before_any_work(fer_settings, tmp_
     models.mkdir()
     with pytest.raises(SystemExit, match="Training is not in .*python -m training fetch"):
         build_face_crop(fer_settings.model_copy(update={"fer2013_dir": only_public}), models,
-                        limit=2)
+                        limit=2, staging=models)
     assert not any(models.iterdir())
 
 

@@ -259,7 +259,7 @@ def test_model_card_has_the_side_by_side_and_the_reliability_diagram(manifest):
 
 def test_model_card_describes_the_shipped_face_detector(tmp_path):
     from service.faces import load_face_crop
-    from training.model_card import face_detector_note, refresh_face_detector_note
+    from training.model_card import card_with_face_detector_note, face_detector_note
 
     spec = load_face_crop(REPO_MODELS_DIR)
     note = "\n".join(face_detector_note(REPO_MODELS_DIR))
@@ -280,8 +280,7 @@ def test_model_card_describes_the_shipped_face_detector(tmp_path):
     # ... and face-geometry, run after export, replaces a stale section in place.
     shutil.copy(REPO_MODELS_DIR / "face_crop.json", tmp_path)
     (tmp_path / "README.md").write_text("# card\n\n## Face detector\nstale\n\n## Provenance\n- x\n")
-    refresh_face_detector_note(tmp_path)
-    refreshed = (tmp_path / "README.md").read_text()
+    refreshed = card_with_face_detector_note(tmp_path, crop_dir=tmp_path)
     assert "stale" not in refreshed and note in refreshed
     assert refreshed.startswith("# card") and refreshed.endswith("## Provenance\n- x\n")
 

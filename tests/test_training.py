@@ -520,7 +520,8 @@ def test_face_geometry_into_a_folder_without_models_writes_nothing_and_is_one_li
 
     monkeypatch.setattr(face_geometry, "Workspace", Present)
     with pytest.raises(ManifestError, match="cannot read the model manifest"):
-        face_geometry.build_face_crop(cli.get_training_settings(), tmp_path, limit=2)
+        face_geometry.build_face_crop(cli.get_training_settings(), tmp_path, limit=2,
+                                      staging=tmp_path)
     assert list(tmp_path.iterdir()) == []
     assert cli.main(["face-geometry", "--out", str(tmp_path), "--limit", "2"]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
@@ -1028,18 +1029,58 @@ def test_face_geometry_pins_the_file_it_writes_so_the_service_loads_it(tmp_path)
     from service.manifest import load_manifest, sha256_bytes
     from service.settings import REPO_MODELS_DIR
     from tests.api import models_copy
-    from training.face_geometry import write_face_crop
+    from training.face_geometry import face_crop_staging, install_face_crop
 
     folder = models_copy(tmp_path)
     spec = load_face_crop(folder)
     spec.detector.thresholds = (0.5, 0.7, 0.7)
-    write_face_crop(spec, folder)
+    with face_crop_staging(folder) as staging:
+        for network in spec.detector.networks.values():  # as build_face_crop leaves them
+            shutil.copy(folder / network.file, staging)
+        install_face_crop(spec, folder, staging)
+    assert not list(folder.glob(".*"))  # nothing left of the staging
     manifest = load_manifest(folder)
     assert manifest.face_detector.sha256 == sha256_bytes((folder / "face_crop.json").read_bytes())
     assert manifest.models == load_manifest(REPO_MODELS_DIR).models  # the models' entries kept
     predictor = Predictor.load(folder, threads=1)
     assert predictor.cropper_error is None
     assert predictor.cropper.spec.detector.thresholds == (0.5, 0.7, 0.7)
+
+
+def test_face_geometry_leaves_the_models_folder_as_it_was_when_a_write_fails(tmp_path):
+    """It rewrote manifest.json in place: cut by a full disk, the manifest stopped the service
+    and face-geometry itself, which reads it first (a review). A file-size limit between the
+    other files' sizes and the manifest's stands in for the disk filling at the last write."""
+    import subprocess
+    import sys
+
+    from service.manifest import load_manifest
+    from tests.api import models_copy
+    from tests.server import REPO
+
+    folder = models_copy(tmp_path)
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    assert max(len(before[name]) for name in ("face_crop.json", "README.md")) < 40_000 < len(
+        before["manifest.json"])
+    script = """
+import resource, shutil, sys
+from pathlib import Path
+from service.faces import load_face_crop
+from training.face_geometry import face_crop_staging, install_face_crop
+folder = Path(sys.argv[1])
+spec = load_face_crop(folder)
+spec.detector.thresholds = (0.5, 0.7, 0.7)
+with face_crop_staging(folder) as staging:
+    for network in spec.detector.networks.values():  # as build_face_crop leaves them
+        shutil.copy(folder / network.file, staging)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
+    install_face_crop(spec, folder, staging)
+"""
+    result = subprocess.run([sys.executable, "-c", script, str(folder)], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and "File too large" in result.stderr, result.stderr
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    assert load_manifest(folder).face_detector is not None
 
 
 @pytest.mark.parametrize(("argv", "env", "says"), [

@@ -215,17 +215,16 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_face_geometry(args: argparse.Namespace) -> None:
-    from training.face_geometry import build_face_crop, write_face_crop
-    from training.model_card import refresh_face_detector_note
+    from training.face_geometry import build_face_crop, face_crop_staging, install_face_crop
 
     if args.limit is not None and args.out is None:
         raise SystemExit("--limit needs --out, a "
                          "copy of the models folder (its CNN and manifest.json): a sample's "
                          "framing must not replace the shipped models' own")
     out = args.out or get_training_settings().models_dir
-    spec = build_face_crop(get_training_settings(), out, args.limit)
-    path = write_face_crop(spec, out)
-    refresh_face_detector_note(out)
+    with face_crop_staging(out) as staging:
+        spec = build_face_crop(get_training_settings(), out, args.limit, staging=staging)
+        path = install_face_crop(spec, out, staging)
     g, evaluation = spec.geometry, spec.evaluation
     print(f"face geometry: {spec.learned_from['chosen']} framing, center ({g.center_x:.3f}, "
           f"{g.center_y:.3f}), size ({g.width:.3f}, {g.height:.3f}) of the crop")

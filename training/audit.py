@@ -19,6 +19,7 @@ from PIL import Image
 
 from service.classes import CLASS_NAMES
 from training.dataset import clean_legend, read_legend
+from training.files import replace_text
 from training.settings import TrainingSettings
 from training.splits import (
     SPLIT_SEED,
@@ -142,11 +143,12 @@ def run_audit(settings: TrainingSettings, out_dir: Path | None = None,
     }
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out_dir / settings.clean_table.name, index=False, lineterminator="\n")
+    replace_text(out_dir / settings.clean_table.name,
+                 table.to_csv(index=False, lineterminator="\n"))
     for name, (frame, _) in splits.items():
         write_split(frame, splits_dir / f"{name}.csv")
-    (out_dir / "audit.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / "audit.md").write_text(render_markdown(report))
+    replace_text(out_dir / "audit.json", json.dumps(report, indent=2) + "\n")
+    replace_text(out_dir / "audit.md", render_markdown(report))
     return report
 
 

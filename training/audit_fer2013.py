@@ -35,6 +35,7 @@ from training.fer2013 import (
     pixel_digests,
 )
 from training.fetch import read_checksums
+from training.files import replace_text
 from training.settings import DATASET_HINT, TrainingSettings
 
 THUMBNAIL = 24
@@ -141,8 +142,8 @@ def run_fer_audit(settings: TrainingSettings, out_dir: Path | None = None) -> di
     }
     if report["complete"]:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "fer2013_audit.json").write_text(json.dumps(report, indent=2) + "\n")
-        (out_dir / "fer2013_audit.md").write_text(render_fer_markdown(report))
+        replace_text(out_dir / "fer2013_audit.json", json.dumps(report, indent=2) + "\n")
+        replace_text(out_dir / "fer2013_audit.md", render_fer_markdown(report))
     return report
 
 

@@ -43,6 +43,7 @@ from training.fer2013 import (
 )
 from training.fer_backbone import FER_BLOCK_WIDTHS, FER_INPUT_SIZE, FER_VERSION
 from training.fetch import sha256_file
+from training.files import write_synced
 from training.knn import build_pipeline, sweep_k
 from training.model_card import CARD_FILES, write_model_card
 from training.models import WithSoftmax, load_checkpoint, model_from_checkpoint
@@ -123,10 +124,7 @@ def install_export(out_dir: Path, manifest: Manifest, also: tuple[str, ...] = ()
     failure or Ctrl-C before leaves the folder's models, card and manifest as they were (the
     cnn used to be replaced at once, its manifest only after every score; reviews)."""
     written = candidate_path(out_dir, MANIFEST_FILE)  # first: a full disk fails it, not later
-    with open(written, "w") as file:
-        file.write(manifest.model_dump_json(indent=1) + "\n")
-        file.flush()
-        os.fsync(file.fileno())
+    write_synced(written, manifest.model_dump_json(indent=1) + "\n")
     # a Ctrl-C among the renames left new models beside the old manifest, which the service
     # then refused (a review): a stop that arrives here is taken once they are all done
     with signals_held(*STOPPING_SIGNALS):

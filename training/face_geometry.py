@@ -13,8 +13,13 @@ scored the same way, and the service's default is whichever mode scores higher: 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -35,10 +40,13 @@ from service.inference import model_inputs
 from service.manifest import MANIFEST_FILE, load_manifest
 from service.models import OnnxClassifier
 from service.preprocessing import INPUT_SIZE, decode_grayscale, pixels_to_input
+from service.signals import STOPPING_SIGNALS, signals_held
 from training.data import Workspace
 from training.evaluate import macro_f1
 from training.face_detector import FACENET_VERSION, export_networks
 from training.fetch import sha256_file
+from training.files import sync, write_synced
+from training.model_card import card_with_face_detector_note
 from training.provenance import code_commit
 from training.recipe import EVAL_SETS
 from training.settings import TrainingSettings
@@ -122,15 +130,28 @@ def score_mode(ws: Workspace, model: OnnxClassifier, cropper: FaceCropper | None
     return out
 
 
-def export_detector(settings: TrainingSettings, models_dir: Path) -> DetectorConfig:
-    """The detector's ONNX files in ``models_dir`` and a configuration naming them."""
-    paths = export_networks(settings.pretrained_dir, models_dir)
+def export_detector(settings: TrainingSettings, out_dir: Path) -> DetectorConfig:
+    """The detector's ONNX files in ``out_dir`` and a configuration naming them."""
+    paths = export_networks(settings.pretrained_dir, out_dir)
     return DetectorConfig(networks={stage: NetworkFile(file=path.name, sha256=sha256_file(path))
                                     for stage, path in paths.items()})
 
 
+@contextlib.contextmanager
+def face_crop_staging(models_dir: Path) -> Iterator[Path]:
+    """A folder in ``models_dir`` for what ``face-geometry`` writes until
+    :func:`install_face_crop` moves it in; removed after, whatever happened."""
+    staging = Path(tempfile.mkdtemp(prefix=".face-geometry.", dir=models_dir))
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def build_face_crop(settings: TrainingSettings, models_dir: Path,
-                    limit: int | None = None) -> FaceCropSpec:
+                    limit: int | None = None, *, staging: Path) -> FaceCropSpec:
+    """The face detector (its ONNX files written in ``staging``) and its crop framing,
+    measured with the CNN of ``models_dir``."""
     started = time.perf_counter()
     ws = Workspace(settings, "full")
     ws.require_fer()  # FER-2013 Training's framing; before the detector is written or run
@@ -139,8 +160,8 @@ def build_face_crop(settings: TrainingSettings, models_dir: Path,
     manifest = load_manifest(models_dir)
     entry = manifest.models["cnn"]
     model = OnnxClassifier((models_dir / entry.file).read_bytes(), entry, threads=0)
-    config = export_detector(settings, models_dir)
-    detector = FaceDetector(config, models_dir)
+    config = export_detector(settings, staging)
+    detector = FaceDetector(config, staging)
     identity, learned_identity = learn_geometry(ws, detector, "identity", limit)
     fer, learned_fer = learn_geometry(ws, detector, "fer2013", limit or FER_GEOMETRY_SAMPLE)
     candidates = {"identity": identity, "fer2013": fer, "midpoint": midpoint(identity, fer)}
@@ -178,11 +199,26 @@ def build_face_crop(settings: TrainingSettings, models_dir: Path,
     return spec
 
 
-def write_face_crop(spec: FaceCropSpec, models_dir: Path) -> Path:
-    """``face_crop.json``, and its entry in ``manifest.json`` (the service refuses it without)."""
-    path = models_dir / FACE_CROP_FILE
-    path.write_text(json.dumps(spec.model_dump(), indent=2) + "\n")
+def install_face_crop(spec: FaceCropSpec, models_dir: Path, staging: Path) -> Path:
+    """``face_crop.json`` with the detector's files (in ``staging``), the model card's
+    section on them and their entry in ``manifest.json`` (the service refuses them without),
+    each written whole in ``staging`` and then renamed into ``models_dir``, the manifest last:
+    a full disk or a stop before leaves the folder as it was. The manifest was rewritten in
+    place, and cut it stopped the service and this command both (a review)."""
+    write_synced(staging / FACE_CROP_FILE, json.dumps(spec.model_dump(), indent=2) + "\n")
+    names = [network.file for network in spec.detector.networks.values()]
+    for name in names:
+        sync(staging / name)
+    names.append(FACE_CROP_FILE)
+    card = card_with_face_detector_note(models_dir, staging)
+    if card is not None:
+        write_synced(staging / "README.md", card)
+        names.append("README.md")
     manifest = load_manifest(models_dir)
-    manifest.face_detector = face_crop_entry(models_dir)
-    (models_dir / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=1) + "\n")
-    return path
+    manifest.face_detector = face_crop_entry(staging)
+    write_synced(staging / MANIFEST_FILE, manifest.model_dump_json(indent=1) + "\n")
+    with signals_held(*STOPPING_SIGNALS):  # a stop among the renames waits for the last
+        for name in names:
+            os.replace(staging / name, models_dir / name)
+        os.replace(staging / MANIFEST_FILE, models_dir / MANIFEST_FILE)
+    return models_dir / FACE_CROP_FILE

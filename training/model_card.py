@@ -207,9 +207,10 @@ def stale(evaluation: dict, cnn_sha256: str | None) -> bool:
     return bool(cnn_sha256 and measured and measured != cnn_sha256)
 
 
-def refresh_face_detector_note(models_dir: Path) -> Path | None:
-    """Rewrite the model card's face-detector section from a new ``face_crop.json``, since
-    ``face-geometry`` runs after ``export`` (it measures the exported CNN)."""
+def card_with_face_detector_note(models_dir: Path, crop_dir: Path) -> str | None:
+    """The model card of ``models_dir`` with its face-detector section made from the
+    ``face_crop.json`` in ``crop_dir``, since ``face-geometry`` runs after ``export`` (it
+    measures the exported CNN); None without a card that has a Provenance section."""
     path = models_dir / "README.md"
     if not path.is_file():
         return None
@@ -219,9 +220,8 @@ def refresh_face_detector_note(models_dir: Path) -> Path | None:
     if end < 0:
         return None
     start = end if start < 0 else start
-    note = face_detector_note(models_dir)
-    path.write_text(text[:start] + "".join(line + "\n" for line in note) + text[end:])
-    return path
+    note = face_detector_note(crop_dir)
+    return text[:start] + "".join(line + "\n" for line in note) + text[end:]
 
 
 def offsets_served(manifest: Manifest) -> str:

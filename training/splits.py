@@ -13,6 +13,7 @@ from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from service.classes import CLASS_NAMES
 from training.fetch import DataError, read_table
+from training.files import replace_text
 
 SPLIT_SEED = 20161215  # the pinned upstream commit's date
 SUBSETS = ("train", "val", "test")
@@ -97,7 +98,7 @@ def split_frame(table: pd.DataFrame, split: pd.Series) -> pd.DataFrame:
 
 def write_split(frame: pd.DataFrame, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(path, index=False, lineterminator="\n")
+    replace_text(path, frame.to_csv(index=False, lineterminator="\n"))
 
 
 def read_split(path: Path) -> pd.DataFrame:
