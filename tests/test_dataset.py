@@ -152,3 +152,21 @@ write_split(frame, path)
     assert result.returncode == 1 and "File too large" in result.stderr, result.stderr
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [path.name]
 
+
+def test_a_split_naming_images_the_clean_table_lacks_is_one_line(data_settings, tmp_path):
+    """A split and a clean table from different audits (or a table cut short) stopped a
+    training mid-run with a KeyError's traceback (a review)."""
+    from training.data import Workspace
+    from training.fetch import DataError
+
+    data = tmp_path / "data"
+    shutil.copytree(REPO / "data", data)
+    table = pd.read_csv(data / "clean.csv")
+    table.head(40).to_csv(data / "clean.csv", index=False, lineterminator="\n")
+    settings = data_settings.model_copy(update={"data_dir": data,
+                                                "cache_dir": tmp_path / "cache"})
+    ws = Workspace(settings, "smoke")  # decodes the 40 images listed
+    with pytest.raises(DataError, match=r"identity.csv names \d+ images that .*clean.csv does "
+                       r"not list \(e.g. \[.*\]\); both come from one `python -m training "
+                       "audit`: rerun it"):
+        ws.subsets("identity")

@@ -17,6 +17,7 @@ from service.classes import CLASS_NAMES
 from training.cache import DecodedImages, load_decoded_images
 from training.dataset import read_clean_table
 from training.fer2013 import FER_FETCH_HINT, fer_table, require_usages
+from training.fetch import DataError
 from training.models import ModelConfig, make_stem
 from training.settings import DATASET_HINT, TrainingSettings
 from training.splits import SUBSETS, read_split
@@ -131,8 +132,21 @@ class Workspace:
                 table, _ = self.fer()
                 self._subsets[split] = fer_subsets_from(table, self.smoke_per_class)
             else:
-                self._subsets[split] = read_subsets(self.settings, split, self.smoke_per_class)
+                subsets = read_subsets(self.settings, split, self.smoke_per_class)
+                self._require_listed(split, subsets)
+                self._subsets[split] = subsets
         return self._subsets[split]
+
+    def _require_listed(self, split: str, subsets: dict[str, Subset]) -> None:
+        """A split naming images the clean table lacks (the two written by different audits,
+        or one cut short) was a KeyError's traceback mid-run (a review)."""
+        listed = set(self.decoded.names)
+        absent = [name for s in subsets.values() for name in s.names if name not in listed]
+        if absent:
+            raise DataError(f"{self.settings.splits_dir / split}.csv names {len(absent)} images "
+                            f"that {self.settings.clean_table} does not list (e.g. "
+                            f"{absent[:3]}); both come from one `python -m training audit`: "
+                            "rerun it")
 
     def fer(self) -> tuple[pd.DataFrame, DecodedImages]:
         """FER-2013's table (the originals present) and its decode cache."""
