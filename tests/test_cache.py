@@ -65,8 +65,58 @@ def test_a_rebuild_replaces_a_damaged_cache(tmp_path):
     build_cache(table, images, tmp_path / "cache", workers=1, replace=True)
     np.testing.assert_array_equal(
         load_decoded_images(table, images, tmp_path / "cache").pixels, good)
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(
-        [cache_key(table), stale.name])  # the new build in place, and no staging left
+    # the new build in place, and no staging left, nor the old cache a stopped rebuild left
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [cache_key(table)]
+
+
+def test_a_rebuild_whose_old_cache_another_rebuild_set_aside_puts_its_own_in_place(
+        tmp_path, monkeypatch):
+    """Two `cache --rebuild` at once: the one that found the cache gone when it came to set
+    it aside failed after its whole decode, leaving its staging and an empty folder (a
+    review, 5 of 12 pairs). The other rebuild's move is made here at that moment."""
+    import tempfile
+
+    from training import cache
+
+    images = tmp_path / "images"
+    images.mkdir()
+    table = synthetic_table(images)
+    folder = tmp_path / "cache"
+    good = np.array(load_decoded_images(table, images, folder, workers=1).pixels)
+    final = folder / cache_key(table)
+    theirs = folder / f".{final.name}.old.theirs"
+    real_mkdtemp = tempfile.mkdtemp
+
+    def the_other_rebuild_first(*args, **kwargs):
+        if ".old." in kwargs.get("prefix", "") and final.exists():
+            final.rename(theirs)  # the other rebuild's aside, which it removes itself
+        return real_mkdtemp(*args, **kwargs)
+
+    monkeypatch.setattr(cache.tempfile, "mkdtemp", the_other_rebuild_first)
+    assert cache.build_cache(table, images, folder, workers=1, replace=True) == final
+    np.testing.assert_array_equal(load_decoded_images(table, images, folder).pixels, good)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([final.name, theirs.name])
+
+
+def test_a_file_where_the_cache_goes_is_refused_before_the_decode(tmp_path):
+    """It decoded the whole set, threw it away, then failed on 'Not a directory' (or, with
+    --rebuild, 'Is a directory', leaving its staging; a review)."""
+    from training.cache import build_cache
+    from training.fetch import DataError
+
+    images = tmp_path / "images"
+    images.mkdir()
+    table = synthetic_table(images)
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    (folder / cache_key(table)).write_text("not a cache")
+    for replace in (False, True):
+        with pytest.raises(DataError, match=f"{cache_key(table)}, where this decode cache "
+                           "goes, is not a folder: remove it"):
+            build_cache(table, images, folder, workers=1, replace=replace)
+        with pytest.raises(DataError, match="is not a folder"):
+            load_decoded_images(table, images, folder, workers=1)
+        assert [p.name for p in folder.iterdir()] == [cache_key(table)]
 
 
 @pytest.mark.parametrize("damage", ["index cut", "index not JSON", "pixels cut",

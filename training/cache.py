@@ -7,6 +7,7 @@ version and the clean table's file checksums, so a change to either builds a new
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -92,12 +93,16 @@ def build_cache(table: pd.DataFrame, images_dir: Path, cache_dir: Path,
                         f"{listed_in} names are missing (e.g. {missing[:3]})"
                         + (f"; {hint}" if hint else ""))
     key = cache_key(table)
+    final = cache_dir / key
+    if final.exists() and not final.is_dir():  # found before the decode, not after it
+        raise DataError(f"{final}, where this decode cache goes, is not a folder: remove it")
     cache_dir.mkdir(parents=True, exist_ok=True)
     # Build beside the final folder and rename it into place, so a crash or a concurrent
     # builder never leaves a half-written cache that looks complete.
     for left in cache_dir.glob(f".{key}.*"):
-        # a build killed outright (SIGKILL, out of memory) left its staging: 1.6 GB each
-        if _abandoned(left):
+        # a build killed outright (SIGKILL, out of memory) left its staging: 1.6 GB each;
+        # an old cache set aside by a rebuild is never read again
+        if left.name.startswith(f".{key}.old.") or _abandoned(left):
             shutil.rmtree(left, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{key}.build.", dir=cache_dir))
     umask = os.umask(0)
@@ -122,43 +127,54 @@ def build_cache(table: pd.DataFrame, images_dir: Path, cache_dir: Path,
                       shape=(len(names), INPUT_SIZE, INPUT_SIZE))
     pool = ProcessPoolExecutor(max_workers=workers or os.cpu_count(),
                                initializer=_stopping_left_to_the_parent)
+    # Everything up to the rename in the try: a failure after the decode (a concurrent
+    # rebuild's rename) left the staging, 1.6 GB, behind (a review).
     try:  # a SIGTERM or a closed terminal as Ctrl-C, so that the staging goes here too
         with stops_taken_as_ctrl_c():
             decoded = pool.map(_decode_verified, jobs, chunksize=64)
             for row, image in enumerate(tqdm(decoded, total=len(jobs), desc="decode cache",
                                              unit="img", mininterval=2.0)):
                 array[row] = image
+            pool.shutdown()
+            array.flush()
+            array = None  # closes the map
+            index = {"key": key, "preprocessing_version": PREPROCESSING_VERSION,
+                     "shape": [len(names), INPUT_SIZE, INPUT_SIZE], "names": names}
+            (staging / INDEX_FILE).write_text(json.dumps(index))
+        with signals_held(*STOPPING_SIGNALS):
+            (staging / BUILDING_FILE).unlink()  # not part of the cache
+            _put_in_place(staging, final, replace)
     except BaseException:  # a file that fails its checksum, Ctrl-C: no staging left behind
         # a second stop waits for the clean-up: one that cut it left the staging and the
         # workers, or hung (the diff review)
         with signals_held(*STOPPING_SIGNALS):
             pool.shutdown(wait=True, cancel_futures=True)  # not the decodes still queued
-            del array
+            array = None
             shutil.rmtree(staging, ignore_errors=True)
-            claim.close()
         raise
-    pool.shutdown()
-    array.flush()
-    del array
-    index = {"key": key, "preprocessing_version": PREPROCESSING_VERSION,
-             "shape": [len(names), INPUT_SIZE, INPUT_SIZE], "names": names}
-    (staging / INDEX_FILE).write_text(json.dumps(index))
-    final = cache_dir / key
-    if replace and final.exists():
+    finally:
+        claim.close()
+    return final
+
+
+def _put_in_place(staging: Path, final: Path, replace: bool) -> None:
+    """``staging`` renamed to ``final``; with ``replace``, in place of a cache already
+    there. Another builder of the same cache may finish, or set the old one aside, first."""
+    aside = None
+    if replace:
         # Aside first, as a rename does not replace a folder that has files; open memory maps
         # of the old files stay valid until they are closed. A name of its own each time: an
         # earlier rebuild may have been stopped before removing its own.
-        aside = Path(tempfile.mkdtemp(prefix=f".{key}.old.", dir=cache_dir))
-        final.rename(aside)  # onto the empty folder just made
-        shutil.rmtree(aside, ignore_errors=True)
-    (staging / BUILDING_FILE).unlink()  # not part of the cache
+        aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
+        # none yet, or a concurrent rebuild set it aside first
+        with contextlib.suppress(FileNotFoundError):
+            final.rename(aside)  # onto the empty folder just made
     try:
         staging.rename(final)
     except OSError:  # another process finished the same cache first
         shutil.rmtree(staging, ignore_errors=True)
-    finally:
-        claim.close()
-    return final
+    if aside is not None:  # after the rename: readers find a cache all along
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _abandoned(staging: Path) -> bool:
