@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def run(main: Callable[[], int | None]) -> int:
@@ -18,6 +21,45 @@ def run(main: Callable[[], int | None]) -> int:
         number = getattr(exc, "number", 2)
         print(f"benchmark stopped by signal {number}", file=sys.stderr)
         return 128 + number
+
+
+def run_loop(coroutine: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(coroutine)``, a SIGTERM or SIGHUP cancelling it as asyncio's own Ctrl-C
+    does, then raised as :class:`~service.signals.Stopped` for :func:`run`: raised at
+    whatever line the loop ran, inside anyio's cancel scopes, a stop came out as another
+    error (exit 1) or left the loop waiting for ever (a review)."""
+    import asyncio
+    import signal
+    import threading
+
+    from service.signals import Stopped
+
+    arrived: list[int] = []
+
+    async def cancelled_by_a_stop() -> T:
+        loop, task = asyncio.get_running_loop(), asyncio.current_task()
+        before = {}
+        if threading.current_thread() is threading.main_thread():  # handlers live there
+            for number in (signal.SIGTERM, signal.SIGHUP):
+                if signal.getsignal(number) not in (signal.SIG_IGN, None):  # nohup's stays
+                    before[number] = signal.getsignal(number)
+                    loop.add_signal_handler(number, lambda n=number: (
+                        arrived.append(n), task.cancel()))
+        try:
+            return await coroutine
+        finally:
+            for number, handler in before.items():
+                loop.remove_signal_handler(number)  # which sets the default: the one before
+                signal.signal(number, handler)
+
+    try:
+        result = asyncio.run(cancelled_by_a_stop())
+    except BaseException:  # the cancellation, or what the clean-up it ran raised
+        if not arrived:
+            raise
+    if arrived:
+        raise Stopped(arrived[0]) from None
+    return result
 
 
 def shipped_model_bytes(name: str):

@@ -9,7 +9,6 @@ of the same fault, shorter.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import signal
@@ -22,6 +21,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from benchmarks import run_loop
 from benchmarks.load import Outcome, one_face_each, post_images
 from service.settings import Settings
 from tests.server import free_port, wait_ready
@@ -186,7 +186,7 @@ def run_fault_load(balancer: Balancer, images: list[bytes], seconds: float, kill
     outcomes: list[Outcome] = []
     done = threading.Event()
     started = time.perf_counter()
-    load = threading.Thread(target=lambda: asyncio.run(post_images(
+    load = threading.Thread(target=lambda: run_loop(post_images(
         balancer.url, one_face_each(images), clients, outcomes=outcomes, stop=done.is_set)))
     load.start()
     try:
@@ -221,7 +221,7 @@ def run_fault_load(balancer: Balancer, images: list[bytes], seconds: float, kill
 
 
 def throughput(balancer: Balancer, images: list[bytes], seconds: float, clients: int) -> dict:
-    outcomes, wall = asyncio.run(post_images(balancer.url, one_face_each(images), clients,
+    outcomes, wall = run_loop(post_images(balancer.url, one_face_each(images), clients,
                                              seconds=seconds))
     ok = [o for o in outcomes if o.status == 200]
     return {"replicas": len(balancer.ports), "clients": clients,

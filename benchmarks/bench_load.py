@@ -15,9 +15,8 @@ Prints the figures; exits with status 1 when a goal is missed.
 from __future__ import annotations
 
 import argparse
-import asyncio
 
-from benchmarks import run
+from benchmarks import run, run_loop
 from benchmarks.load import describe, latency_ms, load_faces, one_face_each, post_images
 from service.arguments import count, positive_seconds
 from tests.server import running_server
@@ -43,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     missed = []
 
     with running_server() as base:
-        asyncio.run(post_images(base, payload, clients=4, requests=40))  # warm-up
-        outcomes, wall = asyncio.run(post_images(base, payload, args.clients,
+        run_loop(post_images(base, payload, clients=4, requests=40))  # warm-up
+        outcomes, wall = run_loop(post_images(base, payload, args.clients,
                                                  seconds=args.seconds))
     failed = [o for o in outcomes if o.status != 200]
     print(f"load, {args.clients} clients, {args.seconds:.0f} s: {describe(outcomes, wall)}; "
@@ -54,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
     env = {"EMOTION_MAX_IN_FLIGHT": str(args.overload_in_flight)}
     with running_server(env=env) as base:
-        asyncio.run(post_images(base, payload, clients=4, requests=40))
-        outcomes, wall = asyncio.run(post_images(base, payload, args.clients,
+        run_loop(post_images(base, payload, clients=4, requests=40))
+        outcomes, wall = run_loop(post_images(base, payload, args.clients,
                                                  seconds=args.overload_seconds))
     admitted = [o for o in outcomes if o.status == 200]
     shed = [o for o in outcomes if o.status == 503]

@@ -23,13 +23,12 @@ of the rest is FastAPI's and the middleware's.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import time
 
 import numpy as np
 
-from benchmarks import run, shipped_model_bytes
+from benchmarks import run, run_loop, shipped_model_bytes
 from benchmarks.load import load_faces
 from benchmarks.wire import multipart_request, raw_request, send_requests
 from service.arguments import count, non_negative
@@ -59,7 +58,7 @@ def http_times(base: str, requests: list[bytes], count: int, concurrency: int
                ) -> tuple[list[float], int, float]:
     """Latencies (s) of the 200s, the other answers' count and the wall time of ``count``
     requests (a refusal's latency is not the service's work, and made failures look fast)."""
-    outcomes, wall = asyncio.run(send_requests(base, requests, concurrency, count))
+    outcomes, wall = run_loop(send_requests(base, requests, concurrency, count))
     return ([o.latency for o in outcomes if o.status == 200],
             sum(o.status != 200 for o in outcomes), wall)
 

@@ -18,7 +18,7 @@ from collections import Counter
 
 import psutil
 
-from benchmarks import run
+from benchmarks import run, run_loop
 from benchmarks.load import describe, load_faces, post_images
 from service.arguments import count, positive_seconds
 from tests.server import server_process
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     with server_process() as (base, popen):
         process = psutil.Process(popen.pid)
         start_rss = rss(process)
-        outcomes, wall, samples = asyncio.run(soak(base, process, args, faces))
+        outcomes, wall, samples = run_loop(soak(base, process, args, faces))
     statuses = Counter(o.status for o in outcomes)
     after_warmup = [r for _, done, r in samples if done >= args.warmup]
     baseline, end, peak = after_warmup[0], samples[-1][2], max(r for _, _, r in samples)
