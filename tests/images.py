@@ -69,6 +69,16 @@ def git_repository(folder: Path, files: dict[str, bytes]) -> str:
                           capture_output=True, text=True).stdout.strip()
 
 
+def later_commit(folder: Path, files: dict[str, bytes]) -> None:
+    """A commit after the pinned one that changes ``files`` in place, as the FER-2013 mirror's
+    later commits did: a fetch that took the tip instead of the pin gets other bytes."""
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    for args in (["add", "."], ["-c", "user.name=t", "-c", "user.email=t@t", "commit",
+                                "--quiet", "-m", "later"]):
+        subprocess.run(["git", *args], cwd=folder, check=True, capture_output=True)
+
+
 def bigtiff_strip_at(offset: int) -> bytes:
     """A BigTIFF (64-bit offsets) whose one strip is said to start at ``offset``."""
     data = bytearray(encode(gray_image(8, 8), "TIFF", big_tiff=True))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from service.preprocessing import pixels_to_input, preprocess_image
-from tests.images import encode, git_repository, gray_image
+from tests.images import encode, git_repository, gray_image, later_commit
 from training.fer2013 import (
     CLASS_MAP,
     fer_table,
@@ -51,6 +51,8 @@ def mirror(tmp_path):
     extras = {"train/happy/Training_0.jpg1.jpg": encode(gray_image(48, 48, seed=9), "JPEG"),
               "split.ipynb": b"{}"}
     commit = git_repository(repo, {**originals, **extras})
+    # the mirror's later commits filtered images in place: the tip is not the release
+    later_commit(repo, {"train/sad/Training_1.jpg": encode(gray_image(48, 48, seed=7), "JPEG")})
     sums = tmp_path / "fer2013.SHA256SUMS"
     sums.write_text("".join(f"{hashlib.sha256(d).hexdigest()}  {n}\n"
                             for n, d in originals.items()))

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from tests.images import git_repository, png_bytes
+from tests.images import git_repository, later_commit, png_bytes
 from training.fetch import FETCH_MARK, ChecksumError, fetch_commit, fetch_dataset
 from training.settings import UPSTREAM_REPOSITORY
 
@@ -16,16 +16,25 @@ def upstream(tmp_path):
     files = {"data/legend.csv": b"user.id,image,emotion\n1,A_0001.png,happiness\n",
              "images/A_0001.png": png_bytes()}
     commit = git_repository(repo, files)
+    later_commit(repo, {"images/A_0001.png": png_bytes(seed=1)})  # the tip: not ours
     sums = tmp_path / "SHA256SUMS"
     sums.write_text("".join(f"{hashlib.sha256(d).hexdigest()}  {n}\n" for n, d in files.items()))
     return repo, commit, sums
+
+
+def at_commit(repo, commit: str, name: str) -> bytes:
+    return subprocess.run(["git", "show", f"{commit}:{name}"], cwd=repo, check=True,
+                          capture_output=True).stdout
 
 
 def test_fetch_checks_out_the_pinned_commit_and_verifies_it(upstream, tmp_path):
     repo, commit, sums = upstream
     dest = fetch_dataset(tmp_path / "clone", sums, f"file://{repo}", commit)
     fetched = (dest / "images" / "A_0001.png").read_bytes()
-    assert fetched == (repo / "images" / "A_0001.png").read_bytes()
+    assert fetched == at_commit(repo, commit, "images/A_0001.png") != (
+        repo / "images" / "A_0001.png").read_bytes()
+    assert subprocess.run(["git", "rev-parse", "HEAD"], cwd=dest, check=True,
+                          capture_output=True, text=True).stdout.strip() == commit
 
 
 def test_fetch_refuses_files_that_differ_from_the_checksums(upstream, tmp_path):
@@ -48,8 +57,8 @@ def test_a_fetch_that_failed_takes_the_next_runs_source(upstream, tmp_path):
         fetch_commit(dest, f"file://{tmp_path / 'nowhere'}", commit, "the upstream",
                      given=False)
     fetch_dataset(dest, sums, f"file://{repo}", commit)
-    assert (dest / "images" / "A_0001.png").read_bytes() == (
-        repo / "images" / "A_0001.png").read_bytes()
+    assert (dest / "images" / "A_0001.png").read_bytes() == at_commit(
+        repo, commit, "images/A_0001.png")
 
 
 def test_fetch_never_checks_out_over_a_folder_of_other_files(upstream, tmp_path):
