@@ -533,6 +533,10 @@ def test_export_takes_only_checkpoints_of_its_own_profile(tmp_path):
     from training.export import choose_checkpoint
     from training.models import save_checkpoint
 
+    # none yet: the advice names the profile's own training (the full one's took hours)
+    for profile, command in (("full", "train`"), ("smoke", "train --profile smoke`")):
+        with pytest.raises(SystemExit, match=f"run `python -m training {command} first"):
+            choose_checkpoint(tmp_path, profile)
     model = EmotionNet(ModelConfig(arch="baseline", channels=(4,), pool=5, pad=0))
     metrics = {"identity": {"val": {"macro_f1": 0.3}, "test": {"macro_f1": 0.3}},
                "fer2013": {"val": {"macro_f1": 0.5}, "test": {"macro_f1": 0.5}}}
@@ -1096,6 +1100,9 @@ with face_crop_staging(folder) as staging:
      "Not a directory"),
     (["cache"], {"EMOTION_CACHE_DIR": "/dev/null/x"},
      "Not a directory: '/dev/null/x' (EMOTION_CACHE_DIR='/dev/null/x')"),
+    # mkdir's "[Errno 17] File exists", as if a folder were in the way (a review)
+    (["cache"], {"EMOTION_CACHE_DIR": "/dev/null"},
+     "error: /dev/null is a file where a folder should be (EMOTION_CACHE_DIR='/dev/null')"),
     # an empty variable meant the working folder; a count past any machine's threads
     # overflowed in torch, a traceback after the data had loaded
     (["cache"], {"EMOTION_CACHE_DIR": ""}, "EMOTION_CACHE_DIR='': Value error, empty"),
@@ -1116,6 +1123,29 @@ def test_settings_that_point_nowhere_are_one_line_before_any_work(argv, env, say
     last = result.stderr.strip().splitlines()[-1]
     assert says in last and "Traceback" not in result.stderr, result.stderr
     assert result.stdout == "", result.stdout  # nothing trained, nothing said of training
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
+def test_every_command_stopped_by_a_signal_says_so_as_after_ctrl_c(name):
+    """fetch and export ended silently on SIGTERM (cache and fetch fer2013 said so): every
+    command now runs its Ctrl-C clean-up and line (a review). verify stands in for any."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.server import REPO
+
+    script = f"""
+import os, signal, sys, time
+from training import __main__ as cli
+cli.cmd_verify = lambda args: (os.kill(os.getpid(), signal.{name}), time.sleep(30))
+sys.exit(cli.main(["verify"]))
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 128 + getattr(signal, name), result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"python -m training verify: stopped by {name}; what it had finished stays")
 
 
 def test_a_path_given_on_the_command_line_is_not_credited_to_a_setting():

@@ -14,6 +14,11 @@ from training.settings import DATASET_HINT, FETCH_DESTINATIONS, get_training_set
 
 DATASETS = tuple(FETCH_DESTINATIONS)
 ENV_OF_DATASET = {"facial_expressions": "EMOTION_DATASET_DIR", "fer2013": "EMOTION_FER2013_DIR"}
+# where the datasets are read from, for the help of the commands that read them
+FOLDERS = ("The datasets' folders: EMOTION_DATASET_DIR (default: ../shared/datasets/"
+           "facial_expressions beside the checkout, else where `fetch` puts it) and "
+           "EMOTION_FER2013_DIR (default: FER-2013's full release where `fetch fer2013` puts "
+           "it, else ../shared/datasets/fer2013).")
 
 
 def cmd_fetch(args: argparse.Namespace) -> None:
@@ -277,15 +282,25 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.set_defaults(func=cmd_fetch)
 
     verify = commands.add_parser("verify", help="check a dataset folder against its checksum "
-                                 "list (fer2013: the files present)")
+                                 "list (fer2013: the files present)", description="Check a "
+                                 "dataset folder against its checksum list in EMOTION_DATA_DIR "
+                                 "(default: the repository's data/). " + FOLDERS)
     verify.add_argument("dataset", nargs="?", choices=DATASETS, default="facial_expressions",
                         help="the dataset whose folder (EMOTION_DATASET_DIR or "
                         "EMOTION_FER2013_DIR) to check (default: %(default)s)")
     verify.set_defaults(func=cmd_verify)
-    commands.add_parser("audit", help="audit the dataset; write data/audit.*, data/clean.csv "
-                                      "and data/splits/").set_defaults(func=cmd_audit)
+    audit = commands.add_parser(
+        "audit", help="audit the dataset; write data/audit.*, data/clean.csv and data/splits/",
+        description="Audit the study's dataset (EMOTION_DATASET_DIR) and FER-2013 "
+        "(EMOTION_FER2013_DIR; its section only from the full release), and write audit.*, "
+        "clean.csv and splits/ in EMOTION_DATA_DIR (default: the repository's data/). "
+        + FOLDERS)
+    audit.set_defaults(func=cmd_audit)
     cache = commands.add_parser("cache", help="build (if needed) and load the decode cache, "
-                                              "printing how long each takes")
+                                              "printing how long each takes",
+                                description="Build (if needed) and load the decode cache of "
+                                "this dataset and of FER-2013, in EMOTION_CACHE_DIR (default: "
+                                "~/.cache/emotion-detection). " + FOLDERS)
     cache.add_argument("--rebuild", action="store_true", help="build even if it exists")
     cache.set_defaults(func=cmd_cache)
 
@@ -353,6 +368,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _not_a_folder(exc: BaseException) -> str | None:
+    """For a folder to make that is a file (mkdir's "[Errno 17] File exists", which reads as
+    if a folder were in the way), what is wrong."""
+    path = getattr(exc, "filename", None)
+    if isinstance(exc, FileExistsError) and path and not os.path.isdir(path):
+        return f"{path} is a file where a folder should be"
+    return None
+
+
 def _setting_of(exc: BaseException) -> str:
     """' (EMOTION_X_DIR=...)' for an OSError on a path inside a folder that a variable set in
     the environment names, the one that holds it most closely: the error names only the path,
@@ -386,18 +410,22 @@ def main(argv: list[str] | None = None) -> int:
 
     from service.manifest import ManifestError
     from service.settings import SettingsError
+    from service.signals import stops_taken_as_ctrl_c
     from training.fetch import DataError
 
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        # SIGTERM and SIGHUP stop every command as Ctrl-C does, with its clean-up and its line
+        # (fetch and export ended silently on them, cache and fetch fer2013 said so)
+        with stops_taken_as_ctrl_c():
+            args.func(args)
     except (DataError, OSError, subprocess.CalledProcessError, SettingsError,
             ManifestError) as exc:
         # Data not where a setting says, or not what the repository's lists say, an output folder
         # that cannot be written, a git fetch that failed, a refused setting, or a models
         # folder without a readable manifest: the user's to fix, so one line, not a traceback.
-        print(f"python -m training {args.command}: error: {exc}{_setting_of(exc)}",
-              file=sys.stderr)
+        print(f"python -m training {args.command}: error: {_not_a_folder(exc) or exc}"
+              f"{_setting_of(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # Ctrl-C, or a SIGTERM/SIGHUP taken as one: one line
         number = getattr(exc, "number", signal.SIGINT)
