@@ -166,8 +166,8 @@ def data_provenance(settings: TrainingSettings) -> dict[str, DatasetProvenance]:
 def choose_checkpoint(folder: Path, profile: str = "full") -> tuple[dict, list[dict]]:
     runs = [load_checkpoint(p) for p in sorted(folder.glob("joint-seed*.pt"))]
     if not runs:
-        raise SystemExit(f"no joint checkpoints in {folder}: run `python -m training train` "
-                         "first")
+        raise SystemExit(f"no joint checkpoints in {folder}: run `python -m training train"
+                         + ("" if profile == "full" else f" --profile {profile}") + "` first")
     # A smoke run writes to the same folder by default: its network must never ship as full.
     other = sorted({run.get("profile", "unlabelled") for run in runs} - {profile})
     if other:
