@@ -52,6 +52,9 @@ def test_container_cpus_is_the_affinity_capped_by_the_quota_rounded_up(tmp_path,
     assert container_cpus(write_v2(tmp_path / "half", "50000 100000")) == 1
     assert container_cpus(write_v2(tmp_path / "big", "6400000 100000")) == 4
     assert container_cpus(write_v2(tmp_path / "onehalf", "150000 100000")) == 2
+    # up, not to the nearest (round() passed the two above: halves go to the even one)
+    assert container_cpus(write_v2(tmp_path / "twohalves", "250000 100000")) == 3
+    assert container_cpus(write_v2(tmp_path / "onefifth", "120000 100000")) == 2
 
 
 def test_defaults_divide_the_cpus_between_workers():
