@@ -11,6 +11,7 @@ than admitted requests: a timing, now only printed).
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -140,6 +141,22 @@ def test_the_balancer_takes_the_largest_body_a_replica_answers(tmp_path):
         pool = Balancer(1, tmp_path / "run", env=env)
         assert pool.body_bytes > base64_batch, env  # with the JSON around it
         assert pool.body_bytes <= settings.resolved_max_body_bytes_in_flight, env
+        # what nginx is told, not only the attribute (a test review's mutation passed)
+        conf = pool.nginx_conf()
+        for directive in ("client_max_body_size", "client_body_buffer_size"):
+            assert f"    {directive} {pool.body_bytes};\n" in conf, env
+
+
+def test_a_balancer_listens_on_ports_none_of_which_twice(monkeypatch):
+    """Each port was taken by binding port 0 and closing: the kernel may give one out twice,
+    and two listeners then fought over it (a test review: 1 group of 4 in 4,000)."""
+    import benchmarks.balancer as balancer
+
+    handed = iter([41001, 41002, 41001, 41003, 41002, 41004])
+    monkeypatch.setattr(balancer, "free_port", lambda: next(handed))
+    pool = balancer.Balancer(3, Path("/nonexistent"))
+    assert (pool.ports, pool.port) == ([41001, 41002, 41003], 41004)
+    assert "server 127.0.0.1:41001 " in pool.nginx_conf()
 
 
 def test_a_balancer_that_fails_to_start_leaves_no_replica_running(tmp_path, monkeypatch):
