@@ -132,10 +132,10 @@ class AdmissionMiddleware:
             return
         if body_dropped_by_upgrade(scope.get("headers") or (), scope.get("method", "")):
             # closed: the parser would read the body's bytes still to come as new requests
-            await reject(send, 400, "upgrade_not_supported", "the service does not switch "
-                         "protocols, and a request that asks to (Upgrade: h2c) loses its "
-                         "body on the way in; send it as plain HTTP/1.1 (curl: --http1.1)",
-                         [(b"connection", b"close")])
+            await reject(send, scope.get("path", ""), 400, "upgrade_not_supported",
+                         "the service does not switch protocols, and a request that asks to "
+                         "(Upgrade: h2c) loses its body on the way in; send it as plain "
+                         "HTTP/1.1 (curl: --http1.1)", [(b"connection", b"close")])
             return
         started = {}
 
@@ -149,8 +149,8 @@ class AdmissionMiddleware:
         if limited and self.in_flight >= self.max_in_flight:
             # Answer at once instead of queueing without bound; the client retries.
             self.metrics.overloaded.inc()
-            await reject(send, 503, "overloaded", "too many requests in flight; retry shortly",
-                         [(b"retry-after", b"1")])
+            await reject(send, scope.get("path", ""), 503, "overloaded",
+                         "too many requests in flight; retry shortly", [(b"retry-after", b"1")])
             return
         ticket = None
         if limited:
@@ -169,9 +169,9 @@ class AdmissionMiddleware:
             # and uvicorn would log a traceback and answer a plain-text 500.
             if not started:
                 with contextlib.suppress(Exception):
-                    await reject(send, 503, "shutting_down", "the service is shutting down "
-                                 "before this request was answered; send it again",
-                                 [(b"retry-after", b"1")])
+                    await reject(send, scope.get("path", ""), 503, "shutting_down",
+                                 "the service is shutting down before this request was "
+                                 "answered; send it again", [(b"retry-after", b"1")])
         except Exception:
             if started:
                 raise
@@ -204,12 +204,15 @@ async def answer_internal_error(send, path: str, request_id: str | None) -> None
     # %r: a path is the client's, and a decoded newline in it would start a forged log line
     logging.getLogger("service").exception("unhandled error on %r (request %s)", path,
                                            request_id)
-    await reject(send, 500, "internal_error", "internal error; it has been logged")
+    await reject(send, path, 500, "internal_error", "internal error; it has been logged")
 
 
-async def reject(send, status: int, code: str, message: str, headers=()) -> None:
-    # "error" is the Open Inference Protocol's field; the others are /predict's.
-    body = json.dumps({"detail": message, "code": code, "error": message}).encode()
+async def reject(send, path: str, status: int, code: str, message: str, headers=()) -> None:
+    # "error" is the Open Inference Protocol's field, on its paths only (as errors.py adds it)
+    fields = {"detail": message, "code": code}
+    if path.startswith("/v2"):
+        fields["error"] = message
+    body = json.dumps(fields).encode()
     await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-type", b"application/json"), *headers,
         (b"content-length", str(len(body)).encode())]})

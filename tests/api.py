@@ -18,6 +18,9 @@ def assert_error(response, status: int, code: str) -> None:
     assert response.status_code == status, response.text
     body = response.json()
     assert body["code"] == code and body["detail"]
+    # README: {"detail", "code"}; the Open Inference Protocol's "error" on its paths only
+    oip = response.request.url.path.startswith("/v2")
+    assert set(body) == {"detail", "code", *(["error"] if oip else [])}, body
     if status == 503:  # every 503 says when to come back (README)
         assert int(response.headers["retry-after"]) > 0
     for leak in LEAKS:
