@@ -41,8 +41,8 @@ def codes_in_the_code() -> set[str]:
                     and isinstance(node.args[1], ast.Constant)):
                 codes.add(node.args[1].value)
             if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "reject"
-                    and isinstance(node.args[2], ast.Constant)):  # the middleware's answers
-                codes.add(node.args[2].value)
+                    and isinstance(node.args[3], ast.Constant)):  # the middleware's answers
+                codes.add(node.args[3].value)  # reject(send, path, status, code, ...)
             if isinstance(node, ast.Dict):
                 for key, value in zip(node.keys, node.values, strict=True):
                     if (isinstance(key, ast.Constant) and key.value == "code"
