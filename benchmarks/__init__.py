@@ -38,18 +38,24 @@ def run_loop(coroutine: Coroutine[Any, Any, T]) -> T:
 
     async def cancelled_by_a_stop() -> T:
         loop, task = asyncio.get_running_loop(), asyncio.current_task()
+
+        def cancel(number, frame) -> None:  # what asyncio.Runner does for SIGINT
+            arrived.append(number)
+            if not task.done():
+                task.cancel()
+                loop.call_soon_threadsafe(lambda: None)  # wakes the loop
+
+        # Python's own handlers, not loop.add_signal_handler: that one dropped a signal that
+        # came as the task ended, and restored SIG_DFL for a moment (the diff review)
         before = {}
         if threading.current_thread() is threading.main_thread():  # handlers live there
             for number in (signal.SIGTERM, signal.SIGHUP):
                 if signal.getsignal(number) not in (signal.SIG_IGN, None):  # nohup's stays
-                    before[number] = signal.getsignal(number)
-                    loop.add_signal_handler(number, lambda n=number: (
-                        arrived.append(n), task.cancel()))
+                    before[number] = signal.signal(number, cancel)
         try:
             return await coroutine
         finally:
             for number, handler in before.items():
-                loop.remove_signal_handler(number)  # which sets the default: the one before
                 signal.signal(number, handler)
 
     try:

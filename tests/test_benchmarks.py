@@ -256,6 +256,24 @@ def test_a_benchmark_stopped_by_sigterm_stops_its_server(data_settings):
             os.killpg(run.pid, signal.SIGKILL)
 
 
+def test_a_stop_that_comes_as_the_load_ends_is_not_lost():
+    """The loop's own signal handler was removed as the coroutine returned, and a SIGTERM
+    that had come in its last step was dropped: the benchmark went on (the diff review)."""
+    import os
+    import signal
+
+    from benchmarks import run_loop
+    from service.signals import Stopped, stops_taken_as_ctrl_c
+
+    async def last_step() -> str:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return "done"
+
+    with stops_taken_as_ctrl_c(), pytest.raises(Stopped) as stopped:
+        run_loop(last_step())
+    assert stopped.value.number == signal.SIGTERM
+
+
 # Sends SIGTERM at each line of anyio's CancelScope.__enter__ and __exit__ in turn, while the
 # load generator posts to a real server; prints each line's exit status as JSON.
 STOP_AT_EACH_LINE = """
