@@ -1,6 +1,8 @@
 """The fetch command's path, against a local repository standing in for upstream."""
 
+import contextlib
 import hashlib
+import os
 import subprocess
 
 import pytest
@@ -139,3 +141,52 @@ def test_a_relative_source_is_taken_from_where_the_command_runs(upstream, tmp_pa
     monkeypatch.chdir(tmp_path)
     assert cli.main(["fetch", "--source", "upstream", "--dest", "clone"]) == 0, capsys.readouterr()
     assert (tmp_path / "clone" / "images" / "A_0001.png").is_file()
+
+
+def test_a_fetch_stopped_by_sigterm_leaves_no_git_process(tmp_path):
+    """A SIGTERM to the command alone, as a supervisor sends it, left git's network helpers
+    (git remote-http) waiting on their socket for good (a review): a server that accepts
+    and never answers holds the fetch there."""
+    import signal
+    import socket
+    import sys
+    import time
+
+    import psutil
+
+    from tests.server import REPO
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}/repo"
+    said = tmp_path / "stderr"  # a file: helpers left alive would hold a pipe open for good
+    with open(said, "w") as stderr:
+        run = subprocess.Popen([sys.executable, "-m", "training", "fetch", "--dest",
+                                str(tmp_path / "clone"), "--source", url], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=stderr,
+                               start_new_session=True)
+    try:
+        held, deadline = None, time.monotonic() + 60
+        while held is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            server.settimeout(0.1)
+            with contextlib.suppress(TimeoutError):
+                held, _ = server.accept()  # git's helper is connected: it waits here
+        assert held is not None, "git never connected"
+        helpers = [p for p in psutil.Process(run.pid).children(recursive=True)]
+        assert helpers
+        run.send_signal(signal.SIGTERM)
+        status = run.wait(30)
+        gone, alive = psutil.wait_procs(helpers, timeout=10)
+        assert not alive, [p.cmdline() for p in alive]
+        assert status == 143, said.read_text()
+        assert said.read_text().strip().splitlines()[-1] == (
+            "python -m training fetch: stopped by SIGTERM; what it had finished stays")
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+        for process in psutil.process_iter(["cmdline"]):
+            if url in " ".join(process.info["cmdline"] or []):
+                process.kill()
+        server.close()

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -160,7 +163,21 @@ def _git_output(cwd: Path, *args: str) -> str:
 
 
 def run_git(cwd: Path, *args: str) -> None:
-    subprocess.run(["git", *args], cwd=cwd, check=True)
+    """git in a process group of its own, ended whole if this command stops: a SIGTERM to
+    this process alone left git's network helpers (``git remote-http``) waiting on their
+    socket (a review). Outside the terminal's group git cannot ask for a password, so it is
+    told not to: a source that wants one fails with git's reason."""
+    process = subprocess.Popen(["git", *args], cwd=cwd, process_group=0,
+                               env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
+    try:
+        status = process.wait()
+    except BaseException:  # Ctrl-C, or a SIGTERM or SIGHUP taken as one
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise
+    if status:
+        raise subprocess.CalledProcessError(status, ["git", *args])
 
 
 def fetch_commit(cwd: Path, remote: str, commit: str, source: str, given: bool = True
