@@ -10,7 +10,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
-from starlette.routing import Match
+from starlette.routing import Match, Mount
 
 from service.inference import (
     FacesUnavailableError,
@@ -110,8 +110,9 @@ def _without_its_slash(request: Request) -> str | None:
         return None
     bare = path.rstrip("/") or "/"
     scope = {"type": "http", "path": bare, "method": request.method}
-    routes = request.app.router.routes
-    return bare if any(route.matches(scope)[0] != Match.NONE for route in routes) else None
+    # a route that answers this method there; not a mount, which takes any path under it
+    routes = [route for route in request.app.router.routes if not isinstance(route, Mount)]
+    return bare if any(route.matches(scope)[0] == Match.FULL for route in routes) else None
 
 
 def install_error_handlers(app: FastAPI) -> None:
