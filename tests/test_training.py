@@ -527,6 +527,11 @@ def test_face_geometry_into_a_folder_without_models_writes_nothing_and_is_one_li
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("python -m training face-geometry: error: cannot read the model "
                            f"manifest {tmp_path / 'manifest.json'}"), line
+    # no folder at all: that, not a staging folder's path inside it (the diff review)
+    assert cli.main(["face-geometry", "--out", str(tmp_path / "nosuch"), "--limit", "2"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("python -m training face-geometry: error: cannot read the model "
+                           f"manifest {tmp_path / 'nosuch' / 'manifest.json'}"), line
 
 
 def test_export_takes_only_checkpoints_of_its_own_profile(tmp_path):
@@ -1038,11 +1043,17 @@ def test_face_geometry_pins_the_file_it_writes_so_the_service_loads_it(tmp_path)
     folder = models_copy(tmp_path)
     spec = load_face_crop(folder)
     spec.detector.thresholds = (0.5, 0.7, 0.7)
-    with face_crop_staging(folder) as staging:
-        for network in spec.detector.networks.values():  # as build_face_crop leaves them
-            shutil.copy(folder / network.file, staging)
-        install_face_crop(spec, folder, staging)
+    modes = {path.name: path.stat().st_mode for path in folder.iterdir()}
+    umask = os.umask(0o077)  # files made now are 0600: the container's user reads none
+    try:
+        with face_crop_staging(folder) as staging:
+            for network in spec.detector.networks.values():  # as build_face_crop leaves them
+                (staging / network.file).write_bytes((folder / network.file).read_bytes())
+            install_face_crop(spec, folder, staging)
+    finally:
+        os.umask(umask)
     assert not list(folder.glob(".*"))  # nothing left of the staging
+    assert {path.name: path.stat().st_mode for path in folder.iterdir()} == modes
     manifest = load_manifest(folder)
     assert manifest.face_detector.sha256 == sha256_bytes((folder / "face_crop.json").read_bytes())
     assert manifest.models == load_manifest(REPO_MODELS_DIR).models  # the models' entries kept

@@ -220,6 +220,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_face_geometry(args: argparse.Namespace) -> None:
+    from service.manifest import load_manifest
     from training.face_geometry import build_face_crop, face_crop_staging, install_face_crop
 
     if args.limit is not None and args.out is None:
@@ -227,6 +228,7 @@ def cmd_face_geometry(args: argparse.Namespace) -> None:
                          "copy of the models folder (its CNN and manifest.json): a sample's "
                          "framing must not replace the shipped models' own")
     out = args.out or get_training_settings().models_dir
+    load_manifest(out)  # a folder without one (or none) in one line, before any staging in it
     with face_crop_staging(out) as staging:
         spec = build_face_crop(get_training_settings(), out, args.limit, staging=staging)
         path = install_face_crop(spec, out, staging)

@@ -43,7 +43,7 @@ from training.fer2013 import (
 )
 from training.fer_backbone import FER_BLOCK_WIDTHS, FER_INPUT_SIZE, FER_VERSION
 from training.fetch import sha256_file
-from training.files import write_synced
+from training.files import keep_mode, write_synced
 from training.knn import build_pipeline, sweep_k
 from training.model_card import CARD_FILES, write_model_card
 from training.models import WithSoftmax, load_checkpoint, model_from_checkpoint
@@ -127,8 +127,11 @@ def install_export(out_dir: Path, manifest: Manifest, also: tuple[str, ...] = ()
     write_synced(written, manifest.model_dump_json(indent=1) + "\n")
     # a Ctrl-C among the renames left new models beside the old manifest, which the service
     # then refused (a review): a stop that arrives here is taken once they are all done
+    names = [entry.file for entry in manifest.models.values()] + list(also)
+    for name in [*names, MANIFEST_FILE]:
+        keep_mode(candidate_path(out_dir, name), out_dir / name)
     with signals_held(*STOPPING_SIGNALS):
-        for name in [entry.file for entry in manifest.models.values()] + list(also):
+        for name in names:
             os.replace(candidate_path(out_dir, name), out_dir / name)
         os.replace(written, out_dir / MANIFEST_FILE)
 

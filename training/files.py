@@ -6,6 +6,7 @@ a review)."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 
@@ -26,11 +27,19 @@ def sync(path: Path) -> None:
         os.close(descriptor)
 
 
+def keep_mode(new: Path, old: Path) -> None:
+    """``new`` readable as ``old`` was, if there was one: a file written under a strict umask
+    (077) came in as 0600, which the container's own user could not read (a review)."""
+    if old.exists():
+        shutil.copymode(old, new)
+
+
 def replace_text(path: Path, text: str) -> None:
     """``text`` as ``path``'s content, by a temporary file beside it renamed over it."""
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         write_synced(partial, text)
+        keep_mode(partial, path)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
