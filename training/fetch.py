@@ -163,17 +163,22 @@ def _git_output(cwd: Path, *args: str) -> str:
 
 
 def run_git(cwd: Path, *args: str) -> None:
-    """git in a process group of its own, ended whole if this command stops: a SIGTERM to
-    this process alone left git's network helpers (``git remote-http``) waiting on their
-    socket (a review). Outside the terminal's group git cannot ask for a password, so it is
-    told not to: a source that wants one fails with git's reason."""
-    process = subprocess.Popen(["git", *args], cwd=cwd, process_group=0,
-                               env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
+    """git, ended whole if this command stops. Run without a terminal (a supervisor, CI,
+    nohup), it has a process group of its own: a SIGTERM to this process alone left git's
+    network helpers (``git remote-http``) waiting on their socket (a review); there it could
+    not ask for a password anyway, so it is told not to. From a terminal it stays in the
+    terminal's group, which Ctrl-C reaches whole, so that ssh and https can still ask."""
+    alone = sys.stdin is None or not sys.stdin.isatty()
+    process = subprocess.Popen(["git", *args], cwd=cwd, process_group=0 if alone else None,
+                               env={**os.environ, "GIT_TERMINAL_PROMPT": "0"} if alone else None)
     try:
         status = process.wait()
     except BaseException:  # Ctrl-C, or a SIGTERM or SIGHUP taken as one
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
+            if alone:
+                os.killpg(process.pid, signal.SIGKILL)
+            else:
+                process.kill()
         process.wait()
         raise
     if status:
