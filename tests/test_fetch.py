@@ -190,3 +190,54 @@ def test_a_fetch_stopped_by_sigterm_leaves_no_git_process(tmp_path):
             if url in " ".join(process.info["cmdline"] or []):
                 process.kill()
         server.close()
+
+
+GIT_HOLDING_A_LOCK = """#!/bin/sh
+# git as it checks out: its lock file, removed on a SIGTERM as git's own handler does
+touch index.lock
+trap 'rm -f index.lock; exit 143' TERM
+touch started
+while :; do sleep 0.1; done
+"""
+
+STOPPED_WHILE_GIT_RUNS = """
+import os, signal, sys, threading, time
+from pathlib import Path
+from service.signals import stops_taken_as_ctrl_c
+from training.fetch import run_git
+
+here = Path(sys.argv[1])
+
+def stop_once_started():
+    while not (here / "started").exists():
+        time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+threading.Thread(target=stop_once_started, daemon=True).start()
+with stops_taken_as_ctrl_c():
+    try:
+        run_git(here, "checkout")
+    except KeyboardInterrupt:
+        print("stopped")
+"""
+
+
+def test_a_stopped_git_gets_to_remove_its_lock_files(tmp_path):
+    """git was ended by SIGKILL: a stop during its checkout left .git/index.lock, which
+    refused every later fetch into that folder (the diff review). It gets a SIGTERM first."""
+    import sys
+
+    from tests.server import REPO
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "git").write_text(GIT_HOLDING_A_LOCK)
+    (bin_dir / "git").chmod(0o755)
+    work = tmp_path / "work"
+    work.mkdir()
+    result = subprocess.run([sys.executable, "-c", STOPPED_WHILE_GIT_RUNS, str(work)],
+                            cwd=REPO, capture_output=True, text=True, timeout=60,
+                            stdin=subprocess.DEVNULL,
+                            env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert result.stdout.strip() == "stopped", result.stderr
+    assert (work / "started").exists() and not (work / "index.lock").exists()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from service.signals import STOPPING_SIGNALS, signals_held
 from training.settings import UPSTREAM_COMMIT, UPSTREAM_REPOSITORY
 
 # Written into the .git of a folder fetch made: only such a checkout is fetched into again.
@@ -174,12 +175,18 @@ def run_git(cwd: Path, *args: str) -> None:
     try:
         status = process.wait()
     except BaseException:  # Ctrl-C, or a SIGTERM or SIGHUP taken as one
-        with contextlib.suppress(ProcessLookupError):
-            if alone:
-                os.killpg(process.pid, signal.SIGKILL)
-            else:
-                process.kill()
-        process.wait()
+        # a SIGTERM first: git removes its lock files on it, and a SIGKILL left
+        # .git/index.lock, which refused every later fetch (the diff review)
+        with signals_held(*STOPPING_SIGNALS):
+            for number in (signal.SIGTERM, signal.SIGKILL):
+                with contextlib.suppress(ProcessLookupError):
+                    if alone:
+                        os.killpg(process.pid, number)
+                    else:
+                        process.send_signal(number)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=5)
+                    break
         raise
     if status:
         raise subprocess.CalledProcessError(status, ["git", *args])
