@@ -1062,6 +1062,27 @@ def test_face_geometry_pins_the_file_it_writes_so_the_service_loads_it(tmp_path)
     assert predictor.cropper.spec.detector.thresholds == (0.5, 0.7, 0.7)
 
 
+def test_files_written_under_a_strict_umask_stay_readable_as_before(tmp_path):
+    """Under umask 077 a file renamed in came as 0600, which the container's user could not
+    read; a new one too (two reviews)."""
+    import stat
+
+    from training.files import replace_text
+
+    kept = tmp_path / "kept.csv"
+    kept.write_text("old\n")
+    kept.chmod(0o640)
+    umask = os.umask(0o077)
+    try:
+        replace_text(kept, "new\n")
+        replace_text(tmp_path / "new.csv", "new\n")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o640 and kept.read_text() == "new\n"
+    assert stat.S_IMODE((tmp_path / "new.csv").stat().st_mode) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.csv", "new.csv"]
+
+
 def test_face_geometry_leaves_the_models_folder_as_it_was_when_a_write_fails(tmp_path):
     """It rewrote manifest.json in place: cut by a full disk, the manifest stopped the service
     and face-geometry itself, which reads it first (a review). A file-size limit between the

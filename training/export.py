@@ -43,7 +43,7 @@ from training.fer2013 import (
 )
 from training.fer_backbone import FER_BLOCK_WIDTHS, FER_INPUT_SIZE, FER_VERSION
 from training.fetch import sha256_file
-from training.files import keep_mode, write_synced
+from training.files import readable_as_before, write_synced
 from training.knn import build_pipeline, sweep_k
 from training.model_card import CARD_FILES, write_model_card
 from training.models import WithSoftmax, load_checkpoint, model_from_checkpoint
@@ -129,7 +129,7 @@ def install_export(out_dir: Path, manifest: Manifest, also: tuple[str, ...] = ()
     # then refused (a review): a stop that arrives here is taken once they are all done
     names = [entry.file for entry in manifest.models.values()] + list(also)
     for name in [*names, MANIFEST_FILE]:
-        keep_mode(candidate_path(out_dir, name), out_dir / name)
+        readable_as_before(candidate_path(out_dir, name), out_dir / name)
     with signals_held(*STOPPING_SIGNALS):
         for name in names:
             os.replace(candidate_path(out_dir, name), out_dir / name)

@@ -27,11 +27,14 @@ def sync(path: Path) -> None:
         os.close(descriptor)
 
 
-def keep_mode(new: Path, old: Path) -> None:
-    """``new`` readable as ``old`` was, if there was one: a file written under a strict umask
-    (077) came in as 0600, which the container's own user could not read (a review)."""
+def readable_as_before(new: Path, old: Path) -> None:
+    """``new`` with ``old``'s mode, or readable by all (0644) where there is no ``old``: a
+    file written under a strict umask (077) came in as 0600, which the container's own user
+    could not read (two reviews). Models and data are not secrets."""
     if old.exists():
         shutil.copymode(old, new)
+    else:
+        os.chmod(new, 0o644)
 
 
 def replace_text(path: Path, text: str) -> None:
@@ -39,7 +42,7 @@ def replace_text(path: Path, text: str) -> None:
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         write_synced(partial, text)
-        keep_mode(partial, path)
+        readable_as_before(partial, path)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
