@@ -45,7 +45,7 @@ from training.data import Workspace
 from training.evaluate import macro_f1
 from training.face_detector import FACENET_VERSION, export_networks
 from training.fetch import sha256_file
-from training.files import keep_mode, sync, write_synced
+from training.files import readable_as_before, sync, write_synced
 from training.model_card import card_with_face_detector_note
 from training.provenance import code_commit
 from training.recipe import EVAL_SETS
@@ -170,7 +170,7 @@ def build_face_crop(settings: TrainingSettings, models_dir: Path,
     for name, geometry in candidates.items():
         specs[name] = FaceCropSpec(detector=config, geometry=geometry)
         scores[f"auto ({name} framing)"] = score_mode(
-            ws, model, FaceCropper(specs[name], models_dir), "auto", limit)
+            ws, model, FaceCropper(specs[name], staging), "auto", limit)
     chosen = max(candidates, key=lambda n: scores[f"auto ({n} framing)"]["criterion"])
     auto = scores[f"auto ({chosen} framing)"]
     default = "auto" if auto["criterion"] > scores["none"]["criterion"] else "none"
@@ -218,7 +218,7 @@ def install_face_crop(spec: FaceCropSpec, models_dir: Path, staging: Path) -> Pa
     manifest.face_detector = face_crop_entry(staging)
     write_synced(staging / MANIFEST_FILE, manifest.model_dump_json(indent=1) + "\n")
     for name in [*names, MANIFEST_FILE]:
-        keep_mode(staging / name, models_dir / name)
+        readable_as_before(staging / name, models_dir / name)
     with signals_held(*STOPPING_SIGNALS):  # a stop among the renames waits for the last
         for name in names:
             os.replace(staging / name, models_dir / name)
