@@ -591,7 +591,7 @@ def test_export_changes_the_folder_only_once_everything_is_scored(tmp_path):
     cnn.write_bytes(b"a new emotion_cnn.onnx")
     # a full disk while the manifest is written: nothing renamed yet (the diff review)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("training.export.os.fsync", lambda fd: (_ for _ in ()).throw(
+        patch.setattr("training.files.os.fsync", lambda fd: (_ for _ in ()).throw(
             OSError(28, "No space left on device")))
         with pytest.raises(OSError, match="No space"):
             install_export(tmp_path, manifest, also=CARD_FILES)
@@ -611,7 +611,7 @@ def test_export_changes_the_folder_only_once_everything_is_scored(tmp_path):
     before = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr("training.export.os.replace", interrupted_at_the_first)
+            patch.setattr("training.files.os.replace", interrupted_at_the_first)
             with pytest.raises(KeyboardInterrupt):
                 install_export(tmp_path, manifest, also=CARD_FILES)
     finally:

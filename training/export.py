@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,7 +29,6 @@ from service.faces import face_crop_entry
 from service.manifest import MANIFEST_FILE, DatasetProvenance, Manifest, ModelEntry
 from service.onnx_runtime import ONNX_OPSET
 from service.preprocessing import INPUT_SIZE, PREPROCESSING_VERSION
-from service.signals import STOPPING_SIGNALS, signals_held
 from training.data import SPLIT_NAMES, Workspace
 from training.evaluate import bootstrap_macro_f1, classification_metrics
 from training.experiments import KNN_KS
@@ -43,7 +41,7 @@ from training.fer2013 import (
 )
 from training.fer_backbone import FER_BLOCK_WIDTHS, FER_INPUT_SIZE, FER_VERSION
 from training.fetch import sha256_file
-from training.files import readable_as_before, write_synced
+from training.files import rename_into_place, write_synced
 from training.knn import build_pipeline, sweep_k
 from training.model_card import CARD_FILES, write_model_card
 from training.models import WithSoftmax, load_checkpoint, model_from_checkpoint
@@ -125,15 +123,9 @@ def install_export(out_dir: Path, manifest: Manifest, also: tuple[str, ...] = ()
     cnn used to be replaced at once, its manifest only after every score; reviews)."""
     written = candidate_path(out_dir, MANIFEST_FILE)  # first: a full disk fails it, not later
     write_synced(written, manifest.model_dump_json(indent=1) + "\n")
-    # a Ctrl-C among the renames left new models beside the old manifest, which the service
-    # then refused (a review): a stop that arrives here is taken once they are all done
     names = [entry.file for entry in manifest.models.values()] + list(also)
-    for name in [*names, MANIFEST_FILE]:
-        readable_as_before(candidate_path(out_dir, name), out_dir / name)
-    with signals_held(*STOPPING_SIGNALS):
-        for name in names:
-            os.replace(candidate_path(out_dir, name), out_dir / name)
-        os.replace(written, out_dir / MANIFEST_FILE)
+    rename_into_place([(candidate_path(out_dir, name), out_dir / name)
+                       for name in [*names, MANIFEST_FILE]])  # the manifest last, as written
 
 
 def max_parity_error(wrapped: torch.nn.Module, path: Path, ws: Workspace, split: str,

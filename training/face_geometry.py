@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -40,12 +39,11 @@ from service.inference import model_inputs
 from service.manifest import MANIFEST_FILE, load_manifest
 from service.models import OnnxClassifier
 from service.preprocessing import INPUT_SIZE, decode_grayscale, pixels_to_input
-from service.signals import STOPPING_SIGNALS, signals_held
 from training.data import Workspace
 from training.evaluate import macro_f1
 from training.face_detector import FACENET_VERSION, export_networks
 from training.fetch import sha256_file
-from training.files import readable_as_before, sync, write_synced
+from training.files import rename_into_place, sync, write_synced
 from training.model_card import card_with_face_detector_note
 from training.provenance import code_commit
 from training.recipe import EVAL_SETS
@@ -217,10 +215,5 @@ def install_face_crop(spec: FaceCropSpec, models_dir: Path, staging: Path) -> Pa
     manifest = load_manifest(models_dir)
     manifest.face_detector = face_crop_entry(staging)
     write_synced(staging / MANIFEST_FILE, manifest.model_dump_json(indent=1) + "\n")
-    for name in [*names, MANIFEST_FILE]:
-        readable_as_before(staging / name, models_dir / name)
-    with signals_held(*STOPPING_SIGNALS):  # a stop among the renames waits for the last
-        for name in names:
-            os.replace(staging / name, models_dir / name)
-        os.replace(staging / MANIFEST_FILE, models_dir / MANIFEST_FILE)
+    rename_into_place([(staging / name, models_dir / name) for name in [*names, MANIFEST_FILE]])
     return models_dir / FACE_CROP_FILE

@@ -9,6 +9,8 @@ import os
 import shutil
 from pathlib import Path
 
+from service.signals import STOPPING_SIGNALS, signals_held
+
 
 def write_synced(path: Path, text: str) -> None:
     """``text`` in ``path``, on the disk before it returns (so a rename after it is safe)."""
@@ -35,6 +37,18 @@ def readable_as_before(new: Path, old: Path) -> None:
         shutil.copymode(old, new)
     else:
         os.chmod(new, 0o644)
+
+
+def rename_into_place(moves: list[tuple[Path, Path]]) -> None:
+    """Each ``(written, place)``: the file renamed over its place, in order (a manifest
+    last), readable as the one it replaces. A stop that arrives among the renames is taken
+    once they are all done: one between them left new models beside the old manifest, which
+    the service then refused (a review)."""
+    for written, place in moves:
+        readable_as_before(written, place)
+    with signals_held(*STOPPING_SIGNALS):
+        for written, place in moves:
+            os.replace(written, place)
 
 
 def replace_text(path: Path, text: str) -> None:
