@@ -30,9 +30,8 @@ def run_loop(coroutine: Coroutine[Any, Any, T]) -> T:
     error (exit 1) or left the loop waiting for ever (a review)."""
     import asyncio
     import signal
-    import threading
 
-    from service.signals import Stopped
+    from service.signals import Stopped, handlers_swapped
 
     arrived: list[int] = []
 
@@ -47,16 +46,10 @@ def run_loop(coroutine: Coroutine[Any, Any, T]) -> T:
 
         # Python's own handlers, not loop.add_signal_handler: that one dropped a signal that
         # came as the task ended, and restored SIG_DFL for a moment (the diff review)
-        before = {}
-        if threading.current_thread() is threading.main_thread():  # handlers live there
-            for number in (signal.SIGTERM, signal.SIGHUP):
-                if signal.getsignal(number) not in (signal.SIG_IGN, None):  # nohup's stays
-                    before[number] = signal.signal(number, cancel)
-        try:
+        numbers = tuple(n for n in (signal.SIGTERM, signal.SIGHUP)
+                        if signal.getsignal(n) != signal.SIG_IGN)  # nohup's SIGHUP stays
+        with handlers_swapped(numbers, cancel):  # on the main thread only, where they live
             return await coroutine
-        finally:
-            for number, handler in before.items():
-                signal.signal(number, handler)
 
     try:
         result = asyncio.run(cancelled_by_a_stop())
