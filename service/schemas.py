@@ -76,6 +76,8 @@ class ModelPublic(BaseModel):
     code_commit: str
     created_at: str
     loaded: bool
+    default: bool = Field(description="The model a request that names none gets "
+                          "(EMOTION_DEFAULT_MODEL).")
     test_macro_f1: dict[str, float] = Field(default_factory=dict, description="Evaluation "
                                             "set -> macro-F1 on its test subset.")
     summary: dict

@@ -709,6 +709,21 @@ def test_the_page_leaves_out_a_model_it_cannot_name(browser, server):
     page.close()
 
 
+def test_the_page_starts_on_the_operators_default_model(browser):
+    """The page chose the manifest's first model and named it in every upload, so an
+    operator's EMOTION_DEFAULT_MODEL=knn left every page user on the CNN (a review)."""
+    env = {"EMOTION_ONNX_THREADS": "1", "EMOTION_DEFAULT_MODEL": "knn"}
+    with running_server(env=env) as base:
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto(f"{base}/")
+        page.wait_for_selector("body[data-ready=true]")
+        assert page.eval_on_selector("#model", "select => select.value") == "knn"
+        assert page.inner_text("#model-info").startswith("knn: sha256 ")
+        page.set_input_files("#file", str(EXAMPLES / "two_people.jpg"))
+        page.wait_for_selector("#status:has-text('2 faces found by knn')")
+        page.close()
+
+
 def test_the_focused_face_is_lit_again_once_the_pointer_leaves(page):
     """A hover's mouseleave put out every light, so the focused face stayed dark, and a Tab
     under a resting pointer lit the focused face over the pointed one (the diff review)."""

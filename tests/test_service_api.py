@@ -63,6 +63,7 @@ def test_health_classes_and_models(client):
     models = {m["name"]: m for m in client.get("/models").json()}
     assert set(models) == {"cnn", "knn"}
     assert all(m["loaded"] and len(m["sha256"]) == 64 for m in models.values())
+    assert {name: m["default"] for name, m in models.items()} == {"cnn": True, "knn": False}
     # What a user compares models by is the manifest's own figures, read here as plain JSON.
     shipped = json.loads((REPO_MODELS_DIR / "manifest.json").read_text())["models"]
     for name, model in models.items():
@@ -823,6 +824,8 @@ def test_the_default_model_and_faces_settings_answer_a_request_that_names_neithe
         assert answer.status_code == 200, answer.text
         [prediction] = answer.json()["predictions"]
         assert answer.json()["model"] == "knn" and prediction["face"] is not None
+        # what the page starts on
+        assert [m["name"] for m in client.get("/models").json() if m["default"]] == ["knn"]
         assert v2(client, {}) == v2(client, {"faces": "auto"}) != v2(client, {"faces": "none"})
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from service.classes import CLASS_NAMES
-from service.deps import ServingDep
+from service.deps import ServingDep, SettingsDep
 from service.schemas import ClassInfo, ModelPublic
 
 router = APIRouter(tags=["info"])
@@ -15,10 +15,11 @@ async def list_classes() -> list[ClassInfo]:
 
 
 @router.get("/models", response_model=list[ModelPublic], summary="The shipped models")
-async def list_models(serving: ServingDep) -> list[ModelPublic]:
+async def list_models(serving: ServingDep, settings: SettingsDep) -> list[ModelPublic]:
     registry = serving.predictor.registry
     return [
         ModelPublic(name=name, loaded=name in registry.models,
+                    default=name == settings.default_model,
                     test_macro_f1={s: m["test"].macro_f1 for s, m in entry.metrics.items()
                                    if "test" in m},
                     **entry.model_dump(include={

@@ -114,6 +114,8 @@ async function init() {
   for (const entry of state.models) {
     const option = new Option(entry.loaded ? entry.name : `${entry.name} (unavailable)`, entry.name);
     option.disabled = !entry.loaded;
+    // the operator's EMOTION_DEFAULT_MODEL, not the manifest's first, as /predict without model=
+    option.selected = entry.default && entry.loaded;
     select.add(option);
   }
   describeModel();
