@@ -95,3 +95,5 @@ def server_process(python: str = sys.executable, workers: int = 1, env: dict | N
             process.wait()
         if log_path:
             log.close()
+        else:
+            process.stdout.close()  # a ResourceWarning at each server's end, under -W error
