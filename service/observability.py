@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
@@ -21,6 +21,9 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 PROBABILITY_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 IMAGES_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 TRACE = 5  # uvicorn's TRACE_LOG_LEVEL
+
+# One exposition whatever the worker count: multiprocess mode has no `_created` series.
+disable_created_metrics()
 
 
 def configure_logging(level: str) -> None:
