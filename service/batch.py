@@ -23,6 +23,7 @@ import json
 import multiprocessing
 import os
 import queue
+import random
 import select
 import signal
 import stat
@@ -32,6 +33,8 @@ from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 from service.classes import CLASS_NAMES
@@ -596,7 +599,7 @@ class RemoteRunner:
 
     def __init__(self, url: str, model: str | None, mode: FacesMode | None, concurrency: int,
                  batch_size: int, retries: int = 8, timeout: float = 120.0,
-                 max_bytes: int = DEFAULT_MAX_BYTES):
+                 max_bytes: int = DEFAULT_MAX_BYTES, wait: float = 300.0):
         import httpx
 
         shown = without_credentials(url)
@@ -625,23 +628,30 @@ class RemoteRunner:
         self.max_bytes = max_bytes
         self.params = {k: v for k, v in (("model", model), ("faces", mode)) if v}
         self.concurrency, self.batch_size, self.retries = concurrency, batch_size, retries
+        # how long a batch waits out a busy service: nine tries of its Retry-After of 1 s
+        # gave up after 9 s, while a deployment adds replicas over minutes
+        self.wait = wait
         limits = httpx.Limits(max_connections=concurrency,
                               max_keepalive_connections=concurrency)
         self.client = httpx.Client(timeout=timeout, limits=limits)
 
     def check(self) -> None:
         # three tries, not nine: a mistyped host or port took 22 s to be reported
-        response = self._send("GET", "/readyz", retries=2)
+        response = self._send("GET", "/readyz", retries=2, wait=5.0)
         if response.status_code not in (200, 503):
             raise RemoteError(f"{self.shown}/readyz answered {response.status_code}"
                               + _what_to_change(response, f"{self.url}/readyz"))
 
-    def _send(self, method: str, path: str, retries: int | None = None, **kwargs):
+    def _send(self, method: str, path: str, retries: int | None = None,
+              wait: float | None = None, **kwargs):
+        """The answer, after up to ``retries`` failed connections and ``wait`` seconds of
+        busy answers."""
         import httpx
 
         retries = self.retries if retries is None else retries
-        delay = 0.2
-        for attempt in range(retries + 1):
+        wait = self.wait if wait is None else wait
+        delay, failures, busy_since = 0.2, 0, None
+        while True:
             try:
                 response = self._answer(method, path, **kwargs)
             except (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout):
@@ -649,7 +659,8 @@ class RemoteRunner:
                 raise RemoteError(f"{self.shown}{path}: no whole answer within "
                                   f"{self.timeout:g} s (--timeout)") from None
             except httpx.TransportError as exc:
-                if attempt == retries or self.client.is_closed:
+                failures += 1
+                if failures > retries or self.client.is_closed:
                     raise RemoteError(f"{self.shown}: {type(exc).__name__}: "
                                       f"{str(exc).replace(self.url, self.shown)}") from None
                 time.sleep(delay)
@@ -660,15 +671,18 @@ class RemoteRunner:
                                   f"{str(exc).replace(self.url, self.shown)}") from None
             # busy (503), rate-limited (429) or timed out reading the body (408): transient;
             # not a model or detector the service refused at start-up, which waiting out
-            # its Retry-After of 60 s nine times (4 min, silently) does not mend
-            if response.status_code in (408, 429, 503) and attempt < retries \
-                    and _error_body(response).get("code") not in REFUSED_AT_START_UP:
-                retry_after = response.headers.get("retry-after", "")
-                time.sleep(min(float(retry_after), 30.0) if retry_after.isdigit() else delay)
-                delay = min(delay * 2, 5.0)
-                continue
+            # its Retry-After of 60 s (for minutes, silently) does not mend
+            if _busy(response):
+                now = time.monotonic()
+                busy_since = now if busy_since is None else busy_since
+                # up to a quarter more, so that clients refused together come back apart
+                pause = _retry_after(response.headers.get("retry-after"), delay) \
+                    * random.uniform(1.0, 1.25)
+                if now + pause - busy_since <= wait:
+                    time.sleep(pause)
+                    delay = min(delay * 2, 5.0)
+                    continue
             return response
-        raise AssertionError("unreachable")
 
     def _answer(self, method: str, path: str, **kwargs):
         """The answer, read whole within the timeout and up to :data:`MAX_ANSWER_BYTES`."""
@@ -687,8 +701,9 @@ class RemoteRunner:
                     raise httpx.ReadTimeout("the whole answer took too long")
             if time.monotonic() > deadline:
                 raise httpx.ReadTimeout("the whole answer took too long")
-            kept = {k: v for k, v in response.headers.items()
-                    if k in ("content-type", "retry-after", "location", "www-authenticate")}
+            # as bytes: a str past ASCII ("\xb2", read as latin-1) failed to encode again
+            kept = [(k, v) for k, v in response.headers.raw if k.lower() in (
+                b"content-type", b"retry-after", b"location", b"www-authenticate")]
             return httpx.Response(response.status_code, headers=kept, content=bytes(body))
 
     def _post(self, paths: Sequence[str], inputs: Sequence[ImageInput]):
@@ -748,6 +763,8 @@ class RemoteRunner:
         else:  # the service refused the run itself (401, 404, 415, 422, 5xx...): stop
             raise RemoteError(f"{self.shown}/predict answered {status}: "
                               f"{body.get('detail') or response.text[:200]!r}"
+                              + (f"; still busy after {self.wait:g} s (--wait)"
+                                 if _busy(response) else "")
                               + _what_to_change(response, f"{self.url}/predict"))
         return out  # type: ignore[return-value]
 
@@ -760,6 +777,31 @@ class RemoteRunner:
             # dropped, not each sent with its retries, and the process need not wait
             pool.shutdown()
             self.client.close()
+
+
+def _busy(response) -> bool:
+    """Busy, rate-limited or slow to send (408): worth waiting out."""
+    return (response.status_code in (408, 429, 503)
+            and _error_body(response).get("code") not in REFUSED_AT_START_UP)
+
+
+def _retry_after(header: str | None, otherwise: float) -> float:
+    """Seconds a ``Retry-After`` asks for (seconds or an HTTP date; RFC 9110 10.2.3), at
+    most 30; ``otherwise`` where there is none, it cannot be read or it asks for none (a
+    proxy answering 0 every time would be asked again at once, for all of ``--wait``)."""
+    seconds = 0.0
+    header = (header or "").strip()
+    if header.isascii() and header.isdigit():  # "\xb2" (latin-1 "²") is a digit to isdigit
+        seconds = float(header)
+    elif header:
+        try:
+            when = parsedate_to_datetime(header)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return otherwise
+        if when.tzinfo is None:  # an HTTP date is GMT; a -0000 zone is read as naive
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    return min(seconds, 30.0) if seconds > 0 else otherwise
 
 
 def _error_body(response) -> dict:

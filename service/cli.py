@@ -63,9 +63,11 @@ def run_images(args: argparse.Namespace) -> int:
     if args.url:
         if not 0 < args.timeout <= MAX_TIMEOUT:  # nan and inf too (a socket takes neither)
             raise UsageError(f"--timeout must be above 0 and at most {MAX_TIMEOUT:g} seconds")
+        if not 0 <= args.wait <= MAX_TIMEOUT:
+            raise UsageError(f"--wait must be 0 to {MAX_TIMEOUT:g} seconds")
         runner = RemoteRunner(args.url, args.model, args.faces, args.connections,
                               args.batch_size, timeout=args.timeout,
-                              max_bytes=settings.max_upload_bytes)
+                              max_bytes=settings.max_upload_bytes, wait=args.wait)
     else:
         runner = LocalRunner(args.models_dir or settings.models_dir,
                              args.model or settings.default_model,
@@ -261,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --url: the most seconds to wait for each part of a batch's "
                         "answer, and for its whole body once its headers came; past it the "
                         "run stops (default: %(default)s)")
+    images.add_argument("--wait", type=float, default=300.0, metavar="SECONDS",
+                        help="with --url: the most seconds a batch waits out a busy service "
+                        "(503, 429, 408), each time as its Retry-After asks; past it the run "
+                        "stops (default: %(default)s)")
     images.set_defaults(func=run_images, parser=images)
 
     video = commands.add_parser(
