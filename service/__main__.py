@@ -130,7 +130,14 @@ def main(argv: list[str] | None = None) -> int:
         supervisor_stops_listening_after(settings.drain_seconds)
     if workers > 1 and not given:
         # Each worker writes its counters here so that /metrics adds up all of them.
-        metrics_dir = tempfile.mkdtemp(prefix="emotion-metrics-")
+        try:
+            metrics_dir = tempfile.mkdtemp(prefix="emotion-metrics-")
+        except OSError as exc:  # a read-only root with no /tmp mounted: a traceback before
+            print("emotion service: cannot start: no writable temporary folder for the "
+                  f"workers' metrics ({exc.strerror or exc}); mount one at /tmp (docker run "
+                  "--tmpfs /tmp) or set PROMETHEUS_MULTIPROC_DIR to a writable folder",
+                  file=sys.stderr)
+            return 2
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
         uvicorn.run("service.main:app", host=args.host, port=args.port,

@@ -168,6 +168,23 @@ def test_a_metrics_folder_that_is_missing_is_one_line_not_a_crash_loop(tmp_path,
     assert line.startswith("emotion service: cannot start: PROMETHEUS_MULTIPROC_DIR=")
 
 
+def test_no_writable_temporary_folder_for_several_workers_is_one_line():
+    """`docker run --read-only` without a /tmp mounted: with two workers or more (one per
+    CPU by default) the launcher ended in a traceback, a crash loop under a restart policy;
+    one worker writes no metrics files and starts (a review)."""
+    no_folder = ("import runpy, sys, tempfile; tempfile.tempdir = '/nonexistent/tmp'; "
+                 "sys.argv = ['service', '--port', '1']; "
+                 "runpy.run_module('service', run_name='__main__')")
+    env = {key: value for key, value in os.environ.items()
+           if key != "PROMETHEUS_MULTIPROC_DIR"}
+    result = run_refused(["-c", no_folder], cwd=REPO, env={**env, "EMOTION_WORKERS": "2"})
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("emotion service: cannot start: no writable temporary folder for "
+                           "the workers' metrics (No such file or directory); mount one at "
+                           "/tmp (docker run --tmpfs /tmp)"), line
+
+
 @pytest.mark.parametrize("command", [["-m", "service"], ["-m", "service.cli", "images"],
                                      ["-m", "training", "audit"]])
 def test_help_answers_even_when_a_setting_is_refused(tmp_path, command):
