@@ -480,7 +480,11 @@ class LocalRunner:
 
     def check(self) -> None:
         """Fail early, in this process, on an unknown model or a missing detector."""
-        _init_worker(*self.args)
+        try:
+            _init_worker(*self.args)
+        except FacesUnavailableError:  # the service's words ("on this server; faces=none")
+            raise FacesUnavailableError(f"{_worker['predictor'].cropper_error}; use "
+                                        "--faces none") from None
 
     def run(self, paths: Sequence[str]) -> Iterator[list[list[Row]]]:
         if self.workers <= 1:  # no pool: the same code, in this process

@@ -1565,6 +1565,26 @@ def test_url_stops_at_once_on_a_model_the_service_refused_at_start_up(tmp_path, 
     assert row.values["label"] == "NEUTRAL" and len(sent) == 2
 
 
+def test_a_missing_face_detector_is_said_in_the_command_lines_words(tmp_path):
+    """In process it said "not available on this server; use faces=none", with no server
+    and no such option, and not why (a review)."""
+    from tests.api import models_copy
+
+    folder = models_copy(tmp_path)
+    (folder / "face_onet.onnx").unlink()
+    photo = tmp_path / "a.png"
+    photo.write_bytes(encode(gray_image(), "PNG"))
+    argv = ["images", str(photo), "--out", str(tmp_path / "rows.csv"), "--models-dir",
+            str(folder), "--workers", "1"]
+    result = subprocess.run([*COMMAND, *argv, "--faces", "auto"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "emotion-detect: face detection refused: cannot read face_onet.onnx: No such file or "
+        "directory; use --faces none")
+    assert main([*argv, "--faces", "none"]) == 0
+
+
 class FakeClock:
     """``service.batch``'s monotonic clock and sleep: a sleep moves the clock on, at once."""
 
