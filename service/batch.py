@@ -436,7 +436,16 @@ def _init_worker(models_dir: str, model: str, mode: FacesMode, max_faces: int,
     _worker["model"], _worker["mode"] = model, mode
     _worker["args"] = (models_dir, model, mode, max_faces, limits)
     _worker["predictor"].model(model)
-    _worker["predictor"].require_faces(mode)
+    require_faces_in_process(_worker["predictor"], mode)
+
+
+def require_faces_in_process(predictor: Predictor, mode: FacesMode) -> None:
+    """``predictor.require_faces`` in the command line's words, and why: the service's are
+    "not available on this server; use faces=none"."""
+    try:
+        predictor.require_faces(mode)
+    except FacesUnavailableError:
+        raise FacesUnavailableError(f"{predictor.cropper_error}; use --faces none") from None
 
 
 def _classify(paths: Sequence[str]) -> list[list[Row]]:
@@ -480,11 +489,7 @@ class LocalRunner:
 
     def check(self) -> None:
         """Fail early, in this process, on an unknown model or a missing detector."""
-        try:
-            _init_worker(*self.args)
-        except FacesUnavailableError:  # the service's words ("on this server; faces=none")
-            raise FacesUnavailableError(f"{_worker['predictor'].cropper_error}; use "
-                                        "--faces none") from None
+        _init_worker(*self.args)
 
     def run(self, paths: Sequence[str]) -> Iterator[list[list[Row]]]:
         if self.workers <= 1:  # no pool: the same code, in this process

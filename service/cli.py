@@ -31,6 +31,7 @@ from service.batch import (
     expand_paths,
     finished_paths,
     output_format,
+    require_faces_in_process,
     writable_path,
 )
 from service.inference import FACES_MODES, PredictorError, UnknownModelError
@@ -152,7 +153,7 @@ def run_video(args: argparse.Namespace) -> int:
                                max_faces=settings.max_faces_per_image)
     model, mode = args.model or settings.default_model, args.faces or settings.default_faces
     predictor.model(model)
-    predictor.require_faces(mode)
+    require_faces_in_process(predictor, mode)
     columns = (*VIDEO_COLUMNS, *COLUMNS[1:])
     # opened at the first rows: a file that is no video leaves an earlier --out as it was
     writer: RowWriter | None = None

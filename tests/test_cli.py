@@ -1566,8 +1566,8 @@ def test_url_stops_at_once_on_a_model_the_service_refused_at_start_up(tmp_path, 
 
 
 def test_a_missing_face_detector_is_said_in_the_command_lines_words(tmp_path):
-    """In process it said "not available on this server; use faces=none", with no server
-    and no such option, and not why (a review)."""
+    """In process (images and video) it said "not available on this server; use
+    faces=none", with no server and no such option, and not why (a review)."""
     from tests.api import models_copy
 
     folder = models_copy(tmp_path)
@@ -1578,11 +1578,16 @@ def test_a_missing_face_detector_is_said_in_the_command_lines_words(tmp_path):
             str(folder), "--workers", "1"]
     result = subprocess.run([*COMMAND, *argv, "--faces", "auto"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == (
-        "emotion-detect: face detection refused: cannot read face_onet.onnx: No such file or "
-        "directory; use --faces none")
+    said = ("emotion-detect: face detection refused: cannot read face_onet.onnx: No such "
+            "file or directory; use --faces none")
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == said
     assert main([*argv, "--faces", "none"]) == 0
+    video = tmp_path / "clip.mp4"  # refused before it is read
+    video.write_bytes(b"not read")
+    result = subprocess.run([*COMMAND, "video", str(video), "--out", str(tmp_path / "v.csv"),
+                             "--models-dir", str(folder), "--faces", "auto"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == said
 
 
 class FakeClock:
