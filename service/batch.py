@@ -27,6 +27,7 @@ import random
 import select
 import signal
 import stat
+import sys
 import threading
 import time
 from collections import deque
@@ -640,13 +641,16 @@ class RemoteRunner:
         # how long a batch waits out a busy service: nine tries of its Retry-After of 1 s
         # gave up after 9 s, while a deployment adds replicas over minutes
         self.wait = wait
+        # said once a run: minutes of silence looked hung
+        self.said_busy, self.said_busy_lock = False, threading.Lock()
         limits = httpx.Limits(max_connections=concurrency,
                               max_keepalive_connections=concurrency)
         self.client = httpx.Client(timeout=timeout, limits=limits)
 
     def check(self) -> None:
         # three tries, not nine: a mistyped host or port took 22 s to be reported
-        response = self._send("GET", "/readyz", retries=2, wait=5.0)
+        # a 503 is taken as it is (a model refused at start-up, a drain): no waiting it out
+        response = self._send("GET", "/readyz", retries=2, wait=0.0)
         if response.status_code not in (200, 503):
             raise RemoteError(f"{self.shown}/readyz answered {response.status_code}"
                               + _what_to_change(response, f"{self.url}/readyz"))
@@ -684,14 +688,27 @@ class RemoteRunner:
             if _busy(response):
                 now = time.monotonic()
                 busy_since = now if busy_since is None else busy_since
-                # up to a quarter more, so that clients refused together come back apart
-                pause = _retry_after(response.headers.get("retry-after"), delay) \
-                    * random.uniform(1.0, 1.25)
-                if now + pause - busy_since <= wait:
-                    time.sleep(pause)
+                left = busy_since + wait - now
+                if left > 0:
+                    self._say_busy(response.status_code, wait)
+                    # up to a quarter more, so that clients refused together come back
+                    # apart; the last pause ends at --wait, for a last try there
+                    time.sleep(min(left, random.uniform(1.0, 1.25) * _retry_after(
+                        response.headers.get("retry-after"), delay)))
                     delay = min(delay * 2, 5.0)
                     continue
             return response
+
+    def _say_busy(self, status: int, wait: float) -> None:
+        with self.said_busy_lock:
+            if self.said_busy:
+                return
+            self.said_busy = True
+        from tqdm import tqdm
+
+        # tqdm's write: a line above the progress bar, not through it
+        tqdm.write(f"emotion-detect: {self.shown} is busy ({status}); each batch waits up "
+                   f"to {wait:g} s for it (--wait)", file=sys.stderr)
 
     def _answer(self, method: str, path: str, **kwargs):
         """The answer, read whole within the timeout and up to :data:`MAX_ANSWER_BYTES`."""

@@ -1603,28 +1603,49 @@ class FakeClock:
         self.now += seconds
 
 
-def test_url_waits_out_a_busy_service_for_wait_seconds_not_nine_tries(tmp_path, monkeypatch):
+def test_url_waits_out_a_busy_service_for_wait_seconds_not_nine_tries(tmp_path, monkeypatch,
+                                                                      capsys):
     """Nine tries of the service's Retry-After of 1 s gave a busy service 9 s before the run
     stopped (a review: 1 run in 3 of 400 photos over 16 connections failed so against
-    EMOTION_MAX_IN_FLIGHT=2), while a deployment adds replicas over minutes."""
+    EMOTION_MAX_IN_FLIGHT=2), while a deployment adds replicas over minutes. The wait is
+    said once, and its last try comes at --wait, not a pause before it."""
     import httpx
 
     from service.batch import RemoteError
 
-    clock = FakeClock(monkeypatch)
     photo = tmp_path / "a.png"
     photo.write_bytes(encode(gray_image(), "PNG"))
-    runner, sent = _runner_answering(httpx.Response(
-        503, headers={"retry-after": "1"},
-        json={"detail": "too many requests in flight; retry shortly", "code": "overloaded"}))
-    with pytest.raises(RemoteError, match=r"answered 503: 'too many requests in flight; "
-                       r"retry shortly'; still busy after 300 s \(--wait\)$"):
-        runner._classify([str(photo)])
-    assert 300 - 1.25 < sum(clock.slept) <= 300 and len(sent) == len(clock.slept) + 1
-    # each as its Retry-After asks, and up to a quarter more, so that clients refused
-    # together do not all come back in the same instant
-    assert all(1.0 <= pause <= 1.25 for pause in clock.slept)
-    assert len({round(pause, 6) for pause in clock.slept}) > len(clock.slept) / 2
+    for retry_after, wait in (("1", 300.0), ("30", 60.0), ("30", 20.0)):
+        clock = FakeClock(monkeypatch)
+        runner, sent = _runner_answering(httpx.Response(
+            503, headers={"retry-after": retry_after},
+            json={"detail": "too many requests in flight; retry shortly", "code": "overloaded"}))
+        runner.wait = wait
+        with pytest.raises(RemoteError, match=r"answered 503: 'too many requests in flight; "
+                           rf"retry shortly'; still busy after {wait:g} s \(--wait\)$"):
+            runner._classify([str(photo)])
+        assert sum(clock.slept) == pytest.approx(wait) and len(sent) == len(clock.slept) + 1
+        # each as its Retry-After asks, and up to a quarter more, so that clients refused
+        # together do not all come back in the same instant; the last cut to end at --wait
+        asked = float(retry_after)
+        assert all(asked <= pause <= 1.25 * asked for pause in clock.slept[:-1])
+        assert len({round(pause, 6) for pause in clock.slept[:-1]}) >= len(clock.slept) // 2
+        assert capsys.readouterr().err == (
+            f"emotion-detect: http://service.test is busy (503); each batch waits up to "
+            f"{wait:g} s for it (--wait)\n")
+    assert len(clock.slept) == 1  # 20 s of a Retry-After of 30: one try at 20 s
+
+
+def test_url_takes_a_503_from_readyz_as_it_is(monkeypatch):
+    """A service with one model refused at start-up answers /readyz 503 for good, and the
+    run on its other model may go on: the check waited 3 s more first (a diff review)."""
+    import httpx
+
+    clock = FakeClock(monkeypatch)
+    runner, sent = _runner_answering(httpx.Response(503, json={
+        "ready": False, "models": {"cnn": "ready", "knn": "refused"}}))
+    runner.check()
+    assert len(sent) == 1 and clock.slept == []
 
 
 @pytest.mark.parametrize(("retry_after", "low", "high"), [
