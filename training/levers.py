@@ -262,7 +262,7 @@ REFINE_ROUND: dict[str, tuple[str, dict[float, tuple[float, float, float]], str]
         "its own class frequencies while the distillation holds FER-2013's",
         {0.25: (0.496, 0.366, 0.625), 0.5: (0.493, 0.366, 0.620), 0.75: (0.491, 0.362, 0.620),
          1.0: (0.494, 0.372, 0.616)},
-        "not adopted: identity val does not rise; below half_distill_3 at every beta"),
+        "not adopted: identity val does not rise; its best below half_distill_3's best"),
 }
 
 
@@ -298,8 +298,8 @@ WIDTH_ROUND: dict[str, dict[int, tuple[float, float, float, float]]] = {
     # widths -> seed -> (raw criterion, identity val, FER-2013 val, beta)
     "16, 32, 128, 256": {0: (0.494, 0.361, 0.627, 0.5), 1: (0.501, 0.376, 0.626, 0.5)},
 }
-WIDTH_DECISION = ("not adopted: over both seeds the criterion is 0.004 lower; the wider network "
-                  "keeps more of FER-2013 (val +0.011) and learns less of this dataset (identity "
+WIDTH_DECISION = ("not adopted: over both seeds the criterion is 0.003 lower; the wider network "
+                  "keeps more of FER-2013 (val +0.010) and learns less of this dataset (identity "
                   "val -0.017), the opposite of what the identity floor needs; the first fit "
                   "took 63 and 66 min with two sharing the cores")
 
