@@ -30,7 +30,8 @@ from service.preprocessing import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from tests.server import server_process
 
 MIN_NOISE_BYTES = 1024
-CASES = ("idle", "multipart", "pixels", "float_tiff", "oip_json", "oip_binary", "oip_tensor")
+CASES = ("idle", "multipart", "pixels", "float_tiff", "webp", "oip_json", "oip_binary",
+         "oip_tensor")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,8 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bytes", type=count, default=DEFAULT_MAX_BYTES - 1024,
                         help="size of each noise PNG (just under the upload limit)")
     parser.add_argument("--pixels", type=count, default=DEFAULT_MAX_PIXELS - 100_000,
-                        help="pixels of each image in the 'pixels' (smooth RGB PNG) and "
-                        "'float_tiff' cases")
+                        help="pixels of each image in the 'pixels' (smooth RGB PNG), "
+                        "'float_tiff' and 'webp' (lossless, a few kB) cases")
     parser.add_argument("--concurrent", type=count, default=1, help="copies sent at once")
     parser.add_argument("--cases", default=",".join(CASES), help="which cases, in order; "
                         "a+b sends one request of each case at once, and case:N gives that "
@@ -93,6 +94,14 @@ def float_tiff(pixels: int) -> bytes:
     return buffer.getvalue()
 
 
+def lossless_webp(pixels: int) -> bytes:
+    """One colour, lossless: a few kB that decode to an RGBA canvas of ``pixels``."""
+    side = int(pixels ** 0.5)
+    buffer = io.BytesIO()
+    Image.new("RGBA", (side, side), (90, 120, 150, 255)).save(buffer, "WEBP", lossless=True)
+    return buffer.getvalue()
+
+
 def images_of(part: str, default: int) -> int:
     """The N of ``case:N``, else ``default``."""
     images = part.partition(":")[2]
@@ -110,9 +119,10 @@ def requests_for(part: str, args) -> list[dict]:
     if case == "idle":
         return [{"url": "/predict", "params": {"faces": "none"},
                  "files": {"file": ("a.png", png(np.full((64, 64), 128, np.uint8)))}}]
-    if case in ("multipart", "pixels", "float_tiff"):
+    if case in ("multipart", "pixels", "float_tiff", "webp"):
         image = (noise_png(args.bytes) if case == "multipart" else smooth_png(args.pixels)
-                 if case == "pixels" else float_tiff(args.pixels))
+                 if case == "pixels" else float_tiff(args.pixels) if case == "float_tiff"
+                 else lossless_webp(args.pixels))
         return [{"url": "/predict", "params": {"faces": "none"},
                  "files": [("files", (f"{i}.png", image)) for i in range(args.images)]}]
     infer = "/v2/models/cnn/infer"

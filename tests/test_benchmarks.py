@@ -93,13 +93,15 @@ def test_bench_faces_finds_the_face_and_prints_its_share(data_settings, capsys):
 def test_bench_memory_prints_each_cases_peak(capsys):
     # the last: the worst seen's shape, one request of a single image started after the other
     assert bench_memory.main(["--images", "2", "--bytes", "100000", "--pixels", "250000",
-                              "--cases", "multipart,oip_binary,oip_binary+multipart:1",
+                              "--cases", "multipart,oip_binary,oip_binary+multipart:1,webp:1",
                               "--stagger", "0.3"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
-    assert [row[0] for row in rows] == ["multipart", "oip_binary", "oip_binary+multipart:1"]
+    assert [row[0] for row in rows] == ["multipart", "oip_binary", "oip_binary+multipart:1",
+                                        "webp:1"]
     for row in rows:  # body MB, status, idle MB, peak MB: the peak is at least the idle
         assert float(row[4]) >= float(row[3]) > 50
-    assert [row[2] for row in rows] == ["200x1", "200x1", "200x2"]
+    assert [row[2] for row in rows] == ["200x1", "200x1", "200x2", "200x1"]
+    assert float(rows[3][1]) < 0.01  # a lossless WebP of one colour: bytes for 250,000 pixels
     # one 0.1 MB PNG, not --images of them, and sent 0.3 s after the other
     assert float(rows[2][1]) == pytest.approx(float(rows[1][1]) + 0.1, abs=0.01)
     assert float(rows[2][5]) >= 0.3
