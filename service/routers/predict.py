@@ -104,8 +104,9 @@ async def predict_emotions(
     name = settings.default_model if model is None else model  # model= empty: unknown, as faces=
     mode = faces or settings.default_faces
     predictor = serving.predictor
-    predictor.require_faces(mode)  # PredictorError: a 4xx or 503 with a reason
-    loaded = predictor.model(name)
+    # the model first, as /v2 and the command line: a misspelt name got the detector's 503
+    loaded = predictor.model(name)  # PredictorError: a 4xx or 503 with a reason
+    predictor.require_faces(mode)
     uploads = await read_uploads(request, settings)
     # Off the event loop, and at most inference_concurrency at once: the rest wait in the
     # executor's queue without holding a thread.
