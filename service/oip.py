@@ -287,7 +287,7 @@ def decode_content(body: bytes, encoding: str | None, limit: int,
     compression) inflated, refused past ``limit`` bytes the moment it crosses it.
     ``hold(size)`` is told the bytes held (the body and what is inflated, a step ahead)
     before each step, so that a worker's budget can refuse before the memory is taken."""
-    coding = (encoding or "identity").strip().lower()
+    coding = (encoding or "").strip().lower() or "identity"  # " ": none, as on /predict
     if coding == "identity":
         return body
     if coding not in ("gzip", "x-gzip", "deflate"):

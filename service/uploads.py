@@ -241,7 +241,8 @@ def _field_list(names: list[str], shown: int = 10) -> str:
 
 
 async def read_uploads(request: Request, settings: Settings) -> list[ImageInput]:
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    # empty: no coding, as on /v2 (it was refused here as Content-Encoding '')
+    encoding = request.headers.get("content-encoding", "").strip().lower() or "identity"
     if encoding != "identity":  # a gzip body was read as a broken image, a 'br' one as plain
         raise ApiError(415, "unsupported_media_type", f"Content-Encoding {shown(encoding)} is not "
                        "supported on /predict: send the image bytes as they are (images are "

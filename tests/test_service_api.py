@@ -727,6 +727,22 @@ def test_request_bytes_in_flight_are_bounded_per_worker(settings, monkeypatch):
         assert body_bytes_in_flight(client) == 0
 
 
+@pytest.mark.parametrize("empty", ["", " "])
+def test_an_empty_content_encoding_is_no_coding_on_both_paths(client, faces, empty):
+    """/predict refused it as "Content-Encoding '' is not supported" (415) while /v2 took
+    it (a code review); " " was the other way round."""
+    face = next(iter(faces.values()))
+    answer = client.post("/predict", content=face, headers={
+        "content-type": "image/jpeg", "content-encoding": empty})
+    assert answer.status_code == 200, answer.text
+    oip = client.post("/v2/models/cnn/infer", headers={"content-encoding": empty}, json={
+        "inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1],
+                    "data": [base64.b64encode(face).decode()]}]})
+    assert oip.status_code == 200, oip.text
+    assert oip.json()["outputs"][0]["data"] == pytest.approx(
+        list(answer.json()["predictions"][0]["probabilities"].values()), abs=1e-6)
+
+
 def test_a_request_alone_may_pass_the_byte_budget(settings):
     big = noise_png()
     small_budget = settings.model_copy(update={"max_body_bytes_in_flight": 1000})
