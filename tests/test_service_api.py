@@ -129,6 +129,15 @@ def test_openapi_documents_the_contract(client):
     assert client.get("/docs").status_code == 200
 
 
+def test_admission_control_counts_every_route_that_runs_a_model(client):
+    """Its routes are templates written out by hand: a path parameter renamed in a router
+    would have switched it off for that route without a word (a code review)."""
+    from service.middleware import LIMITED_ROUTES
+
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {path for path, methods in paths.items() if "post" in methods} == set(LIMITED_ROUTES)
+
+
 @pytest.mark.parametrize("model", ["cnn", "knn"])
 def test_single_prediction_matches_running_the_model_directly(client, faces, model, settings):
     manifest = load_manifest(settings.models_dir)
