@@ -1,8 +1,10 @@
 """The one preprocessing function shared by training and serving.
 
 The study's contract: grayscale, resized to 350x350. Every image the models ever see, in
-training, evaluation or a request, goes through :func:`preprocess_image_uint8`, so a model
-is always fed exactly what it was trained on.
+training, evaluation or a request, goes through the two steps of
+:func:`preprocess_image_uint8`: :func:`decode_grayscale`, then :func:`resize_to_input` (of
+the whole image, or of a face's crop). Serving calls them apart, to find the faces between
+them; change a step there, not a copy, so that a model is always fed what it was trained on.
 
 Stated choices (changing any of them changes :data:`PREPROCESSING_VERSION`):
 
