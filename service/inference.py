@@ -102,7 +102,7 @@ class PredictionHooks(Protocol):
 
     def on_rejected(self, code: str) -> None: ...
 
-    def on_faces(self, found: int) -> None: ...
+    def on_faces(self, cropped: int) -> None: ...  # not faces_found: after the limit
 
     def on_inference(self, model: str, seconds: float) -> None: ...
 
@@ -113,7 +113,7 @@ class NoHooks:
     def on_rejected(self, code: str) -> None:
         pass
 
-    def on_faces(self, found: int) -> None:
+    def on_faces(self, cropped: int) -> None:
         pass
 
     def on_inference(self, model: str, seconds: float) -> None:

@@ -131,9 +131,9 @@ class ServiceMetrics:
     def on_rejected(self, code: str) -> None:
         self.rejected.labels(code).inc()
 
-    def on_faces(self, found: int) -> None:
-        if found:
-            self.faces_found.inc(found)
+    def on_faces(self, cropped: int) -> None:
+        if cropped:
+            self.faces_found.inc(cropped)
         else:
             self.images_without_face.inc()
 
