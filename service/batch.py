@@ -303,7 +303,7 @@ def _whole_json(line: str) -> bool:
 
 
 def finished_paths(path: Path, again: Collection[str] | None = None,
-                   columns: Sequence[str] = COLUMNS, apply: bool = True) -> set[str]:
+                   apply: bool = True) -> set[str]:
     """Paths an earlier run already wrote rows for, for ``--resume``; ``again``: the paths
     this run classifies (None: any). Of those, two kinds are done again and their rows
     removed: the last file's, as an interrupted run may have cut its rows short, and any
@@ -316,12 +316,12 @@ def finished_paths(path: Path, again: Collection[str] | None = None,
         return set()
     fmt = output_format(path)
     text = path.read_bytes().decode("utf-8", errors="surrogateescape")
-    records, ends = _records(text, fmt, columns)
+    records, ends = _records(text, fmt, COLUMNS)
     again = None if again is None else set(again)  # looked up once per row
     # a folder that could not be listed: its row goes once it can be and files in it are given
     within = set() if again is None else {str(folder) for name in again
                                           for folder in Path(name).parents}
-    code = list(columns).index("code")
+    code = COLUMNS.index("code")
     redo = {r[0] for r in records if r[code] == UNREADABLE and (
         again is None or r[0] in again or (r[0] in within and _listable(r[0])))}
     if records and (again is None or records[-1][0] in again):
@@ -732,7 +732,7 @@ class RemoteRunner:
                 b"content-type", b"retry-after", b"location", b"www-authenticate")]
             return httpx.Response(response.status_code, headers=kept, content=bytes(body))
 
-    def _post(self, paths: Sequence[str], inputs: Sequence[ImageInput]):
+    def _post(self, inputs: Sequence[ImageInput]):
         files = [("files", (str(i), image.data, "application/octet-stream"))
                  for i, image in enumerate(inputs)]
         return self._send("POST", "/predict", params=self.params, files=files)
@@ -754,7 +754,7 @@ class RemoteRunner:
             for p, (image, why) in zip(paths, read, strict=True)]
         if not readable:
             return out  # type: ignore[return-value]
-        response = self._post([paths[i] for i in readable], [read[i][0] for i in readable])
+        response = self._post([read[i][0] for i in readable])
         status, body = response.status_code, _error_body(response)
         if body.get("code") == "too_many_files" and len(paths) > 1:
             # --batch-size over the service's EMOTION_MAX_IMAGES_PER_REQUEST: halves, until
@@ -883,4 +883,4 @@ def _row_from_json(path: str, prediction: dict) -> Row:
 def default_workers() -> int:
     from service.settings import container_cpus
 
-    return container_cpus() or os.cpu_count() or 1
+    return container_cpus()  # at least 1
