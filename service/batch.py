@@ -64,6 +64,8 @@ IMAGE_ERROR_CODES = frozenset(error.code for error in (
     PreprocessingError, *PreprocessingError.__subclasses__()))
 REFUSED_AT_START_UP = frozenset(error.code for error in (
     ModelUnavailableError, FacesUnavailableError))
+# What --url waits out, as its messages say it (408: the body came too slowly for the service)
+WAITED_OUT = {503: "busy", 429: "limiting requests", 408: "timing out the uploads"}
 
 
 class UsageError(ValueError):
@@ -642,28 +644,30 @@ class RemoteRunner:
         # gave up after 9 s, while a deployment adds replicas over minutes
         self.wait = wait
         # said once a run: minutes of silence looked hung
-        self.said_busy, self.said_busy_lock = False, threading.Lock()
+        self.said_waiting, self.said_waiting_lock = False, threading.Lock()
         limits = httpx.Limits(max_connections=concurrency,
                               max_keepalive_connections=concurrency)
         self.client = httpx.Client(timeout=timeout, limits=limits)
 
     def check(self) -> None:
-        # three tries, not nine: a mistyped host or port took 22 s to be reported
-        # a 503 is taken as it is (a model refused at start-up, a drain): no waiting it out
-        response = self._send("GET", "/readyz", retries=2, wait=0.0)
+        # three tries, not nine: a mistyped host or port took 22 s to be reported; a 503 is
+        # taken as it is (a model refused at start-up, a drain), a proxy's 429 waited out
+        response = self._send("GET", "/readyz", retries=2, wait=5.0, wait_out=(408, 429),
+                              say=False)
         if response.status_code not in (200, 503):
             raise RemoteError(f"{self.shown}/readyz answered {response.status_code}"
                               + _what_to_change(response, f"{self.url}/readyz"))
 
     def _send(self, method: str, path: str, retries: int | None = None,
-              wait: float | None = None, **kwargs):
+              wait: float | None = None, wait_out: Collection[int] = tuple(WAITED_OUT),
+              say: bool = True, **kwargs):
         """The answer, after up to ``retries`` failed connections and ``wait`` seconds of
-        busy answers."""
+        answers with a status in ``wait_out`` (``say``: a line when the wait begins)."""
         import httpx
 
         retries = self.retries if retries is None else retries
         wait = self.wait if wait is None else wait
-        delay, failures, busy_since = 0.2, 0, None
+        delay, failures, waiting_since = 0.2, 0, None
         while True:
             try:
                 response = self._answer(method, path, **kwargs)
@@ -685,12 +689,13 @@ class RemoteRunner:
             # busy (503), rate-limited (429) or timed out reading the body (408): transient;
             # not a model or detector the service refused at start-up, which waiting out
             # its Retry-After of 60 s (for minutes, silently) does not mend
-            if _busy(response):
+            if response.status_code in wait_out and _waited_out(response):
                 now = time.monotonic()
-                busy_since = now if busy_since is None else busy_since
-                left = busy_since + wait - now
+                waiting_since = now if waiting_since is None else waiting_since
+                left = waiting_since + wait - now
                 if left > 0:
-                    self._say_busy(response.status_code, wait)
+                    if say:
+                        self._say_waiting(response.status_code, wait)
                     # up to a quarter more, so that clients refused together come back
                     # apart; the last pause ends at --wait, for a last try there
                     time.sleep(min(left, random.uniform(1.0, 1.25) * _retry_after(
@@ -699,16 +704,16 @@ class RemoteRunner:
                     continue
             return response
 
-    def _say_busy(self, status: int, wait: float) -> None:
-        with self.said_busy_lock:
-            if self.said_busy:
+    def _say_waiting(self, status: int, wait: float) -> None:
+        with self.said_waiting_lock:
+            if self.said_waiting:
                 return
-            self.said_busy = True
+            self.said_waiting = True
         from tqdm import tqdm
 
         # tqdm's write: a line above the progress bar, not through it
-        tqdm.write(f"emotion-detect: {self.shown} is busy ({status}); each batch waits up "
-                   f"to {wait:g} s for it (--wait)", file=sys.stderr)
+        tqdm.write(f"emotion-detect: {self.shown} is {WAITED_OUT[status]} ({status}); each "
+                   f"batch waits up to {wait:g} s for it (--wait)", file=sys.stderr)
 
     def _answer(self, method: str, path: str, **kwargs):
         """The answer, read whole within the timeout and up to :data:`MAX_ANSWER_BYTES`."""
@@ -789,8 +794,8 @@ class RemoteRunner:
         else:  # the service refused the run itself (401, 404, 415, 422, 5xx...): stop
             raise RemoteError(f"{self.shown}/predict answered {status}: "
                               f"{body.get('detail') or response.text[:200]!r}"
-                              + (f"; still busy after {self.wait:g} s (--wait)"
-                                 if _busy(response) else "")
+                              + (f"; still {WAITED_OUT[status]} after {self.wait:g} s "
+                                 "(--wait)" if _waited_out(response) else "")
                               + _what_to_change(response, f"{self.url}/predict"))
         return out  # type: ignore[return-value]
 
@@ -805,9 +810,9 @@ class RemoteRunner:
             self.client.close()
 
 
-def _busy(response) -> bool:
-    """Busy, rate-limited or slow to send (408): worth waiting out."""
-    return (response.status_code in (408, 429, 503)
+def _waited_out(response) -> bool:
+    """Busy, rate-limited or timing out the upload: transient, worth waiting out."""
+    return (response.status_code in WAITED_OUT
             and _error_body(response).get("code") not in REFUSED_AT_START_UP)
 
 

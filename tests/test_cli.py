@@ -1636,9 +1636,10 @@ def test_url_waits_out_a_busy_service_for_wait_seconds_not_nine_tries(tmp_path, 
     assert len(clock.slept) == 1  # 20 s of a Retry-After of 30: one try at 20 s
 
 
-def test_url_takes_a_503_from_readyz_as_it_is(monkeypatch):
+def test_url_takes_a_503_from_readyz_as_it_is_and_waits_out_a_429(monkeypatch, capsys):
     """A service with one model refused at start-up answers /readyz 503 for good, and the
-    run on its other model may go on: the check waited 3 s more first (a diff review)."""
+    run on its other model may go on: the check waited 3 s more first; a proxy's 429 is
+    still waited out, not the end of the run (two diff reviews)."""
     import httpx
 
     clock = FakeClock(monkeypatch)
@@ -1646,6 +1647,33 @@ def test_url_takes_a_503_from_readyz_as_it_is(monkeypatch):
         "ready": False, "models": {"cnn": "ready", "knn": "refused"}}))
     runner.check()
     assert len(sent) == 1 and clock.slept == []
+    runner, sent = _runner_answering(httpx.Response(429, headers={"retry-after": "1"}),
+                                     httpx.Response(200, json={"ready": True}))
+    runner.check()
+    assert len(sent) == 2 and 1.0 <= sum(clock.slept) <= 1.25
+    assert capsys.readouterr().err == ""  # the line is about batches, which wait --wait
+
+
+def test_url_says_a_408_as_uploads_timing_out_not_a_busy_service(tmp_path, monkeypatch,
+                                                                 capsys):
+    """Its wait was announced, and its end said, as a busy service (a diff review): the
+    service's 408 means the upload came too slowly."""
+    import httpx
+
+    from service.batch import RemoteError
+
+    FakeClock(monkeypatch)
+    photo = tmp_path / "a.png"
+    photo.write_bytes(encode(gray_image(), "PNG"))
+    runner, _ = _runner_answering(httpx.Response(408, json={
+        "detail": "no byte of the request body came for 30 s", "code": "body_timeout"}))
+    runner.wait = 2.0
+    with pytest.raises(RemoteError, match=r"came for 30 s'; still timing out the uploads after "
+                       r"2 s \(--wait\)$"):
+        runner._classify([str(photo)])
+    assert capsys.readouterr().err == ("emotion-detect: http://service.test is timing out the "
+                                       "uploads (408); each batch waits up to 2 s for it "
+                                       "(--wait)\n")
 
 
 @pytest.mark.parametrize(("retry_after", "low", "high"), [
