@@ -327,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     levers.set_defaults(func=cmd_levers)
 
     train = commands.add_parser("train", help="train the shipped CNN recipe on both datasets "
-                                "(identity train + FER-2013 Training), one checkpoint per seed")
+                                "(identity train + FER-2013 Training); per seed, the first "
+                                "fit's, the refinement's and the served checkpoint")
     train.add_argument("--seeds", type=non_negative, nargs="+", default=[0, 1, 2],
                        help="seeds (default: %(default)s)")
     train.add_argument("--from", dest="start_at", choices=("fit", "refine", "finish"),
@@ -357,10 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
                           help="models folder holding the CNN and its manifest.json "
                           "(default: EMOTION_MODELS_DIR, the shipped models/)")
     geometry.add_argument("--limit", type=count, default=None,
-                          help="a quick look: an evenly spaced sample of N images of each "
-                          "subset (default: all validation images, and of the train images "
-                          "all of this dataset's and 4,000 of FER-2013's); needs --out, so "
-                          "that a sample's framing never replaces the shipped one")
+                          help="a quick look: a sample of N images of each subset, the "
+                          "validation images evenly spaced, the train images every "
+                          "(count // N)th from the first, as the shipped framing was learnt "
+                          "(default: all validation images, and of the train images all of "
+                          "this dataset's and 4,000 of FER-2013's); needs --out, so that a "
+                          "sample's framing never replaces the shipped one")
     geometry.set_defaults(func=cmd_face_geometry)
     examples = commands.add_parser("examples", help="compose the sample photos in examples/ "
                                    "from identity-split test images")

@@ -44,7 +44,7 @@ SHIPPED_TRAIN = TrainConfig(epochs=8, batch_size=64, lr=2e-3, weight_decay=1e-4,
                             augment="all", select="best_val", prior="global",
                             distill=1.0, distill_source=1)
 SEEDS = (0, 1, 2)
-# Where each evaluation set comes from: (workspace split, subset, classes it is scored on).
+# Where each evaluation set comes from: (workspace split, classes it is scored on).
 EVAL_SETS = {"identity": ("identity", ALL_CLASSES), "fer2013": ("fer2013", FER_CLASSES)}
 SOURCE_ID = {"identity": 0, "fer2013": 1}
 
