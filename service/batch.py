@@ -634,6 +634,7 @@ class RemoteRunner:
                              "password holding / # ? or :, or an @ in the path) must be "
                              "percent-encoded")
         self.url, self.shown = url.rstrip("/"), _shown(parsed).rstrip("/")
+        self.proxy = _environment_proxy(parsed)
         self.timeout = timeout  # each read's, and the whole body's from its headers on
         # read no more than this of a file, as in process: past it, the file's row says so
         # and it is not sent (a /dev/zero was read until memory ran out)
@@ -678,8 +679,12 @@ class RemoteRunner:
             except httpx.TransportError as exc:
                 failures += 1
                 if failures > retries or self.client.is_closed:
+                    # a proxy that is down was said as the service refusing
+                    through = (f" (through the proxy {without_credentials(self.proxy)}, from "
+                               "the environment)" if self.proxy else "")
                     raise RemoteError(f"{self.shown}: {type(exc).__name__}: "
-                                      f"{str(exc).replace(self.url, self.shown)}") from None
+                                      f"{str(exc).replace(self.url, self.shown)}{through}"
+                                      ) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
@@ -808,6 +813,17 @@ class RemoteRunner:
             # dropped, not each sent with its retries, and the process need not wait
             pool.shutdown()
             self.client.close()
+
+
+def _environment_proxy(url) -> str | None:
+    """The proxy HTTP_PROXY, HTTPS_PROXY or ALL_PROXY names for ``url``, unless NO_PROXY
+    leaves it out (httpx reads the same variables)."""
+    import urllib.request
+
+    proxies = urllib.request.getproxies_environment()
+    if urllib.request.proxy_bypass_environment(url.host, proxies):
+        return None
+    return proxies.get(url.scheme) or proxies.get("all")
 
 
 def _waited_out(response) -> bool:

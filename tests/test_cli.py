@@ -1590,6 +1590,26 @@ def test_a_missing_face_detector_is_said_in_the_command_lines_words(tmp_path):
     assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == said
 
 
+def test_url_says_when_the_connection_failed_through_a_proxy(tmp_path, monkeypatch, capsys):
+    """A proxy from the environment that was down was said as the service refusing, while
+    the service was up (a review)."""
+    photo = tmp_path / "a.png"
+    photo.write_bytes(encode(gray_image(), "PNG"))
+    monkeypatch.setattr("service.batch.time.sleep", lambda seconds: None)
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    argv = ["images", str(photo), "--out", str(tmp_path / "rows.csv"),
+            "--url", "http://127.0.0.1:1"]
+    monkeypatch.setenv("HTTP_PROXY", "http://user:secret@127.0.0.1:9")
+    assert main(argv) == 1
+    said = capsys.readouterr().err
+    assert said.startswith("emotion-detect: http://127.0.0.1:1: ConnectError: ") and said.endswith(
+        " (through the proxy http://***@127.0.0.1:9, from the environment)\n"), said
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # not through it: nothing said of a proxy
+    assert main(argv) == 1
+    assert "proxy" not in capsys.readouterr().err
+
+
 class FakeClock:
     """``service.batch``'s monotonic clock and sleep: a sleep moves the clock on, at once."""
 
