@@ -311,9 +311,8 @@ def test_a_usage_only_partly_here_is_not_the_full_release(fer_settings, tmp_path
 
 @pytest.mark.dataset
 def test_the_checksum_list_in_data_is_the_shared_one(fer_settings):
-    from training.settings import SHARED_DATASETS
-
-    shared = SHARED_DATASETS / "fer2013" / "SHA256SUMS"
+    # the copy the settings name (EMOTION_FER2013_DIR, or ../shared beside the checkout)
+    shared = fer_settings.fer2013_dir / "SHA256SUMS"
     if not shared.is_file() and not os.environ.get("CI"):
         pytest.skip(f"no shared copy at {shared}")
     assert fer_settings.fer2013_checksums.read_bytes() == shared.read_bytes()
