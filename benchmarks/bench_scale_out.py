@@ -6,8 +6,10 @@ throughput with 1, 2 and 3 replicas.
 Fault run: ``--clients`` connections post real test-split images through nginx to 3
 replicas for ``--seconds``; at ``--kill-at`` one replica gets SIGKILL, and it is started again
 ``--restart-after`` seconds later. Goal: no request fails (nginx retries the next replica on a
-connection failure, POST included). Prints requests sent, succeeded and failed, and p50/p99
-before the kill, until the replica is ready again, and after.
+connection failure, POST included; an answer the killed replica had begun reaches the client
+cut, and the load sends it once more, as ``emotion-detect --url`` does). Prints requests
+sent, succeeded, failed and sent again, and p50/p99 before the kill, until the replica is
+ready again, and after.
 
 Throughput: the same load for ``--throughput-seconds`` with 1, 2 and 3 replicas. On a 2-core
 machine every replica shares the same two cores, so this measures the balancer's and the
@@ -56,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         report["failures"] = report["failures"][:10]
         print("fault run: " + json.dumps(report), flush=True)
         print(f"  sent {report['sent']}, succeeded {report['succeeded']}, failed "
-              f"{report['failed']}; replica killed at {report['killed_at_s']} s, restarted at "
+              f"{report['failed']} (sent again after a broken connection: "
+              f"{report['retried']}); replica killed at {report['killed_at_s']} s, restarted at "
               f"{report['restarted_at_s']} s, ready again at {report['ready_again_at_s']} s",
               flush=True)
         for phase, figures in report["phases"].items():

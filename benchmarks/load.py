@@ -24,6 +24,7 @@ class Outcome:
     retry_after: str | None = None
     error: str | None = None
     sent_at: float = 0.0   # time.perf_counter() when it was sent
+    retried: int = 0       # times sent again after its connection broke
 
 
 def study_images_dir() -> Path:
@@ -55,9 +56,11 @@ def one_face_each(faces: list[bytes]) -> Payload:
 
 async def post_images(base: str, payload: Payload, clients: int, requests: int | None = None,
                       seconds: float | None = None, outcomes: list[Outcome] | None = None,
-                      stop: Callable[[], bool] | None = None) -> tuple[list[Outcome], float]:
+                      stop: Callable[[], bool] | None = None,
+                      retries: int = 0) -> tuple[list[Outcome], float]:
     """``clients`` connections posting until ``requests`` are sent, ``seconds`` pass or
-    ``stop()`` says so.
+    ``stop()`` says so; a request whose connection broke is sent again up to ``retries``
+    times, as ``emotion-detect --url`` does (a prediction is safe to repeat).
 
     Outcomes are appended to ``outcomes`` as they come, so a caller can watch progress.
     """
@@ -76,18 +79,30 @@ async def post_images(base: str, payload: Payload, clients: int, requests: int |
                 if requests is not None and i >= requests:
                     return
                 files = [("files", (name, data, "image/jpeg")) for name, data in payload(i)]
-                sent = time.perf_counter()
-                try:
-                    response = await client.post(f"{base}/predict", files=files)
-                except httpx.HTTPError as exc:
-                    outcomes.append(Outcome(0, time.perf_counter() - sent,
-                                            error=type(exc).__name__, sent_at=sent))
-                    continue
-                outcomes.append(Outcome(response.status_code, time.perf_counter() - sent,
-                                        response.headers.get("retry-after"), sent_at=sent))
+                outcomes.append(await post_once(client, f"{base}/predict", files, retries))
 
         await asyncio.gather(*(worker() for _ in range(clients)))
     return outcomes, time.perf_counter() - started
+
+
+async def post_once(client: httpx.AsyncClient, url: str, files: list,
+                    retries: int) -> Outcome:
+    """One request, sent again up to ``retries`` times while its connection breaks."""
+    sent, retried = time.perf_counter(), 0
+    while True:
+        try:
+            response = await client.post(url, files=files)
+        except httpx.HTTPError as exc:
+            # a timeout is a request accepted and not answered: sending it again loads more
+            broken = (isinstance(exc, httpx.TransportError)
+                      and not isinstance(exc, httpx.TimeoutException))
+            if broken and retried < retries:
+                retried += 1
+                continue
+            return Outcome(0, time.perf_counter() - sent, error=type(exc).__name__,
+                           sent_at=sent, retried=retried)
+        return Outcome(response.status_code, time.perf_counter() - sent,
+                       response.headers.get("retry-after"), sent_at=sent, retried=retried)
 
 
 def latency_ms(outcomes: list[Outcome], q: float) -> float:
