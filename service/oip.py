@@ -52,6 +52,7 @@ class Tensor:
     # numeric tensors: an array of ``shape``; BYTES: a list of bytes, one per element, or
     # None where there are more than the request's max_images (left unread)
     value: np.ndarray | list[bytes] | None
+    parameters: dict = field(default_factory=dict)  # the input's own, as sent
 
 
 @dataclass
@@ -114,10 +115,10 @@ def _unpack_bytes(raw: memoryview, count: int, name: str) -> list[bytes]:
     return out
 
 
-def _json_bytes(data, count: int, name: str) -> list[bytes]:
+def _json_bytes(data, shape: list[int], count: int, name: str) -> list[bytes]:
     """BYTES in JSON: strings holding base64 (JSON cannot carry raw bytes), or the
     ``{"b64": ...}`` objects some clients send."""
-    flat = _flatten(data)
+    flat = _flatten(data, shape, name)
     if len(flat) != count:
         raise ProtocolError(f"input {name!r}: {len(flat)} elements for a shape of {count}")
     out = []
@@ -127,27 +128,60 @@ def _json_bytes(data, count: int, name: str) -> list[bytes]:
             raise ProtocolError(f"input {name!r}[{i}]: a BYTES element in JSON is a base64 "
                                 "string")
         try:
-            out.append(base64.b64decode(text, validate=True))
+            out.append(_base64(text))
         except (binascii.Error, ValueError):
             raise ProtocolError(f"input {name!r}[{i}]: not valid base64; in JSON, send each "
                                 "image base64-encoded, or use the binary extension") from None
     return out
 
 
-def _flatten(data) -> list:
+_URL_SAFE = str.maketrans("-_", "+/")
+
+
+def _base64(text: str) -> bytes:
+    """Base64 as encoders write it: wrapped in lines (MIME's, openssl's), unpadded, or in
+    the URL-safe alphabet; each was refused as not base64."""
+    if not text.isascii():
+        raise ValueError("not ASCII")
+    if any(space in text for space in " \r\n\t"):
+        text = "".join(text.split())
+    if "-" in text or "_" in text:
+        text = text.translate(_URL_SAFE)
+    return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+
+
+def _flatten(data, shape: list[int], name: str) -> list:
+    """The values of ``data``, sent flat or nested as ``shape`` says: a nesting that is
+    ragged or of another shape was read as its values in order, a client's transposed or
+    cut rows answered as if right."""
     if not isinstance(data, list):
         return [data]
-    out = []
+    out, nested = [], False
     stack = [iter(data)]
     while stack:
         for item in stack[-1]:
             if isinstance(item, list):
                 stack.append(iter(item))
+                nested = True
                 break
             out.append(item)
         else:
             stack.pop()
+    if nested and not _nested_as(data, shape):
+        raise ProtocolError(f"input {name!r}: the data are nested, but not as its shape "
+                            f"{shape}; send them flat or nested as the shape says")
     return out
+
+
+def _nested_as(data: list, shape: list[int]) -> bool:
+    level = [data]
+    for depth, size in enumerate(shape):
+        if any(not isinstance(item, list) or len(item) != size for item in level):
+            return False
+        level = [value for item in level for value in item]
+        if depth == len(shape) - 1:
+            return not any(isinstance(value, list) for value in level)
+    return False  # a shape of no dimensions holds one value, not a list
 
 
 # A binary request's JSON is a few hundred bytes: a failed parse looks no further than this
@@ -403,7 +437,7 @@ def parse_infer_request(body: bytes, header_length: str | None,
             value = None
         elif datatype == "BYTES":
             value = (_unpack_bytes(raw, count, name) if size is not None
-                     else _json_bytes(item["data"], count, name))
+                     else _json_bytes(item["data"], shape, count, name))
         elif datatype in DATATYPES:
             dtype = np.dtype(DATATYPES[datatype]).newbyteorder("<")
             if size is not None:
@@ -412,7 +446,7 @@ def parse_infer_request(body: bytes, header_length: str | None,
                                         f"{count} {datatype} values")
                 array = np.frombuffer(raw, dtype=dtype)
             else:
-                flat = _flatten(item["data"])
+                flat = _flatten(item["data"], shape, name)
                 if len(flat) != count:
                     raise ProtocolError(f"input {name!r}: {len(flat)} values for a shape of "
                                         f"{shape}")
@@ -433,7 +467,7 @@ def parse_infer_request(body: bytes, header_length: str | None,
                                     ) from None
         else:
             raise ProtocolError(f"input {name!r}: unknown datatype {datatype!r}")
-        inputs.append(Tensor(name, datatype, shape, value))
+        inputs.append(Tensor(name, datatype, shape, value, parameters))
     if offset != len(binary):
         raise ProtocolError(f"{len(binary) - offset} bytes of binary data belong to no input")
     outputs = header.get("outputs") or []

@@ -560,3 +560,75 @@ def test_faces_parameter_finds_the_face_as_predict_does(app_client, faces):
                                 files={"file": ("p.jpg", data, "image/jpeg")}).json()
     assert predicted["predictions"][0]["face"] is not None
     assert oip == list(predicted["predictions"][0]["probabilities"].values())
+
+
+@pytest.mark.parametrize("place", ["input", "output", "query"])
+def test_faces_anywhere_but_the_requests_parameters_is_refused_not_ignored(app_client, faces,
+                                                                           place):
+    """'faces' on the input (KServe's InferInput(parameters=...)), on an output, or in the
+    query as /predict takes it ran the whole image with 200, not the face (a review)."""
+    request = {"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1],
+                           "data": [base64.b64encode(faces[0]).decode()]}],
+               "outputs": [{"name": "probabilities"}]}
+    params = None
+    if place == "query":
+        params = {"faces": "auto"}
+    else:
+        request[f"{place}s"][0]["parameters"] = {"faces": "auto"}
+    response = app_client.post("/v2/models/cnn/infer", json=request, params=params)
+    assert response.status_code == 400, response.text
+    assert "'faces'" in response.json()["error"]
+    assert "among the request's parameters" in response.json()["error"]
+    # the protocol's own parameters of an input and an output still pass
+    request = {"inputs": [{**request["inputs"][0], "parameters": {"content_type": "base64"}}],
+               "outputs": [{"name": "probabilities", "parameters": {"binary_data": False}}]}
+    assert app_client.post("/v2/models/cnn/infer", json=request).status_code == 200
+
+
+def test_base64_as_encoders_write_it_is_read(app_client, faces):
+    """Line-wrapped (MIME, openssl), unpadded and URL-safe base64 were refused as "not valid
+    base64" (a review): each decodes to the same image."""
+    data = faces[0] + b"\xfb\xff"  # bytes after a JPEG's end: '+', '/' and padding in base64
+    standard = base64.b64encode(data).decode()
+    assert "+" in standard or "/" in standard
+    forms = [standard, base64.encodebytes(data).decode(), standard.rstrip("="),
+             base64.urlsafe_b64encode(data).decode().rstrip("="),
+             "\r\n".join(standard[i:i + 64] for i in range(0, len(standard), 64))]
+    outputs = []
+    for text in forms:
+        request = {"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1],
+                               "data": [text]}], "parameters": {"faces": "none"}}
+        response = app_client.post("/v2/models/cnn/infer", json=request)
+        assert response.status_code == 200, (text[:80], response.text)
+        outputs.append(response.json()["outputs"][0]["data"])
+    assert all(output == outputs[0] for output in outputs)
+    for text in ("%%%", "QQ=A", "Q"):  # still refused: not base64 at all, or cut
+        request["inputs"][0]["data"] = [text]
+        response = app_client.post("/v2/models/cnn/infer", json=request)
+        assert response.status_code == 400 and "not valid base64" in response.json()["error"]
+
+
+@pytest.mark.parametrize("data", [
+    [[0.5] * 10, [0.5] * (2 * 350 * 350 - 10)],  # ragged rows, the right count
+    [[0.5] * 350 * 350, [0.5] * 350 * 350],      # nested, but not as the shape
+    [[], 0.5],                                   # an empty list and a value beside it
+])
+def test_data_nested_otherwise_than_its_shape_is_refused(data):
+    """A ragged or otherwise-shaped nesting was read as its values in order: a client's cut
+    or transposed rows got an answer as if right (a review)."""
+    shape = [2, 1, 350, 350] if len(data) == 2 and data[1] != 0.5 else [1]
+    body = json.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": shape,
+                                   "data": data}]}).encode()
+    with pytest.raises(ProtocolError, match="nested, but not as its shape"):
+        parse_infer_request(body, None)
+
+
+def test_data_nested_as_its_shape_or_flat_is_read_the_same():
+    values = np.random.default_rng(0).random((2, 1, 3, 4)).round(3)
+    read = []
+    for data in (values.tolist(), values.ravel().tolist()):
+        body = json.dumps({"inputs": [{"name": "image", "datatype": "FP32",
+                                       "shape": [2, 1, 3, 4], "data": data}]}).encode()
+        read.append(parse_infer_request(body, None).inputs[0].value)
+    assert np.array_equal(read[0], read[1])
+    assert np.allclose(read[0], values)

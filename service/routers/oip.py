@@ -178,6 +178,29 @@ def _readiness(serving, name: str, version: str | None) -> JSONResponse:
 # what tritonclient and Triton's protocol set themselves; they ask nothing of this server
 PROTOCOL_PARAMETERS = frozenset({"binary_data_output", "headers", "priority", "timeout",
                                  "sequence_id", "sequence_start", "sequence_end"})
+# an input's and an output's own: the binary extension's, and MLServer's codec hint
+INPUT_PARAMETERS = frozenset({"binary_data_size", "content_type"})
+OUTPUT_PARAMETERS = frozenset({"binary_data", "classification"})
+TAKES_FACES = "this server takes 'faces' ('none' or 'auto', with input 'image_bytes')"
+
+
+def _check_parameter_names(request: InferRequest) -> None:
+    """A misspelt name ("face"), or 'faces' on an input or an output, would otherwise run
+    the default silently, as on /predict: the whole image classified, not the face."""
+    unknown = sorted(key for key in request.parameters if key != "faces"
+                     and key not in PROTOCOL_PARAMETERS)
+    if unknown:
+        raise ProtocolError(f"unknown request parameter(s) {shown(unknown)}; {TAKES_FACES}")
+    for kind, items, known in (("input", request.inputs, INPUT_PARAMETERS),
+                               ("output", request.outputs, OUTPUT_PARAMETERS)):
+        for item in items:
+            parameters = item.parameters if kind == "input" else item["parameters"]
+            name = item.name if kind == "input" else item.get("name")
+            unknown = sorted(set(parameters) - known)
+            if unknown:
+                raise ProtocolError(
+                    f"unknown parameter(s) {shown(unknown)} of {kind} {shown(name)}; "
+                    f"{TAKES_FACES} among the request's parameters, beside 'inputs'")
 
 
 def run_inference(predictor: Predictor, name: str, request: InferRequest,
@@ -197,12 +220,7 @@ def run_inference(predictor: Predictor, name: str, request: InferRequest,
     # an input the codec left unread (value None: more BYTES elements than any request's
     # images) is refused below by its count, its datatype or its shape before it is read
     tensor = request.inputs[0]
-    # a misspelt name ("face") would otherwise run the default silently, as on /predict
-    unknown = sorted(key for key in request.parameters if key != "faces"
-                     and key not in PROTOCOL_PARAMETERS)
-    if unknown:
-        raise ProtocolError(f"unknown request parameter(s) {shown(unknown)}; this server takes "
-                            "'faces' ('none' or 'auto', with input 'image_bytes')")
+    _check_parameter_names(request)
     count = tensor.shape[0] if tensor.shape else 0
     if not 1 <= count <= settings.max_images_per_request:
         error = TooLargeError if count > settings.max_images_per_request else ProtocolError
@@ -244,6 +262,9 @@ async def _infer(request: Request, name: str, version: str | None, settings: Set
     problem = _check_model(predictor, name, version)
     if problem is not None:
         return problem
+    if request.query_params:  # ?faces=auto, as on /predict, was run without finding faces
+        return oip_error(400, f"unknown query parameter(s) {shown(sorted(request.query_params))}"
+                         f"; {TAKES_FACES} among the request's parameters, beside 'inputs'")
     try:
         body = await read_body(request, settings.max_oip_body_bytes, settings)
     except ApiError as exc:
