@@ -251,8 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="look inside sub-folders too")
     common(images, None, remote=True)
     images.add_argument("--workers", type=count, default=default_workers(),
-                        help="worker processes for the models (default: this container's "
-                        "CPUs, here %(default)s)")
+                        help="worker processes for the models, at most one per batch "
+                        "(default: this container's CPUs, here %(default)s)")
     images.add_argument("--resume", action="store_true",
                         help="skip paths that already have rows in --out, and append")
     images.add_argument("--url", default=None,
