@@ -27,6 +27,23 @@ from service.settings import Settings, SettingsError, load_settings
 # with one uvicorn answered an upgrade request itself (403, no request id, no access line, not
 # counted); without one, it reaches the service as the plain HTTP request it also is.
 SERVER_OPTIONS = {"access_log": False, "ws": "none"}
+METRICS_LOCK = "launcher.lock"  # not *.db: prometheus-client reads only those
+
+
+def hold_metrics_folder(folder: str) -> str | None:
+    """Lock ``folder`` for this launcher's life (the lock goes with the process, a kill
+    included); where another launcher holds it, who: "pid N"."""
+    import fcntl
+
+    descriptor = os.open(os.path.join(folder, METRICS_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        with os.fdopen(descriptor) as lock:
+            return f"pid {lock.read().strip() or 'unknown'}"
+    os.ftruncate(descriptor, 0)
+    os.write(descriptor, f"{os.getpid()}\n".encode())
+    return None  # the descriptor stays open, and the lock held, until the process ends
 
 
 def parse_args(argv: list[str] | None = None, settings: Settings | None = None
@@ -120,6 +137,13 @@ def main(argv: list[str] | None = None) -> int:
               "writable folder; create it or unset the variable", file=sys.stderr)
         return 2
     if given:
+        holder = hold_metrics_folder(given)
+        if holder is not None:
+            # clearing it deleted the other service's files, and each /metrics added up both
+            print(f"emotion service: cannot start: PROMETHEUS_MULTIPROC_DIR={given!r} is in "
+                  f"use by another running service ({holder}); give each its own folder",
+                  file=sys.stderr)
+            return 2
         # A container restarted in the same pod keeps its emptyDir: the dead workers' files
         # would be added up with the new ones.
         for stale in Path(given).glob("*.db"):

@@ -25,7 +25,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.api import metric_total
-from tests.server import REPO, free_port, running_server
+from tests.server import REPO, free_port, running_server, server_process
 
 DOCKERFILE = REPO / "Dockerfile"
 
@@ -166,6 +166,34 @@ def test_a_metrics_folder_that_is_missing_is_one_line_not_a_crash_loop(tmp_path,
     assert result.returncode == 2, result.stderr
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("emotion service: cannot start: PROMETHEUS_MULTIPROC_DIR=")
+
+
+def test_a_second_service_on_the_same_metrics_folder_is_refused_not_wiping_it(tmp_path):
+    """A second launcher on the same PROMETHEUS_MULTIPROC_DIR (a blue/green pair on one
+    host) deleted the running one's files: its counts went to zero and stayed there, and
+    each /metrics added up both services (a review)."""
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "EMOTION_WORKERS": "1"}
+    with server_process(env=env) as (base, process):
+        photo = (REPO / "examples" / "two_people.jpg").read_bytes()
+        for _ in range(3):
+            assert httpx.post(f"{base}/predict", params={"faces": "none"},
+                              files={"file": ("a.jpg", photo)}, timeout=60).status_code == 200
+        files = sorted(p.name for p in tmp_path.glob("*.db"))
+        result = run_refused(["-m", "service", "--port", "1"], cwd=REPO,
+                             env={**os.environ, **env})
+        assert result.returncode == 2, result.stderr
+        [line] = result.stderr.strip().splitlines()
+        assert line == (f"emotion service: cannot start: PROMETHEUS_MULTIPROC_DIR="
+                        f"{str(tmp_path)!r} is in use by another running service (pid "
+                        f"{process.pid}); give each its own folder"), line
+        assert sorted(p.name for p in tmp_path.glob("*.db")) == files
+        metrics = httpx.get(f"{base}/metrics", headers={"accept": "text/plain"}).text
+        assert metric_total(metrics, "emotion_predictions_total") == 3
+    # the lock went with the process: the folder is free for the next one
+    free = subprocess.run([sys.executable, "-c", "import sys; from service.__main__ import "
+                           "hold_metrics_folder; print(hold_metrics_folder(sys.argv[1]))",
+                           str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+    assert free.stdout.strip() == "None", free.stderr
 
 
 def test_no_writable_temporary_folder_for_several_workers_is_one_line():
