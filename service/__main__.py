@@ -35,14 +35,19 @@ def hold_metrics_folder(folder: str) -> str | None:
     included); where another launcher holds it, who: "pid N"."""
     import fcntl
 
-    descriptor = os.open(os.path.join(folder, METRICS_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    path = os.path.join(folder, METRICS_LOCK)
+    try:
+        descriptor, writable = os.open(path, os.O_RDWR | os.O_CREAT, 0o644), True
+    except PermissionError:  # another user's lock file: a read-only descriptor locks too
+        descriptor, writable = os.open(path, os.O_RDONLY), False
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         with os.fdopen(descriptor) as lock:
             return f"pid {lock.read().strip() or 'unknown'}"
-    os.ftruncate(descriptor, 0)
-    os.write(descriptor, f"{os.getpid()}\n".encode())
+    if writable:
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"{os.getpid()}\n".encode())
     return None  # the descriptor stays open, and the lock held, until the process ends
 
 
@@ -137,7 +142,12 @@ def main(argv: list[str] | None = None) -> int:
               "writable folder; create it or unset the variable", file=sys.stderr)
         return 2
     if given:
-        holder = hold_metrics_folder(given)
+        try:
+            holder = hold_metrics_folder(given)
+        except OSError as exc:  # a traceback and exit 1 before, a crash loop under a policy
+            print(f"emotion service: cannot start: PROMETHEUS_MULTIPROC_DIR={given!r}: cannot "
+                  f"open its {METRICS_LOCK} ({exc.strerror or exc})", file=sys.stderr)
+            return 2
         if holder is not None:
             # clearing it deleted the other service's files, and each /metrics added up both
             print(f"emotion service: cannot start: PROMETHEUS_MULTIPROC_DIR={given!r} is in "

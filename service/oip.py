@@ -136,16 +136,19 @@ def _json_bytes(data, shape: list[int], count: int, name: str) -> list[bytes]:
 
 
 _URL_SAFE = str.maketrans("-_", "+/")
+_LINE_SPACE = " \r\n\t"
+_NO_LINE_SPACE = dict.fromkeys(map(ord, _LINE_SPACE))
 
 
 def _base64(text: str) -> bytes:
     """Base64 as encoders write it: wrapped in lines (MIME's, openssl's), unpadded, or in
-    the URL-safe alphabet; each was refused as not base64."""
+    the URL-safe alphabet; each was refused as not base64. One alphabet a string, and only
+    the spaces lines are wrapped with."""
     if not text.isascii():
         raise ValueError("not ASCII")
-    if any(space in text for space in " \r\n\t"):
-        text = "".join(text.split())
-    if "-" in text or "_" in text:
+    if any(space in text for space in _LINE_SPACE):
+        text = text.translate(_NO_LINE_SPACE)
+    if ("-" in text or "_" in text) and not ("+" in text or "/" in text):
         text = text.translate(_URL_SAFE)
     return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
 
@@ -156,32 +159,35 @@ def _flatten(data, shape: list[int], name: str) -> list:
     cut rows answered as if right."""
     if not isinstance(data, list):
         return [data]
-    out, nested = [], False
+    out, depth = [], 1  # the deepest list's depth, data's own being 1
     stack = [iter(data)]
     while stack:
         for item in stack[-1]:
             if isinstance(item, list):
                 stack.append(iter(item))
-                nested = True
+                depth = max(depth, len(stack))
                 break
             out.append(item)
         else:
             stack.pop()
-    if nested and not _nested_as(data, shape):
+    if depth > 1 and not _nested_as(data, shape, depth):
         raise ProtocolError(f"input {name!r}: the data are nested, but not as its shape "
                             f"{shape}; send them flat or nested as the shape says")
     return out
 
 
-def _nested_as(data: list, shape: list[int]) -> bool:
+def _nested_as(data: list, shape: list[int], depth: int) -> bool:
+    """Lists ``depth`` deep, each of the length ``shape`` says at its depth: the values
+    are then all at the last depth. Only lists are walked, not the values."""
+    if depth != len(shape):
+        return False
     level = [data]
-    for depth, size in enumerate(shape):
+    for at, size in enumerate(shape):
         if any(not isinstance(item, list) or len(item) != size for item in level):
             return False
-        level = [value for item in level for value in item]
-        if depth == len(shape) - 1:
-            return not any(isinstance(value, list) for value in level)
-    return False  # a shape of no dimensions holds one value, not a list
+        if at < len(shape) - 1:
+            level = [value for item in level for value in item]
+    return True
 
 
 # A binary request's JSON is a few hundred bytes: a failed parse looks no further than this

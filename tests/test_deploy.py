@@ -196,6 +196,35 @@ def test_a_second_service_on_the_same_metrics_folder_is_refused_not_wiping_it(tm
     assert free.stdout.strip() == "None", free.stderr
 
 
+WITHOUT_ROOTS_OVERRIDE = ["setpriv", "--bounding-set=-all", "--inh-caps=-all"]
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o000])
+def test_another_users_lock_file_in_the_metrics_folder_is_locked_or_one_line(tmp_path, mode):
+    """A launcher.lock another account left in a shared folder was a traceback and exit 1
+    (the diff review): one it may read still locks; one it may not is one line, exit 2."""
+    lock = tmp_path / "launcher.lock"
+    lock.write_text("12345\n")
+    os.chown(lock, 65534, 65534)
+    lock.chmod(mode)
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "EMOTION_WORKERS": "1"}
+    if mode:
+        held = subprocess.run([*WITHOUT_ROOTS_OVERRIDE, sys.executable, "-c",
+                               "import sys; from service.__main__ import hold_metrics_folder; "
+                               "print(hold_metrics_folder(sys.argv[1]))", str(tmp_path)],
+                              cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert held.stdout.strip() == "None", held.stderr
+        assert lock.read_text() == "12345\n"  # left as it was: not ours to write
+        return
+    result = subprocess.run([*WITHOUT_ROOTS_OVERRIDE, sys.executable, "-m", "service",
+                             "--port", "1"], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line == (f"emotion service: cannot start: PROMETHEUS_MULTIPROC_DIR="
+                    f"{str(tmp_path)!r}: cannot open its launcher.lock (Permission denied)")
+
+
 def test_no_writable_temporary_folder_for_several_workers_is_one_line():
     """`docker run --read-only` without a /tmp mounted: with two workers or more (one per
     CPU by default) the launcher ended in a traceback, a crash loop under a restart policy;

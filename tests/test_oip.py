@@ -602,21 +602,26 @@ def test_base64_as_encoders_write_it_is_read(app_client, faces):
         assert response.status_code == 200, (text[:80], response.text)
         outputs.append(response.json()["outputs"][0]["data"])
     assert all(output == outputs[0] for output in outputs)
-    for text in ("%%%", "QQ=A", "Q"):  # still refused: not base64 at all, or cut
+    # still refused: not base64 at all, cut, of two alphabets, or spaced by other than lines
+    for text in ("%%%", "QQ=A", "Q", "ab+-", "a/b_", "QUJD\x1cRA==\n", "QUJD\x0bRA== "):
         request["inputs"][0]["data"] = [text]
         response = app_client.post("/v2/models/cnn/infer", json=request)
         assert response.status_code == 400 and "not valid base64" in response.json()["error"]
 
 
-@pytest.mark.parametrize("data", [
-    [[0.5] * 10, [0.5] * (2 * 350 * 350 - 10)],  # ragged rows, the right count
-    [[0.5] * 350 * 350, [0.5] * 350 * 350],      # nested, but not as the shape
-    [[], 0.5],                                   # an empty list and a value beside it
+IMAGES_2 = [2, 1, 350, 350]
+
+
+@pytest.mark.parametrize(("shape", "data"), [
+    (IMAGES_2, [[0.5] * 10, [0.5] * (2 * 350 * 350 - 10)]),  # ragged rows, the right count
+    (IMAGES_2, [[0.5] * 350 * 350, [0.5] * 350 * 350]),      # nested, but not as the shape
+    ([1], [[], 0.5]),                 # an empty list and a value beside it
+    ([2, 1], [[[0.5]], [[0.5]]]),     # a level deeper than the shape
+    ([2, 1], [[0.5], 0.5]),           # a value beside a row
 ])
-def test_data_nested_otherwise_than_its_shape_is_refused(data):
+def test_data_nested_otherwise_than_its_shape_is_refused(shape, data):
     """A ragged or otherwise-shaped nesting was read as its values in order: a client's cut
     or transposed rows got an answer as if right (a review)."""
-    shape = [2, 1, 350, 350] if len(data) == 2 and data[1] != 0.5 else [1]
     body = json.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": shape,
                                    "data": data}]}).encode()
     with pytest.raises(ProtocolError, match="nested, but not as its shape"):
