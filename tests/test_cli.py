@@ -1369,57 +1369,67 @@ def _runner_answering(*answers):
         reply = answers[min(len(sent), len(answers)) - 1]
         if isinstance(reply, Exception):
             raise reply
-        return reply
+        return reply() if callable(reply) else reply
 
     runner.client = httpx.Client(transport=httpx.MockTransport(answer))
     return runner, sent
 
 
 @pytest.mark.parametrize("answer", [
-    "401 json", "403 html", "404 json", "415 json", "302",
+    "401 json", "403 html", "404 json", "415 json", "302", "502", "504",
     "200 null", "200 no filename", "200 empty", "200 bad gzip",
     # written as rows with exit 0, or a traceback (a review of --url)
     "200 unknown label", "200 probabilities not numbers", "200 a file not sent",
     "200 infinite filename", "200 deeply nested"])
-def test_url_stops_when_the_service_refuses_the_run_not_the_image(tmp_path, answer):
+def test_url_stops_when_the_service_refuses_the_run_not_the_image(tmp_path, monkeypatch,
+                                                                 answer):
     """Each was written as an error row per file with exit 0 (and --resume then skipped
     those files), or ended in a traceback."""
     import httpx
 
     from service.batch import RemoteError
 
+    FakeClock(monkeypatch)  # a regression waiting one out fails at once, not after --wait
+
     prediction = {"label": "NEUTRAL", "face": None, "error": None,
                   "probabilities": {c: 1 / NUM_CLASSES for c in CLASS_NAMES}}
-    reply = {
-        "401 json": httpx.Response(401, json={"detail": "Not authenticated"}),
-        "403 html": httpx.Response(403, text="<html>Forbidden</html>"),
-        "404 json": httpx.Response(404, json={"detail": "Not Found", "code": "not_found"}),
-        "415 json": httpx.Response(415, json={"detail": "no", "code": "unsupported_media_type"}),
-        "302": httpx.Response(302, headers={"location": "/login"}),
-        "200 null": httpx.Response(200, json={"predictions": None}),
-        "200 no filename": httpx.Response(200, json={"predictions": [
-            {**prediction, "filename": "a.png"}]}),
-        "200 empty": httpx.Response(200, json={"predictions": []}),
-        "200 bad gzip": httpx.Response(200, stream=httpx.ByteStream(b"not gzip"), headers={
-            "content-encoding": "gzip", "content-type": "application/json"}),
-        "200 unknown label": httpx.Response(200, json={"predictions": [
-            {**prediction, "filename": f, "label": "BANANA"} for f in ("0", "1")]}),
-        "200 probabilities not numbers": httpx.Response(200, json={"predictions": [
-            {**prediction, "filename": f, "probabilities": dict.fromkeys(CLASS_NAMES, "lots")}
-            for f in ("0", "1")]}),
-        "200 a file not sent": httpx.Response(200, json={"predictions": [
-            {**prediction, "filename": f} for f in ("0", "1", "7")]}),
-        "200 infinite filename": httpx.Response(200, content=b'{"predictions": [{"filename":'
-                                                b' 1e999}]}'),
-        "200 deeply nested": httpx.Response(200, content=b"[" * 100_000),
-    }[answer]
+
+    def reply():  # a fresh answer each time: a stream is read once
+        return {
+            "401 json": httpx.Response(401, json={"detail": "Not authenticated"}),
+            "403 html": httpx.Response(403, text="<html>Forbidden</html>"),
+            "404 json": httpx.Response(404, json={"detail": "Not Found", "code": "not_found"}),
+            "415 json": httpx.Response(415, json={"detail": "no",
+                                                  "code": "unsupported_media_type"}),
+            "302": httpx.Response(302, headers={"location": "/login"}),
+            # a gateway's, with Retry-After: not waited out as a busy service
+            "502": httpx.Response(502, headers={"retry-after": "1"}, text="Bad Gateway"),
+            "504": httpx.Response(504, text="<html>Gateway Time-out</html>"),
+            "200 null": httpx.Response(200, json={"predictions": None}),
+            "200 no filename": httpx.Response(200, json={"predictions": [
+                {**prediction, "filename": "a.png"}]}),
+            "200 empty": httpx.Response(200, json={"predictions": []}),
+            "200 bad gzip": httpx.Response(200, stream=httpx.ByteStream(b"not gzip"), headers={
+                "content-encoding": "gzip", "content-type": "application/json"}),
+            "200 unknown label": httpx.Response(200, json={"predictions": [
+                {**prediction, "filename": f, "label": "BANANA"} for f in ("0", "1")]}),
+            "200 probabilities not numbers": httpx.Response(200, json={"predictions": [
+                {**prediction, "filename": f, "probabilities": dict.fromkeys(CLASS_NAMES, "lots")}
+                for f in ("0", "1")]}),
+            "200 a file not sent": httpx.Response(200, json={"predictions": [
+                {**prediction, "filename": f} for f in ("0", "1", "7")]}),
+            "200 infinite filename": httpx.Response(200, content=b'{"predictions": [{"filename":'
+                                                    b' 1e999}]}'),
+            "200 deeply nested": httpx.Response(200, content=b"[" * 100_000),
+        }[answer]
     photos = []
     for name in ("a.png", "b.png"):
         photos.append(str(tmp_path / name))
         (tmp_path / name).write_bytes(encode(gray_image(), "PNG"))
-    runner, _ = _runner_answering(reply)
+    runner, sent = _runner_answering(reply)
     with pytest.raises(RemoteError):
         runner._classify(photos)
+    assert len(sent) == 1  # a refusal is not sent again (a mutation review)
 
 
 def test_url_never_prints_its_password_and_says_what_to_change(tmp_path, capsys):
@@ -1549,10 +1559,13 @@ def test_url_bounds_an_answer_in_size_and_time(tmp_path, answer):
         for _ in range(200):
             yield b" " * 1024 * 1024
 
-    def trickling():  # a byte every 0.1 s for 10 s
-        for _ in range(100):
+    def trickling():  # a byte every 0.1 s, for ever as far as a 1 s timeout goes
+        for _ in range(30):
             time.sleep(0.1)
             yield b" "
+        # past the timeout's 1 s and still read: the end would be taken as the answer's
+        # (a mutation review: with the deadline checked only after the body, this passed)
+        raise AssertionError("the answer was read on past --timeout")
 
     runner, sent = _runner_answering(httpx.Response(
         200, content={"endless": endless, "trickling": trickling}[answer]()))
@@ -1621,7 +1634,8 @@ def test_url_says_when_the_connection_failed_through_a_proxy(tmp_path, monkeypat
     photo = tmp_path / "a.png"
     photo.write_bytes(encode(gray_image(), "PNG"))
     monkeypatch.setattr("service.batch.time.sleep", lambda seconds: None)
-    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY"):
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy",
+                 "ALL_PROXY", "no_proxy", "NO_PROXY"):
         monkeypatch.delenv(name, raising=False)
     argv = ["images", str(photo), "--out", str(tmp_path / "rows.csv"),
             "--url", "http://127.0.0.1:1"]
@@ -1630,6 +1644,18 @@ def test_url_says_when_the_connection_failed_through_a_proxy(tmp_path, monkeypat
     said = capsys.readouterr().err
     assert said.startswith("emotion-detect: http://127.0.0.1:1: ConnectError: ") and said.endswith(
         " (through the proxy http://***@127.0.0.1:9, from the environment)\n"), said
+    # ALL_PROXY, and the proxy of the URL's own scheme, are named too (a mutation review)
+    monkeypatch.delenv("HTTP_PROXY")
+    monkeypatch.setenv("ALL_PROXY", "http://127.0.0.1:8")
+    assert main(argv) == 1
+    assert capsys.readouterr().err.endswith(" (through the proxy http://127.0.0.1:8, from the "
+                                            "environment)\n")
+    monkeypatch.delenv("ALL_PROXY")
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:7")
+    assert main([*argv[:-1], "https://127.0.0.1:1"]) == 1
+    assert capsys.readouterr().err.endswith(" (through the proxy http://127.0.0.1:7, from the "
+                                            "environment)\n")
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # not through it: nothing said of a proxy
     assert main(argv) == 1
     assert "proxy" not in capsys.readouterr().err
@@ -1724,7 +1750,8 @@ def test_url_says_a_408_as_uploads_timing_out_not_a_busy_service(tmp_path, monke
 @pytest.mark.parametrize(("retry_after", "low", "high"), [
     ("in 6 s", 4.5, 6.0 * 1.25),  # a date drops the second's fraction
     ("a minute ago", 0.2, 0.25), ("0", 0.2, 0.25),
-    ("\xb2", 0.2, 0.25), ("not a date", 0.2, 0.25), ("120", 30.0, 30.0 * 1.25)])
+    ("\xb2", 0.2, 0.25), ("not a date", 0.2, 0.25), ("120", 30.0, 30.0 * 1.25),
+    ("in 6 s, -0000", 4.5, 6.0 * 1.25)])  # email.utils.formatdate's own form
 def test_url_reads_retry_after_as_seconds_or_a_date(tmp_path, monkeypatch, retry_after,
                                                      low, high):
     """An HTTP date (RFC 9110, as gateways send it) was not read, and the batch was sent
@@ -1737,6 +1764,8 @@ def test_url_reads_retry_after_as_seconds_or_a_date(tmp_path, monkeypatch, retry
     clock = FakeClock(monkeypatch)
     if retry_after == "in 6 s":
         retry_after = email.utils.formatdate(time.time() + 6, usegmt=True)
+    elif retry_after == "in 6 s, -0000":
+        retry_after = email.utils.formatdate(time.time() + 6)
     elif retry_after == "a minute ago":
         retry_after = email.utils.formatdate(time.time() - 60, usegmt=True)
     photo = tmp_path / "a.png"
@@ -2193,3 +2222,180 @@ def test_a_worker_process_killed_mid_run_is_one_line_and_the_rows_stay(tmp_path)
         "emotion-detect: a worker process died (out of memory?); --resume picks up where it "
         "stopped")
     assert "Traceback" not in stderr and len(read_rows(out)) >= written > 0
+
+
+PREDICTION = {"label": "NEUTRAL", "face": None, "error": None,
+              "probabilities": {c: 1 / NUM_CLASSES for c in CLASS_NAMES}}
+
+
+@contextlib.contextmanager
+def scripted_service(answer: Callable[[int], tuple[int, dict, bytes]]):
+    """A loopback HTTP/1.1 service: GET answers 200 (/readyz), POST /predict ``answer(files
+    in it)``. Yields its URL and what it saw: posts, the most open at once, client ports."""
+    import http.server
+
+    seen = {"posts": 0, "open": 0, "most_open": 0, "ports": set()}
+    lock = threading.Lock()
+
+    class Scripted(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.reply(200, {}, b'{"status": "ready"}')
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            with lock:
+                seen["posts"] += 1
+                seen["open"] += 1
+                seen["most_open"] = max(seen["most_open"], seen["open"])
+                seen["ports"].add(self.client_address[1])
+            try:
+                status, headers, content = answer(body.count(b'filename="'))
+            finally:
+                with lock:
+                    seen["open"] -= 1
+            self.reply(status, headers, content)
+
+        def reply(self, status, headers, content):
+            self.send_response(status)
+            for key, value in {"Content-Type": "application/json", **headers}.items():
+                self.send_header(key, value)
+            self.send_header("Content-Length", str(len(content)))
+            self.end_headers()
+            self.wfile.write(content)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def predictions(files: int, pause: float = 0.0) -> tuple[int, dict, bytes]:
+    time.sleep(pause)
+    return 200, {}, json.dumps({"predictions": [
+        {**PREDICTION, "filename": str(i)} for i in range(files)]}).encode()
+
+
+def busy(files: int) -> tuple[int, dict, bytes]:
+    return 503, {"Retry-After": "1"}, json.dumps({
+        "detail": "too many requests in flight; retry shortly", "code": "overloaded"}).encode()
+
+
+@pytest.mark.parametrize(("wait", "waited"), [(None, 300.0), ("2", 2.0), ("0", 0.0)])
+def test_url_waits_as_long_as_wait_says_its_default_300(tmp_path, monkeypatch, wait, waited):
+    """--wait was checked for its bounds, but nothing showed it reached the run: dropped
+    on its way, or a default of 30, no test failed (a mutation review)."""
+    clock = FakeClock(monkeypatch)
+    photo = tmp_path / "a.png"
+    photo.write_bytes(encode(gray_image(), "PNG"))
+    with scripted_service(busy) as (url, seen):
+        argv = ["images", str(photo), "--out", str(tmp_path / "rows.csv"), "--url", url]
+        assert main([*argv, *(["--wait", wait] if wait else [])]) == 1
+    assert sum(clock.slept) == pytest.approx(waited)
+    assert seen["posts"] == len(clock.slept) + 1  # a last try at --wait
+
+
+def test_url_options_reach_the_connections(tmp_path, monkeypatch, capsys, request):
+    """--timeout, --connections and EMOTION_MAX_UPLOAD_BYTES were each lost on the way to
+    the runner with no test failing; and keep-alive off went unseen (a mutation review)."""
+    photos = []
+    for i in range(6):
+        photos.append(str(tmp_path / f"{i}.png"))
+        (tmp_path / f"{i}.png").write_bytes(encode(gray_image(seed=i), "PNG"))
+    out = str(tmp_path / "rows.csv")
+    # six batches of one, each answered in 0.3 s: two at a time, over two connections
+    with scripted_service(lambda files: predictions(files, 0.3)) as (url, seen):
+        assert main(["images", *photos, "--out", out, "--url", url, "--batch-size", "1",
+                     "--connections", "2"]) == 0
+    assert (seen["posts"], seen["most_open"], len(seen["ports"])) == (6, 2, 2)
+    # an answer later than --timeout: the run stops, it does not wait for it
+    with scripted_service(lambda files: predictions(files, 3.0)) as (url, seen):
+        assert main(["images", photos[0], "--out", out, "--url", url, "--timeout", "1"]) == 1
+    assert "no whole answer within 1 s (--timeout)" in capsys.readouterr().err
+    # a file over the service's byte limit is a row, not sent
+    monkeypatch.setenv("EMOTION_MAX_UPLOAD_BYTES", "100")
+    from service.settings import load_settings
+
+    load_settings.cache_clear()  # read once per process: read again, and again after
+    request.addfinalizer(load_settings.cache_clear)
+    with scripted_service(predictions) as (url, seen):
+        assert main(["images", photos[0], "--out", out, "--url", url]) == 0
+    [row] = read_rows(Path(out))
+    assert row["code"] == "too_many_bytes" and seen["posts"] == 0
+
+
+def test_url_sends_a_batch_again_after_a_failed_connection_backing_off(tmp_path, monkeypatch):
+    """A batch whose connection failed (a service restarting) is sent again after 0.2 s,
+    then 0.4 s...: with no retry, or no pause, a restart of a few seconds ended the run
+    (a mutation review)."""
+    import httpx
+
+    clock = FakeClock(monkeypatch)
+    photo = tmp_path / "a.png"
+    photo.write_bytes(encode(gray_image(), "PNG"))
+    refused = httpx.ConnectError("Connection refused")
+    runner, sent = _runner_answering(refused, refused, httpx.Response(200, json={
+        "predictions": [{**PREDICTION, "filename": "0"}]}))
+    [[row]] = runner._classify([str(photo)])
+    assert row.values["label"] == "NEUTRAL"
+    assert len(sent) == 3 and clock.slept == [0.2, 0.4]
+
+
+def test_url_backs_off_a_busy_service_that_says_no_retry_after(tmp_path, monkeypatch):
+    """With no Retry-After, the pauses double from 0.2 s up to 5 s, each up to a quarter
+    more: without the doubling a busy service was asked 10 times as often, without the cap
+    a pause grew past 50 s (a mutation review)."""
+    import httpx
+
+    from service.batch import RemoteError
+
+    clock = FakeClock(monkeypatch)
+    photo = tmp_path / "a.png"
+    photo.write_bytes(encode(gray_image(), "PNG"))
+    runner, sent = _runner_answering(httpx.Response(503, json={
+        "detail": "too many requests in flight", "code": "overloaded"}))
+    runner.wait = 40.0
+    with pytest.raises(RemoteError, match="still busy after 40 s"):
+        runner._classify([str(photo)])
+    bases = [0.2, 0.4, 0.8, 1.6, 3.2] + [5.0] * 20
+    assert all(base <= pause <= 1.25 * base
+               for pause, base in zip(clock.slept[:-1], bases, strict=False)), clock.slept
+    assert sum(clock.slept) == pytest.approx(40.0) and len(sent) == len(clock.slept) + 1
+
+
+def test_url_readiness_check_waits_out_a_429_for_5_s_not_wait(monkeypatch):
+    """The check before any file is read waits 5 s for a proxy's 429, not the run's --wait
+    (300 s in silence, a mutation review)."""
+    import httpx
+
+    from service.batch import RemoteError
+
+    clock = FakeClock(monkeypatch)
+    runner, sent = _runner_answering(httpx.Response(429, headers={"retry-after": "1"}))
+    with pytest.raises(RemoteError, match="/readyz answered 429"):
+        runner.check()
+    assert sum(clock.slept) == pytest.approx(5.0) and len(sent) == len(clock.slept) + 1
+
+
+@pytest.mark.parametrize("failure", ["WriteTimeout", "ReadTimeout", "PoolTimeout"])
+def test_url_does_not_send_a_batch_again_that_timed_out(tmp_path, monkeypatch, failure):
+    """A batch the service took and did not answer, or whose upload it stopped reading, is
+    not sent again: a 50 MB upload went 9 times (a mutation review)."""
+    import httpx
+
+    from service.batch import RemoteError
+
+    FakeClock(monkeypatch)
+    photo = tmp_path / "a.png"
+    photo.write_bytes(encode(gray_image(), "PNG"))
+    runner, sent = _runner_answering(getattr(httpx, failure)("timed out"))
+    with pytest.raises(RemoteError, match="no whole answer within"):
+        runner._classify([str(photo)])
+    assert len(sent) == 1
