@@ -32,19 +32,31 @@ METRICS_LOCK = "launcher.lock"  # not *.db: prometheus-client reads only those
 
 def hold_metrics_folder(folder: str) -> str | None:
     """Lock ``folder`` for this launcher's life (the lock goes with the process, a kill
-    included); where another launcher holds it, who: "pid N"."""
+    included); where another launcher holds it, who: "pid N". Raises OSError where the lock
+    file cannot be opened, or is not a regular file."""
     import fcntl
+    import stat
+
+    from service.observability import process_alive
 
     path = os.path.join(folder, METRICS_LOCK)
+    # not through a link another user left there (its target was emptied and written), nor
+    # stuck opening a FIFO
+    flags = os.O_NOFOLLOW | os.O_NONBLOCK
     try:
-        descriptor, writable = os.open(path, os.O_RDWR | os.O_CREAT, 0o644), True
+        descriptor, writable = os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o644), True
     except PermissionError:  # another user's lock file: a read-only descriptor locks too
-        descriptor, writable = os.open(path, os.O_RDONLY), False
+        descriptor, writable = os.open(path, os.O_RDONLY | flags), False
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise OSError(f"{METRICS_LOCK} is not a regular file")
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         with os.fdopen(descriptor) as lock:
-            return f"pid {lock.read().strip() or 'unknown'}"
+            pid = lock.read(32).strip()
+        # a holder that could not write its pid left another's there, maybe long gone
+        return f"pid {pid}" if pid.isdigit() and process_alive(int(pid)) else "its pid not known"
     if writable:
         os.ftruncate(descriptor, 0)
         os.write(descriptor, f"{os.getpid()}\n".encode())

@@ -63,13 +63,13 @@ def forget_dead_workers(directory: str) -> None:
     Counters and histograms keep their files: what a dead worker counted did happen."""
     for path in Path(directory).glob("gauge_live*_*.db"):
         pid = path.stem.rsplit("_", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             # another worker's /metrics may have removed it first
             with contextlib.suppress(FileNotFoundError):
                 mark_process_dead(int(pid), directory)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

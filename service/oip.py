@@ -179,15 +179,16 @@ def _flatten(data, shape: list[int], name: str) -> list:
 def _nested_as(data: list, shape: list[int], depth: int) -> bool:
     """Lists ``depth`` deep, each of the length ``shape`` says at its depth: the values
     are then all at the last depth. Only lists are walked, not the values."""
-    if depth != len(shape):
-        return False
     level = [data]
     for at, size in enumerate(shape):
         if any(not isinstance(item, list) or len(item) != size for item in level):
             return False
-        if at < len(shape) - 1:
-            level = [value for item in level for value in item]
-    return True
+        if at == len(shape) - 1:
+            return depth == len(shape)  # no list inside the last lists
+        level = [value for item in level for value in item]
+        if not level:  # a dimension of 0: [2, 0, 3] is [[], []], no list deeper
+            return True
+    return False  # a shape of no dimensions holds one value, not a list
 
 
 # A binary request's JSON is a few hundred bytes: a failed parse looks no further than this

@@ -2229,16 +2229,19 @@ PREDICTION = {"label": "NEUTRAL", "face": None, "error": None,
 
 
 @contextlib.contextmanager
-def scripted_service(answer: Callable[[int], tuple[int, dict, bytes]]):
+def scripted_service(answer: Callable[[int, threading.Event], tuple[int, dict, bytes]]):
     """A loopback HTTP/1.1 service: GET answers 200 (/readyz), POST /predict ``answer(files
-    in it)``. Yields its URL and what it saw: posts, the most open at once, client ports."""
+    in it, closing)``, where ``closing`` is set as the service closes, so that a slow answer
+    ends with it. Yields its URL and what it saw: posts, the most open at once, client
+    ports."""
     import http.server
 
     seen = {"posts": 0, "open": 0, "most_open": 0, "ports": set()}
-    lock = threading.Lock()
+    lock, closing = threading.Lock(), threading.Event()
 
     class Scripted(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # the body waited 40 ms for the headers' ACK each time
 
         def log_message(self, *args):
             pass
@@ -2254,7 +2257,7 @@ def scripted_service(answer: Callable[[int], tuple[int, dict, bytes]]):
                 seen["most_open"] = max(seen["most_open"], seen["open"])
                 seen["ports"].add(self.client_address[1])
             try:
-                status, headers, content = answer(body.count(b'filename="'))
+                status, headers, content = answer(body.count(b'filename="'), closing)
             finally:
                 with lock:
                     seen["open"] -= 1
@@ -2268,22 +2271,29 @@ def scripted_service(answer: Callable[[int], tuple[int, dict, bytes]]):
             self.end_headers()
             self.wfile.write(content)
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    class Quiet(http.server.ThreadingHTTPServer):
+        def handle_error(self, request, client_address):
+            pass  # a client gone before its answer (--timeout): its traceback went to stderr
+
+    server = Quiet(("127.0.0.1", 0), Scripted)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                     daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}", seen
     finally:
+        closing.set()
         server.shutdown()
         server.server_close()
 
 
-def predictions(files: int, pause: float = 0.0) -> tuple[int, dict, bytes]:
-    time.sleep(pause)
+def predictions(files: int, closing: threading.Event, pause: float = 0.0
+                ) -> tuple[int, dict, bytes]:
+    closing.wait(pause)
     return 200, {}, json.dumps({"predictions": [
         {**PREDICTION, "filename": str(i)} for i in range(files)]}).encode()
 
 
-def busy(files: int) -> tuple[int, dict, bytes]:
+def busy(files: int, closing: threading.Event) -> tuple[int, dict, bytes]:
     return 503, {"Retry-After": "1"}, json.dumps({
         "detail": "too many requests in flight; retry shortly", "code": "overloaded"}).encode()
 
@@ -2311,12 +2321,14 @@ def test_url_options_reach_the_connections(tmp_path, monkeypatch, capsys, reques
         (tmp_path / f"{i}.png").write_bytes(encode(gray_image(seed=i), "PNG"))
     out = str(tmp_path / "rows.csv")
     # six batches of one, each answered in 0.3 s: two at a time, over two connections
-    with scripted_service(lambda files: predictions(files, 0.3)) as (url, seen):
+    with scripted_service(lambda files, closing: predictions(files, closing, 0.3)
+                          ) as (url, seen):
         assert main(["images", *photos, "--out", out, "--url", url, "--batch-size", "1",
                      "--connections", "2"]) == 0
     assert (seen["posts"], seen["most_open"], len(seen["ports"])) == (6, 2, 2)
     # an answer later than --timeout: the run stops, it does not wait for it
-    with scripted_service(lambda files: predictions(files, 3.0)) as (url, seen):
+    with scripted_service(lambda files, closing: predictions(files, closing, 3.0)
+                          ) as (url, seen):
         assert main(["images", photos[0], "--out", out, "--url", url, "--timeout", "1"]) == 1
     assert "no whole answer within 1 s (--timeout)" in capsys.readouterr().err
     # a file over the service's byte limit is a row, not sent

@@ -225,6 +225,47 @@ def test_another_users_lock_file_in_the_metrics_folder_is_locked_or_one_line(tmp
                     f"{str(tmp_path)!r}: cannot open its launcher.lock (Permission denied)")
 
 
+@pytest.mark.parametrize("kind", ["link", "fifo", "stale pid"])
+def test_a_lock_file_that_is_a_link_a_fifo_or_anothers_pid_is_not_trusted(tmp_path, kind):
+    """A launcher.lock linked elsewhere had its target emptied and the pid written in; a
+    FIFO blocked the launcher for ever; the pid of a holder that could not write its own
+    named another process (the second diff review)."""
+    from service.__main__ import hold_metrics_folder
+
+    lock = tmp_path / "launcher.lock"
+    if kind == "stale pid":
+        lock.write_text("12345678\n")  # past any pid_max: no such process
+        os.chown(lock, 65534, 65534)  # the holder may read it, not write it
+        holder = subprocess.Popen(
+            [*WITHOUT_ROOTS_OVERRIDE, sys.executable, "-c", "import sys, time; from "
+             "service.__main__ import hold_metrics_folder as hold; print(hold(sys.argv[1]), "
+             "flush=True); time.sleep(60)", str(tmp_path)],
+            cwd=REPO, stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "None"
+            assert lock.read_text() == "12345678\n"
+            assert hold_metrics_folder(str(tmp_path)) == "its pid not known"
+        finally:
+            holder.kill()
+            holder.wait()
+        return
+    if kind == "fifo":  # another user's, so opened read-only: that open waited for ever
+        os.mkfifo(lock)
+        os.chown(lock, 65534, 65534)
+        held = subprocess.run([*WITHOUT_ROOTS_OVERRIDE, sys.executable, "-c",
+                               "import sys; from service.__main__ import hold_metrics_folder; "
+                               "hold_metrics_folder(sys.argv[1])", str(tmp_path)],
+                              cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert held.stderr.strip().endswith("OSError: launcher.lock is not a regular file")
+        return
+    victim = tmp_path / "victim.txt"
+    victim.write_text("kept\n")
+    lock.symlink_to(victim)
+    with pytest.raises(OSError):
+        hold_metrics_folder(str(tmp_path))
+    assert victim.read_text() == "kept\n"
+
+
 def test_no_writable_temporary_folder_for_several_workers_is_one_line():
     """`docker run --read-only` without a /tmp mounted: with two workers or more (one per
     CPU by default) the launcher ended in a traceback, a crash loop under a restart policy;

@@ -628,12 +628,15 @@ def test_data_nested_otherwise_than_its_shape_is_refused(shape, data):
         parse_infer_request(body, None)
 
 
-def test_data_nested_as_its_shape_or_flat_is_read_the_same():
-    values = np.random.default_rng(0).random((2, 1, 3, 4)).round(3)
+@pytest.mark.parametrize("shape", [[2, 1, 3, 4], [2, 0, 3], [1, 0, 350, 350], [3, 0]])
+def test_data_nested_as_its_shape_or_flat_is_read_the_same(shape):
+    """A dimension of 0 nests no deeper ([2, 0, 3] is [[], []]): it was taken as not
+    nested as its shape (the second diff review)."""
+    values = np.random.default_rng(0).random(shape).round(3)
     read = []
     for data in (values.tolist(), values.ravel().tolist()):
         body = json.dumps({"inputs": [{"name": "image", "datatype": "FP32",
-                                       "shape": [2, 1, 3, 4], "data": data}]}).encode()
+                                       "shape": shape, "data": data}]}).encode()
         read.append(parse_infer_request(body, None).inputs[0].value)
-    assert np.array_equal(read[0], read[1])
+    assert read[0].shape == tuple(shape) and np.array_equal(read[0], read[1])
     assert np.allclose(read[0], values)
