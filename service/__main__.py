@@ -56,7 +56,8 @@ def hold_metrics_folder(folder: str) -> str | None:
         with os.fdopen(descriptor) as lock:
             pid = lock.read(32).strip()
         # a holder that could not write its pid left another's there, maybe long gone
-        return f"pid {pid}" if pid.isdigit() and process_alive(int(pid)) else "its pid not known"
+        alive = pid.isascii() and pid.isdigit() and process_alive(int(pid))
+        return f"pid {pid}" if alive else "its pid not known"
     if writable:
         os.ftruncate(descriptor, 0)
         os.write(descriptor, f"{os.getpid()}\n".encode())

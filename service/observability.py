@@ -57,19 +57,26 @@ def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 
 
+PID_MAX_LIMIT = 4 * 1024 * 1024  # Linux's highest possible pid
+
+
 def forget_dead_workers(directory: str) -> None:
     """Drop the live gauges (in flight) of workers that died without saying so (an OOM kill,
     then uvicorn starts a new one): their last value would otherwise be added up forever.
     Counters and histograms keep their files: what a dead worker counted did happen."""
     for path in Path(directory).glob("gauge_live*_*.db"):
         pid = path.stem.rsplit("_", 1)[-1]
-        if pid.isdigit() and not process_alive(int(pid)):
+        if pid.isascii() and pid.isdigit() and not process_alive(int(pid)):
             # another worker's /metrics may have removed it first
             with contextlib.suppress(FileNotFoundError):
                 mark_process_dead(int(pid), directory)
 
 
 def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs; a number no process can have is not one (0 and below
+    name process groups to kill, and one past a C int was an OverflowError)."""
+    if not 0 < pid <= PID_MAX_LIMIT:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -225,7 +225,7 @@ def test_another_users_lock_file_in_the_metrics_folder_is_locked_or_one_line(tmp
                     f"{str(tmp_path)!r}: cannot open its launcher.lock (Permission denied)")
 
 
-@pytest.mark.parametrize("kind", ["link", "fifo", "stale pid"])
+@pytest.mark.parametrize("kind", ["link", "fifo", "stale pid", "2147483648", "0", "\xb2"])
 def test_a_lock_file_that_is_a_link_a_fifo_or_anothers_pid_is_not_trusted(tmp_path, kind):
     """A launcher.lock linked elsewhere had its target emptied and the pid written in; a
     FIFO blocked the launcher for ever; the pid of a holder that could not write its own
@@ -233,8 +233,11 @@ def test_a_lock_file_that_is_a_link_a_fifo_or_anothers_pid_is_not_trusted(tmp_pa
     from service.__main__ import hold_metrics_folder
 
     lock = tmp_path / "launcher.lock"
-    if kind == "stale pid":
-        lock.write_text("12345678\n")  # past any pid_max: no such process
+    if kind not in ("link", "fifo"):
+        # past any pid_max, past a C int (an OverflowError, the third diff review), a
+        # process group, a digit only to str.isdigit: none is a process
+        pid = "12345678" if kind == "stale pid" else kind
+        lock.write_text(f"{pid}\n")
         os.chown(lock, 65534, 65534)  # the holder may read it, not write it
         holder = subprocess.Popen(
             [*WITHOUT_ROOTS_OVERRIDE, sys.executable, "-c", "import sys, time; from "
@@ -243,7 +246,7 @@ def test_a_lock_file_that_is_a_link_a_fifo_or_anothers_pid_is_not_trusted(tmp_pa
             cwd=REPO, stdout=subprocess.PIPE, text=True)
         try:
             assert holder.stdout.readline().strip() == "None"
-            assert lock.read_text() == "12345678\n"
+            assert lock.read_text() == f"{pid}\n"
             assert hold_metrics_folder(str(tmp_path)) == "its pid not known"
         finally:
             holder.kill()
@@ -264,6 +267,17 @@ def test_a_lock_file_that_is_a_link_a_fifo_or_anothers_pid_is_not_trusted(tmp_pa
     with pytest.raises(OSError):
         hold_metrics_folder(str(tmp_path))
     assert victim.read_text() == "kept\n"
+
+
+def test_a_metrics_file_named_for_no_possible_pid_is_forgotten_not_a_crash(tmp_path):
+    """os.kill took the number in a live gauge's file name: past a C int, an OverflowError
+    out of every /metrics (the third diff review, of the same check in the launcher)."""
+    from service.observability import forget_dead_workers
+
+    for pid in ("99999999999999999999", "0"):
+        (tmp_path / f"gauge_livesum_{pid}.db").write_bytes(b"")
+    forget_dead_workers(str(tmp_path))
+    assert list(tmp_path.glob("*.db")) == []
 
 
 def test_no_writable_temporary_folder_for_several_workers_is_one_line():
