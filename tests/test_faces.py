@@ -247,6 +247,10 @@ def test_without_a_usable_face_file_faces_none_still_serves(tmp_path, content, m
         assert client.get("/v2/health/ready").json() == {"ready": False}  # one rule for both
         auto = client.post("/predict?faces=auto", files={"file": ("a.png", image, "image/png")})
         assert_error(auto, 503, "faces_unavailable")
+        # said before the body is read: not a 415 for a body it need not have read
+        text = client.post("/predict?faces=auto", content=b"hello",
+                           headers={"content-type": "text/plain"})
+        assert_error(text, 503, "faces_unavailable")
         # a misspelt model is the client's mistake, said as /v2 says it: it got this 503
         misspelt = client.post("/predict?faces=auto&model=nosuch",
                                files={"file": ("a.png", image, "image/png")})

@@ -432,6 +432,31 @@ def test_bodies_declared_large_but_not_sent_do_not_fill_the_byte_budget():
             assert answer.status_code == 200, answer.text
 
 
+def test_a_body_being_read_is_held_on_the_budget_by_every_byte_so_far():
+    """The budget must hold all a body has read: holding its latest read (64 KiB at most)
+    went unseen by every test, and bounded no real upload's memory (a mutation review)."""
+    import time
+
+    from tests.api import metric_total
+
+    head = (b"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\n"
+            b"Content-Length: 3900000\r\n\r\n")
+    body = b"\x89PNG" + bytes(299_996)
+    with running_server(env={"EMOTION_BODY_IDLE_SECONDS": "30"}) as base:
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), 20) as held:
+            held.sendall(head)
+            for start in range(0, len(body), 30_000):  # ten sends: several reads
+                held.sendall(body[start:start + 30_000])
+                time.sleep(0.05)
+            deadline, counted = time.monotonic() + 10, 0.0
+            while counted != len(body) and time.monotonic() < deadline:
+                time.sleep(0.1)
+                counted = metric_total(httpx.get(f"{base}/metrics", headers={
+                    "accept": "text/plain"}).text, "emotion_request_body_bytes_in_flight")
+            assert counted == len(body)
+
+
 def test_large_decodes_take_turns_and_give_their_memory_back():
     """A lossless WebP of 50 megapixels is 2 KB, and decoding it holds about 760 MB: the
     inference threads decoded three at once, and glibc kept what each thread freed, so four

@@ -198,6 +198,13 @@ def test_limits_give_413(settings, faces):
         assert_error(post_file(limited, data), 413, "too_many_bytes")
         raw = limited.post("/predict", content=data, headers={"content-type": "image/jpeg"})
         assert_error(raw, 413, "too_many_bytes")
+    # at the limit, to the byte: taken by each way in (three comparisons, each once >=)
+    exact = settings.model_copy(update={"max_upload_bytes": len(data)})
+    with TestClient(create_app(exact)) as limited:
+        assert post_file(limited, data).status_code == 200
+        for content in (data, iter([data[:1000], data[1000:]])):  # with a length, chunked
+            assert limited.post("/predict", content=content, headers={
+                "content-type": "image/jpeg"}).status_code == 200
     # sizes read as people read them: "10485760 bytes" was the default limit's message
     big = settings.model_copy(update={"max_upload_bytes": 10 * 2**20})
     with TestClient(create_app(big)) as client:
@@ -695,8 +702,8 @@ def body_bytes_in_flight(client) -> float:
 def test_request_bytes_in_flight_are_bounded_per_worker(settings, monkeypatch):
     big = noise_png()
     budget = len(big) + 100_000  # one big body and a small one, not two big ones
-    with one_request_held(settings, monkeypatch, big, max_body_bytes_in_flight=budget) as (
-            client, answer_it):
+    with one_request_held(settings, monkeypatch, big, max_body_bytes_in_flight=budget,
+                          max_upload_bytes=len(big)) as (client, answer_it):
         assert body_bytes_in_flight(client) == len(big)
         second = client.post("/predict", content=big, headers={"content-type": "image/png"})
         assert_error(second, 503, "overloaded")
@@ -709,6 +716,9 @@ def test_request_bytes_in_flight_are_bounded_per_worker(settings, monkeypatch):
                               headers={"content-type": "image/png"})
         assert "content-length" not in chunked.request.headers
         assert_error(chunked, 503, "overloaded")
+        # a body over its own limit is told so (413), not to retry (503), budget full or not
+        assert_error(client.post("/predict", content=iter([big + bytes(1)]), headers={
+            "content-type": "image/png"}), 413, "too_many_bytes")
         assert post_file(client, png_bytes()).status_code == 200  # a small one fits
         # a client's mistake is told so, not to retry, even while the budget is full
         for content_type in ("multipart/form-data", "multipart/form-data; boundary=" + "b" * 300):
@@ -750,6 +760,28 @@ def test_an_empty_content_encoding_is_no_coding_on_both_paths(client, faces, emp
     assert oip.status_code == 200, oip.text
     assert oip.json()["outputs"][0]["data"] == pytest.approx(
         list(answer.json()["predictions"][0]["probabilities"].values()), abs=1e-6)
+
+
+def test_media_types_and_codings_are_read_whatever_their_case(client, faces):
+    """HTTP's media types and content codings are case-insensitive: a lower() dropped
+    from either went unseen (a mutation review)."""
+    face = next(iter(faces.values()))
+    for headers in ({"content-type": "Image/JPEG"},
+                    {"content-type": "image/jpeg", "content-encoding": "Identity"}):
+        answer = client.post("/predict", content=face, headers=headers)
+        assert answer.status_code == 200, (headers, answer.text)
+
+
+def test_a_wrong_model_is_said_before_the_body_is_read(settings):
+    """The model is checked before a byte is read: read first, an unknown model with a
+    body too large or of another type was a 413 or a 415, after reading it all (a mutation
+    review)."""
+    with TestClient(create_app(settings.model_copy(update={"max_upload_bytes": 1000}))
+                    ) as client:
+        for content_type in ("image/png", "text/plain"):
+            answer = client.post("/predict?model=nosuch", content=bytes(5000),
+                                 headers={"content-type": content_type})
+            assert_error(answer, 422, "unknown_model")
 
 
 def test_a_request_alone_may_pass_the_byte_budget(settings):
@@ -872,3 +904,26 @@ def test_a_refused_request_gives_its_share_back_at_once():
     assert refused.value.status == 503 and budget.held == 30
     second.hold(90)  # the room the refused one left
     assert budget.held == 90
+
+
+def test_a_steady_body_longer_than_the_idle_window_is_read_whole(settings):
+    """The rate's deadline grows with the bytes received: with them uncounted, every
+    upload taking longer than EMOTION_BODY_IDLE_SECONDS in all (30 s: 10 MiB on a slow
+    link) was a 408, however fast it came (a mutation review)."""
+    import asyncio
+
+    from service.uploads import body_chunks
+
+    class SteadyUpload:  # 10 kB every 0.1 s for 2.5 s: 100 kB/s, past a 1 s idle window
+        async def stream(self):
+            for _ in range(25):
+                await asyncio.sleep(0.1)
+                yield bytes(10_000)
+
+    steady = settings.model_copy(update={"body_idle_seconds": 1.0,
+                                         "body_min_bytes_per_second": 1000})
+
+    async def read() -> int:
+        return sum([len(chunk) async for chunk in body_chunks(SteadyUpload(), steady)])
+
+    assert asyncio.run(read()) == 250_000
