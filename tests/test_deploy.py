@@ -274,10 +274,10 @@ def test_a_metrics_file_named_for_no_possible_pid_is_forgotten_not_a_crash(tmp_p
     out of every /metrics (the third diff review, of the same check in the launcher)."""
     from service.observability import forget_dead_workers
 
-    for pid in ("99999999999999999999", "0"):
+    for pid in ("99999999999999999999", "0", "\xb2"):  # "²": a digit only to str.isdigit
         (tmp_path / f"gauge_livesum_{pid}.db").write_bytes(b"")
     forget_dead_workers(str(tmp_path))
-    assert list(tmp_path.glob("*.db")) == []
+    assert [p.name for p in tmp_path.glob("*.db")] == ["gauge_livesum_\xb2.db"]  # not a pid
 
 
 def test_no_writable_temporary_folder_for_several_workers_is_one_line():
