@@ -182,6 +182,7 @@ PROTOCOL_PARAMETERS = frozenset({"binary_data_output", "headers", "priority", "t
 INPUT_PARAMETERS = frozenset({"binary_data_size", "content_type"})
 OUTPUT_PARAMETERS = frozenset({"binary_data", "classification"})
 TAKES_FACES = "this server takes 'faces' ('none' or 'auto', with input 'image_bytes')"
+FACES_GOES = f"{TAKES_FACES} among the request's parameters, beside 'inputs'"
 
 
 def _check_parameter_names(request: InferRequest) -> None:
@@ -191,16 +192,13 @@ def _check_parameter_names(request: InferRequest) -> None:
                      and key not in PROTOCOL_PARAMETERS)
     if unknown:
         raise ProtocolError(f"unknown request parameter(s) {shown(unknown)}; {TAKES_FACES}")
-    for kind, items, known in (("input", request.inputs, INPUT_PARAMETERS),
-                               ("output", request.outputs, OUTPUT_PARAMETERS)):
-        for item in items:
-            parameters = item.parameters if kind == "input" else item["parameters"]
-            name = item.name if kind == "input" else item.get("name")
-            unknown = sorted(set(parameters) - known)
-            if unknown:
-                raise ProtocolError(
-                    f"unknown parameter(s) {shown(unknown)} of {kind} {shown(name)}; "
-                    f"{TAKES_FACES} among the request's parameters, beside 'inputs'")
+    owners = ([("input", t.name, t.parameters, INPUT_PARAMETERS) for t in request.inputs]
+              + [("output", o.get("name"), o["parameters"], OUTPUT_PARAMETERS)
+                 for o in request.outputs])
+    for kind, name, parameters, known in owners:
+        if unknown := sorted(set(parameters) - known):
+            raise ProtocolError(f"unknown parameter(s) {shown(unknown)} of {kind} "
+                                f"{shown(name)}; {FACES_GOES}")
 
 
 def run_inference(predictor: Predictor, name: str, request: InferRequest,
@@ -264,7 +262,7 @@ async def _infer(request: Request, name: str, version: str | None, settings: Set
         return problem
     if request.query_params:  # ?faces=auto, as on /predict, was run without finding faces
         return oip_error(400, f"unknown query parameter(s) {shown(sorted(request.query_params))}"
-                         f"; {TAKES_FACES} among the request's parameters, beside 'inputs'")
+                         f"; {FACES_GOES}")
     try:
         body = await read_body(request, settings.max_oip_body_bytes, settings)
     except ApiError as exc:
