@@ -1496,26 +1496,6 @@ def test_url_times_the_answer_from_its_headers_not_the_upload(tmp_path):
 def test_url_a_resume_the_service_refuses_leaves_the_output_as_it_was(tmp_path):
     """The service checked only its /readyz before the output was cut: a /predict refusal
     (a model it has not) removed one more file's rows at each retry (the diff review)."""
-    import http.server
-
-    class Refusing(http.server.BaseHTTPRequestHandler):
-        def answer(self, status, body):
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_GET(self):  # noqa: N802, the handler's own name
-            self.answer(200, b'{"status": "ready"}')
-
-        def do_POST(self):  # noqa: N802
-            self.rfile.read(int(self.headers["Content-Length"]))
-            self.answer(422, b'{"detail": "unknown model \'foo\'", "code": "unknown_model"}')
-
-        def log_message(self, *args):
-            pass
-
     folder = tmp_path / "photos"
     folder.mkdir()
     for name in ("a.png", "b.png"):
@@ -1524,19 +1504,15 @@ def test_url_a_resume_the_service_refuses_leaves_the_output_as_it_was(tmp_path):
     argv = ["images", str(folder), "--out", str(out), "--faces", "none"]
     assert main([*argv, "--workers", "1"]) == 0
     before = out.read_bytes()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    unknown_model = (422, {}, b'{"detail": "unknown model \'foo\'", "code": "unknown_model"}')
+    with scripted_service(lambda files, closing: unknown_model) as (url, _):
         for _ in range(2):
-            assert main([*argv, "--resume", "--model", "foo", "--url",
-                         f"http://127.0.0.1:{server.server_address[1]}"]) == 1
+            assert main([*argv, "--resume", "--model", "foo", "--url", url]) == 1
             assert out.read_bytes() == before
         # a run that starts over empties its output at once, though no row came: a --resume
         # after it went on from an older run's rows (the diff review)
-        assert main([*argv, "--url", f"http://127.0.0.1:{server.server_address[1]}"]) == 1
+        assert main([*argv, "--url", url]) == 1
         assert read_rows(out) == []
-    finally:
-        server.shutdown()
     for option, seconds in (("--timeout", "inf"), ("--timeout", "1e10"), ("--timeout", "0"),
                             ("--wait", "-1"), ("--wait", "nan"), ("--wait", "1e10")):
         with pytest.raises(SystemExit) as caught:  # a socket took neither inf nor 1e10
