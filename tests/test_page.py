@@ -754,6 +754,10 @@ def test_webcam_mode_sends_frames_and_updates_live(page, server):
           f"{len(frames)} frames sent")
     assert fps > 0 and len(frames) >= 5  # a count of frames sent, not a rate to meet
     assert page.locator("#faces-list li").count() >= 1  # the live answer is on the page
+    # The live picture is named as the still photo is (WCAG 1.1.1; the accessibility review).
+    from playwright.sync_api import expect
+
+    expect(page.locator("#video")).to_have_accessible_name("Webcam preview")
     page.click("#webcam")
     assert page.inner_text("#webcam") == "Start the webcam"
 
@@ -931,6 +935,28 @@ def test_a_long_name_in_an_error_stays_within_a_phones_width(phone):
     phone.evaluate(f"showError('{name} could not be read: choose an image file.')")
     assert phone.is_visible("#error")
     assert phone.evaluate("document.documentElement.scrollWidth") <= 320
+
+
+def test_a_readers_own_text_spacing_keeps_the_page_within_a_phones_width(phone):
+    """WCAG 1.4.12's spacing, set by the reader's own style sheet, pushed the Faces select,
+    as wide as its longest option, 14 pixels past a 320-pixel screen (the accessibility review)."""
+    phone.click("#example")
+    phone.wait_for_selector("#boxes .box")
+    cdp = phone.context.new_cdp_session(phone)
+    cdp.send("DOM.enable")
+    cdp.send("CSS.enable")
+    frame = cdp.send("Page.getFrameTree")["frameTree"]["frame"]["id"]
+    sheet = cdp.send("CSS.createStyleSheet", {"frameId": frame})["styleSheetId"]
+    cdp.send("CSS.setStyleSheetText", {"styleSheetId": sheet, "text": (
+        "* { line-height: 1.5 !important; letter-spacing: 0.12em !important;"
+        " word-spacing: 0.16em !important } p { margin-bottom: 2em !important }")})
+    assert phone.evaluate("getComputedStyle(document.body).letterSpacing") != "normal"
+    assert phone.evaluate("document.documentElement.scrollWidth") <= 320
+    faces = phone.locator("#faces")
+    shown = faces.bounding_box()
+    assert shown["x"] + shown["width"] <= 320
+    # Its words are whole: the select moved below its label rather than being cut short.
+    assert shown["y"] > phone.locator('label[for="faces"]').bounding_box()["y"]
 
 
 def test_in_forced_colours_the_bars_and_the_lit_box_still_show(page):
