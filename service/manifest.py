@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import stat
 from pathlib import Path
@@ -49,7 +50,9 @@ def read_regular_file(path: Path, most: int) -> bytes:
             raise ValueError(f"{path.name} is not a regular file")
         if info.st_size > most:
             raise FileTooLargeError(path, info.st_size, most)
-        return handle.read(most + 1)  # a file that grew since: more than most, refused later
+        # its size sizes the read, not most: a manifest's "bytes" of 2**40 was allocated whole;
+        # one byte over, a file grown since fails the size or hash that pins it
+        return handle.read(info.st_size + 1)
 
 
 class Strict(BaseModel):
@@ -142,6 +145,14 @@ def _refuse_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _finite_float(text: str) -> float:
+    # 1e999 reads as inf without passing parse_constant: /metrics was a 500 again
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is past a float's range")
+    return value
+
+
 def _depth(value) -> int:
     depth, level = 0, [value]
     while level:
@@ -160,7 +171,7 @@ def load_manifest(models_dir: Path) -> Manifest:
     except ValueError as exc:
         raise ManifestError(f"cannot read the model manifest {path}: {exc}") from None
     try:
-        parsed = json.loads(raw, parse_constant=_refuse_constant)
+        parsed = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
         if _depth(parsed) > MAX_DEPTH:
             raise RecursionError
         manifest = Manifest.model_validate(parsed)
@@ -176,8 +187,8 @@ def load_manifest(models_dir: Path) -> Manifest:
         raise ManifestError(f"the model manifest {path} lists no models")
     for name, entry in manifest.models.items():
         if entry.classes != list(CLASS_NAMES):
-            raise ManifestError(f"model {name!r} has classes {entry.classes}, "
-                                f"the service expects {list(CLASS_NAMES)}")
+            raise ManifestError(f"the model manifest {path} gives model {name!r} the classes "
+                                f"{entry.classes}, the service expects {list(CLASS_NAMES)}")
     return manifest
 
 

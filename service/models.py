@@ -78,7 +78,7 @@ class SklearnClassifier:
         openmp = [pool["num_threads"] for pool in self.thread_pools.info()
                   if pool["user_api"] == "openmp"]
         self.threads = min([threads, *openmp]) if threads else 0
-        classes = list(getattr(self.pipeline, "classes_", []))
+        classes = np.asarray(getattr(self.pipeline, "classes_", [])).tolist()  # not np.int64(1)
         if classes != list(range(NUM_CLASSES)):
             raise ValueError(f"the pipeline's classes are {classes}, expected 0..7")
 

@@ -30,6 +30,10 @@ def browser_origin(value: str) -> str:
     except ValueError:
         raise ValueError(f"{value!r} is not an origin; give scheme://host[:port] with no "
                          "path, as https://app.example (a host in punycode), or *") from None
+    if scheme == "file":  # a file:// page's Origin is null: this would match no request
+        raise ValueError(f"{value!r} is no origin a browser sends: a file:// page sends "
+                         "Origin null, which is not taken (it admits sandboxed frames too); "
+                         "serve the page over http(s)")
     if written is not None and written != host:
         raise ValueError(f"{value!r} writes its address as a browser does not; give "
                          f"{scheme}://{written}" + (f":{port}" if port else ""))

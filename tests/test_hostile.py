@@ -770,6 +770,27 @@ def test_an_internal_failure_is_a_500_without_internals(settings, monkeypatch, c
     assert "trace-me-42" in caplog.text  # ... with the request id to find it by
 
 
+def test_a_fault_above_the_routes_is_the_same_500(settings, monkeypatch):
+    """A layer outside admission control (CORS here) failing is answered by the request
+    middleware as a route's fault is: mutated to re-raise, it was Starlette's plain-text 500
+    without the request id, and no test failed (the mutation review)."""
+    from service.errors import JsonCORSMiddleware
+
+    real = JsonCORSMiddleware.__call__
+
+    async def broken(self, scope, receive, send):
+        if scope["type"] == "http":  # the lifespan passes through it too
+            raise RuntimeError("broken")
+        await real(self, scope, receive, send)
+
+    monkeypatch.setattr(JsonCORSMiddleware, "__call__", broken)
+    settings = settings.model_copy(update={"cors_origins": ["https://example.org"]})
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        response = client.get("/healthz", headers={"x-request-id": "trace-me-43"})
+    assert_error(response, 500, "internal_error")
+    assert response.headers["x-request-id"] == "trace-me-43"
+
+
 def test_a_500_on_a_path_with_a_newline_logs_one_line(settings, caplog):
     """The path was logged decoded with %s: a 500 on /x/a%0a<a log line> wrote a forged
     line into the operator's log (a review)."""

@@ -171,6 +171,22 @@ def test_the_knn_keeps_to_its_workers_share_of_the_cpus():
         assert result.stdout.strip() == "[1]", (default, share, result.stdout)
 
 
+def test_the_networks_keep_to_their_workers_share_of_the_cpus():
+    """A session left at ONNX Runtime's default takes every CPU in each worker, as the kNN's
+    search did (the mutation review: dropping the setting failed no test)."""
+    from service.inference import Predictor
+
+    def threads(session) -> int:
+        return session.get_session_options().intra_op_num_threads
+
+    for share in (1, 2):
+        predictor = Predictor.load(REPO_MODELS_DIR, threads=share)
+        assert threads(predictor.registry.models["cnn"].classifier.session) == share
+    # the face detector's networks run on one thread whatever the share (its docstring says why)
+    detector = predictor.cropper.detector
+    assert [threads(session) for session in detector.sessions.values()] == [1, 1, 1]
+
+
 @pytest.mark.slow
 def test_shipped_knn_reproduces_its_metrics_through_the_service_loader(manifest, workspace):
     entry = manifest.models["knn"]

@@ -433,6 +433,20 @@ def test_too_much_is_413_and_an_unknown_encoding_415(body, headers, status, mess
     assert set(response.json()) == {"error"} and message in response.json()["error"]
 
 
+def test_pixels_written_long_fit_whatever_the_upload_limit():
+    """An image's pixels as JSON numbers of 19 characters (float64 as numpy writes them) come
+    to 2.45 MB, whatever EMOTION_MAX_UPLOAD_BYTES says of encoded images: answered, not 413
+    (a mutant that allowed half as many characters a number failed no test)."""
+    settings = Settings(models_dir=REPO_MODELS_DIR, onnx_threads=1, max_images_per_request=1,
+                        max_upload_bytes=1000)
+    body = ('{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 350, 350], '
+            '"data": [' + ", ".join(["0.12345678901234567"] * 350 * 350) + "]}]}").encode()
+    assert len(body) > 2_400_000
+    with TestClient(create_app(settings)) as client:
+        response = client.post("/v2/models/cnn/infer", content=body)
+    assert response.status_code == 200, response.text
+
+
 def test_the_protocols_encodings_fit_in_its_body_limit(faces):
     """Two images at the upload limit, base64 in JSON (a third larger than themselves), and
     a gzip body: answered as the same images are on /predict."""

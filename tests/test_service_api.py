@@ -198,8 +198,10 @@ def test_limits_give_413(settings, faces):
         assert_error(post_file(limited, data), 413, "too_many_bytes")
         raw = limited.post("/predict", content=data, headers={"content-type": "image/jpeg"})
         assert_error(raw, 413, "too_many_bytes")
-    # at the limit, to the byte: taken by each way in (three comparisons, each once >=)
-    exact = settings.model_copy(update={"max_upload_bytes": len(data)})
+    # at the limit, to the byte: taken by each way in (three comparisons, each once >=), with
+    # one image allowed, so that the multipart framing around it must fit in the body's limit
+    exact = settings.model_copy(update={"max_upload_bytes": len(data),
+                                        "max_images_per_request": 1})
     with TestClient(create_app(exact)) as limited:
         assert post_file(limited, data).status_code == 200
         for content in (data, iter([data[:1000], data[1000:]])):  # with a length, chunked
@@ -472,6 +474,10 @@ def test_a_tampered_artifact_is_refused_and_the_other_model_serves(
     # a models folder exported after a preprocessing change, mounted into an older image
     ("preprocessing_version", "2", "built for preprocessing version 2, this service runs 1"),
     ("bytes", 1, "bytes, the manifest says 1; refused"),
+    # allocated before the file's size was checked: MemoryError or OverflowError, the start-up
+    # and the other model gone (the mutation review)
+    ("bytes", 1 << 40, "bytes, the manifest says 1099511627776; refused"),
+    ("bytes", 1 << 64, f"bytes, the manifest says {1 << 64}; refused"),
     # /models publishes these shapes: an edited one stayed ready
     ("input", {"name": "image", "dtype": "float32", "shape": ["N", 1, 48, 48]},
      "the contract is float32 ['N', 1, 350, 350] -> float32 ['N', 8]; refused"),
@@ -539,25 +545,45 @@ def test_a_manifest_or_detector_that_is_no_regular_file_is_one_line(tmp_path, se
         load_manifest(folder)
 
 
+# Networks answering the same row for every image, under the contract's names: rows that
+# are no probabilities, and one whose rows are but in float64.
+CONSTANT_ROWS = {"logits": [61.25] * 8, "outside_0_1": [1.5, -0.5, 0, 0, 0, 0, 0, 0],
+                 "summing_to_1.3": [1.3 / 8] * 8, "float64": [1 / 8] * 8}
+
+
 def onnx_breaking_the_contract(kind: str) -> bytes:
     """A CNN file that loads but breaks the contract: the shipped one with its batch fixed
-    at 1, or a network answering logits, not probabilities, under the contract's names."""
+    at 1 or its metadata's classes in another order, or a network in ``CONSTANT_ROWS``."""
     import onnx
     from onnx import TensorProto, helper
 
-    if kind == "fixed_batch":
+    if kind in ("fixed_batch", "classes_reversed"):
         model = onnx.load(REPO_MODELS_DIR / "emotion_cnn.onnx")
         for tensor in (*model.graph.input, *model.graph.output):
-            tensor.type.tensor_type.shape.dim[0].dim_value = 1
+            if kind == "fixed_batch":
+                tensor.type.tensor_type.shape.dim[0].dim_value = 1
+        for prop in model.metadata_props:
+            if prop.key == "classes" and kind == "classes_reversed":
+                prop.value = ",".join(reversed(prop.value.split(",")))
         return model.SerializeToString()
     weights = helper.make_tensor("weights", TensorProto.FLOAT, [350 * 350, 8],
-                                 np.full(350 * 350 * 8, 1e-3, np.float32))
+                                 np.zeros(350 * 350 * 8, np.float32))
+    row = helper.make_tensor("row", TensorProto.FLOAT, [8],
+                             np.asarray(CONSTANT_ROWS[kind], np.float32))
+    wide = kind == "float64"
+    nodes = [helper.make_node("Flatten", ["image"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "weights"], ["zeros"]),
+             helper.make_node("Add", ["zeros", "row"], ["rows" if wide else "probabilities"])]
+    if wide:
+        nodes.append(helper.make_node("Cast", ["rows"], ["probabilities"],
+                                      to=TensorProto.DOUBLE))
     graph = helper.make_graph(
-        [helper.make_node("Flatten", ["image"], ["flat"]),
-         helper.make_node("MatMul", ["flat", "weights"], ["probabilities"])], "logits",
+        nodes, kind,
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 350, 350])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 8])],
-        [weights])
+        [helper.make_tensor_value_info("probabilities",
+                                       TensorProto.DOUBLE if wide else TensorProto.FLOAT,
+                                       ["N", 8])],
+        [weights, row])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]
                              ).SerializeToString()
 
@@ -567,7 +593,13 @@ def onnx_breaking_the_contract(kind: str) -> bytes:
     ("fixed_batch", "image is tensor(float) [1, 1, 350, 350], the contract is tensor(float) "
                     "['N', 1, 350, 350]"),
     # its logits served as "probabilities" of 61.25
-    ("logits", "its outputs are not probabilities")])
+    ("logits", "its outputs are not probabilities"),
+    # each taken by a mutant of its check (the mutation review): labels served in another
+    # order, rows outside [0, 1] or not summing to 1, or float64 where float32 is the contract
+    ("classes_reversed", "its metadata gives classes 'CONTEMPT,SADNESS,"),
+    ("outside_0_1", "its outputs are not probabilities: from -0.5 to 1.5"),
+    ("summing_to_1.3", "rows summing to 1.3000, 1.3000"),
+    ("float64", "probabilities is tensor(double) ['N', 8], the contract is tensor(float)")])
 def test_a_pinned_cnn_that_breaks_the_contract_is_refused(tmp_path, settings, kind, says):
     folder = models_copy(tmp_path)
     data = onnx_breaking_the_contract(kind)
@@ -576,8 +608,38 @@ def test_a_pinned_cnn_that_breaks_the_contract_is_refused(tmp_path, settings, ki
     assert_only_the_cnn_refused(settings, folder, says)
 
 
+def shipped_manifest_where(path: str, value) -> str:
+    """The shipped manifest's text, the value at ``path`` (keys joined by dots) replaced:
+    ``value`` in JSON, or a ``str`` as the literal text it is."""
+    manifest = json.loads((REPO_MODELS_DIR / "manifest.json").read_text())
+    *parents, last = path.split(".")
+    node = manifest
+    for key in parents:
+        node = node[key]
+    node[last] = "VALUE"
+    return json.dumps(manifest).replace('"VALUE"', value if isinstance(value, str)
+                                        else json.dumps(value))
+
+
+SHIPPED_CNN_SHA256 = load_manifest(REPO_MODELS_DIR).models["cnn"].sha256
+
+
 @pytest.mark.parametrize(("content", "says"), [
     (None, "No such file"), ("{not json", "Expecting property name"),
+    # each taken by a mutant of its check (the mutation review): a number past a float's
+    # range read as inf, which /metrics then failed to send (a 500 while ready), in the typed
+    # metrics and the free-form summary; classes in another order; a hash in capitals; and a
+    # manifest past its size
+    (shipped_manifest_where("models.cnn.metrics.identity.test.macro_f1", "1e999"),
+     "1e999 is past a float's range"),
+    (shipped_manifest_where("models.cnn.summary.given", "-1E400"),
+     "-1E400 is past a float's range"),
+    (shipped_manifest_where("models.cnn.classes", list(reversed(CLASS_NAMES))),
+     "gives model 'cnn' the classes ['CONTEMPT', 'SADNESS',"),
+    (shipped_manifest_where("models.cnn.sha256", json.dumps(SHIPPED_CNN_SHA256.upper())),
+     "models.cnn.sha256: String should match pattern"),
+    (shipped_manifest_where("models.cnn.summary.given", json.dumps(" " * (16 << 20))),
+     "more than the 16777216 it may have"),
     # one line naming the field (pydantic's report ran to four, with a link)
     ('{"models": {"cnn": {"file": 1}}}', "models.cnn.file: Input should be a valid string"),
     ("{}", "models: Field required"),
@@ -593,6 +655,31 @@ def test_missing_or_malformed_manifest_is_a_clear_startup_error(tmp_path, settin
     with pytest.raises(ManifestError, match="manifest") as caught, TestClient(app):
         pass
     assert says in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_pinned_knn_with_other_classes_is_refused(tmp_path, settings):
+    """A pipeline fitted on labels 1..8 answers 8 columns that pass the probability check,
+    each a class over from the service's (the mutation review: the check's mutant served it)."""
+    import io
+
+    import joblib
+    from sklearn.neighbors import KNeighborsClassifier
+
+    folder = models_copy(tmp_path)
+    pipeline = KNeighborsClassifier(1).fit(
+        np.random.default_rng(0).random((8, 350 * 350), np.float32), np.arange(1, 9))
+    buffer = io.BytesIO()
+    joblib.dump(pipeline, buffer)
+    data = buffer.getvalue()
+    (folder / "emotion_knn.joblib").write_bytes(data)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["models"]["knn"].update(sha256=sha256_bytes(data), bytes=len(data))
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with TestClient(create_app(settings.model_copy(update={"models_dir": folder}))) as client:
+        ready = client.get("/readyz").json()["models"]
+        assert ready["cnn"] == "ready"
+        assert "the pipeline's classes are [1, 2, 3, 4, 5, 6, 7, 8], expected 0..7" in ready["knn"]
+        assert_error(post_file(client, png_bytes(), model="knn"), 503, "model_unavailable")
 
 
 def test_a_manifest_cannot_point_outside_the_models_folder(tmp_path, settings):

@@ -66,6 +66,8 @@ def test_defaults_divide_the_cpus_between_workers():
     one = Settings(workers=1)
     assert one.resolved_onnx_threads == cpus
     assert one.resolved_inference_concurrency == cpus + 1
+    # more workers than CPUs: one thread each, not 0 (ONNX Runtime's default, every CPU)
+    assert Settings(workers=cpus + 1).resolved_onnx_threads == 1
     fixed = Settings(workers=1, onnx_threads=3, inference_concurrency=5)
     assert (fixed.resolved_onnx_threads, fixed.resolved_inference_concurrency) == (3, 5)
 
@@ -104,6 +106,21 @@ def test_inference_concurrency_bounds_model_calls_and_every_request_is_answered(
     assert peak == limit
 
 
+@pytest.mark.parametrize(("field", "refused", "taken"), [
+    ("port", [0, 65536], [1, 65535]), ("max_in_flight", [0], [1]),
+    ("max_faces_per_image", [0], [1]), ("body_idle_seconds", [0], [0.1])])
+def test_a_setting_past_its_range_is_refused(field, refused, taken):
+    """Each bound taken by a mutant of it (the mutation review): max_in_flight=0, say, had every
+    prediction answered 503 by a service that said it was ready."""
+    from pydantic import ValidationError
+
+    for value in refused:
+        with pytest.raises(ValidationError, match=field):
+            Settings(**{field: value})
+    for value in taken:
+        assert getattr(Settings(**{field: value}), field) == value
+
+
 def test_a_pixel_limit_past_pillows_own_is_refused():
     """Pillow refuses such images when it reads the header, so a larger limit would answer
     'the limit is 300000000 pixels' for a 182-megapixel image: a refusal that contradicts
@@ -140,7 +157,11 @@ def test_a_list_setting_that_is_not_json_is_named_as_it_was_set(monkeypatch, nam
     "http://good.example:08080", "http://good.example:99999", "http://good.example:٨٠٨٠",
     # addresses written otherwise than a browser writes them (a fourth review)
     "http://[0:0:0:0:0:0:0:1]:8080", "http://127.1:3000", "http://[1.2.3.4]",
-    "http://0x7f.0.0.1:3000", "http://foo.123"])
+    "http://0x7f.0.0.1:3000", "http://foo.123",
+    # the mutation review: past the last port, addresses a browser refuses (each read as
+    # another one by a mutant), and a file:// page's, whose Origin is null
+    "http://good.example:65536", "http://1.2.3.256", "http://1.256.0.1", "http://1.1.1.1.0",
+    "file://good.example"])
 def test_a_cors_origin_no_browser_sends_is_refused(monkeypatch, origin):
     """Taken, it started the service, then every preflight from https://good.example was
     refused and no answer carried Access-Control-Allow-Origin (a review)."""
@@ -152,11 +173,14 @@ def test_a_cors_origin_no_browser_sends_is_refused(monkeypatch, origin):
     with pytest.raises(SettingsError, match=r"\[1\] Value error, .* (is not an origin; give "
                                             r"scheme://host\[:port\]|names its scheme's "
                                             r"default port|writes its address as a browser "
-                                            r"does not)"):
+                                            r"does not|is no origin a browser sends: a "
+                                            r"file:// page sends Origin null)"):
         read_settings(Settings)
     taken = ["https://Good.example:8443", "*", "http://[::1]:8080", "https://xn--bcher-kva.example",
              "http://my_app:8080", "http://127.0.0.1:3000",  # `_`: a Compose service's name
-             "http://[::ffff:7f00:1]:3000"]  # as browsers write it; Python 3.13 writes it dotted
+             "http://[::ffff:7f00:1]:3000",  # as browsers write it; Python 3.13 writes it dotted
+             "http://[1:0:2:3:4:5:6:7]", "http://a.example:65535",  # one zero group: not ::
+             "chrome-extension://abcdefghijklmnop"]  # an extension's pages send this
     monkeypatch.setenv("EMOTION_CORS_ORIGINS", json.dumps(taken))
     assert read_settings(Settings).cors_origins == [o.lower() for o in taken]
 
@@ -167,7 +191,8 @@ def test_a_cors_origin_no_browser_sends_is_refused(monkeypatch, origin):
     ("http://01.2.3.4", "http://1.2.3.4"), ("http://1.2.3", "http://1.2.0.3"),
     ("http://[0:0:0:0:0:0:0:1]:8080", "http://[::1]:8080"),
     ("http://[::ffff:127.0.0.1]", "http://[::ffff:7f00:1]"),
-    ("http://[1:0:0:2:0:0:3:4]", "http://[1::2:0:0:3:4]")])
+    ("http://[1:0:0:2:0:0:3:4]", "http://[1::2:0:0:3:4]"),
+    ("http://010.0.0.1", "http://8.0.0.1")])  # octal, as browsers read a leading 0
 def test_an_address_written_otherwise_names_the_origin_a_browser_sends(given, sent):
     from service.origins import browser_origin
 
