@@ -101,6 +101,12 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
         # how far back a decoder's order may step without a new start: B-frames, in an AVI's
         # H.264, come with their times in decode order (16, x264's most, frames)
         reorder = 16 / float(rate) if rate else 0.5
+        # Matroska and WebM stamp frames in whole milliseconds, rounded: frame 1 at 30 fps is
+        # at 0.033 s, before its slot at 1/30, and was passed over (40 rows of 60 at --fps 30).
+        # Half a tick of slack where the clock is finer than the frames; where a tick is a
+        # frame (AVI), times are exact and a frame before its slot is not taken for it.
+        tick = float(stream.time_base) if stream.time_base else 0.0
+        slack = max(tick / 2 if not rate or tick < 0.5 / float(rate) else 0.0, 1e-6)
         cut_packet, refused, cut_refused, packets, packets_end = False, 0, 0, 0, 0.0
         shown_frames, times = 0, _PacketTimes()
         # an AVI's times are in decode order (above): its frames are numbered as shown
@@ -169,11 +175,11 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
             run_latest = max(run_latest, time)
             # the latest end seen: a joined file's last clip may end before its first did
             last_time, last_end = time, max(last_end, time + shown)
-            if time + 1e-6 >= next_time:
+            if time + slack >= next_time:
                 yield round(time, 4), number, decoded_from_image(upright(frame, rotation))
                 # the next multiple of 1/fps in one step: a jump in the timestamps cost a
                 # turn per multiple skipped (hours of them for one wild timestamp)
-                next_time = (math.floor((time + 1e-6) * fps) + 1) / fps
+                next_time = (math.floor((time + slack) * fps) + 1) / fps
         end, of_the_file = declared_end(container, stream, av.time_base)
         # The file's own duration may count a last frame held longer than its packets say
         # (a slideshow remuxed to FLV): trusted only where a packet was cut off too.

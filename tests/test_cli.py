@@ -681,6 +681,25 @@ def test_video_rows_per_sampled_frame_and_face_and_the_plot(test_images, tmp_pat
     assert image.size[0] > 600 and len(set(image.convert("L").getdata())) > 20
 
 
+@pytest.mark.parametrize(("codec", "suffix"), [("libvpx-vp9", "webm"), ("mpeg4", "mkv")])
+def test_a_millisecond_clock_takes_every_frame_at_the_videos_own_rate(tmp_path, codec, suffix):
+    """Matroska and WebM stamp frames in whole milliseconds, rounded: frame 1 at 30 fps is at
+    0.033 s, before its slot at 1/30, and every third frame was passed over (40 rows of 60 at
+    --fps 30; at 15, frames 0, 3, 4, 6; the video review). MP4's exact clock is the reference."""
+    from service.video import sampled_frames
+
+    frames = noise_frames(60)
+    encode_video(tmp_path / f"clip.{suffix}", frames, fps=30, codec=codec)
+    encode_video(tmp_path / "clip.mp4", frames, fps=30)
+    for fps, numbers in ((30, list(range(60))), (15, list(range(0, 60, 2))), (25, None)):
+        exact = [(t, n) for t, n, _ in sampled_frames(tmp_path / "clip.mp4", fps)]
+        assert numbers is None or [n for _, n in exact] == numbers
+        in_milliseconds = [(t, n) for t, n, _ in sampled_frames(tmp_path / f"clip.{suffix}", fps)]
+        assert [n for _, n in in_milliseconds] == [n for _, n in exact], fps
+        assert [t for t, _ in in_milliseconds] == pytest.approx([t for t, _ in exact], abs=5e-4)
+    assert exact[1][0] == 0.0667 and in_milliseconds[1][0] == 0.067  # rounded to 4 places
+
+
 @pytest.mark.parametrize("rotation", [90, -90, 180])
 def test_a_video_stored_sideways_is_read_as_it_is_shown(tmp_path, rotation):
     from service.video import sampled_frames
