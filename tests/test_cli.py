@@ -91,7 +91,8 @@ def test_a_folder_with_broken_files_gives_a_row_each_and_exit_0(photo_folder, tm
     assert len(good) == 11 and all(r["label"] in CLASS_NAMES for r in good)
     for row in good:
         assert sum(float(row[c]) for c in CLASS_NAMES) == pytest.approx(1, abs=1e-5)
-    assert "14 files" in capsys.readouterr().err
+    assert "14 files (0 already in" in (said := capsys.readouterr().err)
+    assert ", 14 rows, 3 files with an error, in " in said  # a mutant counted none
 
     deep = tmp_path / "deep.jsonl"
     assert main(["images", str(photo_folder), "--recursive", "--out", str(deep),
@@ -132,12 +133,16 @@ def test_a_list_file_and_an_unreadable_path(photo_folder, tmp_path):
     link = tmp_path / "gone.jpg"
     link.symlink_to(tmp_path / "nowhere.jpg")
     # a byte-order mark, as Windows editors write, made the first path unreadable
-    listing.write_text(f"\ufeff{photo_folder / 'drawing.png'}\n# a comment\n\n{link}\n")
+    # and a path between spaces, its line ended CRLF, and a line of a tab alone: trimmed,
+    # as the README says, and the blank one skipped
+    listing.write_text(f"\ufeff{photo_folder / 'drawing.png'}\n# a comment\n\n{link}\n"
+                       f"  {photo_folder / 'drawing.png'}  \r\n\t\r\n")
     out = tmp_path / "rows.csv"
     assert main(["images", str(listing), "--out", str(out), "--workers", "1"]) == 1
     rows = read_rows(out)
     assert [r["code"] for r in rows] == ["", "unreadable"]
     assert "cannot read" in rows[1]["error"]
+    assert rows[0]["path"] == str(photo_folder / "drawing.png")  # twice listed, once done
 
 
 def test_the_services_image_limits_apply_in_process_too(photo_folder, tmp_path, monkeypatch,
@@ -175,6 +180,12 @@ def test_a_file_over_the_byte_limit_is_refused_without_being_read_whole(tmp_path
     assert not unreadable
     assert too_big.data is None and too_big.error.code == "too_many_bytes"
     assert fine.data == small.read_bytes() and fine.error is None
+    # the limit to the byte, as the service counts it (a mutant refused a file at the limit)
+    size = small.stat().st_size
+    [at], _ = read_inputs([str(small)], max_bytes=size)
+    assert at.error is None and at.data == small.read_bytes()
+    [over], _ = read_inputs([str(small)], max_bytes=size - 1)
+    assert over.error.code == "too_many_bytes"
 
 
 def test_usage_mistakes_exit_2_in_one_line(tmp_path):
@@ -700,6 +711,54 @@ def test_a_millisecond_clock_takes_every_frame_at_the_videos_own_rate(tmp_path, 
     assert exact[1][0] == 0.0667 and in_milliseconds[1][0] == 0.067  # rounded to 4 places
 
 
+def test_the_first_frame_at_or_after_each_slot_is_sampled(tmp_path):
+    """Against the rule worked out in fractions: the first frame n with n/rate >= k/fps. A
+    mutant of either tolerance sampled one slot twice, or missed the last (the video review)."""
+    from fractions import Fraction
+
+    from service.video import sampled_frames
+
+    for count, rate, fps in ((140, 30, 25), (151, 5, Fraction(7, 10)), (90, 30, 7)):
+        encode_video(tmp_path / "clip.mp4", noise_frames(count), fps=rate)
+        slots = range(int(Fraction(count - 1, rate) * fps) + 1)
+        expected = [next(n for n in range(count) if Fraction(n, rate) >= Fraction(k) / fps)
+                    for k in slots]
+        got = [n for _, n, _ in sampled_frames(tmp_path / "clip.mp4", float(fps))]
+        assert got == expected, (count, rate, fps)
+
+
+def test_a_videos_summary_counts_frames_not_rows_and_a_file_that_is_none(tmp_path, capsys):
+    """Each a line a mutant got wrong with no test failing (the video review): rows counted
+    as frames, a frame whose every face was classified said to have had more, a file PyAV
+    cannot read at all a traceback, and a video with no frame left no output."""
+    two = Image.open(REPO / "examples" / "two_people.jpg").convert("RGB")
+    two = two.resize((two.width // 2 * 2, two.height // 2 * 2))
+    video, out = tmp_path / "two.mp4", tmp_path / "rows.csv"
+    encode_video(video, [two] * 4, fps=2)
+    assert main(["video", str(video), "--out", str(out)]) == 0
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("emotion-detect: 4 frames sampled, 8 rows in "), line
+    assert len(read_rows(out)) == 8
+    notes = tmp_path / "notes.txt"
+    notes.write_text("x\n")
+    assert main(["video", str(notes), "--out", str(tmp_path / "n.csv")]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"emotion-detect: {notes}: cannot decode the video: "), line
+    assert not (tmp_path / "n.csv").exists()
+    clip, head = tmp_path / "clip.ts", tmp_path / "head.ts"
+    encode_video(clip, noise_frames(10), fps=10, container_format="mpegts")
+    head.write_bytes(clip.read_bytes()[:564])  # its tables, and no frame
+    assert main(["video", str(head), "--out", str(out), "--faces", "none",
+                 "--fps", "1000"]) == 0  # at most 1000: the limit itself is taken
+    assert "0 frames sampled, 0 rows" in capsys.readouterr().err
+    assert out.read_text().splitlines() == [",".join(read_rows_header(out))]
+
+
+def read_rows_header(path) -> list[str]:
+    with path.open(newline="") as handle:
+        return next(csv.reader(handle))
+
+
 @pytest.mark.parametrize("rotation", [90, -90, 180])
 def test_a_video_stored_sideways_is_read_as_it_is_shown(tmp_path, rotation):
     from service.video import sampled_frames
@@ -867,8 +926,11 @@ def test_frames_lost_after_a_damaged_keyframe_keep_the_numbers_true(tmp_path, ca
     line = capsys.readouterr().err.strip()
     rows = read_rows(tmp_path / "rows.csv")
     assert 40 <= len(rows) <= 51 and all(r["frame"] == frame_at[r["time_s"]] for r in rows)
-    assert re.search(r": (\d+) of its 60 packets could not be decoded \(damaged, or needing a "
-                     r"damaged one\)", line)
+    said = re.search(r": (\d+) of its 60 packets could not be decoded \(damaged, or needing "
+                     r"a damaged one\)", line)
+    # each packet a row or counted lost, none twice; with B-frames, one of the damaged group
+    # leaves the decoder after later frames and is passed over as out of time order
+    assert said and int(said[1]) + len(rows) == 60 - (bframes > 0)
     assert main(["video", str(both), "--out", str(tmp_path / "rows.csv"), *argv]) == 1
     line = capsys.readouterr().err.strip()
     assert "the file is cut short; before that, " in line
@@ -1021,7 +1083,7 @@ def test_a_raw_camera_stream_without_timestamps_is_timed_by_its_frame_rate(tmp_p
     assert [int(r["frame"]) for r in rows] == [0, 5, 10, 15, 20, 25]
 
 
-@pytest.mark.parametrize("suffix", ["mp4", "flv", "avi"])
+@pytest.mark.parametrize("suffix", ["mp4", "flv", "avi", "mkv", "webm"])
 def test_a_cut_video_says_so_keeps_its_rows_and_exits_1(tmp_path, capsys, suffix):
     """PyAV's frame threads end a cut stream quietly: a cut download gave the rows of its first
     part, exit 0 and no word. The frames sampled before the cut, fewer than a batch here, are
@@ -1032,6 +1094,8 @@ def test_a_cut_video_says_so_keeps_its_rows_and_exits_1(tmp_path, capsys, suffix
         encode_video(whole, noise_frames(40), fps=10, options={"movflags": "faststart"})
     elif suffix == "avi":  # Motion JPEG, as cameras write
         encode_video(whole, noise_frames(40), fps=10, codec="mjpeg", pix_fmt="yuvj420p")
+    elif suffix == "webm":  # Matroska's end is in its DURATION tag, as text (the video review)
+        encode_video(whole, noise_frames(40), fps=10, codec="libvpx-vp9")
     else:
         encode_video(whole, noise_frames(40), fps=10, codec="libx264")
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 2 // 3])
@@ -1065,6 +1129,17 @@ def test_a_cut_video_says_so_keeps_its_rows_and_exits_1(tmp_path, capsys, suffix
                  str(tmp_path / "full.pdf")]) == 1
     [line] = capsys.readouterr().err.strip().splitlines()
     assert "the file is cut short" in line and "their plot could not be written (" in line
+
+
+def test_a_cut_matroska_over_a_minute_says_its_whole_length(tmp_path, capsys):
+    """Matroska declares its length as text, "00:01:30.000000000": read with its minutes (a
+    mutant that dropped them said 31.0 s and failed no test; the video review)."""
+    whole, cut = tmp_path / "long.mkv", tmp_path / "cut.mkv"
+    encode_video(whole, [frame.resize((16, 16)) for frame in noise_frames(90)], fps=1)
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    assert main(["video", str(cut), "--out", str(tmp_path / "rows.csv"), "--fps", "1",
+                 "--faces", "none"]) == 1
+    assert "of the 90.0 s its header declares: the file is cut short" in capsys.readouterr().err
 
 
 def last_packet_changed(path, frames: list[Image.Image], codec: str, fps: int,
@@ -1117,6 +1192,14 @@ def test_timestamps_that_jump_or_start_again_are_sampled_where_they_land(tmp_pat
         once = [r["time_s"] for r in read_rows(tmp_path / "clip.csv")]
         assert len(once) >= least
         assert [r["time_s"] for r in read_rows(tmp_path / "joined.csv")] == once * 3, fps
+    # clips of 1 s, shorter than the 16 frames a decoder may reorder: each joined clip's start
+    # is told by its step back to where the run began (the video review)
+    short = tmp_path / "short.ts"
+    encode_video(short, noise_frames(10), fps=10, container_format="mpegts")
+    joined.write_bytes(short.read_bytes() * 3)
+    assert main(["video", str(joined), "--out", str(tmp_path / "joined.csv"), "--fps", "2",
+                 "--faces", "none"]) == 0
+    assert [float(r["time_s"]) for r in read_rows(tmp_path / "joined.csv")] == [0.0, 0.5] * 3
     # a second clip that starts within the first one's times, and ends before it did: its
     # first seconds were skipped, and the file was then called cut (the sixth diff review)
     first, second, both = tmp_path / "a.ts", tmp_path / "b.ts", tmp_path / "ab.ts"
@@ -1322,6 +1405,12 @@ def test_odd_file_names_survive_a_run_and_its_resume(tmp_path):
         kept = [r for r in first if not r["path"].endswith(redone)]
         assert rows[:len(kept)] == kept  # the odd names read back, and kept as they were
         assert [r["code"] for r in rows if "broken" in r["path"]] == ["unreadable"]
+        # as the README says: the name's own bytes in CSV, escaped in JSON Lines (UTF-8)
+        if suffix == ".jsonl":
+            assert b"not-utf8-\\udcff.png" in out.read_bytes()
+            out.read_bytes().decode("utf-8")
+        else:
+            assert b"not-utf8-\xff.png" in out.read_bytes()
 
 
 def read_rows_bytes(path) -> list[dict]:
