@@ -132,10 +132,18 @@ def jpeg_scans(data: bytes) -> int:
     scans, at, end = 0, 2, len(data)
     while at + 1 < end:
         if data[at] != 0xFF:
-            return scans  # not a marker where one must be: the decoder will say
+            # bytes where a marker belongs: libjpeg skips to the next 0xFF with a warning and
+            # decodes on, so the count does too (stopping here let one stray byte hide 1,000)
+            at = data.find(b"\xff", at)
+            if at < 0:
+                return scans
+            continue
         marker = data[at + 1]
         if marker == 0xFF:  # a fill byte
             at += 1
+            continue
+        if marker == 0x00:  # no marker: libjpeg discards the pair as it does stray bytes
+            at += 2
             continue
         if marker == 0xD9:  # end of image
             return scans

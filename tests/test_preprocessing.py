@@ -432,6 +432,103 @@ def test_only_the_first_pictures_scans_are_counted():
     assert jpeg_scans(baseline + b"\xff\xda" * 500 + progressive) == 1
 
 
+def with_scans(data: bytes, total: int) -> bytes:
+    """The JPEG with its last scan repeated until it has ``total`` scans."""
+    last = data.rindex(b"\xff\xda")
+    return data[:last] + data[last:-2] * (total - data.count(b"\xff\xda") + 1) + data[-2:]
+
+
+@pytest.mark.parametrize("where", ["after APP0", "between scans", "as FF 00 between scans"])
+def test_stray_bytes_where_a_marker_belongs_do_not_hide_the_scans(where):
+    """libjpeg skips bytes before a marker with a warning and decodes on; the count stopped
+    at them: one stray byte made a 183 KB bomb of 1,000 scans a 200 after 20 s of CPU (the
+    mutation review of preprocessing)."""
+    from service.preprocessing import TooManyScansError, jpeg_scans
+
+    data = encode(rgb_image(400, 300), "JPEG", progressive=True)
+    stray = b"\xff\x00\x00" if where.startswith("as FF 00") else b"\x00\x17"
+    if where == "after APP0":
+        at = 4 + int.from_bytes(data[4:6], "big")
+    else:  # before the second scan's header, after its tables
+        at = data.index(b"\xff\xda", data.index(b"\xff\xda") + 2)
+    odd = data[:at] + stray + data[at:]
+    assert decode_grayscale(odd).original_size == (400, 300)  # libjpeg reads past them
+    assert jpeg_scans(odd) == data.count(b"\xff\xda")
+    bomb = with_scans(data, 500)
+    odd_bomb = bomb[:at] + stray + bomb[at:]
+    assert jpeg_scans(odd_bomb) == 500
+    with pytest.raises(TooManyScansError, match="the JPEG has 500 scans; at most 100 "):
+        decode_grayscale(odd_bomb)
+
+
+def test_scans_behind_restart_or_tem_markers_are_counted_and_the_limit_is_taken():
+    """Restart markers inside coded data, and a TEM marker (no length) between segments,
+    each hid all later scans from a mutant of the count; and a JPEG of exactly the limit's
+    scans, followed by scan-like bytes past its end, is decoded (the mutation review)."""
+    from service.preprocessing import TooManyScansError, jpeg_scans
+
+    restarts = encode(rgb_image(400, 300), "JPEG", progressive=True, restart_marker_blocks=1)
+    assert b"\xff\xd0" in restarts
+    assert jpeg_scans(restarts) == restarts.count(b"\xff\xda") > 5
+    with pytest.raises(TooManyScansError):
+        decode_grayscale(with_scans(restarts, 500))
+    data = encode(rgb_image(400, 300), "JPEG", progressive=True)
+    last = data.rindex(b"\xff\xda")
+    tem = with_scans(data, 500)
+    tem = tem[:last] + b"\xff\x01" + tem[last:]
+    assert jpeg_scans(tem) == 500
+    at_limit = with_scans(data, 100) + b"\xff\xda" * 10  # a motion photo's bytes after it
+    assert jpeg_scans(at_limit) == 100
+    assert decode_grayscale(at_limit).original_size == (400, 300)
+
+
+def test_a_one_bit_png_keyed_transparent_is_flattened_onto_white():
+    """A colour key in a 1-bit PNG is transparency as in any other mode: a mutant that left
+    mode 1 out showed the keyed black (the mutation review of preprocessing)."""
+    bits = np.where(np.arange(40)[None, :] < 20, 0, 255).repeat(40, 0).astype(np.uint8)
+    data = encode(Image.fromarray(bits).convert("1"), "PNG", transparency=0)
+    assert Image.open(io.BytesIO(data)).mode == "1"
+    assert preprocess_image_uint8(data).min() == 255
+
+
+def test_32_bit_integers_past_16_bits_clip_to_white():
+    """Clipped to 16 bits before the scale to 8: a mutant wrapped 70000 to 16 and 2**31 - 1
+    to 127 (the mutation review of preprocessing)."""
+    values = np.array([[-5, 0, 65535, 70000, 2**31 - 1]], dtype=np.int32)
+    decoded = decode_grayscale(encode(Image.fromarray(values), "TIFF")).gray
+    assert np.asarray(decoded).tolist() == [[0, 0, 255, 255, 255]]
+
+
+@pytest.mark.parametrize(("fmt", "cut"), [("JPEG", 20), ("WEBP", 12), ("WEBP", 16)])
+def test_an_image_cut_inside_its_header_is_corrupt_not_unknown(fmt, cut):
+    """Known by its signature, as the first bytes of a cut download are: a mutant without
+    the signature check answered not_an_image for these (the mutation review)."""
+    with pytest.raises(CorruptImageError):
+        decode_grayscale(encode(rgb_image(60, 40), fmt)[:cut])
+
+
+@pytest.mark.parametrize("mode", ["LAB", "YCbCr", "CMYK"])
+def test_colour_spaces_other_than_rgb_are_grey_as_through_rgb(mode):
+    """A mutant converting to L directly refused LAB and YCbCr TIFFs (Pillow has no such
+    conversion): each is grey as its RGB is (the mutation review)."""
+    data = encode(rgb_image(60, 40).convert(mode), "TIFF")
+    through_rgb = Image.open(io.BytesIO(data)).convert("RGB").convert("L")
+    np.testing.assert_array_equal(np.asarray(decode_grayscale(data).gray),
+                                  np.asarray(through_rgb))
+
+
+def test_a_multi_picture_jpeg_is_read_as_a_jpeg_is():
+    """Phones' MPO photos (a JPEG and its second picture): decoded at reduced scale, under
+    the scan limit, as a JPEG is; a mutant that left MPO out of both decoded 12 megapixels
+    whole (the mutation review of preprocessing)."""
+    buffer = io.BytesIO()
+    rgb_image(4000, 3000).save(buffer, "MPO", save_all=True,
+                               append_images=[rgb_image(400, 300)])
+    assert Image.open(io.BytesIO(buffer.getvalue())).format == "MPO"
+    decoded = decode_grayscale(buffer.getvalue())
+    assert decoded.original_size == (4000, 3000) and decoded.gray.size == (500, 375)
+
+
 @pytest.mark.parametrize("rows", [1, 255, 256, 257, 700])
 def test_wide_pixels_give_the_same_bytes_in_every_block_of_rows(rows):
     """Float, 16-bit and alpha images become bytes a block of 256 rows at a time: each row
@@ -439,6 +536,7 @@ def test_wide_pixels_give_the_same_bytes_in_every_block_of_rows(rows):
     rng = np.random.default_rng(rows)
     floats = (rng.random((rows, 7), dtype=np.float32) * 1.4 - 0.2).astype(np.float32)
     floats[0, 0], floats[-1, -1] = np.nan, np.inf
+    floats[rows // 2, 3] = -np.inf  # to 0, as nan: a mutant made it white (the review)
     expected = np.rint(np.clip(np.nan_to_num(floats.astype(np.float64), nan=0.0, posinf=1.0,
                                              neginf=0.0), 0, 1) * 255)
     decoded = decode_grayscale(encode(Image.fromarray(floats, "F"), "TIFF")).gray
@@ -504,9 +602,11 @@ def _long_then_short_orientation(first: tuple[int, int] = (4, 3)) -> bytes:
 @pytest.mark.parametrize(("exif", "turned"), [
     (_exif_orientation(3, 1, 6), True), (_exif_orientation(4, 1, 6), False),
     (_exif_orientation(3, 2, 6), False), (_exif_orientation(8, 1, 6), False),
-    (_long_then_short_orientation(), True), (_long_then_short_orientation(first=(3, 9)), True)],
+    (_long_then_short_orientation(), True), (_long_then_short_orientation(first=(3, 9)), True),
+    (_long_then_short_orientation(first=(3, 0)), True),
+    (_exif_orientation(3, 1, 6).replace(b"MM\x00*", b"MM\x00+"), False)],
     ids=["short", "long", "two shorts", "signed short", "a long, then a short",
-         "a short of 9, then a short"])
+         "a short of 9, then a short", "a short of 0, then a short", "not TIFF's magic 42"])
 def test_only_an_orientation_stored_as_browsers_read_it_turns_the_image(exif, turned):
     """Chromium and Firefox take the orientation only as one SHORT; Pillow took a LONG, a
     signed one or a count of 2 too, and the page's boxes fell off the faces (the page review).
