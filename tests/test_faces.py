@@ -178,9 +178,12 @@ def test_crop_geometry_round_trips_and_crops_pad_at_the_edges(geometry):
     assert geometry.face_in(geometry.crop_for(face)).iou(face) == pytest.approx(1.0)
     pixels = np.arange(100, 200, dtype=np.uint8).reshape(10, 10)  # no pixel is 0
     image = Image.fromarray(pixels)
-    # Past the top left and past the bottom right: each missing pixel is its nearest edge's.
+    # Past the top left and past the bottom right: each missing pixel is its nearest edge's;
+    # one row or one column past the edge alone too (a mutant padded that with black)
     for box, rows, columns in ((Box(-3, -2, 6, 5), range(-2, 3), range(-3, 3)),
-                               (Box(7, 8, 6, 4), range(8, 12), range(7, 13))):
+                               (Box(7, 8, 6, 4), range(8, 12), range(7, 13)),
+                               (Box(0, 1, 10, 10), range(1, 11), range(0, 10)),
+                               (Box(1, 0, 10, 10), range(0, 10), range(1, 11))):
         expected = [[pixels[min(max(r, 0), 9), min(max(c, 0), 9)] for c in columns]
                     for r in rows]
         np.testing.assert_array_equal(np.asarray(crop_region(image, box)), expected)
@@ -286,6 +289,51 @@ def test_non_max_suppression_keeps_the_best_of_each_overlapping_group():
     assert non_max_suppression(boxes, 0.5).tolist() == [3, 1, 2]
     # "min" divides by the smaller box: one inside another counts as the same face.
     assert non_max_suppression(boxes, 0.5, method="min").tolist() == [3, 2]
+    # an overlap of exactly the threshold is kept, as torchvision's and facenet's NMS keep it
+    half = np.array([[0, 0, 99, 99, 0.9], [0, 0, 99, 49, 0.8]])
+    assert non_max_suppression(half, 0.5).tolist() == [0, 1]
+
+
+def test_the_detector_gives_the_largest_face_first_and_the_cropper_the_same_boxes():
+    """The detector's order is its docstring's, which the refinement relies on; and the boxes
+    of the two example photos the README's answer does not show are pinned as the shipped
+    detector gives them: a mutant merging the last stage's boxes by union, not by the smaller
+    box, moved them with no test failing (the mutation review of faces)."""
+    from service.faces import FaceCropper, FaceDetector, load_face_crop
+
+    spec = load_face_crop(REPO_MODELS_DIR)
+    examples = REPO_MODELS_DIR.parent / "examples"
+    gray = Image.open(examples / "four_people.jpg").convert("L")
+    areas = [face.area for face in FaceDetector(spec.detector, REPO_MODELS_DIR).detect(
+        np.asarray(gray))]
+    assert len(areas) == 4 and areas == sorted(areas, reverse=True)
+    cropper = FaceCropper(spec, REPO_MODELS_DIR)
+    pinned = {"four_people.jpg": [(525.0, 91.2, 181.9, 236.9), (784.3, 216.7, 169.3, 221.4),
+                                  (35.4, 250.4, 157.2, 214.6), (310.0, 379.2, 152.5, 204.2)],
+              "two_people.jpg": [(86.0, 220.3, 205.4, 290.7), (489.3, 61.6, 182.4, 218.1)]}
+    for name, boxes in pinned.items():
+        faces = cropper.faces(Image.open(examples / name).convert("L"))
+        np.testing.assert_allclose([(f.x, f.y, f.width, f.height) for f in faces], boxes,
+                                   atol=1.0, err_msg=name)
+
+
+def test_the_faces_counter_counts_the_faces_classified():
+    """auto classifies one face of four, all at most EMOTION_MAX_FACES_PER_IMAGE: the counter
+    counts those, as the README's metrics table says (a mutant counted every face found)."""
+    photo = (REPO_MODELS_DIR.parent / "examples" / "four_people.jpg").read_bytes()
+    settings = Settings(models_dir=REPO_MODELS_DIR, onnx_threads=1, max_faces_per_image=2)
+    with TestClient(create_app(settings)) as limited:
+        def counted() -> float:
+            text = limited.get("/metrics", headers={"accept": "text/plain"}).text
+            return metric_total(text, "emotion_faces_found_total")
+
+        before = counted()
+        [auto] = limited.post("/predict?faces=auto", files={"file": ("p.jpg", photo)}).json()[
+            "predictions"]
+        assert auto["faces_found"] == 4 and counted() == before + 1
+        assert len(limited.post("/predict?faces=all", files={"file": ("p.jpg", photo)}).json()[
+            "predictions"]) == 2
+        assert counted() == before + 3
 
 
 def test_the_example_answer_is_what_the_service_answers(client):
