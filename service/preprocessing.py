@@ -147,7 +147,9 @@ def jpeg_scans(data: bytes) -> int:
             continue
         if marker == 0xD9:  # end of image
             return scans
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # no length follows these
+        # no length follows TEM, the reserved markers (libjpeg skips one inside a restart
+        # scan and decodes on: read as a length, FF 02 FF FF hid 3,000 scans), RSTn or SOI
+        if marker < 0xC0 or 0xD0 <= marker <= 0xD8:
             at += 2
             continue
         at += 2 + int.from_bytes(data[at + 2:at + 4], "big")

@@ -477,6 +477,16 @@ def test_scans_behind_restart_or_tem_markers_are_counted_and_the_limit_is_taken(
     tem = with_scans(data, 500)
     tem = tem[:last] + b"\xff\x01" + tem[last:]
     assert jpeg_scans(tem) == 500
+    # a reserved marker at a restart point, which libjpeg skips and decodes on: read as a
+    # length, FF 02 FF FF jumped 65,537 bytes over the scans (the diff review: 3,000 scans
+    # counted as 7, a 200 after 29 s)
+    last = restarts.rindex(b"\xff\xda")
+    scan = restarts[last:-2]
+    reserved = scan.replace(b"\xff\xd0", b"\xff\x02\xff\xff\xff\xd0", 1)
+    hidden = restarts[:last] + reserved * 200 + restarts[-2:]
+    assert jpeg_scans(hidden) == restarts.count(b"\xff\xda") - 1 + 200
+    with pytest.raises(TooManyScansError):
+        decode_grayscale(hidden)
     at_limit = with_scans(data, 100) + b"\xff\xda" * 10  # a motion photo's bytes after it
     assert jpeg_scans(at_limit) == 100
     assert decode_grayscale(at_limit).original_size == (400, 300)
