@@ -14,6 +14,8 @@ import re
 ORIGIN = re.compile(r"([a-z][a-z0-9+.-]*)://([a-z0-9_-]+(?:\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\])"
                     r"(?::([1-9][0-9]{0,4}))?", re.ASCII)
 DEFAULT_PORTS = {"http": 80, "https": 443}
+NULL_ORIGIN_SCHEMES = {"file", "about", "data", "javascript"}
+CREATORS_ORIGIN_SCHEMES = {"ws", "wss", "blob"}  # a WebSocket's handshake, a blob: URL
 NUMBER = re.compile(r"0x[0-9a-f]*|[0-9]+", re.ASCII)
 
 
@@ -30,10 +32,14 @@ def browser_origin(value: str) -> str:
     except ValueError:
         raise ValueError(f"{value!r} is not an origin; give scheme://host[:port] with no "
                          "path, as https://app.example (a host in punycode), or *") from None
-    if scheme == "file":  # a file:// page's Origin is null: this would match no request
-        raise ValueError(f"{value!r} is no origin a browser sends: a file:// page sends "
+    # each would start the service and then match no request
+    if scheme in NULL_ORIGIN_SCHEMES:
+        raise ValueError(f"{value!r} is no origin a browser sends: a {scheme}: page sends "
                          "Origin null, which is not taken (it admits sandboxed frames too); "
                          "serve the page over http(s)")
+    if scheme in CREATORS_ORIGIN_SCHEMES:
+        raise ValueError(f"{value!r} is no origin a browser sends: a {scheme}: request or "
+                         "page carries the origin of the page that made it; give that one")
     if written is not None and written != host:
         raise ValueError(f"{value!r} writes its address as a browser does not; give "
                          f"{scheme}://{written}" + (f":{port}" if port else ""))
