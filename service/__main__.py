@@ -53,8 +53,8 @@ def hold_metrics_folder(folder: str) -> str | None:
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        with os.fdopen(descriptor) as lock:
-            pid = lock.read(32).strip()
+        with os.fdopen(descriptor, "rb") as lock:  # bytes: what another left need not be text
+            pid = lock.read(32).decode("ascii", errors="replace").strip()
         # a holder that could not write its pid left another's there, maybe long gone
         alive = pid.isascii() and pid.isdigit() and process_alive(int(pid))
         return f"pid {pid}" if alive else "its pid not known"

@@ -225,7 +225,8 @@ def test_another_users_lock_file_in_the_metrics_folder_is_locked_or_one_line(tmp
                     f"{str(tmp_path)!r}: cannot open its launcher.lock (Permission denied)")
 
 
-@pytest.mark.parametrize("kind", ["link", "fifo", "stale pid", "2147483648", "0", "\xb2"])
+@pytest.mark.parametrize("kind", ["link", "fifo", "stale pid", "2147483648", "0", "\xb2",
+                                  "not UTF-8"])
 def test_a_lock_file_that_is_a_link_a_fifo_or_anothers_pid_is_not_trusted(tmp_path, kind):
     """A launcher.lock linked elsewhere had its target emptied and the pid written in; a
     FIFO blocked the launcher for ever; the pid of a holder that could not write its own
@@ -237,7 +238,9 @@ def test_a_lock_file_that_is_a_link_a_fifo_or_anothers_pid_is_not_trusted(tmp_pa
         # past any pid_max, past a C int (an OverflowError, the third diff review), a
         # process group, a digit only to str.isdigit: none is a process
         pid = "12345678" if kind == "stale pid" else kind
-        lock.write_text(f"{pid}\n")
+        # bytes that are no text: read as UTF-8, a traceback and exit 1 (the operators' review)
+        written = b"\xff\xfe garbage\n" if kind == "not UTF-8" else f"{pid}\n".encode()
+        lock.write_bytes(written)
         os.chown(lock, 65534, 65534)  # the holder may read it, not write it
         holder = subprocess.Popen(
             [*WITHOUT_ROOTS_OVERRIDE, sys.executable, "-c", "import sys, time; from "
@@ -246,7 +249,7 @@ def test_a_lock_file_that_is_a_link_a_fifo_or_anothers_pid_is_not_trusted(tmp_pa
             cwd=REPO, stdout=subprocess.PIPE, text=True)
         try:
             assert holder.stdout.readline().strip() == "None"
-            assert lock.read_text() == f"{pid}\n"
+            assert lock.read_bytes() == written
             assert hold_metrics_folder(str(tmp_path)) == "its pid not known"
         finally:
             holder.kill()
