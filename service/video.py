@@ -101,12 +101,17 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
         # how far back a decoder's order may step without a new start: B-frames, in an AVI's
         # H.264, come with their times in decode order (16, x264's most, frames)
         reorder = 16 / float(rate) if rate else 0.5
-        # Matroska and WebM stamp frames in whole milliseconds, rounded: frame 1 at 30 fps is
-        # at 0.033 s, before its slot at 1/30, and was passed over (40 rows of 60 at --fps 30).
-        # Half a tick of slack where the clock is finer than the frames; where a tick is a
-        # frame (AVI), times are exact and a frame before its slot is not taken for it.
-        tick = float(stream.time_base) if stream.time_base else 0.0
-        slack = max(tick / 2 if not rate or tick < 0.5 / float(rate) else 0.0, 1e-6)
+        # A clock coarser than exact rounds each frame's time to its tick: Matroska's and
+        # WebM's milliseconds put frame 1 at 30 fps at 0.033 s, before its slot at 1/30, and
+        # it was passed over (40 rows of 60 at --fps 30). A time within half a tick of the
+        # frame grid is taken as its place on the grid, as an exact clock would give it; the
+        # grid is the average rate (guessed_rate can be the clock's: 120 for 25 fps in MP4).
+        grid = float(stream.average_rate or rate or 0)
+        half_tick = float(stream.time_base) / 2 if stream.time_base else 0.0
+
+        def on_grid(time: float) -> float:
+            placed = round(time * grid) / grid if grid else time
+            return placed if abs(placed - time) <= half_tick + 1e-9 else time
         cut_packet, refused, cut_refused, packets, packets_end = False, 0, 0, 0, 0.0
         shown_frames, times = 0, _PacketTimes()
         # an AVI's times are in decode order (above): its frames are numbered as shown
@@ -156,7 +161,7 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
 
         for number, frame in frames():
             if frame.time is not None:
-                time = frame.time
+                time = on_grid(frame.time)
             elif rate:
                 time = number / float(rate)
             else:
@@ -175,11 +180,11 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
             run_latest = max(run_latest, time)
             # the latest end seen: a joined file's last clip may end before its first did
             last_time, last_end = time, max(last_end, time + shown)
-            if time + slack >= next_time:
+            if time + 1e-6 >= next_time:
                 yield round(time, 4), number, decoded_from_image(upright(frame, rotation))
                 # the next multiple of 1/fps in one step: a jump in the timestamps cost a
                 # turn per multiple skipped (hours of them for one wild timestamp)
-                next_time = (math.floor((time + slack) * fps) + 1) / fps
+                next_time = (math.floor((time + 1e-6) * fps) + 1) / fps
         end, of_the_file = declared_end(container, stream, av.time_base)
         # The file's own duration may count a last frame held longer than its packets say
         # (a slideshow remuxed to FLV): trusted only where a packet was cut off too.
