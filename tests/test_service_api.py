@@ -1014,3 +1014,43 @@ def test_a_steady_body_longer_than_the_idle_window_is_read_whole(settings):
         return sum([len(chunk) async for chunk in body_chunks(SteadyUpload(), steady)])
 
     assert asyncio.run(read()) == 250_000
+
+
+def test_the_metrics_say_what_was_loaded_and_what_each_request_did(settings):
+    """Each a series whose value no test read, so that a mutant of it passed (the operators'
+    mutation review): the model gauges' values, not only their presence; the in-flight gauges
+    back at 0 once answered or refused; a request's image count; a refusal under its own
+    code; and a model's own readiness on /v2 while the service drains."""
+    from service.manifest import load_manifest
+
+    manifest = load_manifest(REPO_MODELS_DIR)
+    photo = (REPO_MODELS_DIR.parent / "examples" / "two_people.jpg").read_bytes()
+    few_pixels = settings.model_copy(update={"max_pixels": 10_000})
+    with TestClient(create_app(few_pixels)) as client:
+        def scrape(sample: str, **labels: str) -> float:
+            text = client.get("/metrics", headers={"accept": "text/plain"}).text
+            return metric_total(text, sample, **labels)
+
+        for name, entry in manifest.models.items():
+            assert scrape("emotion_model_info", model=name, sha256=entry.sha256) == 1
+            for split, subsets in entry.metrics.items():
+                for subset, metrics in subsets.items():
+                    assert scrape("emotion_model_eval_macro_f1", model=name, split=split,
+                                  subset=subset) == pytest.approx(metrics.macro_f1)
+        before = scrape("emotion_images_per_request_sum")
+        small = png_bytes(90, 90)
+        answer = client.post("/predict", params={"faces": "none"},
+                             files=[("files", (f"{i}.png", small)) for i in range(3)])
+        assert answer.status_code == 200
+        assert scrape("emotion_images_per_request_sum") == before + 3
+        refused = client.post("/predict", files={"file": ("big.jpg", photo)})
+        assert_error(refused, 413, "too_many_pixels")
+        assert scrape("emotion_rejected_inputs_total", reason="too_many_pixels") == 1
+        client.post("/predict", files={"file": ("junk.png", b"junk")})
+        client.post("/v2/models/cnn/infer", json={"inputs": []})
+        assert scrape("emotion_predictions_in_flight") == 0
+        assert scrape("emotion_request_body_bytes_in_flight") == 0
+        assert client.get("/v2/models/cnn/ready").status_code == 200
+        client.app.state.serving.draining.draining = True  # what SIGTERM sets
+        assert client.get("/v2/models/cnn/ready").status_code == 400
+        assert client.get("/readyz").status_code == 503
