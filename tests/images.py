@@ -105,3 +105,10 @@ def assert_upright(gray: Image.Image) -> None:
     half_width, half_height = pixels.shape[1] // 2, pixels.shape[0] // 2
     assert pixels[:, half_width:].mean() - pixels[:, :half_width].mean() > 60  # not mirrored
     assert pixels[:half_height].mean() - pixels[half_height:].mean() > 40  # not upside down
+
+
+def with_scans(jpeg: bytes, total: int) -> bytes:
+    """The progressive JPEG with its last scan repeated until it has ``total`` scans: libjpeg
+    only warns, and decodes each again, a pass over the whole image for a few dozen bytes."""
+    last = jpeg.rindex(b"\xff\xda")
+    return jpeg[:last] + jpeg[last:-2] * (total - jpeg.count(b"\xff\xda") + 1) + jpeg[-2:]

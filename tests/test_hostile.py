@@ -34,6 +34,7 @@ from tests.images import (
     png_bytes,
     png_declaring,
     rgb_image,
+    with_scans,
 )
 from tests.server import running_server, server_process
 
@@ -73,15 +74,6 @@ def animated_gif() -> bytes:
 
 def progressive_jpeg() -> bytes:
     return encode(rgb_image(400, 300), "JPEG", progressive=True, quality=90)
-
-
-def repeated_scans_jpeg(times: int) -> bytes:
-    """A progressive JPEG whose last scan comes ``times`` times: libjpeg only warns, and
-    decodes each again, a pass over the whole image for a few dozen bytes."""
-    data = progressive_jpeg()
-    last = data.rindex(b"\xff\xda")
-    scan, end = data[last:-2], data[-2:]  # the last scan, then the end-of-image marker
-    return data[:last] + scan * times + end
 
 
 def motion_photo_jpeg() -> bytes:
@@ -141,12 +133,12 @@ UPLOADS: dict[str, tuple[Callable[[bytes], bytes], str, tuple[int, str | None]]]
     "bomb-30000x30000": (lambda face: png_declaring(30000, 30000), "bomb.png",
                          (413, "too_many_pixels")),
     "valid-12000x12000": (lambda face: huge_valid_png(), "huge.png", (413, "too_many_pixels")),
-    "scan-bomb-jpeg": (lambda face: repeated_scans_jpeg(500), "scans.jpg",
+    "scan-bomb-jpeg": (lambda face: with_scans(progressive_jpeg(), 500), "scans.jpg",
                        (413, "too_many_scans")),
     "progressive-jpeg": (lambda face: progressive_jpeg(), "progressive.jpg", OK),
     "motion-photo-jpeg": (lambda face: motion_photo_jpeg(), "motion.jpg", OK),
-    "progressive-jpeg-100-scans": (lambda face: repeated_scans_jpeg(
-        100 - progressive_jpeg().count(b"\xff\xda") + 1), "hundred.jpg", OK),
+    "progressive-jpeg-100-scans": (lambda face: with_scans(progressive_jpeg(), 100),
+                                   "hundred.jpg", OK),
     "50-MB": (lambda face: b"\xff\xd8\xff\xe0" + bytes(50 * 1024 * 1024), "big.jpg",
               (413, "too_many_bytes")),
     "1x1": (lambda face: png_bytes(1, 1), "dot.png", OK),

@@ -32,6 +32,7 @@ from tests.images import (
     png_declaring,
     rgb_image,
     upright_marker,
+    with_scans,
 )
 
 
@@ -411,10 +412,7 @@ def test_the_jpeg_scan_limit_follows_the_pixel_limit_set():
     limit of one megapixel, and at a raised one an ordinary progressive JPEG was refused."""
     from service.preprocessing import TooManyScansError
 
-    data = encode(rgb_image(1000, 1000), "JPEG", progressive=True)
-    last = data.rindex(b"\xff\xda")  # the last scan, repeated up to 30 in all
-    scans = data.count(b"\xff\xda")
-    data = data[:last] + data[last:-2] * (30 - scans + 1) + data[-2:]
+    data = with_scans(encode(rgb_image(1000, 1000), "JPEG", progressive=True), 30)
     assert decode_grayscale(data).original_size == (1000, 1000)  # 30 of 100 at the default
     with pytest.raises(TooManyScansError, match="the JPEG has 30 scans; at most 20 "):
         decode_grayscale(data, ImageLimits(max_pixels=1_000_000))
@@ -430,12 +428,6 @@ def test_only_the_first_pictures_scans_are_counted():
     # scan-like bytes after the end of the image (a motion photo's video), and a second
     # picture: neither is the first picture's
     assert jpeg_scans(baseline + b"\xff\xda" * 500 + progressive) == 1
-
-
-def with_scans(data: bytes, total: int) -> bytes:
-    """The JPEG with its last scan repeated until it has ``total`` scans."""
-    last = data.rindex(b"\xff\xda")
-    return data[:last] + data[last:-2] * (total - data.count(b"\xff\xda") + 1) + data[-2:]
 
 
 @pytest.mark.parametrize("where", ["after APP0", "between scans", "as FF 00 between scans"])
