@@ -203,6 +203,16 @@ def test_an_address_written_otherwise_names_the_origin_a_browser_sends(given, se
     assert browser_origin(sent) == sent
 
 
+@pytest.mark.parametrize("host", ["1.2.3.256", "1.256.0.1", "1.1.1.1.0"])
+def test_an_address_a_browser_refuses_is_no_origin_not_another_address(host):
+    """Past 255 in a part, or five parts: a browser refuses the URL, so there is no origin to
+    give; mutants of either check named another address instead (the mutation review)."""
+    from service.origins import browser_origin
+
+    with pytest.raises(ValueError, match="is not an origin; give scheme://host"):
+        browser_origin(f"http://{host}")
+
+
 def test_a_refused_item_of_a_list_setting_names_the_variable_as_set(monkeypatch):
     """It named EMOTION_CORS_ORIGINS_1, a variable that does not exist."""
     from service.settings import SettingsError, read_settings
