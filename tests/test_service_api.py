@@ -491,16 +491,14 @@ def test_a_tampered_artifact_is_refused_and_the_other_model_serves(
      "-> float32 [], the contract")])
 def test_a_model_the_manifest_misdescribes_is_refused(tmp_path, settings, field, value, says):
     folder = models_copy(tmp_path)
-    edit_cnn_entry(folder, **{field: value})
+    edit_model_entry(folder, "cnn", **{field: value})
     assert_only_the_cnn_refused(settings, folder, says)
 
 
-def edit_cnn_entry(folder, **fields) -> None:
-    """Set ``fields`` of the cnn's entry in ``folder``'s manifest."""
-    import json
-
+def edit_model_entry(folder, model: str, **fields) -> None:
+    """Set ``fields`` of ``model``'s entry in ``folder``'s manifest."""
     manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["models"]["cnn"].update(fields)
+    manifest["models"][model].update(fields)
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -604,7 +602,7 @@ def test_a_pinned_cnn_that_breaks_the_contract_is_refused(tmp_path, settings, ki
     folder = models_copy(tmp_path)
     data = onnx_breaking_the_contract(kind)
     (folder / "emotion_cnn.onnx").write_bytes(data)
-    edit_cnn_entry(folder, sha256=sha256_bytes(data), bytes=len(data))
+    edit_model_entry(folder, "cnn", sha256=sha256_bytes(data), bytes=len(data))
     assert_only_the_cnn_refused(settings, folder, says)
 
 
@@ -672,9 +670,7 @@ def test_a_pinned_knn_with_other_classes_is_refused(tmp_path, settings):
     joblib.dump(pipeline, buffer)
     data = buffer.getvalue()
     (folder / "emotion_knn.joblib").write_bytes(data)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["models"]["knn"].update(sha256=sha256_bytes(data), bytes=len(data))
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    edit_model_entry(folder, "knn", sha256=sha256_bytes(data), bytes=len(data))
     with TestClient(create_app(settings.model_copy(update={"models_dir": folder}))) as client:
         ready = client.get("/readyz").json()["models"]
         assert ready["cnn"] == "ready"
