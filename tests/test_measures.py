@@ -215,20 +215,25 @@ def test_the_figures_show_what_their_titles_and_the_card_say():
 
 
 def test_the_model_cards_text_is_what_its_writer_makes_of_the_manifest():
-    """The card's tables and sentences, rebuilt from manifest.json: a writer showing recall
-    as F1, or PublicTest as PrivateTest, changed no committed text a test read."""
+    """The card's tables and sentences, rebuilt from manifest.json and the split file: a writer
+    showing recall as F1, PublicTest as PrivateTest, or CONTEMPT's count over every split,
+    changed no committed text a test read."""
     from training.model_card import (
+        contempt_sentence,
         datasets_note,
         offsets_served,
         per_class_table,
         seeds_sentence,
         side_by_side,
     )
+    from training.splits import read_split
 
     card = (REPO_MODELS_DIR / "README.md").read_text()
     manifest = load_manifest(REPO_MODELS_DIR)
     summary = manifest.models["cnn"].summary
     low, high = summary["identity_test_macro_f1_bootstrap_95"]
+    split = read_split(REPO / "data" / "splits" / "identity.csv")
+    train_labels = [parse_label(name) for name in split[split["split"] == "train"]["label"]]
     pieces = {
         "side by side": "\n".join(side_by_side(manifest)),
         "per class": "\n".join(per_class_table(manifest)),
@@ -241,5 +246,6 @@ def test_the_model_cards_text_is_what_its_writer_makes_of_the_manifest():
         "calibration": ", ".join(f"{k.replace('_', ' ')} {v['ece']:.3f}"
                                  for k, v in summary["calibration"].items()),
         "temperature": f"Temperature {summary['temperature']:.3f}",
+        "contempt": contempt_sentence(train_labels),
     }
     assert [name for name, text in pieces.items() if text not in card] == []

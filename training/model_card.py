@@ -251,6 +251,13 @@ def seeds_sentence(identity: dict, six: dict, fer: dict) -> str:
 CARD_FILES = ("README.md", "confusion_test.png", "reliability.png", "misclassified.png")
 
 
+def contempt_sentence(train_labels: np.ndarray) -> str:
+    """How few images CONTEMPT rests on, counted in this dataset's training labels."""
+    count = int((np.asarray(train_labels) == CLASS_NAMES.index("CONTEMPT")).sum())
+    return (f"CONTEMPT was learnt from {count} training images of this dataset alone "
+            "(FER-2013 has no CONTEMPT).")
+
+
 def write_model_card(ws: Workspace, manifest: Manifest, models_dir: Path,
                      cnn_probabilities: dict[str, dict[str, np.ndarray]],
                      path_of: Callable[[str], Path] | None = None) -> Path:
@@ -269,8 +276,6 @@ def write_model_card(ws: Workspace, manifest: Manifest, models_dir: Path,
     six = s["identity_test_six_large_classes_over_seeds"]
     low, high = s["identity_test_macro_f1_bootstrap_95"]
     calibration = s["calibration"]
-    contempt_train = int((ws.subsets("identity")["train"].labels
-                          == CLASS_NAMES.index("CONTEMPT")).sum())
     text = [
         "# Model card: facial-emotion detection"
         + ("" if profile == "full" else " (smoke profile: a small subset, one epoch; not "
@@ -300,9 +305,8 @@ def write_model_card(ws: Workspace, manifest: Manifest, models_dir: Path,
         "of public figures) or a loose web crop like FER-2013's. For a photo with a "
         "background or several faces, use `faces=auto` or `faces=all`.",
         "- Output: one of eight posed/perceived expressions: "
-        + ", ".join(CLASS_NAMES) + ". Not a measure of anyone's inner state. CONTEMPT was "
-        f"learnt from {contempt_train} training images of this dataset alone (FER-2013 has no "
-        "CONTEMPT).",
+        + ", ".join(CLASS_NAMES) + ". Not a measure of anyone's inner state. "
+        + contempt_sentence(ws.subsets("identity")["train"].labels),
         "- Data biases: this dataset is mostly public figures, mostly NEUTRAL and HAPPINESS "
         "(FEAR 21 images, CONTEMPT 9); FER-2013 is web-search faces with single crowd labels "
         "(about 65% human agreement is often quoted). Figures for FEAR and CONTEMPT on this "
