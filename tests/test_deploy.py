@@ -171,7 +171,8 @@ def test_a_metrics_folder_that_is_missing_is_one_line_not_a_crash_loop(tmp_path,
 def test_a_second_service_on_the_same_metrics_folder_is_refused_not_wiping_it(tmp_path):
     """A second launcher on the same PROMETHEUS_MULTIPROC_DIR (a blue/green pair on one
     host) deleted the running one's files: its counts went to zero and stayed there, and
-    each /metrics added up both services (a review)."""
+    each /metrics added up both services (a review). Restarted on the folder, it counts
+    afresh."""
     env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "EMOTION_WORKERS": "1"}
     with server_process(env=env) as (base, process):
         photo = (REPO / "examples" / "two_people.jpg").read_bytes()
@@ -194,6 +195,13 @@ def test_a_second_service_on_the_same_metrics_folder_is_refused_not_wiping_it(tm
                            "hold_metrics_folder; print(hold_metrics_folder(sys.argv[1]))",
                            str(tmp_path)], cwd=REPO, capture_output=True, text=True)
     assert free.stdout.strip() == "None", free.stderr
+    # a container restarted in its pod keeps the folder: the dead service's counts are gone
+    assert sorted(p.name for p in tmp_path.glob("*.db")) == files
+    with server_process(env=env) as (base, _):
+        assert httpx.post(f"{base}/predict", params={"faces": "none"},
+                          files={"file": ("a.jpg", photo)}, timeout=60).status_code == 200
+        metrics = httpx.get(f"{base}/metrics", headers={"accept": "text/plain"}).text
+        assert metric_total(metrics, "emotion_predictions_total") == 1
 
 
 WITHOUT_ROOTS_OVERRIDE = ["setpriv", "--bounding-set=-all", "--inh-caps=-all"]
