@@ -488,7 +488,8 @@ def predictions_per_worker(folder: Path) -> list[float]:
 
 @pytest.mark.parametrize("folder_given", [True, False], ids=["given folder", "launcher's folder"])
 def test_metrics_add_up_across_several_workers(data_settings, tmp_path, folder_given):
-    """Without PROMETHEUS_MULTIPROC_DIR the launcher makes the folder (under TMPDIR here)."""
+    """Without PROMETHEUS_MULTIPROC_DIR the launcher makes the folder (under TMPDIR here),
+    and removes it when it stops."""
     given = tmp_path / "metrics"
     given.mkdir()
     env = ({"PROMETHEUS_MULTIPROC_DIR": str(given)} if folder_given
@@ -520,6 +521,8 @@ def test_metrics_add_up_across_several_workers(data_settings, tmp_path, folder_g
                    for _ in range(4)]
     assert len(per_worker) == 2 and min(per_worker) > 0 and sum(per_worker) == requests
     assert scrapes == [requests] * 4  # whichever worker answers the scrape
+    if not folder_given:  # the folder the launcher made goes with it
+        assert list(given.iterdir()) == []
 
 
 def test_a_dead_workers_in_flight_gauge_is_dropped_and_a_live_ones_kept(tmp_path,
