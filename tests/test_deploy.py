@@ -44,6 +44,7 @@ def test_real_server_answers_a_real_image_over_http(data_settings, tmp_path):
         assert response.json()["predictions"][0]["label"]
         request_id = response.headers["x-request-id"]
     log = log_path.read_text()
+    assert "Application startup complete." in log  # uvicorn's own lines follow the setting
     access = [json.loads(line[line.index("{"):]) for line in log.splitlines()
               if "service.access" in line]
     assert {"request_id": request_id, "method": "POST", "route": "/predict",
