@@ -38,7 +38,7 @@ EXPOSE 8000
 # Probes the port the launcher listens on: set it with EMOTION_PORT, not --port; and on
 # 127.0.0.1, which an EMOTION_HOST other than 0.0.0.0 must include.
 HEALTHCHECK --interval=30s --timeout=3s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import os, sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('EMOTION_PORT', '8000'), timeout=2).status != 200)"]
+    CMD ["python", "-c", "import os, sys, urllib.request as u; sys.exit(u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:%s/healthz' % os.environ.get('EMOTION_PORT', '8000'), timeout=2).status != 200)"]
 # The launcher is the entrypoint, so a Kubernetes `args:` replaces only the options.
 ENTRYPOINT ["python", "-m", "service"]
 CMD []

@@ -665,12 +665,18 @@ def test_serve_extra_installs_without_torch_and_serves(tmp_path, data_settings):
             assert response.status_code == 200, response.text
         for path in ("/", "/static/app.js", "/docs", "/metrics"):
             assert httpx.get(f"{base}{path}", timeout=30).status_code == 200, path
-        # The image's HEALTHCHECK, run with the image's python, follows EMOTION_PORT.
+        # The image's HEALTHCHECK, run with the image's python, follows EMOTION_PORT, and
+        # asks the container itself under Docker's proxy settings (their no_proxy CIDR
+        # urllib does not read: the probe went to the proxy, a healthy container unhealthy)
         probe = [python, *dockerfile_healthcheck()[1:]]
-        for port, healthy in ((base.rsplit(":", 1)[1], True), ("1", False)):
-            result = subprocess.run(probe, env={**os.environ, "EMOTION_PORT": port},
-                                    capture_output=True, timeout=30)
-            assert (result.returncode == 0) == healthy, result.stderr
+        port = base.rsplit(":", 1)[1]
+        behind_proxy = {"http_proxy": "http://127.0.0.1:1", "HTTP_PROXY": "http://127.0.0.1:1",
+                        "no_proxy": "127.0.0.0/8", "NO_PROXY": "127.0.0.0/8"}
+        for env, healthy in (({"EMOTION_PORT": port}, True), ({"EMOTION_PORT": "1"}, False),
+                             ({"EMOTION_PORT": port, **behind_proxy}, True)):
+            result = subprocess.run(probe, env={**os.environ, **env}, capture_output=True,
+                                    timeout=30)
+            assert (result.returncode == 0) == healthy, (env, result.stderr)
     assert sorted(map(str, set(venv.rglob("*.pyc")) - compiled_at_build)) == []
     # The command line comes with the same install, torch-free too.
     face = tmp_path / "face.jpg"
