@@ -239,11 +239,12 @@ class SpecialistTeacher:
     """A shipped ONNX file as a teacher on pooled training images: each pooled image is blown
     back up to 350x350 by repeating its pixels, which the file's own average pool (same
     kernel and padding) maps back to exactly that pooled image. Returns log-probabilities
-    with the file's class offsets taken back off: they were fitted on identity val, which
-    must not be taught into a network that is then judged there."""
+    with the file's decision rule taken back off (its temperature, then its class offsets):
+    it was fitted on identity val, which must not be taught into a network that is then
+    judged there."""
 
     def __init__(self, onnx_bytes: bytes, pool: int, pad: int,
-                 class_offsets: np.ndarray | None = None):
+                 class_offsets: np.ndarray | None = None, temperature: float = 1.0):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -255,11 +256,12 @@ class SpecialistTeacher:
         self.pool, self.pad = pool, pad
         self.offsets = torch.as_tensor(np.zeros(NUM_CLASSES) if class_offsets is None
                                        else class_offsets, dtype=torch.float32)
+        self.temperature = float(temperature)
 
     @classmethod
     def at_revision(cls, revision: str, pool: int, pad: int) -> SpecialistTeacher:
         """The CNN shipped at ``revision``: its file, checked against that revision's
-        manifest, and the stem and offsets the manifest gives."""
+        manifest, and the stem and decision rule the manifest gives."""
         if not revision:
             raise ValueError("a specialist teacher needs the git revision that shipped it")
 
@@ -279,8 +281,10 @@ class SpecialistTeacher:
         if (model["pool"], model["pad"]) != (pool, pad):
             raise ValueError(f"specialist {revision} pools with {model['pool']}/{model['pad']}, "
                              f"the student with {pool}/{pad}")
-        return cls(onnx_bytes, pool, pad, np.asarray(entry["recipe"].get(
-            "class_offsets", np.zeros(NUM_CLASSES))))
+        recipe = entry["recipe"]
+        return cls(onnx_bytes, pool, pad,
+                   np.asarray(recipe.get("class_offsets", np.zeros(NUM_CLASSES))),
+                   recipe.get("temperature", 1.0))
 
     @torch.no_grad()
     def __call__(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -289,7 +293,9 @@ class SpecialistTeacher:
             full = full[..., self.pad:-self.pad, self.pad:-self.pad]
         probabilities = self.session.run(None, {"image": full.float().cpu().numpy()})[0]
         served = torch.from_numpy(np.log(np.clip(probabilities, 1e-12, 1.0)))
-        return torch.log_softmax(served - self.offsets, dim=1).to(pooled.device)
+        # served = (log p + offsets) / T less a per-image constant, which log_softmax drops
+        return torch.log_softmax(self.temperature * served - self.offsets,
+                                 dim=1).to(pooled.device)
 
 
 @torch.no_grad()
