@@ -247,9 +247,14 @@ def test_without_a_usable_face_file_faces_none_still_serves(tmp_path, content, m
         if content == "tampered network":
             assert loaded and tampered not in loaded  # refused before ONNX Runtime saw it
         assert ready.json()["models"] == {"cnn": "ready", "knn": "ready"}
-        assert client.get("/v2/health/ready").json() == {"ready": False}  # one rule for both
+        v2_ready = client.get("/v2/health/ready")  # one rule for both, in the protocol's 400
+        assert v2_ready.status_code == 400 and v2_ready.json() == {"ready": False}
         auto = client.post("/predict?faces=auto", files={"file": ("a.png", image, "image/png")})
         assert_error(auto, 503, "faces_unavailable")
+        # a misspelt model is the client's to fix, whatever the detector's state
+        misspelt = client.post("/predict?faces=auto&model=cnnn",
+                               files={"file": ("a.png", image, "image/png")})
+        assert_error(misspelt, 422, "unknown_model")
         # said before the body is read: not a 415 for a body it need not have read
         text = client.post("/predict?faces=auto", content=b"hello",
                            headers={"content-type": "text/plain"})
@@ -311,10 +316,19 @@ def test_the_detector_gives_the_largest_face_first_and_the_cropper_the_same_boxe
     pinned = {"four_people.jpg": [(525.0, 91.2, 181.9, 236.9), (784.3, 216.7, 169.3, 221.4),
                                   (35.4, 250.4, 157.2, 214.6), (310.0, 379.2, 152.5, 204.2)],
               "two_people.jpg": [(86.0, 220.3, 205.4, 290.7), (489.3, 61.6, 182.4, 218.1)]}
+    faces4 = cropper.faces(Image.open(examples / "four_people.jpg").convert("L"))
     for name, boxes in pinned.items():
         faces = cropper.faces(Image.open(examples / name).convert("L"))
         np.testing.assert_allclose([(f.x, f.y, f.width, f.height) for f in faces], boxes,
                                    atol=1.0, err_msg=name)
+    # /predict gives the same boxes, each side rounded to a whole pixel (not cut: 181.9 is 182)
+    with TestClient(create_app(Settings(models_dir=REPO_MODELS_DIR, onnx_threads=1))) as client:
+        answer = client.post("/predict?faces=all", files={"file": (
+            "four_people.jpg", (examples / "four_people.jpg").read_bytes())}).json()
+    served = [p["face"] for p in answer["predictions"]]
+    assert all(type(v) is int for box in served for v in box.values()), served
+    assert [tuple(box.values()) for box in served] == [
+        (round(f.x), round(f.y), round(f.width), round(f.height)) for f in faces4], served
 
 
 def test_the_faces_counter_counts_the_faces_classified():

@@ -632,12 +632,23 @@ def multipart(body_parts: list[bytes], boundary: bytes = b"XyZ") -> bytes:
     # message called them text)
     ((None, b"\x89PNG\r\n\x1a\n"), "no file name, and no content type"),
     ((None, b"{}", "application/json"), "no file name, and the type 'application/json'"),
+    ((None, b"face.jpg", "text/plain"), "no file name, and the type 'text/plain'"),
 ])
 def test_a_file_field_sent_as_text_is_told_by_its_headers(client, part, says):
     answer = client.post("/predict", files={"file": part})
     assert answer.status_code == 422 and answer.json()["code"] == "not_a_file"
     detail = answer.json()["detail"]
     assert says in detail and "-F file=@face.jpg" in detail and "holds text" not in detail
+
+
+def test_an_empty_file_name_still_makes_a_file(client):
+    """filename="" is a file name given (a form's file input sends one), not text."""
+    body = multipart([b'Content-Disposition: form-data; name="file"; filename=""\r\n\r\n'
+                      + png_bytes()])
+    answer = client.post("/predict", content=body,
+                         headers={"content-type": "multipart/form-data; boundary=XyZ"})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["predictions"][0]["filename"] == ""
 
 
 @pytest.mark.parametrize(("make_request", "status", "code"), [

@@ -18,6 +18,7 @@ from tritonclient.utils import InferenceServerException
 
 from service.app import create_app
 from service.classes import NUM_CLASSES
+from service.manifest import load_manifest
 from service.oip import ProtocolError, parse_infer_request
 from service.preprocessing import preprocess_image
 from service.settings import REPO_MODELS_DIR, Settings
@@ -67,10 +68,16 @@ def test_health_and_metadata(client):
         [version] = metadata["versions"]
         assert client.is_model_ready(name, version)
         assert not client.is_model_ready(name, "0" + version)
-        assert {i["name"]: i["datatype"] for i in metadata["inputs"]} == {
-            "image": "FP32", "image_bytes": "BYTES"}
-        assert metadata["outputs"] == [{"name": "probabilities", "datatype": "FP32",
-                                        "shape": [-1, NUM_CLASSES]}]
+        # the whole answer: a client sizes its tensors from the shapes, and the README names
+        # the version as the first 12 hex digits of the file's SHA-256
+        entry = load_manifest(REPO_MODELS_DIR).models[name]
+        assert metadata == {
+            "name": name, "versions": [entry.sha256[:12]],
+            "platform": {"cnn": "onnxruntime_onnx", "knn": "scikit-learn"}[name],
+            "inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 350, 350]},
+                       {"name": "image_bytes", "datatype": "BYTES", "shape": [-1]}],
+            "outputs": [{"name": "probabilities", "datatype": "FP32",
+                         "shape": [-1, NUM_CLASSES]}]}
     with pytest.raises(InferenceServerException, match="unknown model"):
         client.get_model_metadata("resnet")
 
@@ -174,6 +181,10 @@ def test_a_misspelt_parameter_is_refused_and_tritonclients_own_pass(client, face
             caught.value.message(), mode
 
 
+BINARY_HEAD = (b'{"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], '
+               b'"parameters": {"binary_data_size": 8}}]}')
+
+
 @pytest.fixture(scope="module")
 def app_client():
     with TestClient(create_app(Settings(models_dir=REPO_MODELS_DIR, onnx_threads=1,
@@ -194,6 +205,14 @@ def app_client():
      "runs past the body"),
     (b'{"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [0], '
      b'"data": []}]}', {}, "between 1 and 2 images"),
+    # elements past the shape: answered as that many images, past the request's limit
+    (b'{"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], '
+     b'"data": ["", "", ""]}]}', {}, "3 elements for a shape of 1"),
+    (b'{"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [2], '
+     b'"data": [""]}]}', {}, "1 elements for a shape of 2"),
+    (BINARY_HEAD + b"\x04\x00\x00\x00\x89PNGJUNK",
+     {"Inference-Header-Content-Length": str(len(BINARY_HEAD))},
+     "4 bytes of binary data belong to no input"),
     # a binary_data_size of the wrong type, and binary data without the header that says
     # where the JSON ends: each was "runs past the body", or a UTF-8 decoding error
     (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 350, 350], '
@@ -607,13 +626,14 @@ def test_base64_as_encoders_write_it_is_read(app_client, faces):
     assert "+" in standard or "/" in standard
     forms = [standard, base64.encodebytes(data).decode(), standard.rstrip("="),
              base64.urlsafe_b64encode(data).decode().rstrip("="),
-             "\r\n".join(standard[i:i + 64] for i in range(0, len(standard), 64))]
+             "\r\n".join(standard[i:i + 64] for i in range(0, len(standard), 64)),
+             {"b64": standard}]  # the object some clients send, as the docstring says
     outputs = []
     for text in forms:
         request = {"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1],
                                "data": [text]}], "parameters": {"faces": "none"}}
         response = app_client.post("/v2/models/cnn/infer", json=request)
-        assert response.status_code == 200, (text[:80], response.text)
+        assert response.status_code == 200, (str(text)[:80], response.text)
         outputs.append(response.json()["outputs"][0]["data"])
     assert all(output == outputs[0] for output in outputs)
     # still refused: not base64 at all, cut, of two alphabets, or spaced by other than lines

@@ -182,6 +182,11 @@ def test_batch_is_predicted_and_a_bad_image_does_not_sink_it(client, faces):
     predictions = response.json()["predictions"]
     assert [p["filename"] for p in predictions] == [f[1][0] for f in files]
     assert predictions[1]["code"] == "not_an_image" and predictions[1]["label"] is None
+    # first of the batch, too: a 400 is for a request of that one image alone
+    bad_first = client.post("/predict", files=[files[1], files[0]])
+    assert bad_first.status_code == 200, bad_first.text
+    assert [(p["code"], bool(p["label"])) for p in bad_first.json()["predictions"]] == [
+        ("not_an_image", False), (None, True)]
     for (name, data), prediction in zip(faces.items(), [predictions[0], *predictions[2:]],
                                         strict=True):
         single = post_file(client, data, name).json()["predictions"][0]
@@ -320,6 +325,9 @@ def test_metrics_json_has_evaluation_and_live_counters(client, faces):
         other = client.get("/metrics", headers={"accept": accept})
         assert other.headers["content-type"] == "application/json"
         assert set(other.json()) == {"models", "live"}
+    shipped = json.loads((REPO_MODELS_DIR / "manifest.json").read_text())["models"]
+    assert {name: (m["sha256"], m["summary"]) for name, m in body["models"].items()} == {
+        name: (m["sha256"], m["summary"]) for name, m in shipped.items()}
     cnn = body["models"]["cnn"]["metrics"]
     assert {"identity"} <= set(cnn) and {"val", "test"} <= set(cnn["identity"])
     test = cnn["identity"]["test"]
@@ -453,6 +461,10 @@ def test_a_tampered_artifact_is_refused_and_the_other_model_serves(
         assert ready.json()["models"][healthy] == "ready"
         assert manifest.models[healthy].sha256 in loaded
         assert sha256_bytes((folder / manifest.models[broken].file).read_bytes()) not in loaded
+        listed = {m["name"]: m["loaded"] for m in client.get("/models").json()}
+        assert listed == {broken: False, healthy: True}
+        v2_ready = client.get("/v2/health/ready")
+        assert v2_ready.status_code == 400 and v2_ready.json() == {"ready": False}
         assert_error(post_file(client, png_bytes(), model=broken), 503, "model_unavailable")
         assert post_file(client, png_bytes(), model=healthy).status_code == 200
         # The Open Inference Protocol says the same, in its own error shape.
