@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from tests.images import git_repository, later_commit, png_bytes
-from training.fetch import FETCH_MARK, ChecksumError, fetch_commit, fetch_dataset
+from training.fetch import FETCH_MARK, ChecksumError, DataError, fetch_commit, fetch_dataset
 from training.settings import UPSTREAM_REPOSITORY
 
 
@@ -37,6 +37,31 @@ def test_fetch_checks_out_the_pinned_commit_and_verifies_it(upstream, tmp_path):
         repo / "images" / "A_0001.png").read_bytes()
     assert subprocess.run(["git", "rev-parse", "HEAD"], cwd=dest, check=True,
                           capture_output=True, text=True).stdout.strip() == commit
+
+
+def test_fetch_writes_the_bytes_committed_whatever_the_users_line_endings(upstream, tmp_path,
+                                                                           monkeypatch):
+    """Git for Windows' core.autocrlf=true wrote legend.csv with CRLF: no checksum matched,
+    and the rerun blamed the user for changing the fetch's files (the data review)."""
+    repo, commit, sums = upstream
+    config = tmp_path / "gitconfig"
+    config.write_text("[core]\n\tautocrlf = true\n\teol = crlf\n")
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(config))
+    dest = fetch_dataset(tmp_path / "clone", sums, f"file://{repo}", commit)
+    assert (dest / "data" / "legend.csv").read_bytes() == at_commit(repo, commit,
+                                                                     "data/legend.csv")
+
+
+def test_a_checksum_list_that_is_empty_or_absent_is_said_before_the_clone(upstream, tmp_path):
+    """An emptied list verified nothing and passed; a missing one was said only after the
+    whole upstream had been cloned (the data review)."""
+    repo, commit, _ = upstream
+    empty = tmp_path / "EMPTY"
+    empty.write_text("\n")
+    for sums, says in ((empty, "lists no file"), (tmp_path / "nowhere", "no such file")):
+        with pytest.raises(DataError, match=f"^{sums}: {says}"):
+            fetch_dataset(tmp_path / "clone", sums, f"file://{repo}", commit)
+        assert not (tmp_path / "clone").exists()
 
 
 def test_fetch_refuses_files_that_differ_from_the_checksums(upstream, tmp_path):

@@ -25,6 +25,7 @@ from service.signals import stops_taken_as_ctrl_c
 from training.fetch import (
     ChecksumError,
     DataError,
+    checkout_as_committed,
     fetch_commit,
     read_checksums,
     run_git,
@@ -172,7 +173,7 @@ def fetch_fer2013(dest: Path, checksums_path: Path, source: str = FER_REPOSITORY
                 run_git(work, "init", "--quiet")
                 fetch_commit(work, str(source), commit, str(source),
                              given=source != FER_REPOSITORY)
-                run_git(work, "checkout", "--quiet", "--force", "FETCH_HEAD")
+                checkout_as_committed(work, "FETCH_HEAD")
                 shutil.rmtree(staging, ignore_errors=True)
                 for name in wanted:
                     src = work / name

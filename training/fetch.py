@@ -52,6 +52,9 @@ def read_checksums(path: Path) -> dict[str, str]:
                 raise DataError(f"{path}, line {number}: not a sha256sum line "
                                 f"('<64 hex digits>  <path>'): {line[:80]!r}")
             checksums[match["name"]] = match["digest"].lower()
+    if not checksums:  # an emptied list verified nothing and passed (a review)
+        raise DataError(f"{path}: lists no file; a checksum list names every file of its "
+                        "dataset (the repository's data/, which EMOTION_DATA_DIR names)")
     return checksums
 
 
@@ -101,6 +104,7 @@ def fetch_dataset(dest: Path, checksums_path: Path, repository: str = UPSTREAM_R
     """Shallow-fetch ``repository`` at ``commit`` into ``dest`` and verify it. An earlier
     fetch's checkout is reused (from this ``repository``); any other folder with files, a
     repository of the user's above all, is refused: the checkout would overwrite it."""
+    read_checksums(checksums_path)  # a wrong EMOTION_DATA_DIR said before the clone, not after
     if _earlier_fetch(dest, repository):
         if _git_output(dest, "status", "--porcelain", "--untracked-files=no"):
             # moving them away lists them as deleted: a review found that advice a dead end
@@ -122,9 +126,17 @@ def fetch_dataset(dest: Path, checksums_path: Path, repository: str = UPSTREAM_R
         (dest / ".git" / FETCH_MARK).write_text("made by python -m training fetch\n")
         run_git(dest, "remote", "add", "origin", repository)
     fetch_commit(dest, "origin", commit, repository, given=repository != UPSTREAM_REPOSITORY)
-    run_git(dest, "checkout", "--quiet", "--force", commit)
+    checkout_as_committed(dest, commit)
     verify_dataset(dest, checksums_path)
     return dest
+
+
+def checkout_as_committed(repo: Path, revision: str) -> None:
+    """Check ``revision`` out byte for byte as committed: a user's ``core.autocrlf=true`` (Git
+    for Windows' default) wrote legend.csv with CRLF, which no checksum matched (a review)."""
+    (repo / ".git" / "info").mkdir(parents=True, exist_ok=True)
+    (repo / ".git" / "info" / "attributes").write_text("* -text\n")
+    run_git(repo, "checkout", "--quiet", "--force", revision)
 
 
 def pinned_wheel(requirement: str, filename: str, sha256: str, cache_dir: Path) -> Path:
