@@ -673,6 +673,67 @@ def test_a_proxys_answer_without_json_is_said_in_words(page, server, status, sai
     assert page.inner_text("#error") == said
 
 
+@pytest.mark.parametrize(("answer", "said"), [
+    (lambda route: route.fulfill(status=200, body="<html></html>",
+                                 headers={"content-type": "text/html"}),
+     "the answer (200) could not be read"),  # a page exception, "Sending…" for good
+    (lambda route: route.fulfill(status=400, content_type="application/json",
+                                 body='{"error": "the proxy refused this upload"}'),
+     "the proxy refused this upload"),  # the protocol's error field, as /v2 and proxies send
+    (lambda route: route.abort(), "the server could not be reached ("),
+], ids=["200 not JSON", "error field", "no connection"])
+def test_an_answer_that_is_not_a_prediction_is_said(page, server, answer, said):
+    """Each was passed over by a mutant of the page with every test passing (the page's
+    mutation review)."""
+    page.route("**/predict*", answer)
+    page.set_input_files("#file", str(EXAMPLES / "two_people.jpg"))
+    page.wait_for_selector("#error:not([hidden])")
+    assert page.inner_text("#error").startswith(said), page.inner_text("#error")
+    assert "Sending" not in page.inner_text("#status")
+
+
+def test_an_answer_is_drawn_as_it_says(page, server):
+    """Headings, bars, the top class and boxes from a known answer, boxes past the photo's
+    edges drawn at them: a mutant showing the top class's value on every bar, boxes' heights
+    scaled by the width, or no clamp passed every test (the page's mutation review)."""
+    width, height = 800, 500  # two_people.jpg
+    classes = ["ANGER", "SURPRISE", "DISGUST", "FEAR", "NEUTRAL", "HAPPINESS", "SADNESS",
+               "CONTEMPT"]
+
+    def prediction(label, probabilities, face):
+        return {"filename": "two_people.jpg", "label": label,
+                "label_id": classes.index(label), "face": face, "faces_found": 2,
+                "probabilities": {c: probabilities.get(c, 0.0) for c in classes}}
+
+    answer = {"model": "cnn", "model_sha256": "0" * 64, "latency_ms": 1.0, "predictions": [
+        prediction("HAPPINESS", {"HAPPINESS": 0.9996, "SURPRISE": 0.0004},
+                   {"x": -50, "y": 40, "width": 200, "height": 100}),
+        prediction("SADNESS", {"SADNESS": 0.6, "NEUTRAL": 0.3, "ANGER": 0.1},
+                   {"x": width - 100, "y": height // 2, "width": 5000, "height": height})]}
+    page.route("**/predict*", lambda route: route.fulfill(
+        status=200, content_type="application/json", body=json.dumps(answer)))
+    page.set_input_files("#file", str(EXAMPLES / "two_people.jpg"))
+    page.wait_for_selector("#boxes .box >> nth=1")
+    items = page.locator("#faces-list li")
+    assert [items.nth(i).locator("h2").inner_text() for i in range(2)] == [
+        "Face 1: HAPPINESS 99.9%", "Face 2: SADNESS 60.0%"]
+    second = items.nth(1)
+    assert second.locator(".value").all_inner_texts() == [
+        "10.0%", "0.0%", "0.0%", "0.0%", "30.0%", "0.0%", "60.0%", "0.0%"]
+    assert second.locator(".top").all_inner_texts() == ["SADNESS", "60.0%"]
+    fills = second.locator("[role=meter] i").evaluate_all(
+        "fills => fills.map((f) => f.style.width)")
+    assert [float(w.removesuffix("%")) for w in fills] == [10, 0, 0, 0, 30, 0, 60, 0], fills
+    boxes = page.locator("#boxes .box").evaluate_all(
+        "boxes => boxes.map((b) => [b.style.left, b.style.top, b.style.width, b.style.height,"
+        " b.textContent])")
+    assert [box[4] for box in boxes] == ["1 HAPPINESS", "2 SADNESS"]
+    placed = [float(v.removesuffix("%")) for box in boxes for v in box[:4]]
+    assert placed == pytest.approx([
+        0, 100 * 40 / height, 100 * 150 / width, 100 * 100 / height,
+        100 * (width - 100) / width, 50, 100 * 100 / width, 50]), placed
+
+
 def test_a_file_that_cannot_be_read_is_said_so_not_the_server(page, server, tmp_path):
     """A dropped folder, or a file deleted after it was chosen, was "the server could not be
     reached (Failed to fetch)" while the server was up (a review)."""
@@ -703,6 +764,8 @@ def test_the_page_leaves_out_a_model_it_cannot_name(browser, server):
     page.goto(f"{server}/")
     page.wait_for_selector("body[data-ready=true]", timeout=10000)
     assert page.eval_on_selector("#model", "select => select.value") == ""
+    # it said "Loading the models…" for good (the page's mutation review)
+    assert page.inner_text("#model-info") == "No model is loaded on this server; /readyz says why."
     page.set_input_files("#file", str(EXAMPLES / "two_people.jpg"))
     page.wait_for_selector("#faces-list li")  # this server has its models: the default answers
     assert sent and "model=" not in sent[0] and "faces=" in sent[0]
@@ -1092,6 +1155,26 @@ def test_a_double_click_opens_one_camera_and_stop_closes_it(browser, server):
     assert page.locator("#faces-list li").count() == 0
     page.click("#webcam")
     assert page.inner_text("#webcam") == "Start the webcam" and page.evaluate(live) == 0
+    context.close()
+
+
+@pytest.mark.parametrize("any_signal", [True, False], ids=["AbortSignal.any", "without it"])
+def test_a_webcam_frame_not_answered_is_given_up_and_said(browser, server, any_signal):
+    """A frame the service never answers is given up after 10 s (made 0.3 s here) and said;
+    browsers without AbortSignal.any dropped the timeout and waited for ever, silently."""
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    context.add_init_script(("" if any_signal else "delete AbortSignal.any;") + """
+        const timeoutOf = AbortSignal.timeout.bind(AbortSignal);
+        AbortSignal.timeout = (ms) => timeoutOf(ms === 10000 ? 300 : ms);""")
+    page = context.new_page()
+    held = []
+    page.route("**/predict*", lambda route: held.append(route))  # never answered
+    page.goto(f"{server}/")
+    page.wait_for_selector("body[data-ready=true]")
+    page.click("#webcam")
+    page.wait_for_selector("#error:has-text('the server could not be reached (no answer in "
+                           "10 s)')", timeout=15000)
+    assert held and page.inner_text("#webcam") == "Stop the webcam"  # and it tries again
     context.close()
 
 

@@ -38,16 +38,24 @@ function statusInWords(response) {
   return `${words} (HTTP ${response.status})`;
 }
 
+function eitherSignal(signals) {
+  if (signals.length < 2) return signals[0];
+  if (AbortSignal.any) return AbortSignal.any(signals);
+  // AbortSignal.any is recent (Safari 17.4, Firefox 124): without it the timeout was dropped
+  const either = new AbortController();
+  for (const signal of signals) signal.addEventListener("abort", () => either.abort(signal.reason), { once: true });
+  return either.signal;
+}
+
 async function api(path, options = {}, timeoutMs = 0) {
   let response;
-  const signals = [options.signal, timeoutMs && AbortSignal.timeout(timeoutMs)].filter(Boolean);
+  const timeout = timeoutMs ? AbortSignal.timeout(timeoutMs) : null;
   try {
-    // AbortSignal.any is recent (Safari 17.4, Firefox 124): only when both are needed
-    const signal = signals.length > 1 && AbortSignal.any ? AbortSignal.any(signals) : signals[0];
-    response = await fetch(path, { ...options, signal });
+    response = await fetch(path, { ...options, signal: eitherSignal([options.signal, timeout].filter(Boolean)) });
   } catch (err) {
-    if (err.name === "AbortError") return { ok: false, status: 0, aborted: true, detail: "replaced" };
-    const why = err.name === "TimeoutError" ? `no answer in ${timeoutMs / 1000} s` : err.message;
+    // which signal fired, not the error's name: browsers name an abort by a reason differently
+    if (options.signal && options.signal.aborted) return { ok: false, status: 0, aborted: true, detail: "replaced" };
+    const why = timeout && timeout.aborted ? `no answer in ${timeoutMs / 1000} s` : err.message;
     return { ok: false, status: 0, detail: `the server could not be reached (${why})` };
   }
   let body = null;
@@ -89,7 +97,11 @@ function percent(value) {
 
 function describeModel() {
   const entry = state.models.find((m) => m.name === $("model").value);
-  if (!entry) return;
+  if (!entry) {  // every model unloaded: "Loading the models…" stayed for good
+    $("model-info").textContent = "No model is loaded on this server; /readyz says why.";
+    $("model-info").removeAttribute("title");
+    return;
+  }
   const scores = Object.entries(entry.test_macro_f1 || {})
     .map(([set, value]) => `${set.replace("fer2013", "FER-2013").replace("identity", "identity test")} ${value.toFixed(3)}`)
     .join(", ");
