@@ -24,6 +24,10 @@ pytestmark = pytest.mark.dataset
     ("Madonna_0003.jpg", "madonna"),
     ("FaridaJalal_1.jpg", "faridajalal"),
     ("facial-expressions_2868588k.jpg", "facial-expressions"),
+    # only the stock photos' "k" names are the one posing model; a name of digits alone
+    # keeps them rather than becoming an empty key shared by every such file
+    ("facial-expressions_123.jpg", "facialexpressions"),
+    ("0001.jpg", "0001"),
 ])
 def test_identity_from_filename(name, identity):
     assert identity_from_filename(name) == identity
