@@ -191,6 +191,12 @@ def test_another_model_or_faces_mode_classifies_the_image_on_show_again(page, se
     page.wait_for_selector("#status:has-text('2 faces found by cnn')")
     page.select_option("#model", "knn")  # the answer stayed cnn's, under knn's description
     page.wait_for_selector("#status:has-text('2 faces found by knn')", timeout=10_000)
+    # ... and the description is knn's, its figures as /models gives them
+    knn = next(m for m in httpx.get(f"{server}/models", timeout=10).json() if m["name"] == "knn")
+    scores = knn["test_macro_f1"]
+    assert page.inner_text("#model-info") == (
+        f"knn: sha256 {knn['sha256'][:16]}…, test macro-F1 identity test "
+        f"{scores['identity']:.3f}, FER-2013 {scores['fer2013']:.3f}")
     page.select_option("#faces", "none")
     page.wait_for_selector("#status:has-text('The whole image classified by knn')",
                            timeout=10_000)
@@ -652,6 +658,8 @@ def test_the_page_tries_again_when_the_service_did_not_answer_at_first(browser, 
     page.route("**/models", once_bad_gateway)
     page.goto(f"{server}/")
     page.wait_for_selector("#error:has-text('trying again in 1 s')")
+    assert page.inner_text("#error") == ("The service did not answer: the service behind the "
+                                         "proxy is not answering (HTTP 502); trying again in 1 s.")
     page.wait_for_selector("body[data-ready=true]", timeout=10000)
     assert page.is_hidden("#error")
     page.set_input_files("#file", str(EXAMPLES / "two_people.jpg"))
@@ -764,6 +772,8 @@ def test_the_page_leaves_out_a_model_it_cannot_name(browser, server):
     page.goto(f"{server}/")
     page.wait_for_selector("body[data-ready=true]", timeout=10000)
     assert page.eval_on_selector("#model", "select => select.value") == ""
+    assert page.locator("#model option").all_inner_texts() == [
+        f"{m['name']} (unavailable)" for m in models]
     # it said "Loading the models…" for good (the page's mutation review)
     assert page.inner_text("#model-info") == "No model is loaded on this server; /readyz says why."
     page.set_input_files("#file", str(EXAMPLES / "two_people.jpg"))
