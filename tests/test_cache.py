@@ -153,6 +153,10 @@ def test_cache_key_changes_with_the_data(tmp_path, monkeypatch):
     changed = table.copy()
     changed.loc[0, "sha256"] = "0" * 64
     assert cache_key(table) != cache_key(changed)
+    # the same bytes under another name are another table: rows are found by name
+    renamed = table.copy()
+    renamed.loc[0, "image"] = "Person_0_0002.jpg"  # in the same place in name order
+    assert cache_key(renamed) != cache_key(table)
     import training.cache as cache
 
     before = cache_key(table)

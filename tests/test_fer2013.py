@@ -456,3 +456,24 @@ def test_verify_fails_on_a_folder_without_fer2013_or_with_a_part_of_a_usage(
     assert line.endswith(("no file named in fer2013.SHA256SUMS" if copy == "none" else
                           "PublicTest has 5 of its 3589 images") + "; run `python -m training "
                          "fetch fer2013` and point EMOTION_FER2013_DIR at the folder it prints")
+
+
+def test_a_checksum_list_naming_a_file_outside_the_release_is_refused(tmp_path):
+    """A line for README.md was passed over, so a list of the wrong dataset read as an empty
+    release (the data review)."""
+    from training.fetch import DataError
+
+    sums = tmp_path / "fer2013.SHA256SUMS"
+    sums.write_text(f"{'0' * 64}  README.md\n")
+    with pytest.raises(DataError, match="'README.md' is not a FER-2013 release path"):
+        fer_table(tmp_path, sums)
+
+
+def test_near_pairs_within_one_set_are_each_pair_once_and_never_an_image_with_itself():
+    from training.audit_fer2013 import near_pairs
+
+    x = np.array([[1.0, 0.0], [0.999, 0.0447], [0.0, 1.0]])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    assert [(i, j) for i, j, _ in near_pairs(x, x, threshold=0.99, same=True)] == [(0, 1)]
+    assert [(i, j) for i, j, _ in near_pairs(x, x, threshold=0.99)] == [
+        (0, 0), (0, 1), (1, 0), (1, 1), (2, 2)]
