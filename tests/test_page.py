@@ -607,6 +607,13 @@ def refused_once_as_busy(page, retry_after: str) -> list[str]:
     return refused
 
 
+def test_a_long_retry_after_is_waited_out_at_most_ten_seconds(page, server):
+    """A person waits with the page, not a scheduler: a minute's Retry-After is 10 s."""
+    refused_once_as_busy(page, retry_after="60")
+    page.set_input_files("#file", str(EXAMPLES / "two_people.jpg"))
+    page.wait_for_selector("#status:has-text('sending two_people.jpg again in 10 s')")
+
+
 def test_an_upload_refused_as_busy_is_sent_again_after_retry_after(page, server):
     """The page said "retry shortly" and stopped: the person had to choose the file again
     (the page review). Sent again after the Retry-After, it is answered."""
