@@ -183,6 +183,13 @@ def test_a_misspelt_parameter_is_refused_and_tritonclients_own_pass(client, face
 
 BINARY_HEAD = (b'{"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], '
                b'"parameters": {"binary_data_size": 8}}]}')
+def binary_bytes_request(*elements: bytes) -> tuple[bytes, dict]:
+    """A /v2 body of BYTES ``elements`` in the binary extension, with its header."""
+    data = b"".join(len(e).to_bytes(4, "little") + e for e in elements)
+    head = json.dumps({"inputs": [{"name": "image_bytes", "datatype": "BYTES",
+                                   "shape": [len(elements)],
+                                   "parameters": {"binary_data_size": len(data)}}]}).encode()
+    return head + data, {"Inference-Header-Content-Length": str(len(head))}
 
 
 @pytest.fixture(scope="module")
@@ -210,6 +217,11 @@ def app_client():
      b'"data": ["", "", ""]}]}', {}, "3 elements for a shape of 1"),
     (b'{"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [2], '
      b'"data": [""]}]}', {}, "1 elements for a shape of 2"),
+    # a last element of no bytes is an empty upload, not a length cut short
+    (*binary_bytes_request(encode(gray_image(8, 8)), b""), "image_bytes[1]: the upload is empty"),
+    # 32 dimensions are within NumPy's: the contract's shape is what refuses them
+    (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [' + b"1," * 31
+     + b'1], "data": [0.5]}]}', {}, "is FP32 [N, 1, 350, 350]"),
     (BINARY_HEAD + b"\x04\x00\x00\x00\x89PNGJUNK",
      {"Inference-Header-Content-Length": str(len(BINARY_HEAD))},
      "4 bytes of binary data belong to no input"),
