@@ -45,11 +45,32 @@ def test_fetch_writes_the_bytes_committed_whatever_the_users_line_endings(upstre
     and the rerun blamed the user for changing the fetch's files (the data review)."""
     repo, commit, sums = upstream
     config = tmp_path / "gitconfig"
-    config.write_text("[core]\n\tautocrlf = true\n\teol = crlf\n")
+    attributes = tmp_path / "gitattributes"  # a user's own, which re-encoded the text
+    attributes.write_text("*.csv working-tree-encoding=UTF-16LE-BOM\n")
+    config.write_text(f"[core]\n\tautocrlf = true\n\teol = crlf\n\tattributesFile = "
+                      f"{attributes}\n")
     monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(config))
+    committed = at_commit(repo, commit, "data/legend.csv")
     dest = fetch_dataset(tmp_path / "clone", sums, f"file://{repo}", commit)
-    assert (dest / "data" / "legend.csv").read_bytes() == at_commit(repo, commit,
-                                                                     "data/legend.csv")
+    assert (dest / "data" / "legend.csv").read_bytes() == committed
+    # an earlier fetch, checked out before this was mended, is mended by the next one: git
+    # took its converted files for unchanged (their size and time in its index)
+    attributes.write_text("")
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    for args in (["init", "--quiet"], ["remote", "add", "origin", f"file://{repo}"],
+                 ["fetch", "--quiet", "--depth", "1", "origin", commit],
+                 ["checkout", "--quiet", "--force", commit]):
+        subprocess.run(["git", *args], cwd=earlier, check=True, capture_output=True)
+    (earlier / ".git" / FETCH_MARK).write_text("made by python -m training fetch\n")
+    legend = earlier / "data" / "legend.csv"
+    assert legend.read_bytes() == committed.replace(b"\n", b"\r\n")
+    past = legend.stat().st_mtime - 10  # not "racily clean": git trusts the index
+    for path in (legend, earlier / "images" / "A_0001.png"):
+        os.utime(path, (past, past))
+    subprocess.run(["git", "update-index", "--refresh"], cwd=earlier, capture_output=True)
+    fetch_dataset(earlier, sums, f"file://{repo}", commit)
+    assert legend.read_bytes() == committed
 
 
 def test_a_checksum_list_that_is_empty_or_absent_is_said_before_the_clone(upstream, tmp_path):

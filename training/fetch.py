@@ -133,9 +133,14 @@ def fetch_dataset(dest: Path, checksums_path: Path, repository: str = UPSTREAM_R
 
 def checkout_as_committed(repo: Path, revision: str) -> None:
     """Check ``revision`` out byte for byte as committed: a user's ``core.autocrlf=true`` (Git
-    for Windows' default) wrote legend.csv with CRLF, which no checksum matched (a review)."""
+    for Windows' default) wrote legend.csv with CRLF, which no checksum matched (a review).
+    This folder's attributes override the user's own; without an index every file is
+    written again, so an earlier fetch's converted files are mended too (git trusts those
+    whose size and time its index holds)."""
     (repo / ".git" / "info").mkdir(parents=True, exist_ok=True)
-    (repo / ".git" / "info" / "attributes").write_text("* -text\n")
+    (repo / ".git" / "info" / "attributes").write_text(
+        "* -text -working-tree-encoding -filter -ident\n")
+    (repo / ".git" / "index").unlink(missing_ok=True)
     run_git(repo, "checkout", "--quiet", "--force", revision)
 
 
