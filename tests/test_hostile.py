@@ -395,6 +395,8 @@ def test_a_trickled_body_is_408_and_a_client_gone_mid_upload_is_no_500(tmp_path)
                             status="499") == 1
         assert metric_total(metrics, "emotion_http_requests_total", status="500") == 0
     assert "Traceback" not in log.read_text()
+    # uvicorn's own info lines follow EMOTION_LOG_LEVEL (warning here) too
+    assert "Application startup complete." not in log.read_text()
 
 
 def test_bodies_declared_large_but_not_sent_do_not_fill_the_byte_budget():

@@ -896,6 +896,20 @@ def test_a_specialist_teacher_takes_its_files_whole_rule_back_off(tmp_path, temp
     np.testing.assert_allclose(taught.numpy(), own.numpy(), atol=1e-4)
 
 
+def test_a_specialist_at_a_revision_takes_that_manifests_rule():
+    """What training builds: the file of the revision, with the offsets and temperature its
+    manifest gives (a teacher built with neither passed every test; the diff review)."""
+    from service.manifest import load_manifest
+    from service.settings import REPO_MODELS_DIR
+    from training.train import SpecialistTeacher
+
+    recipe = load_manifest(REPO_MODELS_DIR).models["cnn"].recipe
+    teacher = SpecialistTeacher.at_revision("HEAD", pool=4, pad=1)
+    assert teacher.temperature == recipe["temperature"] != 1.0
+    np.testing.assert_array_equal(teacher.offsets.numpy(),
+                                  np.float32(recipe["class_offsets"]))
+
+
 def test_the_specialist_teaches_only_source_0s_images(monkeypatch):
     from service.settings import REPO_MODELS_DIR
     from training.train import SpecialistTeacher
