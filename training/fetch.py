@@ -105,7 +105,8 @@ def fetch_dataset(dest: Path, checksums_path: Path, repository: str = UPSTREAM_R
     fetch's checkout is reused (from this ``repository``); any other folder with files, a
     repository of the user's above all, is refused: the checkout would overwrite it."""
     read_checksums(checksums_path)  # a wrong EMOTION_DATA_DIR said before the clone, not after
-    if _earlier_fetch(dest, repository):
+    earlier = _earlier_fetch(dest, repository)
+    if earlier:
         if _git_output(dest, "status", "--porcelain", "--untracked-files=no"):
             # moving them away lists them as deleted: a review found that advice a dead end
             # quoted to paste into a shell; reset first, for a `git rm` or `git mv` of theirs
@@ -126,22 +127,25 @@ def fetch_dataset(dest: Path, checksums_path: Path, repository: str = UPSTREAM_R
         (dest / ".git" / FETCH_MARK).write_text("made by python -m training fetch\n")
         run_git(dest, "remote", "add", "origin", repository)
     fetch_commit(dest, "origin", commit, repository, given=repository != UPSTREAM_REPOSITORY)
-    checkout_as_committed(dest, commit)
+    checkout_as_committed(dest, commit, rewrite=earlier)
     verify_dataset(dest, checksums_path)
     return dest
 
 
-def checkout_as_committed(repo: Path, revision: str) -> None:
+def checkout_as_committed(repo: Path, revision: str, rewrite: bool = False) -> None:
     """Check ``revision`` out byte for byte as committed: a user's ``core.autocrlf=true`` (Git
     for Windows' default) wrote legend.csv with CRLF, which no checksum matched (a review).
-    This folder's attributes override the user's own; without an index every file is
-    written again, so an earlier fetch's converted files are mended too (git trusts those
-    whose size and time its index holds)."""
+    This folder's attributes override the user's own. ``rewrite`` writes every file again,
+    for an earlier checkout: git trusts a converted file whose size and time its index holds
+    (even ``checkout-index --force``), so the index goes once the checkout has removed what
+    the revision does not hold."""
     (repo / ".git" / "info").mkdir(parents=True, exist_ok=True)
     (repo / ".git" / "info" / "attributes").write_text(
         "* -text -working-tree-encoding -filter -ident\n")
-    (repo / ".git" / "index").unlink(missing_ok=True)
     run_git(repo, "checkout", "--quiet", "--force", revision)
+    if rewrite:
+        (repo / ".git" / "index").unlink()
+        run_git(repo, "checkout", "--quiet", "--force", revision)
 
 
 def pinned_wheel(requirement: str, filename: str, sha256: str, cache_dir: Path) -> Path:
