@@ -73,6 +73,23 @@ def test_fetch_writes_the_bytes_committed_whatever_the_users_line_endings(upstre
     assert legend.read_bytes() == committed
 
 
+def test_a_fetch_at_a_moved_pin_removes_what_the_commit_no_longer_holds(upstream, tmp_path):
+    """Every file of an earlier fetch is written again; a mend that dropped git's index
+    first left a file the new commit removed behind, untracked (found on rereading it)."""
+    repo, first, sums = upstream
+    dest = fetch_dataset(tmp_path / "clone", sums, f"file://{repo}", first)
+    subprocess.run(["git", "rm", "-q", "images/A_0001.png"], cwd=repo, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m",
+                    "moved"], cwd=repo, check=True)
+    moved = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, check=True,
+                           capture_output=True, text=True).stdout.strip()
+    legend_only = tmp_path / "LEGEND_ONLY"
+    legend_only.write_text(sums.read_text().splitlines()[0] + "\n")
+    fetch_dataset(dest, legend_only, f"file://{repo}", moved)
+    assert sorted(p.name for p in dest.rglob("*") if ".git" not in p.parts) == [
+        "data", "legend.csv"]
+
+
 def test_a_checksum_list_that_is_empty_or_absent_is_said_before_the_clone(upstream, tmp_path):
     """An emptied list verified nothing and passed; a missing one was said only after the
     whole upstream had been cloned (the data review)."""
