@@ -253,6 +253,27 @@ def test_export_path_onnx_matches_pytorch_on_real_images(data_settings, fer_sett
     x = torch.rand(1, 1, INPUT_SIZE, INPUT_SIZE)
     with torch.no_grad():
         assert torch.allclose(wrapped(x), wrapped(torch.flip(x, dims=[3])), atol=1e-5)
+    # `train --from finish` and `--from refine` take up the stages before from their files
+    # and end where the whole run ended (untested until the training mutation review)
+    def written(stage: str) -> tuple[int, int]:
+        status = (tmp_path / f"{stage}-seed0.pt").stat()
+        return status.st_ino, status.st_mtime_ns
+
+    fitted_file = written("fitted")
+    for start_at in ("finish", "refine"):
+        refined_file = written("refined")
+        train_shipped(data_settings, profile="smoke", seeds=(0,), out_dir=tmp_path,
+                      start_at=start_at)
+        again = load_checkpoint(tmp_path / "joint-seed0.pt")
+        assert again["metrics"] == checkpoint["metrics"], start_at
+        assert all(torch.equal(checkpoint["state_dict"][k], v)
+                   for k, v in again["state_dict"].items()), start_at
+        assert (written("refined") != refined_file) == (start_at == "refine")
+    assert written("fitted") == fitted_file  # not trained and written again
+    (tmp_path / "refined-seed0.pt").unlink()
+    with pytest.raises(SystemExit, match="refined-seed0.pt is missing: run `"):
+        train_shipped(data_settings, profile="smoke", seeds=(0,), out_dir=tmp_path,
+                      start_at="finish")
 
 
 def test_model_card_has_the_side_by_side_and_the_reliability_diagram(manifest):
