@@ -6,6 +6,8 @@ loss's class weights or prior ignored."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -27,8 +29,26 @@ from training.train import (
 CPU = torch.device("cpu")
 
 
+def tiny_model() -> EmotionNet:
+    return EmotionNet(ModelConfig(arch="baseline", channels=(4,), pool=5, pad=0))
+
+
 def tiny_body() -> torch.nn.Module:
-    return EmotionNet(ModelConfig(arch="baseline", channels=(4,), pool=5, pad=0)).body
+    return tiny_model().body
+
+
+def exported_tiny_model(path: Path, offsets, temperature: float
+                        ) -> tuple[EmotionNet, torch.nn.Module]:
+    """A tiny network served with flip and this rule, through a checkpoint, exported to
+    ``path``: the network and the wrapper the export compares ONNX with."""
+    from training.export import export_onnx
+    from training.models import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    save_checkpoint(path.with_suffix(".pt"), model, flip=True,
+                    rule={"class_offsets": list(offsets), "temperature": temperature})
+    return model, export_onnx(load_checkpoint(path.with_suffix(".pt")), path)
 
 
 def separable_set(n: int = 128) -> torch.Tensor:
@@ -43,15 +63,8 @@ def test_the_exported_file_serves_the_rule_on_the_networks_own_log_probabilities
     wrapper the export test compares with itself."""
     import onnxruntime as ort
 
-    from training.export import export_onnx
-    from training.models import load_checkpoint, save_checkpoint
-
-    torch.manual_seed(0)
-    model = EmotionNet(ModelConfig(arch="baseline", channels=(4,), pool=5, pad=0)).eval()
     offsets, temperature = np.linspace(-1, 1, NUM_CLASSES), 1.7
-    save_checkpoint(tmp_path / "c.pt", model, flip=True,
-                    rule={"class_offsets": list(offsets), "temperature": temperature})
-    export_onnx(load_checkpoint(tmp_path / "c.pt"), tmp_path / "m.onnx")
+    model, _ = exported_tiny_model(tmp_path / "m.onnx", offsets, temperature)
     images = np.random.default_rng(0).random((3, 1, 350, 350), dtype=np.float32)
     served = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=[
         "CPUExecutionProvider"]).run(["probabilities"], {"image": images})[0]
@@ -133,10 +146,8 @@ def test_distillation_is_the_kl_on_fers_classes_scaled_by_the_temperature_square
 def test_the_parity_check_reports_the_largest_difference(tmp_path):
     """ONNX Runtime against the PyTorch wrapper, both run: a wrapper off by 0.01 on one
     image's one class is reported as 0.01 (a mean, or ONNX against itself, said less)."""
-    from training.export import export_onnx, max_parity_error
+    from training.export import max_parity_error
 
-    torch.manual_seed(0)
-    model = EmotionNet(ModelConfig(arch="baseline", channels=(4,), pool=5, pad=0)).eval()
     images = np.random.default_rng(0).random((3, 350, 350), dtype=np.float32)
 
     class Inputs:  # the workspace's one method the check reads
@@ -155,9 +166,7 @@ def test_the_parity_check_reports_the_largest_difference(tmp_path):
             return out
 
     path = tmp_path / "m.onnx"
-    wrapped = export_onnx({"model_config": model.config.to_dict(), "state_dict":
-                           model.state_dict(), "flip": True, "rule": {
-                               "class_offsets": [0.0] * NUM_CLASSES, "temperature": 1.0}}, path)
+    _, wrapped = exported_tiny_model(path, [0.0] * NUM_CLASSES, 1.0)
     assert max_parity_error(wrapped, path, Inputs, "identity", []) < 1e-5
     assert max_parity_error(OffByOne(wrapped), path, Inputs, "identity",
                             []) == pytest.approx(0.01, abs=1e-5)
@@ -182,3 +191,20 @@ def test_training_inputs_are_the_services_preprocessing_through_the_models_stem(
         with torch.no_grad():
             expected = stem(torch.from_numpy(photo)[None, None])[0]
         torch.testing.assert_close(pooled[i], expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 1.5])
+def test_a_specialist_teacher_takes_its_files_whole_rule_back_off(tmp_path, temperature):
+    """What it teaches is the network's own flip-averaged log-probabilities: with a
+    temperature other than 1 the offsets fitted on validation were taken off only in part,
+    and the argmax differed (the training mutation review)."""
+    from training.train import SpecialistTeacher
+
+    offsets = np.array([0.0, -2.0, 2.0, 0.0, 0.75, 2.75, 1.5, 2.0])
+    model, _ = exported_tiny_model(tmp_path / "m.onnx", offsets, temperature)
+    pooled = torch.rand(4, 1, 70, 70)
+    with torch.no_grad():
+        own = torch.log_softmax((model.body(pooled) + model.body(pooled.flip(3))) / 2, dim=1)
+    taught = SpecialistTeacher((tmp_path / "m.onnx").read_bytes(), pool=5, pad=0,
+                               class_offsets=offsets, temperature=temperature)(pooled)
+    np.testing.assert_allclose(taught.numpy(), own.numpy(), atol=1e-4)

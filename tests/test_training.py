@@ -873,29 +873,6 @@ def test_a_specialist_teacher_reads_a_pooled_image_as_its_file_reads_the_photo(d
     np.testing.assert_allclose(unserved.numpy(), expected.numpy(), atol=1e-4)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 1.5])
-def test_a_specialist_teacher_takes_its_files_whole_rule_back_off(tmp_path, temperature):
-    """What it teaches is the network's own flip-averaged log-probabilities: with a
-    temperature other than 1 the offsets fitted on validation were taken off only in part,
-    and the argmax differed (the training mutation review)."""
-    from training.export import export_onnx
-    from training.models import EmotionNet, ModelConfig, load_checkpoint, save_checkpoint
-    from training.train import SpecialistTeacher
-
-    torch.manual_seed(0)
-    model = EmotionNet(ModelConfig(arch="baseline", channels=(4,), pool=5, pad=0)).eval()
-    offsets = np.array([0.0, -2.0, 2.0, 0.0, 0.75, 2.75, 1.5, 2.0])
-    pooled = torch.rand(4, 1, 70, 70)
-    with torch.no_grad():
-        own = torch.log_softmax((model.body(pooled) + model.body(pooled.flip(3))) / 2, dim=1)
-    save_checkpoint(tmp_path / "c.pt", model, flip=True,
-                    rule={"class_offsets": list(offsets), "temperature": temperature})
-    export_onnx(load_checkpoint(tmp_path / "c.pt"), tmp_path / "m.onnx")
-    taught = SpecialistTeacher((tmp_path / "m.onnx").read_bytes(), pool=5, pad=0,
-                               class_offsets=offsets, temperature=temperature)(pooled)
-    np.testing.assert_allclose(taught.numpy(), own.numpy(), atol=1e-4)
-
-
 def test_a_specialist_at_a_revision_takes_that_manifests_rule():
     """What training builds: the file of the revision, with the offsets and temperature its
     manifest gives (a teacher built with neither passed every test; the diff review)."""
