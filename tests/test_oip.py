@@ -181,8 +181,6 @@ def test_a_misspelt_parameter_is_refused_and_tritonclients_own_pass(client, face
             caught.value.message(), mode
 
 
-BINARY_HEAD = (b'{"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], '
-               b'"parameters": {"binary_data_size": 8}}]}')
 def binary_bytes_request(*elements: bytes) -> tuple[bytes, dict]:
     """A /v2 body of BYTES ``elements`` in the binary extension, with its header."""
     data = b"".join(len(e).to_bytes(4, "little") + e for e in elements)
@@ -222,8 +220,7 @@ def app_client():
     # 32 dimensions are within NumPy's: the contract's shape is what refuses them
     (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [' + b"1," * 31
      + b'1], "data": [0.5]}]}', {}, "is FP32 [N, 1, 350, 350]"),
-    (BINARY_HEAD + b"\x04\x00\x00\x00\x89PNGJUNK",
-     {"Inference-Header-Content-Length": str(len(BINARY_HEAD))},
+    (binary_bytes_request(b"\x89PNG")[0] + b"JUNK", binary_bytes_request(b"\x89PNG")[1],
      "4 bytes of binary data belong to no input"),
     # a binary_data_size of the wrong type, and binary data without the header that says
     # where the JSON ends: each was "runs past the body", or a UTF-8 decoding error
