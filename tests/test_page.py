@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
+from service.classes import CLASS_NAMES
 from tests.images import encode, png_declaring, rgb_image
 from tests.server import REPO, running_server
 
@@ -712,13 +713,11 @@ def test_an_answer_is_drawn_as_it_says(page, server):
     edges drawn at them: a mutant showing the top class's value on every bar, boxes' heights
     scaled by the width, or no clamp passed every test (the page's mutation review)."""
     width, height = 800, 500  # two_people.jpg
-    classes = ["ANGER", "SURPRISE", "DISGUST", "FEAR", "NEUTRAL", "HAPPINESS", "SADNESS",
-               "CONTEMPT"]
 
     def prediction(label, probabilities, face):
         return {"filename": "two_people.jpg", "label": label,
-                "label_id": classes.index(label), "face": face, "faces_found": 2,
-                "probabilities": {c: probabilities.get(c, 0.0) for c in classes}}
+                "label_id": CLASS_NAMES.index(label), "face": face, "faces_found": 2,
+                "probabilities": {c: probabilities.get(c, 0.0) for c in CLASS_NAMES}}
 
     answer = {"model": "cnn", "model_sha256": "0" * 64, "latency_ms": 1.0, "predictions": [
         prediction("HAPPINESS", {"HAPPINESS": 0.9996, "SURPRISE": 0.0004},
