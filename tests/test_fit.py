@@ -51,11 +51,12 @@ def exported_tiny_model(path: Path, offsets, temperature: float
     return model, export_onnx(load_checkpoint(path.with_suffix(".pt")), path)
 
 
-def separable_set(n: int = 128) -> torch.Tensor:
-    """Pooled 70x70 images whose brightness carries a little of their label."""
+def separable_set(n: int = 128) -> tuple[torch.Tensor, np.ndarray]:
+    """Pooled 70x70 images whose brightness carries a little of their label, and the labels."""
     torch.manual_seed(0)
     labels = np.arange(n) % NUM_CLASSES
-    return torch.rand(n, 1, 70, 70) + torch.from_numpy(labels).float()[:, None, None, None] / 16
+    images = torch.rand(n, 1, 70, 70) + torch.from_numpy(labels).float()[:, None, None, None] / 16
+    return images, labels
 
 
 def test_the_exported_file_serves_the_rule_on_the_networks_own_log_probabilities(tmp_path):
@@ -82,8 +83,7 @@ def test_the_exported_file_serves_the_rule_on_the_networks_own_log_probabilities
 def test_best_val_returns_the_weights_of_its_best_epoch(ema):
     """Returned weights score what the best epoch scored, not the last epoch's (a mutant
     keeping a live reference to the state instead of a copy returned the last)."""
-    images = separable_set()
-    labels = np.arange(len(images)) % NUM_CLASSES
+    images, labels = separable_set()
     val = LabelledImages(images[:48], labels[:48], name="v")
     seed_everything(1)
     body, history = fit(tiny_body(), TrainConfig(epochs=6, lr=3e-2, select="best_val",
@@ -98,8 +98,7 @@ def test_best_val_returns_the_weights_of_its_best_epoch(ema):
 def test_epochs_are_judged_on_the_returned_average_over_the_mean_of_both_sets():
     """With an EMA, the weights judged each epoch are the average the run returns; the
     criterion is the mean of the validation sets' macro-F1s."""
-    images = separable_set()
-    labels = np.arange(len(images)) % NUM_CLASSES
+    images, labels = separable_set()
     vals = [LabelledImages(images[:48], labels[:48], name="a"),
             LabelledImages(images[48:96], labels[48:96], name="b")]
     seed_everything(1)
