@@ -6,8 +6,9 @@ Load: ``--clients`` connections post real test-split images for ``--seconds`` to
 with the default settings but one worker. Goal: no request fails.
 
 Overload: the same clients against a server whose ``EMOTION_MAX_IN_FLIGHT`` is
-``--overload-in-flight``. Requests past that limit must get 503 with Retry-After at once
-(their latency is printed beside the admitted requests'), and nothing else may fail.
+``--overload-in-flight``. Requests past that limit must get 503 with Retry-After, and
+nothing else may fail. How fast the 503s come is printed beside the admitted requests'
+latency, not judged: a refusal waits for the event loop as any answer does.
 
 Prints the figures; exits with status 1 when a goal is missed.
 """
