@@ -148,6 +148,14 @@ def requests_for(part: str, args) -> list[dict]:
     raise SystemExit(f"unknown case {case!r}; the cases are {', '.join(CASES)}")
 
 
+def peak_resident_bytes(pid: int) -> int:
+    """The process's high-water mark of resident memory (``VmHWM``), not its resident memory
+    now: a request's decode is freed by the time the answer is read."""
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status
+                    if line.startswith("VmHWM:"))
+
+
 def measure(case: str, args) -> dict:
     # "a+b": one request of each case, sent together (each --concurrent times)
     requests = [r for part in case.split("+") for r in requests_for(part, args)
@@ -181,9 +189,7 @@ def measure(case: str, args) -> dict:
                     "idle_mb": idle / 1e6, "peak_mb": float("nan"),
                     "wall_s": time.perf_counter() - started}
         wall = time.perf_counter() - started
-        with open(f"/proc/{process.pid}/status") as status:
-            peak = next(int(line.split()[1]) * 1024 for line in status
-                        if line.startswith("VmHWM:"))
+        peak = peak_resident_bytes(process.pid)
     return {"case": case, "requests": len(requests), "body_mb": body_mb, "status": statuses,
             "idle_mb": idle / 1e6, "peak_mb": peak / 1e6, "wall_s": wall}
 
