@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -70,3 +71,21 @@ def shipped_model_bytes(name: str):
 
     entry = load_manifest(REPO_MODELS_DIR).models[name]
     return entry, read_pinned(REPO_MODELS_DIR / entry.file, entry.sha256, "manifest.json")
+
+
+def busy_warning(load: float, cpus: int) -> str | None:
+    """A warning when other work held the CPUs as a benchmark started, else None. Its ratios
+    time the bare path back to back but a server between idle gaps, and a busy scheduler
+    favours the process that sleeps: under load 5 to 9 on 2 cores, /predict came out 0.89x
+    the bare path, with a negative overhead, where an idle machine measures 1.57x (a review)."""
+    if load < cpus / 2:
+        return None
+    return (f"WARNING: this machine was busy as the benchmark started (load average "
+            f"{load:.1f} on {cpus} CPUs): the ratios to the bare path below are not "
+            "comparable with an idle machine's; rerun with nothing else running")
+
+
+def print_busy_warning() -> None:
+    warning = busy_warning(os.getloadavg()[0], len(os.sched_getaffinity(0)))
+    if warning:
+        print(warning, flush=True)

@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from benchmarks import run, run_loop, shipped_model_bytes
+from benchmarks import print_busy_warning, run, run_loop, shipped_model_bytes
 from benchmarks.load import load_faces
 from benchmarks.wire import multipart_request, raw_request, send_requests
 from service.arguments import count, non_negative
@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="uvicorn workers of the service; 0: one per CPU, the service's "
                              "default (default: %(default)s)")
     args = parser.parse_args(argv)
+    print_busy_warning()
     n = args.requests
     faces = load_faces(64)
     server_settings = Settings(workers=args.workers)
