@@ -187,7 +187,9 @@ def sampled_frames(path: Path, fps: float) -> Iterator[tuple[float, int, Decoded
                 next_time = (math.floor((time + 1e-6) * fps) + 1) / fps
         end, of_the_file = declared_end(container, stream, av.time_base)
         # The file's own duration may count a last frame held longer than its packets say
-        # (a slideshow remuxed to FLV): trusted only where a packet was cut off too.
+        # (a slideshow remuxed to FLV), or sound that runs on: trusted only where a packet
+        # was cut off too. Not only where the video is the one stream: an FLV with sound,
+        # cut, gave its first rows and exit 0 (a review).
         if of_the_file and not cut_packet:
             end = None
         damaged = refused > cut_refused
@@ -265,10 +267,10 @@ def _decoder(av, stream):
 
 def declared_end(container, stream, container_time_base: int) -> tuple[float | None, bool]:
     """When the file's header says the video stream ends, in seconds (None where unsaid), and
-    whether that is the whole file's duration rather than the stream's own. The file's counts
-    the sound too, which may run on: it is used only where the video is the one stream (FLV
-    declares no other), and without its start, which some formats count in it and some do
-    not (a late cut is missed rather than a whole file called cut)."""
+    whether that is the whole file's duration rather than the stream's own (FLV declares no
+    other), which the caller trusts only where a packet was cut off: it counts the sound too,
+    which may run on. Without its start, which some formats count in it and some do not (a
+    late cut is missed rather than a whole file called cut)."""
     if stream.duration and stream.time_base:
         return float((stream.start_time or 0) * stream.time_base
                      + stream.duration * stream.time_base), False
@@ -279,7 +281,7 @@ def declared_end(container, stream, container_time_base: int) -> tuple[float | N
             return int(hours) * 3600 + int(minutes) * 60 + float(seconds), False
         except ValueError:
             return None, False
-    if len(container.streams) == 1 and container.duration:
+    if container.duration:
         return container.duration / container_time_base, True
     return None, False
 

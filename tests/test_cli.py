@@ -1143,6 +1143,24 @@ def test_a_cut_video_says_so_keeps_its_rows_and_exits_1(tmp_path, capsys, suffix
     assert "the file is cut short" in line and "their plot could not be written (" in line
 
 
+@pytest.mark.parametrize("suffix", ["flv", "mp4"])
+def test_a_cut_video_with_sound_says_so(tmp_path, capsys, suffix):
+    """An FLV declares only the whole file's length, which counts its sound: it was read only
+    where the video was the one stream, so a cut FLV with sound, as FLVs are, gave the rows of
+    its first half and exit 0 (a mutation review). An MP4 declares the video's own."""
+    whole, cut = tmp_path / f"talk.{suffix}", tmp_path / f"cut.{suffix}"
+    video_with_longer_sound(whole, noise_frames(40), fps=10, seconds=4, codec="libx264",
+                            options={"movflags": "faststart"} if suffix == "mp4" else None)
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    argv = ["--fps", "2", "--faces", "none"]
+    assert main(["video", str(whole), "--out", str(tmp_path / "whole.csv"), *argv]) == 0
+    capsys.readouterr()
+    assert main(["video", str(cut), "--out", str(tmp_path / "cut.csv"), *argv]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert re.search(r"the frames stop at [12]\.\d s of the 4\.\d s its header declares: the "
+                     r"file is cut short; the [3-5] rows", line), line
+
+
 def test_a_cut_matroska_over_a_minute_says_its_whole_length(tmp_path, capsys):
     """Matroska declares its length as text, "00:01:30.000000000": read with its minutes (a
     mutant that dropped them said 31.0 s and failed no test; the video review)."""
@@ -1236,15 +1254,16 @@ def test_timestamps_that_jump_or_start_again_are_sampled_where_they_land(tmp_pat
     assert all(0.45 < later - earlier < 0.55 for earlier, later in itertools.pairwise(times))
 
 
-def video_with_longer_sound(path, frames: list[Image.Image], fps: int, seconds: float) -> None:
-    """A Matroska file whose audio track runs ``seconds``, past its pictures."""
+def video_with_longer_sound(path, frames: list[Image.Image], fps: int, seconds: float,
+                            codec: str = "mpeg4", options: dict | None = None) -> None:
+    """A file whose audio track runs ``seconds``, past its pictures (or as far)."""
     import fractions
 
     import av
 
-    with av.open(str(path), "w") as container:
-        video, audio = container.add_stream("mpeg4", rate=fps), container.add_stream("aac",
-                                                                                     rate=44100)
+    with av.open(str(path), "w", options=options or {}) as container:
+        video, audio = container.add_stream(codec, rate=fps), container.add_stream("aac",
+                                                                                   rate=44100)
         video.width, video.height = frames[0].size
         video.pix_fmt = "yuv420p"
         for image in frames:
@@ -1298,7 +1317,8 @@ def retimed_video(path, frames: list[Image.Image], codec: str, pix_fmt: str, shi
 
 
 @pytest.mark.parametrize("kind", ["last frame held", "FLV slideshow", "sound runs on",
-                                  "trimmed MP4", "AVI with a gap", "AVI on a millisecond clock"])
+                                  "FLV whose sound runs on", "trimmed MP4", "AVI with a gap",
+                                  "AVI on a millisecond clock"])
 def test_a_whole_video_is_not_taken_for_a_cut_one(tmp_path, kind):
     """All were 'cut short', exit 1: a GIF whose last frame is shown for 2 s (its end is its
     last frame's time plus its own duration), an FLV slideshow, whose frames say nothing of
@@ -1324,6 +1344,9 @@ def test_a_whole_video_is_not_taken_for_a_cut_one(tmp_path, kind):
     elif kind == "FLV slideshow":
         video = tmp_path / "slides.flv"
         flv_slideshow(video, frames, fps=10, last_seconds=3)
+    elif kind == "FLV whose sound runs on":  # the file's duration is the sound's
+        video = tmp_path / "talk.flv"
+        video_with_longer_sound(video, frames, fps=10, seconds=5, codec="libx264")
     else:
         video = tmp_path / "talk.mkv"
         video_with_longer_sound(video, frames, fps=10, seconds=5)
@@ -1331,6 +1354,7 @@ def test_a_whole_video_is_not_taken_for_a_cut_one(tmp_path, kind):
     assert main(["video", str(video), "--out", str(out), "--fps", "2", "--faces", "none"]) == 0
     times = [float(r["time_s"]) for r in read_rows(out)]
     assert times == pytest.approx({"FLV slideshow": [0.1, 0.6, 1.1, 1.6, 2.0],
+                                   "FLV whose sound runs on": [0.2, 0.5, 1.0, 1.5, 2.0],
                                    "AVI with a gap": [0.0, 0.5, 3.0, 3.5]}.get(
         kind, [0.0, 0.5, 1.0, 1.5]), abs=0.11)
 
