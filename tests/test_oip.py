@@ -583,7 +583,7 @@ def test_an_inflating_body_is_refused_by_the_budget_before_it_is_inflated():
     refusal costs a step (1 MiB), not the whole inflated body."""
     import tracemalloc
 
-    from service.oip import decode_content
+    from service.oip import TooLargeError, decode_content
 
     class Full(Exception):
         pass
@@ -600,7 +600,16 @@ def test_an_inflating_body_is_refused_by_the_budget_before_it_is_inflated():
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < 15_000_000  # whatever INFLATE_STEP says: at 1 GiB steps it was 449 MB
+    assert peak < 15_000_000  # whatever INFLATE_STEP says
+    # and past the limit with the budget to spare: at 1 GiB steps, 449 MB before the 413
+    tracemalloc.start()
+    try:
+        with pytest.raises(TooLargeError):
+            decode_content(bomb, "gzip", 6_000_000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 12_000_000
     # and bodies that take many steps inflate whole, to the byte
     payload = np.random.default_rng(0).integers(0, 4, 5_000_000, dtype=np.uint8).tobytes()
     assert bytes(decode_content(gzip.compress(payload), "gzip", 6_000_000)) == payload
