@@ -1123,6 +1123,7 @@ def test_a_cut_video_says_so_keeps_its_rows_and_exits_1(tmp_path, capsys, suffix
         {**r, "path": ""} for r in whole_rows[: len(cut_rows)]]
     assert "the file is cut short" in line and (
         "of the 4.0 s its header's count declares" if suffix == "avi" else "of the 4.") in line
+    assert "before that" not in line  # nothing was damaged before the cut (a review's mutant)
     # the rows kept are plotted too (no plot was drawn, and nothing said so)
     assert "its header" in line and line.endswith(
         f"the {len(cut_rows)} rows of the {len(cut_rows)} frames before it are in "
@@ -1159,6 +1160,26 @@ def test_a_cut_video_with_sound_says_so(tmp_path, capsys, suffix):
     [line] = capsys.readouterr().err.strip().splitlines()
     assert re.search(r"the frames stop at [12]\.\d s of the 4\.\d s its header declares: the "
                      r"file is cut short; the [3-5] rows", line), line
+
+
+def test_a_cut_losing_under_a_second_is_said(tmp_path, capsys):
+    """Half a second is the slack for a last frame's own length: doubled, a file cut inside
+    its frame at 3.2 s of 4.0 passed as whole, and every other cut test lost more (a review)."""
+    import fractions
+
+    import av
+
+    whole, cut = tmp_path / "whole.mkv", tmp_path / "cut.mkv"
+    encode_video(whole, noise_frames(40), fps=10)
+    with av.open(str(whole)) as container:
+        packet = next(p for p in container.demux(video=0)
+                      if p.pts is not None and p.pts * p.time_base == fractions.Fraction(16, 5))
+        start, size = packet.pos, packet.size
+    cut.write_bytes(whole.read_bytes()[: start + size // 2])
+    assert main(["video", str(cut), "--out", str(tmp_path / "rows.csv"), "--fps", "10",
+                 "--faces", "none"]) == 1
+    assert "stop at 3.1 s of the 4.0 s its header declares: the file is cut short; the 32 rows" \
+        in capsys.readouterr().err
 
 
 def test_a_cut_matroska_over_a_minute_says_its_whole_length(tmp_path, capsys):
