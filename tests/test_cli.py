@@ -30,6 +30,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.app import create_app
+from service.batch import COLUMNS
 from service.classes import CLASS_NAMES, NUM_CLASSES
 from service.cli import main
 from service.settings import REPO_MODELS_DIR, Settings
@@ -1487,6 +1488,8 @@ def read_rows_bytes(path) -> list[dict]:
     # whole JSON beginning as ours do, with other columns: erased too (the second diff review)
     (".jsonl", b'{"path": "imgs/a.jpg", "label": "my own note"}'),
     (".jsonl", b'{"path": "a"} and then my notes'),  # whole, then text (the third)
+    # our header, then a line of the user's own with its line end: erased, exit 0 (a review)
+    (".csv", ",".join(COLUMNS).encode() + b"\r\nchecked by Bob on 2024-05-01\r\n"),
 ])
 def test_resume_refuses_an_output_it_did_not_write_and_leaves_it_alone(tmp_path, suffix,
                                                                         content):
