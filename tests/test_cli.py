@@ -1522,6 +1522,14 @@ def test_url_retries_rate_limits_and_refuses_an_answer_that_is_not_predictions(t
     assert row.values["label"] == "NEUTRAL" and row.values["code"] is None
     with pytest.raises(RemoteError, match="not with predictions"):
         runner._classify([str(photo)])
+    # probabilities out of [0, 1], or not summing to 1: written as rows, exit 0 (a review)
+    for probabilities in ({c: 1.0 for c in CLASS_NAMES},
+                          {**{c: 0.0 for c in CLASS_NAMES}, "ANGER": 1.5, "FEAR": -0.5}):
+        answers.append(httpx.Response(200, json={"predictions": [{
+            "filename": "0", "label": "ANGER", "face": None, "error": None,
+            "probabilities": probabilities}]}))
+        with pytest.raises(RemoteError, match="not with predictions"):
+            runner._classify([str(photo)])
 
 
 def _runner_answering(*answers):
