@@ -202,6 +202,19 @@ def test_usage_mistakes_exit_2_in_one_line(tmp_path):
                              "--model", "resnet"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(
         "emotion-detect images: error: unknown model 'resnet'")
+    # and before any work where the files take several batches on several workers: unchecked,
+    # a worker's traceback, exit 1, and the output emptied (a review's mutant)
+    photos, out = tmp_path / "photos", tmp_path / "kept.csv"
+    photos.mkdir()
+    for name in ("a.png", "b.png"):
+        (photos / name).write_bytes(encode(gray_image(), "PNG"))
+    out.write_text("my own notes\n")
+    result = subprocess.run([*COMMAND, "images", str(photos), "--out", str(out), "--model",
+                             "resnet", "--workers", "2", "--batch-size", "1"], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(
+        "emotion-detect images: error: unknown model 'resnet'"), result.stderr
+    assert "Traceback" not in result.stderr and out.read_text() == "my own notes\n"
     for command in (["images", str(tmp_path)], ["video", str(tmp_path / "clip.mp4")]):
         result = subprocess.run([*COMMAND, *command, "--out", str(tmp_path / "r.csv"),
                                  "--model", ""], cwd=REPO, capture_output=True, text=True)
