@@ -214,8 +214,8 @@ def render_markdown(r: dict) -> str:
         "## Images",
         "",
         "Pillow modes: " + ", ".join(f"{k} {v}" for k, v in r["modes"].items())
-        + f". Colour (an RGB image whose channels differ by more than 8 levels somewhere): "
-        f"{r['colour_images']}.",
+        + ". Colour (an RGB image with a channel more than 8 levels from its pixel's mean of "
+        f"the three somewhere): {r['colour_images']}.",
         "",
         markdown_table(["shape (WxH)", "images"], list(r["most_common_shapes"].items())),
         "",
