@@ -489,7 +489,8 @@ def write_levers_report(reports_dir: Path) -> Path:
         "images), with test-time flip, after class offsets cross-validated within validation "
         "(fitted on one half, by identity for this dataset, scored on the other, both ways, "
         "3 halvings). `raw` is the same mean with no offsets. No test set was looked at. "
-        "`minutes` is wall time with two runs sharing the machine's 2 cores.",
+        "`minutes` is wall time on the machine's 2 cores, shared with one or two other runs "
+        "unless a lever's notes say it ran alone.",
         "",
         TIE_BREAK,
         "",
