@@ -301,6 +301,19 @@ def test_an_interrupted_reproduce_says_so_in_a_line_and_its_readme_matches(
     assert "| knn |" in readme and "| baseline |" not in readme
 
 
+def test_the_committed_levers_report_is_what_its_records_write(tmp_path):
+    """levers.md says "do not edit": it is regenerated from the committed records byte for
+    byte, so its tables cannot drift from them (a review's mutants swapped its columns,
+    flipped a delta's sign and dropped a section, and passed every test)."""
+    from training.levers import write_levers_report
+    from training.settings import TrainingSettings
+
+    shipped = TrainingSettings().reports_dir
+    shutil.copytree(shipped, tmp_path / "reports")
+    written = write_levers_report(tmp_path / "reports")
+    assert written.read_bytes() == (shipped / "levers.md").read_bytes()
+
+
 def test_train_into_a_new_reports_folder_ends_well_without_the_levers_report(
         tmp_path, monkeypatch, capsys):
     """levers.md compares the levers with the shipped seeds' records: into a new reports
