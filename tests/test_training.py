@@ -301,6 +301,24 @@ def test_an_interrupted_reproduce_says_so_in_a_line_and_its_readme_matches(
     assert "| knn |" in readme and "| baseline |" not in readme
 
 
+def test_the_knn_reproduction_chooses_k_on_validation_never_on_test():
+    """The score k is chosen on is the validation set's: a review's mutant handed the sweep the
+    test set and passed every test (the committed reports were made before, by this code)."""
+    from types import SimpleNamespace
+
+    from training.reproduce import run_knn
+
+    rng = np.random.default_rng(0)
+    features = {name: rng.normal(size=(100, 80)).astype(np.float32)
+                for name in ("train", "val", "test")}
+    subsets = {name: SimpleNamespace(labels=(np.arange(100) % 2) * 4) for name in features}
+    workspace = SimpleNamespace(subsets=lambda split: subsets, features=lambda split: features)
+    metrics, choice = run_knn(SimpleNamespace(knn_ks=(1, 3, 5)), workspace, "identity", seed=0)
+    assert choice["chosen"]["val_macro_f1"] == pytest.approx(metrics["val"]["macro_f1"])
+    assert metrics["val"]["macro_f1"] != pytest.approx(metrics["test"]["macro_f1"])
+    assert choice["chosen"]["val_macro_f1"] == max(row["val_macro_f1"] for row in choice["sweep"])
+
+
 def test_the_committed_levers_report_is_what_its_records_write(tmp_path):
     """levers.md says "do not edit": it is regenerated from the committed records byte for
     byte, so its tables cannot drift from them (a review's mutants swapped its columns,
