@@ -579,6 +579,114 @@ def test_face_geometry_into_a_folder_without_models_writes_nothing_and_is_one_li
                            f"manifest {tmp_path / 'nosuch' / 'manifest.json'}"), line
 
 
+def test_face_geometry_learns_the_median_of_single_face_images_on_its_sample(monkeypatch):
+    """The framing is the median box of the images where exactly one face is found, over
+    every (count // limit)th train image cut at limit, as the shipped framing was learned
+    (no test ran this computation: a review's mutants of the filter and the sample passed)."""
+    from service.faces import Box
+    from training import face_geometry
+
+    names = [f"img{i:02d}" for i in range(10)]
+    # centre x (in 350ths) of each image's one face; img03 has two faces and img07 none
+    centres = {f"img{i:02d}": 35.0 * (i + 1) for i in range(10)}
+
+    class Decoded:
+        pixels = np.arange(10)
+
+        def rows_of(self, wanted):
+            return [names.index(name) for name in wanted]
+
+    class Subset:
+        def __init__(self):
+            self.names = names
+
+    class Workspace:
+        def decoded_for(self, split):
+            return Decoded()
+
+        def subsets(self, split):
+            return {"train": Subset()}
+
+    class Detector:
+        def detect(self, row):
+            name = names[int(row)]
+            box = Box(x=centres[name] - 70, y=105, width=140, height=175)
+            return {"img03": [box, box], "img07": []}.get(name, [box])
+
+    monkeypatch.setattr(face_geometry, "tqdm", lambda rows, **_: rows)
+    geometry, learned = face_geometry.learn_geometry(Workspace(), Detector(), "identity")
+    # the eight single-face images: centres 35, 70, 105, 175, 210, 245, 315, 350 (in 350ths)
+    assert geometry.center_x == pytest.approx(np.median([1, 2, 3, 5, 6, 7, 9, 10]) / 10)
+    assert (geometry.center_y, geometry.width, geometry.height) == pytest.approx((0.55, 0.4, 0.5))
+    assert learned["images"] == 10 and learned["share_with_a_face"] == 0.9
+    assert learned["share_with_exactly_one_face"] == 0.8
+    assert learned["interquartile_range"]["center_x"] == [0.275, 0.75]
+    # --limit 4: every 2nd image from the first, cut at 4 (img00, 02, 04, 06)
+    geometry, learned = face_geometry.learn_geometry(Workspace(), Detector(), "identity", 4)
+    assert learned["images"] == 4 and geometry.center_x == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("best", ["identity", "fer2013", "midpoint", "none"])
+def test_face_geometry_keeps_the_best_framing_and_credits_what_it_was_learned_on(
+        tmp_path, monkeypatch, best):
+    """The framing with the best mean validation macro-F1 is kept, the default mode is auto
+    only where it beats none, and the card says what the kept framing was learned on: a
+    midpoint framing was credited to the identity split's crops alone (a review)."""
+    from service.faces import CropGeometry, load_face_crop
+    from service.settings import REPO_MODELS_DIR
+    from tests.api import models_copy
+    from training import __main__ as cli
+    from training import face_geometry
+    from training.model_card import face_detector_note
+
+    class Present:
+        def __init__(self, settings, profile):
+            pass
+
+        def require_fer(self):
+            pass
+
+    learned = {"identity": (0.4, 9806, 0.99), "fer2013": (0.6, 4000, 0.88)}
+
+    def learn_geometry(ws, detector, split, limit=None):
+        centre, images, share = learned[split]
+        return (CropGeometry(center_x=centre, center_y=0.5, width=0.8, height=1.1),
+                {"split": split, "subset": "train", "images": images,
+                 "share_with_a_face": share})
+
+    order = iter(["none", "identity", "fer2013", "midpoint"])  # as build_face_crop scores
+
+    def score_mode(ws, model, cropper, mode, limit=None):
+        criterion = 0.5 if next(order) == best else 0.4
+        return {"identity": {"images": 1, "macro_f1": criterion, "share_with_a_face": 1.0},
+                "fer2013": {"images": 1, "macro_f1": criterion, "share_with_a_face": 1.0},
+                "criterion": criterion}
+
+    shipped = load_face_crop(REPO_MODELS_DIR)
+    monkeypatch.setattr(face_geometry, "Workspace", Present)
+    monkeypatch.setattr(face_geometry, "export_detector", lambda settings, out: shipped.detector)
+    monkeypatch.setattr(face_geometry, "FaceDetector", lambda config, folder: None)
+    monkeypatch.setattr(face_geometry, "FaceCropper", lambda spec, folder: None)
+    monkeypatch.setattr(face_geometry, "learn_geometry", learn_geometry)
+    monkeypatch.setattr(face_geometry, "score_mode", score_mode)
+    folder = models_copy(tmp_path)
+    spec = face_geometry.build_face_crop(cli.get_training_settings(), folder, staging=tmp_path)
+    chosen = "identity" if best == "none" else best  # ties go to the first candidate
+    assert spec.learned_from["chosen"] == chosen
+    assert spec.geometry.center_x == pytest.approx({"identity": 0.4, "fer2013": 0.6,
+                                                    "midpoint": 0.5}[chosen])
+    assert spec.evaluation["default"] == ("none" if best == "none" else "auto")
+    (folder / "face_crop.json").write_text(spec.model_dump_json())
+    card = " ".join(face_detector_note(folder))
+    assert {"identity": "was learned on the identity split's train crops (9806 images, a "
+                        "face found in 99.0% of them)",
+            "fer2013": "was learned on the fer2013 split's train crops (4000 images, a face "
+                       "found in 88.0% of them)",
+            "midpoint": "is the midpoint of the framings learned on the identity and fer2013 "
+                        "splits' train crops (13806 images, a face found in 95.8% of them)",
+            }[chosen] in card, card
+
+
 def test_export_takes_only_checkpoints_of_its_own_profile(tmp_path):
     from training.export import choose_checkpoint
     from training.models import save_checkpoint

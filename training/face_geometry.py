@@ -103,6 +103,16 @@ def midpoint(a: CropGeometry, b: CropGeometry) -> CropGeometry:
                            for k in CropGeometry.model_fields})
 
 
+def framing_source(learned: list[dict]) -> dict:
+    """What the chosen framing was learned on, for the model card: the midpoint on both sets
+    (it was credited to the identity split's crops alone, a review)."""
+    images = sum(entry["images"] for entry in learned)
+    return {"split": " and ".join(entry["split"] for entry in learned),
+            "subset": learned[0]["subset"], "images": images,
+            "share_with_a_face": round(sum(entry["share_with_a_face"] * entry["images"]
+                                           for entry in learned) / images, 4)}
+
+
 def score_mode(ws: Workspace, model: OnnxClassifier, cropper: FaceCropper | None,
                mode: str, limit: int | None = None) -> dict:
     """Macro-F1 of ``mode`` on each validation set, through the service's code path."""
@@ -185,10 +195,9 @@ def build_face_crop(settings: TrainingSettings, models_dir: Path,
                       "chosen": chosen, **{k: learned_identity[k] for k in (
                           "split", "subset", "images", "share_with_a_face")}},
         code_commit=code_commit(), created_at=datetime.now(UTC).isoformat(timespec="seconds"))
-    if chosen != "identity":
-        chosen_learned = learned_fer if chosen == "fer2013" else learned_identity
-        spec.learned_from.update({k: chosen_learned[k] for k in (
-            "split", "subset", "images", "share_with_a_face")})
+    spec.learned_from.update(framing_source({"identity": [learned_identity],
+                                             "fer2013": [learned_fer],
+                                             "midpoint": [learned_identity, learned_fer]}[chosen]))
     spec.evaluation = {
         "model": "cnn", "model_sha256": entry.sha256, "subset": "val",
         "sets": {name: {"val": {"none": {"macro_f1": scores["none"][name]["macro_f1"]},

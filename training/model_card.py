@@ -174,10 +174,12 @@ def face_detector_note(models_dir: Path, cnn_sha256: str | None = None) -> list[
         f"Each file's sha256 is in `{FACE_CROP_FILE}`, whose own is in `manifest.json`; "
         "the service checks all four before loading, and if one differs it reports not "
         "ready and refuses faces=auto|all. The crop "
-        "around a found face is framed as the training crops are: that geometry was learned "
-        f"on the {learned.get('split', '?')} split's {learned.get('subset', '?')} crops "
-        f"({learned.get('images', '?')} images, a face found in "
-        f"{learned.get('share_with_a_face', 0):.1%} of them).",
+        "around a found face is framed as the training crops are: that geometry "
+        + ("is the midpoint of the framings learned on the "
+           f"{learned.get('split', '?')} splits' " if learned.get("chosen") == "midpoint" else
+           f"was learned on the {learned.get('split', '?')} split's ")
+        + f"{learned.get('subset', '?')} crops ({learned.get('images', '?')} images, a face "
+        f"found in {learned.get('share_with_a_face', 0):.1%} of them).",
         ""]
     evaluation = spec.evaluation
     rows = [(name, subset, result) for name, by_subset in evaluation.get("sets", {}).items()
