@@ -45,4 +45,4 @@ system-packages:
 	fi
 
 test: lint system-packages
-	$(DEV_VENV)/bin/python -m pytest
+	$(DEV_VENV)/bin/python -m pytest --durations=10
