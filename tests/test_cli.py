@@ -612,6 +612,51 @@ def test_url_gives_the_same_rows_as_in_process_and_as_predict(photo_folder, tmp_
                     first["probabilities"][c] for c in CLASS_NAMES]
 
 
+def test_in_process_the_model_and_faces_default_to_this_machines_settings(
+        test_images, tmp_path, monkeypatch, request):
+    """README: left out, --model and --faces are EMOTION_DEFAULT_MODEL and
+    EMOTION_DEFAULT_FACES in process (a review's mutants ignoring either passed every test)."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name, data in test_images[:4]:
+        (folder / name).write_bytes(data)
+
+    def rows(*options: str) -> list[dict]:
+        out = tmp_path / f"rows{len(list(tmp_path.glob('rows*')))}.csv"
+        assert main(["images", str(folder), "--out", str(out), "--workers", "1",
+                     *options]) == 0
+        return read_rows(out)
+
+    chosen = rows("--model", "knn", "--faces", "auto")
+    assert chosen != rows("--model", "cnn", "--faces", "auto")
+    assert chosen != rows("--model", "knn", "--faces", "none")
+    monkeypatch.setenv("EMOTION_DEFAULT_MODEL", "knn")
+    monkeypatch.setenv("EMOTION_DEFAULT_FACES", "auto")
+    from service.settings import load_settings
+
+    load_settings.cache_clear()  # read once per process: read again, and again after
+    request.addfinalizer(load_settings.cache_clear)
+    assert rows() == chosen
+
+
+def test_the_command_lines_defaults_are_the_ones_its_help_and_the_readme_state():
+    """Nothing else pins them: a default of --timeout or --batch-size changed passed every
+    test (a review's mutants)."""
+    from service.cli import build_parser
+    from service.settings import container_cpus
+
+    images = build_parser().parse_args(["images", "a.jpg", "--out", "rows.csv"])
+    assert (images.timeout, images.wait, images.batch_size, images.connections,
+            images.workers) == (120.0, 300.0, 8, 8, container_cpus())
+    assert (images.model, images.faces) == (None, None)  # the settings' or the service's
+    video = build_parser().parse_args(["video", "a.mp4", "--out", "rows.csv"])
+    assert (video.fps, video.faces, video.batch_size) == (2.0, "all", 8)
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert "`--timeout` (120 s:" in readme and "`--wait` seconds a batch (default 300," in readme
+    assert "(default: the container's CPUs;" in readme
+    assert "`--faces all` unless told otherwise" in readme
+
+
 def test_the_summary_says_when_faces_were_left_out(tmp_path, monkeypatch, capsys, request):
     """Past EMOTION_MAX_FACES_PER_IMAGE the rows ended with no sign of the faces dropped,
     where /predict's faces_found and the page say so; in process and with --url."""
