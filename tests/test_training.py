@@ -332,6 +332,88 @@ def test_the_committed_levers_report_is_what_its_records_write(tmp_path):
     assert written.read_bytes() == (shipped / "levers.md").read_bytes()
 
 
+def recorded_as_in_code(recorded: dict, config) -> tuple[dict, dict]:
+    """A committed record of a config beside the code's, as JSON: fields the code added since
+    are compared at their defaults (each added one is off by default)."""
+    from dataclasses import asdict
+
+    defaults = json.loads(json.dumps(asdict(type(config)())))  # fields, not derived keys
+    code = {key: value for key, value in json.loads(json.dumps(config.to_dict())).items()
+            if key in recorded or key in defaults}
+    return {**{key: defaults[key] for key in defaults if key not in recorded}, **recorded}, code
+
+
+def test_the_recipes_in_code_are_the_ones_the_committed_results_ran():
+    """The shipped recipe, the study's experiments and the levers are constants in code; the
+    figures they produced are committed. A change to one (the seeds, the epochs, the class
+    weights, the k sweep) passed every test (a review's mutants)."""
+    from dataclasses import asdict, replace
+
+    from service.manifest import load_manifest
+    from service.settings import REPO_MODELS_DIR
+    from training.experiments import KNN_KS, for_profile
+    from training.levers import BASELINE, LEVERS
+    from training.recipe import (
+        REFINE_BETAS,
+        REFINE_FER_MULTIPLE,
+        REFINE_TRAIN,
+        SEEDS,
+        SHIPPED_MODEL,
+        SHIPPED_TRAIN,
+    )
+    from training.settings import TrainingSettings
+
+    cnn = load_manifest(REPO_MODELS_DIR).models["cnn"]
+    for key, config in (("model", SHIPPED_MODEL), ("train", SHIPPED_TRAIN),
+                        ("refine", REFINE_TRAIN)):
+        recorded, code = recorded_as_in_code(cnn.recipe[key], config)
+        assert recorded == code, key
+    assert cnn.recipe["refine_fer_multiple"] == REFINE_FER_MULTIPLE
+    assert [float(beta) for beta in cnn.recipe["raw_criterion_by_beta"]] == list(REFINE_BETAS)
+    assert [int(seed) for seed in cnn.summary["identity_test_macro_f1_over_seeds"]["runs"]] == \
+        list(SEEDS)
+
+    reports = TrainingSettings().reports_dir
+    for name, experiment in EXPERIMENTS.items():
+        recorded = json.loads((reports / name / "config.json").read_text())["experiment"]
+        code = json.loads(json.dumps(asdict(for_profile(experiment, "full")), default=str))
+        for key in ("model", "train"):
+            if code[key] is not None:
+                config = (for_profile(experiment, "full").model if key == "model"
+                          else for_profile(experiment, "full").train)
+                recorded[key], code[key] = recorded_as_in_code(recorded[key], config)
+        assert recorded == code, name
+    assert tuple(EXPERIMENTS["knn"].knn_ks) == KNN_KS
+
+    levers = sorted((reports / "levers").glob("*.json"))
+    assert {path.stem for path in levers} == set(LEVERS)
+    for path in levers:
+        record = json.loads(path.read_text())
+        recorded, code = recorded_as_in_code(record["train"],
+                                             replace(BASELINE, **LEVERS[record["lever"]][1]))
+        assert (record["profile"], recorded) == ("full", code), path.name
+
+
+def test_each_experiments_summary_is_what_its_seeds_give():
+    """reproduce's mean and population standard deviation over seeds, and its summed
+    confusion matrices, recomputed from each committed report's own seeds (sampling300 has
+    five): mutants of the ddof, a one-seed summary and the sum passed every test."""
+    from training.reproduce import summarise
+    from training.settings import TrainingSettings
+
+    reports = TrainingSettings().reports_dir
+    seeds_seen = set()
+    for name in EXPERIMENTS:
+        report = json.loads((reports / name / "metrics.json").read_text())
+        assert [str(seed) for seed in report["seeds"]] == \
+            list(report["results"]["identity"]["seeds"]), name
+        for split, result in report["results"].items():
+            per_seed = {int(seed): metrics for seed, metrics in result["seeds"].items()}
+            seeds_seen.add(len(per_seed))
+            assert summarise(per_seed) == result["summary"], (name, split)
+    assert max(seeds_seen) > 1  # a standard deviation to check
+
+
 def test_train_into_a_new_reports_folder_ends_well_without_the_levers_report(
         tmp_path, monkeypatch, capsys):
     """levers.md compares the levers with the shipped seeds' records: into a new reports
