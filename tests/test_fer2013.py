@@ -404,6 +404,42 @@ def test_the_audit_agrees_with_the_shared_copy(fer_settings):
     assert len(groups) == spanning - sum(len(g) == 1 for g in seen)
 
 
+def test_the_committed_audit_is_what_its_records_write(fer_settings):
+    """data/fer2013_audit.md says "do not edit": it and the duplicate groups' summary are
+    recomputed from the committed records, labels read from the checksum list's paths (a
+    review's mutant counting every group as conflicting passed every test)."""
+    from training.audit_fer2013 import render_fer_markdown, summarise_groups
+
+    audit = json.loads((fer_settings.data_dir / "fer2013_audit.json").read_text())
+    label_of = {name: parse_original(name)["label"]
+                for name in read_checksums(fer_settings.fer2013_checksums)}
+    exact = audit["exact_duplicates"]
+    summary = summarise_groups(exact["members"], label_of)
+    assert summary == {key: exact[key] for key in summary}
+    assert 0 < summary["with_conflicting_labels"] < summary["groups"]
+    assert render_fer_markdown(audit) == (
+        fer_settings.data_dir / "fer2013_audit.md").read_text()
+
+
+def test_thumbnails_are_the_centre_crops_block_means_at_zero_mean_and_unit_norm():
+    """The 24x24 thumbnails leave out the 7-pixel frame that 350 does not divide into (a
+    review's mutants without the centring or the mean's removal passed every test)."""
+    from types import SimpleNamespace
+
+    from training.audit_fer2013 import THUMBNAIL, thumbnails
+
+    framed = np.zeros((350, 350), np.uint8)
+    framed[:7] = framed[-7:] = framed[:, :7] = framed[:, -7:] = 255  # outside the crop
+    ramp = np.zeros((350, 350), np.uint8)
+    ramp[7:343, 7:343] = (np.arange(336) * 255 // 335).astype(np.uint8)  # left to right
+    thumbs = thumbnails(SimpleNamespace(pixels=np.stack([framed, ramp])), np.array([0, 1]))
+    assert thumbs.shape == (2, THUMBNAIL * THUMBNAIL) and thumbs.dtype == np.float32
+    assert not thumbs[0].any()  # the frame alone: a flat crop, nothing left
+    assert abs(thumbs[1].mean()) < 1e-6 and np.linalg.norm(thumbs[1]) == pytest.approx(1)
+    columns = thumbs[1].reshape(THUMBNAIL, THUMBNAIL)
+    assert (np.diff(columns, axis=1) > 0).all() and (np.diff(columns, axis=0) == 0).all()
+
+
 @pytest.mark.dataset
 def test_audit_refuses_a_damaged_fer2013_image_before_it_writes(fer_settings, tmp_path):
     """A cut image stopped the audit after data/ was rewritten, with Pillow's 'Truncated File
