@@ -223,6 +223,44 @@ def test_usage_mistakes_exit_2_in_one_line(tmp_path):
             "such as cnn or knn")
 
 
+def test_list_files_of_any_case_and_ndjson_output(tmp_path):
+    """A list named LIST.TXT is a list, as list.txt is; .ndjson is JSON Lines (mutants of
+    each passed every test)."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a.png", "b.png"):
+        (photos / name).write_bytes(encode(gray_image(), "PNG"))
+    listing = tmp_path / "LIST.TXT"
+    listing.write_text(f"{photos / 'a.png'}\n{photos / 'b.png'}\n")
+    out = tmp_path / "rows.ndjson"
+    assert main(["images", str(listing), "--out", str(out), "--faces", "none",
+                 "--workers", "1"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["path"] for row in rows] == [str(photos / "a.png"), str(photos / "b.png")]
+    assert all(row["label"] in CLASS_NAMES and not row["code"] for row in rows)
+
+
+def test_a_models_folder_with_a_broken_manifest_is_one_line_and_exit_1(tmp_path, capsys):
+    from tests.api import models_copy
+
+    folder = models_copy(tmp_path)
+    (folder / "manifest.json").write_text("{")
+    photo = tmp_path / "a.png"
+    photo.write_bytes(encode(gray_image(), "PNG"))
+    assert main(["images", str(photo), "--out", str(tmp_path / "r.csv"), "--models-dir",
+                 str(folder)]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("emotion-detect: ") and "manifest" in line, line
+    assert not (tmp_path / "r.csv").exists()
+
+
+def test_resume_of_an_empty_folder_still_writes_the_header(tmp_path):
+    empty, out = tmp_path / "empty", tmp_path / "rows.csv"
+    empty.mkdir()
+    assert main(["images", str(empty), "--out", str(out), "--resume", "--workers", "1"]) == 0
+    assert out.read_bytes() == (",".join(COLUMNS) + "\r\n").encode()
+
+
 def test_resume_after_an_interrupted_run_finishes_the_rest_once(test_images, tmp_path):
     folder = tmp_path / "many"
     folder.mkdir()
@@ -669,7 +707,9 @@ def test_the_summary_says_when_faces_were_left_out(tmp_path, monkeypatch, capsys
     assert main(["images", photo, "--faces", "all", "--out", str(tmp_path / "local.csv"),
                  "--workers", "1"]) == 0
     assert len(read_rows(tmp_path / "local.csv")) == 2
-    assert "1 files had more faces than were classified" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "1 files had more faces than were classified" in err
+    assert "emotion-detect: 1 files (0 already in" in err and ", 2 rows, 0 files with" in err
     with running_server(env={"EMOTION_ONNX_THREADS": "1"}) as base:
         assert main(["images", photo, "--faces", "all", "--out", str(tmp_path / "remote.csv"),
                      "--url", base]) == 0
@@ -1687,7 +1727,11 @@ def test_url_never_prints_its_password_and_says_what_to_change(tmp_path, capsys)
                         (f"alice:s3cret@127.0.0.1:{port}", 2),
                         # taken as host alice, port 123: the images went there
                         (f"http://alice:123/s3c@127.0.0.1:{port}", 2),
-                        (f"alice:s3c://x@127.0.0.1:{port}", 2)):
+                        (f"alice:s3c://x@127.0.0.1:{port}", 2),
+                        # an @ left unencoded in the password: the host is after the last
+                        (f"http://alice:s3c@s3c@127.0.0.1:{port}", 1),
+                        ("http://alice:s3c@s3c@127.0.0.1:99999", 2),
+                        ("http://alice:s3cret@127.0.0.1:65536", 2)):
         with contextlib.suppress(SystemExit):
             assert main(["images", str(photo), "--out", str(tmp_path / "r.csv"),
                          "--url", url]) == status
@@ -1700,6 +1744,8 @@ def test_url_never_prints_its_password_and_says_what_to_change(tmp_path, capsys)
                          "a redirect to http://service.test/svc/predict, not followed: give "
                          "http://service.test/svc as --url"),
                         (httpx.Response(401, json={"detail": "Not authenticated"}),
+                         "credentials go in --url as http://user:password@host"),
+                        (httpx.Response(403, text="<html>Forbidden</html>"),
                          "credentials go in --url as http://user:password@host")):
         runner, _ = _runner_answering(reply)
         with pytest.raises(RemoteError, match=re.escape(hint)):
@@ -2107,8 +2153,11 @@ def test_a_folder_in_a_list_gets_its_row_and_holds_no_descriptor(tmp_path):
     assert len(os.listdir("/proc/self/fd")) == before
 
 
-def test_url_halves_a_batch_the_service_finds_too_large(tmp_path, monkeypatch):
-    """--batch-size over the service's limit: the 422 stopped the run."""
+@pytest.mark.parametrize(("limit", "requests"), [(2, 3), (1, 7)])
+def test_url_halves_a_batch_the_service_finds_too_large(tmp_path, monkeypatch, limit,
+                                                        requests):
+    """--batch-size over the service's limit: the 422 stopped the run. Down to one file a
+    request (a batch of two not halved passed every test: a mutation review)."""
     import httpx
 
     import service.batch as batch
@@ -2122,8 +2171,8 @@ def test_url_halves_a_batch_the_service_finds_too_large(tmp_path, monkeypatch):
 
     def answer(request):
         files = request.content.count(b'name="files"')
-        if files > 2:
-            return httpx.Response(422, json={"detail": "at most 2 files per request",
+        if files > limit:
+            return httpx.Response(422, json={"detail": f"at most {limit} files per request",
                                              "code": "too_many_files"})
         return httpx.Response(200, json={"predictions": [{
             "filename": str(i), "label": "NEUTRAL", "face": None, "error": None,
@@ -2137,9 +2186,30 @@ def test_url_halves_a_batch_the_service_finds_too_large(tmp_path, monkeypatch):
         reads.extend(paths) or real_read(paths, max_bytes)))
     rows = runner._classify(photos)
     assert [[r.values["path"] for r in file_rows] for file_rows in rows] == [[p] for p in photos]
-    assert len(sent) == 3  # the batch of 4, then two of 2
+    assert len(sent) == requests  # the batch of 4, two of 2 (and four of 1)
     # each file read once: read again for the halves, a pipe (<(...)) gave an empty image
     assert sorted(reads) == sorted(photos)
+
+
+def test_url_with_a_trailing_slash_posts_to_predict_under_it(tmp_path):
+    import httpx
+
+    from service.batch import RemoteRunner
+
+    photo = tmp_path / "a.png"
+    photo.write_bytes(encode(gray_image(), "PNG"))
+    prediction = {"filename": "0", "label": "NEUTRAL", "face": None, "error": None,
+                  "probabilities": {c: 1 / NUM_CLASSES for c in CLASS_NAMES}}
+    for url, path in (("http://service.test/", "/predict"),
+                      ("http://service.test/emotion/", "/emotion/predict")):
+        sent = []
+        runner = RemoteRunner(url, None, None, 1, 4)
+        runner.client = httpx.Client(transport=httpx.MockTransport(
+            lambda request, sent=sent: sent.append(request) or httpx.Response(
+                200, json={"predictions": [prediction]})))
+        [[row]] = runner._classify([str(photo)])
+        assert row.values["label"] == "NEUTRAL"
+        assert [request.url.path for request in sent] == [path]
 
 
 def test_url_tries_a_mistyped_address_three_times_not_nine():
