@@ -329,14 +329,9 @@ def plot_formats() -> list[str]:
     return sorted(set(FigureCanvasBase.get_supported_filetypes()) - {"pgf"})
 
 
-def plot_largest_face(rows: list[Row], out: Path, title: str) -> None:
-    """The eight probabilities over time for the largest face of each frame (the whole frame
-    where none was found), one line per class."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def largest_face_rows(rows: list[Row]) -> list[Row]:
+    """The row of each frame's largest face (the whole frame's where none was found), in
+    frame order; frames without a classified row are left out."""
     largest: dict[int, Row] = {}
     for row in rows:
         v = row.values
@@ -347,7 +342,18 @@ def plot_largest_face(rows: list[Row], out: Path, title: str) -> None:
         if best is None or area > (best.values["face_width"] or 0) * (
                 best.values["face_height"] or 0):
             largest[v["frame"]] = row
-    ordered = [largest[k] for k in sorted(largest)]
+    return [largest[k] for k in sorted(largest)]
+
+
+def plot_largest_face(rows: list[Row], out: Path, title: str) -> None:
+    """The eight probabilities over time for the largest face of each frame (the whole frame
+    where none was found), one line per class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ordered = largest_face_rows(rows)
     times = [r.values["time_s"] for r in ordered]
     fig, ax = plt.subplots(figsize=(9, 4))
     for name in CLASS_NAMES:

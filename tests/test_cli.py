@@ -1292,6 +1292,43 @@ def test_a_cut_matroska_over_a_minute_says_its_whole_length(tmp_path, capsys):
     assert "of the 90.0 s its header declares: the file is cut short" in capsys.readouterr().err
 
 
+def test_a_declared_end_is_read_from_the_stream_then_its_tag_then_the_file():
+    """Hours in a Matroska tag count 3,600 s (a mutant with 60 passed every test: no test
+    video runs an hour), the stream's start is added, and only the file's own duration is
+    said to be the file's."""
+    from fractions import Fraction
+    from types import SimpleNamespace
+
+    from service.video import declared_end
+
+    def stream(duration=None, start=None, tag=None):
+        return SimpleNamespace(duration=duration, time_base=Fraction(1, 1000) if duration
+                               else None, start_time=start, metadata={"DURATION": tag} if tag
+                               else {})
+
+    file = SimpleNamespace(duration=7_500_000)  # in AV_TIME_BASE units: 7.5 s
+    bare = SimpleNamespace(duration=None)
+    assert declared_end(file, stream(2500, start=500), 1_000_000) == (3.0, False)
+    assert declared_end(file, stream(tag="01:02:03.250000000"), 1_000_000) == (3723.25, False)
+    assert declared_end(file, stream(tag="not a time"), 1_000_000) == (None, False)
+    assert declared_end(file, stream(), 1_000_000) == (7.5, True)
+    assert declared_end(bare, stream(), 1_000_000) == (None, False)
+
+
+def test_the_plot_follows_each_frames_largest_face():
+    from service.batch import Row
+    from service.video import largest_face_rows
+
+    def row(frame, width, height, label="NEUTRAL"):
+        return Row({"frame": frame, "time_s": frame / 2, "face_width": width,
+                    "face_height": height, "label": label})
+
+    small, large, whole = row(0, 40, 50), row(0, 60, 70), row(1, None, None)
+    tall = row(2, 10, 400)
+    rows = [tall, row(2, 50, 50), small, large, whole, row(3, 90, 90, label=None)]
+    assert largest_face_rows(rows) == [large, whole, tall]
+
+
 def last_packet_changed(path, frames: list[Image.Image], codec: str, fps: int,
                         change: Callable) -> None:
     """The frames encoded, then ``change(packet)`` on the last one shown, then muxed: files
