@@ -1050,6 +1050,55 @@ def tiny_fit(config: TrainConfig, x: torch.Tensor, y: np.ndarray,
     return start, torch.cat([p.detach().flatten() for p in body.parameters()])
 
 
+def test_the_optimiser_takes_the_configs_rate_decay_and_schedule(monkeypatch):
+    """A mutation review's fits without the weight decay, the learning rate or the cosine
+    schedule passed every test."""
+    made = []
+
+    class Recorded(torch.optim.AdamW):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recorded)
+    x, y = torch.rand(64, 1, 70, 70), np.arange(64) % NUM_CLASSES
+    for schedule, last in (("cosine", 0.0), ("constant", 3e-3)):
+        tiny_fit(TrainConfig(epochs=2, batch_size=16, lr=3e-3, weight_decay=0.05,
+                             schedule=schedule), x, y)
+        [group] = made.pop().param_groups
+        assert group["weight_decay"] == 0.05
+        assert group["lr"] == pytest.approx(last, abs=1e-12), schedule  # after 2 x 4 steps
+
+
+def test_augment_all_augments_every_image_and_copies_only_the_copies():
+    x, y = torch.rand(64, 1, 70, 70), np.arange(64) % NUM_CLASSES
+
+    def trained(augment: str) -> torch.Tensor:
+        return tiny_fit(TrainConfig(epochs=1, batch_size=16, lr=1e-2, augment=augment), x, y)[1]
+
+    plain = trained("none")
+    assert torch.equal(trained("copies"), plain)  # sampling "none" makes no copies
+    assert not torch.equal(trained("all"), plain)
+
+
+def test_flipped_predictions_average_the_image_and_its_mirror_left_to_right():
+    from torch import nn
+
+    from training.train import predict_logits
+
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    x = torch.rand(5, 1, 4, 4)
+    with torch.no_grad():
+        expected = ((body(x) + body(x.flip(3))) / 2).numpy()
+    cpu = torch.device("cpu")
+    np.testing.assert_allclose(predict_logits(body, x, cpu, flip=True, batch_size=2), expected,
+                               rtol=1e-6)
+    np.testing.assert_allclose(predict_logits(body, x.flip(3), cpu, flip=True), expected,
+                               rtol=1e-5, atol=1e-6)
+    assert not np.allclose(predict_logits(body, x.flip(2), cpu, flip=True), expected)
+
+
 def test_distillation_on_one_source_leaves_the_other_sources_images_alone():
     x = torch.rand(64, 1, 70, 70)
     y = np.arange(64) % NUM_CLASSES
