@@ -593,6 +593,22 @@ def test_the_image_compiles_what_a_worker_imports_in_the_stage_it_ships():
     assert warmup > image.index("./models/")  # it loads the models the image serves
 
 
+@pytest.mark.parametrize(("file", "refused"), [
+    (None, None), ("emotion_knn.joblib", "knn none"), ("face_crop.json", "cnn auto")])
+def test_the_warm_up_fails_the_image_build_on_what_it_cannot_serve(tmp_path, file, refused):
+    """The image's build runs it: a model or face detector the service would refuse fails
+    the build, not the first request (checked before only inside the slow install test)."""
+    from tests.api import models_copy, tampered_copy
+
+    folder = tampered_copy(tmp_path, file) if file else models_copy(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "service.warmup"], cwd=REPO,
+                            capture_output=True, text=True,
+                            env={**os.environ, "EMOTION_MODELS_DIR": str(folder)})
+    assert result.returncode == (1 if refused else 0), result.stderr
+    if refused:
+        assert f"warm-up: /predict {refused}: 503 " in result.stderr, result.stderr
+
+
 # The venv's modules a worker has imported once it has loaded the models and answered, whose
 # source has no bytecode beside it.
 UNCOMPILED_MODULES = """
