@@ -1315,6 +1315,32 @@ def test_a_declared_end_is_read_from_the_stream_then_its_tag_then_the_file():
     assert declared_end(bare, stream(), 1_000_000) == (None, False)
 
 
+@pytest.mark.parametrize("suffix", [".mkv", ".mp4"])
+def test_a_file_with_two_video_streams_is_read_by_its_first(tmp_path, suffix):
+    """A second video stream (another angle, a preview) is left alone: a mutant reading the
+    last passed every test."""
+    import av
+
+    path = tmp_path / f"two{suffix}"
+    with av.open(str(path), "w") as container:
+        streams = [container.add_stream("mpeg4", rate=rate) for rate in (1, 2)]
+        for stream, size in zip(streams, ((64, 48), (32, 32)), strict=True):
+            stream.width, stream.height = size
+            stream.pix_fmt = "yuv420p"
+        for stream, count in zip(streams, (3, 6), strict=True):
+            for image in noise_frames(count):
+                frame = av.VideoFrame.from_image(image.resize((stream.width, stream.height))
+                                                 .convert("RGB"))
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode())
+    out = tmp_path / "rows.csv"
+    assert main(["video", str(path), "--out", str(out), "--fps", "2", "--faces",
+                 "none"]) == 0
+    rows = read_rows(out)
+    assert [(float(row["time_s"]), int(row["frame"])) for row in rows] == [
+        (0.0, 0), (1.0, 1), (2.0, 2)]
+
+
 def test_the_plot_follows_each_frames_largest_face():
     from service.batch import Row
     from service.video import largest_face_rows
