@@ -715,6 +715,7 @@ def test_face_geometry_keeps_the_best_framing_and_credits_what_it_was_learned_on
     only where it beats none, and the card says what the kept framing was learned on: a
     midpoint framing was credited to the identity split's crops alone (a review)."""
     from service.faces import CropGeometry, load_face_crop
+    from service.manifest import load_manifest
     from service.settings import REPO_MODELS_DIR
     from tests.api import models_copy
     from training import __main__ as cli
@@ -758,6 +759,8 @@ def test_face_geometry_keeps_the_best_framing_and_credits_what_it_was_learned_on
     assert spec.geometry.center_x == pytest.approx({"identity": 0.4, "fer2013": 0.6,
                                                     "midpoint": 0.5}[chosen])
     assert spec.evaluation["default"] == ("none" if best == "none" else "auto")
+    # measured with the folder's CNN: the card calls it stale otherwise
+    assert spec.evaluation["model_sha256"] == load_manifest(folder).models["cnn"].sha256
     (folder / "face_crop.json").write_text(spec.model_dump_json())
     card = " ".join(face_detector_note(folder))
     assert {"identity": "was learned on the identity split's train crops (9806 images, a "
