@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from service.preprocessing import (
+    ALLOWED_FORMATS,
     DEFAULT_MAX_PIXELS,
     INPUT_SIZE,
     CorruptImageError,
@@ -249,6 +250,62 @@ def test_large_jpeg_is_decoded_scaled_but_keeps_the_contract():
     assert_contract(scaled)
     # the same pixels from a lossless format, decoded whole: within the JPEG's own loss
     assert np.abs(scaled - preprocess_image(encode(image, "PNG"))).mean() < 1.5 / 255
+
+
+def test_a_reduced_jpeg_maps_each_side_back_by_its_own_scale():
+    """Each side of a reduced-scale decode rounds up on its own: 2801 rows at 1/8 are 351,
+    so y maps back by 2801/351, not by x's 8 (a mutant with one factor for both put face
+    boxes up to 4 px off, where boxes are pinned to 1 px elsewhere)."""
+    decoded = decode_grayscale(encode(gray_image(4000, 2801), "JPEG", quality=80))
+    assert decoded.gray.size == (500, 351) and decoded.original_size == (4000, 2801)
+    assert decoded.scale == (8.0, 2801 / 351)
+
+
+def test_a_jpeg_reduced_below_the_large_size_does_not_wait_for_a_large_decode():
+    """What counts is the size after the reduced-scale decode: a 24-megapixel JPEG decodes
+    at 750x500 and must not queue behind a 50-megapixel PNG (a mutant reading the header's
+    size did, for nothing, and passed every test)."""
+    import threading
+
+    from service import preprocessing
+
+    data = encode(gray_image(6000, 4000), "JPEG", quality=80)
+    decoded = []
+    with preprocessing._LARGE_DECODE:  # a large decode in progress
+        worker = threading.Thread(target=lambda: decoded.append(decode_grayscale(data)))
+        worker.start()
+        worker.join(timeout=60)
+        finished = not worker.is_alive()
+    worker.join()
+    assert finished and decoded[0].gray.size == (750, 500)
+
+
+def test_the_model_input_is_exactly_the_pixels_over_255():
+    """The contract shared by training and serving; a multiplication by 1/255 moves 126 of
+    the 256 levels by a bit (a mutant that did passed every test)."""
+    levels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    x = pixels_to_input(levels)
+    assert x.dtype == np.float32
+    np.testing.assert_array_equal(x, levels.astype(np.float32) / np.float32(255))
+    assert x[0, 0] == 0 and x[-1, -1] == 1
+
+
+# as the README lists them (PPM could be dropped from the allowed formats unnoticed)
+README_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "HEIF", "AVIF")
+
+
+@pytest.mark.parametrize("fmt", README_FORMATS)
+def test_every_format_the_readme_lists_decodes_to_the_same_input(fmt):
+    from tests.server import REPO
+
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert "(JPEG, PNG, GIF, BMP, TIFF, WebP, PPM/PGM), phone formats (HEIC, AVIF)" in readme
+    assert sorted(ALLOWED_FORMATS) == sorted(README_FORMATS)
+    image = gray_image(120, 90)
+    reference = preprocess_image_uint8(encode(image, "PNG")).astype(int)
+    lossy = fmt in ("JPEG", "WEBP", "HEIF", "AVIF")
+    assert np.abs(preprocess_image_uint8(encode(image, fmt)) - reference).mean() <= (
+        3 if lossy else 0)
 
 
 @pytest.mark.parametrize(
