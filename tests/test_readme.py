@@ -158,3 +158,32 @@ def test_the_metrics_table_names_every_metric_with_its_type_and_labels():
     labels = {m._name: tuple(m._labelnames) for m in vars(metrics).values()
               if isinstance(m, MetricWrapperBase)}
     assert documented == {name: (types[name], labels[name]) for name in types}
+
+
+def test_the_settings_table_gives_each_settings_default():
+    """A default changed in code (EMOTION_DEFAULT_FACES to auto, the in-flight limit doubled,
+    the drain to 0 s) passed every test: the tests that use a setting set it (a mutation
+    review). Rows whose default is a number or one literal are compared with the code's."""
+    import json
+
+    from service.settings import Settings
+    from training.settings import TrainingSettings
+
+    rows = re.findall(r"^\| `(EMOTION_[A-Z0-9_]+)` \| (\d+|`[^` ]+`) \|", README, re.M)
+    assert len(rows) >= 19
+    assert "| `EMOTION_HOST`, `EMOTION_PORT` | `127.0.0.1`, 8000 |" in README
+    assert (Settings.model_fields["host"].default, Settings.model_fields["port"].default) == (
+        "127.0.0.1", 8000)
+    for name, stated in rows:
+        field = name.removeprefix("EMOTION_").lower()
+        [owner] = [c for c in (Settings, TrainingSettings) if field in c.model_fields]
+        info = owner.model_fields[field]
+        default = info.default_factory() if info.default_factory else info.default
+        literal = stated.strip("`")
+        assert (json.loads(literal) if literal.startswith("[") else
+                Path(literal).expanduser() if isinstance(default, Path) else
+                literal if stated.startswith("`") else float(literal)) == default, name
+    # 0 for the body budget: "the largest body the limits allow (the `/v2` one, 224 MB)"
+    settings = Settings.model_construct()
+    assert settings.resolved_max_body_bytes_in_flight == settings.max_oip_body_bytes
+    assert round(settings.max_oip_body_bytes / 1e6) == 224 > settings.max_body_bytes / 1e6
