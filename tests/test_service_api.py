@@ -703,10 +703,44 @@ def test_a_manifest_cannot_point_outside_the_models_folder(tmp_path, settings):
 def test_overload_answers_503_with_retry_after_at_once(settings, monkeypatch):
     with one_request_held(settings, monkeypatch, png_bytes(), max_in_flight=1) as (
             client, answer_it):
+        def overloads() -> float:
+            return metric_total(client.get("/metrics", headers={"accept": "text/plain"}).text,
+                                "emotion_overload_rejections_total")
+
+        before = overloads()
         second = post_file(client, png_bytes())
+        counted = overloads() - before  # a mutant that never counted passed every test
         answer_it()  # and the held one is answered 200
     assert_error(second, 503, "overloaded")
-    assert second.headers["retry-after"] == "1"
+    assert second.headers["retry-after"] == "1" and counted == 1
+
+
+def test_each_latency_is_reported_in_its_unit(client, monkeypatch, caplog):
+    """A model call slowed by 50 ms: the answer's and the access log's latency_ms, and the
+    inference histogram's seconds. Mutants reporting seconds as milliseconds, and observing
+    0 s for every call, passed every test (the mutation reviews)."""
+    import time
+
+    from service.models import OnnxClassifier
+
+    real = OnnxClassifier.predict_proba
+    monkeypatch.setattr(OnnxClassifier, "predict_proba",
+                        lambda self, images: time.sleep(0.05) or real(self, images))
+
+    def inference_seconds() -> float:
+        return metric_total(client.get("/metrics", headers={"accept": "text/plain"}).text,
+                            "emotion_inference_duration_seconds_sum", model="cnn")
+
+    before = inference_seconds()
+    with caplog.at_level("INFO"):
+        answer = post_file(client, png_bytes())
+    assert answer.status_code == 200
+    observed = inference_seconds() - before
+    assert 0.05 <= observed < 5
+    assert 50 <= answer.json()["latency_ms"] < 5000
+    [line] = [r.getMessage() for r in caplog.records if r.name == "service.access"
+              and answer.headers["x-request-id"] in r.getMessage()]
+    assert 50 <= json.loads(line)["latency_ms"] < 5000
 
 
 def test_a_get_on_a_model_route_is_a_405_even_while_the_worker_is_full(settings,
