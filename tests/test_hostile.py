@@ -635,6 +635,8 @@ def multipart(body_parts: list[bytes], boundary: bytes = b"XyZ") -> bytes:
     ((None, b"\x89PNG\r\n\x1a\n"), "no file name, and no content type"),
     ((None, b"{}", "application/json"), "no file name, and the type 'application/json'"),
     ((None, b"face.jpg", "text/plain"), "no file name, and the type 'text/plain'"),
+    # a part's type is read whatever its case, as a request's is (a mutation review)
+    ((None, b"face.jpg", "Text/Plain"), "no file name, and the type 'text/plain'"),
 ])
 def test_a_file_field_sent_as_text_is_told_by_its_headers(client, part, says):
     answer = client.post("/predict", files={"file": part})

@@ -558,7 +558,9 @@ def test_a_manifest_or_detector_that_is_no_regular_file_is_one_line(tmp_path, se
 # Networks answering the same row for every image, under the contract's names: rows that
 # are no probabilities, and one whose rows are but in float64.
 CONSTANT_ROWS = {"logits": [61.25] * 8, "outside_0_1": [1.5, -0.5, 0, 0, 0, 0, 0, 0],
-                 "summing_to_1.3": [1.3 / 8] * 8, "float64": [1 / 8] * 8}
+                 "negative": [0.6, 0.6, -0.2, 0, 0, 0, 0, 0],
+                 "summing_to_1.3": [1.3 / 8] * 8, "summing_to_0.99": [0.99 / 8] * 8,
+                 "float64": [1 / 8] * 8}
 
 
 def onnx_breaking_the_contract(kind: str) -> bytes:
@@ -567,7 +569,7 @@ def onnx_breaking_the_contract(kind: str) -> bytes:
     import onnx
     from onnx import TensorProto, helper
 
-    if kind in ("fixed_batch", "classes_reversed"):
+    if kind in ("fixed_batch", "classes_reversed", "preprocessing_version_2"):
         model = onnx.load(REPO_MODELS_DIR / "emotion_cnn.onnx")
         for tensor in (*model.graph.input, *model.graph.output):
             if kind == "fixed_batch":
@@ -575,6 +577,8 @@ def onnx_breaking_the_contract(kind: str) -> bytes:
         for prop in model.metadata_props:
             if prop.key == "classes" and kind == "classes_reversed":
                 prop.value = ",".join(reversed(prop.value.split(",")))
+            if prop.key == "preprocessing_version" and kind == "preprocessing_version_2":
+                prop.value = "2"
         return model.SerializeToString()
     weights = helper.make_tensor("weights", TensorProto.FLOAT, [350 * 350, 8],
                                  np.zeros(350 * 350 * 8, np.float32))
@@ -609,6 +613,11 @@ def onnx_breaking_the_contract(kind: str) -> bytes:
     ("classes_reversed", "its metadata gives classes 'CONTEMPT,SADNESS,"),
     ("outside_0_1", "its outputs are not probabilities: from -0.5 to 1.5"),
     ("summing_to_1.3", "rows summing to 1.3000, 1.3000"),
+    # each passed every test without its own check (a later mutation review): a network
+    # for another preprocessing, a negative "probability" in rows summing to 1, rows at 0.99
+    ("preprocessing_version_2", "its metadata gives preprocessing_version '2', the service "),
+    ("negative", "its outputs are not probabilities: from -0.2 to 0.6"),
+    ("summing_to_0.99", "rows summing to 0.9900, 0.9900"),
     ("float64", "probabilities is tensor(double) ['N', 8], the contract is tensor(float)")])
 def test_a_pinned_cnn_that_breaks_the_contract_is_refused(tmp_path, settings, kind, says):
     folder = models_copy(tmp_path)
@@ -690,13 +699,16 @@ def test_a_pinned_knn_with_other_classes_is_refused(tmp_path, settings):
         assert_error(post_file(client, png_bytes(), model="knn"), 503, "model_unavailable")
 
 
-def test_a_manifest_cannot_point_outside_the_models_folder(tmp_path, settings):
+@pytest.mark.parametrize("file", ["../../etc/passwd", "..", ".hidden.onnx", "/etc/passwd"])
+def test_a_manifest_cannot_point_outside_the_models_folder(tmp_path, settings, file):
+    """Nor at the folder above or a hidden file: a leading dot passed every test (the
+    mutation review), since the slash refused the one path tried."""
     import json
 
     manifest = json.loads((REPO_MODELS_DIR / "manifest.json").read_text())
-    manifest["models"]["cnn"]["file"] = "../../etc/passwd"
+    manifest["models"]["cnn"]["file"] = file
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ManifestError, match="file"):
+    with pytest.raises(ManifestError, match="models.cnn.file"):
         load_manifest(tmp_path)
 
 
