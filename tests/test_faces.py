@@ -331,6 +331,36 @@ def test_the_detector_gives_the_largest_face_first_and_the_cropper_the_same_boxe
         for f in found["four_people.jpg"]], served
 
 
+def test_a_face_the_second_search_misses_keeps_the_detectors_box():
+    """The refinement averages the first box with a second search inside its crop; where
+    that search finds nothing, the first box stands (a mutant returning the crop region
+    instead passed every test: only one photo in a hundred takes this path)."""
+    from service.faces import FaceCropper
+
+    spec = load_face_crop(REPO_MODELS_DIR)
+    cropper = FaceCropper(spec, REPO_MODELS_DIR)
+    first, inner = Box(100, 80, 60, 75), Box(20, 30, 280, 300)  # inner: in crop pixels
+    calls = []
+
+    def detect(pixels, min_size_ratio=None):
+        calls.append(min_size_ratio)
+        return [first] if len(calls) == 1 else [inner] if second_finds else []
+
+    cropper.detector.detect = detect
+    gray = Image.new("L", (400, 300), 128)
+    second_finds = False
+    assert cropper.faces(gray) == [first] and calls == [None, 0.5]
+    calls.clear()
+    second_finds = True
+    region = spec.geometry.crop_for(first)
+    scale_x, scale_y = region.width / spec.crop_size, region.height / spec.crop_size
+    [refined] = cropper.faces(gray)
+    np.testing.assert_allclose(
+        (refined.x, refined.y, refined.width, refined.height),
+        ((first.x + region.x + inner.x * scale_x) / 2, (first.y + region.y + inner.y * scale_y) / 2,
+         (first.width + inner.width * scale_x) / 2, (first.height + inner.height * scale_y) / 2))
+
+
 def test_the_faces_counter_counts_the_faces_classified():
     """auto classifies one face of four, all at most EMOTION_MAX_FACES_PER_IMAGE: the counter
     counts those, as the README's metrics table says (a mutant counted every face found)."""
