@@ -331,6 +331,23 @@ def test_the_detector_gives_the_largest_face_first_and_the_cropper_the_same_boxe
         for f in found["four_people.jpg"]], served
 
 
+@pytest.mark.parametrize(("field", "value"), [
+    # a factor of 1 never shrinks the pyramid: the first image would never be answered
+    ("pyramid_factor", 1.0), ("pyramid_factor", 0.3), ("min_size_ratio", 0),
+    ("min_size_ratio", 1.01), ("max_side", 0)])
+def test_a_detector_setting_out_of_its_range_is_refused(field, value):
+    """A mutation review's bound at 1.0 accepted a pyramid factor the search cannot end on;
+    face_crop.json is pinned by its hash, so only an operator editing it meets these."""
+    import pydantic
+
+    from service.faces import DetectorConfig
+
+    shipped = load_face_crop(REPO_MODELS_DIR).detector.model_dump()
+    DetectorConfig.model_validate(shipped)
+    with pytest.raises(pydantic.ValidationError, match=field):
+        DetectorConfig.model_validate({**shipped, field: value})
+
+
 def test_a_face_the_second_search_misses_keeps_the_detectors_box():
     """The refinement averages the first box with a second search inside its crop; where
     that search finds nothing, the first box stands (a mutant returning the crop region
