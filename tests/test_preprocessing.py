@@ -290,6 +290,16 @@ def test_the_model_input_is_exactly_the_pixels_over_255():
     assert x[0, 0] == 0 and x[-1, -1] == 1
 
 
+def test_a_message_quotes_any_name_v2_accepts_whole():
+    """/v2 takes names up to QUOTED_CHARACTERS long; a message quotes such a name whole and
+    cuts only longer values (a mutant cutting names of 254 to 256 passed every test)."""
+    from service.preprocessing import QUOTED_CHARACTERS, shown
+
+    longest = "n" * QUOTED_CHARACTERS
+    assert shown(longest) == repr(longest)
+    assert shown(longest + "n") == repr(longest + "n")[:QUOTED_CHARACTERS] + "..."
+
+
 # as the README lists them (PPM could be dropped from the allowed formats unnoticed)
 README_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "HEIF", "AVIF")
 
