@@ -192,12 +192,10 @@ def build_face_crop(settings: TrainingSettings, models_dir: Path,
         detector=config, geometry=candidates[chosen],
         learned_from={"candidates": {"identity": learned_identity, "fer2013": learned_fer,
                                      "midpoint": candidates["midpoint"].model_dump()},
-                      "chosen": chosen, **{k: learned_identity[k] for k in (
-                          "split", "subset", "images", "share_with_a_face")}},
+                      "chosen": chosen, **framing_source({
+                          "identity": [learned_identity], "fer2013": [learned_fer],
+                          "midpoint": [learned_identity, learned_fer]}[chosen])},
         code_commit=code_commit(), created_at=datetime.now(UTC).isoformat(timespec="seconds"))
-    spec.learned_from.update(framing_source({"identity": [learned_identity],
-                                             "fer2013": [learned_fer],
-                                             "midpoint": [learned_identity, learned_fer]}[chosen]))
     spec.evaluation = {
         "model": "cnn", "model_sha256": entry.sha256, "subset": "val",
         "sets": {name: {"val": {"none": {"macro_f1": scores["none"][name]["macro_f1"]},
