@@ -654,6 +654,8 @@ def test_in_process_the_model_and_faces_default_to_this_machines_settings(
         test_images, tmp_path, monkeypatch, request):
     """README: left out, --model and --faces are EMOTION_DEFAULT_MODEL and
     EMOTION_DEFAULT_FACES in process (a review's mutants ignoring either passed every test)."""
+    from service.settings import load_settings
+
     folder = tmp_path / "photos"
     folder.mkdir()
     for name, data in test_images[:4]:
@@ -670,8 +672,6 @@ def test_in_process_the_model_and_faces_default_to_this_machines_settings(
     assert chosen != rows("--model", "knn", "--faces", "none")
     monkeypatch.setenv("EMOTION_DEFAULT_MODEL", "knn")
     monkeypatch.setenv("EMOTION_DEFAULT_FACES", "auto")
-    from service.settings import load_settings
-
     load_settings.cache_clear()  # read once per process: read again, and again after
     request.addfinalizer(load_settings.cache_clear)
     assert rows() == chosen

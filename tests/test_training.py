@@ -375,13 +375,12 @@ def test_the_recipes_in_code_are_the_ones_the_committed_results_ran():
 
     reports = TrainingSettings().reports_dir
     for name, experiment in EXPERIMENTS.items():
+        full = for_profile(experiment, "full")
         recorded = json.loads((reports / name / "config.json").read_text())["experiment"]
-        code = json.loads(json.dumps(asdict(for_profile(experiment, "full")), default=str))
+        code = json.loads(json.dumps(asdict(full), default=str))
         for key in ("model", "train"):
-            if code[key] is not None:
-                config = (for_profile(experiment, "full").model if key == "model"
-                          else for_profile(experiment, "full").train)
-                recorded[key], code[key] = recorded_as_in_code(recorded[key], config)
+            if getattr(full, key) is not None:
+                recorded[key], code[key] = recorded_as_in_code(recorded[key], getattr(full, key))
         assert recorded == code, name
     assert tuple(EXPERIMENTS["knn"].knn_ks) == KNN_KS
 
