@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.api import metric_total
+from tests.api import metric_total, models_copy, tampered_copy
 from tests.server import REPO, free_port, running_server, server_process
 
 DOCKERFILE = REPO / "Dockerfile"
@@ -598,8 +598,6 @@ def test_the_image_compiles_what_a_worker_imports_in_the_stage_it_ships():
 def test_the_warm_up_fails_the_image_build_on_what_it_cannot_serve(tmp_path, file, refused):
     """The image's build runs it: a model or face detector the service would refuse fails
     the build, not the first request (checked before only inside the slow install test)."""
-    from tests.api import models_copy, tampered_copy
-
     folder = tampered_copy(tmp_path, file) if file else models_copy(tmp_path)
     result = subprocess.run([sys.executable, "-m", "service.warmup"], cwd=REPO,
                             capture_output=True, text=True,
