@@ -1651,6 +1651,11 @@ def read_rows_bytes(path) -> list[dict]:
     (".jsonl", b'{"path": "a"} and then my notes'),  # whole, then text (the third)
     # our header, then a line of the user's own with its line end: erased, exit 0 (a review)
     (".csv", ",".join(COLUMNS).encode() + b"\r\nchecked by Bob on 2024-05-01\r\n"),
+    # a mutation review's: a short line between rows of ours, and a last JSON line that
+    # begins as ours do but is cut and has its line end (a row of ours cut short has none)
+    (".csv", ",".join(COLUMNS).encode() + b"\r\nmy note\r\n"
+     + ",".join(["x.png", *[""] * (len(COLUMNS) - 1)]).encode() + b"\r\n"),
+    (".jsonl", b'{"path": "imgs/a.jpg", "fa\n'),
 ])
 def test_resume_refuses_an_output_it_did_not_write_and_leaves_it_alone(tmp_path, suffix,
                                                                         content):
