@@ -254,6 +254,21 @@ def test_a_models_folder_with_a_broken_manifest_is_one_line_and_exit_1(tmp_path,
     assert not (tmp_path / "r.csv").exists()
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_each_files_rows_are_on_disk_before_the_next_file(tmp_path, suffix):
+    """A run killed outright keeps every file's rows written so far, which --resume reads
+    back (a mutant without the flush passed every test: rows waited in the buffer)."""
+    from service.batch import Row, RowWriter
+
+    out = tmp_path / f"rows{suffix}"
+    writer = RowWriter(out, COLUMNS)
+    try:
+        writer.write([Row.error("a.png", "cannot read the file", "unreadable")])
+        assert b"a.png" in out.read_bytes()  # read as another process would, before close
+    finally:
+        writer.close()
+
+
 def test_resume_of_an_empty_folder_still_writes_the_header(tmp_path):
     empty, out = tmp_path / "empty", tmp_path / "rows.csv"
     empty.mkdir()
