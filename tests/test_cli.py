@@ -2532,6 +2532,14 @@ def test_recursive_follows_linked_folders_once_each(tmp_path):
         (top / name).symlink_to(top / "m_real")
     found = [p.relative_to(top).as_posix() for p in expand_paths([top], recursive=True)]
     assert found == ["c.png", "linked/a.png", "linked/sub/b.png", "m_real/x.png"]
+    # a visible link to a hidden folder is followed: the hidden folder itself is not
+    # entered, so it does not mark the link's files seen (a mutant entering it lost them)
+    (top / ".photos").mkdir()
+    (top / ".photos" / "y.png").write_bytes(b"y")
+    (top / "photos").symlink_to(top / ".photos")
+    found = [p.relative_to(top).as_posix() for p in expand_paths([top], recursive=True)]
+    assert found == ["c.png", "linked/a.png", "linked/sub/b.png", "m_real/x.png",
+                     "photos/y.png"]
 
 
 @pytest.mark.parametrize("out", ["full", "proc"])
