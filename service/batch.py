@@ -268,9 +268,9 @@ def _records(text: str, fmt: str, columns: Sequence[str]) -> tuple[list[list], l
                 elif len(record) == len(columns) and text[end - 1:end] in ("\n", "\r"):
                     records.append(record)
                     ends.append(end)
-                # a short row before the end, or at the end with its line end: not ours (a
-                # row of ours cut short has none; a user's own last line was erased, a review)
-                elif reader.line_num < len(lines) or text[end - 1:end] in ("\n", "\r"):
+                # a short row with its line end, as every row before the last has: not ours
+                # (a row of ours cut short has none; a user's own last line was erased, a review)
+                elif text[end - 1:end] in ("\n", "\r"):
                     raise foreign
         except csv.Error:  # a quote left open: cut inside a quoted path, or not ours
             if not records and ends == [0]:
