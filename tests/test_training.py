@@ -628,6 +628,16 @@ def test_a_checkpoint_cut_short_is_one_line_naming_it_and_a_stopped_save_cuts_no
                                                          "foreign.pt"]
 
 
+class WorkspaceWithFer:
+    """A stand-in for face-geometry's Workspace that takes FER-2013 Training as present."""
+
+    def __init__(self, settings, profile):
+        pass
+
+    def require_fer(self):
+        pass
+
+
 def test_face_geometry_into_a_folder_without_models_writes_nothing_and_is_one_line(
         tmp_path, monkeypatch, capsys):
     """face-geometry --out on a folder without a manifest wrote the detector's three ONNX
@@ -637,14 +647,7 @@ def test_face_geometry_into_a_folder_without_models_writes_nothing_and_is_one_li
     from training import __main__ as cli
     from training import face_geometry
 
-    class Present:
-        def __init__(self, settings, profile):
-            pass
-
-        def require_fer(self):
-            pass
-
-    monkeypatch.setattr(face_geometry, "Workspace", Present)
+    monkeypatch.setattr(face_geometry, "Workspace", WorkspaceWithFer)
     with pytest.raises(ManifestError, match="cannot read the model manifest"):
         face_geometry.build_face_crop(cli.get_training_settings(), tmp_path, limit=2,
                                       staging=tmp_path)
@@ -721,13 +724,6 @@ def test_face_geometry_keeps_the_best_framing_and_credits_what_it_was_learned_on
     from training import face_geometry
     from training.model_card import face_detector_note
 
-    class Present:
-        def __init__(self, settings, profile):
-            pass
-
-        def require_fer(self):
-            pass
-
     learned = {"identity": (0.4, 9806, 0.99), "fer2013": (0.6, 4000, 0.88)}
 
     def learn_geometry(ws, detector, split, limit=None):
@@ -745,7 +741,7 @@ def test_face_geometry_keeps_the_best_framing_and_credits_what_it_was_learned_on
                 "criterion": criterion}
 
     shipped = load_face_crop(REPO_MODELS_DIR)
-    monkeypatch.setattr(face_geometry, "Workspace", Present)
+    monkeypatch.setattr(face_geometry, "Workspace", WorkspaceWithFer)
     monkeypatch.setattr(face_geometry, "export_detector", lambda settings, out: shipped.detector)
     monkeypatch.setattr(face_geometry, "FaceDetector", lambda config, folder: None)
     monkeypatch.setattr(face_geometry, "FaceCropper", lambda spec, folder: None)
